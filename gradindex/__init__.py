@@ -1,0 +1,60 @@
+"""gradindex: a gradient-index database for training-data attribution.
+
+Build per-sample gradient vectors of a model at its checkpoints into a Zarr store, then ask which
+training samples most influenced a prediction (FAISS inner-product search) and which look wrong
+(self-influence)::
+
+    import gradindex
+    store = gradindex.build("digits", ["ckpt-10.pt:0.1", "ckpt-20.pt:0.1"], "digits.gradindex")
+    gradindex.query(store, split="test", samples=[0, 1], k=5)      # -> pyarrow.Table
+    gradindex.self_influence(store, top=20)                        # -> pyarrow.Table
+"""
+
+__version__ = "0.1.0"
+
+from gradindex._errors import (  # noqa: E402
+    CheckpointError,
+    CorruptStoreError,
+    GradIndexError,
+    IncompatibleStoreError,
+    IncompleteStoreError,
+    NonFiniteError,
+    SearchError,
+    ShardOwnershipError,
+    StoreExistsError,
+    StoreNotFoundError,
+    TaskSpecError,
+)
+from gradindex.checkpoints import CheckpointSpec  # noqa: E402
+from gradindex.project import ProjectionSpec  # noqa: E402
+from gradindex.task import Task, load_task  # noqa: E402
+from gradindex.store import GradientStore, open_store  # noqa: E402
+from gradindex.pipeline import BuildConfig, build, info, query, search_store, self_influence, verify  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "BuildConfig",
+    "CheckpointError",
+    "CheckpointSpec",
+    "CorruptStoreError",
+    "GradIndexError",
+    "GradientStore",
+    "IncompatibleStoreError",
+    "IncompleteStoreError",
+    "NonFiniteError",
+    "ProjectionSpec",
+    "SearchError",
+    "ShardOwnershipError",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "Task",
+    "TaskSpecError",
+    "build",
+    "info",
+    "load_task",
+    "open_store",
+    "query",
+    "search_store",
+    "self_influence",
+    "verify",
+]

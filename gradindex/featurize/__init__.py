@@ -1,0 +1,26 @@
+"""Featurizers: per-sample gradients (torch.func), projected and stacked over checkpoints."""
+
+from gradindex.featurize._featurizer import (
+    Featurizer,
+    LoadedCheckpoint,
+    TracInFeaturizer,
+    iter_batches,
+    labels_of,
+    load_checkpoints,
+    model_fingerprint,
+    resolve_device,
+)
+from gradindex.featurize._grads import PerSampleGradients, select_parameters
+
+__all__ = [
+    "Featurizer",
+    "LoadedCheckpoint",
+    "PerSampleGradients",
+    "TracInFeaturizer",
+    "iter_batches",
+    "labels_of",
+    "load_checkpoints",
+    "model_fingerprint",
+    "resolve_device",
+    "select_parameters",
+]

@@ -1,0 +1,167 @@
+"""Featurizers: a batch of samples -> one vector φ per sample, ⟨φ(q), φ(z)⟩ ≈ influence of z on q."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset, default_collate
+
+from gradindex.checkpoints import CheckpointSpec, file_sha256, load_into
+from gradindex.featurize._grads import PerSampleGradients, select_parameters, to_device
+from gradindex.project import ParamPlan, ProjectionSpec, make_projector
+from gradindex.task import Task
+
+__all__ = [
+    "Featurizer",
+    "TracInFeaturizer",
+    "LoadedCheckpoint",
+    "load_checkpoints",
+    "iter_batches",
+    "resolve_device",
+    "model_fingerprint",
+]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU; an unavailable CUDA request is a clear error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from error
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    spec: CheckpointSpec
+    sha256: str
+    state: dict[str, Tensor]  # the LossModule's state: "model.<name>" keys
+
+
+def load_checkpoints(task: Task, specs: Sequence[CheckpointSpec], device: torch.device) -> list[LoadedCheckpoint]:
+    """Load every checkpoint into the task's model (validating it fits) and keep its tensors on ``device``."""
+    loaded = []
+    for spec in specs:
+        model = load_into(task.model(), spec.path)
+        state = {f"model.{key}": value.detach().to(device) for key, value in model.state_dict(keep_vars=False).items()}
+        # state_dict omits non-persistent buffers; functional_call keeps the module's own for those
+        loaded.append(LoadedCheckpoint(spec=spec, sha256=file_sha256(spec.path), state=state))
+    return loaded
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """Class and parameter names/shapes: what must match between build and query."""
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "parameters": [[name, list(param.shape)] for name, param in model.named_parameters()],
+    }
+
+
+def iter_batches(dataset: Any, rows: Sequence[int] | range, batch_size: int, collate=None, *, num_workers: int = 0) -> Iterator[Any]:
+    """Collated batches of ``dataset[rows]`` in order."""
+    loader = DataLoader(
+        Subset(dataset, rows),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate or default_collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+class Featurizer(ABC):
+    """A batch -> ``[B, dim]`` float32 vectors. Built identically at build and at query time."""
+
+    dim: int
+
+    @abstractmethod
+    def featurize(self, batch: Any) -> Tensor:
+        """collated batch of B samples -> [B, dim]."""
+
+    @abstractmethod
+    def fingerprint(self) -> dict:
+        """Method, projection and parameters that fix what the vectors mean (recorded in the manifest)."""
+
+
+class TracInFeaturizer(Featurizer):
+    """TracIn-CP: φ(z) = concat_c √η_c · P_c ∇ℓ(z; θ_c), optionally unit-normalised per checkpoint block."""
+
+    def __init__(
+        self,
+        task: Task,
+        checkpoints: Sequence[LoadedCheckpoint],
+        *,
+        projection: ProjectionSpec,
+        layers: Sequence[str] | None = None,
+        normalize: bool = False,
+        device: torch.device = torch.device("cpu"),
+        chunk_bytes: int = 256 << 20,
+    ):
+        self.task = task
+        self.checkpoints = list(checkpoints)
+        self.device = device
+        self.normalize = normalize
+        self.layers = list(layers) if layers else None
+        model = task.model().to(device)
+        self.model_fingerprint = model_fingerprint(model)
+        self.param_names = select_parameters(model, self.layers)
+        shapes = dict(model.named_parameters())
+        self.plans = ParamPlan.layout([(name, shapes[name].shape) for name in self.param_names])
+        self.n_params = sum(plan.numel for plan in self.plans)
+        self.gradients = PerSampleGradients(model, task.loss, self.param_names)
+        self.projection = projection
+        self.projector = make_projector(projection, self.plans)
+        self.block_dim = self.projector.out_dim
+        self.dim = self.block_dim * len(self.checkpoints)
+        self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
+        self._scales = [math.sqrt(ckpt.spec.weight) for ckpt in self.checkpoints]
+        # bound the [chunk, p] gradient buffer (vmap holds a few of them)
+        self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
+
+    def fingerprint(self) -> dict:
+        projection = self.projection.to_dict()
+        if projection["kind"] == "none":
+            projection["dim"] = self.block_dim
+        return {
+            "method": {"name": "tracin", "normalize": self.normalize},
+            "projection": projection,
+            "layers": self.layers,
+            "params": [[plan.name, list(plan.shape)] for plan in self.plans],
+            "block_dim": self.block_dim,
+        }
+
+    def featurize(self, batch: Any) -> Tensor:
+        """collated batch of B samples -> [B, C·k]."""
+        batch = to_device(batch, self.device)
+        size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        out = torch.empty(size, self.dim, dtype=torch.float32, device=self.device)
+        for start in range(0, size, self.chunk_size):
+            stop = min(size, start + self.chunk_size)
+            chunk = torch.utils._pytree.tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, batch)
+            for position, ((params, constants), scale) in enumerate(zip(self._states, self._scales)):
+                grads = self.gradients(chunk, params, constants)
+                block = self.projector.project(grads, position)
+                if self.normalize:
+                    block = torch.nn.functional.normalize(block, dim=1)
+                out[start:stop, position * self.block_dim : (position + 1) * self.block_dim] = block * scale
+        return out
+
+
+def labels_of(batch: Any) -> np.ndarray | None:
+    """The targets of a collated ``(input, target, ...)`` batch as numpy, when they are per-sample scalars."""
+    if isinstance(batch, (list, tuple)) and len(batch) > 1 and isinstance(batch[1], Tensor) and batch[1].ndim == 1:
+        return batch[1].detach().cpu().numpy()
+    return None

@@ -1,0 +1,46 @@
+"""Built-in tasks: small real data sets that need no download, by name for ``--task NAME``.
+
+Each factory takes keyword options with defaults and returns a ``gradindex.Task`` whose datasets are
+``TensorDataset(float32 inputs, int64 targets)``, deterministic given ``seed``. The ``*_with_info``
+variants also return a ``LabelNoise`` saying which training labels were flipped.
+
+==================  =======================================================  ==================
+name                data, model                                              train / test
+==================  =======================================================  ==================
+``digits``          sklearn 8x8 digits, MLP 64-32-10                         1347 / 450
+``digits-cnn``      the same data as 1x8x8 images, small 2-D CNN             1347 / 450
+``breast-cancer``   sklearn breast cancer, L2 logistic regression            426 / 143
+``mnist1d``         MNIST-1D (``pip install mnist1d``), MLP 40-100-10        4000 / 1000
+``mnist1d-cnn``     MNIST-1D as 1x40 signals, small 1-D CNN                  4000 / 1000
+==================  =======================================================  ==================
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from gradindex.task import Task
+from gradindex.tasks._breast_cancer import breast_cancer
+from gradindex.tasks._common import LabelNoise
+from gradindex.tasks._digits import digits, digits_cnn, digits_with_info
+from gradindex.tasks._mnist1d import mnist1d, mnist1d_cnn, mnist1d_with_info
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "LabelNoise",
+    "breast_cancer",
+    "digits",
+    "digits_cnn",
+    "digits_with_info",
+    "mnist1d",
+    "mnist1d_cnn",
+    "mnist1d_with_info",
+]
+
+BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
+    "digits": digits,
+    "digits-cnn": digits_cnn,
+    "breast-cancer": breast_cancer,
+    "mnist1d": mnist1d,
+    "mnist1d-cnn": mnist1d_cnn,
+}

@@ -1,0 +1,306 @@
+"""A small, real trainer: makes the checkpoints the demo, the tests and the benchmarks index.
+
+    checkpoints = train(task, TrainConfig(epochs=30, n_checkpoints=3), "runs/digits")
+    evaluate(task, checkpoints[-1])   # {"accuracy": 0.97..., "loss": 0.1...}
+
+Training is deterministic given ``TrainConfig.seed`` and leaves the caller's global torch RNG as it found it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset, default_collate
+
+from gradindex._errors import CheckpointError, NonFiniteError, TaskSpecError
+from gradindex.task import Task
+
+__all__ = ["TrainConfig", "SavedCheckpoint", "train", "evaluate"]
+
+_OPTIMIZERS = ("sgd", "adam")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How ``train`` fits a task's model: mini-batch SGD (or Adam) at a constant learning rate.
+
+    epochs:        passes over the training set.
+    lr:            the constant learning rate; recorded on every checkpoint as its TracIn weight.
+    batch_size:    samples per step; the last batch of an epoch may be smaller.
+    momentum:      SGD momentum; for Adam, its first beta.
+    weight_decay:  the optimizer's (coupled) L2 weight decay, on top of ``task.regularization``.
+    n_checkpoints: checkpoints saved, evenly spaced over the epochs, the last at the final epoch.
+    seed:          sets the initial weights, the shuffling and any dropout.
+    optimizer:     ``"sgd"`` or ``"adam"``.
+    """
+
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    n_checkpoints: int = 3
+    seed: int = 0
+    optimizer: Literal["sgd", "adam"] = "sgd"
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.epochs) or self.epochs <= 0:
+            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not _is_int(self.n_checkpoints) or not 1 <= self.n_checkpoints <= self.epochs:
+            raise ValueError(
+                f"n_checkpoints must be an integer between 1 and epochs ({self.epochs}), got {self.n_checkpoints!r}; "
+                "lower n_checkpoints or train for more epochs"
+            )
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
+        if (
+            isinstance(self.weight_decay, bool)
+            or not isinstance(self.weight_decay, (int, float))
+            or not 0 <= self.weight_decay < math.inf
+        ):
+            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+    def checkpoint_epochs(self) -> tuple[int, ...]:
+        """The epochs after which a checkpoint is saved: ``ceil(k * epochs / n_checkpoints)``, k = 1..n."""
+        return tuple(-(-k * self.epochs // self.n_checkpoints) for k in range(1, self.n_checkpoints + 1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A ``torch.save(state_dict)`` file written by ``train``.
+
+    lr: the learning rate in effect during the epochs leading to this checkpoint (its TracIn weight).
+    """
+
+    path: Path
+    epoch: int
+    lr: float
+
+    def cli_spec(self) -> str:
+        """``PATH:WEIGHT`` as ``gradindex build --checkpoint`` takes it."""
+        return f"{self.path}:{self.lr!r}"
+
+
+def _batch(dataset: Any, rows: Tensor, collate: Any) -> Any:
+    """The collated batch of ``dataset`` at ``rows``; TensorDatasets are sliced without a per-item loop."""
+    if collate is None and isinstance(dataset, TensorDataset):
+        return tuple(tensor[rows] for tensor in dataset.tensors)
+    return (collate or default_collate)([dataset[int(row)] for row in rows])
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return batch
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields positionally
+        return type(batch)(*(_to_device(value, device) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(
+            model.parameters(), lr=config.lr, betas=(config.momentum, 0.999), weight_decay=config.weight_decay
+        )
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+
+
+def _save_state_dict(model: nn.Module, path: Path) -> None:
+    """Write to a temporary name and rename, so a killed run never leaves a truncated checkpoint."""
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _loss_value(value: Any) -> Tensor | None:
+    """A train_step's return value as a detached scalar tensor (None when it returns nothing)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value.detach().float().mean()
+    return torch.tensor(float(value))
+
+
+def train(
+    task: Task,
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    progress: bool = False,
+    device: str | torch.device = "cpu",
+) -> list[SavedCheckpoint]:
+    """Fit a fresh ``task.model()`` on ``task.train`` and save ``config.n_checkpoints`` checkpoints.
+
+    Each step minimises ``mean(task.loss(model, batch)) + task.regularization(model)`` in train mode,
+    or calls ``task.train_step(model, batch, optimizer)`` when the task has one. Checkpoints are
+    ``out_dir/ckpt-{epoch:03d}.pt`` (``torch.save`` of a CPU state dict), returned in epoch order.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    n_samples = len(task.train)
+    if n_samples == 0:
+        raise TaskSpecError(f"task {task.name!r} has an empty training set; give it training samples")
+    device = torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_at = set(config.checkpoint_epochs())
+    saved: list[SavedCheckpoint] = []
+
+    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        # Inside the fork: seeding here sets the initial weights and dropout without touching the caller's RNG.
+        torch.random.default_generator.manual_seed(config.seed)
+        if cuda_devices:
+            with torch.cuda.device(cuda_devices[0]):
+                torch.cuda.manual_seed(config.seed)
+        shuffle = None
+        model = task.model().to(device)
+        model.train()
+        optimizer = _make_optimizer(model, config)
+
+        epochs: Any = range(1, config.epochs + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            epochs = tqdm(epochs, desc=f"train {task.name}", unit="epoch")
+        for epoch in epochs:
+            order = torch.randperm(n_samples, generator=shuffle)
+            total = torch.zeros((), device=device)
+            weighed = 0
+            for start in range(0, n_samples, config.batch_size):
+                rows = order[start : start + config.batch_size]
+                batch = _to_device(_batch(task.train, rows, task.collate), device)
+                if task.train_step is not None:
+                    value = _loss_value(task.train_step(model, batch, optimizer))
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    objective = task.loss(model, batch).mean()
+                    if task.regularization is not None:
+                        objective = objective + task.regularization(model)
+                    objective.backward()
+                    optimizer.step()
+                    value = objective.detach()
+                if value is not None:
+                    total = total + value.to(total.device) * len(rows)
+                    weighed += len(rows)
+            epoch_loss = float(total) / weighed if weighed else math.nan
+            if weighed and not math.isfinite(epoch_loss):
+                raise NonFiniteError(
+                    f"training loss of task {task.name!r} became {epoch_loss} in epoch {epoch}; "
+                    f"lower the learning rate (now {config.lr}) or check the data for NaN/inf"
+                )
+            if progress:
+                epochs.set_postfix(loss=f"{epoch_loss:.4f}")
+            if epoch in save_at:
+                path = out_dir / f"ckpt-{epoch:03d}.pt"
+                _save_state_dict(model, path)
+                saved.append(SavedCheckpoint(path=path, epoch=epoch, lr=float(config.lr)))
+        if progress:
+            epochs.close()
+    return saved
+
+
+def _load_model(task: Task, source: Any) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    if isinstance(source, SavedCheckpoint):
+        source = source.path
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint {path} does not exist; check the path or train the task first")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read checkpoint {path} ({type(error).__name__}: {error}); give a torch.save(state_dict) file"
+            ) from error
+    elif isinstance(source, Mapping):
+        state, path = source, "<state dict>"
+    else:
+        raise TypeError(f"expected a model, a checkpoint path or a state dict, got {type(source).__name__}")
+    model = task.model()
+    try:
+        model.load_state_dict(state)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit task {task.name!r}'s model ({error}); "
+            "give a checkpoint trained for this task"
+        ) from error
+    return model
+
+
+@torch.no_grad()
+def evaluate(
+    task: Task,
+    state_dict_path_or_model: "str | os.PathLike | SavedCheckpoint | Mapping[str, Tensor] | nn.Module",
+    split: str = "test",
+    *,
+    batch_size: int = 1024,
+) -> dict[str, float]:
+    """``{"accuracy": ..., "loss": ...}`` of a checkpoint (or model) on a split, in eval mode.
+
+    loss is the mean of ``task.loss`` (without the regularization term); accuracy compares the argmax
+    of ``[B, C]`` model outputs with the targets, and is NaN when outputs are not ``[B, C]``.
+    """
+    dataset = task.split(split)
+    n_samples = len(dataset)
+    if n_samples == 0:
+        raise TaskSpecError(f"split {split!r} of task {task.name!r} is empty; evaluate on a split with samples")
+    model = _load_model(task, state_dict_path_or_model)
+    was_training = model.training
+    model.eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    loss_sum, n_correct, classification = 0.0, 0, True
+    try:
+        for start in range(0, n_samples, batch_size):
+            rows = torch.arange(start, min(start + batch_size, n_samples))
+            batch = _to_device(_batch(dataset, rows, task.collate), device)
+            loss_sum += float(task.loss(model, batch).sum())
+            if classification:
+                outputs = model(batch[0])
+                if isinstance(outputs, Tensor) and outputs.ndim == 2:
+                    n_correct += int((outputs.argmax(dim=1) == batch[1].to(outputs.device)).sum())
+                else:
+                    classification = False
+    finally:
+        model.train(was_training)
+    return {
+        "accuracy": n_correct / n_samples if classification else math.nan,
+        "loss": loss_sum / n_samples,
+    }

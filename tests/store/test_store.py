@@ -1,0 +1,155 @@
+"""The Zarr store: round trips, layouts, ownership, checksums and fingerprint comparison."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gradindex import CorruptStoreError, IncompleteStoreError, NonFiniteError, ShardOwnershipError, StoreExistsError, StoreNotFoundError
+from gradindex.store import StoreLayout, create_store, fingerprint_differences, open_store
+
+
+def _samples(start: int, stop: int) -> pa.Table:
+    return pa.table({"row": np.arange(start, stop, dtype=np.int64), "sample_id": [f"s{row}" for row in range(start, stop)], "label": np.arange(start, stop) % 3})
+
+
+def _fill(store, features: np.ndarray, shards=None) -> None:
+    for shard in range(store.n_shards) if shards is None else shards:
+        start, stop = store.layout.shard_rows(shard)
+        store.claim_shard(shard, owner="test")
+        block = features[start:stop]
+        store.write_shard(shard, block, (block.astype(np.float64) ** 2).sum(1).astype(np.float32), _samples(start, stop))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n_samples=st.integers(1, 70),
+    dim=st.integers(1, 9),
+    rows_per_shard=st.integers(1, 25),
+    dtype=st.sampled_from(["float16", "float32"]),
+    seed=st.integers(0, 2**16),
+)
+def test_round_trip(tmp_path_factory, n_samples, dim, rows_per_shard, dtype, seed):
+    features = np.random.default_rng(seed).standard_normal((n_samples, dim)).astype(np.float32)
+    layout = StoreLayout.auto(n_samples, dim, dtype, rows_per_shard=rows_per_shard)
+    path = tmp_path_factory.mktemp("rt") / "s.gradindex"
+    store = create_store(path, layout, {"method": "test"})
+    _fill(store, features)
+    assert store.finalize()
+    reopened = open_store(path)
+    assert reopened.complete and reopened.verify() == []
+    expected = features.astype(dtype)
+    assert np.array_equal(reopened.read_features(), expected)
+    assert np.array_equal(np.concatenate([block for _, block in reopened.iter_blocks()]), expected)
+    rows, scores = reopened.self_influence()
+    np.testing.assert_allclose(scores, (features.astype(np.float64) ** 2).sum(1), rtol=1e-6)
+    assert reopened.samples().column("sample_id").to_pylist() == [f"s{row}" for row in range(n_samples)]
+    picked = np.random.default_rng(seed).integers(0, n_samples, size=5)
+    np.testing.assert_array_equal(reopened.read_rows(picked), expected[picked].astype(np.float32))
+
+
+def test_incomplete_store_reads_only_finished_shards(tmp_path):
+    features = np.arange(40, dtype=np.float32).reshape(20, 2)
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(20, 2, "float32", rows_per_shard=5), {})
+    _fill(store, features, shards=[0, 2])
+    assert not store.finalize()
+    reopened = open_store(tmp_path / "s.gradindex")
+    assert not reopened.complete and reopened.done_shards() == [0, 2]
+    with pytest.raises(IncompleteStoreError, match=r"incomplete \(2/4 shards \(10/20 rows\).*--resume"):
+        reopened.read_features()
+    blocks = dict(reopened.iter_blocks(allow_incomplete=True))
+    assert sorted(blocks) == [0, 10]
+    assert np.array_equal(blocks[10], features[10:15])
+    assert reopened.samples(allow_incomplete=True).column("row").to_pylist() == [*range(5), *range(10, 15)]
+
+
+def test_shard_bytes_do_not_depend_on_write_order(tmp_path):
+    features = np.random.default_rng(0).standard_normal((33, 4)).astype(np.float32)
+    layout = StoreLayout.auto(33, 4, "float16", rows_per_shard=8)
+    forward = create_store(tmp_path / "a.gradindex", layout, {})
+    backward = create_store(tmp_path / "b.gradindex", layout, {})
+    _fill(forward, features)
+    _fill(backward, features, shards=reversed(range(layout.n_shards)))
+    forward.finalize(), backward.finalize()
+    for shard in range(layout.n_shards):
+        for name in (f"features/c/{shard}/0", f"self_influence/c/{shard}"):
+            assert (tmp_path / "a.gradindex" / name).read_bytes() == (tmp_path / "b.gradindex" / name).read_bytes()
+
+
+def test_a_live_writer_owns_its_shard(tmp_path):
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(10, 2, rows_per_shard=5), {})
+    store.claim_shard(0, owner="first")
+    with pytest.raises(ShardOwnershipError, match="owned by writer first.*--shard I/N"):
+        store.claim_shard(0, owner="second")
+    _fill(store, np.ones((10, 2), np.float32), shards=[1])
+    with pytest.raises(ShardOwnershipError, match="already finished"):
+        store.claim_shard(1, owner="third")
+
+
+def test_a_dead_writers_claim_is_taken_over(tmp_path):
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(10, 2, rows_per_shard=5), {})
+    claim = tmp_path / "s.gradindex" / "_shards" / "000000.claim"
+    import socket
+
+    claim.write_text(json.dumps({"owner": "ghost", "host": socket.gethostname(), "pid": 2**22 + 12345}))
+    store.claim_shard(0, owner="heir")
+    assert json.loads(claim.read_text())["owner"] == "heir"
+
+
+def test_verify_names_a_damaged_shard(tmp_path):
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(12, 3, rows_per_shard=4), {})
+    _fill(store, np.random.default_rng(1).standard_normal((12, 3)).astype(np.float32))
+    store.finalize()
+    target = tmp_path / "s.gradindex" / "features" / "c" / "1" / "0"
+    data = bytearray(target.read_bytes())
+    data[3] ^= 0xFF
+    target.write_bytes(bytes(data))
+    problems = open_store(tmp_path / "s.gradindex").verify()
+    assert problems == ["shard 1: features/c/1/0 fails its checksum"]
+    assert open_store(tmp_path / "s.gradindex").bad_shards() == [1]
+
+
+def test_bad_values_are_rejected_before_writing(tmp_path):
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(4, 2, "float16", rows_per_shard=4), {})
+    store.claim_shard(0, owner="t")
+    with pytest.raises(NonFiniteError, match=r"rows \[2\] have non-finite features"):
+        store.write_shard(0, np.array([[0, 1], [1, 1], [np.nan, 0], [0, 0]], np.float32), np.zeros(4, np.float32), _samples(0, 4))
+    with pytest.raises(NonFiniteError, match="past float16's maximum 65504; build with --dtype float32"):
+        store.write_shard(0, np.full((4, 2), 7e4, np.float32), np.zeros(4, np.float32), _samples(0, 4))
+    with pytest.raises(ValueError, match=r"shape \(4, 2\)"):
+        store.write_shard(0, np.zeros((3, 2), np.float32), np.zeros(4, np.float32), _samples(0, 4))
+    assert not (tmp_path / "s.gradindex" / "features" / "c").exists()
+    assert store.shard_record(0) is None
+
+
+def test_opening_errors(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="no gradindex store at"):
+        open_store(tmp_path / "missing.gradindex")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreNotFoundError, match="not a gradindex store"):
+        open_store(tmp_path / "plain")
+    (tmp_path / "plain" / "zarr.json").write_text("{not json")
+    with pytest.raises(CorruptStoreError, match="no readable gradindex manifest"):
+        open_store(tmp_path / "plain")
+    create_store(tmp_path / "s.gradindex", StoreLayout.auto(4, 2), {})
+    with pytest.raises(StoreExistsError, match="--resume .* or --overwrite"):
+        create_store(tmp_path / "s.gradindex", StoreLayout.auto(4, 2), {})
+
+
+def test_fingerprint_differences_name_the_field():
+    base = {"projection": {"kind": "sjlt", "dim": 1024, "seed": 0}, "checkpoints": [{"sha256": "a"}, {"sha256": "b"}]}
+    changed = {"projection": {"kind": "sjlt", "dim": 4096, "seed": 0}, "checkpoints": [{"sha256": "a"}, {"sha256": "c"}]}
+    assert fingerprint_differences(base, changed) == ["checkpoints[1].sha256", "projection.dim"]
+    assert fingerprint_differences(base, base) == []
+    assert fingerprint_differences(base, {**base, "extra": 1}) == ["extra"]
+
+
+@pytest.mark.parametrize("options, message", [({"n_samples": 0}, "at least one sample"), ({"dim": 0}, "dimension must be positive"), ({"dtype": "int8"}, "float16 or float32"), ({"rows_per_shard": 10, "rows_per_chunk": 3}, "multiple of")])
+def test_layout_validation(options, message):
+    with pytest.raises(ValueError, match=message):
+        StoreLayout(**{"n_samples": 10, "dim": 4, **options})
