@@ -98,7 +98,7 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
         for sign, table in (("+", proponents), ("-", opponents)):
             picked = table.filter(np.asarray(table.column("query_id").to_numpy() == query_id))
             cells = [
-                f"row {row} (label {train_labels[row]}{', flipped' if flipped[row] else ''}) {score:+.3g}"
+                f"row {row} (label {train_labels[row]}{f', truly {noise.clean_labels[row]}' if flipped[row] else ''}) {score:+.3g}"
                 for row, score in zip(picked.column("row").to_pylist(), picked.column("score").to_pylist())
             ]
             echo(f"    {sign} " + "; ".join(cells))

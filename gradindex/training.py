@@ -188,7 +188,7 @@ def train(
         if cuda_devices:
             with torch.cuda.device(cuda_devices[0]):
                 torch.cuda.manual_seed(config.seed)
-        shuffle = None
+        shuffle = torch.Generator().manual_seed(config.seed + 0x5DEECE66D)
         model = task.model().to(device)
         model.train()
         optimizer = _make_optimizer(model, config)
