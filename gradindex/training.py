@@ -90,7 +90,9 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown TrainConfig field(s) {', '.join(unknown)}; known fields are {', '.join(sorted(known))}"
+            )
         return cls(**data)
 
 
@@ -181,7 +183,9 @@ def train(
     save_at = set(config.checkpoint_epochs())
     saved: list[SavedCheckpoint] = []
 
-    cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    cuda_devices: list[int] = []
+    if device.type == "cuda":
+        cuda_devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda_devices):
         # Inside the fork: seeding here sets the initial weights and dropout without touching the caller's RNG.
         torch.random.default_generator.manual_seed(config.seed)

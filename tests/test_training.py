@@ -130,7 +130,8 @@ def _toy_task(**fields) -> Task:
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(40, 3, generator=generator)
     targets = (inputs[:, 0] > 0).long()
-    return Task(model=lambda: nn.Linear(3, 2), train=TensorDataset(inputs, targets), test=TensorDataset(inputs, targets), **fields)
+    dataset = TensorDataset(inputs, targets)
+    return Task(model=lambda: nn.Linear(3, 2), train=dataset, test=dataset, **fields)
 
 
 def _squared_norm(model: nn.Module) -> torch.Tensor:
