@@ -30,6 +30,11 @@ from gradindex.project import ProjectionSpec  # noqa: E402
 from gradindex.task import Task, load_task  # noqa: E402
 from gradindex.store import GradientStore, open_store  # noqa: E402
 from gradindex.pipeline import BuildConfig, build, info, query, search_store, self_influence, verify  # noqa: E402
+from gradindex.curate import curate  # noqa: E402  (the name is the function; the module stays in sys.modules)
+from gradindex.report import report  # noqa: E402
+from gradindex.ensemble import EnsembleConfig, make_ensemble  # noqa: E402
+from gradindex.pipeline import finalize  # noqa: E402
+from gradindex.indexes import build_index, drop_index, list_indexes  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -37,6 +42,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointSpec",
     "CorruptStoreError",
+    "EnsembleConfig",
     "GradIndexError",
     "GradientStore",
     "IncompatibleStoreError",
@@ -50,10 +56,17 @@ __all__ = [
     "Task",
     "TaskSpecError",
     "build",
+    "build_index",
+    "curate",
+    "drop_index",
+    "finalize",
     "info",
+    "list_indexes",
     "load_task",
+    "make_ensemble",
     "open_store",
     "query",
+    "report",
     "search_store",
     "self_influence",
     "verify",

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,26 +15,33 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.utils.data import default_collate
 
 from gradindex import __version__
 from gradindex._errors import (
     CheckpointError,
     GradIndexError,
     IncompatibleStoreError,
+    NonFiniteError,
+    IncompleteStoreError,
     StoreExistsError,
     TaskSpecError,
 )
 from gradindex.checkpoints import CheckpointSpec, file_sha256, parse_checkpoints
 from gradindex.featurize import Featurizer, iter_batches, labels_of, load_checkpoints, model_fingerprint, resolve_device
 from gradindex.index import ExactIndex, search_blocks
+from gradindex.index._prefetch import prefetch_blocks, prefetch_depth, to_float32
+from gradindex._progress import progress_bar, track
 from gradindex.methods import METHODS, make_featurizer
+from gradindex.influence import MethodFeaturizer, as_method_featurizer, finish_store, recompute_self_influence, stored_self_influence
 from gradindex.project import ProjectionSpec
-from gradindex.store import GradientStore, StoreLayout, create_store, fingerprint_differences, open_store
+from gradindex.store import GradientStore, StoreLayout, create_store, fingerprint_differences, open_store, sweep_orphans
 from gradindex.task import Task, load_task
 
 __all__ = [
     "BuildConfig",
     "build",
+    "finalize",
     "query",
     "search_store",
     "self_influence",
@@ -54,12 +62,8 @@ def default_memory_budget() -> int:
     return int(min(8 << 30, total // 4))
 
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, dynamic_ncols=True, leave=False)
+def _progress(total: int, desc: str, enabled: bool | None, unit: str = "sample"):
+    return progress_bar(total, desc, enabled=enabled, unit=unit)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,32 +71,113 @@ class BuildConfig:
     """What a build computes (fingerprinted) and how (batching, device, layout)."""
 
     method: str = "tracin"
-    projection: str = "rademacher"
+    projection: str | None = None  # None: kron for tracin (the factored fast path), the ProjectionSpec default otherwise
     proj_dim: int = 1024
     seed: int = 0
     layers: tuple[str, ...] | None = None
     normalize: bool = False
     dtype: str = "float16"
-    batch_size: int = 256
+    batch_size: int | None = None  # None: as many samples as fit featurize_memory (kron), else 256
     device: str = "auto"
     rows_per_shard: int | None = None
     method_options: dict = field(default_factory=dict)
+    nonfinite: str = "error"
+    # how featurization runs (not fingerprinted): working memory per chunk, torch.compile, CUDA bfloat16 autocast
+    featurize_memory: int = 512 << 20
+    compile: bool = False
+    autocast: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.batch_size <= 0:
+        if self.batch_size is not None and self.batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {self.batch_size}")
+        if self.featurize_memory <= 0:
+            raise ValueError(f"featurize memory must be positive, got {self.featurize_memory}")
+        if self.projection is None:
+            object.__setattr__(self, "projection", "kron" if self.method == "tracin" else ProjectionSpec().kind)
         if self.rows_per_shard is not None and self.rows_per_shard <= 0:
             raise ValueError(f"rows per shard must be positive, got {self.rows_per_shard}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"--nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}")
         if self.layers is not None and not isinstance(self.layers, tuple):
             object.__setattr__(self, "layers", tuple(self.layers))
         self.projection_spec()  # validates kind, dim, seed
 
     def projection_spec(self) -> ProjectionSpec:
         return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed)  # type: ignore[arg-type]
+
+
+# What a build does with a sample whose vector is NaN or infinite: stop (nothing written for its
+# shard), or record it and continue with a zero vector, left out of search (skip) or kept in it (zero).
+NONFINITE_POLICIES = ("error", "skip", "zero")
+
+
+def _loader_batch_size(config: BuildConfig, featurizer: Any) -> int:
+    """The batch size asked for, else what the featurizer says fits its memory budget (256 when it says nothing)."""
+    if config.batch_size is not None:
+        return config.batch_size
+    inner = getattr(featurizer, "inner", featurizer)
+    hint = getattr(inner, "batch_size_hint", None)
+    return int(hint()) if callable(hint) else 256
+
+
+def _hash_leaf(digest: Any, leaf: Any) -> None:
+    if isinstance(leaf, torch.Tensor):
+        flat = leaf.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {flat.dtype} {tuple(leaf.shape)}|".encode())
+        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    elif isinstance(leaf, np.ndarray):
+        digest.update(f"array {leaf.dtype} {leaf.shape}|".encode())
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    else:
+        digest.update(f"{type(leaf).__name__} {leaf!r}|".encode())
+
+
+class _ContentHash:
+    """sha256 of training samples as the data loader hands them to collate; any batch size gives the same.
+
+    One running hash per leaf of an item (input, target, ...): tensors of one shape are stacked and
+    hashed a batch at a time, so hashing costs little next to featurizing.
+    """
+
+    def __init__(self, collate: Any) -> None:
+        self._collate = collate or default_collate
+        self._digests: list[Any] = []
+        self._signatures: set[str] = set()
+
+    def __call__(self, items: list) -> Any:
+        rows = [list(item) if isinstance(item, (tuple, list)) else torch.utils._pytree.tree_leaves(item) for item in items]
+        width = max(len(row) for row in rows)
+        while len(self._digests) < width:
+            self._digests.append(hashlib.sha256())
+        if any(len(row) != width for row in rows):
+            self._signatures.add(f"ragged {[len(row) for row in rows]}")
+        for position in range(width):
+            column = [row[position] for row in rows if len(row) > position]
+            digest = self._digests[position]
+            first = column[0]
+            if isinstance(first, torch.Tensor) and all(isinstance(leaf, torch.Tensor) and leaf.shape == first.shape and leaf.dtype == first.dtype for leaf in column):
+                self._signatures.add(f"{position} tensor {first.dtype} {tuple(first.shape)}")
+                with torch.no_grad():
+                    stacked = torch.stack(column).cpu().contiguous().reshape(-1)
+                digest.update(memoryview(stacked.view(torch.uint8).numpy()))
+            else:
+                for leaf in column:
+                    if isinstance(leaf, (tuple, list, dict)):
+                        for part in torch.utils._pytree.tree_leaves(leaf):
+                            _hash_leaf(digest, part)
+                    else:
+                        _hash_leaf(digest, leaf)
+        return self._collate(items)
+
+    def hexdigest(self) -> str:
+        final = hashlib.sha256("\n".join(sorted(self._signatures)).encode())
+        for digest in self._digests:
+            final.update(digest.digest())
+        return final.hexdigest()
 
 
 def _dataset_probe(dataset: Any) -> str:
@@ -175,13 +260,25 @@ def build(
     overwrite: bool = False,
     shard: tuple[int, int] | None = None,
     progress: bool | None = None,
+    append: bool = False,
+    repair: bool = False,
     **options: Any,
 ) -> GradientStore:
     """Featurize the task's training set at the checkpoints and write a store at ``output``.
 
     ``options`` are BuildConfig fields (``proj_dim=512, projection="sjlt", dtype="float32"``, ...).
     ``shard=(I, N)`` computes only shards I, I+N, I+2N, ...; the worker that finishes the last one
-    completes the store. Returns the opened store (complete unless other workers still run).
+    completes the store (or ``finalize(output)`` does). Returns the opened store (complete unless other
+    workers still run). ``append=True`` adds the training samples beyond the store's rows to a complete
+    store built with the same settings (the task's train set grew; its first rows must be unchanged),
+    then updates the store's persisted indexes (or marks them stale).
+
+    ``nonfinite`` (a BuildConfig field) says what to do with a sample whose vector is NaN or infinite:
+    ``"error"`` (stop; nothing is written for its shard), ``"skip"`` or ``"zero"`` (store a zero vector,
+    list the row in the manifest; skipped rows are left out of search and self-influence). On
+    ``resume`` the training samples of the finished shards are hashed again and must match the
+    hashes recorded with them; ``repair=True`` (with ``resume``) first recomputes exactly the shards
+    ``verify`` finds damaged.
     """
     if config is None:
         config = BuildConfig(**options)
@@ -189,6 +286,10 @@ def build(
         config = BuildConfig(**{**asdict(config), **options})
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume continues a build, overwrite replaces it")
+    if repair and not resume:
+        raise ValueError("--repair needs --resume: it recomputes the damaged shards of an existing store")
+    if append and overwrite:
+        raise ValueError("--append and --overwrite exclude each other: append grows a store, overwrite replaces it")
     task_spec = _absolute_spec(task) if isinstance(task, str) else None
     task = load_task(task)
     specs = parse_checkpoints(checkpoints)
@@ -197,26 +298,30 @@ def build(
     output = Path(output)
 
     loaded = load_checkpoints(task, specs, device)
-    featurizer = make_featurizer(
+    featurizer = as_method_featurizer(make_featurizer(
         config.method, task, loaded, projection=config.projection_spec(), layers=config.layers,
         normalize=config.normalize, device=device, options=config.method_options,
-    )
+        runtime={"chunk_bytes": config.featurize_memory, "compile": config.compile, "autocast": config.autocast},
+    ))
     fingerprint = _fingerprint(featurizer, loaded, task, config.dtype, model_fingerprint(task.model()))
     n_samples = len(task.train)
     if n_samples == 0:
         raise TaskSpecError("the task's training set is empty; there is nothing to index")
 
-    if output.exists() and (resume or (shard_count > 1 and not overwrite)):
+    sweep_orphans(output)  # what killed writers left beside the store
+    expected_content: dict[int, str] = {}
+    appended_from = None
+    if append:
+        store, appended_from = _open_for_append(output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}})
+    elif output.exists() and (resume or (shard_count > 1 and not overwrite)):
         store = open_store(output)
-        diffs = fingerprint_differences(store.fingerprint, fingerprint)
-        if diffs:
-            raise IncompatibleStoreError(
-                _mismatch_message(output, diffs, store.fingerprint, fingerprint, "Resume with the store's settings, or rebuild with --overwrite.")
-            )
+        _check_joinable(store, fingerprint, config)
+        store.sweep_temporaries()
+        if repair:
+            expected_content = _reopen_for_repair(store)
         if store.complete:
             log.info("store %s is already complete", output)
             return store
-        store.sweep_temporaries()
     else:
         if output.exists() and not overwrite:
             raise StoreExistsError(f"{output} already exists; pass --resume to continue its build or --overwrite to replace it")
@@ -232,38 +337,132 @@ def build(
         except StoreExistsError:
             if shard_count > 1:  # another worker created it first
                 store = open_store(output)
+                _check_joinable(store, fingerprint, config)
             else:
                 raise
 
+    featurizer.attach(store)  # e.g. Arnoldi's eigenbasis: computed once, shared by every worker through the store
     mine = [index for index in range(store.n_shards) if index % shard_count == shard_index]
-    todo = [index for index in mine if store.shard_record(index) is None]
     sample_ids = task.train_sample_ids()
+    if resume and not append:
+        # each worker re-hashes the samples of its own finished shards (a repair: of all of them)
+        _check_finished_shards(store, task, config, None if repair else mine, sample_ids=sample_ids)
+    todo = [index for index in mine if store.shard_record(index) is None]
     owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
     total_rows = sum(store.layout.shard_rows(index)[1] - store.layout.shard_rows(index)[0] for index in todo)
-    bar = _progress(total_rows, f"featurize {output.name}", progress)
+    bar = _progress(total_rows, f"featurize {output.name} ({len(loaded)} checkpoints)", progress)
     started = time.perf_counter()
     try:
-        for index in todo:
-            _build_shard(store, index, task, featurizer, sample_ids, config, owner, bar)
+        for position, index in enumerate(todo):
+            bar.set_postfix_str(f"shard {position + 1}/{len(todo)}", refresh=False)
+            _build_shard(store, index, task, featurizer, sample_ids, config, owner, bar, expected_content.get(index))
+            log.debug("wrote shard %d of %s (%d/%d of this worker's shards)", index, output, position + 1, len(todo))
     finally:
         bar.close()
     elapsed = time.perf_counter() - started
     if total_rows:
         log.info("featurized %d samples in %.1fs (%.0f samples/s)", total_rows, elapsed, total_rows / max(elapsed, 1e-9))
-    store.finalize()
+    if all(store.shard_record(index) is not None for index in range(store.n_shards)):
+        featurizer.finish(store)  # transforms that need every shard (TRAK's ΦᵀΦ), written before the store says complete
+        store.finalize()
+    if appended_from is not None and store.complete:
+        from gradindex.indexes import update_indexes
+
+        for name, outcome in update_indexes(store, appended_from, progress=progress).items():
+            log.info("index %s of %s: %s", name, output, outcome)
     return store
 
 
-def _build_shard(store: GradientStore, index: int, task: Task, featurizer: Featurizer, sample_ids: list, config: BuildConfig, owner: str, bar) -> None:
+def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -> tuple[GradientStore, int]:
+    """Open a complete store and grow it to the task's training set; returns it and its old row count."""
+    store = open_store(output)
+    n_samples = fingerprint["dataset"]["n_samples"]
+    diffs = [diff for diff in fingerprint_differences(store.fingerprint, fingerprint) if not diff.startswith("dataset.")]
+    if diffs:
+        raise IncompatibleStoreError(
+            _mismatch_message(output, diffs, store.fingerprint, fingerprint, "Append with the store's settings, or rebuild with --overwrite.")
+        )
+    if store.transforms():
+        raise IncompatibleStoreError(
+            f"store {output} holds query-side transforms ({', '.join(sorted(store.transforms()))}) computed from every row; "
+            "appending would invalidate them. Rebuild with --overwrite."
+        )
+    appended_from = store.manifest.get("appended_from") if not store.complete else store.n_samples
+    if appended_from is None:
+        raise IncompatibleStoreError(f"store {output} is incomplete ({store.progress()}); finish it with --resume before appending")
+    if store.complete and n_samples == store.n_samples:
+        raise ValueError(f"the task's training set has {n_samples} samples and store {output} holds them all; there is nothing to append")
+    if n_samples < appended_from:
+        raise IncompatibleStoreError(
+            f"the task's training set has {n_samples} samples but store {output} holds {appended_from}; append only adds samples. "
+            "Rebuild with --overwrite."
+        )
+    # the store's rows must still be the task's first rows: their probe hash, taken as at the store's build
+    # (an append that stopped midway already holds the grown data set's fingerprint)
+    if store.complete:
+        changed = _dataset_probe(torch.utils.data.Subset(task.train, range(appended_from))) != store.fingerprint["dataset"]["probe_sha256"]
+    else:
+        changed = store.fingerprint["dataset"] != fingerprint["dataset"]
+    if changed:
+        raise IncompatibleStoreError(
+            f"the first {appended_from} training samples differ from those store {output} was built from; append needs the old "
+            "samples unchanged and in the same order, with new ones after them. Rebuild with --overwrite."
+        )
+    store.sweep_temporaries()
+    store.reopen_for_append(n_samples, fingerprint, extra=extra)
+    return store, appended_from
+
+
+def finalize(output: "GradientStore | str | Path") -> GradientStore:
+    """Complete a store whose shards were all written by workers (``--shard I/N``): merge their records
+    into the manifest. IncompleteStoreError naming the missing shards if some are not written."""
+    store = _open(output)
+    if not store.complete and all(store.shard_record(shard) is not None for shard in range(store.n_shards)):
+        finish_store(store)  # transforms that need every shard (TRAK's ΦᵀΦ), before the store says complete
+    if store.finalize():
+        return store
+    missing = [shard for shard in range(store.n_shards) if store.shard_record(shard) is None]
+    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+    raise IncompleteStoreError(
+        f"store {store.path} cannot be finalized: {len(missing)} of {store.n_shards} shards are not written ({shown}); "
+        "run the workers for them (gradindex build ... --shard I/N) or finish with --resume"
+    )
+
+
+def _build_shard(store: GradientStore, index: int, task: Task, featurizer: MethodFeaturizer, sample_ids: list, config: BuildConfig, owner: str,
+                 bar, expected_content: str | None = None) -> None:
     store.claim_shard(index, owner=owner)
+    try:
+        _compute_shard(store, index, task, featurizer, sample_ids, config, bar, expected_content)
+    except BaseException:
+        # Free the shard for the next writer (a resume): our claim would block it for as long as we live.
+        try:
+            store.release_shard(index)
+        except GradIndexError:
+            pass
+        raise
+
+
+def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: MethodFeaturizer, sample_ids: list, config: BuildConfig, bar,
+                   expected_content: str | None) -> None:
     start, stop = store.layout.shard_rows(index)
     features = np.empty((stop - start, featurizer.dim), dtype=np.float32)
+    self_scores = np.empty(stop - start, dtype=np.float32)
+    featurizer.begin_shard(index)
     labels: list[np.ndarray] = []
     position = 0
+    content = _ContentHash(task.collate)
     with torch.inference_mode(False), torch.enable_grad():
-        for batch in iter_batches(task.train, range(start, stop), config.batch_size, task.collate):
-            vectors = featurizer.featurize(batch).detach().cpu().numpy()
+        for batch in iter_batches(task.train, range(start, stop), _loader_batch_size(config, featurizer), content):
+            vectors, scores = featurizer.featurize_train(batch)
+            vectors = vectors.detach().cpu().numpy()
+            if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
+                raise ValueError(
+                    f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row {start + position}; "
+                    f"expected [batch, {featurizer.dim}] (nothing was written for shard {index})"
+                )
             features[position : position + len(vectors)] = vectors
+            self_scores[position : position + len(vectors)] = scores.detach().cpu().numpy()
             batch_labels = labels_of(batch)
             if batch_labels is not None:
                 labels.append(batch_labels)
@@ -271,11 +470,109 @@ def _build_shard(store: GradientStore, index: int, task: Task, featurizer: Featu
             bar.update(len(vectors))
     if position != stop - start:
         raise TaskSpecError(f"the training set yielded {position} samples for rows {start}..{stop}; its __len__ disagrees with its items")
-    self_scores = np.einsum("ij,ij->i", features, features, dtype=np.float64).astype(np.float32)
+    if expected_content is not None and content.hexdigest() != expected_content:
+        raise IncompatibleStoreError(_content_message(store, index, expected_content, content.hexdigest()))
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(features).all(axis=1) & np.isfinite(self_scores)
+    nonfinite = None
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        rows = (bad + start).tolist()
+        ids = [sample_ids[row] for row in rows[:10]]
+        if config.nonfinite == "error":
+            raise NonFiniteError(
+                f"{len(bad)} of the {stop - start} vectors of shard {index} are NaN or infinite (rows {rows[:10]}"
+                f"{' ...' if len(rows) > 10 else ''}, sample ids {ids}); nothing was written for this shard and finished shards are kept. "
+                "Fix the data or the model, or resume with --nonfinite skip (leave those samples out of search) "
+                "or --nonfinite zero (keep them with zero vectors)"
+            )
+        features[bad] = 0.0
+        self_scores[bad] = 0.0
+        kind = "skipped" if config.nonfinite == "skip" else "zeroed"
+        nonfinite = {kind: rows}
+        log.warning("shard %d: %d non-finite vectors %s (rows %s%s); listed in the manifest", index, len(rows), kind, rows[:10], " ..." if len(rows) > 10 else "")
+    featurizer.end_shard(store, index)  # its share of any transform is durable before the shard's record
+    store.write_shard(index, features, self_scores, _samples_table(start, stop, sample_ids, labels),
+                      content_sha256=content.hexdigest(), nonfinite=nonfinite)
+
+
+def _samples_table(start: int, stop: int, sample_ids: list, labels: list[np.ndarray]) -> pa.Table:
     columns = {"row": pa.array(np.arange(start, stop, dtype=np.int64)), "sample_id": _id_array(sample_ids[start:stop])}
     if labels and sum(len(part) for part in labels) == stop - start:
         columns["label"] = pa.array(np.concatenate(labels))
-    store.write_shard(index, features, self_scores, pa.table(columns))
+    return pa.table(columns)
+
+
+def _content_message(store: GradientStore, shard: int, expected: str, actual: str) -> str:
+    start, stop = store.layout.shard_rows(shard)
+    return (
+        f"store {store.path} does not match this call: dataset.content_sha256 of shard {shard} (rows {start}..{stop - 1}): "
+        f"store has {expected[:12]}…, this call has {actual[:12]}…. The training set changed since those rows were written "
+        "(or its items are not deterministic); resume with the same data, or rebuild with --overwrite."
+    )
+
+
+def _check_joinable(store: GradientStore, fingerprint: dict, config: BuildConfig) -> None:
+    """A resuming (or joining) writer must compute exactly what the store holds, cut into the same shards."""
+    diffs = fingerprint_differences(store.fingerprint, fingerprint)
+    if diffs:
+        raise IncompatibleStoreError(
+            _mismatch_message(store.path, diffs, store.fingerprint, fingerprint, "Resume with the store's settings, or rebuild with --overwrite.")
+        )
+    if config.rows_per_shard is not None and config.rows_per_shard != store.layout.rows_per_shard:
+        raise IncompatibleStoreError(
+            f"store {store.path} does not match this call: layout.rows_per_shard: store has {store.layout.rows_per_shard}, "
+            f"this call has {config.rows_per_shard}. Every writer must cut the same shards: leave out --rows-per-shard or pass "
+            f"{store.layout.rows_per_shard}."
+        )
+
+
+def _reopen_for_repair(store: GradientStore) -> dict[int, str]:
+    """Mark the shards ``verify`` finds damaged as not done (a resume then recomputes them); their expected content hashes."""
+    bad = store.bad_shards()
+    problems = store.verify()
+    if not bad and not [problem for problem in problems if not problem.endswith(": not written")]:
+        log.info("repair: nothing to repair in %s", store.path)
+        return {}
+    expected: dict[int, str] = {}
+    for shard in bad:
+        try:
+            record = store.shard_record(shard)
+        except GradIndexError:
+            record = None
+        if record and record.get("content_sha256"):
+            expected[shard] = record["content_sha256"]
+    if bad:
+        log.warning("repair: recomputing shard(s) %s of %s", bad, store.path)
+    store.reopen_for_repair(bad)
+    return expected
+
+
+def _check_finished_shards(store: GradientStore, task: Task, config: BuildConfig, shards: Sequence[int] | None, *, sample_ids: list) -> None:
+    """Hash the training samples of the finished ``shards`` (all if None) again, without gradients: they must be the ones written.
+
+    A finished shard whose sample table is missing (a repair after samples.parquet was damaged) gets it back here.
+    """
+    missing_parts = set(store.missing_samples_parts())
+    for shard in store.done_shards():
+        if shards is not None and shard not in shards and shard not in missing_parts:
+            continue
+        record = store.shard_record(shard)
+        expected = record.get("content_sha256") if record else None
+        if expected is None and shard not in missing_parts:
+            continue
+        start, stop = store.layout.shard_rows(shard)
+        content = _ContentHash(task.collate)
+        labels = []
+        # no gradients here: any batch size hashes the same
+        for batch in iter_batches(task.train, range(start, stop), config.batch_size or 256, content):
+            batch_labels = labels_of(batch)
+            if batch_labels is not None:
+                labels.append(batch_labels)
+        if expected is not None and content.hexdigest() != expected:
+            raise IncompatibleStoreError(_content_message(store, shard, expected, content.hexdigest()))
+        if shard in missing_parts:
+            store.restore_samples_part(shard, _samples_table(start, stop, sample_ids, labels))
 
 
 def _id_array(ids: Sequence) -> pa.Array:
@@ -300,11 +597,18 @@ def search_store(
     memory_budget: int | None = None,
     allow_incomplete: bool = False,
     use_gpu: bool | None = None,
+    progress: bool | None = None,
+    index: str | None = None,
+    nprobe: int | None = None,
+    dask: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k inner-product search of ``queries [q, D]`` over the store: ``(scores [q, k'], rows [q, k'])``.
 
     Opponents are the top-k of the negated queries; their scores are reported as the true (negative) influence.
     The store is searched in memory when it fits ``memory_budget`` bytes (as float32), else streamed shard by shard.
+    ``index=NAME`` searches a persisted approximate index instead (``build_index``; ``nprobe`` overrides its
+    default nprobe/efSearch; rows not found are -1). ``dask`` (a scheduler address, ``"local:N"`` or a
+    ``distributed.Client``) spreads the exact search over Dask workers, each holding some of the shards.
     """
     store = _open(store)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
@@ -312,24 +616,98 @@ def search_store(
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != store.dim:
         raise IncompatibleStoreError(f"queries have shape {list(queries.shape)} but store {store.path} holds vectors of dimension {store.dim}")
+    if index is not None and dask is not None:
+        raise ValueError("--index and --dask exclude each other: Dask search is exact")
+    if nprobe is not None and index is None:
+        raise ValueError("--nprobe applies to an approximate index; pass --index NAME too")
+    if index is not None:
+        from gradindex.indexes import search_index
+
+        return _dropping_skipped(store, allow_incomplete, k, opponents, lambda wanted: search_index(
+            store, queries, wanted, index, nprobe=nprobe, opponents=opponents, use_gpu=use_gpu))
+    if dask is not None:
+        from gradindex.distributed import search_store_dask
+
+        return _dropping_skipped(store, allow_incomplete, k, opponents, lambda wanted: search_store_dask(
+            store, queries, wanted, dask, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete))
     searched = -queries if opponents else queries
     budget = default_memory_budget() if memory_budget is None else memory_budget
     store._require_readable(allow_incomplete)
+    skipped = store.skipped_rows(allow_incomplete=allow_incomplete)  # --nonfinite skip: never returned
     if store.n_samples * store.dim * 4 <= budget:
         index = ExactIndex(store.dim, use_gpu=use_gpu)
-        for first_row, block in store.iter_blocks(allow_incomplete=allow_incomplete):
+        for first_row, block in _blocks(store, allow_incomplete, progress, "load", skipped):
             if first_row != index.ntotal:  # holes (unfinished shards) must not shift row numbers
-                return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents)
+                return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
             index.add(block)
         scores, rows = index.search(searched, k)
     else:
-        return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents)
-    return (-scores if opponents else scores), rows
+        return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
+    return (-scores if opponents else scores), _store_rows(rows, skipped)
 
 
-def _streamed(store, searched, k, allow_incomplete, use_gpu, opponents):
-    scores, rows = search_blocks(store.iter_blocks(allow_incomplete=allow_incomplete), searched, k, use_gpu=use_gpu)
-    return (-scores if opponents else scores), rows
+def _dropping_skipped(store: GradientStore, allow_incomplete: bool, k: int, opponents: bool, search) -> tuple[np.ndarray, np.ndarray]:
+    """``search(k)`` for searches that see every stored row (an index, Dask workers): ask for k more per
+    skipped row (``--nonfinite skip``) and leave those out. Missing places are row -1, score -inf (+inf for opponents)."""
+    try:
+        skipped = store.skipped_rows(allow_incomplete=allow_incomplete)
+    except IncompleteStoreError:
+        skipped = np.zeros(0, np.int64)  # the search itself says the store is incomplete
+    if not skipped.size:
+        return search(k)
+    scores, rows = search(k + len(skipped))
+    keep = (rows >= 0) & ~np.isin(rows, skipped)
+    width = min(k, int(keep.sum(axis=1).max(initial=0)))
+    kept_scores = np.full((rows.shape[0], width), np.inf if opponents else -np.inf, dtype=np.float32)
+    kept_rows = np.full((rows.shape[0], width), -1, dtype=np.int64)
+    for position in range(rows.shape[0]):
+        picked = np.flatnonzero(keep[position])[:width]
+        kept_scores[position, : len(picked)] = scores[position, picked]
+        kept_rows[position, : len(picked)] = rows[position, picked]
+    return kept_scores, kept_rows
+
+
+def _blocks(store: GradientStore, allow_incomplete: bool, progress: bool | None, verb: str, skipped: np.ndarray | None = None):
+    """The store's shards in row order, with a rows/s bar; without the ``skipped`` rows (then numbered as if they were absent)."""
+    blocks = track(store.iter_blocks(allow_incomplete=allow_incomplete), store.n_samples, f"{verb} {store.path.name}",
+                   enabled=progress, unit="row", size=lambda item: len(item[1]))
+    return blocks if skipped is None or not skipped.size else _without_rows(blocks, skipped)
+
+
+def _without_rows(blocks, skipped: np.ndarray):
+    """Blocks with the ``skipped`` rows taken out; row r is renumbered r - (skipped rows before r), so rows stay consecutive."""
+    for first_row, block in blocks:
+        low, high = np.searchsorted(skipped, [first_row, first_row + len(block)])
+        if high > low:
+            block = np.delete(block, skipped[low:high] - first_row, axis=0)
+        yield first_row - int(low), block
+
+
+def _store_rows(rows: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """Store rows of rows numbered without the ``skipped`` ones (the inverse of ``_without_rows``)."""
+    if not skipped.size:
+        return rows
+    return rows + np.searchsorted(skipped - np.arange(len(skipped)), rows, side="right")
+
+
+def _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress=None, skipped=None, budget=0):
+    # read ahead (in a thread) as many shards as the memory budget allows beside the one being searched
+    depth = prefetch_depth(store.layout.rows_per_shard * store.dim * 4, budget)
+    blocks = prefetch_blocks(_blocks(store, allow_incomplete, progress, "search", skipped), depth, convert=_float32)
+    scores, rows = search_blocks(blocks, searched, k, use_gpu=use_gpu)
+    return (-scores if opponents else scores), _store_rows(rows, np.zeros(0, np.int64) if skipped is None else skipped)
+
+
+def _float32(vectors: np.ndarray) -> np.ndarray:
+    """A store block as C-contiguous float32: torch casts float16 several times faster than numpy (SIMD, threads)."""
+    vectors = np.asarray(vectors)
+    if vectors.dtype != np.float16 or not vectors.flags.c_contiguous:
+        return to_float32(vectors)
+    out = np.empty(vectors.shape, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only block: torch only reads it
+        torch.from_numpy(out).copy_(torch.from_numpy(vectors))
+    return out
 
 
 def _query_featurizer(store: GradientStore, task: Task, checkpoints, device: torch.device) -> tuple[Featurizer, list]:
@@ -433,12 +811,21 @@ def query(
     allow_incomplete: bool = False,
     use_gpu: bool | None = None,
     progress: bool | None = None,
+    index: str | None = None,
+    nprobe: int | None = None,
+    dask: Any = None,
+    damping: float | None = None,
+    solver: str | None = None,
+    method_options: dict | None = None,
 ) -> pa.Table:
     """The k most influential training samples for each query sample.
 
     Returns a table ``query, query_id, rank, row, sample_id, score``: ``query`` numbers the query
     samples in the order given, ``query_id`` is the sample's index in ``split``, ``row`` the store row,
     ``score`` ⟨φ(q), φ(z)⟩ (positive = proponent; with ``opponents=True`` the most negative).
+    ``index``, ``nprobe`` and ``dask`` are as in ``search_store``. ``damping``, ``solver`` and
+    ``method_options`` change the query side of asymmetric methods (IF: damping, solver and its settings;
+    TRAK: damping) without a rebuild; asking for another value of a build-time option is an error.
     """
     store = _open(store)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
@@ -449,18 +836,33 @@ def query(
     picked = _parse_samples(samples, len(dataset))
     device_ = resolve_device(device)
     featurizer, _ = _query_featurizer(store, task, checkpoints, device_)
+    featurizer = as_method_featurizer(featurizer)
+    featurizer.configure_query(_method_query_options(damping, solver, method_options), store.path)
+    featurizer.attach(store)
     vectors = np.empty((len(picked), featurizer.dim), dtype=np.float32)
     position = 0
     bar = _progress(len(picked), "featurize queries", progress)
     with torch.enable_grad():
         for batch in iter_batches(dataset, picked, batch_size, task.collate):
-            block = featurizer.featurize(batch).detach().cpu().numpy()
+            block = featurizer.query_vectors(batch).detach().cpu().numpy()
             vectors[position : position + len(block)] = block
             position += len(block)
             bar.update(len(block))
     bar.close()
-    scores, rows = search_store(store, vectors, k, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete, use_gpu=use_gpu)
+    scores, rows = search_store(store, vectors, k, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete,
+                                use_gpu=use_gpu, progress=progress, index=index, nprobe=nprobe, dask=dask)
     return _result_table(store, np.asarray(picked), scores, rows, allow_incomplete)
+
+
+def _method_query_options(damping: float | None, solver: str | None, method_options: dict | None) -> dict:
+    """The query-side method options asked for (None = the store's)."""
+    asked = dict(method_options or {})
+    for name, value in (("damping", damping), ("solver", solver)):
+        if value is not None:
+            if name in asked and asked[name] != value:
+                raise ValueError(f"{name} is given twice ({value!r} and {asked[name]!r} in method options); give it once")
+            asked[name] = value
+    return {name: value for name, value in asked.items() if value is not None}
 
 
 def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) -> pa.Array:
@@ -475,24 +877,61 @@ def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) 
 def _result_table(store: GradientStore, query_ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, allow_incomplete: bool) -> pa.Table:
     n_queries, found = rows.shape
     flat_rows = rows.reshape(-1).astype(np.int64)
+    kept = flat_rows >= 0  # an approximate index may find fewer than k rows (row -1)
+    flat_rows = flat_rows[kept]
     return pa.table(
         {
-            "query": pa.array(np.repeat(np.arange(n_queries, dtype=np.int64), found)),
-            "query_id": pa.array(np.repeat(query_ids.astype(np.int64), found)),
-            "rank": pa.array(np.tile(np.arange(1, found + 1, dtype=np.int64), n_queries)),
+            "query": pa.array(np.repeat(np.arange(n_queries, dtype=np.int64), found)[kept]),
+            "query_id": pa.array(np.repeat(query_ids.astype(np.int64), found)[kept]),
+            "rank": pa.array(np.tile(np.arange(1, found + 1, dtype=np.int64), n_queries)[kept]),
             "row": pa.array(flat_rows),
             "sample_id": _sample_ids(store, flat_rows, allow_incomplete),
-            "score": pa.array(scores.reshape(-1).astype(np.float32)),
+            "score": pa.array(scores.reshape(-1).astype(np.float32)[kept]),
         }
     )
 
 
-def self_influence(store: "GradientStore | str | Path", *, top: int | None = None, allow_incomplete: bool = False) -> pa.Table:
-    """Training samples ranked by self-influence ⟨φ(z), φ(z)⟩, highest first: ``rank, row, sample_id, score``."""
+def self_influence(
+    store: "GradientStore | str | Path",
+    *,
+    top: int | None = None,
+    allow_incomplete: bool = False,
+    damping: float | None = None,
+    solver: str | None = None,
+    method_options: dict | None = None,
+    task: "Task | str | None" = None,
+    checkpoints: Sequence[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> pa.Table:
+    """Training samples ranked by self-influence, highest first: ``rank, row, sample_id, score``.
+
+    Self-influence is ⟨φ(z), φ(z)⟩, or ⟨T φ(z), φ(z)⟩ for asymmetric methods, as stored at build. With
+    ``damping``/``solver``/``method_options`` it is recomputed at those query-side settings: from the
+    store alone for TRAK, through the task's gradients for influence functions (``task``, ``checkpoints``
+    and ``device`` as in ``query``).
+    """
     store = _open(store)
     if top is not None and (isinstance(top, bool) or top <= 0):
         raise ValueError(f"--top must be a positive integer, got {top}")
-    rows, scores = store.self_influence(allow_incomplete=allow_incomplete)
+    asked = _method_query_options(damping, solver, method_options)
+    if asked:
+        store._require_readable(False)  # recomputed self-influence needs every row
+        scores = stored_self_influence(store, asked)
+        if scores is None:
+            task = _task_for(store, task)
+            featurizer = as_method_featurizer(_query_featurizer(store, task, checkpoints, resolve_device(device))[0])
+            featurizer.configure_query(asked, store.path)
+            featurizer.attach(store)
+            bar = _progress(store.n_samples, "self-influence", progress)
+            try:
+                scores = recompute_self_influence(store, featurizer, task, batch_size=batch_size, bar=bar)
+            finally:
+                bar.close()
+        rows = np.arange(store.n_samples, dtype=np.int64)
+    else:
+        rows, scores = store.self_influence(allow_incomplete=allow_incomplete)
     order = np.lexsort((rows, -scores.astype(np.float64)))
     if top is not None:
         order = order[:top]
@@ -508,8 +947,13 @@ def self_influence(store: "GradientStore | str | Path", *, top: int | None = Non
 
 
 def info(store: "GradientStore | str | Path") -> dict:
-    """The store's manifest and build progress."""
-    return _open(store).describe()
+    """The store's manifest and build progress, and its persisted indexes (``indexes``: recall, factory, ...)."""
+    from gradindex.indexes import list_indexes
+
+    store = _open(store)
+    details = store.describe()
+    details["indexes"] = list_indexes(store)
+    return details
 
 
 def verify(store: "GradientStore | str | Path") -> list[str]:

@@ -13,7 +13,7 @@ import torch
 
 import gradindex
 import tiny_tasks
-from conftest import TINY
+from tiny_tasks import TINY
 from gradindex import CheckpointError, IncompatibleStoreError, IncompleteStoreError, StoreExistsError
 from gradindex.index import brute_force_topk
 
@@ -144,7 +144,7 @@ def test_query_mismatches_are_clear(tmp_path, mlp_checkpoints):
 
 
 def test_query_argument_errors(tmp_path, mlp_checkpoints):
-    store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=16)
+    store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=16, projection="rademacher")
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         gradindex.query(store, samples=[0], k=0)
     with pytest.raises(ValueError, match="out of range: the split has 20 samples"):

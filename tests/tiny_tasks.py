@@ -8,6 +8,9 @@ from torch.utils.data import TensorDataset
 
 import gradindex
 
+# this file as a task spec prefix: f"{TINY}:mlp_task"
+TINY = __file__
+
 
 def _data(n_samples: int, n_features: int, n_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)

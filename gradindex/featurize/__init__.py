@@ -11,9 +11,11 @@ from gradindex.featurize._featurizer import (
     resolve_device,
 )
 from gradindex.featurize._grads import PerSampleGradients, select_parameters
+from gradindex.featurize._kron import KronGradients
 
 __all__ = [
     "Featurizer",
+    "KronGradients",
     "LoadedCheckpoint",
     "PerSampleGradients",
     "TracInFeaturizer",

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Subset, default_collate
 
 from gradindex.checkpoints import CheckpointSpec, file_sha256, load_into
 from gradindex.featurize._grads import PerSampleGradients, select_parameters, to_device
+from gradindex.featurize._kron import KronGradients
 from gradindex.project import ParamPlan, ProjectionSpec, make_projector
 from gradindex.task import Task
 
@@ -69,17 +70,11 @@ def model_fingerprint(model: nn.Module) -> dict:
     }
 
 
-def iter_batches(dataset: Any, rows: Sequence[int] | range, batch_size: int, collate=None, *, num_workers: int = 0) -> Iterator[Any]:
-    """Collated batches of ``dataset[rows]`` in order."""
-    loader = DataLoader(
-        Subset(dataset, rows),
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=collate or default_collate,
-        num_workers=num_workers,
-        persistent_workers=False,
-    )
-    yield from loader
+def iter_batches(dataset: Any, rows: Sequence[int] | range, batch_size: int, collate=None, *, num_workers: int = 0, prefetch: int = 2) -> Iterator[Any]:
+    """Collated batches of ``dataset[rows]`` in order (tensor data sets sliced, others prefetched by a thread)."""
+    from gradindex.featurize._loading import iter_batches as _iter_batches
+
+    yield from _iter_batches(dataset, rows, batch_size, collate, num_workers=num_workers, prefetch=prefetch)
 
 
 class Featurizer(ABC):
@@ -109,7 +104,12 @@ class TracInFeaturizer(Featurizer):
         normalize: bool = False,
         device: torch.device = torch.device("cpu"),
         chunk_bytes: int = 256 << 20,
+        autocast: bool = False,
+        compile: bool = False,
     ):
+        """``chunk_bytes`` bounds the working memory of one chunk of samples (the batch is cut into chunks);
+        ``autocast`` runs forward/backward in bfloat16 on CUDA (ignored on CPU; projections stay float32);
+        ``compile`` applies ``torch.compile`` to the kron projection kernels."""
         self.task = task
         self.checkpoints = list(checkpoints)
         self.device = device
@@ -121,20 +121,31 @@ class TracInFeaturizer(Featurizer):
         shapes = dict(model.named_parameters())
         self.plans = ParamPlan.layout([(name, shapes[name].shape) for name in self.param_names])
         self.n_params = sum(plan.numel for plan in self.plans)
-        self.gradients = PerSampleGradients(model, task.loss, self.param_names)
         self.projection = projection
-        self.projector = make_projector(projection, self.plans)
-        self.block_dim = self.projector.out_dim
-        self.dim = self.block_dim * len(self.checkpoints)
-        self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
+        self.chunk_bytes = chunk_bytes
         self._scales = [math.sqrt(ckpt.spec.weight) for ckpt in self.checkpoints]
-        # bound the [chunk, p] gradient buffer (vmap holds a few of them)
-        self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
+        if projection.kind == "kron":
+            # per-sample gradients are never formed: a batched forward/backward per chunk, sized on the first one
+            self.kron: KronGradients | None = KronGradients(model, task.loss, self.param_names, projection, device, autocast=autocast, compile=compile)
+            self.block_dim = self.kron.dim
+            self._states = [(ckpt.state, {}) for ckpt in self.checkpoints]
+            self.chunk_size = 0  # unknown until a first chunk has been measured
+        else:
+            self.kron = None
+            self.gradients = PerSampleGradients(model, task.loss, self.param_names)
+            self.projector = make_projector(projection, self.plans)
+            self.block_dim = self.projector.out_dim
+            self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
+            # bound the [chunk, p] gradient buffer (vmap holds a few of them)
+            self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
+        self.dim = self.block_dim * len(self.checkpoints)
 
     def fingerprint(self) -> dict:
         projection = self.projection.to_dict()
         if projection["kind"] == "none":
             projection["dim"] = self.block_dim
+        if self.kron is not None:
+            projection["plan"] = self.kron.plan_dict()
         return {
             "method": {"name": "tracin", "normalize": self.normalize},
             "projection": projection,
@@ -145,19 +156,44 @@ class TracInFeaturizer(Featurizer):
 
     def featurize(self, batch: Any) -> Tensor:
         """collated batch of B samples -> [B, C·k]."""
-        batch = to_device(batch, self.device)
-        size = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        size = _batch_size(batch)
         out = torch.empty(size, self.dim, dtype=torch.float32, device=self.device)
-        for start in range(0, size, self.chunk_size):
-            stop = min(size, start + self.chunk_size)
+        return self.featurize_into(batch, out)
+
+    def featurize_into(self, batch: Any, out: Tensor) -> Tensor:
+        """collated batch of B samples -> ``out`` [B, C·k] (a preallocated float32 buffer, on any device)."""
+        batch = to_device(batch, self.device)
+        size = _batch_size(batch)
+        start = 0
+        while start < size:
+            if self.chunk_size == 0:  # kron: measure the memory of a small first chunk, then size chunks to the budget
+                stop = min(size, 8)
+            else:
+                stop = min(size, start + self.chunk_size)
             chunk = torch.utils._pytree.tree_map(lambda t: t[start:stop] if isinstance(t, Tensor) else t, batch)
             for position, ((params, constants), scale) in enumerate(zip(self._states, self._scales)):
-                grads = self.gradients(chunk, params, constants)
-                block = self.projector.project(grads, position)
+                if self.kron is not None:
+                    block = self.kron(chunk, params, position)
+                else:
+                    block = self.projector.project(self.gradients(chunk, params, constants), position)
                 if self.normalize:
                     block = torch.nn.functional.normalize(block, dim=1)
                 out[start:stop, position * self.block_dim : (position + 1) * self.block_dim] = block * scale
+            if self.chunk_size == 0 and self.kron is not None:
+                self.chunk_size = max(1, min(1 << 16, self.chunk_bytes // max(1, self.kron.bytes_per_sample)))
+            start = stop
         return out
+
+    def batch_size_hint(self) -> int:
+        """A loader batch size that fits the working-memory budget (known once a first chunk ran, else a guess)."""
+        return max(16, min(self.chunk_size or 1024, 4096))
+
+
+def _batch_size(batch: Any) -> int:
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(batch) if isinstance(leaf, Tensor)]
+    if not leaves:
+        raise ValueError("a batch holds no tensors; the task's collate must return tensors")
+    return int(leaves[0].shape[0])
 
 
 def labels_of(batch: Any) -> np.ndarray | None:

@@ -145,8 +145,10 @@ def search_blocks(
         check_finite(block, what, buffer, first_row)
         if heap is None:
             continue
-        k_block = min(k, n_rows)  # never ask for more than the block holds: padding ids (-1) would be offset into real rows
-        with faiss_errors(f"searching {n_queries} queries (k={k_block}) among the {n_rows} vectors at row {first_row} on {where}"):
+        # never more than the block holds: faiss pads with row -1, which the offset would turn into a real row
+        k_block = min(k, n_rows)
+        doing = f"searching {n_queries} queries (k={k_block}) among the {n_rows} vectors at row {first_row} on {where}"
+        with faiss_errors(doing):
             index.add(block)
             try:
                 scores, rows = index.search(queries, k_block)
@@ -214,8 +216,8 @@ def _finish(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
         # With finite inputs this means inner products overflowed float32: faiss then returns inf
         # scores, or leaves slots empty (row -1) because -inf never beats its floor of -FLT_MAX.
         raise SearchError(
-            "faiss returned fewer results than there are rows: some inner products overflow float32 "
-            "(|score| > 3.4e38). Rescale the vectors or the queries."
+            "some inner products overflow float32 (|score| > 3.4e38), so faiss cannot rank them; "
+            "rescale the vectors or the queries."
         )
     order = np.lexsort((rows, -scores), axis=1)
     scores = np.take_along_axis(scores, order, axis=1)

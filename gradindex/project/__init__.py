@@ -10,14 +10,20 @@ from gradindex.project._projection import (
     derive_seed,
     make_projector,
 )
+from gradindex.project._kron import KronLayer, KronLayerPlan, KronPlan, kron_side_matrix, plan_kron
 
 __all__ = [
     "DenseProjector",
     "IdentityProjector",
+    "KronLayer",
+    "KronLayerPlan",
+    "KronPlan",
     "ParamPlan",
     "ProjectionSpec",
     "Projector",
     "SJLTProjector",
     "derive_seed",
+    "kron_side_matrix",
     "make_projector",
+    "plan_kron",
 ]

@@ -27,13 +27,17 @@ __all__ = [
     "derive_seed",
 ]
 
-ProjectionKind = Literal["none", "rademacher", "gaussian", "sjlt"]
-_KINDS = ("none", "rademacher", "gaussian", "sjlt")
+ProjectionKind = Literal["none", "rademacher", "gaussian", "sjlt", "kron"]
+_KINDS = ("none", "rademacher", "gaussian", "sjlt", "kron")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProjectionSpec:
-    """How gradients are projected: kind, output dimension per checkpoint, seed."""
+    """How gradients are projected: kind, output dimension per checkpoint, seed.
+
+    ``kron`` factors Linear/Conv/Embedding layers (see ``gradindex.project._kron``): it needs the model, so
+    the featurizer builds it rather than ``make_projector``; its per-layer plan is recorded beside the spec.
+    """
 
     kind: ProjectionKind = "rademacher"
     dim: int = 1024
@@ -205,6 +209,8 @@ class SJLTProjector(_BlockedProjector):
 
 def make_projector(spec: ProjectionSpec, plans: Sequence[ParamPlan]) -> Projector:
     """The projector a spec names, for gradients laid out by ``plans``."""
+    if spec.kind == "kron":
+        raise ValueError("the kron projection factors layers of a model and is built by the featurizer, not from flattened gradients")
     if spec.kind == "none":
         return IdentityProjector(plans)
     if spec.kind in ("rademacher", "gaussian"):

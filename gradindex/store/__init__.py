@@ -1,6 +1,6 @@
 """The gradient store (Zarr v3 + Parquet). Knows nothing of torch models or FAISS."""
 
-from gradindex.store._atomic import write_bytes_atomic
+from gradindex.store._atomic import StoreWriteError, write_bytes_atomic
 from gradindex.store._store import (
     FORMAT,
     GradientStore,
@@ -8,14 +8,17 @@ from gradindex.store._store import (
     create_store,
     fingerprint_differences,
     open_store,
+    sweep_orphans,
 )
 
 __all__ = [
     "FORMAT",
     "GradientStore",
     "StoreLayout",
+    "StoreWriteError",
     "create_store",
     "fingerprint_differences",
     "open_store",
+    "sweep_orphans",
     "write_bytes_atomic",
 ]

@@ -1,46 +1,334 @@
-"""Durable, atomic file writes: temporary name, fsync, rename, fsync the directory."""
+"""Durable, atomic file writes: temporary name, fsync, rename, fsync the directory.
+
+Every byte gradindex writes into a store goes through the few functions here, so that:
+
+* temporary files carry ``TMP_MARK`` plus the writer's pid and host, and a later writer removes
+  only those whose writer is dead (never a live writer's file in flight);
+* a failing disk (EIO, ENOSPC, ...) surfaces as one typed error, ``StoreWriteError``, with the
+  temporary file removed and nothing half-written at a final path;
+* fault-injection tests can fail any step (``gradindex.store._faults``) or stop the process at a
+  named point (``crash_point``, driven by the environment variable ``GRADINDEX_CRASH_AT``).
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import socket
+import threading
 import uuid
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["write_bytes_atomic", "fsync_dir", "TMP_MARK", "crash_point"]
+from gradindex._errors import GradIndexError
+
+__all__ = [
+    "StoreWriteError",
+    "TMP_MARK",
+    "crash_point",
+    "create_exclusive",
+    "forget",
+    "fsync_dir",
+    "hold",
+    "in_use",
+    "is_orphan",
+    "make_dir",
+    "pid_alive",
+    "remove_file",
+    "remove_tree",
+    "rename_aside",
+    "rename_into_place",
+    "tmp_path",
+    "write_bytes_atomic",
+]
 
 # Every temporary file gradindex writes carries this mark, so a resume can sweep orphans.
 TMP_MARK = ".gi-tmp-"
+_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+# The seam for fault injection: called as hook(step, path) before every step that changes the disk.
+_fault_hook: Callable[[str, Path], None] | None = None
+_crash_counts: dict[str, int] = {}
+# The temporary names (and claims) this process is using now: a sweep in this process leaves them alone.
+_in_use: set[str] = set()
+_lock = threading.Lock()
+
+
+class StoreWriteError(GradIndexError, OSError):
+    """Writing a store file failed (disk full, I/O error, ...); what was finished is kept."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+
+def _step(step: str, path: Path) -> None:
+    if _fault_hook is not None:
+        _fault_hook(step, path)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a zombie counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tmp_path(path: Path, tag: str = "") -> Path:
+    """A temporary sibling of ``path`` that names its writer (pid, host), for ``is_orphan``.
+
+    The name counts as in use by this process until ``forget(name)``."""
+    name = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{_HOST_TAG}-{tag}{uuid.uuid4().hex[:16]}")
+    with _lock:
+        _in_use.add(str(name))
+    return name
+
+
+def forget(path: Path) -> None:
+    """This process no longer uses ``path`` (a temporary name, or a claim it held)."""
+    with _lock:
+        _in_use.discard(str(path))
+
+
+def hold(path: Path) -> None:
+    """Mark ``path`` (e.g. a claim file) as in use by this process."""
+    with _lock:
+        _in_use.add(str(path))
+
+
+def in_use(path: Path) -> bool:
+    """Whether this process is using ``path`` now (a temporary name in flight, a claim it holds)."""
+    with _lock:
+        return str(path) in _in_use
+
+
+def is_orphan(path: Path) -> bool:
+    """A temporary file or folder nobody is writing: its writer is dead (on this host), or it is this
+    process and gave the name up (an operation that failed and could not clean up). A live writer's
+    temporary is never one; another host's is left alone."""
+    _, mark, rest = path.name.partition(TMP_MARK)
+    if not mark:
+        return False
+    pid, _, rest = rest.partition("-")
+    host, _, _ = rest.partition("-")
+    if not pid.isdigit() or len(host) != len(_HOST_TAG):
+        return True  # not one of ours in the current naming: nobody is writing it
+    if host != _HOST_TAG:
+        return False
+    if int(pid) == os.getpid():
+        return not in_use(path)
+    return not pid_alive(int(pid))
+
+
+def _fail(doing: str, path: Path, error: OSError) -> StoreWriteError:
+    reason = error.strerror or str(error)
+    code = f"[Errno {error.errno}] " if error.errno else ""
+    return StoreWriteError(
+        f"{doing} {path} failed: {code}{reason}; finished shards are kept, so fix the disk (free space, "
+        "check the device) and continue with `gradindex build ... --resume`",
+        error.errno,
+    )
 
 
 def fsync_dir(path: Path) -> None:
-    """Flush a directory entry so a rename inside it survives a power cut (best effort off POSIX)."""
+    """Flush a directory entry so a rename inside it survives a power cut.
+
+    Platforms and filesystems that cannot fsync a directory are skipped; a real failure (EIO) raises.
+    """
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
+        _step("fsync-dir", path)
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EISDIR):
+            raise
     finally:
         os.close(fd)
 
 
+def _die() -> None:
+    os._exit(137)
+
+
 def crash_point(name: str) -> None:
-    """Exit abruptly at a named point when GRADINDEX_CRASH_AT names it: fault-injection tests use this."""
-    if os.environ.get("GRADINDEX_CRASH_AT") == name:
-        os._exit(137)
+    """Exit abruptly at a named point when GRADINDEX_CRASH_AT names it: fault-injection tests use this.
+
+    ``GRADINDEX_CRASH_AT=shard-after-record`` exits the first time the point is reached;
+    ``GRADINDEX_CRASH_AT=shard-after-record:3`` the third time.
+    """
+    spec = os.environ.get("GRADINDEX_CRASH_AT")
+    if not spec:
+        return
+    site, _, nth = spec.partition(":")
+    if site != name:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if _crash_counts[name] >= int(nth or 1):
+        _die()
 
 
 def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str | None = None) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if crash_site:
-        crash_point(crash_site)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
+
+    Temporary name, write, fsync, rename, fsync the directory. On an OSError the temporary file is
+    removed and StoreWriteError raised; ``path`` is untouched.
+    """
+    path = Path(path)
+    try:
+        _step("mkdir", path.parent)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _fail("creating the folder of", path, error) from error
+    tmp = tmp_path(path)
+    try:
+        _step("open", tmp)
+        with open(tmp, "wb") as handle:
+            _step("write", tmp)
+            handle.write(data)
+            handle.flush()
+            _step("fsync", tmp)
+            os.fsync(handle.fileno())
+        if crash_site:
+            crash_point(crash_site)
+        _step("rename", path)
+        os.replace(tmp, path)
+    except OSError as error:
+        _discard(tmp)
+        raise _fail("writing", path, error) from error
+    finally:
+        forget(tmp)
+    try:
+        fsync_dir(path.parent)
+    except OSError as error:
+        raise _fail("flushing the folder entry of", path, error) from error
+
+
+def _discard(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # a later sweep removes it (its writer will be dead by then)
+
+
+def create_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` unless it exists (then False); never visible half-written.
+
+    The data is written to a temporary file first and hard-linked to ``path``: link(2) fails if the
+    name exists, so exactly one of several racing writers succeeds, like O_EXCL.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    try:
+        _step("open", tmp)
+        with open(tmp, "wb") as handle:
+            _step("write", tmp)
+            handle.write(data)
+            handle.flush()
+            _step("fsync", tmp)
+            os.fsync(handle.fileno())
+        _step("link", path)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            _discard(tmp)
+    except OSError as error:
+        _discard(tmp)
+        raise _fail("creating", path, error) from error
+    finally:
+        forget(tmp)
+    try:
+        fsync_dir(path.parent)
+    except OSError as error:
+        _discard(path)  # not durable: take it back rather than leave a file nobody will remove
+        raise _fail("flushing the folder entry of", path, error) from error
+    return True
+
+
+def remove_file(path: Path) -> bool:
+    """Remove a file; False if it was not there."""
+    try:
+        _step("unlink", path)
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise _fail("removing", path, error) from error
+    return True
+
+
+def rename_aside(path: Path, tag: str = "") -> Path | None:
+    """Atomically move ``path`` to a temporary name of this process (None if it was not there)."""
+    aside = tmp_path(path, tag)
+    try:
+        _step("rename", path)
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise _fail("moving aside", path, error) from error
+    return aside
+
+
+def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
+    """Remove a folder and everything in it, file by file (a crash leaves a part, never a problem)."""
+    if not path.exists():
+        return
+    for position, item in enumerate(sorted(path.rglob("*"), reverse=True)):
+        if position == 1 and crash_site:
+            crash_point(crash_site)
+        try:
+            _step("unlink", item)
+            if item.is_dir() and not item.is_symlink():
+                os.rmdir(item)
+            else:
+                os.unlink(item)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            raise _fail("removing", item, error) from error
+    try:
+        _step("unlink", path)
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        raise _fail("removing", path, error) from error
+
+
+def make_dir(path: Path) -> None:
+    """Create a folder (and its parents) if missing."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    try:
+        _step("mkdir", path)
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _fail("creating the folder", path, error) from error
+
+
+def rename_into_place(src: Path, dst: Path) -> None:
+    """Rename a finished temporary folder to its final name; FileExistsError if that name is taken."""
+    try:
+        _step("rename", dst)
+        os.rename(src, dst)
+    except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR) or isinstance(error, FileExistsError):
+            raise FileExistsError(error.errno, error.strerror, str(dst)) from error
+        raise _fail("renaming into place", dst, error) from error
+    try:
+        fsync_dir(dst.parent)
+    except OSError as error:
+        raise _fail("flushing the folder entry of", dst, error) from error

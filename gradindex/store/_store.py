@@ -8,21 +8,27 @@ Layout (format ``gradindex/1``)::
       self_influence/      (N,) float32, one chunk per shard
       samples.parquet      row, sample_id, label (written when the build completes)
       _shards/             per-shard records (checksums), sample parts and writer claims
+      transforms/          optional query-side arrays of asymmetric methods, recorded in the manifest (_transforms.py)
 
 A shard's bytes are encoded in memory with the very array metadata of the store, then written to
 a temporary name, fsynced and renamed; only then is the shard's record written (also atomically).
 The manifest says ``complete`` only after every record exists and ``samples.parquet`` is durable.
+
+Every read is checked: the manifest against its own checksum, array metadata, shard files and
+sample tables against the checksums the manifest and records hold. Damage is a CorruptStoreError
+that names the file, never a silently different answer.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
-import shutil
 import socket
+import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -32,9 +38,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 import zarr.storage
+from zarr.core.buffer import default_buffer_prototype
 
 from gradindex._errors import (
     CorruptStoreError,
+    GradIndexError,
     IncompatibleStoreError,
     IncompleteStoreError,
     NonFiniteError,
@@ -42,7 +50,25 @@ from gradindex._errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from gradindex.store._atomic import TMP_MARK, crash_point, fsync_dir, write_bytes_atomic
+from gradindex.store import _transforms
+from gradindex.store._atomic import (
+    TMP_MARK,
+    StoreWriteError,
+    crash_point,
+    create_exclusive,
+    forget,
+    hold,
+    in_use,
+    is_orphan,
+    make_dir,
+    pid_alive,
+    remove_file,
+    remove_tree,
+    rename_aside,
+    rename_into_place,
+    tmp_path,
+    write_bytes_atomic,
+)
 
 __all__ = [
     "FORMAT",
@@ -51,12 +77,16 @@ __all__ = [
     "create_store",
     "open_store",
     "fingerprint_differences",
+    "sweep_orphans",
 ]
 
 FORMAT = "gradindex/1"
 FLOAT16_MAX = 65504.0
 _MANIFEST_KEY = "gradindex"
+_SEAL_KEY = "gradindex_sha256"
 _SHARD_DIR = "_shards"
+_ARRAYS = ("features", "self_influence")
+_REPAIR = "run `gradindex verify STORE` to list the damage and `gradindex build ... --resume --repair` to recompute it"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,11 +118,16 @@ class StoreLayout:
         """A layout with shards of about ``shard_bytes`` (or exactly ``rows_per_shard`` rows)."""
         itemsize = 2 if dtype == "float16" else 4
         row_bytes = max(1, dim * itemsize)
+        target_chunk = max(1, (1 << 20) // row_bytes)  # read in chunks of ~1 MiB
         if rows_per_shard is None:
-            rows_per_shard = max(1, min(n_samples, shard_bytes // row_bytes))
-        # chunks of ~1 MiB, dividing the shard
-        target_chunk = max(1, min(rows_per_shard, (1 << 20) // row_bytes))
-        rows_per_chunk = next(c for c in range(target_chunk, 0, -1) if rows_per_shard % c == 0)
+            # a whole number of chunks per shard, so no store ends up with 3-row chunks because N = 3 x 449
+            rows_per_chunk = min(target_chunk, n_samples)
+            chunks_per_shard = max(1, min(shard_bytes // (rows_per_chunk * row_bytes), -(-n_samples // rows_per_chunk)))
+            rows_per_shard = rows_per_chunk * chunks_per_shard
+        else:
+            # an explicit shard size: the largest chunk of at most ~1 MiB that divides it
+            target_chunk = max(1, min(rows_per_shard, target_chunk))
+            rows_per_chunk = next(c for c in range(target_chunk, 0, -1) if rows_per_shard % c == 0)
         return StoreLayout(n_samples=n_samples, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk)
 
     @property
@@ -154,13 +189,43 @@ def _file_sha256(path: Path) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
+
+
+def _is_sha(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(char in "0123456789abcdef" for char in value)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _array_metadata(layout: "StoreLayout") -> dict[str, bytes]:
+    """The ``zarr.json`` bytes of the store's two arrays, made in memory: the same bytes every time."""
+    files: dict[str, Any] = {}
+    memory = zarr.storage.MemoryStore(files)
+    zarr.create_array(
+        memory,
+        name="features",
+        shape=(layout.n_samples, layout.dim),
+        chunks=(layout.rows_per_chunk, layout.dim),
+        shards=(layout.rows_per_shard, layout.dim),
+        dtype=layout.dtype,
+        compressors=None,
+        fill_value=0,
+    )
+    zarr.create_array(
+        memory,
+        name="self_influence",
+        shape=(layout.n_samples,),
+        chunks=(layout.rows_per_shard,),
+        dtype="float32",
+        compressors=None,
+        fill_value=0,
+    )
+    return {name: files[f"{name}/zarr.json"].to_bytes() for name in _ARRAYS}
 
 
 class GradientStore:
@@ -172,6 +237,9 @@ class GradientStore:
         self.layout = StoreLayout.from_dict(manifest["layout"])
         self._features: zarr.Array | None = None
         self._self_influence: zarr.Array | None = None
+        self._metadata: dict[str, bytes] = {}
+        self._decoders: dict[tuple[str, bytes], tuple[dict, zarr.Array]] = {}
+        self._decode_lock = threading.Lock()
 
     # ---- metadata -------------------------------------------------------------------------
     @property
@@ -213,16 +281,46 @@ class GradientStore:
     def shard_record(self, shard: int) -> dict | None:
         """The record of a finished shard (checksums, rows), or None while it is not done."""
         if self.complete:
-            return self.manifest["shards"][shard]
+            return self._checked_record(shard, self.manifest["shards"][shard], "in the manifest")
         path = self._record_path(shard)
         try:
-            return json.loads(path.read_text())
+            record = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        except (OSError, ValueError) as error:
             raise CorruptStoreError(
-                f"shard record {path} is unreadable ({error}); run `gradindex build --resume --repair` to recompute the shard"
+                f"shard record {path} is unreadable ({type(error).__name__}); run `gradindex build ... --resume --repair` to recompute the shard"
             ) from error
+        return self._checked_record(shard, record, str(path))
+
+    def _keys(self, shard: int) -> tuple[str, str]:
+        """Where the shard's features and self-influence live, relative to the store."""
+        return f"features/c/{shard}/0", f"self_influence/c/{shard}"
+
+    def _checked_record(self, shard: int, record: Any, where: str) -> dict:
+        start, stop = self.layout.shard_rows(shard)
+        nonfinite = record.get("nonfinite", {}) if isinstance(record, dict) else None
+        sound = (
+            isinstance(record, dict)
+            and record.get("shard") == shard
+            and record.get("rows") == [start, stop]
+            and isinstance(record.get("files"), dict)
+            and set(record["files"]) == set(self._keys(shard))
+            and all(_is_sha(value) for value in record["files"].values())
+            and _is_sha(record.get("samples_sha256"))
+            and (record.get("content_sha256") is None or _is_sha(record["content_sha256"]))
+            and isinstance(nonfinite, dict)
+            and set(nonfinite) <= {"skipped", "zeroed"}
+            and all(
+                isinstance(rows, list) and all(isinstance(row, int) and start <= row < stop for row in rows)
+                for rows in nonfinite.values()
+            )
+        )
+        if not sound:
+            raise CorruptStoreError(
+                f"the record of shard {shard} ({where}) is damaged; run `gradindex build ... --resume --repair` to recompute the shard"
+            )
+        return record
 
     def done_shards(self) -> list[int]:
         """Shards whose data and record are durable."""
@@ -241,15 +339,74 @@ class GradientStore:
 
     @property
     def features_array(self) -> zarr.Array:
+        """The raw zarr array (unchecked reads; ``read_shard`` checks every byte against its checksum)."""
         if self._features is None:
+            self._array_metadata("features")
             self._features = zarr.open_array(self._zarr_store(), path="features", mode="r")
         return self._features
 
     @property
     def self_influence_array(self) -> zarr.Array:
         if self._self_influence is None:
+            self._array_metadata("self_influence")
             self._self_influence = zarr.open_array(self._zarr_store(), path="self_influence", mode="r")
         return self._self_influence
+
+    def _array_metadata(self, name: str) -> bytes:
+        """An array's ``zarr.json``, checked against the checksum the manifest holds for it."""
+        if name not in self._metadata:
+            path = self.path / name / "zarr.json"
+            try:
+                data = path.read_bytes()
+            except OSError as error:
+                raise CorruptStoreError(f"{path} is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}; {_REPAIR}") from error
+            expected = (self.manifest.get("arrays") or {}).get(name)
+            if expected is not None and _sha256(data) != expected:
+                raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
+            self._metadata[name] = data
+        return self._metadata[name]
+
+    def _verified(self, shard: int, key: str, expected: str, what: str) -> bytes:
+        path = self.path / key
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if not self.complete and self._reload_complete():
+                return self._verified(shard, key, expected, what)
+            raise CorruptStoreError(f"{what} of shard {shard} ({path}) is missing; {_REPAIR}") from None
+        except OSError as error:
+            raise CorruptStoreError(f"{what} of shard {shard} ({path}) cannot be read ({error}); {_REPAIR}") from error
+        if _sha256(data) != expected:
+            raise CorruptStoreError(f"{what} of shard {shard} ({path}) fails its checksum; {_REPAIR}")
+        return data
+
+    def _decode(self, name: str, key: str, data: bytes, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of array ``name`` from one verified shard file, decoded in memory."""
+        prototype = default_buffer_prototype().buffer
+        metadata = self._array_metadata(name)
+        try:
+            with self._decode_lock:  # one in-memory array per metadata, reused (opening one costs more than a small read)
+                if (name, metadata) not in self._decoders:
+                    files: dict[str, Any] = {f"{name}/zarr.json": prototype.from_bytes(metadata)}
+                    self._decoders[(name, metadata)] = (files, zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r"))
+                files, array = self._decoders[(name, metadata)]
+                files[key] = prototype.from_bytes(data)
+                try:
+                    return np.asarray(array[start:stop])
+                finally:
+                    del files[key]
+        except Exception as error:  # zarr raises many kinds on damaged bytes
+            raise CorruptStoreError(
+                f"{key} of {self.path} cannot be decoded ({type(error).__name__}: {error}); {_REPAIR}"
+            ) from error
+
+    def _record_for_read(self, shard: int) -> dict:
+        record = self.shard_record(shard)
+        if record is None and not self.complete and self._reload_complete():
+            record = self.shard_record(shard)
+        if record is None:
+            raise IncompleteStoreError(f"shard {shard} of {self.path} is not written yet")
+        return record
 
     def _require_readable(self, allow_incomplete: bool) -> list[int]:
         if self.complete:
@@ -261,26 +418,16 @@ class GradientStore:
             )
         return self.done_shards()
 
-    def _check_shard_file(self, shard: int, path: Path, expected_sha: str | None) -> None:
-        if not path.exists():
-            raise CorruptStoreError(f"{path} is missing; run `gradindex verify {self.path}` and repair with --resume --repair")
-        if path.stat().st_size == 0:
-            raise CorruptStoreError(f"{path} is empty; run `gradindex verify {self.path}` and repair with --resume --repair")
-
     def read_shard(self, shard: int, *, allow_incomplete: bool = False) -> np.ndarray:
-        """Rows of one shard as stored (float16 or float32), ``[n_rows, D]``."""
+        """Rows of one shard as stored (float16 or float32), ``[n_rows, D]``, checked against the shard's checksum."""
         readable = self._require_readable(allow_incomplete)
         if shard not in readable:
             raise IncompleteStoreError(f"shard {shard} of {self.path} is not written yet")
         start, stop = self.layout.shard_rows(shard)
-        self._check_shard_file(shard, self.path / "features" / "c" / str(shard) / "0", None)
-        try:
-            return np.asarray(self.features_array[start:stop])
-        except Exception as error:  # zarr raises many kinds on damaged bytes
-            raise CorruptStoreError(
-                f"shard {shard} of {self.path} cannot be decoded ({type(error).__name__}: {error}); "
-                f"run `gradindex verify {self.path}`"
-            ) from error
+        record = self._record_for_read(shard)
+        key = self._keys(shard)[0]
+        data = self._verified(shard, key, record["files"][key], "the features")
+        return self._decode("features", key, data, start, stop)
 
     def iter_blocks(self, *, allow_incomplete: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """``(first_row, vectors)`` per readable shard, in row order, one shard in memory at a time."""
@@ -294,110 +441,219 @@ class GradientStore:
             return np.zeros((0, self.dim), dtype=self.dtype)
         return np.concatenate(blocks)
 
-    def read_rows(self, rows: Sequence[int]) -> np.ndarray:
-        """Feature vectors of chosen rows, ``[len(rows), D]`` float32."""
-        rows = np.asarray(rows, dtype=np.int64)
+    def read_rows(self, rows: Sequence[int], *, allow_incomplete: bool = False) -> np.ndarray:
+        """Feature vectors of chosen rows, ``[len(rows), D]`` float32 (each shard read whole and checked)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_samples):
             raise IndexError(f"rows must be in [0, {self.n_samples}), got {rows.min()}..{rows.max()}")
-        return np.asarray(self.features_array.get_orthogonal_selection((rows, slice(None))), dtype=np.float32)
+        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        shards = rows // self.layout.rows_per_shard
+        for shard in np.unique(shards):
+            picked = np.flatnonzero(shards == shard)
+            block = self.read_shard(int(shard), allow_incomplete=allow_incomplete)
+            out[picked] = block[rows[picked] - self.layout.shard_rows(int(shard))[0]]
+        return out
 
     def self_influence(self, *, allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(rows, scores)`` of every readable row, scores float32."""
+        """``(rows, scores)`` of every readable row, scores float32; rows skipped as non-finite are left out.
+
+        A complete store's ``self_influence`` transform, when it has one, supersedes the per-shard column
+        (methods whose self-influence needs every row, e.g. TRAK's ΦᵀΦ, write it when the build completes).
+        """
+        if self.complete and "self_influence" in self.transforms():
+            rows = np.arange(self.n_samples, dtype=np.int64)
+            scores = np.asarray(self.read_transform("self_influence"), dtype=np.float32)
+            keep = ~np.isin(rows, self.skipped_rows())
+            return rows[keep], scores[keep]
         row_blocks, score_blocks = [], []
         for shard in self._require_readable(allow_incomplete):
             start, stop = self.layout.shard_rows(shard)
-            row_blocks.append(np.arange(start, stop, dtype=np.int64))
-            score_blocks.append(np.asarray(self.self_influence_array[start:stop], dtype=np.float32))
+            record = self._record_for_read(shard)
+            key = self._keys(shard)[1]
+            data = self._verified(shard, key, record["files"][key], "the self-influence")
+            scores = self._decode("self_influence", key, data, start, stop).astype(np.float32)
+            rows = np.arange(start, stop, dtype=np.int64)
+            skipped = record.get("nonfinite", {}).get("skipped", [])
+            if skipped:
+                keep = ~np.isin(rows, skipped)
+                rows, scores = rows[keep], scores[keep]
+            row_blocks.append(rows)
+            score_blocks.append(scores)
         if not row_blocks:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(row_blocks), np.concatenate(score_blocks)
 
+    def nonfinite_rows(self, *, allow_incomplete: bool = False) -> dict[str, list[int]]:
+        """Rows whose vectors were not finite, by what the build did: ``{"skipped": [...], "zeroed": [...]}``.
+
+        Skipped rows hold zero vectors, are never returned by search and are left out of self-influence;
+        zeroed rows hold zero vectors and take part (score 0 for every query).
+        """
+        if self.complete:
+            recorded = self.manifest.get("nonfinite") or {}
+            return {"skipped": list(recorded.get("skipped", [])), "zeroed": list(recorded.get("zeroed", []))}
+        found: dict[str, list[int]] = {"skipped": [], "zeroed": []}
+        for shard in self._require_readable(allow_incomplete):
+            record = self._record_for_read(shard)
+            for kind in found:
+                found[kind].extend(record.get("nonfinite", {}).get(kind, []))
+        return found
+
+    def skipped_rows(self, *, allow_incomplete: bool = False) -> np.ndarray:
+        """Sorted rows left out of search and self-influence (``--nonfinite skip``)."""
+        return np.asarray(sorted(self.nonfinite_rows(allow_incomplete=allow_incomplete)["skipped"]), dtype=np.int64)
+
     def samples(self, *, allow_incomplete: bool = False) -> pa.Table:
-        """``row, sample_id, label`` of every readable row, in row order."""
+        """``row, sample_id, label`` of every readable row, in row order (checked against their checksums)."""
         if self.complete:
             path = self.path / "samples.parquet"
             try:
-                return pq.read_table(path)
+                data = path.read_bytes()
             except FileNotFoundError as error:
-                raise CorruptStoreError(f"{path} is missing from a complete store; rebuild it with --overwrite") from error
-            except (pa.ArrowInvalid, OSError) as error:
-                raise CorruptStoreError(f"{path} is unreadable ({error}); rebuild it with --overwrite") from error
-        parts = [pq.read_table(self._samples_part_path(shard)) for shard in self._require_readable(allow_incomplete)]
+                raise CorruptStoreError(f"{path} is missing from a complete store; {_REPAIR}") from error
+            except OSError as error:
+                raise CorruptStoreError(f"{path} cannot be read ({error}); {_REPAIR}") from error
+            if _sha256(data) != self.manifest.get("samples_sha256"):
+                raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
+            return pq.read_table(pa.BufferReader(data))
+        parts = []
+        readable = self._require_readable(allow_incomplete)
+        for shard in readable:
+            try:
+                record = self._record_for_read(shard)
+                if not self.complete:
+                    key = str(self._samples_part_path(shard).relative_to(self.path))
+                    parts.append(pq.read_table(pa.BufferReader(self._verified(shard, key, record["samples_sha256"], "the sample table"))))
+            except CorruptStoreError:
+                if not self.complete:
+                    raise
+            if self.complete:  # completed while we read: samples.parquet now holds every row
+                return self._rows_of(self.samples(), readable)
         if not parts:
             return pa.table({"row": pa.array([], pa.int64()), "sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64())})
-        return pa.concat_tables(parts)
+        return pa.concat_tables(parts, promote_options="default")
+
+    def _rows_of(self, table: pa.Table, shards: Sequence[int]) -> pa.Table:
+        rows = table.column("row").to_numpy()
+        keep = np.zeros(len(rows), dtype=bool)
+        for shard in shards:
+            start, stop = self.layout.shard_rows(shard)
+            keep |= (rows >= start) & (rows < stop)
+        return table.filter(pa.array(keep))
 
     # ---- writing ----------------------------------------------------------------------------
     def claim_shard(self, shard: int, *, owner: str) -> None:
         """Take ownership of a shard, or fail if a live writer (or a finished record) has it."""
-        if self._record_path(shard).exists():
+        if self.complete or self._record_path(shard).exists():
             raise ShardOwnershipError(f"shard {shard} of {self.path} is already finished")
         path = self._claim_path(shard)
         payload = json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._read_claim(path)
-                if holder.get("owner") == owner:
-                    return
-                if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
-                    # A dead writer's claim: move it aside; only one contender's rename succeeds.
-                    try:
-                        os.rename(path, path.with_name(f"{path.name}{TMP_MARK}stale-{uuid.uuid4().hex}"))
-                    except FileNotFoundError:
-                        pass
-                    continue
+        make_dir(self._shard_dir())
+        for _ in range(3):
+            # written whole under a temporary name and hard-linked into place: never seen half-written
+            if create_exclusive(path, payload):
+                hold(path)
+                if self._record_path(shard).exists():  # finished by another writer between our two looks
+                    self.release_shard(shard)
+                    raise ShardOwnershipError(f"shard {shard} of {self.path} is already finished")
+                return
+            holder = self._read_claim(path)
+            if holder is None:
+                continue  # released meanwhile
+            if holder.get("owner") == owner:
+                return
+            if not holder:
                 raise ShardOwnershipError(
-                    f"shard {shard} of {self.path} is owned by writer {holder.get('owner')} "
-                    f"(pid {holder.get('pid')} on {holder.get('host')}); give each worker disjoint shards with --shard I/N"
+                    f"the claim file {path} of shard {shard} is unreadable; if no writer is working on shard {shard}, "
+                    "delete it and resume"
                 )
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            return
+            same_host = holder.get("host") == socket.gethostname()
+            mine_but_given_up = holder.get("pid") == os.getpid() and not in_use(path)  # an earlier failed build here could not remove it
+            if same_host and (mine_but_given_up or not pid_alive(int(holder.get("pid", -1)))):
+                # A dead writer's claim: move it aside; only one contender's rename succeeds.
+                aside = rename_aside(path, "stale-")
+                if aside is not None:
+                    remove_file(aside)
+                    forget(aside)
+                continue
+            raise ShardOwnershipError(
+                f"shard {shard} of {self.path} is owned by writer {holder.get('owner')} "
+                f"(pid {holder.get('pid')} on {holder.get('host')}); give each worker disjoint shards with --shard I/N"
+            )
         raise ShardOwnershipError(f"could not claim shard {shard} of {self.path}: another writer raced for it")
 
     @staticmethod
-    def _read_claim(path: Path) -> dict:
+    def _read_claim(path: Path) -> dict | None:
+        """The claim's content; None if it is gone, ``{}`` if it cannot be read."""
         try:
-            return json.loads(path.read_text() or "{}")
-        except (FileNotFoundError, json.JSONDecodeError):
+            holder = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
             return {}
+        return holder if isinstance(holder, dict) and "owner" in holder and isinstance(holder.get("pid", -1), int) else {}
 
     def release_shard(self, shard: int) -> None:
-        try:
-            self._claim_path(shard).unlink()
-        except FileNotFoundError:
-            pass
+        forget(self._claim_path(shard))
+        remove_file(self._claim_path(shard))
 
     def _encode(self, name: str, start: int, values: np.ndarray) -> tuple[str, bytes]:
         """Bytes of the chunk/shard file holding ``values`` at ``start``, encoded exactly as the store's array would."""
-        memory = zarr.storage.MemoryStore()
-        metadata = json.loads((self.path / name / "zarr.json").read_text())
-        memory._store_dict[f"{name}/zarr.json"] = zarr.core.buffer.default_buffer_prototype().buffer.from_bytes(
-            json.dumps(metadata).encode()
-        )
-        array = zarr.open_array(memory, path=name, mode="r+")
+        files: dict[str, Any] = {f"{name}/zarr.json": default_buffer_prototype().buffer.from_bytes(self._array_metadata(name))}
+        array = zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r+")
         array[start : start + len(values)] = values
-        keys = [key for key in memory._store_dict if key.startswith(f"{name}/c/")]
+        keys = [key for key in files if key.startswith(f"{name}/c/")]
         if len(keys) != 1:
             raise RuntimeError(f"encoding rows {start}..{start + len(values)} of {name} touched {len(keys)} files, expected 1")
-        return keys[0], memory._store_dict[keys[0]].to_bytes()
+        return keys[0], files[keys[0]].to_bytes()
 
-    def write_shard(self, shard: int, features: np.ndarray, self_influence: np.ndarray, samples: pa.Table) -> dict:
-        """Write one shard durably and record it. ``features`` is ``[n_rows, D]`` float32 (cast here)."""
+    def write_shard(
+        self,
+        shard: int,
+        features: np.ndarray,
+        self_influence: np.ndarray,
+        samples: pa.Table,
+        *,
+        content_sha256: str | None = None,
+        nonfinite: dict[str, Sequence[int]] | None = None,
+    ) -> dict:
+        """Write one shard durably and record it. ``features`` is ``[n_rows, D]`` float (cast here).
+
+        Everything is checked before a byte is written: shapes, dtypes, the sample table's rows,
+        finiteness, float16 range. ``nonfinite`` lists rows (store rows) whose vectors were not finite
+        and have been replaced by zeros: ``{"skipped": [...]}`` (left out of search) or ``{"zeroed": [...]}``.
+        ``content_sha256`` is a hash of the shard's training samples, kept in its record.
+        """
         start, stop = self.layout.shard_rows(shard)
         n_rows = stop - start
+        features = np.asarray(features)
+        self_influence = np.asarray(self_influence)
         if features.shape != (n_rows, self.dim):
             raise ValueError(f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}")
+        if not np.issubdtype(features.dtype, np.floating):
+            raise ValueError(f"shard {shard} needs floating-point features, got dtype {features.dtype}")
         if self_influence.shape != (n_rows,):
             raise ValueError(f"shard {shard} needs {n_rows} self-influence values, got shape {tuple(self_influence.shape)}")
+        if not np.issubdtype(self_influence.dtype, np.floating):
+            raise ValueError(f"shard {shard} needs floating-point self-influence values, got dtype {self_influence.dtype}")
         if samples.num_rows != n_rows:
             raise ValueError(f"shard {shard} needs {n_rows} sample rows, got {samples.num_rows}")
-        if not np.isfinite(features).all():
-            bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) + start
+        if "row" not in samples.column_names or not np.array_equal(samples.column("row").to_numpy(zero_copy_only=False), np.arange(start, stop)):
+            raise ValueError(f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with exactly those rows")
+        if content_sha256 is not None and not _is_sha(content_sha256):
+            raise ValueError(f"content_sha256 must be a sha256 hex digest, got {content_sha256!r}")
+        listed = {kind: sorted(int(row) for row in rows) for kind, rows in (nonfinite or {}).items() if len(rows)}
+        if set(listed) - {"skipped", "zeroed"}:
+            raise ValueError(f"nonfinite rows are 'skipped' or 'zeroed', got {sorted(listed)}")
+        for kind, rows in listed.items():
+            if any(not start <= row < stop for row in rows):
+                raise ValueError(f"{kind} rows {rows[:5]} are not all rows of shard {shard} ({start}..{stop - 1})")
+            if np.any(features[np.asarray(rows) - start]):
+                raise ValueError(f"{kind} rows of shard {shard} must hold zero vectors")
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1) & np.isfinite(self_influence.astype(np.float32, copy=False))
+        if not finite.all():
+            bad = np.flatnonzero(~finite) + start
             raise NonFiniteError(f"rows {bad[:10].tolist()} have non-finite features; nothing was written for shard {shard}")
         if self.dtype == "float16":
             peak = float(np.abs(features).max()) if features.size else 0.0
@@ -409,12 +665,10 @@ class GradientStore:
         stored = features.astype(self.dtype, copy=False)
         feature_key, feature_bytes = self._encode("features", start, stored)
         influence_key, influence_bytes = self._encode("self_influence", start, self_influence.astype(np.float32, copy=False))
+        samples_bytes = _parquet_bytes(samples)
         write_bytes_atomic(self.path / feature_key, feature_bytes, crash_site="shard-before-rename")
         crash_point("shard-after-features")
         write_bytes_atomic(self.path / influence_key, influence_bytes)
-        sink = pa.BufferOutputStream()
-        pq.write_table(samples, sink)
-        samples_bytes = sink.getvalue().to_pybytes()
         write_bytes_atomic(self._samples_part_path(shard), samples_bytes)
         crash_point("shard-before-record")
         record = {
@@ -426,54 +680,138 @@ class GradientStore:
             },
             "samples_sha256": _sha256(samples_bytes),
         }
+        if content_sha256 is not None:
+            record["content_sha256"] = content_sha256
+        if listed:
+            record["nonfinite"] = listed
         write_bytes_atomic(self._record_path(shard), json.dumps(record).encode())
         crash_point("shard-after-record")
         self.release_shard(shard)
         return record
 
     def finalize(self) -> bool:
-        """Mark the store complete if every shard is done; returns whether it is complete now."""
+        """Mark the store complete if every shard is done; returns whether it is complete now.
+
+        Safe to call from several workers at once: each writes the same ``samples.parquet`` and an
+        equivalent manifest; one that finds the build files gone adopts the completed manifest.
+        """
         if self.complete:
+            self._remove_build_files()
             return True
-        records = [self.shard_record(shard) for shard in range(self.n_shards)]
-        if any(record is None for record in records):
-            return False
-        parts = [pq.read_table(self._samples_part_path(shard)) for shard in range(self.n_shards)]
-        table = pa.concat_tables(parts, promote_options="default")
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        samples_bytes = sink.getvalue().to_pybytes()
+        records = []
+        for shard in range(self.n_shards):
+            record = self.shard_record(shard)
+            if record is None:
+                return self._reload_complete()
+            records.append(record)
+        try:
+            parts = [
+                pq.read_table(pa.BufferReader(self._verified(
+                    shard, str(self._samples_part_path(shard).relative_to(self.path)), record["samples_sha256"], "the sample table"
+                )))
+                for shard, record in enumerate(records)
+            ]
+        except CorruptStoreError:
+            if self._reload_complete():
+                return True
+            raise
+        if self.complete:  # another worker completed it while we read the parts
+            return True
+        samples_bytes = _parquet_bytes(pa.concat_tables(parts, promote_options="default"))
         write_bytes_atomic(self.path / "samples.parquet", samples_bytes)
         crash_point("finalize-before-manifest")
         manifest = dict(self.manifest)
         manifest["state"] = "complete"
         manifest["shards"] = records
         manifest["samples_sha256"] = _sha256(samples_bytes)
+        manifest["nonfinite"] = {
+            kind: sorted(row for record in records for row in record.get("nonfinite", {}).get(kind, [])) for kind in ("skipped", "zeroed")
+        }
+        content = [record.get("content_sha256") for record in records]
+        if all(content):
+            # a hash of every training sample, in row order: the per-shard hashes hashed together
+            manifest["dataset_sha256"] = _sha256("".join(content).encode())
         manifest["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         _write_manifest(self.path, manifest)
         self.manifest = manifest
         crash_point("finalize-after-manifest")
         # The manifest now holds every record; the per-shard files are no longer read.
-        shutil.rmtree(self._shard_dir(), ignore_errors=True)
+        self._remove_build_files()
         return True
 
-    def sweep_temporaries(self) -> int:
-        """Remove orphaned temporary files a killed writer left; returns how many."""
-        removed = 0
-        for path in self.path.rglob(f"*{TMP_MARK}*"):
+    def _reload_complete(self) -> bool:
+        """Re-read the manifest; adopt it and return True if another writer has completed the store."""
+        try:
+            fresh = open_store(self.path)
+        except GradIndexError:
+            return False
+        if not fresh.complete:
+            return False
+        self.manifest = fresh.manifest
+        return True
+
+    def _remove_build_files(self) -> None:
+        """Delete ``_shards/`` of a complete store; best effort (what is left is removed on the next open for writing)."""
+        if self._shard_dir().exists():
             try:
-                path.unlink()
+                remove_tree(self._shard_dir(), crash_site="finalize-cleanup")
+            except StoreWriteError as error:
+                logging.getLogger("gradindex").warning(
+                    "store %s is complete; its build folder _shards/ could not be removed (%s) and goes on the next --resume",
+                    self.path, error.__cause__ or error,
+                )
+
+    def sweep_temporaries(self) -> int:
+        """Remove temporary files that dead writers left (never a live writer's); returns how many."""
+        removed = 0
+        for path in sorted(self.path.rglob(f"*{TMP_MARK}*"), reverse=True):
+            if is_orphan(path):
+                if path.is_dir() and not path.is_symlink():
+                    remove_tree(path)
+                else:
+                    remove_file(path)
                 removed += 1
-            except OSError:
-                pass
+        if self.complete:
+            self._remove_build_files()
         return removed
+
+    # ---- transforms (query-side arrays of asymmetric methods; see _transforms.py) ------------
+    def transforms(self) -> dict[str, dict]:
+        """``{name: record}`` of the finished transforms under ``transforms/``."""
+        return _transforms.transform_records(self)
+
+    def write_transform(self, name: str, array: np.ndarray, *, exclusive: bool = False) -> bool:
+        """Write ``transforms/NAME.npy`` durably and record it; with ``exclusive`` only if absent (returns whether written)."""
+        return _transforms.write_transform(self, name, array, exclusive=exclusive)
+
+    def read_transform(self, name: str) -> np.ndarray:
+        """A finished transform, checked against its recorded sha256."""
+        return _transforms.read_transform(self, name)
+
+    def write_transform_part(self, name: str, shard: int, array: np.ndarray) -> None:
+        """One shard's share of a transform (write it before the shard's record)."""
+        _transforms.write_transform_part(self, name, shard, array)
+
+    def read_transform_parts(self, name: str) -> dict[int, np.ndarray]:
+        """``{shard: array}`` of the shards' shares of a transform found on disk."""
+        return _transforms.read_transform_parts(self, name)
 
     # ---- integrity --------------------------------------------------------------------------
     def verify(self) -> list[str]:
-        """Problems found by re-hashing every shard file against its record; empty when all is well."""
+        """Problems found by re-hashing every file against its recorded checksum; empty when all is well."""
         problems: list[str] = []
+        for name in _ARRAYS:
+            try:
+                self._metadata.pop(name, None)
+                self._array_metadata(name)
+            except CorruptStoreError:
+                problems.append(f"{name}/zarr.json is missing or fails its checksum")
         for shard in range(self.n_shards):
-            record = self.shard_record(shard)
+            try:
+                record = self.shard_record(shard)
+            except CorruptStoreError:
+                problems.append(f"shard {shard}: its record is damaged")
+                continue
             if record is None:
                 problems.append(f"shard {shard}: not written")
                 continue
@@ -493,52 +831,148 @@ class GradientStore:
                 problems.append("samples.parquet is missing")
             elif _file_sha256(samples) != self.manifest.get("samples_sha256"):
                 problems.append("samples.parquet fails its checksum")
+        problems.extend(_transforms.verify_transforms(self))
         return problems
 
     def bad_shards(self) -> list[int]:
-        """Shards whose files are missing or fail their checksums (for --repair)."""
+        """Finished shards whose files or record are missing, damaged or fail their checksums (for --repair)."""
         bad = []
         for shard in range(self.n_shards):
-            record = self.shard_record(shard)
+            try:
+                record = self.shard_record(shard)
+            except CorruptStoreError:
+                bad.append(shard)
+                continue
             if record is None:
                 continue
-            for key, expected in record["files"].items():
-                path = self.path / key
-                if not path.exists() or _file_sha256(path) != expected:
-                    bad.append(shard)
-                    break
+            paths = [(self.path / key, expected) for key, expected in record["files"].items()]
+            if not self.complete:
+                paths.append((self._samples_part_path(shard), record["samples_sha256"]))
+            if any(not path.exists() or _file_sha256(path) != expected for path, expected in paths):
+                bad.append(shard)
         return bad
 
     def reopen_for_repair(self, shards: Sequence[int]) -> None:
-        """Turn a store back to building with ``shards`` marked not done, so a resume recomputes them."""
-        shard_dir = self._shard_dir()
-        shard_dir.mkdir(exist_ok=True)
+        """Turn a store back to building with ``shards`` marked not done, so a resume recomputes them.
+
+        Damaged array metadata is restored from the layout (checked against its recorded checksum).
+        The sample table of every other shard comes back from ``samples.parquet`` when that file is
+        sound; otherwise ``missing_samples_parts`` lists the shards whose table the caller restores
+        with ``restore_samples_part``.
+        """
+        shards = {int(shard) for shard in shards}
+        self._restore_array_metadata()
+        make_dir(self._shard_dir())
         if self.complete:
+            table = None
+            try:
+                table = self.samples()
+            except CorruptStoreError:
+                pass  # the caller regenerates the tables (missing_samples_parts)
+            rows = table.column("row").to_numpy() if table is not None else None
             for shard, record in enumerate(self.manifest["shards"]):
                 if shard in shards:
                     continue
                 write_bytes_atomic(self._record_path(shard), json.dumps(record).encode())
-            # samples parts come back from samples.parquet
-            table = pq.read_table(self.path / "samples.parquet")
-            rows = table.column("row").to_numpy()
-            for shard in range(self.n_shards):
-                if shard in shards:
-                    continue
-                start, stop = self.layout.shard_rows(shard)
-                part = table.filter(pa.array((rows >= start) & (rows < stop)))
-                sink = pa.BufferOutputStream()
-                pq.write_table(part, sink)
-                write_bytes_atomic(self._samples_part_path(shard), sink.getvalue().to_pybytes())
-            manifest = {key: value for key, value in self.manifest.items() if key not in ("shards", "samples_sha256", "completed_at")}
+                if table is not None:
+                    start, stop = self.layout.shard_rows(shard)
+                    part = _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop))))
+                    if _sha256(part) == record["samples_sha256"]:
+                        write_bytes_atomic(self._samples_part_path(shard), part)
+            manifest = {
+                key: value
+                for key, value in self.manifest.items()
+                if key not in ("shards", "samples_sha256", "completed_at", "nonfinite", "dataset_sha256")
+            }
             manifest["state"] = "building"
             _write_manifest(self.path, manifest)
             self.manifest = manifest
         else:
             for shard in shards:
-                try:
-                    self._record_path(shard).unlink()
-                except FileNotFoundError:
-                    pass
+                remove_file(self._record_path(shard))
+                remove_file(self._samples_part_path(shard))
+
+    def reopen_for_append(self, n_samples: int, fingerprint: dict, *, extra: dict | None = None) -> list[int]:
+        """Grow a complete store to ``n_samples`` rows (same rows per shard) for a build to fill; returns the
+        shards left to write (the old last shard when it was partial, and the new ones).
+
+        Full shards stay done (their records move back to ``_shards/``). The manifest, written before
+        the arrays' metadata, takes the new layout, ``fingerprint`` and ``extra`` keys; calling this again on the
+        half-grown store (after a crash) finishes the job.
+        """
+        layout = StoreLayout(**{**self.layout.to_dict(), "n_samples": int(n_samples)})
+        if not self.complete:
+            if self.manifest.get("appended_from") is None or self.layout != layout:
+                raise IncompleteStoreError(f"store {self.path} is incomplete ({self.progress()}); finish it with --resume before appending")
+        elif n_samples <= self.n_samples:
+            raise ValueError(f"store {self.path} holds {self.n_samples} rows; appending needs more than that, got {n_samples}")
+        else:
+            old = self.layout
+            kept = [shard for shard in range(old.n_shards) if old.shard_rows(shard) == layout.shard_rows(shard)]
+            table = self.samples()
+            rows = table.column("row").to_numpy()
+            make_dir(self._shard_dir())
+            for shard in kept:
+                record = self.manifest["shards"][shard]
+                start, stop = old.shard_rows(shard)
+                write_bytes_atomic(self._samples_part_path(shard), _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop)))))
+                write_bytes_atomic(self._record_path(shard), json.dumps(record).encode())
+            metadata = _array_metadata(layout)
+            manifest = {
+                key: value
+                for key, value in self.manifest.items()
+                if key not in ("shards", "samples_sha256", "completed_at", "nonfinite", "dataset_sha256")
+            }
+            manifest.update(extra or {})
+            manifest.update(state="building", layout=layout.to_dict(), fingerprint=fingerprint, appended_from=old.n_samples,
+                            arrays={name: _sha256(data) for name, data in metadata.items()})
+            _write_manifest(self.path, manifest)
+            self.manifest = manifest
+            self.layout = layout
+        for name, data in _array_metadata(layout).items():
+            if (self.path / name / "zarr.json").read_bytes() != data:
+                write_bytes_atomic(self.path / name / "zarr.json", data)
+        self._metadata.clear()
+        self._features = self._self_influence = None
+        return [shard for shard in range(self.n_shards) if self.shard_record(shard) is None]
+
+    def missing_samples_parts(self) -> list[int]:
+        """Finished shards (of a store being built) whose sample table is missing or fails its checksum."""
+        missing = []
+        for shard in self.done_shards():
+            record = self.shard_record(shard)
+            part = self._samples_part_path(shard)
+            if record is not None and (not part.exists() or _file_sha256(part) != record["samples_sha256"]):
+                missing.append(shard)
+        return missing
+
+    def restore_samples_part(self, shard: int, samples: pa.Table) -> None:
+        """Write a finished shard's sample table again; it must be byte-identical to the recorded one."""
+        record = self.shard_record(shard)
+        if record is None:
+            raise IncompleteStoreError(f"shard {shard} of {self.path} is not written yet")
+        data = _parquet_bytes(samples)
+        if _sha256(data) != record["samples_sha256"]:
+            raise IncompatibleStoreError(
+                f"the sample ids and labels of shard {shard} differ from those recorded in {self.path}; "
+                "the training set changed since the build: rebuild with --overwrite"
+            )
+        write_bytes_atomic(self._samples_part_path(shard), data)
+
+    def _restore_array_metadata(self) -> None:
+        expected = self.manifest.get("arrays") or {}
+        for name, data in _array_metadata(self.layout).items():
+            self._metadata.pop(name, None)
+            try:
+                self._array_metadata(name)
+                continue
+            except CorruptStoreError:
+                pass
+            if _sha256(data) != expected.get(name):
+                raise CorruptStoreError(
+                    f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; rebuild with --overwrite"
+                )
+            write_bytes_atomic(self.path / name / "zarr.json", data)
 
     def describe(self) -> dict:
         """The manifest plus the build's progress, for ``gradindex info``."""
@@ -548,14 +982,42 @@ class GradientStore:
         return info
 
 
+def _seal(manifest: dict) -> str:
+    """The manifest's checksum: sha256 of its canonical JSON."""
+    return _sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
+
+
 def _write_manifest(path: Path, manifest: dict) -> None:
-    group = {"zarr_format": 3, "node_type": "group", "attributes": {_MANIFEST_KEY: manifest}}
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {_MANIFEST_KEY: manifest, _SEAL_KEY: _seal(manifest)}}
     write_bytes_atomic(path / "zarr.json", json.dumps(group, indent=1, sort_keys=True).encode())
 
 
-def create_store(path: str | Path, layout: StoreLayout, fingerprint: dict, *, extra: dict | None = None, overwrite: bool = False) -> GradientStore:
-    """Create an empty store (state ``building``) with the given layout and fingerprint."""
+def _remove_quietly(path: Path) -> None:
+    try:
+        remove_tree(path)
+    except StoreWriteError:
+        pass  # a later sweep removes it (its writer will be dead by then)
+
+
+def sweep_orphans(path: str | Path) -> int:
+    """Remove what dead writers left beside a store: half-made stores and stores moved aside by --overwrite."""
     path = Path(path)
+    removed = 0
+    for item in sorted(path.parent.glob(f"{glob.escape(path.name)}{TMP_MARK}*")):
+        if is_orphan(item):
+            remove_tree(item) if item.is_dir() and not item.is_symlink() else remove_file(item)
+            removed += 1
+    return removed
+
+
+def create_store(path: str | Path, layout: StoreLayout, fingerprint: dict, *, extra: dict | None = None, overwrite: bool = False) -> GradientStore:
+    """Create an empty store (state ``building``) with the given layout and fingerprint.
+
+    The store is made whole under a temporary name and renamed into place, so it appears complete
+    or not at all. With ``overwrite`` the old store is first moved aside (atomically), then deleted.
+    """
+    path = Path(path)
+    replaced = None
     if path.exists():
         if not overwrite:
             raise StoreExistsError(
@@ -563,42 +1025,44 @@ def create_store(path: str | Path, layout: StoreLayout, fingerprint: dict, *, ex
             )
         if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
             raise StoreExistsError(f"{path} exists and is not a gradindex store; refusing to delete it, choose another -o path")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    staging = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex}")
-    staging.mkdir(parents=True)
-    local = zarr.storage.LocalStore(staging)
-    zarr.create_array(
-        local,
-        name="features",
-        shape=(layout.n_samples, layout.dim),
-        chunks=(layout.rows_per_chunk, layout.dim),
-        shards=(layout.rows_per_shard, layout.dim),
-        dtype=layout.dtype,
-        compressors=None,
-        fill_value=0,
-    )
-    zarr.create_array(
-        local,
-        name="self_influence",
-        shape=(layout.n_samples,),
-        chunks=(layout.rows_per_shard,),
-        dtype="float32",
-        compressors=None,
-        fill_value=0,
-    )
-    (staging / _SHARD_DIR).mkdir()
+        replaced = rename_aside(path, "old-")
+    staging = tmp_path(path, "new-")
+    metadata = _array_metadata(layout)
     manifest = {
         "format": FORMAT,
         "state": "building",
         "layout": layout.to_dict(),
         "fingerprint": fingerprint,
+        "arrays": {name: _sha256(data) for name, data in metadata.items()},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
-    _write_manifest(staging, manifest)
-    # The store appears under its name only once its skeleton is whole.
-    os.replace(staging, path)
-    fsync_dir(path.parent)
+    try:
+        for name, data in metadata.items():
+            write_bytes_atomic(staging / name / "zarr.json", data)
+        make_dir(staging / _SHARD_DIR)
+        _write_manifest(staging, manifest)
+        crash_point("create-before-rename")
+        # The store appears under its name only once its skeleton is whole.
+        rename_into_place(staging, path)
+    except FileExistsError:
+        _remove_quietly(staging)
+        forget(staging)
+        raise StoreExistsError(f"{path} was created by another writer meanwhile; pass --resume to continue its build") from None
+    except StoreWriteError:
+        _remove_quietly(staging)
+        forget(staging)  # a later sweep removes what could not be
+        if replaced is not None:  # the new store could not be made: put the old one back
+            forget(replaced)
+            try:
+                os.rename(replaced, path)
+            except OSError:
+                pass
+        raise
+    forget(staging)
+    if replaced is not None:
+        forget(replaced)  # from here a sweep may remove it, should this fail
+        remove_tree(replaced) if replaced.is_dir() else remove_file(replaced)
     return GradientStore(path, manifest)
 
 
@@ -611,10 +1075,17 @@ def open_store(path: str | Path) -> GradientStore:
     if not meta.exists():
         raise StoreNotFoundError(f"{path} is not a gradindex store (no zarr.json); check the path or build one there")
     try:
-        group = json.loads(meta.read_text())
-        manifest = group["attributes"][_MANIFEST_KEY]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        attributes = json.loads(meta.read_bytes())["attributes"]
+        manifest = attributes[_MANIFEST_KEY]
+        seal = attributes.get(_SEAL_KEY)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptStoreError(f"{meta} holds no readable gradindex manifest ({type(error).__name__}); rebuild with --overwrite") from error
+    if not isinstance(manifest, dict):
+        raise CorruptStoreError(f"{meta} holds no readable gradindex manifest; rebuild with --overwrite")
+    if seal != _seal(manifest):
+        raise CorruptStoreError(
+            f"the manifest in {meta} fails its checksum (damaged, or written by another program); rebuild with --overwrite"
+        )
     if manifest.get("format") != FORMAT:
         raise IncompatibleStoreError(
             f"{path} has format {manifest.get('format')!r}, this gradindex reads {FORMAT!r}; rebuild it with --overwrite"

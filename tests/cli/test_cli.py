@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from conftest import TINY
+from tiny_tasks import TINY
 from gradindex.cli import cli
 
 MLP = f"{TINY}:mlp_task"

@@ -274,7 +274,10 @@ def test_faiss_runtime_errors_become_search_errors(monkeypatch):
 
 @pytest.mark.skipif(gpu_count() > 0, reason="checks the message for machines without a GPU")
 def test_use_gpu_true_without_a_gpu_says_how_to_fix():
-    message = r"use_gpu=True but faiss sees no GPU; install faiss-gpu \(pip install 'gradindex\[gpu\]'\) or pass use_gpu=False"
+    message = (
+        r"use_gpu=True but faiss sees no GPU; install faiss-gpu \(pip install 'gradindex\[gpu\]'\) "
+        r"or pass use_gpu=False"
+    )
     with pytest.raises(SearchError, match=message):
         ExactIndex(4, use_gpu=True)
     with pytest.raises(SearchError, match=message):

@@ -1,0 +1,169 @@
+"""The methods the harness compares: one row of ``METHOD_CONFIGS`` per configuration.
+
+A configuration names a gradindex method, which checkpoints it is built from, its build options and
+its query options. The harness runs every configuration whose method ``gradindex.methods.METHODS``
+lists at run time and reports the others as "not run (method not available)". Hyperparameters are
+fixed here, once, before any test point is seen: nothing is tuned on the evaluation.
+
+Scores always come through the public API (``gradindex.build`` → ``gradindex.query`` with ``k`` = the
+training-set size, ``gradindex.self_influence``), so asymmetric query transforms are exercised exactly
+as a user gets them. Stores are float32 so the comparison is about the method, not float16 rounding.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import gradindex
+
+__all__ = ["MethodConfig", "METHOD_CONFIGS", "BASELINES", "available", "method_scores", "self_scores", "NotRun"]
+
+# Damping "auto": 0 for the L2-regularised logistic regressions (the task's penalty is in the curvature,
+# which is positive definite), 1e-3 for networks. Curvature: the Gauss-Newton matrix G (equal to the
+# Hessian for logistic regression; positive semi-definite for networks, so CG and LiSSA are well posed).
+DAMPING_NETWORKS = 1e-3
+EXACT_MAX_PARAMS = 16_384  # below this many parameters stores hold exact gradients (projection "none")
+TRAK_PROJ_DIM = 2048       # TRAK's Gram matrix lives in a k-dim space: projected above this many parameters
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """method: the gradindex method; checkpoints: which of a Setting's checkpoint lists it uses;
+    build / query: method options at build and at query time; experiments: where it runs (None = all);
+    max_params: skip larger models (cost), with the reason recorded."""
+
+    method: str
+    checkpoints: str = "final"
+    build: dict = field(default_factory=dict)
+    query: dict = field(default_factory=dict)
+    experiments: tuple[str, ...] | None = None
+    max_params: int | None = None
+    max_cost: int | None = None  # parameters x training samples
+    note: str = ""
+
+
+METHOD_CONFIGS: dict[str, MethodConfig] = {
+    "tracin-1": MethodConfig("tracin", "final", note="TracIn at the final checkpoint alone (grad-dot)"),
+    "tracin-cp": MethodConfig("tracin", "trajectory", note="TracIn-CP over 4 SGD checkpoints, weight = lr"),
+    "tracin-ge": MethodConfig("tracin", "ensemble", note="TracIn over 5 geometric-ensemble members, weight 1/M"),
+    "gex": MethodConfig("gex", "gex", build={"tau": 0.05}, note="GEX over 5 geometric-ensemble members"),
+    "if-exact": MethodConfig("if", "final", build={"solver": "exact", "damping": "auto", "hessian": "ggn"}, query={"solver": "exact"},
+                             max_params=1024, note="influence function, explicit (G + λI)⁻¹ (logistic regression only: the explicit curvature costs p HVPs over the training set)"),
+    # CG and LiSSA are query-time solvers: the store is built with a one-step LiSSA (its stored self-influence
+    # is not used by LOO / LDS) and every query solves with the configuration's own solver.
+    "if-cg": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
+                          query={"solver": "cg"}, experiments=("loo", "lds"), max_params=256,
+                          note="influence function, conjugate gradients (100 iterations at most, tol 1e-6)"),
+    "if-lissa": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
+                             query={"solver": "lissa"}, experiments=("loo", "lds"), max_params=256,
+                             note="influence function, LiSSA (depth 1000, batch 64)"),
+    "arnoldi": MethodConfig("arnoldi", "final", build={"rank": 20, "hessian": "ggn"}, max_cost=4_000_000,
+                           note="Arnoldi, top-20 eigenpairs of G (the default rank)"),
+    "trak": MethodConfig("trak", "final", note="TRAK at the final checkpoint (TRAK-1)"),
+    "trak-5": MethodConfig("trak", "independent", experiments=("lds",), note="TRAK over 5 independently trained models"),
+}
+
+BASELINES = {
+    "train-loss": "the training loss of each sample at the final checkpoint (mislabel detection only)",
+    "random": "uniform random scores",
+}
+
+
+class NotRun(Exception):
+    """A configuration that cannot run here; its message says why."""
+
+
+def available() -> tuple[str, ...]:
+    import gradindex.methods
+
+    return tuple(gradindex.methods.METHODS)
+
+
+def check_runnable(name: str, config: MethodConfig, setting, experiment: str) -> None:
+    if config.method not in available():
+        raise NotRun("not run (method not available)")
+    if config.experiments is not None and experiment not in config.experiments:
+        raise NotRun(f"not run (not configured for {experiment})")
+    if config.max_params is not None and setting.n_params > config.max_params:
+        raise NotRun(f"not run (CPU budget: {setting.n_params} parameters > {config.max_params} for this solver)")
+    n_train = len(setting.task.train)
+    if config.max_cost is not None and setting.n_params * n_train > config.max_cost:
+        raise NotRun(f"not run (CPU budget: {setting.n_params} parameters x {n_train} samples > {config.max_cost:.0e})")
+    if setting.logreg is not None and config.checkpoints == "independent":
+        raise NotRun("not run (logistic regression has one optimum; independent runs coincide)")
+
+
+def _projection(config: MethodConfig, setting, projection: tuple[str, int] | None) -> dict:
+    if projection is not None:
+        kind, dim = projection
+        return {"projection": kind, "proj_dim": dim}
+    if config.method == "trak" and setting.n_params > TRAK_PROJ_DIM:
+        return {"projection": "rademacher", "proj_dim": TRAK_PROJ_DIM}
+    if setting.n_params <= EXACT_MAX_PARAMS:
+        return {"projection": "none", "proj_dim": setting.n_params}
+    return {"projection": "rademacher", "proj_dim": 4096}
+
+
+def build_store(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None) -> tuple[Any, float]:
+    """Build (or reuse) the store of one configuration on one setting: ``(store, build seconds)``."""
+    options = _projection(config, setting, projection)
+    tag = f"{name}-{options['projection']}{options['proj_dim']}"
+    path = setting.workdir / "stores" / f"{tag}.gradindex"
+    cache = setting.__dict__.setdefault("_stores", {})
+    if tag in cache:
+        return cache[tag]
+    checkpoints = setting.checkpoint_list(config.checkpoints)
+    method_options = dict(config.build)
+    if method_options.get("damping") == "auto":
+        method_options["damping"] = 0.0 if setting.logreg is not None else DAMPING_NETWORKS
+    started = time.perf_counter()
+    store = gradindex.build(
+        setting.task, checkpoints, path, method=config.method, dtype="float32", overwrite=True, progress=False,
+        device="cpu", method_options=method_options, **options,
+    )
+    cache[tag] = (store, time.perf_counter() - started)
+    return cache[tag]
+
+
+def method_scores(name: str, config: MethodConfig, setting, samples: np.ndarray, projection: tuple[str, int] | None = None) -> tuple[np.ndarray, dict]:
+    """``[len(samples), n_train]`` scores of every training sample for the given test samples, and timings."""
+    store, build_seconds = build_store(name, config, setting, projection)
+    n_train = len(setting.task.train)
+    started = time.perf_counter()
+    table = gradindex.query(store, setting.task, split="test", samples=[int(s) for s in samples], k=n_train, device="cpu",
+                            progress=False, method_options=dict(config.query) or None)
+    scores = np.full((len(samples), n_train), np.nan)
+    scores[table.column("query").to_numpy(), table.column("row").to_numpy()] = table.column("score").to_numpy()
+    if np.isnan(scores).any():
+        raise RuntimeError(f"{name}: the query returned {int(np.isnan(scores).sum())} missing scores")
+    return scores, {"build_s": round(build_seconds, 2), "query_s": round(time.perf_counter() - started, 2)}
+
+
+def self_scores(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None) -> tuple[np.ndarray, dict]:
+    """Self-influence of every training sample (store row order) as the store reports it, and timings."""
+    store, build_seconds = build_store(name, config, setting, projection)
+    started = time.perf_counter()
+    table = gradindex.self_influence(store)
+    scores = np.full(len(setting.task.train), np.nan)
+    scores[table.column("row").to_numpy()] = table.column("score").to_numpy()
+    return scores, {"build_s": round(build_seconds, 2), "query_s": round(time.perf_counter() - started, 2)}
+
+
+def training_losses(setting) -> np.ndarray:
+    from gradindex.checkpoints import load_into
+
+    model = load_into(setting.task.model(), setting.checkpoint_list("final")[0].rsplit(":", 1)[0]).eval()
+    with torch.no_grad():
+        return setting.task.loss(model, setting.task.train.tensors).double().numpy()
+
+
+def cleanup(setting) -> None:
+    setting.__dict__.pop("_stores", None)
+    shutil.rmtree(setting.workdir / "stores", ignore_errors=True)

@@ -1,0 +1,3 @@
+from benchmarks.scale import main
+
+main()

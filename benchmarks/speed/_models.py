@@ -1,0 +1,185 @@
+"""The three benchmark workloads: an MNIST-like MLP, a small CNN and a small transformer LM, all on data made here.
+
+Nothing is downloaded: the 28×28 images are sklearn's bundled 8×8 digits, upsampled and jittered; the
+tokens come from a random sparse Markov chain (so a language model has something to learn).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+__all__ = ["Workload", "mlp_workload", "cnn_workload", "transformer_workload", "WORKLOADS"]
+
+
+@dataclass
+class Workload:
+    name: str
+    make_model: Callable[[], nn.Module]
+    train: TensorDataset
+    test: TensorDataset
+    loss: Callable[[nn.Module, tuple], Tensor]  # per-sample loss [B]
+    final_layer: str  # the module name Captum's TracInCPFast uses
+    batch_size: int
+
+    def train_checkpoint(self, steps: int, lr: float, seed: int = 0) -> nn.Module:
+        """A briefly trained model (TracIn on random weights would measure nothing useful)."""
+        torch.manual_seed(seed)
+        model = self.make_model()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        inputs, targets = self.train.tensors
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            rows = torch.randint(0, len(inputs), (min(128, len(inputs)),), generator=generator)
+            optimizer.zero_grad()
+            self.loss(model, (inputs[rows], targets[rows])).mean().backward()
+            optimizer.step()
+        return model.eval()
+
+
+def cross_entropy(model: nn.Module, batch) -> Tensor:
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def _digit_images(n_samples: int, seed: int) -> tuple[Tensor, Tensor]:
+    """``[n, 1, 28, 28]`` float32 in [0, 1] and labels: sklearn digits upsampled, shifted ±2 px, with pixel noise."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    base = torch.from_numpy((bunch.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+    base = F.interpolate(base, size=(24, 24), mode="bilinear", align_corners=False)
+    base = F.pad(base, (2, 2, 2, 2))
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(base), (n_samples,), generator=generator)
+    images = base[picks].clone()
+    shifts = torch.randint(-2, 3, (n_samples, 2), generator=generator)
+    for dx in range(-2, 3):
+        for dy in range(-2, 3):
+            rows = ((shifts[:, 0] == dx) & (shifts[:, 1] == dy)).nonzero().squeeze(1)
+            images[rows] = torch.roll(images[rows], shifts=(dy, dx), dims=(2, 3))
+    images += 0.05 * torch.randn(images.shape, generator=generator)
+    return images.clamp_(0, 1), labels[picks]
+
+
+def mlp_workload(n_train: int, n_test: int, hidden: int = 256) -> Workload:
+    x_train, y_train = _digit_images(n_train, seed=0)
+    x_test, y_test = _digit_images(n_test, seed=1)
+    return Workload(
+        name=f"mlp-784-{hidden}-10",
+        make_model=lambda: nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10)),
+        train=TensorDataset(x_train.reshape(n_train, 784), y_train),
+        test=TensorDataset(x_test.reshape(n_test, 784), y_test),
+        loss=cross_entropy,
+        final_layer="2",
+        batch_size=1024,
+    )
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+    )
+
+
+def cnn_workload(n_train: int, n_test: int) -> Workload:
+    x_train, y_train = _digit_images(n_train, seed=0)
+    x_test, y_test = _digit_images(n_test, seed=1)
+    return Workload(
+        name="cnn-2conv-28x28",
+        make_model=small_cnn,
+        train=TensorDataset(x_train, y_train),
+        test=TensorDataset(x_test, y_test),
+        loss=cross_entropy,
+        final_layer="7",
+        batch_size=256,
+    )
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block with nn.Linear projections (so every matmul is a factorable layer)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, dim = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 512, dim: int = 256, layers: int = 2, heads: int = 4, length: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Embedding(length, dim)
+        self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) + self.position(torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def lm_loss(model: nn.Module, batch) -> Tensor:
+    """Mean next-token cross-entropy per sequence: ``[B]``."""
+    tokens = batch[0]
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
+
+
+def _markov_tokens(n_samples: int, length: int, vocab: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(1234)  # the chain is shared by train and test
+    successors = torch.randint(0, vocab, (vocab, 4), generator=generator)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(n_samples, length, dtype=torch.int64)
+    tokens[:, 0] = torch.randint(0, vocab, (n_samples,), generator=generator)
+    for position in range(1, length):
+        choice = torch.randint(0, 4, (n_samples,), generator=generator)
+        noise = torch.rand(n_samples, generator=generator) < 0.1
+        following = successors[tokens[:, position - 1], choice]
+        tokens[:, position] = torch.where(noise, torch.randint(0, vocab, (n_samples,), generator=generator), following)
+    return tokens
+
+
+def transformer_workload(n_train: int, n_test: int, length: int = 65, vocab: int = 512, dim: int = 256, layers: int = 2) -> Workload:
+    train = _markov_tokens(n_train, length, vocab, seed=0)
+    test = _markov_tokens(n_test, length, vocab, seed=1)
+    zeros = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731 - a dummy target keeps (input, target) batches
+    return Workload(
+        name=f"transformer-lm-{layers}x{dim}",
+        make_model=lambda: TinyLM(vocab=vocab, dim=dim, layers=layers, heads=4, length=length - 1),
+        train=TensorDataset(train, zeros(n_train)),
+        test=TensorDataset(test, zeros(n_test)),
+        loss=lm_loss,
+        final_layer="head",
+        batch_size=64,
+    )
+
+
+WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "transformer": transformer_workload}
+
+
+def n_parameters(model: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in model.parameters())

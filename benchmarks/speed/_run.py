@@ -1,0 +1,354 @@
+"""Featurization and query speed, side by side in one process: gradindex, its peers, the training step, BLAS.
+
+Featurization: for each model, every method featurizes (or scores) the same training samples at the same
+checkpoint and k; samples/s is measured on up to ``n_train`` samples within a per-method time cap. Quality
+is the Spearman correlation of each method's scores (test × an evaluation subset of train) with exact
+TracIn scores (unprojected per-sample gradients). Peak memory is the process's peak RSS during the method,
+above what it held before (VmHWM, reset through /proc/self/clear_refs).
+
+Query: exact top-k over N float16 vectors of d = 1024 (as a store holds them), against numpy and torch
+brute force (a float32 GEMM + top-k: the BLAS roofline) and faiss IndexFlatIP with its default settings.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import tempfile
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks._report import RESULTS_DIR, machine, markdown_table, save_json, update_section
+from benchmarks.speed import _peers
+from benchmarks.speed._models import WORKLOADS
+
+COMMAND = "python -m benchmarks.speed"
+
+
+# ---- memory ---------------------------------------------------------------------------------------
+
+
+def _status_kib(key: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakMemory:
+    """Peak RSS above the starting RSS, in MiB (Linux; None elsewhere)."""
+
+    def __enter__(self):
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.ok = True
+        except OSError:
+            self.ok = False
+        self.start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak_mib = (_status_kib("VmHWM") - self.start) / 1024 if self.ok else None
+
+
+# ---- featurization --------------------------------------------------------------------------------
+
+
+def _timed(fn, inputs, targets, batch_size: int, n_max: int, cap_s: float) -> tuple[float, int]:
+    """Samples/s of ``fn`` over consecutive batches: at most ``n_max`` samples or ``cap_s`` seconds (after one warm-up batch)."""
+    fn(inputs[:batch_size], targets[:batch_size])
+    done, started = 0, time.perf_counter()
+    while done < n_max:
+        stop = min(n_max, done + batch_size)
+        fn(inputs[done:stop], targets[done:stop])
+        done = stop
+        if time.perf_counter() - started > cap_s:
+            break
+    return done / (time.perf_counter() - started), done
+
+
+def _spearman(exact: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import spearmanr
+
+    flat = float(spearmanr(exact.ravel(), scores.ravel()).statistic)
+    per_query = float(np.nanmean([spearmanr(exact[q], scores[q]).statistic for q in range(len(exact))]))
+    return flat, per_query
+
+
+def _scores_of(runner: _peers.Runner, train, test) -> np.ndarray:
+    if getattr(runner, "paired_scores", None) is not None:
+        return runner.paired_scores(*train, *test).detach().numpy()
+    if runner.vectors is not None:
+        with torch.enable_grad():
+            return (runner.vectors(*test) @ runner.vectors(*train).T).detach().numpy()
+    return runner.scores(*train, *test).detach().numpy()
+
+
+def featurization(tiny: bool, k: int, only: list[str] | None, log=print) -> list[dict]:
+    sizes = {  # n_train timed, n_eval train samples for Spearman, n_test queries, per-method time cap (s), checkpoint steps
+        "mlp": (32, 8, 2, 0.2, 3) if tiny else (8192, 512, 16, 15, 300),
+        "cnn": (16, 8, 2, 0.2, 3) if tiny else (2048, 256, 16, 15, 150),
+        "transformer": (8, 8, 2, 0.2, 2) if tiny else (256, 64, 6, 30, 60),
+    }
+    rows = []
+    workdir = tempfile.mkdtemp(prefix="gradindex-speed-")
+    for name, make in WORKLOADS.items():
+        if only and name not in only:
+            continue
+        n_train, n_eval, n_test, cap_s, steps = sizes[name]
+        # tiny: the same code paths on models small enough for seconds (a 1x32 LM, batches of 16)
+        if tiny:
+            options = {"transformer": {"length": 17, "vocab": 64, "dim": 32, "layers": 1}, "mlp": {"hidden": 32}}.get(name, {})
+            workload = make(n_train, n_test, **options)
+        else:
+            workload = make(n_train, n_test)
+        if tiny:
+            workload.batch_size = min(workload.batch_size, 16)
+        checkpoint = str(Path(workdir) / f"{name}.pt")
+        torch.save(workload.train_checkpoint(steps=steps, lr=1e-3).state_dict(), checkpoint)
+        inputs, targets = workload.train.tensors
+        train_eval = (inputs[:n_eval], targets[:n_eval])
+        test = workload.test.tensors
+        log(f"[{name}] {_peers.n_params(workload):,} parameters, k={k}, batch {workload.batch_size}")
+
+        exact_runner = _peers.exact_runner(workload, checkpoint)
+        exact_scores = _scores_of(exact_runner, train_eval, test)
+
+        step = _peers.training_step(workload, checkpoint)
+        with PeakMemory() as memory:
+            train_rate, _ = _timed(step, inputs, targets, workload.batch_size, n_train, cap_s)
+        rows.append({"model": name, "method": "training step (SGD, reference)", "samples_per_s": train_rate, "peak_mib": memory.peak_mib,
+                     "note": "batched forward + backward + update"})
+        log(f"  training step: {train_rate:,.0f} samples/s")
+
+        methods = [("gradindex kron", lambda: _peers.gradindex_runner("kron", workload, checkpoint, k)),
+                   ("gradindex sjlt", lambda: _peers.gradindex_runner("sjlt", workload, checkpoint, k)),
+                   ("gradindex rademacher", lambda: _peers.gradindex_runner("rademacher", workload, checkpoint, k))]
+        methods += [(key, lambda key=key: _peers.PEERS[key](workload, checkpoint, k)) for key in _peers.PEERS]
+        for label, prepare in methods:
+            row = {"model": name, "method": label}
+            try:
+                with PeakMemory() as memory:
+                    runner = prepare()
+                    row["method"] = runner.name
+                    if runner.vectors is not None:
+                        with torch.enable_grad():
+                            rate, done = _timed(runner.vectors, inputs, targets, workload.batch_size, n_train, cap_s)
+                    else:  # score-only methods: the time to score n samples against the test queries
+                        def score(batch_inputs, batch_targets):
+                            runner.scores(batch_inputs, batch_targets, *test)
+
+                        rate, done = _timed(score, inputs, targets, workload.batch_size, n_train, cap_s)
+                row.update(samples_per_s=rate, samples_timed=done, peak_mib=memory.peak_mib, note=runner.note)
+                row["spearman"], row["spearman_per_query"] = _spearman(exact_scores, _scores_of(runner, train_eval, test))
+                log(f"  {row['method']}: {rate:,.1f} samples/s, Spearman {row['spearman']:.3f} (per query {row['spearman_per_query']:.3f})")
+            except _peers.Unavailable as reason:
+                row.update(status="not run", note=str(reason))
+                log(f"  {label}: not run ({reason})")
+            except Exception as error:  # a peer that fails here is recorded, not hidden
+                row.update(status="failed", note=f"{type(error).__name__}: {error}"[:300])
+                log(f"  {label}: failed ({type(error).__name__}: {error})")
+                if os.environ.get("GRADINDEX_BENCH_DEBUG"):
+                    traceback.print_exc()
+            rows.append(row)
+            gc.collect()
+        peers = [r for r in rows if r["model"] == name and r.get("samples_per_s") and not r["method"].startswith(("gradindex", "training"))]
+        fastest = max(peers, key=lambda r: r["samples_per_s"]) if peers else None
+        for row in rows:
+            if row["model"] != name or not row.get("samples_per_s"):
+                continue
+            row["x_training_step"] = row["samples_per_s"] / train_rate
+            if fastest:
+                row["x_fastest_peer"] = row["samples_per_s"] / fastest["samples_per_s"]
+                row["fastest_peer"] = fastest["method"]
+    shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+# ---- query ----------------------------------------------------------------------------------------
+
+
+def query(tiny: bool, log=print) -> list[dict]:
+    import faiss
+
+    from gradindex.index import ExactIndex, search_blocks
+
+    sizes = [2_000] if tiny else [100_000, 300_000, 1_000_000]
+    dim, k = (128, 10) if tiny else (1024, 10)
+    query_counts = [10] if tiny else [10, 100]
+    rows = []
+    rng = np.random.default_rng(0)
+    for n_samples in sizes:
+        stored = np.empty((n_samples, dim), dtype=np.float16)
+        for start in range(0, n_samples, 50_000):
+            stored[start : start + 50_000] = rng.standard_normal((min(50_000, n_samples - start), dim), dtype=np.float32)
+        dense = stored.astype(np.float32)
+        started = time.perf_counter()
+        index = ExactIndex(dim, use_gpu=False)
+        index.add(stored)
+        add_s = time.perf_counter() - started
+        flat = torch.from_numpy(dense)
+        for n_queries in query_counts:
+            queries = rng.standard_normal((n_queries, dim), dtype=np.float32)
+
+            def torch_brute():
+                return torch.topk(torch.from_numpy(queries) @ flat.T, k, dim=1)
+
+            def numpy_brute():
+                scores = queries @ dense.T
+                top = np.argpartition(-scores, k, axis=1)[:, :k]
+                return np.take_along_axis(scores, top, axis=1), top
+
+            def faiss_default():
+                saved = faiss.cvar.distance_compute_blas_threshold
+                faiss.cvar.distance_compute_blas_threshold = 20  # faiss's own default
+                try:
+                    return default_index.search(queries, k)
+                finally:
+                    faiss.cvar.distance_compute_blas_threshold = saved
+
+            default_index = faiss.IndexFlatIP(dim)
+            default_index.add(dense)
+            block_rows = 65_536
+
+            def streamed():
+                return search_blocks(((start, stored[start : start + block_rows]) for start in range(0, n_samples, block_rows)), queries, k, use_gpu=False)
+
+            candidates = {
+                "gradindex ExactIndex (in memory)": lambda: index.search(queries, k),
+                "gradindex search_blocks (streamed fp16 blocks)": streamed,
+                "torch GEMM + topk (roofline)": torch_brute,
+                "numpy GEMM + argpartition": numpy_brute,
+                "faiss IndexFlatIP, default settings": faiss_default,
+            }
+            timings = {}
+            for label, fn in candidates.items():
+                fn()
+                best = float("inf")
+                for _ in range(3 if not tiny else 1):
+                    started = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - started)
+                timings[label] = best
+            roofline = timings["torch GEMM + topk (roofline)"]
+            for label, seconds in timings.items():
+                rows.append({"n_samples": n_samples, "dim": dim, "queries": n_queries, "k": k, "method": label, "seconds": seconds,
+                             "queries_per_s": n_queries / seconds, "x_roofline_time": seconds / roofline})
+            log(f"[query] N={n_samples:,} q={n_queries}: " + ", ".join(f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms" for label, seconds in timings.items()))
+            del default_index
+        rows.append({"n_samples": n_samples, "dim": dim, "method": "gradindex ExactIndex.add (fp16 -> fp32, chunked)", "seconds": add_s})
+        del stored, dense, flat, index
+        gc.collect()
+    return rows
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+
+def _plot(featurize_rows: list[dict], query_rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({row["model"] for row in featurize_rows}, key=list(WORKLOADS).index)
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4.8))
+    for axis, model in zip(axes, models):
+        ran = [row for row in featurize_rows if row["model"] == model and row.get("samples_per_s")]
+        labels = [row["method"].replace(" (", "\n(") for row in ran]
+        colors = ["tab:green" if row["method"].startswith("gradindex") else "tab:gray" if row["method"].startswith("training") else "tab:blue" for row in ran]
+        axis.barh(labels, [row["samples_per_s"] for row in ran], color=colors)
+        axis.set_xscale("log")
+        axis.set_title(f"{model}: featurization samples/s")
+        axis.tick_params(axis="y", labelsize=7)
+        for position, row in enumerate(ran):
+            if row.get("spearman") is not None:
+                axis.text(row["samples_per_s"], position, f" ρ={row['spearman']:.2f}", va="center", fontsize=7)
+    axis = axes[-1]
+    for label in sorted({row["method"] for row in query_rows if "queries" in row}):
+        points = [(row["n_samples"], row["seconds"]) for row in query_rows if row["method"] == label and row.get("queries") == max(r.get("queries", 0) for r in query_rows)]
+        if points:
+            axis.plot(*zip(*points), marker="o", label=label)
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("N vectors (d = 1024)")
+    axis.set_ylabel("seconds per query batch")
+    axis.set_title("exact top-10 search")
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _markdown(payload: dict) -> str:
+    info = payload["machine"]
+    lines = [
+        "## Featurization and query speed (`benchmarks/speed`)",
+        "",
+        f"Command: `{payload['command']}`. Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
+        f"torch {info['torch']}, faiss {info['faiss']}, CUDA {info['cuda']}; load average at start {payload['load_average']}. "
+        f"k = {payload['k']} per checkpoint, one checkpoint, float32 on CPU. ρ = Spearman of the method's scores (test × "
+        "train subset) with exact TracIn scores (unprojected per-sample gradients), flattened and averaged per query.",
+        "",
+    ]
+    columns = ["model", "method", "samples_per_s", "x_training_step", "x_fastest_peer", "spearman", "spearman_per_query", "peak_mib", "status", "note"]
+    lines.append(markdown_table(payload["featurization"], columns))
+    if payload.get("query"):
+        lines += ["", "Exact top-10 search, float16 vectors (as a store holds them); time per query batch, best of 3:", ""]
+        lines.append(markdown_table([row for row in payload["query"] if "queries" in row],
+                                    ["n_samples", "queries", "method", "seconds", "queries_per_s", "x_roofline_time"]))
+    lines += ["", f"![speed](results/{payload['plot']})"]
+    return "\n".join(lines)
+
+
+def run(tiny: bool = False, k: int | None = None, models: list[str] | None = None, with_query: bool = True, write: bool = True, log=print) -> dict:
+    torch.manual_seed(0)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # dattri's progress bars
+    k = k or (32 if tiny else 1024)
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    payload = {
+        "command": COMMAND + (" --tiny" if tiny else ""),
+        "tiny": tiny,
+        "k": k,
+        "machine": machine(),
+        "load_average": [round(value, 2) for value in load] if load else None,
+        "featurization": featurization(tiny, k, models, log=log),
+        "query": query(tiny, log=log) if with_query else [],
+    }
+    if write:
+        name = "speed-tiny" if tiny else "speed"
+        payload["plot"] = f"{name}.png"
+        save_json(name, payload)
+        _plot(payload["featurization"], payload["query"], RESULTS_DIR / payload["plot"])
+        if not tiny:
+            update_section("speed", _markdown(payload))
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="seconds, tiny sizes (what the test suite runs); writes speed-tiny.json")
+    parser.add_argument("--k", type=int, help="projection dim per checkpoint (default 1024; 64 with --tiny)")
+    parser.add_argument("--models", nargs="*", choices=list(WORKLOADS), help="only these models")
+    parser.add_argument("--no-query", action="store_true", help="skip the query-side benchmark")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    payload = run(tiny=args.tiny, k=args.k, models=args.models, with_query=not args.no_query)
+    print(json.dumps({"results": str(RESULTS_DIR / ("speed-tiny.json" if args.tiny else "speed.json"))}), file=sys.stderr)
+    del payload

@@ -1,0 +1,195 @@
+"""The store's ``transforms/`` folder: small numpy arrays beside the vectors, for asymmetric methods.
+
+Layout::
+
+    NAME.gradindex/transforms/
+      NAME.npy                 a finished transform (e.g. TRAK's ΦᵀΦ per checkpoint), recorded in the
+                               manifest under "transforms" with its shape, dtype and sha256
+      _parts/NAME/000003.npy   one shard's share of a transform that is reduced when every shard is done
+
+A transform is written like everything else in a store (temporary name, fsync, rename), and its
+record goes into the manifest only after the file is durable. ``exclusive=True`` creates a transform
+only if it does not exist yet, so several workers of one build agree on a single copy (the first).
+
+A transform named ``self_influence`` ((N,) float32), when present, supersedes the per-shard
+``self_influence`` column: methods whose self-influence needs the whole store (TRAK's ΦᵀΦ) write it
+when the last shard is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from gradindex._errors import CorruptStoreError, IncompleteStoreError
+from gradindex.store._atomic import create_exclusive, write_bytes_atomic
+
+if TYPE_CHECKING:
+    from gradindex.store._store import GradientStore
+
+__all__ = [
+    "TRANSFORMS_DIR",
+    "check_transform_name",
+    "write_transform",
+    "read_transform",
+    "transform_records",
+    "write_transform_part",
+    "read_transform_parts",
+    "verify_transforms",
+]
+
+TRANSFORMS_DIR = "transforms"
+_PARTS_DIR = "_parts"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def check_transform_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"transform name {name!r} must be lower-case letters, digits and '_' (starting with a letter, at most 64)")
+    return name
+
+
+def _encode(array: np.ndarray) -> bytes:
+    array = np.asarray(array)
+    if array.dtype == object:
+        raise ValueError("a transform must be a numeric numpy array, not an object array")
+    sink = io.BytesIO()
+    np.save(sink, np.ascontiguousarray(array), allow_pickle=False)
+    return sink.getvalue()
+
+
+def _decode(data: bytes, path: Path) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as error:  # numpy raises several kinds on damaged bytes
+        raise CorruptStoreError(f"{path} cannot be read as a numpy array ({type(error).__name__}); rebuild the store with --overwrite") from error
+
+
+def _disk_manifest(store: "GradientStore") -> dict:
+    group = json.loads((store.path / "zarr.json").read_text())
+    return group["attributes"]["gradindex"]
+
+
+def transform_records(store: "GradientStore") -> dict[str, dict]:
+    """``{name: {file, shape, dtype, sha256}}`` of the finished transforms (what the manifest on disk says)."""
+    records = dict(store.manifest.get("transforms") or {})
+    try:
+        records.update(_disk_manifest(store).get("transforms") or {})
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # the in-memory manifest is all there is
+    return records
+
+
+def _record(store: "GradientStore", name: str, record: dict) -> None:
+    """Add one record to the manifest on disk (read, merge, atomic write) and to the open store's copy."""
+    from gradindex.store._store import _write_manifest
+
+    manifest = _disk_manifest(store)
+    records = dict(manifest.get("transforms") or {})
+    records[name] = record
+    manifest["transforms"] = records
+    _write_manifest(store.path, manifest)
+    merged = dict(store.manifest.get("transforms") or {})
+    merged.update(records)
+    store.manifest["transforms"] = merged
+
+
+def write_transform(store: "GradientStore", name: str, array: np.ndarray, *, exclusive: bool = False) -> bool:
+    """Write ``transforms/NAME.npy`` durably, then record it in the manifest.
+
+    With ``exclusive=True`` nothing is written when the transform exists already (returns False);
+    the caller then reads the existing one.
+    """
+    check_transform_name(name)
+    data = _encode(array)
+    path = store.path / TRANSFORMS_DIR / f"{name}.npy"
+    if exclusive:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not create_exclusive(path, data):
+            if name not in transform_records(store):
+                # the winner wrote the file but had not recorded it yet (or died in between): record what is there
+                existing = path.read_bytes()
+                decoded = _decode(existing, path)
+                _record(store, name, _record_of(name, decoded, existing))
+            return False
+    else:
+        write_bytes_atomic(path, data)
+    _record(store, name, _record_of(name, np.asarray(array), data))
+    return True
+
+
+def _record_of(name: str, array: np.ndarray, data: bytes) -> dict:
+    return {
+        "file": f"{TRANSFORMS_DIR}/{name}.npy",
+        "shape": [int(size) for size in array.shape],
+        "dtype": str(array.dtype),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+
+
+def read_transform(store: "GradientStore", name: str) -> np.ndarray:
+    """A finished transform, checked against its recorded sha256."""
+    check_transform_name(name)
+    records = transform_records(store)
+    if name not in records:
+        raise IncompleteStoreError(
+            f"store {store.path} has no transform {name!r}: its build did not finish; run `gradindex build ... --resume` "
+            "with the same settings to complete it"
+        )
+    record = records[name]
+    path = store.path / record["file"]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{path} is missing; rebuild the store with --overwrite") from None
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise CorruptStoreError(f"{path} fails its checksum; rebuild the store with --overwrite")
+    return _decode(data, path)
+
+
+def _part_path(store: "GradientStore", name: str, shard: int) -> Path:
+    return store.path / TRANSFORMS_DIR / _PARTS_DIR / name / f"{shard:06d}.npy"
+
+
+def write_transform_part(store: "GradientStore", name: str, shard: int, array: np.ndarray) -> None:
+    """One shard's share of a transform; write it before the shard's record so a resume recomputes both."""
+    check_transform_name(name)
+    store.layout.shard_rows(shard)  # validates the shard number
+    write_bytes_atomic(_part_path(store, name, shard), _encode(array))
+
+
+def read_transform_parts(store: "GradientStore", name: str) -> dict[int, np.ndarray]:
+    """``{shard: array}`` of every shard's share of a transform that has one on disk."""
+    check_transform_name(name)
+    parts = {}
+    for shard in range(store.n_shards):
+        path = _part_path(store, name, shard)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        parts[shard] = _decode(data, path)
+    return parts
+
+
+def verify_transforms(store: "GradientStore") -> list[str]:
+    """Problems with the recorded transforms: missing files or failed checksums."""
+    problems = []
+    for name, record in sorted(transform_records(store).items()):
+        path = store.path / record["file"]
+        if not path.exists():
+            problems.append(f"transform {name}: {record['file']} is missing")
+            continue
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        if digest.hexdigest() != record["sha256"]:
+            problems.append(f"transform {name}: {record['file']} fails its checksum")
+    return problems

@@ -1,0 +1,84 @@
+"""The attribution-quality harness's fast subset (``python -m benchmarks.quality --fast``), with floors
+that fail when a change degrades quality. Floors sit well below the values measured on seed 0 (noted
+beside each; the fast subset is deterministic given the seed) so that only a real regression trips them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+pytest.importorskip("scipy")
+
+import gradindex.methods  # noqa: E402
+from benchmarks.quality import run  # noqa: E402
+
+HAS_IF = "if" in gradindex.methods.METHODS
+HAS_TRAK = "trak" in gradindex.methods.METHODS
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    payload = run(fast=True, workdir=tmp_path_factory.mktemp("quality"))
+    table = {}
+    for row in payload["summary"]:
+        table[(row["experiment"], row["setting"], row["method"], row.get("k"))] = row
+    return payload, table
+
+
+def _metric(table, key, metric):
+    row = table.get(key)
+    assert row is not None, f"no result for {key}"
+    assert row["status"] == "ok", f"{key}: {row['status']}"
+    return row[metric]
+
+
+def test_every_configuration_reports_a_status(results):
+    payload, _ = results
+    for record in payload["records"]:
+        assert record["status"] == "ok" or record["status"].startswith("not run"), (record["method"], record["status"])
+    assert payload["load_average"]["start"] and payload["machine"]["cores"]
+
+
+def test_leave_one_out_ground_truth_is_sound(results):
+    _, table = results
+    # the harness's own float64 exact influence against retraining: checks the retraining, not gradindex
+    assert _metric(table, ("loo", "breast-cancer-lr", "reference (harness exact IF, float64)", None), "pearson") >= 0.9
+    assert abs(_metric(table, ("loo", "breast-cancer-lr", "random", None), "pearson")) < 0.3
+
+
+@pytest.mark.skipif(not HAS_IF, reason="gradindex has no `if` method yet")
+def test_exact_influence_predicts_leave_one_out(results):
+    _, table = results
+    assert _metric(table, ("loo", "breast-cancer-lr", "if-exact", None), "pearson") >= 0.9  # measured 0.965
+    assert _metric(table, ("loo", "breast-cancer-lr", "if-cg", None), "pearson") >= 0.9    # measured 0.965
+    assert _metric(table, ("lds", "breast-cancer-lr", "if-exact", None), "lds_margin") >= 0.85  # measured 0.933
+
+
+def test_tracin_quality(results):
+    _, table = results
+    assert _metric(table, ("loo", "breast-cancer-lr", "tracin-1", None), "pearson") >= 0.6      # measured 0.82
+    assert _metric(table, ("lds", "breast-cancer-lr", "tracin-1", None), "lds_margin") >= 0.6   # measured 0.75
+    assert abs(_metric(table, ("lds", "breast-cancer-lr", "random", None), "lds_margin")) < 0.2
+    for method in ("tracin-1", "tracin-cp"):
+        assert _metric(table, ("mislabel", "digits-mlp-noisy", method, None), "auc") >= 0.9     # measured 0.994 / 0.997
+    assert _metric(table, ("mislabel", "digits-mlp-noisy", "tracin-cp", None), "found_top20") >= 0.8
+    assert 0.35 <= _metric(table, ("mislabel", "digits-mlp-noisy", "random", None), "auc") <= 0.65
+
+
+@pytest.mark.skipif(not HAS_TRAK, reason="gradindex has no `trak` method yet")
+def test_trak_quality(results):
+    _, table = results
+    assert _metric(table, ("mislabel", "digits-mlp-noisy", "trak", None), "auc") >= 0.9         # measured 0.998
+    assert _metric(table, ("lds", "breast-cancer-lr", "trak", None), "lds_margin") >= 0.45      # measured 0.60
+
+
+def test_projection_fidelity(results):
+    _, table = results
+    rho = {k: _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", k), "spearman_vs_exact") for k in (16, 128, 512)}
+    assert rho[512] >= 0.85 and rho[16] < rho[512]
+    assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "recall_at_10") >= 0.75
+    assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "auc") >= 0.9

@@ -1,0 +1,41 @@
+"""``python -m benchmarks.speed --tiny`` runs inside the suite so it cannot rot; no timing assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.speed import _run  # noqa: E402
+
+PEERS = {"captum": "Captum", "trak": "TRAK", "dattri": "dattri"}
+
+
+def test_speed_benchmark_tiny_runs_every_method_side_by_side():
+    payload = _run.run(tiny=True, write=False, log=lambda message: None)
+    rows = payload["featurization"]
+    assert {row["model"] for row in rows} == {"mlp", "cnn", "transformer"}
+    for model in ("mlp", "cnn", "transformer"):
+        mine = {row["method"]: row for row in rows if row["model"] == model}
+        for method in ("gradindex kron", "gradindex sjlt", "training step (SGD, reference)"):
+            assert mine[method]["samples_per_s"] > 0, (model, method, mine[method])
+        kron = mine["gradindex kron"]
+        assert -1 <= kron["spearman"] <= 1 and kron["x_training_step"] > 0
+    # a peer either ran (with a rate and a Spearman) or says why not; one that is not installed is skipped, not faked
+    for module, label in PEERS.items():
+        peer_rows = [row for row in rows if label in row["method"] or row["method"].startswith(module)]
+        assert peer_rows, label
+        if importlib.util.find_spec(module if module != "trak" else "trak") is None:
+            assert all(row.get("status") == "not run" and "not installed" in row["note"] for row in peer_rows)
+        for row in peer_rows:
+            assert row.get("samples_per_s", 0) > 0 or row.get("status") in ("not run", "failed"), row
+            if row.get("status"):
+                assert row["note"], row
+    bergson = [row for row in rows if row["method"] == "bergson"]
+    assert bergson and all(row["status"] == "not run" for row in bergson)
+    query = payload["query"]
+    methods = {row["method"] for row in query}
+    assert "torch GEMM + topk (roofline)" in methods and "gradindex ExactIndex (in memory)" in methods
+    assert all(row["seconds"] > 0 for row in query)

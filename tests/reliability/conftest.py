@@ -1,0 +1,3 @@
+"""The reliability suite's session fixture (``env``) lives in rel_fixtures; this makes it one per session."""
+
+from reliability.rel_fixtures import env  # noqa: F401

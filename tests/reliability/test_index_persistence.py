@@ -1,0 +1,147 @@
+"""Guarantee 8: a persisted FAISS index is written to a temporary name and renamed, its meta last; it is
+checked on load against its meta and the store (ntotal, d, metric); FAISS failures are gradindex errors.
+Here a process building an index is stopped at each step of the write, first for a new index and then
+while replacing one: a reader then finds the old index whole (or a clean "no index" error, never a
+torn file), and building it again works and leaves no temporary file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import gradindex
+from reliability import harness
+
+
+K = 10
+# where the child stops: after writing the index under its temporary name; halfway through writing
+# it; after renaming it into place, before its meta
+SITES = ("before-rename", "torn-temporary", "before-meta")
+
+
+def child_index(store: str, name: str, factory: str, site: str) -> None:
+    harness.child_setup()
+    import faiss
+
+    from gradindex.index import _approx
+
+    if site == "before-rename":
+        write = faiss.write_index
+
+        def write_then_die(index, path):
+            write(index, path)
+            os._exit(137)
+
+        faiss.write_index = write_then_die
+    elif site == "torn-temporary":
+        write = faiss.write_index
+
+        def write_half(index, path):
+            write(index, path)
+            os.truncate(path, os.path.getsize(path) // 2)
+            os._exit(137)
+
+        faiss.write_index = write_half
+    elif site == "before-meta":
+        write_atomic = _approx._write_atomic
+
+        def die_before_meta(path, data):
+            if str(path).endswith(".json"):
+                os._exit(137)
+            write_atomic(path, data)
+
+        _approx._write_atomic = die_before_meta
+    gradindex.build_index(store, factory, name=name, overwrite=True, progress=False)
+
+
+def _search(store, queries, name):
+    return tuple(np.asarray(part).tolist() for part in gradindex.search_store(store, queries, K, index=name))
+
+
+def _index_files(store):
+    folder = store / "indexes"
+    metas = [json.loads(path.read_text()) for path in folder.glob("*.json")]
+    referenced = {meta["file"] for meta in metas} | {meta.get("ivfdata") for meta in metas if meta.get("ivfdata")}
+    temporaries = [path.name for path in folder.iterdir() if ".gi-idx-tmp-" in path.name or ".gi-tmp-" in path.name]
+    unreferenced = [path.name for path in folder.iterdir() if path.is_file() and path.suffix != ".json" and path.name not in referenced
+                    and path.name not in temporaries]
+    return temporaries, unreferenced
+
+
+def test_index_write_interrupted_at_each_step(env, capsys):
+    work = env.fresh("index-kill")
+    queries = np.random.default_rng(5).standard_normal((5, gradindex.open_store(env.small).dim)).astype(np.float32)
+    reference = work / "reference.gradindex"
+    shutil.copytree(env.small, reference)
+    gradindex.build_index(reference, "IVF4,Flat", name="ivf", progress=False)
+    expected = _search(reference, queries, "ivf")
+    figures = {"tried": 0, "old index intact": 0, "clean errors": 0, "torn reads": 0, "rebuilt": 0, "temporaries left": 0,
+               "unreferenced files left": 0}
+    for replacing in (False, True):
+        for site in SITES:
+            store = work / f"{site}-{'replace' if replacing else 'new'}.gradindex"
+            shutil.copytree(reference if replacing else env.small, store)
+            code, _ = harness.run_child(child_index, str(store), "ivf", "IVF4,Flat", site)
+            assert code == 137, (site, code)
+            figures["tried"] += 1
+            try:
+                found = _search(store, queries, "ivf")
+            except gradindex.GradIndexError as error:
+                assert not replacing, f"{site}: the old index is gone: {error}"
+                assert "no index named 'ivf'" in str(error)
+                figures["clean errors"] += 1
+            else:
+                if replacing and found == expected:
+                    figures["old index intact"] += 1
+                else:
+                    figures["torn reads"] += 1
+            gradindex.build_index(store, "IVF4,Flat", name="ivf", overwrite=True, progress=False)
+            figures["rebuilt"] += _search(store, queries, "ivf") == expected
+            temporaries, unreferenced = _index_files(store)
+            figures["temporaries left"] += len(temporaries)
+            figures["unreferenced files left"] += len(unreferenced)
+    harness.report(capsys, harness.summary("index write interrupted (3 steps x new/replace)", figures, list(figures)))
+    assert figures["torn reads"] == 0
+    assert figures["clean errors"] == figures["old index intact"] == len(SITES)
+    assert figures["rebuilt"] == figures["tried"] == 2 * len(SITES)
+    assert figures["temporaries left"] == 0
+
+
+def test_index_checked_against_the_store_on_load(env, tmp_path, capsys):
+    """An index whose meta disagrees with its file, or with the store (ntotal, d), is refused with a SearchError."""
+    store = tmp_path / "s.gradindex"
+    shutil.copytree(env.small, store)
+    meta = gradindex.build_index(store, "IVF4,Flat", name="ivf", progress=False)
+    queries = np.zeros((1, gradindex.open_store(store).dim), np.float32)
+    path = store / "indexes" / "ivf.json"
+    recorded = json.loads(path.read_text())
+    path.write_text(json.dumps({**recorded, "ntotal": recorded["ntotal"] + 1}))
+    with pytest.raises(gradindex.SearchError, match="ntotal"):
+        gradindex.search_store(store, queries, K, index="ivf")
+    path.write_text(json.dumps({**recorded, "dim": recorded["dim"] + 1}))
+    with pytest.raises(gradindex.SearchError, match="dim"):
+        gradindex.search_store(store, queries, K, index="ivf")
+    path.write_text(json.dumps(recorded))
+    (store / "indexes" / meta["file"]).write_bytes(b"not a faiss index")
+    other = tmp_path / "other.gradindex"  # a fresh path: nothing cached from the sound file
+    shutil.copytree(store, other)
+    with pytest.raises(gradindex.SearchError, match="cannot be read"):
+        gradindex.search_store(other, queries, K, index="ivf")
+    harness.report(capsys, "index load checks: wrong ntotal, wrong dim, unreadable file: refused as SearchError 3/3")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a write stopped after the index file is renamed into place but before its meta leaves NAME.<token>.faiss "
+    "that no meta names; gradindex/index/_approx.py (owned by the index work) never removes it"))
+def test_an_interrupted_index_write_leaves_no_unreferenced_file(env):
+    work = env.fresh("index-unreferenced")
+    store = work / "s.gradindex"
+    shutil.copytree(env.small, store)
+    code, _ = harness.run_child(child_index, str(store), "ivf", "IVF4,Flat", "before-meta")
+    assert code == 137
+    gradindex.build_index(store, "IVF4,Flat", name="ivf", overwrite=True, progress=False)
+    assert _index_files(store) == ([], [])
