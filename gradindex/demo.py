@@ -60,7 +60,10 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
     echo(f"digits: {len(task.train)} training images ({noise.n_flipped} labels flipped), {len(task.test)} test images")
 
     config = TrainConfig(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4, seed=seed)
-    checkpoints = train(task, config, output_dir / "checkpoints", progress=bool(progress))
+    import sys
+
+    show_training = sys.stderr.isatty() if progress is None else progress
+    checkpoints = train(task, config, output_dir / "checkpoints", progress=show_training)
     echo(f"trained an MLP 64-32-10 for {config.epochs} epochs; checkpoints at epochs {', '.join(str(c.epoch) for c in checkpoints)}")
 
     store_path = output_dir / "digits.gradindex"

@@ -529,11 +529,11 @@ def _check_joinable(store: GradientStore, fingerprint: dict, config: BuildConfig
 
 def _reopen_for_repair(store: GradientStore) -> dict[int, str]:
     """Mark the shards ``verify`` finds damaged as not done (a resume then recomputes them); their expected content hashes."""
-    bad = store.bad_shards()
-    problems = store.verify()
-    if not bad and not [problem for problem in problems if not problem.endswith(": not written")]:
+    problems = [problem for problem in store.verify() if not problem.endswith(": not written")]
+    if not problems:
         log.info("repair: nothing to repair in %s", store.path)
         return {}
+    bad = store.bad_shards()
     expected: dict[int, str] = {}
     for shard in bad:
         try:

@@ -84,7 +84,8 @@ def run(
     unknown = [name for name in (methods or []) if name not in METHOD_CONFIGS]
     if unknown:
         raise ValueError(f"unknown method configuration(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CONFIGS)}")
-    kinds = (gradindex.BuildConfig().projection,)  # the default projection, whatever it is now
+    # the default projection, whatever it is now, and the dense JL projection every method supports
+    kinds = tuple(dict.fromkeys([gradindex.BuildConfig().projection, "rademacher"]))
     dims = FAST_DIMS if fast else PROJECTION_DIMS
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gi-quality-"))
     started = time.perf_counter()

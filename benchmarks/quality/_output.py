@@ -139,7 +139,7 @@ def markdown(payload: dict) -> str:
         "## Attribution quality (`python -m benchmarks.quality`)",
         "",
         f"{payload['mode']} run, seeds {', '.join(map(str, seeds))} (mean ± std over seeds), {payload['wall_seconds'] / 60:.1f} min"
-        + (f" summed over {len(payload['runs'])} runs (one per seed, run side by side)" if payload.get("runs") else "")
+        + (f" summed over {len(payload['runs'])} processes (seeds and settings split across processes run side by side)" if payload.get("runs") else "")
         + (f", {payload['cpu_seconds'] / 60:.1f} CPU-min" if payload.get("cpu_seconds") else "")
         + " on "
         f"{payload['machine']['cores']} cores ({payload['machine']['cpu']}), load average {payload['load_average']['start'][0]:.1f} → "

@@ -218,7 +218,7 @@ def _markdown(results: dict, command: str, info: dict, seconds: float) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized points, to check the script (not recorded in RESULTS.md)")
+    parser.add_argument("--quick", action="store_true", help="CI-sized points, to check the script (nothing is recorded)")
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary folder on the local disk)")
     args = parser.parse_args()
     command = "python -m benchmarks.reliability" + (" --quick" if args.quick else "")
@@ -232,12 +232,11 @@ def main() -> None:
     seconds = time.perf_counter() - started
     info = machine() | {"load": ", ".join(f"{value:.1f}" for value in os.getloadavg())}
     payload = {"command": command, "machine": info, "seconds": round(seconds, 1), "results": results}
-    path = save_json("reliability-quick" if args.quick else "reliability", payload)
-    print(f"wrote {path}")
     if not args.quick:
+        print(f"wrote {save_json('reliability', payload)}")
         update_section("reliability", _markdown(results, command, info, seconds))
         print("updated benchmarks/RESULTS.md (section reliability)")
-    else:
+    else:  # a check of the script: nothing recorded
         print(_markdown(results, command, info, seconds))
     failures = results["kill"]["failures"] + results["io"]["failures"] + results["io"]["sticky"]["failures"]
     bad = (failures or any(matrix["figures"].get("crash") for matrix in results["corruption"].values() if isinstance(matrix, dict) and "figures" in matrix))

@@ -28,11 +28,6 @@ def big_task() -> gradindex.Task:
     return _task(*_data(20_000, seed=1), name="reliability-20k")
 
 
-def sweep_task() -> gradindex.Task:
-    """100,000 rows, for the longer benchmark sweep."""
-    return _task(*_data(100_000, seed=1), name="reliability-100k")
-
-
 def small_task() -> gradindex.Task:
     """600 rows: enough shards to corrupt, fast enough to rebuild hundreds of times."""
     return _task(*_data(600, seed=1), name="reliability-600")

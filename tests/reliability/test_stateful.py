@@ -50,7 +50,10 @@ def _write(store, shard: int, owner: str) -> None:
 def child_write(path: str, shard: int, site: str) -> None:
     """A writer that stops at ``site`` (exit 137), like a kill -9 there."""
     os.environ["GRADINDEX_CRASH_AT"] = site
-    _write(open_store(path), shard, owner=f"child-{os.getpid()}")
+    try:
+        _write(open_store(path), shard, owner=f"child-{os.getpid()}")
+    except ShardOwnershipError:
+        os._exit(1)  # refused: the shard is finished
     os._exit(0)  # only when the site was never reached
 
 
