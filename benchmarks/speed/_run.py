@@ -59,7 +59,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        self.peak_mib = (_status_kib("VmHWM") - self.start) / 1024 if self.ok else None
+        # peak RSS above the start; 0 when the method only reused memory the process already held
+        self.peak_mib = max(0.0, (_status_kib("VmHWM") - self.start) / 1024) if self.ok else None
 
 
 # ---- featurization --------------------------------------------------------------------------------

@@ -491,6 +491,8 @@ def save_index(index: Any, directory: str | Path, name: str, meta: dict, *, ivfd
         "ntotal": int(index.ntotal),
         "dim": int(index.d),
         "metric": METRIC,
+        # checked before faiss reads the file: damaged list data would otherwise load and answer differently
+        "sha256": _file_sha256(directory / file_name),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write_atomic(meta_path, json.dumps(written, indent=1, sort_keys=True).encode())
@@ -519,6 +521,8 @@ def load_index(directory: str | Path, name: str, *, expect: dict | None = None, 
         raise SearchError(f"index {name} is missing its file {path}; {rebuild}")
     if meta.get("ivfdata") and not (directory / meta["ivfdata"]).is_file():
         raise SearchError(f"index {name} is missing its on-disk lists {directory / meta['ivfdata']}; {rebuild}")
+    if meta.get("sha256") and _file_sha256(path) != meta["sha256"]:
+        raise SearchError(f"index {name}'s file {path} fails its checksum (it was damaged after it was written); {rebuild}")
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("ivfdata") else 0
     if mmap:
         flags |= faiss.IO_FLAG_MMAP
@@ -533,6 +537,14 @@ def load_index(directory: str | Path, name: str, *, expect: dict | None = None, 
         if meta.get(key) != value:
             raise SearchError(f"index {name}'s file holds {key}={value} but its meta says {meta.get(key)}; {rebuild}")
     return index, meta
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_meta_file(path: Path) -> dict:

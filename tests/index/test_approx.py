@@ -124,10 +124,15 @@ def test_save_and_load_check_the_manifest(tmp_path, vectors):
     assert meta2["file"] != meta["file"] and not (tmp_path / meta["file"]).exists()
     # a damaged file is a SearchError naming the fix, not a faiss traceback
     (tmp_path / meta2["file"]).write_bytes(b"not an index")
+    with pytest.raises(SearchError, match="fails its checksum.*--overwrite"):
+        load_index(tmp_path, "ivf")
+    # without a recorded checksum (older metas), faiss' own read error is wrapped just the same
+    unsummed = {key: value for key, value in meta2.items() if key != "sha256"}
+    (tmp_path / "ivf.json").write_text(json.dumps(unsummed))
     with pytest.raises(SearchError, match="cannot be read.*--overwrite"):
         load_index(tmp_path, "ivf")
     # the file disagreeing with its meta is caught too
-    (tmp_path / "ivf.json").write_text(json.dumps({**meta2, "file": meta2["file"], "ntotal": 5}))
+    (tmp_path / "ivf.json").write_text(json.dumps({**unsummed, "file": meta2["file"], "ntotal": 5}))
     save_index(index.cpu_index(), tmp_path / "other", "x", {})
     (tmp_path / meta2["file"]).write_bytes((tmp_path / "other" / json.loads((tmp_path / "other" / "x.json").read_text())["file"]).read_bytes())
     with pytest.raises(SearchError, match="file holds ntotal=3000 but its meta says 5"):
