@@ -194,7 +194,24 @@ def _format_table(table) -> str:
     return "\n".join(lines) + "\n"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Command(click.Command):
+    """A command that answers -h as well as --help in any context (click caches a command's help option
+    when first built; a context made without the group as parent would otherwise fix it at --help)."""
+
+    def get_help_option_names(self, ctx: click.Context) -> list[str]:
+        return ["-h", "--help"]
+
+
+class _Group(click.Group):
+    """The ``gradindex`` group: -h/--help in any context, and its commands are ``_Command``s."""
+
+    command_class = _Command
+
+    def get_help_option_names(self, ctx: click.Context) -> list[str]:
+        return ["-h", "--help"]
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(gradindex.__version__, prog_name="gradindex")
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug) to stderr.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")

@@ -59,10 +59,10 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
     # CG and LiSSA are query-time solvers: the store is built with a one-step LiSSA (its stored self-influence
     # is not used by LOO / LDS) and every query solves with the configuration's own solver.
     "if-cg": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                          query={"solver": "cg"}, experiments=("loo", "lds"), max_params=256,
+                          query={"solver": "cg"}, experiments=("loo", "lds"), max_params=1024,
                           note="influence function, conjugate gradients (100 iterations at most, tol 1e-6)"),
     "if-lissa": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                             query={"solver": "lissa"}, experiments=("loo", "lds"), max_params=256,
+                             query={"solver": "lissa"}, experiments=("loo", "lds"), max_params=1024,
                              note="influence function, LiSSA (depth 1000, batch 64)"),
     "arnoldi": MethodConfig("arnoldi", "final", build={"rank": 20, "hessian": "ggn"}, max_cost=4_000_000,
                            note="Arnoldi, top-20 eigenpairs of G (the default rank)"),

@@ -25,12 +25,12 @@ def results(tmp_path_factory):
     payload = run(fast=True, workdir=tmp_path_factory.mktemp("quality"))
     table = {}
     for row in payload["summary"]:
-        table[(row["experiment"], row["setting"], row["method"], row.get("k"))] = row
+        table[(row["experiment"], row["setting"], row["method"], row.get("k"), row.get("kind"))] = row
     return payload, table
 
 
-def _metric(table, key, metric):
-    row = table.get(key)
+def _metric(table, key, metric, kind=None):
+    row = table.get((*key, kind))
     assert row is not None, f"no result for {key}"
     assert row["status"] == "ok", f"{key}: {row['status']}"
     return row[metric]
@@ -77,8 +77,11 @@ def test_trak_quality(results):
 
 
 def test_projection_fidelity(results):
-    _, table = results
-    rho = {k: _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", k), "spearman_vs_exact") for k in (16, 128, 512)}
-    assert rho[512] >= 0.85 and rho[16] < rho[512]
-    assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "recall_at_10") >= 0.75
-    assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "auc") >= 0.9
+    payload, table = results
+    # every projection the run measured: the default one (now kron) and dense Rademacher JL
+    for kind in payload["projection_kinds"]:
+        rho = {k: _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", k), "spearman_vs_exact", kind) for k in (16, 128, 512)}
+        assert rho[512] >= 0.85 and rho[16] < rho[512], (kind, rho)  # measured: kron 0.48 / 0.61 / 0.99, rademacher 0.44 / 0.75 / 0.92
+        assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "recall_at_10", kind) >= 0.7  # kron 0.78, rademacher 0.89
+        assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "auc", kind) >= 0.9          # 0.994
+    assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 2410), "spearman_vs_exact", "exact") > 0.999

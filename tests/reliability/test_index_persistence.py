@@ -129,7 +129,7 @@ def test_index_checked_against_the_store_on_load(env, tmp_path, capsys):
     (store / "indexes" / meta["file"]).write_bytes(b"not a faiss index")
     other = tmp_path / "other.gradindex"  # a fresh path: nothing cached from the sound file
     shutil.copytree(store, other)
-    with pytest.raises(gradindex.SearchError, match="cannot be read"):
+    with pytest.raises(gradindex.SearchError, match="fails its checksum.*--overwrite"):
         gradindex.search_store(other, queries, K, index="ivf")
     harness.report(capsys, "index load checks: wrong ntotal, wrong dim, unreadable file: refused as SearchError 3/3")
 
