@@ -64,7 +64,7 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
     "if-lissa": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
                              query={"solver": "lissa"}, experiments=("loo", "lds"), max_params=1024,
                              note="influence function, LiSSA (depth 1000, batch 64)"),
-    "arnoldi": MethodConfig("arnoldi", "final", build={"rank": 20, "hessian": "ggn"}, max_cost=4_000_000,
+    "arnoldi": MethodConfig("arnoldi", "final", build={"rank": 20, "hessian": "ggn"}, max_cost=30_000_000,
                            note="Arnoldi, top-20 eigenpairs of G (the default rank)"),
     "trak": MethodConfig("trak", "final", note="TRAK at the final checkpoint (TRAK-1)"),
     "trak-5": MethodConfig("trak", "independent", experiments=("lds",), note="TRAK over 5 independently trained models"),
