@@ -55,11 +55,11 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
     "tracin-ge": MethodConfig("tracin", "ensemble", note="TracIn over 5 geometric-ensemble members, weight 1/M"),
     "gex": MethodConfig("gex", "gex", build={"tau": 0.05}, note="GEX over 5 geometric-ensemble members"),
     "if-exact": MethodConfig("if", "final", build={"solver": "exact", "damping": "auto", "hessian": "ggn"}, query={"solver": "exact"},
-                             max_params=1024, note="influence function, explicit (G + λI)⁻¹ (logistic regression only: the explicit curvature costs p HVPs over the training set)"),
+                             max_params=4096, note="influence function, explicit (G + λI)⁻¹, up to 4,096 parameters (the library's own limit for its automatic exact solver)"),
     # CG and LiSSA are query-time solvers: the store is built with a one-step LiSSA (its stored self-influence
     # is not used by LOO / LDS) and every query solves with the configuration's own solver.
     "if-cg": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                          query={"solver": "cg"}, experiments=("loo", "lds"), max_params=1024,
+                          query={"solver": "cg"}, experiments=("loo", "lds"), max_params=4096,
                           note="influence function, conjugate gradients (100 iterations at most, tol 1e-6)"),
     "if-lissa": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
                              query={"solver": "lissa"}, experiments=("loo", "lds"), max_params=1024,

@@ -104,6 +104,15 @@ SHORTFALLS = {
     ),
     ("mislabel", "mnist1d-cnn-noisy", "trak"): ("as for tracin-cp on this setting."),
     ("mislabel", "mnist-cnn-noisy", "trak"): ("within one standard deviation of the anchor (0.79 ± 0.03); TracIn-CP finds 89%."),
+    ("mislabel", "mnist-cnn-noisy", "arnoldi"): (
+        "Arnoldi keeps the top 20 eigendirections of the Gauss-Newton matrix (the default rank); the anchor is EK-FAC "
+        "influence, a full-rank curvature approximation, on CIFAR-10; TracIn-CP finds 89% on the same models."
+    ),
+    ("mislabel", "mnist1d-cnn-noisy", "arnoldi"): (
+        "Arnoldi keeps the top 20 eigendirections of the Gauss-Newton matrix (the default rank) and the anchor is full-rank "
+        "EK-FAC influence on CIFAR-10; on MNIST-1D's CNN the kept directions miss much of what separates flipped from hard "
+        "clean samples (AUC 0.93 against TracIn's 0.96)."
+    ),
 }
 
 
@@ -175,7 +184,7 @@ def markdown(payload: dict) -> str:
         "## Attribution quality (`python -m benchmarks.quality`)",
         "",
         f"{payload['mode']} run, seeds {', '.join(map(str, seeds))} (mean ± std over seeds), {payload['wall_seconds'] / 60:.1f} min"
-        + (f" summed over {len(payload['runs'])} processes (seeds and settings split across processes run side by side)" if payload.get("runs") else "")
+        + (f" summed over {len(payload['runs'])} processes (seeds and settings split across processes)" if payload.get("runs") else "")
         + (f", {payload['cpu_seconds'] / 60:.1f} CPU-min" if payload.get("cpu_seconds") else "")
         + " on "
         f"{payload['machine']['cores']} cores ({payload['machine']['cpu']}), load average {payload['load_average']['start'][0]:.1f} → "
