@@ -28,7 +28,7 @@ from gradindex._errors import (  # noqa: E402
 from gradindex.checkpoints import CheckpointSpec  # noqa: E402
 from gradindex.project import ProjectionSpec  # noqa: E402
 from gradindex.task import Task, load_task  # noqa: E402
-from gradindex.store import GradientStore, open_store  # noqa: E402
+from gradindex.store import GradientStore, StoreWriteError, open_store  # noqa: E402
 from gradindex.pipeline import BuildConfig, build, info, query, search_store, self_influence, verify  # noqa: E402
 from gradindex.curate import curate  # noqa: E402  (the name is the function; the module stays in sys.modules)
 from gradindex.report import report  # noqa: E402
@@ -53,6 +53,7 @@ __all__ = [
     "ShardOwnershipError",
     "StoreExistsError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "Task",
     "TaskSpecError",
     "build",

@@ -33,13 +33,15 @@ def cross_entropy_loss(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 
 def default_margin(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
-    """TRAK's output function for classification: logit of the true class minus logsumexp of the others. ``[B]``."""
+    """TRAK's output function for classification: logit of the true class minus logsumexp of the others. ``[B]``.
+
+    Written without in-place indexing (a mask instead of ``scatter_``) so that ``vmap`` runs it batched.
+    """
     inputs, targets = batch[0], batch[1]
     logits = model(inputs)
-    correct = logits.gather(1, targets.long().unsqueeze(1)).squeeze(1)
-    others = logits.clone()
-    others.scatter_(1, targets.long().unsqueeze(1), float("-inf"))
-    return correct - torch.logsumexp(others, dim=1)
+    mask = targets.long().unsqueeze(-1) == torch.arange(logits.shape[-1], device=logits.device)
+    correct = logits.masked_fill(~mask, 0.0).sum(dim=-1)
+    return correct - torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=-1)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
 from gradindex._errors import CheckpointError, NonFiniteError, TaskSpecError
+from gradindex._progress import progress_bar
 from gradindex.task import Task
 
 __all__ = ["TrainConfig", "SavedCheckpoint", "train", "evaluate"]
@@ -197,12 +198,8 @@ def train(
         model.train()
         optimizer = _make_optimizer(model, config)
 
-        epochs: Any = range(1, config.epochs + 1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            epochs = tqdm(epochs, desc=f"train {task.name}", unit="epoch")
-        for epoch in epochs:
+        bar = progress_bar(config.epochs, f"train {task.name}", enabled=progress, unit="epoch")
+        for epoch in range(1, config.epochs + 1):
             order = torch.randperm(n_samples, generator=shuffle)
             total = torch.zeros((), device=device)
             weighed = 0
@@ -228,14 +225,13 @@ def train(
                     f"training loss of task {task.name!r} became {epoch_loss} in epoch {epoch}; "
                     f"lower the learning rate (now {config.lr}) or check the data for NaN/inf"
                 )
-            if progress:
-                epochs.set_postfix(loss=f"{epoch_loss:.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{epoch_loss:.4f}")
             if epoch in save_at:
                 path = out_dir / f"ckpt-{epoch:03d}.pt"
                 _save_state_dict(model, path)
                 saved.append(SavedCheckpoint(path=path, epoch=epoch, lr=float(config.lr)))
-        if progress:
-            epochs.close()
+        bar.close()
     return saved
 
 

@@ -113,8 +113,8 @@ def search_blocks(
     Each block is ``(first_row, vectors [n_i, dim])``: its vectors are rows ``first_row .. first_row + n_i - 1``.
     Blocks may come in any order and rows may be missing (those are never returned); a row may not
     come twice. ``k' = min(k, rows given)``. The result equals ``ExactIndex`` over the same rows, but
-    only one block is held at a time (the faiss ``contrib.exhaustive_search`` pattern: add the block to
-    one reused flat index, search it, offset its ids, merge into a ``faiss.ResultHeap``, reset).
+    only one block is held at a time (the faiss ``contrib.exhaustive_search`` pattern: search each block with
+    ``faiss.knn`` on CPU or one reused flat index on GPU, offset its ids, merge into a ``faiss.ResultHeap``).
     """
     k = positive_int(k, "k")
     dim = as_matrix(queries, "queries").shape[1]
@@ -124,11 +124,11 @@ def search_blocks(
     n_gpus = resolve_gpus(use_gpu)
     if k > GPU_MAX_K:
         n_gpus = 0  # faiss GPU search cannot select that many results per query
-    index = faiss.IndexFlatIP(dim)
     resources = gpu_resources(n_gpus) if n_gpus else []
-    if resources:
-        # an empty index, so that each block's add() is the single add a sharded GPU index allows
-        index = to_gpus(index, resources)
+    # On CPU each block is searched in place (faiss.knn: BLAS GEMM + top-k, no copy into an index, which
+    # would allocate and fill a block-sized buffer per block); on GPU through one reused flat index,
+    # empty so that each block's add() is the single add a sharded GPU index allows.
+    index = to_gpus(faiss.IndexFlatIP(dim), resources) if resources else None
     where = f"{n_gpus} GPU(s)" if resources else "CPU"
     heap = faiss.ResultHeap(n_queries, k, keep_max=True) if n_queries else None
     buffer = Float32Buffer()
@@ -149,11 +149,14 @@ def search_blocks(
         k_block = min(k, n_rows)
         doing = f"searching {n_queries} queries (k={k_block}) among the {n_rows} vectors at row {first_row} on {where}"
         with faiss_errors(doing):
-            index.add(block)
-            try:
-                scores, rows = index.search(queries, k_block)
-            finally:
-                index.reset()
+            if index is None:
+                scores, rows = faiss.knn(queries, block, k_block, metric=faiss.METRIC_INNER_PRODUCT)
+            else:
+                index.add(block)
+                try:
+                    scores, rows = index.search(queries, k_block)
+                finally:
+                    index.reset()
         rows += first_row
         heap.add_result(scores, rows)
     k_found = min(k, seen.n_rows)

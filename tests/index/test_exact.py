@@ -263,12 +263,16 @@ def test_faiss_runtime_errors_become_search_errors(monkeypatch):
         def search(self, *args, **kwargs):
             raise RuntimeError("Error in faiss::IndexFlat::search: out of memory")
 
+    def broken_knn(*args, **kwargs):
+        raise RuntimeError("Error in faiss::knn_inner_product: out of memory")
+
     monkeypatch.setattr(faiss, "IndexFlatIP", BrokenIndex)
+    monkeypatch.setattr(faiss, "knn", broken_knn)  # search_blocks searches each block in place on CPU
     index = ExactIndex(4, use_gpu=False)
     index.add(gaussian(26, 3, 4))
     with pytest.raises(SearchError, match="faiss failed while searching 2 queries .*: Error in faiss.*out of memory"):
         index.search(gaussian(27, 2, 4), 2)
-    with pytest.raises(SearchError, match="faiss failed while searching"):
+    with pytest.raises(SearchError, match="faiss failed while searching 2 queries .*: Error in faiss::knn.*out of memory"):
         search_blocks([(0, gaussian(26, 3, 4))], gaussian(27, 2, 4), 2)
 
 

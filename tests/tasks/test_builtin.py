@@ -229,3 +229,20 @@ def test_mnist1d_leaves_global_random_state_alone_and_flips_labels():
     assert noise.n_flipped == 40
     again, _ = mnist1d_with_info(flip_fraction=0.05, seed=1, n_samples=1000, data_seed=7)
     assert torch.equal(task.train.tensors[0], again.train.tensors[0])
+
+
+def test_default_margin_is_true_logit_minus_logsumexp_of_the_others_and_runs_under_vmap():
+    from gradindex.task import default_margin
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 4)
+    inputs, targets = torch.randn(7, 5), torch.tensor([0, 1, 2, 3, 1, 0, 2])
+    logits = model(inputs).detach().double()
+    expected = torch.tensor([
+        logits[i, targets[i]] - torch.logsumexp(torch.cat([logits[i, : targets[i]], logits[i, targets[i] + 1 :]]), dim=0)
+        for i in range(len(targets))
+    ])
+    assert torch.allclose(default_margin(model, (inputs, targets)).double(), expected, atol=1e-5)
+    # per sample under vmap (how TRAK calls it) equals the batched call
+    per_sample = torch.vmap(lambda x, y: default_margin(model, (x[None], y[None]))[0])(inputs, targets)
+    assert torch.allclose(per_sample, default_margin(model, (inputs, targets)), atol=1e-6)
