@@ -188,6 +188,11 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
         streamed_16 = _run_probe("exact-streamed", str(store.path), str(root / "queries-16.npy"), str(root / "streamed-16.npz"),
                              "--k", str(k), "--memory-budget", str(memory_budget), "--repeats", "2", in_process=tiny)
         in_memory = _run_probe("exact-memory", str(store.path), str(root / "queries.npy"), str(root / "memory.npz"), "--k", str(k), "--repeats", "3", in_process=tiny)
+        # read again after the searches: on a shared machine one probe can be slowed by a neighbour; the best is the store's speed
+        read_again = _run_probe("read", str(store.path), "--repeats", "2", in_process=tiny)
+        if read_again["seconds"] < read["seconds"]:
+            read = read_again
+        read_rows_per_s = n_rows / read["seconds"]
         memory_found = np.load(root / "memory.npz")["rows"]
         print(f"read+decode {read['seconds']:.1f}s; streamed {streamed['seconds']:.1f}s for {n_queries} queries; in memory {in_memory['seconds']:.2f}s", flush=True)
 
@@ -276,7 +281,7 @@ def _section(p: dict) -> str:
     gib = 2**30
     rows = [
         {"measurement": "read + decode (sha256-checked) of every shard", "seconds": p["read_decode"]["seconds"],
-         "rows/s": p["read_decode_rows_per_s"], "note": "warm page cache"},
+         "rows/s": p["read_decode_rows_per_s"], "note": "warm page cache; best of 4, before and after the searches"},
         {"measurement": f"exact streamed search, {p['n_queries']} queries, budget {p['memory_budget_bytes'] / gib:.1f} GiB",
          "seconds": p["exact_streamed"]["seconds"], "rows/s": p["n_rows"] / p["exact_streamed"]["seconds"],
          "note": f"{p['exact_streamed_queries_per_s']:.1f} q/s; {100 * p['streamed_fraction_of_read_decode']:.0f}% of read+decode; "
@@ -314,7 +319,11 @@ def _section(p: dict) -> str:
         + "\n\nTarget exact streamed ≥ 70% of read+decode throughput: "
         + f"{'met' if p['streamed_fraction_of_read_decode'] >= 0.7 else 'missed'} at {p['n_queries']} queries "
         + f"({100 * p['streamed_fraction_of_read_decode']:.0f}%), {'met' if p['streamed16_fraction_of_read_decode'] >= 0.7 else 'missed'} "
-        + f"at 16 queries ({100 * p['streamed16_fraction_of_read_decode']:.0f}%).\n\n"
+        + f"at 16 queries ({100 * p['streamed16_fraction_of_read_decode']:.0f}%). "
+        + f"With {p['n_queries']} queries the search itself (in memory, no reading: "
+        + f"{p['n_rows'] / p['exact_in_memory']['seconds']:,.0f} rows/s = {2 * p['n_queries'] * p['dim']} flop per row) is "
+        + ("slower than" if p['n_rows'] / p['exact_in_memory']['seconds'] < p['read_decode_rows_per_s'] else "comparable to")
+        + " read+decode on these 2 cores, which read and search share: there the bound is the GEMM, not I/O.\n\n"
         + "Recall@10 against exact search on the same queries, vs queries/s (best of 3, 200 queries per batch):\n\n"
         + markdown_table(curve_rows, ["index", "nprobe/efSearch", "recall@10", "queries/s", "x exact"])
         + f"\n\nTarget IVF recall@10 ≥ 0.95 at ≥ 10x exact queries/s: {ivf_target}. IVF build (train + add + recall measurement): "
