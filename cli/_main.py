@@ -83,6 +83,24 @@ def summary_format_option(command):
                         help="Summary as text, or as one JSON object on stdout.")(command)
 
 
+def _parse_storage_options(ctx, param, values):
+    try:
+        return gradindex.store.parse_storage_options(values) or None
+    except GradIndexError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def storage_options_option(command):
+    """``--storage-option KEY=VALUE`` (repeatable): options of the fsspec filesystem of a store URL."""
+    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", callback=_parse_storage_options,
+                        help="For a store URL (s3://, gs://, ...): an fsspec storage option, repeatable, e.g. endpoint_url=http://localhost:9000 "
+                             "(credentials and endpoint otherwise come from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).")(command)
+
+
+# a store is a local folder or an fsspec URL: kept as typed (a Path would fold s3://b into s3:/b)
+STORE = click.Path(path_type=str)
+
+
 def _parse_method_option(ctx, param, values):
     options = {}
     for value in values:
@@ -241,7 +259,7 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @cli.command()
 @click.option("--task", "task_spec", help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). Required unless --finalize.")
 @click.option("--checkpoint", "checkpoints", multiple=True, callback=_parse_checkpoint, help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. Required unless --finalize.")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where to write the store (a directory).")
+@click.option("-o", "--output", required=True, type=STORE, help="Where to write the store: a directory, or a URL such as s3://bucket/runs/a.gradindex.")
 @click.option("--method", default="tracin", show_default=True, type=click.Choice(list(gradindex.pipeline.METHODS)), help="How vectors are made.")
 @click.option("--proj-dim", default=1024, show_default=True, type=click.IntRange(min=1), help="Projected dimension per checkpoint.")
 @click.option("--projection", default=None, type=click.Choice(["kron", "none", "rademacher", "gaussian", "sjlt"]),
@@ -264,11 +282,14 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @click.option("--repair", is_flag=True, help="With --resume: first recompute exactly the shards `gradindex verify` finds damaged.")
 @click.option("--nonfinite", default="error", show_default=True, type=click.Choice(["error", "skip", "zero"]),
               help="A NaN/inf vector: stop (error), or store it as zeros and list its row in the manifest, left out of search (skip) or kept (zero).")
+@click.option("--claim-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Remote stores: take over a shard another machine claimed this long ago without finishing it [default: 21600, or GRADINDEX_CLAIM_TIMEOUT].")
+@storage_options_option
 @method_build_options
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, seed, layers, normalize, dtype, batch_size, device, featurize_memory, compile_, autocast, rows_per_shard, shard, resume, overwrite, append, finalize_only, repair, nonfinite, summary_format, method_options):
+def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, seed, layers, normalize, dtype, batch_size, device, featurize_memory, compile_, autocast, rows_per_shard, shard, resume, overwrite, append, finalize_only, repair, nonfinite, claim_timeout, storage_options, summary_format, method_options):
     """Featurize the training set at each checkpoint and write a store.
 
     Several workers can build one store: each takes --shard I/N (or torchrun's RANK/WORLD_SIZE);
@@ -280,6 +301,7 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, see
           --checkpoint runs/ckpt-020.pt:0.1 -o digits.gradindex --proj-dim 512
       gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o big.gradindex --shard 0/2
       gradindex build --finalize -o big.gradindex
+      gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o s3://my-bucket/digits.gradindex
       gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o digits.gradindex --append
       gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o digits.gradindex --resume --repair
       gradindex build --task breast-cancer --checkpoint final.pt -o bc-if.gradindex --method if --solver cg --damping 0.01
@@ -290,19 +312,19 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, see
     if finalize_only:
         if task_spec or checkpoints or resume or overwrite or append or shard or repair:
             raise click.UsageError("--finalize takes only -o STORE: it merges what the workers wrote")
-        store = gradindex.finalize(output)
+        store = gradindex.finalize(output, storage_options=storage_options)
     else:
         if not task_spec or not checkpoints:
             raise click.UsageError("build needs --task and at least one --checkpoint (or --finalize -o STORE)")
-        if repair and resume and output.exists():
-            bad = gradindex.open_store(output).bad_shards()
+        if repair and resume and gradindex.store.store_path(output, storage_options).exists():
+            bad = gradindex.open_store(output, storage_options=storage_options).bad_shards()
             click.echo(f"repair: recomputing shard(s) {bad} of {output}" if bad else f"repair: every finished shard of {output} matches its checksum", err=True)
         store = gradindex.build(
             task_spec, list(checkpoints), output, method=method, proj_dim=proj_dim, projection=projection, seed=seed,
             layers=tuple(layers) or None, normalize=normalize, dtype=dtype, batch_size=batch_size, device=device,
             rows_per_shard=rows_per_shard, shard=shard, resume=resume, overwrite=overwrite, progress=ctx.obj["progress"],
             append=append, repair=repair, nonfinite=nonfinite, method_options=method_options,
-            compile=compile_, autocast=autocast, **({"featurize_memory": featurize_memory} if featurize_memory else {}),
+            storage_options=storage_options, claim_timeout=claim_timeout, compile=compile_, autocast=autocast, **({"featurize_memory": featurize_memory} if featurize_memory else {}),
         )
     state = "complete" if store.complete else f"incomplete ({store.progress()})"
     nonfinite_rows = store.nonfinite_rows(allow_incomplete=True)
@@ -318,7 +340,7 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, see
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--task", "task_spec", help="Task SPEC (default: the one recorded in the store).")
 @click.option("--split", default="test", show_default=True, help="Query split of the task.")
 @click.option("--samples", help="Indices in the split: 0,3,10-19.")
@@ -332,12 +354,13 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, see
 @click.option("--index", "index_name", help="Search the persisted approximate index NAME (gradindex index) instead of exact search.")
 @click.option("--nprobe", type=click.IntRange(min=1), help="With --index: IVF lists probed (HNSW: efSearch); default: the value reaching the index's target recall.")
 @click.option("--dask", "dask_cluster", help="Spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N.")
+@storage_options_option
 @method_query_options
 @output_options
 @click.pass_context
 @_handle_errors
 def query(ctx, store, task_spec, split, samples, all_samples, k, opponents, checkpoints, device, memory_budget, allow_incomplete,
-          index_name, nprobe, dask_cluster, fmt, output, method_options):
+          index_name, nprobe, dask_cluster, storage_options, fmt, output, method_options):
     """The k most influential training samples for query samples.
 
     Rows: query, query_id, rank, row, sample_id, score (positive = proponent).
@@ -355,23 +378,24 @@ def query(ctx, store, task_spec, split, samples, all_samples, k, opponents, chec
     table = gradindex.query(
         store, task_spec, split=split, samples=samples, k=k, opponents=opponents, checkpoints=list(checkpoints) or None,
         device=device, memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=ctx.obj["progress"],
-        index=index_name, nprobe=nprobe, dask=dask_cluster, method_options=method_options,
+        index=index_name, nprobe=nprobe, dask=dask_cluster, method_options=method_options, storage_options=storage_options,
     )
     _emit(table, fmt, output)
 
 
 @cli.command("self-influence")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--top", type=click.IntRange(min=1), help="Only the N highest.")
 @click.option("--allow-incomplete", is_flag=True, help="Rank the finished part of an incomplete store.")
 @click.option("--task", "task_spec", help="With --damping/--solver on an if store: task SPEC (default: the store's).")
 @click.option("--checkpoint", "checkpoints", multiple=True, help="With --damping/--solver on an if store: checkpoint paths if they moved.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (if stores recomputed at another damping).")
+@storage_options_option
 @method_query_options
 @output_options
 @click.pass_context
 @_handle_errors
-def self_influence(ctx, store, top, allow_incomplete, task_spec, checkpoints, device, fmt, output, method_options):
+def self_influence(ctx, store, top, allow_incomplete, task_spec, checkpoints, device, storage_options, fmt, output, method_options):
     """Training samples ranked by self-influence (suspected mislabeled or atypical first).
 
     For if and trak stores the score is ⟨T φ(z), φ(z)⟩ at the store's damping; --damping / --solver
@@ -384,23 +408,25 @@ def self_influence(ctx, store, top, allow_incomplete, task_spec, checkpoints, de
     """
     table = gradindex.self_influence(
         store, top=top, allow_incomplete=allow_incomplete, method_options=method_options, task=task_spec,
-        checkpoints=list(checkpoints) or None, device=device, progress=ctx.obj["progress"],
+        checkpoints=list(checkpoints) or None, device=device, progress=ctx.obj["progress"], storage_options=storage_options,
     )
     _emit(table, fmt, output)
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@storage_options_option
 @_handle_errors
-def info(store, fmt):
+def info(store, fmt, storage_options):
     """Show a store's manifest and build progress.
 
     \b
     Example:
       gradindex info digits.gradindex --format json
+      gradindex info s3://my-bucket/digits.gradindex --storage-option endpoint_url=http://localhost:9000
     """
-    details = gradindex.info(store)
+    details = gradindex.info(store, storage_options=storage_options)
     if fmt == "json":
         click.echo(json.dumps(details, indent=1, default=str))
         return
@@ -438,7 +464,7 @@ def _index_line(meta: dict) -> str:
 
 
 @cli.command("index")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
 @click.option("--factory", required=True, help="A faiss index_factory string: IVF4096,SQfp16 | IVF,PQ64 | HNSW32 ('IVF' alone picks a list count).")
 @click.option("--name", help="Name to query it by (default: from the factory, e.g. ivf4096-sqfp16).")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="The k of the recall@k measured at build time.")
@@ -450,10 +476,11 @@ def _index_line(meta: dict) -> str:
 @click.option("--memory-budget", callback=_parse_bytes, help="Bytes the training sample may use (half of it), e.g. 4G.")
 @click.option("--overwrite", is_flag=True, help="Replace an index of the same name.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the training and held-out samples.")
+@storage_options_option
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def index(ctx, store, factory, name, k, recall_queries, target_recall, train_size, on_disk, use_gpu, memory_budget, overwrite, seed, summary_format):
+def index(ctx, store, factory, name, k, recall_queries, target_recall, train_size, on_disk, use_gpu, memory_budget, overwrite, seed, storage_options, summary_format):
     """Build an approximate index of a store and measure its recall against exact search.
 
     Trains on a sample of the store, adds it shard by shard, and stores the index under the
@@ -467,7 +494,7 @@ def index(ctx, store, factory, name, k, recall_queries, target_recall, train_siz
       gradindex query big.gradindex --samples 0-9 --index ivf4096-sqfp16
     """
     meta = gradindex.build_index(
-        store, factory, name=name, k=k, recall_queries=recall_queries, target_recall=target_recall, train_size=train_size,
+        gradindex.open_store(store, storage_options=storage_options), factory, name=name, k=k, recall_queries=recall_queries, target_recall=target_recall, train_size=train_size,
         on_disk=on_disk, use_gpu=use_gpu, memory_budget=memory_budget, overwrite=overwrite, seed=seed, progress=ctx.obj["progress"],
     )
     if summary_format == "json":
@@ -480,10 +507,11 @@ def index(ctx, store, factory, name, k, recall_queries, target_recall, train_siz
 
 
 @cli.command()
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", type=STORE)
+@storage_options_option
 @summary_format_option
 @_handle_errors
-def verify(store, summary_format):
+def verify(store, storage_options, summary_format):
     """Re-hash every shard against its recorded checksum; exit 1 naming the bad ones.
 
     \b
@@ -491,7 +519,7 @@ def verify(store, summary_format):
       gradindex verify digits.gradindex
       gradindex verify digits.gradindex --format json
     """
-    problems = gradindex.verify(store)
+    problems = gradindex.verify(gradindex.open_store(store, storage_options=storage_options))
     if summary_format == "json":
         click.echo(json.dumps({"store": str(store), "ok": not problems, "problems": problems}))
         if problems:

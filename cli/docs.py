@@ -55,7 +55,8 @@ def _command_section(command: click.Command, ctx: click.Context, heading: str) -
     out = [f"{heading} `{ctx.command_path}`", ""]
     out += ["```text", command.get_usage(ctx).strip(), "```", ""]
     out += _help_markdown(command.help or "")
-    records = [(param, param.get_help_record(ctx)) for param in command.get_params(ctx)]
+    # options only: click >= 8.5 gives arguments a help record too, and they are listed above
+    records = [(param, param.get_help_record(ctx)) for param in command.get_params(ctx) if isinstance(param, click.Option)]
     arguments = [param for param in command.get_params(ctx) if isinstance(param, click.Argument)]
     if arguments:
         out += ["Arguments: " + ", ".join(f"`{param.human_readable_name}`" for param in arguments), ""]

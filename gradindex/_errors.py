@@ -14,6 +14,7 @@ __all__ = [
     "ShardOwnershipError",
     "NonFiniteError",
     "SearchError",
+    "GradIndexWarning",
 ]
 
 
@@ -59,3 +60,7 @@ class NonFiniteError(GradIndexError, ValueError):
 
 class SearchError(GradIndexError, RuntimeError):
     """FAISS failed, or an index does not match its store."""
+
+
+class GradIndexWarning(UserWarning):
+    """A result was computed but may be inaccurate (e.g. an iterative solver that did not converge); the message names the fix."""

@@ -10,7 +10,8 @@ top-k. The answer equals single-process exact search (same rows, ties by row)::
     gradindex query big.gradindex --samples 0-99 --dask tcp://scheduler:8786
 
 Needs ``pip install 'gradindex[dask]'``. Every worker must reach the store at the same path (a shared
-file system).
+file system) or URL (``s3://...``: each worker reads it with the storage options given here and its
+own environment's credentials).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from gradindex._errors import GradIndexError, IncompatibleStoreError
 from gradindex.store import GradientStore, open_store
+from gradindex.store._remote import is_remote
 
 __all__ = ["DaskSearch", "search_store_dask"]
 
@@ -49,10 +51,10 @@ def _parse_local(spec: str) -> int | None:
 class _ShardSearcher:
     """A Dask actor: exact search over a contiguous range of a store's shards, held in memory when they fit."""
 
-    def __init__(self, path: str, shards: list[int], memory_budget: int, allow_incomplete: bool) -> None:
+    def __init__(self, path: str, shards: list[int], memory_budget: int, allow_incomplete: bool, storage_options: dict | None = None) -> None:
         from gradindex.index import ExactIndex
 
-        self._store = open_store(path)
+        self._store = open_store(path, storage_options=storage_options)
         self._shards = shards
         self._allow_incomplete = allow_incomplete
         self._index: Any = None
@@ -162,10 +164,13 @@ class DaskSearch:
             if not workers:
                 raise GradIndexError("the Dask cluster has no workers; start some (dask worker SCHEDULER) and retry")
             budget = default_memory_budget() if memory_budget is None else memory_budget
-            path = str(Path(self._store.path).resolve())
+            if is_remote(self._store.path):
+                path, storage_options = str(self._store.path), self._store.path.storage_options
+            else:
+                path, storage_options = str(Path(self._store.path).resolve()), None
             self._parts = _partition(self._store, shards, len(workers))
             futures = [
-                self._client.submit(_ShardSearcher, path, part, budget, allow_incomplete, actor=True, workers=[worker],
+                self._client.submit(_ShardSearcher, path, part, budget, allow_incomplete, storage_options, actor=True, workers=[worker],
                                     allow_other_workers=False, pure=False)
                 for worker, part in zip(workers, self._parts)
             ]

@@ -26,6 +26,8 @@ import numpy as np
 from gradindex._errors import IncompleteStoreError, SearchError, StoreExistsError
 from gradindex.index import search_blocks
 from gradindex.index._approx import (
+    _META_SUFFIX,
+    _TMP_MARK,
     ApproxIndex,
     OnDiskListsWriter,
     check_index_name,
@@ -42,7 +44,10 @@ from gradindex.index._approx import (
     sweep_index_temporaries,
     write_index_meta,
 )
-from gradindex.store import GradientStore, open_store
+from gradindex.index._approx import _file_sha256 as _sha256_file
+from gradindex.store import GradientStore, open_store, write_bytes_atomic
+from gradindex.store._atomic import remove_file
+from gradindex.store._remote import RemotePath, is_remote
 
 __all__ = ["build_index", "drop_index", "list_indexes", "search_index", "store_content_id", "update_indexes"]
 
@@ -58,7 +63,71 @@ def _open(store: "GradientStore | str | Path") -> GradientStore:
 
 
 def index_dir(store: GradientStore) -> Path:
+    """The folder of the store's persisted indexes. For a remote store, a local mirror of its ``indexes/``
+    with every meta fresh from the store; index files are fetched when loaded (``_fetch``) and uploaded
+    when saved (``_push``), since faiss reads and writes local files only."""
+    if is_remote(store.path):
+        return _mirror(store.path / INDEX_DIR)
     return Path(store.path) / INDEX_DIR
+
+
+def _cache_root() -> Path:
+    import os
+    import tempfile
+
+    return Path(os.environ.get("GRADINDEX_CACHE") or Path(tempfile.gettempdir()) / f"gradindex-cache-{os.getuid()}")
+
+
+def _mirror(remote: RemotePath) -> Path:
+    """A local folder holding copies of the metas under ``remote`` (and, once fetched, their files)."""
+    local = _cache_root() / "indexes" / hashlib.sha256(str(remote).encode()).hexdigest()[:24]
+    local.mkdir(parents=True, exist_ok=True)
+    metas = {item.name: item for item in remote.glob(f"*{_META_SUFFIX}") if _TMP_MARK not in item.name}
+    for stale in local.glob(f"*{_META_SUFFIX}"):
+        if stale.name not in metas:
+            stale.unlink(missing_ok=True)
+    for name, item in metas.items():
+        data = item.read_bytes()
+        if not (local / name).is_file() or (local / name).read_bytes() != data:
+            write_bytes_atomic(local / name, data)
+    return local
+
+
+def _meta_files(meta: dict) -> list[str]:
+    return [file for file in (meta.get("file"), meta.get("ivfdata")) if file]
+
+
+def _fetch(store: GradientStore, directory: Path, meta: dict) -> None:
+    """Download a remote store's index files into its mirror unless a sound copy is there (load_index checks the sha256)."""
+    if not is_remote(store.path):
+        return
+    remote = store.path / INDEX_DIR
+    for file in _meta_files(meta):
+        local = directory / file
+        sound = local.is_file() and (file != meta.get("file") or not meta.get("sha256") or _sha256_file(local) == meta["sha256"])
+        if not sound:
+            try:
+                write_bytes_atomic(local, (remote / file).read_bytes())
+            except FileNotFoundError:
+                pass  # load_index names the missing file
+
+
+def _push(store: GradientStore, directory: Path, name: str) -> None:
+    """Upload index ``name`` from a remote store's mirror: its files first, its meta last (the meta is what
+    readers go by), then delete the store's files of earlier versions of it."""
+    if not is_remote(store.path):
+        return
+    remote = store.path / INDEX_DIR
+    meta_name = f"{name}{_META_SUFFIX}"
+    meta = json.loads((directory / meta_name).read_bytes())
+    keep = set(_meta_files(meta))
+    for file in keep:
+        if not (remote / file).exists():
+            write_bytes_atomic(remote / file, (directory / file).read_bytes())
+    write_bytes_atomic(remote / meta_name, (directory / meta_name).read_bytes())
+    for item in remote.glob(f"{name}.*"):
+        if item.name != meta_name and item.name not in keep and _TMP_MARK not in item.name:
+            remove_file(item)
 
 
 def store_content_id(store: GradientStore) -> str:
@@ -198,6 +267,7 @@ def build_index(
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     written = save_index(approx.cpu_index(), directory, name, meta, ivfdata=ivfdata)
+    _push(store, directory, name)
     _forget(directory, name)
     log.info("index %s: recall@%d=%.3f at %s=%s", name, k, chosen["recall"], approx.search_parameter, chosen.get("value"))
     return written
@@ -287,8 +357,14 @@ def _with_staleness(store: GradientStore, meta: dict) -> dict:
 def drop_index(store: "GradientStore | str | Path", name: str) -> None:
     """Delete a persisted index."""
     store = _open(store)
-    remove_index(index_dir(store), name)
-    _forget(index_dir(store), name)
+    directory = index_dir(store)
+    meta = read_index_meta(directory, name)
+    if is_remote(store.path):  # the meta first, so the index disappears at once; then its files
+        remote = store.path / INDEX_DIR
+        for file in [f"{name}{_META_SUFFIX}", *_meta_files(meta)]:
+            remove_file(remote / file)
+    remove_index(directory, name)
+    _forget(directory, name)
 
 
 def _forget(directory: Path, name: str) -> None:
@@ -306,6 +382,7 @@ def _loaded(store: GradientStore, name: str, use_gpu: bool | None) -> tuple[Appr
         )
     key = (str(directory), name, meta["file"], use_gpu)
     if key not in _LOADED:
+        _fetch(store, directory, meta)
         index, meta = load_index(directory, name, expect={"ntotal": store.n_samples, "dim": store.dim})
         while len(_LOADED) >= _MAX_LOADED:
             _LOADED.pop(next(iter(_LOADED)))
@@ -369,9 +446,11 @@ def update_indexes(store: "GradientStore | str | Path", first_new_row: int, *, p
         if meta.get("on_disk") or meta.get("stale") or meta.get("ntotal") != first_new_row:
             reason = meta.get("stale") or f"the store grew from {meta.get('ntotal')} to {store.n_samples} rows; rebuild it"
             write_index_meta(directory, name, {**meta, "stale": reason})
+            _push(store, directory, name)
             outcome[name] = "stale"
             continue
         try:
+            _fetch(store, directory, meta)
             index, meta = load_index(directory, name)
             approx = ApproxIndex(index, meta.get("factory_resolved", meta["factory"]), use_gpu=False)
             for first_row, block in store.iter_blocks():
@@ -383,9 +462,11 @@ def update_indexes(store: "GradientStore | str | Path", first_new_row: int, *, p
                     "store": {"n_samples": store.n_samples, "content_sha256": store_content_id(store)},
                     "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             save_index(approx.cpu_index(), directory, name, meta)
+            _push(store, directory, name)
             _forget(directory, name)
             outcome[name] = "updated"
         except (SearchError, ValueError) as error:
             write_index_meta(directory, name, {**meta, "stale": f"could not add the appended rows ({error})"})
+            _push(store, directory, name)
             outcome[name] = "stale"
     return outcome

@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import warnings
 
 import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 
+from gradindex._errors import GradIndexWarning
 from gradindex.demo import detection_metrics
 
 from benchmarks.quality._methods import (
@@ -46,7 +48,12 @@ def _attempt(records: list, base: dict, work) -> None:
     """Run one configuration; a configuration that cannot run or fails becomes a record saying so."""
     started = time.perf_counter()
     try:
-        metrics = work()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", GradIndexWarning)
+            metrics = work()
+        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, GradIndexWarning)))
+        if notes:  # e.g. LiSSA did not converge: the number stands, with the library's warning beside it
+            metrics = {**metrics, "warnings": notes}
     except NotRun as reason:
         records.append({**base, "status": str(reason)})
         return
@@ -253,7 +260,7 @@ def run_projection(setting, kinds: tuple[str, ...], dims: tuple[int, ...] = PROJ
                     continue
 
                 def work(name=name, config=config, projection=projection):
-                    check_runnable(name, config, setting, "projection")
+                    check_runnable(name, config, setting, "projection", projection)
                     out: dict = {}
                     scores, timing = method_scores(name, config, setting, tests, projection=projection)
                     out.update(timing)

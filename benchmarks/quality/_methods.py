@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 import gradindex
+from gradindex._errors import GradIndexWarning
 
 __all__ = ["MethodConfig", "METHOD_CONFIGS", "BASELINES", "available", "method_scores", "self_scores", "NotRun"]
 
@@ -32,6 +34,18 @@ DAMPING_NETWORKS = 1e-3
 EXACT_MAX_PARAMS = 16_384  # below this many parameters stores hold exact gradients (projection "none")
 TRAK_PROJ_DIM = 2048       # TRAK's Gram matrix lives in a k-dim space: projected above this many parameters
 
+
+# Self-influence with an iterative solver is one inverse-HVP per training sample. Measured here (2 shared cores,
+# OMP_WAIT_POLICY=PASSIVE): the library's CG on the formed Gauss-Newton matrix (float32, 100 iterations) took
+# 12-30 s for digits-MLP (1,347 samples x 2,410 parameters), ~2-4e-9 s per sample·parameter²: ~3 min per seed for
+# MNIST-1D-CNN (4,000 x 3,274), ~7 min for MNIST-1D-MLP (4,000 x 5,110) and MNIST-CNN (4,000 x 5,386). LiSSA
+# (depth 1000, batch 64) took 6.8 s per 256 samples on MNIST-LR, 10.8 s on digits-MLP and 26.6 s on MNIST-1D-MLP:
+# 1-7 min per setting and seed, 15-20 min over the run, for a solver the exact and CG rows already cover there.
+CG_SELF_RATE = 4e-9
+CG_SELF_MAX_COST = 5e10
+CG_SELF_COST = "CG self-influence measured ~2-4e-9 s x samples x parameters² (12-30 s on digits-MLP, 1,347 x 2,410)"
+LISSA_SELF_COST = ("LiSSA self-influence (one depth-1000 recursion per sample) measured 6.8 s per 256 samples on MNIST-LR, "
+                   "10.8 s on digits-MLP, 26.6 s on MNIST-1D-MLP: 15-20 min over the run")
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -47,6 +61,9 @@ class MethodConfig:
     max_params: int | None = None
     max_cost: int | None = None  # parameters x training samples
     note: str = ""
+    self_build: dict | None = None  # build options for self-influence (mislabel) when they differ from ``build``
+    max_self_cost: float | None = None  # self-influence: skip above this many training samples x parameters²
+    self_cost_note: str = ""  # the measured cost that sets max_self_cost, quoted when a setting is skipped
 
 
 METHOD_CONFIGS: dict[str, MethodConfig] = {
@@ -55,14 +72,17 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
     "tracin-ge": MethodConfig("tracin", "ensemble", note="TracIn over 5 geometric-ensemble members, weight 1/M"),
     "gex": MethodConfig("gex", "gex", build={"tau": 0.05}, note="GEX over 5 geometric-ensemble members"),
     "if-exact": MethodConfig("if", "final", build={"solver": "exact", "damping": "auto", "hessian": "ggn"}, query={"solver": "exact"},
-                             max_params=4096, note="influence function, explicit (G + λI)⁻¹, up to 4,096 parameters (the library's own limit for its automatic exact solver)"),
-    # CG and LiSSA are query-time solvers: the store is built with a one-step LiSSA (its stored self-influence
-    # is not used by LOO / LDS) and every query solves with the configuration's own solver.
+                             max_params=6000, note="influence function, explicit (G + λI)⁻¹ (G from per-sample output Jacobians, one Cholesky factor shared by build and queries)"),
+    # CG and LiSSA are query-time solvers for LOO / LDS: the store is built with a one-step LiSSA (its stored
+    # self-influence is not used there) and every query solves with the configuration's own solver. For mislabel
+    # detection the store is built with the solver itself: one solve per training sample.
     "if-cg": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                          query={"solver": "cg"}, experiments=("loo", "lds"), max_params=4096,
-                          note="influence function, conjugate gradients (100 iterations at most, tol 1e-6)"),
+                          query={"solver": "cg"}, self_build={"solver": "cg", "damping": "auto", "hessian": "ggn"},
+                          max_self_cost=CG_SELF_MAX_COST, self_cost_note=CG_SELF_COST,
+                          note="influence function, conjugate gradients (100 iterations at most, tol 1e-6; the library multiplies by the formed Gauss-Newton matrix when right-hand sides x iterations exceed the parameters)"),
     "if-lissa": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                             query={"solver": "lissa"}, experiments=("loo", "lds"), max_params=1024,
+                             query={"solver": "lissa", "lissa_depth": 1000}, self_build={"solver": "lissa", "damping": "auto", "hessian": "ggn"},
+                             max_self_cost=0, self_cost_note=LISSA_SELF_COST,
                              note="influence function, LiSSA (depth 1000, batch 64)"),
     "arnoldi": MethodConfig("arnoldi", "final", build={"rank": 20, "hessian": "ggn"}, max_cost=30_000_000,
                            note="Arnoldi, top-20 eigenpairs of G (the default rank)"),
@@ -86,7 +106,7 @@ def available() -> tuple[str, ...]:
     return tuple(gradindex.methods.METHODS)
 
 
-def check_runnable(name: str, config: MethodConfig, setting, experiment: str) -> None:
+def check_runnable(name: str, config: MethodConfig, setting, experiment: str, projection: tuple[str, int] | None = None) -> None:
     if config.method not in available():
         raise NotRun("not run (method not available)")
     if config.experiments is not None and experiment not in config.experiments:
@@ -94,8 +114,15 @@ def check_runnable(name: str, config: MethodConfig, setting, experiment: str) ->
     if config.max_params is not None and setting.n_params > config.max_params:
         raise NotRun(f"not run (CPU budget: {setting.n_params} parameters > {config.max_params} for this solver)")
     n_train = len(setting.task.train)
+    if experiment == "mislabel" and config.max_self_cost is not None and n_train * setting.n_params**2 > config.max_self_cost:
+        estimate = CG_SELF_RATE * n_train * setting.n_params**2
+        raise NotRun(f"skipped: CPU budget, {n_train:,} samples x {setting.n_params:,} parameters"
+                     + (f" (≈ {estimate / 60:.0f} min per seed); " if config.method == "if" and "cg" in str(config.self_build) else "; ")
+                     + config.self_cost_note)
     if config.max_cost is not None and setting.n_params * n_train > config.max_cost:
         raise NotRun(f"not run (CPU budget: {setting.n_params} parameters x {n_train} samples > {config.max_cost:.0e})")
+    if projection is not None and projection[0] == "kron" and config.method in ("if", "trak"):
+        raise NotRun(f"not run (--method {config.method} does not accept the kron projection)")
     if setting.logreg is not None and config.checkpoints == "independent":
         raise NotRun("not run (logistic regression has one optimum; independent runs coincide)")
 
@@ -111,23 +138,29 @@ def _projection(config: MethodConfig, setting, projection: tuple[str, int] | Non
     return {"projection": "rademacher", "proj_dim": 4096}
 
 
-def build_store(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None) -> tuple[Any, float]:
-    """Build (or reuse) the store of one configuration on one setting: ``(store, build seconds)``."""
+def build_store(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None,
+                for_self: bool = False) -> tuple[Any, float]:
+    """Build (or reuse) the store of one configuration on one setting: ``(store, build seconds)``; ``for_self``:
+    the store whose build computes the self-influence (``config.self_build`` when it has one)."""
     options = _projection(config, setting, projection)
-    tag = f"{name}-{options['projection']}{options['proj_dim']}"
+    for_self = for_self and config.self_build is not None
+    tag = f"{name}-{options['projection']}{options['proj_dim']}" + ("-self" if for_self else "")
     path = setting.workdir / "stores" / f"{tag}.gradindex"
     cache = setting.__dict__.setdefault("_stores", {})
     if tag in cache:
         return cache[tag]
     checkpoints = setting.checkpoint_list(config.checkpoints)
-    method_options = dict(config.build)
+    method_options = dict(config.self_build if for_self else config.build)
     if method_options.get("damping") == "auto":
         method_options["damping"] = 0.0 if setting.logreg is not None else DAMPING_NETWORKS
     started = time.perf_counter()
-    store = gradindex.build(
-        setting.task, checkpoints, path, method=config.method, dtype="float32", overwrite=True, progress=False,
-        device="cpu", method_options=method_options, **options,
-    )
+    with warnings.catch_warnings():
+        if config.self_build is not None and not for_self:  # a one-step LiSSA whose self-influence is not used
+            warnings.simplefilter("ignore", GradIndexWarning)
+        store = gradindex.build(
+            setting.task, checkpoints, path, method=config.method, dtype="float32", overwrite=True, progress=False,
+            device="cpu", method_options=method_options, **options,
+        )
     cache[tag] = (store, time.perf_counter() - started)
     return cache[tag]
 
@@ -148,7 +181,7 @@ def method_scores(name: str, config: MethodConfig, setting, samples: np.ndarray,
 
 def self_scores(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None) -> tuple[np.ndarray, dict]:
     """Self-influence of every training sample (store row order) as the store reports it, and timings."""
-    store, build_seconds = build_store(name, config, setting, projection)
+    store, build_seconds = build_store(name, config, setting, projection, for_self=True)
     started = time.perf_counter()
     table = gradindex.self_influence(store)
     scores = np.full(len(setting.task.train), np.nan)

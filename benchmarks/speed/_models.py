@@ -1,7 +1,8 @@
 """The three benchmark workloads: an MNIST-like MLP, a small CNN and a small transformer LM, all on data made here.
 
 Nothing is downloaded: the 28×28 images are sklearn's bundled 8×8 digits, upsampled and jittered; the
-tokens come from a random sparse Markov chain (so a language model has something to learn).
+tokens are structured synthetic text (motifs chained by a sparse random Markov chain, so a language model has
+something to learn), and, as one control row, i.i.d. uniform tokens (nothing to learn).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-__all__ = ["Workload", "mlp_workload", "cnn_workload", "transformer_workload", "WORKLOADS"]
+__all__ = ["Workload", "mlp_workload", "cnn_workload", "transformer_workload", "transformer_uniform_workload", "WORKLOADS"]
 
 
 @dataclass
@@ -149,26 +150,39 @@ def lm_loss(model: nn.Module, batch) -> Tensor:
     return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
 
-def _markov_tokens(n_samples: int, length: int, vocab: int, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(1234)  # the chain is shared by train and test
-    successors = torch.randint(0, vocab, (vocab, 4), generator=generator)
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.empty(n_samples, length, dtype=torch.int64)
-    tokens[:, 0] = torch.randint(0, vocab, (n_samples,), generator=generator)
-    for position in range(1, length):
-        choice = torch.randint(0, 4, (n_samples,), generator=generator)
-        noise = torch.rand(n_samples, generator=generator) < 0.1
-        following = successors[tokens[:, position - 1], choice]
-        tokens[:, position] = torch.where(noise, torch.randint(0, vocab, (n_samples,), generator=generator), following)
-    return tokens
+def _motif_text(n_samples: int, length: int, vocab: int, seed: int, motifs: int = 48, noise: float = 0.05) -> Tensor:
+    """Structured synthetic text: sequences of motifs (fixed runs of 3-8 tokens) that follow each other along a
+    sparse Markov chain (3 possible successors per motif), with a few tokens replaced at random. The motifs and
+    the chain are shared by train and test (seed 1234); ``seed`` draws the sequences."""
+    shared = np.random.default_rng(1234)
+    runs = [shared.integers(0, vocab, size=int(shared.integers(3, 9))) for _ in range(motifs)]
+    successors = shared.integers(0, motifs, size=(motifs, 3))
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_samples, length), dtype=np.int64)
+    for row in range(n_samples):
+        motif, tokens = int(rng.integers(motifs)), []
+        while len(tokens) < length:
+            tokens.extend(runs[motif].tolist())
+            motif = int(successors[motif, rng.integers(3)])
+        out[row] = tokens[:length]
+    flips = rng.random((n_samples, length)) < noise
+    out[flips] = rng.integers(0, vocab, size=int(flips.sum()))
+    return torch.from_numpy(out)
 
 
-def transformer_workload(n_train: int, n_test: int, length: int = 65, vocab: int = 512, dim: int = 256, layers: int = 2) -> Workload:
-    train = _markov_tokens(n_train, length, vocab, seed=0)
-    test = _markov_tokens(n_test, length, vocab, seed=1)
+def _uniform_tokens(n_samples: int, length: int, vocab: int, seed: int) -> Tensor:
+    """i.i.d. uniform tokens: nothing to learn, so training gradients are nearly orthogonal (the hard, unrealistic case)."""
+    return torch.randint(0, vocab, (n_samples, length), generator=torch.Generator().manual_seed(seed))
+
+
+def transformer_workload(n_train: int, n_test: int, length: int = 65, vocab: int = 512, dim: int = 256, layers: int = 2,
+                         text: str = "motifs") -> Workload:
+    make = {"motifs": _motif_text, "uniform": _uniform_tokens}[text]
+    train = make(n_train, length, vocab, seed=0)
+    test = make(n_test, length, vocab, seed=1)
     zeros = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731 - a dummy target keeps (input, target) batches
     return Workload(
-        name=f"transformer-lm-{layers}x{dim}",
+        name=f"transformer-lm-{layers}x{dim}" + ("-uniform-tokens" if text == "uniform" else ""),
         make_model=lambda: TinyLM(vocab=vocab, dim=dim, layers=layers, heads=4, length=length - 1),
         train=TensorDataset(train, zeros(n_train)),
         test=TensorDataset(test, zeros(n_test)),
@@ -178,7 +192,11 @@ def transformer_workload(n_train: int, n_test: int, length: int = 65, vocab: int
     )
 
 
-WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "transformer": transformer_workload}
+def transformer_uniform_workload(n_train: int, n_test: int, **options) -> Workload:
+    return transformer_workload(n_train, n_test, text="uniform", **options)
+
+
+WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "transformer": transformer_workload, "transformer-uniform": transformer_uniform_workload}
 
 
 def n_parameters(model: nn.Module) -> int:

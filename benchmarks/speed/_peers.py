@@ -9,6 +9,8 @@ raises ``Unavailable`` with the reason, which the results record instead of a nu
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,7 +74,9 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
 
     task = gradindex.Task(model=workload.make_model, train=workload.train, loss=workload.loss)
     loaded = load_checkpoints(task, parse_checkpoints([f"{checkpoint}:1.0"]), torch.device("cpu"))
+    started = time.perf_counter()
     featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind=kind, dim=k, seed=0), chunk_bytes=chunk_bytes)
+    setup_s = time.perf_counter() - started
 
     def vectors(inputs, targets):
         return featurizer.featurize((inputs, targets))
@@ -81,6 +85,8 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
     if kind == "kron":
         plan = featurizer.fingerprint()["projection"]["plan"]
         note += "; " + ", ".join(f"{e['module']} {e['k_out']}x{e['k_in']}" for e in plan if "module" in e)
+        rest = [e for e in plan if "module" not in e and "dim" in e]
+        note += (f"; rest {rest[0]['dim']} ({rest[0]['type']})" if rest else "") + f"; plan calibrated in {setup_s:.1f} s (untimed, once per build)"
     return Runner(f"gradindex {kind}", vectors=vectors, note=note)
 
 
@@ -253,16 +259,81 @@ def dattri_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
 # ---- Bergson ---------------------------------------------------------------------------------------
 
 
+class _SequenceView(nn.Module):
+    """The same model, its Linear layers fed ``[N, S, I]`` inputs as Bergson's hooks require (S = 1 for the MLP and
+    the CNN's head, the output squeezed back): numerically the same function of the same parameters."""
+
+    def __init__(self, model: nn.Module, kind: str):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+
+    def forward(self, inputs):
+        if self.kind == "mlp":
+            return self.model(inputs.unsqueeze(1)).squeeze(1)
+        if self.kind == "cnn":
+            return self.model[-1](self.model[:-1](inputs).unsqueeze(1)).squeeze(1)
+        return self.model(inputs)
+
+
 def bergson_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
+    """EleutherAI's Bergson (LoGra-style per-module projections), through its hook collector on our own model.
+
+    Its entry point ``collect_gradients(model: PreTrainedModel, data: datasets.Dataset, ...)`` wants a Hugging Face
+    causal LM; its collector (``HookCollectorBase``) works on any module, so we drive that with the same
+    forward/backward as ours: per-module projections p × p of each nn.Linear's gradient (Gaussian, seeded per
+    module), p = ⌊√(k / modules)⌋. Its hooks take [N, S, I] inputs (the MLP and the CNN head get S = 1) and
+    handle nn.Linear only in practice (its forward hook asserts 3-D inputs, so a Conv2d cannot be hooked): on the
+    CNN it indexes the final Linear only, and on the LM every Linear (not the embeddings or LayerNorms).
+
+    Not in the ``bench`` extra: ``pip install bergson`` (2.5.1) resolves to torch 2.15 with CUDA wheels,
+    torchvision, torchaudio and bitsandbytes, replacing the CPU torch. Installed here without them:
+    ``pip install --no-deps bergson==2.5.1`` plus its pure-python requirements (transformers 5.23, peft,
+    datasets, accelerate, huggingface_hub, safetensors, tokenizers, torchopt, optree, jaxtyping,
+    simple-parsing, natsort, petname, ml_dtypes, ...), also with ``--no-deps``; torch stays 2.13.0+cpu.
+    """
     try:
-        import bergson  # noqa: F401
+        from bergson import GradientProcessor
+        from bergson.collector.collector import HookCollectorBase
     except Exception as error:  # its import pulls transformers, datasets, peft...: any failure means it cannot run here
         raise Unavailable(f"bergson cannot be imported here: {type(error).__name__}: {error}") from error
-    raise Unavailable(
-        "not run: bergson's entry point collect_gradients(model: PreTrainedModel, data: datasets.Dataset, ...) takes a Hugging Face "
-        "model (it uses model.base_model and model.device) and a Dataset of input_ids/labels scored with its own causal-LM loss; "
-        "the MLP and CNN are not language models, and wrapping the LM as a PreTrainedModel was left for later"
-    )
+    from dataclasses import dataclass as _dataclass
+
+    model = _load(workload, checkpoint)
+    kind = workload.name.split("-")[0]
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    view = _SequenceView(model, kind)
+    p = max(1, math.isqrt(k // len(linears)))
+
+    @_dataclass(kw_only=True)
+    class Collect(HookCollectorBase):
+        def setup(self) -> None:
+            self.found = {}
+
+        def teardown(self) -> None:
+            pass
+
+        def backward_hook(self, module, g) -> None:
+            self.found[module._name] = self._compute_gradient(module, g)
+
+        def process_batch(self, indices, **kwargs) -> None:
+            pass
+
+    processor = GradientProcessor(projection_dim=p, include_bias=True, projection_type="normal", projection_seed=0)
+    collector = Collect(model=view, target_modules={f"model.{name}" for name in linears}, processor=processor)
+    names = list(collector.target_info)
+
+    def vectors(inputs, targets):
+        found = collector.found = {}
+        with collector, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # no input requires grad: expected
+            view.zero_grad(set_to_none=True)
+            workload.loss(view, (inputs, targets)).sum().backward()
+        return torch.cat([found[name].float() for name in names], dim=1)
+
+    scope = {"cnn": "final Linear only (its hooks cannot take Conv2d)", "transformer": "every nn.Linear (no embeddings/LayerNorm)"}.get(kind, "every nn.Linear")
+    return Runner("Bergson HookCollector (per-module p×p)", vectors=vectors,
+                  note=f"{scope}; {len(names)} modules × {p}×{p} = {len(names) * p * p} dims; normal projection")
 
 
 PEERS = {

@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 
+# the kron plan's calibration: the first samples of the training set, and how narrow sides are drawn
+CALIBRATION_SAMPLES = 256
+KRON_SIDES = "orthogonal"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` is CUDA when available, else CPU; an unavailable CUDA request is a clear error."""
     if isinstance(device, torch.device):
@@ -126,9 +131,13 @@ class TracInFeaturizer(Featurizer):
         self._scales = [math.sqrt(ckpt.spec.weight) for ckpt in self.checkpoints]
         if projection.kind == "kron":
             # per-sample gradients are never formed: a batched forward/backward per chunk, sized on the first one
-            self.kron: KronGradients | None = KronGradients(model, task.loss, self.param_names, projection, device, autocast=autocast, compile=compile)
-            self.block_dim = self.kron.dim
+            self.kron: KronGradients | None = KronGradients(
+                model, task.loss, self.param_names, projection, device, autocast=autocast, compile=compile, plan=projection.plan
+            )
             self._states = [(ckpt.state, {}) for ckpt in self.checkpoints]
+            if projection.plan is None and self.kron.needs_calibration:
+                self._calibrate()
+            self.block_dim = self.kron.dim
             self.chunk_size = 0  # unknown until a first chunk has been measured
         else:
             self.kron = None
@@ -139,6 +148,31 @@ class TracInFeaturizer(Featurizer):
             # bound the [chunk, p] gradient buffer (vmap holds a few of them)
             self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
         self.dim = self.block_dim * len(self.checkpoints)
+
+    def _calibrate(self) -> None:
+        """Plan kron from what the gradients look like on the first ``CALIBRATION_SAMPLES`` training samples
+        (dataset order) at every checkpoint, so that k goes where the gradients are (see ``plan_kron``).
+
+        The JL variance of a TracIn-CP score is about Σ_l Σ_c η_c² E_lc² v_l (E_lc: the mean squared per-sample
+        gradient norm of group l at checkpoint c, v_l its projection's relative variance), so each group's
+        energy counts as √(Σ_c η_c² E_lc²); with ``normalize`` each checkpoint's energies count relative to
+        their total. Only a build calibrates:
+        the plan is recorded in the manifest, and every later use (queries, resumed or parallel workers,
+        appends) reads it from there.
+        """
+        rows = range(min(CALIBRATION_SAMPLES, len(self.task.train)))
+        if not len(rows):
+            return
+        contributions = []
+        for (params, _), ckpt in zip(self._states, self.checkpoints):
+            sums = None
+            for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
+                found = self.kron.energies(to_device(batch, self.device), params)
+                sums = found if sums is None else [a + b for a, b in zip(sums, found)]
+            energies = [value / len(rows) for value in sums]
+            total = sum(energies) if self.normalize else 1.0
+            contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
+        self.kron.replan([math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))], sides=KRON_SIDES)
 
     def fingerprint(self) -> dict:
         projection = self.projection.to_dict()

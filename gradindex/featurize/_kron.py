@@ -144,7 +144,10 @@ class KronGradients:
         *,
         autocast: bool = False,
         compile: bool = False,
+        plan: Sequence[dict] | None = None,
     ):
+        """``plan``: the per-layer plan a manifest recorded (``plan_dict()``), used as is; without it the plan
+        is the shape-only one until ``replan`` gives it calibration energies."""
         self.module = LossModule(model, loss).eval()
         self.spec = spec
         self.device = device
@@ -153,29 +156,66 @@ class KronGradients:
         layers, norms, rest = find_kron_layers(model, param_names)
         shapes = {name: tuple(param.shape) for name, param in model.named_parameters()}
         rest_plans = ParamPlan.layout([(name, shapes[name]) for name in rest])
-        self.plan: KronPlan = plan_kron(spec.dim, layers, rest, sum(plan.numel for plan in rest_plans))
-        self.dim = self.plan.dim
+        self._groups = (layers, rest, sum(item.numel for item in rest_plans))
         self.modules = dict(self.module.model.named_modules())
         self.norms = norms
         norm_params = {f"{name}.{key}" for name in norms for key, _ in self.modules[name].named_parameters(recurse=False)}
         self.rest_plans = rest_plans
         self.vmap_params = [name for name in rest if name not in norm_params]
         self.vmap = PerSampleGradients(model, loss, self.vmap_params) if self.vmap_params else None
-        self.rest_projector = (
-            make_projector(ProjectionSpec(kind="none" if self.plan.rest_dim == self.plan.rest_numel else "sjlt", dim=self.plan.rest_dim, seed=spec.seed), rest_plans)
-            if rest else None
-        )
         self.records = _Records()
-        self._handles = [self.modules[plan.layer.name].register_forward_hook(self.records.hook(plan.layer.name)) for plan in self.plan.layers]
+        self._handles = [self.modules[layer.name].register_forward_hook(self.records.hook(layer.name)) for layer in layers]
         self._handles += [self.modules[name].register_forward_hook(self.records.hook(name)) for name in norms]
         # the parameters that must require grad so that every hooked output does
-        self._grad_keys = {f"model.{plan.layer.params[0]}" for plan in self.plan.layers} | {f"model.{name}" for name in norm_params}
-        self._matrices: dict[tuple[int, str, str], Tensor | None] = {}
+        self._grad_keys = {f"model.{layer.params[0]}" for layer in layers} | {f"model.{name}" for name in norm_params}
         self._checked = False
         self.bytes_per_sample = 0  # measured on the first chunk
         self._outer = torch.compile(_project_layer, dynamic=True) if compile else _project_layer
+        self._set_plan(plan_kron(spec.dim, *self._groups) if plan is None else KronPlan.from_dict(plan, *self._groups))
 
     # ---- plan and matrices -----------------------------------------------------------------------
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the plan has a choice to make (not everything fits) that calibration would inform."""
+        layers, rest, rest_numel = self._groups
+        return self.spec.dim < sum(layer.numel for layer in layers) + rest_numel
+
+    def replan(self, energies: Sequence[float], sides: str = "gaussian") -> None:
+        """Plan from calibration ``energies`` (one per layer, then the rest; see ``plan_kron``)."""
+        self._set_plan(plan_kron(self.spec.dim, *self._groups, energies=energies, sides=sides))
+
+    def _set_plan(self, plan: KronPlan) -> None:
+        self.plan = plan
+        self.dim = plan.dim
+        self.rest_projector = (
+            make_projector(ProjectionSpec(kind="none" if plan.rest_dim == plan.rest_numel else "sjlt", dim=plan.rest_dim, seed=self.spec.seed), self.rest_plans)
+            if plan.rest_params else None
+        )
+        self._matrices: dict[tuple[int, str, str], Tensor | None] = {}
+        self.bytes_per_sample = 0
+
+    def energies(self, batch: Any, state: dict[str, Tensor]) -> list[float]:
+        """Σ over the batch of each group's per-sample squared gradient norm ``|G_b|²`` (layers, then the rest).
+
+        Exact, from the same hooks as the projection: ``|Σ_t g_t a_tᵀ|²`` through the per-sample gradient or
+        the Gram matrices of the two sides, whichever costs less; the rest from its per-sample gradients.
+        """
+        size = _batch_size(batch)
+        calls = self._forward_backward(batch, state)
+        self._check_per_sample(calls, size)
+        layers, rest, _ = self._groups
+        sums = []
+        for layer in layers:
+            sides = [_sides(layer.kind, self.modules[layer.name], inputs, grad, len(layer.params) > 1) for inputs, grad in calls.get(layer.name, [])]
+            if not sides:
+                sums.append(0.0)
+                continue
+            a, g = (torch.cat([side[index] for side in sides], dim=1) for index in (0, 1))
+            sums.append(float(_squared_norms(layer.kind, a, g, layer.in_dim).sum()))
+        if rest:
+            sums.append(float(self._rest_gradients(batch, state, calls, size).double().square().sum()))
+        return sums
 
     def plan_dict(self) -> list[dict]:
         entries = self.plan.to_dict()
@@ -186,7 +226,7 @@ class KronGradients:
     def _side(self, checkpoint: int, plan, side: str) -> Tensor | None:
         key = (checkpoint, plan.layer.name, side)
         if key not in self._matrices:
-            matrix = kron_side_matrix(self.spec.seed, checkpoint, plan.layer, side, plan.k_in if side == "in" else plan.k_out)
+            matrix = kron_side_matrix(self.spec.seed, checkpoint, plan.layer, side, plan.k_in if side == "in" else plan.k_out, plan.sides)
             self._matrices[key] = None if matrix is None else matrix.to(self.device)
         return self._matrices[key]
 
@@ -225,14 +265,7 @@ class KronGradients:
         """collated batch of B samples -> [B, plan.dim] (float32)."""
         size = _batch_size(batch)
         calls = self._forward_backward(batch, state)
-        for name, records in calls.items():
-            for _, grad in records:
-                if grad.ndim == 0 or grad.shape[0] != size:
-                    raise TaskSpecError(
-                        f"the kron projection needs per-sample outputs, but module {name} returned shape {list(grad.shape)} for a batch of "
-                        f"{size} (its input is shared by all samples, e.g. a position embedding of arange(T)); expand its input to "
-                        "the batch, leave it out with --layers, or use --projection sjlt"
-                    )
+        self._check_per_sample(calls, size)
         if not self.bytes_per_sample:
             self.bytes_per_sample = self._measure(calls, size)
         out = torch.empty(size, self.dim, dtype=torch.float32, device=self.device)
@@ -256,6 +289,17 @@ class KronGradients:
             self._checked = True
             self._self_check(batch, state, calls, size)
         return out
+
+    @staticmethod
+    def _check_per_sample(calls, size: int) -> None:
+        for name, records in calls.items():
+            for _, grad in records:
+                if grad.ndim == 0 or grad.shape[0] != size:
+                    raise TaskSpecError(
+                        f"the kron projection needs per-sample outputs, but module {name} returned shape {list(grad.shape)} for a batch of "
+                        f"{size} (its input is shared by all samples, e.g. a position embedding of arange(T)); expand its input to "
+                        "the batch, leave it out with --layers, or use --projection sjlt"
+                    )
 
     def _measure(self, calls, size: int) -> int:
         """Working bytes per sample of one chunk: hooked inputs and output gradients (unfolded for convolutions),
@@ -380,6 +424,45 @@ def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, b
     if projected_in.shape[1] == 1:
         return projected_grad[:, 0, :, None] * projected_in[:, 0, None, :]
     return projected_grad.transpose(1, 2) @ projected_in
+
+
+def _sides(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
+    """One call of one layer as ``(a, g)`` with ``G_b = Σ_t g_bt a_btᵀ``: ``a`` [B, T, in] (an embedding: its
+    tokens [B, T]), ``g`` [B, T, out]; float32, the bias a trailing input column of ones."""
+    batch = grad.shape[0]
+    grad = grad.float()
+    if kind == "embedding":
+        tokens = inputs.reshape(batch, -1)
+        grad = grad.reshape(batch, tokens.shape[1], -1)
+        if module.padding_idx is not None:
+            grad = grad * (tokens != module.padding_idx).unsqueeze(-1)
+        return tokens, grad
+    if kind == "conv":
+        return _patches(module, inputs.float(), None, bias).flatten(2).transpose(1, 2), grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)
+    inputs = inputs.float().reshape(batch, -1, inputs.shape[-1])
+    if bias:
+        inputs = torch.cat([inputs, inputs.new_ones(*inputs.shape[:2], 1)], dim=2)
+    return inputs, grad.reshape(batch, -1, grad.shape[-1])
+
+
+def _squared_norms(kind: str, a: Tensor, g: Tensor, in_dim: int, elements: int = 1 << 24) -> Tensor:
+    """``|Σ_t g_t a_tᵀ|²`` per sample, float64 ``[B]``: through the Gram matrices ``(g gᵀ) ⊙ (a aᵀ)`` summed, or the
+    gradient itself, whichever costs less; in chunks of samples of about ``elements`` numbers each."""
+    batch, length, out_dim = g.shape
+    gram = kind == "embedding" or length * length * (in_dim + out_dim) <= length * in_dim * out_dim
+    per_sample = length * length if gram else in_dim * out_dim
+    step = max(1, elements // max(1, per_sample))
+    norms = []
+    for start in range(0, batch, step):
+        a_part, g_part = a[start : start + step], g[start : start + step]
+        if kind == "embedding":
+            same = (a_part.unsqueeze(2) == a_part.unsqueeze(1)).float()
+            norms.append(((g_part @ g_part.transpose(1, 2)) * same).sum((1, 2)))
+        elif gram:
+            norms.append(((g_part @ g_part.transpose(1, 2)) * (a_part @ a_part.transpose(1, 2))).sum((1, 2)))
+        else:
+            norms.append((g_part.transpose(1, 2) @ a_part).square().sum((1, 2)))
+    return torch.cat(norms).double()
 
 
 def _summed_gradient(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, bias: bool) -> Tensor:

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
-from gradindex.featurize import Featurizer, LoadedCheckpoint
-from gradindex.featurize._grads import to_device
-from gradindex.influence._options import METHOD_OPTIONS, query_overrides
-from gradindex.project import ProjectionSpec
+from gradindex.featurize import Featurizer, LoadedCheckpoint, model_fingerprint
+from gradindex.featurize._grads import PerSampleGradients, select_parameters, to_device
+from gradindex.influence._options import METHOD_OPTIONS, query_overrides, recorded_options, resolve_options
+from gradindex.project import ParamPlan, ProjectionSpec, make_projector
 
 if TYPE_CHECKING:
     from gradindex.store import GradientStore
+    from gradindex.task import Task
 
 __all__ = ["MethodFeaturizer", "as_method_featurizer", "batch_size_of", "gather_batch", "row_dots"]
 
@@ -68,6 +69,61 @@ class MethodFeaturizer(Featurizer):
     def query_vectors(self, batch: Any) -> Tensor:
         """Query vectors ``[B, D]``: φ(q) for symmetric methods, T φ(q) for asymmetric ones."""
         return self.featurize(batch)
+
+
+class _BuiltinMethod(MethodFeaturizer):
+    """The constructor steps gradindex's own methods share (``_setup`` first, then what the method needs)."""
+
+    def _setup(
+        self,
+        method: str,
+        task: "Task",
+        *,
+        layers: Sequence[str] | None,
+        normalize: bool,
+        device: torch.device,
+        options: Mapping[str, Any] | None,
+    ) -> nn.Module:
+        """Record the arguments, resolve the method's options, build the model once: the model (on ``device``)."""
+        self.method = method
+        self.task = task
+        self.device = device
+        self.normalize = normalize
+        self.layers = list(layers) if layers else None
+        self.options = resolve_options(method, options)
+        self.query_settings = dict(self.options)
+        model = task.model().to(device)
+        self.model_fingerprint = model_fingerprint(model)
+        return model
+
+    def _setup_gradients(self, model: nn.Module, function: Any, checkpoints: Sequence[LoadedCheckpoint]) -> None:
+        """The selected parameters and their layout, per-sample gradients of ``function`` (the loss or the margin), and
+        each checkpoint's state split into those parameters and the rest (``_states``)."""
+        self.param_names = select_parameters(model, self.layers)
+        shapes = dict(model.named_parameters())
+        self.plans = ParamPlan.layout([(name, shapes[name].shape) for name in self.param_names])
+        self.n_params = sum(plan.numel for plan in self.plans)
+        self.gradients = PerSampleGradients(model, function, self.param_names)
+        self._states = [self.gradients.split_state(checkpoint.state) for checkpoint in checkpoints]
+        self.chunk_size = chunk_rows(self.n_params)
+
+    def _setup_projection(self, projection: ProjectionSpec) -> None:
+        self.projection = projection
+        self.projector = make_projector(projection, self.plans)
+        self.block_dim = self.projector.out_dim
+
+    def _projected_fingerprint(self) -> dict:
+        """The fingerprint of a method whose rows are projected gradients (``if``, ``trak``)."""
+        projection = self.projection.to_dict()
+        if projection["kind"] == "none":
+            projection["dim"] = self.block_dim
+        return {
+            "method": {"name": self.method, "normalize": self.normalize, **recorded_options(self.method, self.options)},
+            "projection": projection,
+            "layers": self.layers,
+            "params": [[plan.name, list(plan.shape)] for plan in self.plans],
+            "block_dim": self.block_dim,
+        }
 
 
 class _Symmetric(MethodFeaturizer):

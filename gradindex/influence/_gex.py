@@ -20,17 +20,17 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from gradindex.featurize import LoadedCheckpoint, model_fingerprint
+from gradindex.featurize import LoadedCheckpoint
 from gradindex.featurize._grads import LossModule, to_device
-from gradindex.influence._base import MethodFeaturizer, check_projection
-from gradindex.influence._options import recorded_options, resolve_options
+from gradindex.influence._base import _BuiltinMethod, check_projection
+from gradindex.influence._options import recorded_options
 from gradindex.project import ProjectionSpec
 from gradindex.task import Task
 
 __all__ = ["GexFeaturizer"]
 
 
-class GexFeaturizer(MethodFeaturizer):
+class GexFeaturizer(_BuiltinMethod):
     """``gex``: φ(z) = (1/√M)[ℓ(z; θ_m) − max(ℓ(z; θ*), τ)]_m; checkpoints are θ*, θ_1, …, θ_M."""
 
     method = "gex"
@@ -57,13 +57,8 @@ class GexFeaturizer(MethodFeaturizer):
                 f"--method gex needs the trained checkpoint θ* first and then the ensemble members (from `gradindex ensemble`); "
                 f"got {len(checkpoints)} checkpoint(s)"
             )
-        self.task = task
-        self.device = device
+        model = self._setup("gex", task, layers=None, normalize=False, device=device, options=options)
         self.seed = projection.seed
-        self.options = resolve_options("gex", options)
-        self.query_settings = dict(self.options)
-        model = task.model().to(device)
-        self.model_fingerprint = model_fingerprint(model)
         self._loss = LossModule(model, task.loss).eval()
         self._base = checkpoints[0].state
         self._members = [ckpt.state for ckpt in checkpoints[1:]]

@@ -24,23 +24,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradindex.featurize import LoadedCheckpoint, model_fingerprint
-from gradindex.featurize._grads import PerSampleGradients, select_parameters, to_device
+from gradindex.featurize import LoadedCheckpoint
+from gradindex.featurize._grads import to_device
 from gradindex.influence._base import (
-    MethodFeaturizer,
+    _BuiltinMethod,
     batch_size_of,
     check_gradient_projection,
     check_projection,
-    chunk_rows,
     row_dots,
     single_checkpoint,
     tree_slice,
     unit_blocks,
 )
 from gradindex.influence._curvature import Curvature
-from gradindex.influence._options import recorded_options, resolve_options
+from gradindex.influence._options import recorded_options
 from gradindex.influence._solvers import CGSolver, ExactSolver, LissaSolver, arnoldi
-from gradindex.project import ParamPlan, ProjectionSpec, make_projector
+from gradindex.project import ProjectionSpec
 from gradindex.task import Task
 
 if TYPE_CHECKING:
@@ -52,26 +51,18 @@ log = logging.getLogger("gradindex")
 
 AUTO_EXACT_PARAMS = 4096
 EIGENBASIS = "arnoldi_eigenbasis"
+# per shard: the largest relative change of the self-influence's LiSSA solves over their last iterations
+# (above LISSA_TOL, 5%, they had not converged and a GradIndexWarning was raised)
+LISSA_CHANGE = "lissa_relative_change"
 
 
-class _GradientMethod(MethodFeaturizer):
+class _GradientMethod(_BuiltinMethod):
     """What IF and Arnoldi share: one checkpoint, selected parameters, per-sample loss gradients, curvature."""
 
-    def _setup(self, method: str, task: Task, checkpoints: Sequence[LoadedCheckpoint], layers: Sequence[str] | None, device: torch.device) -> None:
-        self.method = method
-        self.task = task
-        self.device = device
-        self.checkpoint = single_checkpoint(method, checkpoints)
-        self.layers = list(layers) if layers else None
-        model = task.model().to(device)
-        self.model_fingerprint = model_fingerprint(model)
-        self.param_names = select_parameters(model, self.layers)
-        shapes = dict(model.named_parameters())
-        self.plans = ParamPlan.layout([(name, shapes[name].shape) for name in self.param_names])
-        self.n_params = sum(plan.numel for plan in self.plans)
-        self.gradients = PerSampleGradients(model, task.loss, self.param_names)
-        self._params, self._constants = self.gradients.split_state(self.checkpoint.state)
-        self.chunk_size = chunk_rows(self.n_params)
+    def _setup_checkpoint(self, checkpoint: LoadedCheckpoint, model: torch.nn.Module) -> None:
+        self._setup_gradients(model, self.task.loss, [checkpoint])
+        self.checkpoint = checkpoint
+        self._params, self._constants = self._states[0]
         self._curvatures: dict[tuple[str, int], Curvature] = {}
 
     def curvature(self, kind: str, batch_size: int) -> Curvature:
@@ -110,29 +101,19 @@ class InfluenceFeaturizer(_GradientMethod):
         options: Mapping[str, Any] | None = None,
     ):
         check_gradient_projection("if", projection)
-        self._setup("if", task, checkpoints, layers, device)
-        self.normalize = normalize
-        self.projection = projection
-        self.projector = make_projector(projection, self.plans)
-        self.block_dim = self.projector.out_dim
+        checkpoint = single_checkpoint("if", checkpoints)
+        model = self._setup("if", task, layers=layers, normalize=normalize, device=device, options=options)
+        self._setup_checkpoint(checkpoint, model)
+        self._setup_projection(projection)
         self.dim = self.block_dim
-        self.options = resolve_options("if", options)
         if self.options["solver"] == "auto":
             self.options["solver"] = "exact" if self.n_params <= AUTO_EXACT_PARAMS else "cg"
         self.query_settings = dict(self.options)
         self._solvers: dict[tuple, Any] = {}
+        self._lissa_change = 0.0  # the worst LissaSolver.relative_change of this shard's self-influence solves
 
     def fingerprint(self) -> dict:
-        projection = self.projection.to_dict()
-        if projection["kind"] == "none":
-            projection["dim"] = self.block_dim
-        return {
-            "method": {"name": "if", "normalize": self.normalize, **recorded_options("if", self.options)},
-            "projection": projection,
-            "layers": self.layers,
-            "params": [[plan.name, list(plan.shape)] for plan in self.plans],
-            "block_dim": self.block_dim,
-        }
+        return self._projected_fingerprint()
 
     def configure_query(self, options: Mapping[str, Any], store_path: Any = "this store") -> None:
         super().configure_query(options, store_path)
@@ -175,7 +156,21 @@ class InfluenceFeaturizer(_GradientMethod):
         grads = self.loss_gradients(batch)
         vectors = self._project(grads)
         transformed = self._project(self.inverse_hvp(grads, self.options))
+        solver = self._solver(self.options)
+        if isinstance(solver, LissaSolver):
+            self._lissa_change = max(self._lissa_change, solver.relative_change)
         return vectors, row_dots(transformed, vectors)
+
+    def end_shard(self, store: "GradientStore", shard: int) -> None:
+        # how far the self-influence's LiSSA solves were from converged (see LissaSolver): kept with the store
+        if self.options["solver"] == "lissa":
+            store.write_transform_part(LISSA_CHANGE, shard, np.array([self._lissa_change]))
+        self._lissa_change = 0.0
+
+    def finish(self, store: "GradientStore") -> None:
+        if self.options["solver"] == "lissa":
+            parts = store.read_transform_parts(LISSA_CHANGE)
+            store.write_transform(LISSA_CHANGE, np.array([float(parts[shard][0]) if shard in parts else np.nan for shard in range(store.n_shards)]))
 
     def query_vectors(self, batch: Any) -> Tensor:
         """collated batch of B queries -> [B, k]: P(H + λI)^{-1}∇ℓ(q; θ*)."""
@@ -199,10 +194,10 @@ class ArnoldiFeaturizer(_GradientMethod):
         options: Mapping[str, Any] | None = None,
     ):
         check_projection("arnoldi", projection)
-        self._setup("arnoldi", task, checkpoints, layers, device)
-        self.normalize = normalize
+        checkpoint = single_checkpoint("arnoldi", checkpoints)
+        model = self._setup("arnoldi", task, layers=layers, normalize=normalize, device=device, options=options)
+        self._setup_checkpoint(checkpoint, model)
         self.seed = projection.seed
-        self.options = resolve_options("arnoldi", options)
         rank = self.options["rank"]
         if rank > self.n_params:
             raise ValueError(f"--rank {rank} exceeds the {self.n_params} parameters indexed; use --rank {self.n_params} or less")

@@ -25,18 +25,10 @@ from torch import Tensor
 from torch.func import functional_call
 
 from gradindex._errors import IncompleteStoreError
-from gradindex.featurize import LoadedCheckpoint, model_fingerprint
-from gradindex.featurize._grads import LossModule, PerSampleGradients, select_parameters, to_device
-from gradindex.influence._base import (
-    MethodFeaturizer,
-    batch_size_of,
-    check_gradient_projection,
-    chunk_rows,
-    row_dots,
-    tree_slice,
-)
-from gradindex.influence._options import recorded_options, resolve_options
-from gradindex.project import ParamPlan, ProjectionSpec, make_projector
+from gradindex.featurize import LoadedCheckpoint
+from gradindex.featurize._grads import LossModule, to_device
+from gradindex.influence._base import _BuiltinMethod, batch_size_of, check_gradient_projection, row_dots, tree_slice
+from gradindex.project import ProjectionSpec
 from gradindex.task import Task, default_margin
 
 if TYPE_CHECKING:
@@ -119,7 +111,7 @@ def finish_trak(store: "GradientStore", damping: float) -> None:
     store.write_transform("self_influence", self_scores)
 
 
-class TrakFeaturizer(MethodFeaturizer):
+class TrakFeaturizer(_BuiltinMethod):
     """``trak``: store rows Q(z)·[P_c∇f(z; θ_c)]_c; query (1/C)[(Φ_cᵀΦ_c + λI)^{-1} P_c∇f(q; θ_c)]_c."""
 
     method = "trak"
@@ -139,44 +131,20 @@ class TrakFeaturizer(MethodFeaturizer):
         check_gradient_projection("trak", projection)
         if not checkpoints:
             raise ValueError("--method trak needs at least one checkpoint")
-        self.task = task
+        model = self._setup("trak", task, layers=layers, normalize=normalize, device=device, options=options)
         self.checkpoints = list(checkpoints)
-        self.device = device
-        self.normalize = normalize
-        self.layers = list(layers) if layers else None
-        self.options = resolve_options("trak", options)
-        self.query_settings = dict(self.options)
-        model = task.model().to(device)
-        self.model_fingerprint = model_fingerprint(model)
-        self.param_names = select_parameters(model, self.layers)
-        shapes = dict(model.named_parameters())
-        self.plans = ParamPlan.layout([(name, shapes[name].shape) for name in self.param_names])
-        self.n_params = sum(plan.numel for plan in self.plans)
         margin = _classification_margin if task.margin is default_margin else task.margin
-        self.gradients = PerSampleGradients(model, margin, self.param_names)
+        self._setup_gradients(model, margin, self.checkpoints)
         self._margin = LossModule(model, margin).eval()
-        self.projection = projection
-        self.projector = make_projector(projection, self.plans)
-        self.block_dim = self.projector.out_dim
+        self._setup_projection(projection)
         self.n_checkpoints = len(self.checkpoints)
         self.dim = self.block_dim * self.n_checkpoints
-        self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
-        self.chunk_size = chunk_rows(self.n_params)
         self._inverse: GramInverse | None = None
         self._gram_sum: Tensor | None = None
         self._weights: list[Tensor] = []
 
     def fingerprint(self) -> dict:
-        projection = self.projection.to_dict()
-        if projection["kind"] == "none":
-            projection["dim"] = self.block_dim
-        return {
-            "method": {"name": "trak", "normalize": self.normalize, **recorded_options("trak", self.options)},
-            "projection": projection,
-            "layers": self.layers,
-            "params": [[plan.name, list(plan.shape)] for plan in self.plans],
-            "block_dim": self.block_dim,
-        }
+        return self._projected_fingerprint()
 
     # ---- vectors ----------------------------------------------------------------------------
     def features(self, batch: Any) -> tuple[Tensor, Tensor]:

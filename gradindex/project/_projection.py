@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import torch
@@ -43,6 +43,9 @@ class ProjectionSpec:
     dim: int = 1024
     seed: int = 0
     sjlt_nnz: int = 4  # buckets per coordinate for sjlt
+    # kron only: the per-layer plan a manifest recorded (its "plan" entries), used as is instead of being computed
+    # again from calibration data. Not part of what was asked for: two specs differing only here compare equal.
+    plan: tuple | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -59,7 +62,9 @@ class ProjectionSpec:
 
     @staticmethod
     def from_dict(data: dict) -> "ProjectionSpec":
-        return ProjectionSpec(kind=data["kind"], dim=data["dim"], seed=data["seed"], sjlt_nnz=data.get("sjlt_nnz", 4))
+        plan = data.get("plan")
+        return ProjectionSpec(kind=data["kind"], dim=data["dim"], seed=data["seed"], sjlt_nnz=data.get("sjlt_nnz", 4),
+                              plan=tuple(plan) if plan is not None and data["kind"] == "kron" else None)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ Every byte gradindex writes into a store goes through the few functions here, so
   temporary file removed and nothing half-written at a final path;
 * fault-injection tests can fail any step (``gradindex.store._faults``) or stop the process at a
   named point (``crash_point``, driven by the environment variable ``GRADINDEX_CRASH_AT``).
+
+These are the local backend. A path at an fsspec URL (``_remote.RemotePath``) goes to the object-store
+backend in ``_remote`` instead (one PUT per file, exclusive PUT for claims), through the same steps
+and crash points.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from gradindex._errors import GradIndexError
+from gradindex.store import _remote
+from gradindex.store._remote import is_remote
 
 __all__ = [
     "StoreWriteError",
@@ -177,12 +183,25 @@ def crash_point(name: str) -> None:
         _die()
 
 
+def _write_durable(tmp: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to a new temporary file and fsync it (each step a fault-injection point)."""
+    _step("open", tmp)
+    with open(tmp, "wb") as handle:
+        _step("write", tmp)
+        handle.write(data)
+        handle.flush()
+        _step("fsync", tmp)
+        os.fsync(handle.fileno())
+
+
 def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
     Temporary name, write, fsync, rename, fsync the directory. On an OSError the temporary file is
-    removed and StoreWriteError raised; ``path`` is untouched.
+    removed and StoreWriteError raised; ``path`` is untouched. At a remote path one PUT (atomic by itself).
     """
+    if is_remote(path):
+        return _remote.put(path, data, crash_site=crash_site)
     path = Path(path)
     try:
         _step("mkdir", path.parent)
@@ -191,13 +210,7 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str 
         raise _fail("creating the folder of", path, error) from error
     tmp = tmp_path(path)
     try:
-        _step("open", tmp)
-        with open(tmp, "wb") as handle:
-            _step("write", tmp)
-            handle.write(data)
-            handle.flush()
-            _step("fsync", tmp)
-            os.fsync(handle.fileno())
+        _write_durable(tmp, data)
         if crash_site:
             crash_point(crash_site)
         _step("rename", path)
@@ -224,18 +237,15 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     """Create ``path`` holding ``data`` unless it exists (then False); never visible half-written.
 
     The data is written to a temporary file first and hard-linked to ``path``: link(2) fails if the
-    name exists, so exactly one of several racing writers succeeds, like O_EXCL.
+    name exists, so exactly one of several racing writers succeeds, like O_EXCL. At a remote path an
+    exclusive PUT (see ``_remote``).
     """
+    if is_remote(path):
+        return _remote.create_exclusive(path, data)
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        _step("open", tmp)
-        with open(tmp, "wb") as handle:
-            _step("write", tmp)
-            handle.write(data)
-            handle.flush()
-            _step("fsync", tmp)
-            os.fsync(handle.fileno())
+        _write_durable(tmp, data)
         _step("link", path)
         try:
             os.link(tmp, path)
@@ -258,6 +268,8 @@ def create_exclusive(path: Path, data: bytes) -> bool:
 
 def remove_file(path: Path) -> bool:
     """Remove a file; False if it was not there."""
+    if is_remote(path):
+        return _remote.remove_file(path)
     try:
         _step("unlink", path)
         os.unlink(path)
@@ -269,8 +281,12 @@ def remove_file(path: Path) -> bool:
 
 
 def rename_aside(path: Path, tag: str = "") -> Path | None:
-    """Atomically move ``path`` to a temporary name of this process (None if it was not there)."""
+    """Atomically move ``path`` to a temporary name of this process (None if it was not there).
+
+    At a remote path a copy and a delete: not atomic (see ``_remote``)."""
     aside = tmp_path(path, tag)
+    if is_remote(path):
+        return _remote.move(path, aside)
     try:
         _step("rename", path)
         os.rename(path, aside)
@@ -283,6 +299,8 @@ def rename_aside(path: Path, tag: str = "") -> Path | None:
 
 def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
     """Remove a folder and everything in it, file by file (a crash leaves a part, never a problem)."""
+    if is_remote(path):
+        return _remote.remove_tree(path, crash_site=crash_site)
     if not path.exists():
         return
     for position, item in enumerate(sorted(path.rglob("*"), reverse=True)):
@@ -308,7 +326,9 @@ def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
 
 
 def make_dir(path: Path) -> None:
-    """Create a folder (and its parents) if missing."""
+    """Create a folder (and its parents) if missing (object stores have no folders: nothing to do)."""
+    if is_remote(path):
+        return
     path = Path(path)
     if path.is_dir():
         return

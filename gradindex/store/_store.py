@@ -11,7 +11,8 @@ Layout (format ``gradindex/1``)::
       transforms/          optional query-side arrays of asymmetric methods, recorded in the manifest (_transforms.py)
 
 A shard's bytes are encoded in memory with the very array metadata of the store, then written to
-a temporary name, fsynced and renamed; only then is the shard's record written (also atomically).
+a temporary name, fsynced and renamed (at an fsspec URL: one PUT, see ``_remote``); only then is the
+shard's record written (also atomically).
 The manifest says ``complete`` only after every record exists and ``samples.parquet`` is durable.
 
 Every read is checked: the manifest against its own checksum, array metadata, shard files and
@@ -51,6 +52,7 @@ from gradindex._errors import (
     StoreNotFoundError,
 )
 from gradindex.store import _transforms
+from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
 from gradindex.store._atomic import (
     TMP_MARK,
     StoreWriteError,
@@ -182,7 +184,7 @@ def _sha256(data: bytes | memoryview) -> str:
 
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -231,9 +233,11 @@ def _array_metadata(layout: "StoreLayout") -> dict[str, bytes]:
 class GradientStore:
     """An opened store. Cheap to open; reads shards on demand."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: "Path | RemotePath", manifest: dict):
         self.path = path
         self.manifest = manifest
+        # seconds after which a remote shard claim counts as abandoned (None: GRADINDEX_CLAIM_TIMEOUT or 6 hours)
+        self.claim_timeout: float | None = None
         self.layout = StoreLayout.from_dict(manifest["layout"])
         self._features: zarr.Array | None = None
         self._self_influence: zarr.Array | None = None
@@ -334,7 +338,9 @@ class GradientStore:
         return f"{len(done)}/{self.n_shards} shards ({rows}/{self.n_samples} rows)"
 
     # ---- arrays -----------------------------------------------------------------------------
-    def _zarr_store(self) -> zarr.storage.LocalStore:
+    def _zarr_store(self) -> "zarr.storage.LocalStore | zarr.storage.FsspecStore":
+        if is_remote(self.path):
+            return self.path.zarr_store()
         return zarr.storage.LocalStore(self.path, read_only=True)
 
     @property
@@ -569,7 +575,7 @@ class GradientStore:
                 )
             same_host = holder.get("host") == socket.gethostname()
             mine_but_given_up = holder.get("pid") == os.getpid() and not in_use(path)  # an earlier failed build here could not remove it
-            if same_host and (mine_but_given_up or not pid_alive(int(holder.get("pid", -1)))):
+            if (same_host and (mine_but_given_up or not pid_alive(int(holder.get("pid", -1))))) or self._claim_expired(holder):
                 # A dead writer's claim: move it aside; only one contender's rename succeeds.
                 aside = rename_aside(path, "stale-")
                 if aside is not None:
@@ -581,6 +587,14 @@ class GradientStore:
                 f"(pid {holder.get('pid')} on {holder.get('host')}); give each worker disjoint shards with --shard I/N"
             )
         raise ShardOwnershipError(f"could not claim shard {shard} of {self.path}: another writer raced for it")
+
+    def _claim_expired(self, holder: dict) -> bool:
+        """A remote claim older than the claim timeout: its writer (on a machine we cannot look at) is taken as gone."""
+        if not is_remote(self.path):
+            return False
+        timeout = self.claim_timeout if self.claim_timeout is not None else claim_timeout()
+        stamp = holder.get("time")
+        return isinstance(stamp, (int, float)) and time.time() - stamp > timeout
 
     @staticmethod
     def _read_claim(path: Path) -> dict | None:
@@ -987,9 +1001,13 @@ def _seal(manifest: dict) -> str:
     return _sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _write_manifest(path: Path, manifest: dict) -> None:
+def _manifest_bytes(manifest: dict) -> bytes:
     group = {"zarr_format": 3, "node_type": "group", "attributes": {_MANIFEST_KEY: manifest, _SEAL_KEY: _seal(manifest)}}
-    write_bytes_atomic(path / "zarr.json", json.dumps(group, indent=1, sort_keys=True).encode())
+    return json.dumps(group, indent=1, sort_keys=True).encode()
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    write_bytes_atomic(path / "zarr.json", _manifest_bytes(manifest))
 
 
 def _remove_quietly(path: Path) -> None:
@@ -1000,8 +1018,12 @@ def _remove_quietly(path: Path) -> None:
 
 
 def sweep_orphans(path: str | Path) -> int:
-    """Remove what dead writers left beside a store: half-made stores and stores moved aside by --overwrite."""
-    path = Path(path)
+    """Remove what dead writers left beside a store: half-made stores and stores moved aside by --overwrite.
+
+    Nothing is ever written beside a remote store (it is made in place), so there is nothing to sweep."""
+    path = store_path(path)
+    if is_remote(path):
+        return 0
     removed = 0
     for item in sorted(path.parent.glob(f"{glob.escape(path.name)}{TMP_MARK}*")):
         if is_orphan(item):
@@ -1010,13 +1032,18 @@ def sweep_orphans(path: str | Path) -> int:
     return removed
 
 
-def create_store(path: str | Path, layout: StoreLayout, fingerprint: dict, *, extra: dict | None = None, overwrite: bool = False) -> GradientStore:
+def create_store(path: "str | Path | RemotePath", layout: StoreLayout, fingerprint: dict, *, extra: dict | None = None,
+                 overwrite: bool = False, storage_options: dict | None = None) -> GradientStore:
     """Create an empty store (state ``building``) with the given layout and fingerprint.
 
     The store is made whole under a temporary name and renamed into place, so it appears complete
     or not at all. With ``overwrite`` the old store is first moved aside (atomically), then deleted.
+    At a remote URL (no folder renames there) the store is made in place and its manifest, created
+    exclusively, is written last: until then it does not open as a store.
     """
-    path = Path(path)
+    path = store_path(path, storage_options)
+    if is_remote(path):
+        return _create_remote_store(path, layout, fingerprint, extra=extra, overwrite=overwrite)
     replaced = None
     if path.exists():
         if not overwrite:
@@ -1028,15 +1055,7 @@ def create_store(path: str | Path, layout: StoreLayout, fingerprint: dict, *, ex
         replaced = rename_aside(path, "old-")
     staging = tmp_path(path, "new-")
     metadata = _array_metadata(layout)
-    manifest = {
-        "format": FORMAT,
-        "state": "building",
-        "layout": layout.to_dict(),
-        "fingerprint": fingerprint,
-        "arrays": {name: _sha256(data) for name, data in metadata.items()},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **(extra or {}),
-    }
+    manifest = _new_manifest(layout, fingerprint, metadata, extra)
     try:
         for name, data in metadata.items():
             write_bytes_atomic(staging / name / "zarr.json", data)
@@ -1066,9 +1085,48 @@ def create_store(path: str | Path, layout: StoreLayout, fingerprint: dict, *, ex
     return GradientStore(path, manifest)
 
 
-def open_store(path: str | Path) -> GradientStore:
-    """Open an existing store (complete or not); raises StoreNotFoundError / CorruptStoreError."""
-    path = Path(path)
+def _new_manifest(layout: StoreLayout, fingerprint: dict, metadata: dict[str, bytes], extra: dict | None) -> dict:
+    return {
+        "format": FORMAT,
+        "state": "building",
+        "layout": layout.to_dict(),
+        "fingerprint": fingerprint,
+        "arrays": {name: _sha256(data) for name, data in metadata.items()},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
+    }
+
+
+def _create_remote_store(path: RemotePath, layout: StoreLayout, fingerprint: dict, *, extra: dict | None, overwrite: bool) -> GradientStore:
+    """``create_store`` at a URL: array metadata first, the manifest last and exclusively (one creator wins).
+
+    ``overwrite`` deletes the old store before the new one is written (an object store cannot swap a
+    folder atomically): stopped in between, the old store is gone and the new one not there yet.
+    """
+    meta = path / "zarr.json"
+    if meta.exists():
+        if not overwrite:
+            raise StoreExistsError(f"{path} already exists; pass --resume to continue its build or --overwrite to replace it")
+        remove_tree(path)
+    elif path.exists():
+        foreign = sorted({item.name for item in path.iterdir()} - {*_ARRAYS, _SHARD_DIR})
+        if foreign:
+            raise StoreExistsError(f"{path} exists and is not a gradindex store (it holds {foreign[0]}); refusing to delete it, choose another -o path")
+        remove_tree(path)  # what a creator stopped before its manifest left: never a store
+    metadata = _array_metadata(layout)
+    manifest = _new_manifest(layout, fingerprint, metadata, extra)
+    for name, data in metadata.items():
+        write_bytes_atomic(path / name / "zarr.json", data)
+    crash_point("create-before-rename")
+    if not create_exclusive(meta, _manifest_bytes(manifest)):
+        raise StoreExistsError(f"{path} was created by another writer meanwhile; pass --resume to continue its build")
+    return GradientStore(path, manifest)
+
+
+def open_store(path: "str | Path | RemotePath", *, storage_options: dict | None = None) -> GradientStore:
+    """Open an existing store (complete or not) at a local path or an fsspec URL (``s3://bucket/a.gradindex``);
+    raises StoreNotFoundError / CorruptStoreError. ``storage_options`` go to the URL's fsspec filesystem."""
+    path = store_path(path, storage_options)
     meta = path / "zarr.json"
     if not path.exists():
         raise StoreNotFoundError(f"no gradindex store at {path}; build one with `gradindex build ... -o {path}`")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gradindex._errors import CorruptStoreError, IncompleteStoreError
-from gradindex.store._atomic import create_exclusive, write_bytes_atomic
+from gradindex.store._atomic import create_exclusive, make_dir, write_bytes_atomic
 
 if TYPE_CHECKING:
     from gradindex.store._store import GradientStore
@@ -110,7 +110,7 @@ def write_transform(store: "GradientStore", name: str, array: np.ndarray, *, exc
     data = _encode(array)
     path = store.path / TRANSFORMS_DIR / f"{name}.npy"
     if exclusive:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(path.parent)
         if not create_exclusive(path, data):
             if name not in transform_records(store):
                 # the winner wrote the file but had not recorded it yet (or died in between): record what is there
@@ -187,7 +187,7 @@ def verify_transforms(store: "GradientStore") -> list[str]:
             problems.append(f"transform {name}: {record['file']} is missing")
             continue
         digest = hashlib.sha256()
-        with open(path, "rb") as handle:
+        with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
         if digest.hexdigest() != record["sha256"]:

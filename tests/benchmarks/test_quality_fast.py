@@ -22,7 +22,14 @@ HAS_TRAK = "trak" in gradindex.methods.METHODS
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    payload = run(fast=True, workdir=tmp_path_factory.mktemp("quality"))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny torch.func products (LiSSA): one thread avoids spin-waiting on a busy machine
+    try:
+        payload = run(fast=True, workdir=tmp_path_factory.mktemp("quality"))
+    finally:
+        torch.set_num_threads(threads)
     table = {}
     for row in payload["summary"]:
         table[(row["experiment"], row["setting"], row["method"], row.get("k"), row.get("kind"))] = row
@@ -39,7 +46,7 @@ def _metric(table, key, metric, kind=None):
 def test_every_configuration_reports_a_status(results):
     payload, _ = results
     for record in payload["records"]:
-        assert record["status"] == "ok" or record["status"].startswith("not run"), (record["method"], record["status"])
+        assert record["status"] == "ok" or record["status"].startswith(("not run", "skipped:")), (record["method"], record["status"])
     assert payload["load_average"]["start"] and payload["machine"]["cores"]
 
 
@@ -56,6 +63,7 @@ def test_exact_influence_predicts_leave_one_out(results):
     assert _metric(table, ("loo", "breast-cancer-lr", "if-exact", None), "pearson") >= 0.9  # measured 0.965
     assert _metric(table, ("loo", "breast-cancer-lr", "if-cg", None), "pearson") >= 0.9    # measured 0.965
     assert _metric(table, ("lds", "breast-cancer-lr", "if-exact", None), "lds_margin") >= 0.85  # measured 0.933
+    assert _metric(table, ("loo", "breast-cancer-lr", "if-lissa", None), "pearson") >= 0.8   # measured 0.904 (depth 1000)
 
 
 def test_tracin_quality(results):

@@ -101,37 +101,41 @@ def _spearman(task, checkpoints, kind, dim, seed):
 
 
 def test_kron_at_1024_tracks_exact_scores_on_the_cnn(tmp_path):
-    """The benchmark's two-conv CNN (20k parameters) on 28×28 digits: Spearman ≥ 0.95 to exact at k = 1024."""
+    """The benchmark's two-conv CNN (20k parameters) on 28×28 digits: Spearman ≥ 0.95 to exact at k = 1024.
+
+    Measured over seeds 0-4: flattened 0.976-0.99, per query 0.981-0.99."""
     task = kron_models.mnist_like_task("cnn", n_train=80, n_test=6)
     checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "cnn.pt", steps=40)]
-    flat, per_query, dim = _spearman(task, checkpoints, "kron", 1024, seed=0)
-    assert dim <= 1024
-    assert flat >= 0.95 and per_query >= 0.95, (flat, per_query)
+    kron = [_spearman(task, checkpoints, "kron", 1024, seed=seed) for seed in range(3)]
+    assert all(dim <= 1024 for _, _, dim in kron)
+    assert min(min(flat, per_query) for flat, per_query, _ in kron) >= 0.95, kron
 
 
 def test_kron_at_1024_tracks_exact_scores_on_the_mlp(tmp_path):
-    """The benchmark's 784-256-10 MLP (203k parameters): kron at k = 1024 beats flat JL projections of the same width.
+    """The benchmark's 784-256-10 MLP (203k parameters): Spearman ≥ 0.95 at k = 1024, above flat JL of the same width.
 
-    Measured over seeds: Spearman 0.90-0.97 (dense Rademacher about 0.8, sjlt about 0.8-0.9); the ≥ 0.95 target
-    is not met for every seed, so the bound here is what holds for all of them.
-    """
+    Measured over seeds 0-4: flattened 0.958-0.98, per query 0.964-0.99 (sjlt about 0.8-0.9; before the
+    calibrated plan and orthogonal sides, kron gave 0.90-0.97)."""
     task = kron_models.mnist_like_task("mlp", n_train=120, n_test=8)
     checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "mlp.pt", steps=100)]
     kron = [_spearman(task, checkpoints, "kron", 1024, seed=seed) for seed in range(3)]
     dense = _spearman(task, checkpoints, "sjlt", 1024, seed=0)
-    assert min(per_query for _, per_query, _ in kron) >= 0.85, kron
+    assert min(min(flat, per_query) for flat, per_query, _ in kron) >= 0.95, kron
     assert np.mean([per_query for _, per_query, _ in kron]) > dense[1], (kron, dense)
 
 
 def test_kron_tracks_exact_scores_on_a_transformer(tmp_path):
-    """A 2-layer transformer LM (28k parameters over 15 parameter groups): the weakest case for a factored projection."""
+    """A 2-layer transformer LM (28k parameters over 15 parameter groups): the weakest case for a factored projection.
+
+    The issue's ≥ 0.95 at k = 1024 is NOT reached here. Measured over seeds 0-4: flattened 0.85-0.89, per query
+    0.85-0.88 (before the calibrated plan and orthogonal sides: 0.69-0.80); the floor is what holds robustly.
+    Above 0.9 at k = 8192."""
     task = kron_models.task("lm", n_train=60, n_test=6)
     checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "lm.pt", steps=60)]
-    at_1024 = _spearman(task, checkpoints, "kron", 1024, seed=0)
+    at_1024 = [_spearman(task, checkpoints, "kron", 1024, seed=seed) for seed in range(2)]
     at_8192 = _spearman(task, checkpoints, "kron", 8192, seed=0)
-    # measured: about 0.75 at k = 1024 (a dense JL projection: about 0.9), above 0.9 at k = 8192
-    assert at_1024[0] >= 0.65, at_1024
-    assert at_8192[0] >= 0.9 and at_8192[0] > at_1024[0], at_8192
+    assert min(min(flat, per_query) for flat, per_query, _ in at_1024) >= 0.8, at_1024
+    assert at_8192[0] >= 0.9 and at_8192[0] > at_1024[0][0], at_8192
 
 
 def test_vectors_do_not_depend_on_batch_order_or_chunking(tmp_path):
@@ -263,9 +267,8 @@ class _SharedPositions(nn.Module):
 def test_a_module_shared_by_all_samples_is_refused(tmp_path):
     tokens = kron_models.tokens(6, seed=0)
     task = gradindex.Task(model=_SharedPositions, train=TensorDataset(tokens, torch.zeros(6, dtype=torch.int64)), loss=kron_models.lm_loss)
-    _, kron = _featurizers(task, _random_checkpoints(_SharedPositions, tmp_path, weights=(1.0,)), dim=128)
-    with pytest.raises(TaskSpecError, match="per-sample outputs, but module position"):
-        kron.featurize(task.train.tensors)
+    with pytest.raises(TaskSpecError, match="per-sample outputs, but module position"):  # found by the plan's calibration
+        _featurizers(task, _random_checkpoints(_SharedPositions, tmp_path, weights=(1.0,)), dim=128)
 
 
 def test_build_defaults_to_kron_and_its_queries_are_exact_at_full_rank(tmp_path):

@@ -3,6 +3,8 @@ against actual leave-one-out retraining."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from scipy.stats import pearsonr, spearmanr
@@ -11,6 +13,7 @@ from methods import closed_form_logreg
 import gradindex
 import tiny_tasks
 from gradindex import IncompatibleStoreError
+from gradindex._errors import GradIndexWarning
 from gradindex.index import brute_force_topk
 
 DAMPING = 0.001
@@ -81,6 +84,33 @@ def test_cg_and_lissa_agree_with_the_exact_solve(logreg, if_store):
     print(f"CG Pearson {np.round(cg_pearson, 5)}; LiSSA Pearson {np.round(lissa_pearson, 4)}")
     assert min(cg_pearson) >= 0.99 and min(lissa_pearson) >= 0.99
     np.testing.assert_allclose(cg, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+
+
+def test_lissa_warns_when_it_has_not_converged_and_names_the_knobs(logreg, if_store):
+    exact = logreg.influence(DAMPING, QUERIES[:2])
+    # a scale below half the largest eigenvalue (≈ 0.85 here): the recursion grows, not yet past the hard limit
+    with pytest.warns(GradIndexWarning, match=r"LiSSA did not converge \(scale 0.3.*is growing: raise --lissa-scale"):
+        _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 20, "lissa_scale": 0.3})
+    # far too few iterations for the smallest eigenvalues: converging, not converged
+    with pytest.warns(GradIndexWarning, match=r"raise --lissa-depth, or raise --damping"):
+        _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 5})
+    # far below the scale, it blows past any sensible magnitude: an error naming the same knobs
+    with pytest.raises(ValueError, match=r"LiSSA diverged \(scale 0.05.*raise --lissa-scale"):
+        _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 100, "lissa_scale": 0.05})
+    # a good setting: no warning, and the answer is right
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradIndexWarning)
+        good = _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa",
+                             method_options={"lissa_depth": 300, "lissa_batch_size": 256})
+    assert min(pearsonr(good[i], exact[i])[0] for i in range(2)) >= 0.99
+
+
+def test_a_lissa_build_records_its_convergence_in_the_store(logreg, tmp_path):
+    with pytest.warns(GradIndexWarning, match="LiSSA did not converge"):
+        store = gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "l.gradindex", method="if", projection="none",
+                                rows_per_shard=256, method_options={"solver": "lissa", "lissa_depth": 5, "damping": DAMPING})
+    changes = store.read_transform("lissa_relative_change")
+    assert changes.shape == (store.n_shards,) and (changes > 0.05).all()
 
 
 def test_influence_predicts_leave_one_out_retraining(logreg, if_store):
@@ -218,3 +248,36 @@ def test_arnoldi_workers_share_one_eigenbasis(logreg, tmp_path, monkeypatch):
     # queries read it too, and a resumed build of a complete store changes nothing
     assert gradindex.query(second, logreg.task, samples=[0], k=3).num_rows == 3
     assert gradindex.build(logreg.task, [logreg.checkpoint], path, resume=True, **options).complete
+
+
+def test_dense_gauss_newton_and_both_cg_operators_match_curvature_products():
+    """G from per-sample output Jacobians equals G from products with the identity (an MLP with a regulariser); CG through
+    per-iteration data passes (few right-hand sides) and through the formed matrix (many) both reach the exact solve."""
+    import torch
+
+    from gradindex.influence import Curvature
+    from gradindex.influence._solvers import CGSolver, ExactSolver
+    from gradindex.project import ParamPlan
+
+    base = tiny_tasks.mlp_task(n_train=50, n_test=4)
+    task = gradindex.Task(model=tiny_tasks.mlp, train=base.train, test=base.test,
+                          regularization=lambda model: 0.05 * sum((p ** 2).sum() for p in model.parameters()))
+    torch.manual_seed(3)
+    model = tiny_tasks.mlp()
+    state = {f"model.{name}": value.detach() for name, value in model.state_dict().items()}
+    names = [name for name, _ in model.named_parameters()]
+    plans = ParamPlan.layout([(name, value.shape) for name, value in model.named_parameters()])
+    curvature = Curvature(task, state, names, plans, kind="ggn", batch_size=16)
+    p = curvature.n_params
+    from_products = curvature._dense_from_products(torch.arange(p), 64)
+    from_jacobians = curvature.dense()
+    torch.testing.assert_close(from_jacobians, from_products, rtol=1e-5, atol=1e-6 * float(from_products.abs().max()))
+
+    rhs = torch.randn(3, p, generator=torch.Generator().manual_seed(0))
+    exact = ExactSolver(curvature).solve(rhs, 0.01)
+    cg = CGSolver(curvature, max_iter=200, tol=1e-8)
+    assert 1 * cg.max_iter < p <= 3 * cg.max_iter  # one row: data passes; three rows: the formed matrix
+    by_passes = torch.cat([cg.solve(row[None], 0.01) for row in rhs])
+    by_matrix = cg.solve(rhs, 0.01)
+    for solution in (by_passes, by_matrix):
+        torch.testing.assert_close(solution, exact, rtol=1e-3, atol=1e-4 * float(exact.abs().max()))

@@ -60,3 +60,15 @@ def test_method_option_mistakes_are_one_sentence(logreg, tmp_path):
     assert tracin.exit_code == 0, tracin.output
     damped = runner.invoke(cli, ["query", str(tmp_path / "t.gradindex"), "--samples", "0", "--damping", "0.1"])
     assert damped.exit_code == 1 and "damping applies to stores built with --method if / arnoldi / trak" in damped.output
+
+
+@pytest.mark.parametrize("method", ["trak", "if"])
+def test_kron_projection_is_refused_before_any_work(logreg, tmp_path, method):
+    store = tmp_path / f"{method}.gradindex"
+    result = CliRunner().invoke(cli, ["build", "--task", "breast-cancer", "--checkpoint", logreg.checkpoint, "-o", str(store),
+                                      "--method", method, "--projection", "kron"])
+    assert result.exit_code == 1
+    assert f"--projection kron is not available for --method {method} yet; use rademacher, gaussian, sjlt or none" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not store.exists()  # refused before the store was created
+

@@ -139,3 +139,29 @@ def test_trak_normalized_and_without_out_to_loss(tmp_path):
     np.testing.assert_allclose(_all_scores(store, task, [0, 1]), scores[:2] / weights, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(store.read_features(), axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(_self_scores(gradindex.self_influence(store), store.n_samples), self_scores / weights, rtol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["skip", "zero"])
+def test_nonfinite_rows_stay_out_of_the_gram_matrix(tmp_path, policy):
+    """A NaN gradient (NaN inputs) stored as a zero / skipped row must not make ΦᵀΦ NaN: the Gram matrix equals
+    the one built without those samples, and self-influence and queries stay finite."""
+    from torch.utils.data import TensorDataset
+
+    from reliability import rel_tasks
+
+    nan_task = rel_tasks.nan_task()
+    checkpoints = rel_tasks.save_checkpoints(tmp_path, count=2)
+    options = dict(method="trak", projection="rademacher", proj_dim=PROJ_DIM, dtype="float32", rows_per_shard=128)
+    store = gradindex.build(nan_task, checkpoints, tmp_path / f"{policy}.gradindex", nonfinite=policy, **options)
+    keep = np.setdiff1d(np.arange(len(nan_task.train)), rel_tasks.nan_rows())
+    x, y = nan_task.train.tensors
+    clean = gradindex.Task(model=nan_task.model, train=TensorDataset(x[keep], y[keep]), test=nan_task.test, name="clean")
+    reference = gradindex.build(clean, checkpoints, tmp_path / "clean.gradindex", **options)
+    gram = store.read_transform("trak_gram")
+    assert np.isfinite(gram).all()
+    np.testing.assert_allclose(gram, reference.read_transform("trak_gram"), rtol=1e-5, atol=1e-6 * np.abs(gram).max())
+    self_scores = gradindex.self_influence(store).column("score").to_numpy()
+    assert np.isfinite(self_scores).all()
+    table = gradindex.query(store, nan_task, samples=[0, 1], k=10)
+    assert np.isfinite(table.column("score").to_numpy()).all()
+    assert not set(table.column("row").to_numpy().tolist()) & set(rel_tasks.nan_rows())
