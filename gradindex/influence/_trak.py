@@ -29,7 +29,7 @@ from gradindex.featurize import LoadedCheckpoint
 from gradindex.featurize._grads import LossModule, to_device
 from gradindex.influence._base import _BuiltinMethod, batch_size_of, check_gradient_projection, row_dots, tree_slice
 from gradindex.project import ProjectionSpec
-from gradindex.task import Task, default_margin
+from gradindex.task import Task
 
 if TYPE_CHECKING:
     from gradindex.store import GradientStore
@@ -37,15 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["TrakFeaturizer", "GramInverse", "finish_trak", "trak_self_influence"]
 
 GRAM = "trak_gram"
-
-
-def _classification_margin(model: torch.nn.Module, batch: Sequence[Tensor]) -> Tensor:
-    """``default_margin`` without an in-place scatter, which vmap runs through a slow per-sample fallback."""
-    inputs, targets = batch[0], batch[1]
-    logits = model(inputs)
-    mask = targets.long().unsqueeze(-1) == torch.arange(logits.shape[-1], device=logits.device)
-    correct = (logits * mask).sum(dim=-1)
-    return correct - torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=-1)
 OUT_TO_LOSS = "trak_out_to_loss"
 
 
@@ -133,7 +124,7 @@ class TrakFeaturizer(_BuiltinMethod):
             raise ValueError("--method trak needs at least one checkpoint")
         model = self._setup("trak", task, layers=layers, normalize=normalize, device=device, options=options)
         self.checkpoints = list(checkpoints)
-        margin = _classification_margin if task.margin is default_margin else task.margin
+        margin = task.margin
         self._setup_gradients(model, margin, self.checkpoints)
         self._margin = LossModule(model, margin).eval()
         self._setup_projection(projection)
