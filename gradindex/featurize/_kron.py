@@ -395,10 +395,7 @@ def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, b
     batch = grad.shape[0]
     grad = grad.float()
     if kind == "embedding":
-        tokens = inputs.reshape(batch, -1)
-        grad = grad.reshape(batch, tokens.shape[1], -1)
-        if module.padding_idx is not None:
-            grad = grad * (tokens != module.padding_idx).unsqueeze(-1)
+        tokens, grad = _embedding_sides(module, inputs, grad)
         projected_grad = grad if p_out is None else grad @ p_out  # [B, T, k_out]
         if p_in is None:
             block = torch.zeros(batch, module.num_embeddings, projected_grad.shape[-1], dtype=torch.float32, device=grad.device)
@@ -426,17 +423,22 @@ def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, b
     return projected_grad.transpose(1, 2) @ projected_in
 
 
+def _embedding_sides(module: nn.Module, inputs: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """An embedding call as ``(tokens [B, T], g [B, T, dim])``, padding positions' gradients zeroed (their row gets none)."""
+    tokens = inputs.reshape(grad.shape[0], -1)
+    grad = grad.reshape(grad.shape[0], tokens.shape[1], -1)
+    if module.padding_idx is not None:
+        grad = grad * (tokens != module.padding_idx).unsqueeze(-1)
+    return tokens, grad
+
+
 def _sides(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, bias: bool) -> tuple[Tensor, Tensor]:
     """One call of one layer as ``(a, g)`` with ``G_b = Σ_t g_bt a_btᵀ``: ``a`` [B, T, in] (an embedding: its
     tokens [B, T]), ``g`` [B, T, out]; float32, the bias a trailing input column of ones."""
     batch = grad.shape[0]
     grad = grad.float()
     if kind == "embedding":
-        tokens = inputs.reshape(batch, -1)
-        grad = grad.reshape(batch, tokens.shape[1], -1)
-        if module.padding_idx is not None:
-            grad = grad * (tokens != module.padding_idx).unsqueeze(-1)
-        return tokens, grad
+        return _embedding_sides(module, inputs, grad)
     if kind == "conv":
         return _patches(module, inputs.float(), None, bias).flatten(2).transpose(1, 2), grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)
     inputs = inputs.float().reshape(batch, -1, inputs.shape[-1])
@@ -469,10 +471,8 @@ def _summed_gradient(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor,
     """The batch gradient Σ_b G_b of one layer call, ``[out_dim, in_dim]``: what autograd gives the weight (and bias)."""
     grad = grad.float()
     if kind == "embedding":
-        tokens = inputs.reshape(-1)
-        grad = grad.reshape(tokens.shape[0], -1)
-        if module.padding_idx is not None:
-            grad = grad * (tokens != module.padding_idx).unsqueeze(-1)
+        tokens, grad = _embedding_sides(module, inputs, grad)
+        tokens, grad = tokens.reshape(-1), grad.reshape(tokens.numel(), -1)
         summed = torch.zeros(module.num_embeddings, grad.shape[1], dtype=torch.float32, device=grad.device)
         return summed.index_add_(0, tokens, grad).T
     inputs = inputs.float()

@@ -119,7 +119,10 @@ class KronPlan:
         for layer, entry in zip(layers, recorded):
             k_in, k_out, sides = int(entry["k_in"]), int(entry["k_out"]), entry.get("sides", "gaussian")
             if not (1 <= k_in <= layer.in_dim and 1 <= k_out <= layer.out_dim) or sides not in SIDES:
-                raise ValueError(f"the recorded kron plan of {layer.name} is invalid: {entry}")
+                raise ValueError(
+                    f"the recorded kron plan of {layer.name} is invalid ({entry}): the store's manifest was edited or damaged; "
+                    "rebuild the store with --overwrite"
+                )
             plans.append(KronLayerPlan(layer, k_in, k_out, sides=sides))
         rest = rests[0] if rests else None
         return KronPlan(

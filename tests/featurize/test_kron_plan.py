@@ -30,6 +30,11 @@ def test_energies_move_dimensions_to_where_the_gradient_is():
         KronPlan.from_dict(entries, LAYERS[:1])
     with pytest.raises(ValueError, match="2 energies for 3 parameter groups"):
         plan_kron(1024, LAYERS, ("scale",), 1, energies=[1.0, 2.0])
+    damaged = [dict(entries[0], k_in=10_000), entries[1]]  # wider than the layer
+    with pytest.raises(ValueError, match=r"recorded kron plan of 0 is invalid .*edited or damaged; rebuild the store with --overwrite"):
+        KronPlan.from_dict(damaged, LAYERS)
+    with pytest.raises(ValueError, match="kron sides must be one of gaussian, orthogonal, got 'pca'"):
+        plan_kron(1024, LAYERS, sides="pca")
 
 
 def test_orthogonal_sides_have_orthogonal_columns_and_full_sides_are_the_identity():

@@ -292,3 +292,25 @@ def test_refused_credentials_are_one_sentence(local_store, monkeypatch):
     monkeypatch.setattr(fs, "exists", refuse)
     result = _cli("info", url)
     assert result.exit_code == 1 and f"reading {url} was refused" in result.output and "check the credentials" in result.output
+
+
+def test_a_bad_claim_timeout_names_the_variable_and_what_it_takes(monkeypatch):
+    from gradindex.store._remote import DEFAULT_CLAIM_TIMEOUT, claim_timeout
+
+    monkeypatch.delenv("GRADINDEX_CLAIM_TIMEOUT", raising=False)
+    assert claim_timeout() == DEFAULT_CLAIM_TIMEOUT
+    monkeypatch.setenv("GRADINDEX_CLAIM_TIMEOUT", "90")
+    assert claim_timeout() == 90.0
+    monkeypatch.setenv("GRADINDEX_CLAIM_TIMEOUT", "soon")
+    with pytest.raises(StorageError, match="GRADINDEX_CLAIM_TIMEOUT must be a number of seconds, got 'soon'"):
+        claim_timeout()
+    monkeypatch.setenv("GRADINDEX_CLAIM_TIMEOUT", "-5")
+    with pytest.raises(StorageError, match="GRADINDEX_CLAIM_TIMEOUT must be positive, got '-5'"):
+        claim_timeout()
+
+
+def test_a_claim_timeout_that_is_not_positive_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "a.gradindex"
+    with pytest.raises(ValueError, match="--claim-timeout must be a positive number of seconds, got 0"):
+        gradindex.build(MLP, [], out, claim_timeout=0, **OPTIONS)
+    assert not out.exists()
