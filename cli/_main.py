@@ -264,6 +264,8 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @click.option("--proj-dim", default=1024, show_default=True, type=click.IntRange(min=1), help="Projected dimension per checkpoint.")
 @click.option("--projection", default=None, type=click.Choice(["kron", "none", "rademacher", "gaussian", "sjlt"]),
               help="Projection kind [default: kron for tracin (factored per layer, no per-sample gradient formed), rademacher otherwise].")
+@click.option("--kron-sides", type=click.Choice(["pca", "orthogonal", "gaussian"]),
+              help="How kron projects each narrow layer side [default: pca: the top directions of 256 calibration samples' gradients, kept in the store; orthogonal/gaussian: seeded random].")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Projection seed.")
 @click.option("--layers", multiple=True, help="Only parameters whose names match this glob (repeatable), e.g. 'fc2.*'.")
 @click.option("--normalize", is_flag=True, help="Unit-normalise each checkpoint's vector (cosine scores).")
@@ -289,7 +291,7 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, seed, layers, normalize, dtype, batch_size, device, featurize_memory, compile_, autocast, rows_per_shard, shard, resume, overwrite, append, finalize_only, repair, nonfinite, claim_timeout, storage_options, summary_format, method_options):
+def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, kron_sides, seed, layers, normalize, dtype, batch_size, device, featurize_memory, compile_, autocast, rows_per_shard, shard, resume, overwrite, append, finalize_only, repair, nonfinite, claim_timeout, storage_options, summary_format, method_options):
     """Featurize the training set at each checkpoint and write a store.
 
     Several workers can build one store: each takes --shard I/N (or torchrun's RANK/WORLD_SIZE);
@@ -320,7 +322,7 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, see
             bad = gradindex.open_store(output, storage_options=storage_options).bad_shards()
             click.echo(f"repair: recomputing shard(s) {bad} of {output}" if bad else f"repair: every finished shard of {output} matches its checksum", err=True)
         store = gradindex.build(
-            task_spec, list(checkpoints), output, method=method, proj_dim=proj_dim, projection=projection, seed=seed,
+            task_spec, list(checkpoints), output, method=method, proj_dim=proj_dim, projection=projection, kron_sides=kron_sides, seed=seed,
             layers=tuple(layers) or None, normalize=normalize, dtype=dtype, batch_size=batch_size, device=device,
             rows_per_shard=rows_per_shard, shard=shard, resume=resume, overwrite=overwrite, progress=ctx.obj["progress"],
             append=append, repair=repair, nonfinite=nonfinite, method_options=method_options,

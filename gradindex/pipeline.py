@@ -28,6 +28,7 @@ from gradindex._errors import (
 )
 from gradindex.checkpoints import CheckpointSpec, file_sha256, parse_checkpoints
 from gradindex.featurize import Featurizer, iter_batches, labels_of, load_checkpoints, model_fingerprint, resolve_device
+from gradindex.featurize._featurizer import KRON_SIDES_TRANSFORM
 from gradindex.index import ExactIndex, search_blocks
 from gradindex.index._prefetch import prefetch_blocks, prefetch_depth, to_float32
 from gradindex._progress import progress_bar, track
@@ -72,6 +73,7 @@ class BuildConfig:
     method: str = "tracin"
     projection: str | None = None  # None: kron for tracin (the factored fast path), the ProjectionSpec default otherwise
     proj_dim: int = 1024
+    kron_sides: str | None = None  # kron: pca (None: the default), orthogonal or gaussian; the recorded plan keeps it
     seed: int = 0
     layers: tuple[str, ...] | None = None
     normalize: bool = False
@@ -106,7 +108,7 @@ class BuildConfig:
         self.projection_spec()  # validates kind, dim, seed
 
     def projection_spec(self) -> ProjectionSpec:
-        return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed)  # type: ignore[arg-type]
+        return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed, kron_sides=self.kron_sides)  # type: ignore[arg-type]
 
 
 # What a build does with a sample whose vector is NaN or infinite: stop (nothing written for its
@@ -403,7 +405,16 @@ def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | 
         recorded = ProjectionSpec.from_dict(open_store(output).fingerprint["projection"])
     except Exception:  # noqa: BLE001 - not readable (yet): the normal checks report it
         return None
-    return recorded if recorded == asked and recorded.plan is not None else None
+    if recorded != asked or recorded.plan is None:
+        return None
+    drawn = {entry.get("sides", "gaussian") for entry in recorded.plan
+             if "module" in entry and (entry["k_in"] < entry["in"] or entry["k_out"] < entry["out"])}
+    if asked.kron_sides is not None and drawn and asked.kron_sides not in drawn:
+        raise IncompatibleStoreError(
+            f"store {output} was built with kron sides {', '.join(sorted(drawn))}, not {asked.kron_sides}; "
+            f"continue it with --kron-sides {sorted(drawn)[0]} (or without --kron-sides), or rebuild with --overwrite"
+        )
+    return recorded
 
 
 def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -> tuple[GradientStore, int]:
@@ -415,9 +426,10 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
         raise IncompatibleStoreError(
             _mismatch_message(output, diffs, store.fingerprint, fingerprint, "Append with the store's settings, or rebuild with --overwrite.")
         )
-    if store.transforms():
+    from_rows = sorted(name for name in store.transforms() if name != KRON_SIDES_TRANSFORM)  # kron sides: from the first rows only
+    if from_rows:
         raise IncompatibleStoreError(
-            f"store {output} holds query-side transforms ({', '.join(sorted(store.transforms()))}) computed from every row; "
+            f"store {output} holds query-side transforms ({', '.join(from_rows)}) computed from every row; "
             "appending would invalidate them. Rebuild with --overwrite."
         )
     appended_from = store.manifest.get("appended_from") if not store.complete else store.n_samples

@@ -64,7 +64,8 @@ def _sum_loss(workload: Workload, per_sample: bool = False):
 # ---- gradindex ------------------------------------------------------------------------------------
 
 
-def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, chunk_bytes: int = 512 << 20) -> Runner:
+def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, chunk_bytes: int = 512 << 20, sides: str | None = None) -> Runner:
+    """gradindex's featurizer as a peer; ``sides`` picks kron's side matrices (None: the default, pca)."""
     if kind == "rademacher" and workload.name.startswith("transformer") and n_params(workload) > 10**6 and k >= 512:
         raise Unavailable(_DENSE_SKIP)
     import gradindex
@@ -75,7 +76,7 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
     task = gradindex.Task(model=workload.make_model, train=workload.train, loss=workload.loss)
     loaded = load_checkpoints(task, parse_checkpoints([f"{checkpoint}:1.0"]), torch.device("cpu"))
     started = time.perf_counter()
-    featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind=kind, dim=k, seed=0), chunk_bytes=chunk_bytes)
+    featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind=kind, dim=k, seed=0, kron_sides=sides), chunk_bytes=chunk_bytes)
     setup_s = time.perf_counter() - started
 
     def vectors(inputs, targets):
@@ -87,7 +88,8 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
         note += "; " + ", ".join(f"{e['module']} {e['k_out']}x{e['k_in']}" for e in plan if "module" in e)
         rest = [e for e in plan if "module" not in e and "dim" in e]
         note += (f"; rest {rest[0]['dim']} ({rest[0]['type']})" if rest else "") + f"; plan calibrated in {setup_s:.1f} s (untimed, once per build)"
-    return Runner(f"gradindex {kind}", vectors=vectors, note=note)
+        note += f"; {featurizer.kron.plan.layers[0].sides if featurizer.kron.plan.layers else 'no'} sides"
+    return Runner(f"gradindex {kind}" + (f" ({sides} sides)" if sides else ""), vectors=vectors, note=note)
 
 
 def exact_runner(workload: Workload, checkpoint: str) -> Runner:

@@ -122,7 +122,7 @@ def featurization(tiny: bool, k: int, only: list[str] | None, log=print) -> list
         checkpoint = str(Path(workdir) / f"{name}.pt")
         torch.save(workload.train_checkpoint(steps=steps, lr=learning_rates.get(name, 1e-3)).state_dict(), checkpoint)
         inputs, targets = workload.train.tensors
-        train_eval = (inputs[:n_eval], targets[:n_eval])
+        train_eval = (inputs[-n_eval:], targets[-n_eval:])  # held out from kron's calibration (the first 256 samples)
         test = workload.test.tensors
         log(f"[{name}] {_peers.n_params(workload):,} parameters, k={k}, batch {workload.batch_size}")
 
@@ -137,11 +137,12 @@ def featurization(tiny: bool, k: int, only: list[str] | None, log=print) -> list
         log(f"  training step: {train_rate:,.0f} samples/s")
 
         methods = [("gradindex kron", lambda: _peers.gradindex_runner("kron", workload, checkpoint, k)),
+                   ("gradindex kron (orthogonal sides)", lambda: _peers.gradindex_runner("kron", workload, checkpoint, k, sides="orthogonal")),
                    ("gradindex sjlt", lambda: _peers.gradindex_runner("sjlt", workload, checkpoint, k)),
                    ("gradindex rademacher", lambda: _peers.gradindex_runner("rademacher", workload, checkpoint, k))]
         methods += [(key, lambda key=key: _peers.PEERS[key](workload, checkpoint, k)) for key in _peers.PEERS]
         if name == "transformer-uniform":  # a control for the data, not another contest: gradindex's own projections only
-            methods = methods[:2]
+            methods = methods[:3]
         for label, prepare in methods:
             row = {"model": name, "method": label}
             try:

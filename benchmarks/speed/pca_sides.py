@@ -1,17 +1,19 @@
-"""Experiment (not a feature): kron with data-dependent side matrices (PCA of each layer's inputs and output
-gradients) against the shipped random (orthogonal) sides, Spearman of projected vs exact TracIn scores at k = 1024.
+"""Experiment behind the default ``--kron-sides pca``: Spearman of kron-projected vs exact TracIn scores at k = 1024
+with seeded orthogonal sides, pca sides (the shipped ones: gradient-energy-weighted second moments of each side over
+the 256 calibration samples) and unweighted pca sides (plain Σ a aᵀ, Σ g gᵀ).
 
-    python -m benchmarks.speed.pca_sides            # the test suite's MLP, CNN and 2-layer LM, 3 seeds each
+    python -m benchmarks.speed.pca_sides                 # test-suite models and benchmark workloads, 3 seeds
+    python -m benchmarks.speed.pca_sides --only bench    # only the benchmark workloads
 
-The PCA sides are the top-k eigenvectors of Σ a aᵀ (inputs, with the bias column) and Σ g gᵀ (output gradients)
-over the training set at the checkpoint, in the same per-layer plan (k_in × k_out) the build would use. They are
-data-dependent, so shipping them needs the matrices persisted in the store (``transforms/``) and read back by
-queries, resumed builds and other workers, never recomputed (eigenvectors of near-equal eigenvalues are not
-reproducible across machines). Prints one line per model and mode.
+Test-suite models (``tests/featurize``): 60-120 training samples, so calibration sees every scored sample.
+Benchmark workloads (``benchmarks/speed``): calibration on the first 256 training samples, scores on the last ones
+(held out from calibration), the sizes and training steps of ``python -m benchmarks.speed``.
+Prints one line per model and mode; writes nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -20,58 +22,91 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+import gradindex
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import TracInFeaturizer, load_checkpoints
-from gradindex.featurize._kron import _sides
+from gradindex.featurize._kron import KronGradients, _batch_size, _sides
 from gradindex.project import ProjectionSpec
+
+from benchmarks.speed._models import WORKLOADS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "featurize"))
 import kron_models  # noqa: E402  (the test suite's models)
 
-SETTINGS = {  # the sizes and training steps tests/featurize/test_kron.py uses
-    "mlp": (lambda: kron_models.mnist_like_task("mlp", n_train=120, n_test=8), 100),
-    "cnn": (lambda: kron_models.mnist_like_task("cnn", n_train=80, n_test=6), 40),
-    "lm": (lambda: kron_models.task("lm", n_train=60, n_test=6), 60),
+TEST_SETTINGS = {  # the sizes and training steps tests/featurize/test_kron.py uses
+    "test-mlp": (lambda: kron_models.mnist_like_task("mlp", n_train=120, n_test=8), 100),
+    "test-cnn": (lambda: kron_models.mnist_like_task("cnn", n_train=80, n_test=6), 40),
+    "test-lm": (lambda: kron_models.task("lm", n_train=60, n_test=6), 60),
+}
+BENCH_SETTINGS = {  # workload: (n_train, n_eval held out, n_test, steps, lr), as in benchmarks/speed/_run.py
+    "mlp": (1024, 512, 16, 300, 1e-3),
+    "cnn": (1024, 256, 16, 150, 1e-3),
+    "transformer": (512, 64, 6, 40, 3e-3),
 }
 
 
-def _pca_sides(featurizer: TracInFeaturizer, train: tuple, state: dict) -> None:
-    kron = featurizer.kron
-    calls = kron._forward_backward(train, state)
-    for plan in kron.plan.layers:
+def _unweighted_moments(self, batch, state, moments) -> None:
+    """``KronGradients.side_moments`` without the other side's energy as weight: plain Σ x xᵀ (token counts)."""
+    calls = self._forward_backward(batch, state)
+    self._check_per_sample(calls, _batch_size(batch))
+    for plan in self.plan.layers:
+        if plan.sides != "pca":
+            continue
         for inputs, grad in calls.get(plan.layer.name, []):
-            a, g = _sides(plan.layer.kind, kron.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
-            for side, x, k, width in (("in", a, plan.k_in, plan.layer.in_dim), ("out", g, plan.k_out, plan.layer.out_dim)):
-                if k >= width:
-                    continue
-                if plan.layer.kind == "embedding" and side == "in":
-                    x = torch.nn.functional.one_hot(x.long(), width).float()
-                x = x.reshape(-1, x.shape[-1]).double()
-                _, vectors = torch.linalg.eigh(x.T @ x)
-                kron._matrices[(0, plan.layer.name, side)] = vectors[:, -k:].float().contiguous()
+            a, g = _sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
+            for side, width, _ in plan.narrow_sides():
+                x = a if side == "in" else g
+                if side == "in" and plan.layer.kind == "embedding":
+                    found = torch.bincount(x.reshape(-1), minlength=width).double()
+                else:
+                    x = x.double().reshape(-1, width)
+                    found = x.T @ x
+                key = (plan.layer.name, side)
+                moments[key] = found if key not in moments else moments[key] + found
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    folder = Path(tempfile.mkdtemp(prefix="gi-pca-sides-"))
-    for name, (make_task, steps) in SETTINGS.items():
-        task = make_task()
-        checkpoint = kron_models.trained_checkpoint(task, folder / f"{name}.pt", steps=steps)
-        loaded = load_checkpoints(task, parse_checkpoints([checkpoint]), torch.device("cpu"))
-        train, test = task.train.tensors, task.test.tensors
-        exact_featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="none"))
-        exact = (exact_featurizer.featurize(test) @ exact_featurizer.featurize(train).T).numpy()
-        for mode in ("random", "pca"):
-            flat, per_query = [], []
+def _compare(name: str, task, checkpoint: str, train_eval: tuple, test: tuple) -> None:
+    loaded = load_checkpoints(task, parse_checkpoints([checkpoint]), torch.device("cpu"))
+    exact_featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="none"))
+    exact = (exact_featurizer.featurize(test) @ exact_featurizer.featurize(train_eval).T).numpy()
+    shipped = KronGradients.side_moments
+    for mode in ("orthogonal", "pca", "pca-unweighted"):
+        flat, per_query = [], []
+        KronGradients.side_moments = _unweighted_moments if mode == "pca-unweighted" else shipped
+        try:
             for seed in range(3):
-                featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=1024, seed=seed))
-                if mode == "pca":
-                    _pca_sides(featurizer, train, loaded[0].state)
-                scores = (featurizer.featurize(test) @ featurizer.featurize(train).T).numpy()
+                sides = mode.split("-")[0]
+                featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=1024, seed=seed, kron_sides=sides))
+                scores = (featurizer.featurize(test) @ featurizer.featurize(train_eval).T).numpy()
                 flat.append(spearmanr(exact.ravel(), scores.ravel()).statistic)
                 per_query.append(np.mean([spearmanr(exact[q], scores[q]).statistic for q in range(len(scores))]))
-            print(f"{name:4s} {mode:6s} dim {featurizer.dim}: Spearman flat min/mean {min(flat):.3f}/{np.mean(flat):.3f}, "
-                  f"per query min/mean {min(per_query):.3f}/{np.mean(per_query):.3f}", flush=True)
+                if mode != "orthogonal":
+                    break  # pca sides do not depend on the seed
+        finally:
+            KronGradients.side_moments = shipped
+        print(f"{name:12s} {mode:15s} dim {featurizer.dim}: Spearman flat min/mean {min(flat):.3f}/{np.mean(flat):.3f}, "
+              f"per query min/mean {min(per_query):.3f}/{np.mean(per_query):.3f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["tests", "bench"], help="only the test-suite models or only the benchmark workloads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="gi-pca-sides-"))
+    if args.only != "bench":
+        for name, (make_task, steps) in TEST_SETTINGS.items():
+            task = make_task()
+            checkpoint = kron_models.trained_checkpoint(task, folder / f"{name}.pt", steps=steps)
+            _compare(name, task, checkpoint, task.train.tensors, task.test.tensors)
+    if args.only != "tests":
+        for name, (n_train, n_eval, n_test, steps, lr) in BENCH_SETTINGS.items():
+            workload = WORKLOADS[name](n_train, n_test)
+            checkpoint = folder / f"{name}.pt"
+            torch.save(workload.train_checkpoint(steps=steps, lr=lr).state_dict(), checkpoint)
+            task = gradindex.Task(model=workload.make_model, train=workload.train, loss=workload.loss)
+            inputs, targets = workload.train.tensors
+            _compare(name, task, f"{checkpoint}:1.0", (inputs[-n_eval:], targets[-n_eval:]), workload.test.tensors)
 
 
 if __name__ == "__main__":

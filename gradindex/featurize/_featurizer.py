@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, default_collate
 
+from gradindex._errors import CorruptStoreError
 from gradindex.checkpoints import CheckpointSpec, file_sha256, load_into
 from gradindex.featurize._grads import PerSampleGradients, select_parameters, to_device
 from gradindex.featurize._kron import KronGradients
@@ -29,9 +30,11 @@ __all__ = [
 ]
 
 
-# the kron plan's calibration: the first samples of the training set, and how narrow sides are drawn
+# the kron plan's calibration: the first samples of the training set, and how narrow sides are drawn by default
 CALIBRATION_SAMPLES = 256
-KRON_SIDES = "orthogonal"
+KRON_SIDES = "pca"
+# the store transform that keeps the pca side matrices of a kron build (every checkpoint's, packed flat)
+KRON_SIDES_TRANSFORM = "kron_sides"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -95,6 +98,10 @@ class Featurizer(ABC):
     def fingerprint(self) -> dict:
         """Method, projection and parameters that fix what the vectors mean (recorded in the manifest)."""
 
+    def attach(self, store: Any) -> None:
+        """Load (or compute and write) what the featurizer keeps in the store's ``transforms/``; called by every
+        build worker before its first shard and by every query before its first batch."""
+
 
 class TracInFeaturizer(Featurizer):
     """TracIn-CP: φ(z) = concat_c √η_c · P_c ∇ℓ(z; θ_c), optionally unit-normalised per checkpoint block."""
@@ -136,7 +143,7 @@ class TracInFeaturizer(Featurizer):
             )
             self._states = [(ckpt.state, {}) for ckpt in self.checkpoints]
             if projection.plan is None and self.kron.needs_calibration:
-                self._calibrate()
+                self._calibrate(projection.kron_sides or KRON_SIDES)
             self.block_dim = self.kron.dim
             self.chunk_size = 0  # unknown until a first chunk has been measured
         else:
@@ -149,18 +156,19 @@ class TracInFeaturizer(Featurizer):
             self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
         self.dim = self.block_dim * len(self.checkpoints)
 
-    def _calibrate(self) -> None:
+    def _calibrate(self, sides: str) -> None:
         """Plan kron from what the gradients look like on the first ``CALIBRATION_SAMPLES`` training samples
-        (dataset order) at every checkpoint, so that k goes where the gradients are (see ``plan_kron``).
+        (dataset order) at every checkpoint, so that k goes where the gradients are (see ``plan_kron``); with
+        ``pca`` sides, a second pass over the same samples gives each narrow side its top directions.
 
         The JL variance of a TracIn-CP score is about Σ_l Σ_c η_c² E_lc² v_l (E_lc: the mean squared per-sample
         gradient norm of group l at checkpoint c, v_l its projection's relative variance), so each group's
         energy counts as √(Σ_c η_c² E_lc²); with ``normalize`` each checkpoint's energies count relative to
-        their total. Only a build calibrates:
-        the plan is recorded in the manifest, and every later use (queries, resumed or parallel workers,
-        appends) reads it from there.
+        their total. Only a build calibrates: the plan is recorded in the manifest and the pca matrices in the
+        store's ``transforms/kron_sides``, and every later use (queries, resumed or parallel workers, appends)
+        reads them from there (``attach``).
         """
-        rows = range(min(CALIBRATION_SAMPLES, len(self.task.train)))
+        rows = self._calibration_rows()
         if not len(rows):
             return
         contributions = []
@@ -172,7 +180,58 @@ class TracInFeaturizer(Featurizer):
             energies = [value / len(rows) for value in sums]
             total = sum(energies) if self.normalize else 1.0
             contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
-        self.kron.replan([math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))], sides=KRON_SIDES)
+        self.kron.replan([math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))], sides=sides)
+        self._calibrate_pca()
+
+    def _calibration_rows(self) -> range:
+        return range(min(CALIBRATION_SAMPLES, len(self.task.train)))
+
+    def _calibrate_pca(self) -> None:
+        """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples."""
+        if not self.kron.pca_shapes():
+            return
+        rows = self._calibration_rows()
+        for position, (params, _) in enumerate(self._states):
+            moments: dict = {}
+            for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
+                self.kron.side_moments(to_device(batch, self.device), params, moments)
+            for name, side, width, _ in self.kron.pca_shapes():
+                moments.setdefault((name, side), torch.zeros(width, width, dtype=torch.float64))  # a module that never ran
+            self.kron.set_pca_sides(position, moments)
+
+    def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
+        """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs them."""
+        return [(position, *shape) for position in range(len(self.checkpoints)) for shape in self.kron.pca_shapes()]
+
+    def attach(self, store: Any) -> None:
+        """Use the store's pca side matrices (``transforms/kron_sides``): the builder writes its own there first (the
+        first writer wins when several workers race); a worker joining before that calibrates and races too. Every
+        process, the builder included, then reads the store's copy, so every vector of the store and every query
+        vector uses the same matrices. A complete store without them is damaged (nothing is recomputed for a query)."""
+        if self.kron is None or not self.kron.pca_shapes():
+            return
+        layout = self._pca_layout()
+        if KRON_SIDES_TRANSFORM not in store.transforms():
+            if store.complete:
+                raise CorruptStoreError(
+                    f"store {store.path} was built with pca kron sides but holds no transforms/{KRON_SIDES_TRANSFORM}; "
+                    "rebuild it with --overwrite"
+                )
+            if any(self.kron.pca_matrix(c, name, side) is None for c, name, side, _, _ in layout):
+                self._calibrate_pca()
+            packed = np.concatenate([self.kron.pca_matrix(c, name, side).cpu().numpy().reshape(-1) for c, name, side, _, _ in layout])
+            store.write_transform(KRON_SIDES_TRANSFORM, packed.astype(np.float32), exclusive=True)
+        packed = store.read_transform(KRON_SIDES_TRANSFORM)
+        expected = sum(width * k for _, _, _, width, k in layout)
+        if packed.dtype != np.float32 or packed.shape != (expected,):
+            raise CorruptStoreError(
+                f"store {store.path}'s transforms/{KRON_SIDES_TRANSFORM} holds {packed.dtype} {list(packed.shape)}, but its kron plan "
+                f"needs float32 [{expected}]; rebuild it with --overwrite"
+            )
+        offset = 0
+        for c, name, side, width, k in layout:
+            self.kron.set_pca_matrix(c, name, side, torch.from_numpy(packed[offset : offset + width * k].copy()).reshape(width, k))
+            offset += width * k
 
     def fingerprint(self) -> dict:
         projection = self.projection.to_dict()

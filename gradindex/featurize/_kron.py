@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from gradindex._errors import TaskSpecError
 from gradindex.featurize._grads import LossModule, PerSampleGradients
 from gradindex.project import ParamPlan, ProjectionSpec, make_projector
-from gradindex.project._kron import KronLayer, KronPlan, kron_side_matrix, plan_kron
+from gradindex.project._kron import KronLayer, KronPlan, kron_side_matrix, pca_side_matrix, plan_kron
 
 __all__ = ["KronGradients", "find_kron_layers", "mixing_modules"]
 
@@ -217,6 +217,54 @@ class KronGradients:
             sums.append(float(self._rest_gradients(batch, state, calls, size).double().square().sum()))
         return sums
 
+    def side_moments(self, batch: Any, state: dict[str, Tensor], moments: dict[tuple[str, str], Tensor]) -> None:
+        """Add one batch's second moments of the narrow pca sides into ``moments`` ({(layer, side): float64 tensor}).
+
+        A side's moment is Σ_b Σ_t w_t x_t x_tᵀ over samples and positions (``x`` the layer's input ``a`` or output
+        gradient ``g``), each position weighted by the squared norm of its other side (``|g_t|²`` for the input,
+        ``|a_t|²`` for the output): for one position ``|G|² = |g|²|a|²``, so the top eigenvectors are the directions
+        that carry the most per-sample gradient energy, not merely the most activation. An embedding's input moment
+        is diagonal and kept as a vector: the gradient energy that reached each token's row.
+        """
+        calls = self._forward_backward(batch, state)
+        self._check_per_sample(calls, _batch_size(batch))
+        for plan in self.plan.layers:
+            if plan.sides != "pca":
+                continue
+            for inputs, grad in calls.get(plan.layer.name, []):
+                a, g = _sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
+                g = g.double()
+                grad_energy = g.square().sum(-1)  # [B, T]
+                for side, width, _ in plan.narrow_sides():
+                    key = (plan.layer.name, side)
+                    if side == "in" and plan.layer.kind == "embedding":
+                        found = torch.zeros(width, dtype=torch.float64, device=g.device).index_add_(0, a.reshape(-1), grad_energy.reshape(-1))
+                    elif side == "in":
+                        x = a.double().reshape(-1, width)
+                        found = x.T @ (x * grad_energy.reshape(-1, 1))
+                    else:
+                        weight = 1.0 if plan.layer.kind == "embedding" else a.double().square().sum(-1).reshape(-1, 1)
+                        x = g.reshape(-1, width)
+                        found = x.T @ (x * weight)
+                    moments[key] = found if key not in moments else moments[key] + found
+
+    def set_pca_sides(self, checkpoint: int, moments: dict[tuple[str, str], Tensor]) -> None:
+        """The pca side matrices of ``checkpoint`` from its calibration ``moments`` (see ``side_moments``)."""
+        for plan in self.plan.layers:
+            if plan.sides == "pca":
+                for side, _, k in plan.narrow_sides():
+                    self._matrices[(checkpoint, plan.layer.name, side)] = pca_side_matrix(moments[(plan.layer.name, side)], k).to(self.device)
+
+    def pca_shapes(self) -> list[tuple[str, str, int, int]]:
+        """``(layer, side, width, k)`` of every pca side matrix one checkpoint needs, in the order they are packed."""
+        return [(plan.layer.name, side, width, k) for plan in self.plan.layers if plan.sides == "pca" for side, width, k in plan.narrow_sides()]
+
+    def pca_matrix(self, checkpoint: int, layer: str, side: str) -> Tensor | None:
+        return self._matrices.get((checkpoint, layer, side))
+
+    def set_pca_matrix(self, checkpoint: int, layer: str, side: str, matrix: Tensor) -> None:
+        self._matrices[(checkpoint, layer, side)] = matrix.to(self.device, torch.float32)
+
     def plan_dict(self) -> list[dict]:
         entries = self.plan.to_dict()
         if self.mixing:
@@ -226,6 +274,11 @@ class KronGradients:
     def _side(self, checkpoint: int, plan, side: str) -> Tensor | None:
         key = (checkpoint, plan.layer.name, side)
         if key not in self._matrices:
+            if plan.sides == "pca" and (plan.k_in if side == "in" else plan.k_out) < (plan.layer.in_dim if side == "in" else plan.layer.out_dim):
+                raise RuntimeError(
+                    f"the pca side matrices of {plan.layer.name} are not loaded: they come from the build's calibration and are "
+                    "kept in the store (transforms/kron_sides); attach the featurizer to its store first"
+                )
             matrix = kron_side_matrix(self.spec.seed, checkpoint, plan.layer, side, plan.k_in if side == "in" else plan.k_out, plan.sides)
             self._matrices[key] = None if matrix is None else matrix.to(self.device)
         return self._matrices[key]

@@ -140,6 +140,9 @@ class _Symmetric(MethodFeaturizer):
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()
 
+    def attach(self, store: "GradientStore") -> None:
+        self.inner.attach(store)
+
     def __getattr__(self, name: str) -> Any:  # the wrapped featurizer's own attributes (task, plans, ...)
         if name == "inner":
             raise AttributeError(name)

@@ -46,6 +46,9 @@ class ProjectionSpec:
     # kron only: the per-layer plan a manifest recorded (its "plan" entries), used as is instead of being computed
     # again from calibration data. Not part of what was asked for: two specs differing only here compare equal.
     plan: tuple | None = field(default=None, compare=False)
+    # kron only: how a build draws the sides narrower than their width (gaussian, orthogonal or pca; None: the
+    # default). A planning choice like the energies: the plan records each layer's sides, and a recorded plan wins.
+    kron_sides: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -56,6 +59,13 @@ class ProjectionSpec:
             raise ValueError(f"projection seed must be non-negative, got {self.seed}")
         if self.sjlt_nnz <= 0:
             raise ValueError(f"sjlt_nnz must be positive, got {self.sjlt_nnz}")
+        if self.kron_sides is not None:
+            from gradindex.project._kron import SIDES
+
+            if self.kron_sides not in SIDES:
+                raise ValueError(f"kron sides must be one of {', '.join(SIDES)}, got {self.kron_sides!r}")
+            if self.kind != "kron":
+                raise ValueError(f"--kron-sides applies to --projection kron only, not {self.kind}")
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "sjlt_nnz": self.sjlt_nnz}

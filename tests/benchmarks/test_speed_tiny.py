@@ -19,10 +19,10 @@ def test_speed_benchmark_tiny_runs_every_method_side_by_side():
     assert {row["model"] for row in rows} == {"mlp", "cnn", "transformer", "transformer-uniform"}
     # the uniform-token control: gradindex's own projections and the training step only
     assert {row["method"] for row in rows if row["model"] == "transformer-uniform"} == {
-        "training step (SGD, reference)", "gradindex kron", "gradindex sjlt"}
+        "training step (SGD, reference)", "gradindex kron", "gradindex kron (orthogonal sides)", "gradindex sjlt"}
     for model in ("mlp", "cnn", "transformer"):
         mine = {row["method"]: row for row in rows if row["model"] == model}
-        for method in ("gradindex kron", "gradindex sjlt", "training step (SGD, reference)"):
+        for method in ("gradindex kron", "gradindex kron (orthogonal sides)", "gradindex sjlt", "training step (SGD, reference)"):
             assert mine[method]["samples_per_s"] > 0, (model, method, mine[method])
         kron = mine["gradindex kron"]
         assert -1 <= kron["spearman"] <= 1 and kron["x_training_step"] > 0

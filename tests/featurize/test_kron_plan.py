@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,9 @@ from featurize import kron_models
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import KronGradients, TracInFeaturizer, load_checkpoints
 from gradindex.pipeline import _query_featurizer
+from gradindex.store._store import _write_manifest
 from gradindex.project import KronLayer, KronPlan, ProjectionSpec, kron_side_matrix, plan_kron
+from gradindex.project._kron import PCA_MAX_WIDTH, pca_side_matrix
 
 LAYERS = [KronLayer("0", "linear", ("0.weight", "0.bias"), 785, 256), KronLayer("2", "linear", ("2.weight", "2.bias"), 257, 10)]
 
@@ -33,8 +36,33 @@ def test_energies_move_dimensions_to_where_the_gradient_is():
     damaged = [dict(entries[0], k_in=10_000), entries[1]]  # wider than the layer
     with pytest.raises(ValueError, match=r"recorded kron plan of 0 is invalid .*edited or damaged; rebuild the store with --overwrite"):
         KronPlan.from_dict(damaged, LAYERS)
-    with pytest.raises(ValueError, match="kron sides must be one of gaussian, orthogonal, got 'pca'"):
-        plan_kron(1024, LAYERS, sides="pca")
+    with pytest.raises(ValueError, match="kron sides must be one of gaussian, orthogonal, pca, got 'random'"):
+        plan_kron(1024, LAYERS, sides="random")
+    with pytest.raises(ValueError, match="--kron-sides applies to --projection kron only, not sjlt"):
+        ProjectionSpec(kind="sjlt", kron_sides="pca")
+    # pca sides: recorded per layer; a layer with a side too wide to decompose draws orthogonal sides instead
+    wide = KronLayer("head", "linear", ("head.weight",), 64, PCA_MAX_WIDTH + 1)
+    mixed = plan_kron(512, [LAYERS[0], wide], energies=[1.0, 1.0], sides="pca")
+    assert [plan.sides for plan in mixed.layers] == ["pca", "orthogonal"]
+    assert KronPlan.from_dict(mixed.to_dict(), [LAYERS[0], wide]) == mixed
+    with pytest.raises(ValueError, match="the pca sides of 0 come from calibration data"):
+        kron_side_matrix(3, 0, LAYERS[0], "in", 40, "pca")
+
+
+def test_pca_side_matrices_are_the_top_eigenvectors_with_fixed_signs():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=generator, dtype=torch.float64) * torch.tensor([5.0, 1.0, 3.0, 0.5, 2.0, 0.1], dtype=torch.float64)
+    moment = x.T @ x
+    side = pca_side_matrix(moment, 3)
+    assert side.shape == (6, 3) and side.dtype == torch.float32
+    torch.testing.assert_close(side.T @ side, torch.eye(3), atol=1e-6, rtol=0)
+    values = torch.linalg.eigvalsh(moment).flip(0)
+    torch.testing.assert_close(torch.diagonal(side.double().T @ moment @ side.double()), values[:3], rtol=1e-5, atol=0)
+    assert bool((side.gather(0, side.abs().argmax(0, keepdim=True)) > 0).all())  # each column's largest entry positive
+    assert torch.equal(pca_side_matrix(moment, 3), pca_side_matrix(-(-moment), 3))
+    # a diagonal moment (an embedding's per-token energies): the indicator columns of the k largest, ties to the lower index
+    counts = pca_side_matrix(torch.tensor([0.0, 5.0, 1.0, 5.0, 2.0]), 3)
+    assert counts.argmax(0).tolist() == [1, 3, 4] and counts.sum().item() == 3.0
 
 
 def test_orthogonal_sides_have_orthogonal_columns_and_full_sides_are_the_identity():
@@ -45,9 +73,17 @@ def test_orthogonal_sides_have_orthogonal_columns_and_full_sides_are_the_identit
 
 
 def _skew_calibration(monkeypatch):
-    """From here on, calibration finds nearly all the gradient energy in the first layer (as other data might)."""
-    energies = KronGradients.energies
+    """From here on, calibration finds nearly all the gradient energy in the first layer, and other top directions
+    on every side (as other data, or another machine's eigensolver, might)."""
+    energies, side_moments = KronGradients.energies, KronGradients.side_moments
+
+    def skewed_moments(self, batch, state, moments):
+        side_moments(self, batch, state, moments)
+        for key, value in moments.items():
+            moments[key] = value + torch.diag(torch.arange(value.shape[0], dtype=value.dtype, device=value.device)) * 1e3 if value.ndim == 2 else value.flip(0)
+
     monkeypatch.setattr(KronGradients, "energies", lambda self, *args: [value * (1e6 if group == 0 else 1.0) for group, value in enumerate(energies(self, *args))])
+    monkeypatch.setattr(KronGradients, "side_moments", skewed_moments)
 
 
 def _mlp_setup(tmp_path, n_train=40):
@@ -60,15 +96,20 @@ def test_queries_read_the_plan_from_the_manifest(tmp_path, monkeypatch):
     task, checkpoints = _mlp_setup(tmp_path)
     store = gradindex.build(task, checkpoints, tmp_path / "a.gradindex", proj_dim=256, dtype="float32", rows_per_shard=16)
     recorded = store.fingerprint["projection"]["plan"]
-    assert all(entry["sides"] == "orthogonal" for entry in recorded if "module" in entry)
-    # other calibration data would give another plan ...
+    assert all(entry["sides"] == "pca" for entry in recorded if "module" in entry)
+    assert "kron_sides" in store.transforms()
+    # other calibration data would give another plan and other pca sides ...
     _skew_calibration(monkeypatch)
     other = gradindex.build(task, checkpoints, tmp_path / "b.gradindex", proj_dim=256, dtype="float32")
     assert other.fingerprint["projection"]["plan"] != recorded
-    # ... but a query never calibrates: it featurizes with the store's plan and gets the stored vectors back
-    monkeypatch.setattr(TracInFeaturizer, "_calibrate", lambda self: pytest.fail("a query must not plan again"))
+    # ... but a query never calibrates: it featurizes with the store's plan and sides and gets the stored vectors back
+    monkeypatch.setattr(TracInFeaturizer, "_calibrate", lambda self, sides: pytest.fail("a query must not plan again"))
+    monkeypatch.setattr(TracInFeaturizer, "_calibrate_pca", lambda self: pytest.fail("a query must not compute pca sides"))
     featurizer, _ = _query_featurizer(store, task, None, torch.device("cpu"))
     assert featurizer.fingerprint()["projection"]["plan"] == recorded
+    with pytest.raises(RuntimeError, match=r"pca side matrices of 0 are not loaded: .* attach the featurizer to its store first"):
+        featurizer.featurize(task.train.tensors)
+    featurizer.attach(store)
     np.testing.assert_allclose(featurizer.featurize(task.train.tensors).numpy(), store.read_features(), rtol=1e-5, atol=1e-7)
     assert gradindex.query(store, task, samples=[0, 1], k=3).num_rows == 6
 
@@ -99,7 +140,7 @@ def test_a_plan_recorded_before_calibration_still_gives_its_vectors(tmp_path, mo
     assert all("sides" not in entry for entry in old_entries)
     recorded = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=256, plan=tuple(old_entries)))
     assert recorded.fingerprint()["projection"]["plan"] == old_entries
-    monkeypatch.setattr(TracInFeaturizer, "_calibrate", lambda self: None)  # the old behaviour: plan from shapes
+    monkeypatch.setattr(TracInFeaturizer, "_calibrate", lambda self, sides: None)  # the old behaviour: plan from shapes
     legacy = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=256))
     assert legacy.fingerprint()["projection"]["plan"] == old_entries
     inputs = task.train.tensors
@@ -137,3 +178,59 @@ def test_squared_norms_agree_through_grams_and_through_the_gradient():
     # the embedding's per-sample gradient: its rows, by token
     by_token = torch.stack([torch.zeros(4, 5).index_add_(0, tokens[b], g[b]) for b in range(2)])
     torch.testing.assert_close(_squared_norms("embedding", tokens, g, 4), by_token.square().sum((1, 2)).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_pca_side_moments_are_the_gradients_second_moments(tmp_path):
+    """For a layer applied once per sample (G_b = g_b a_bᵀ) the weighted moments are exact: Σ_b G_bᵀ G_b on the input
+    side and Σ_b G_b G_bᵀ on the output side, against the per-sample gradients of vmap."""
+    task, checkpoints = _mlp_setup(tmp_path, n_train=24)
+    loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
+    exact = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="none"))
+    kron = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=64))
+    vectors = exact.featurize(task.train.tensors).double()
+    moments: dict = {}
+    kron.kron.side_moments(task.train.tensors, loaded[0].state, moments)
+    plans = {plan.name: plan for plan in exact.plans}
+    checked = 0
+    for plan in kron.kron.plan.layers:
+        weight, bias = (plans[name] for name in plan.layer.params)
+        grads = torch.cat([vectors[:, weight.offset : weight.offset + weight.numel].reshape(-1, *weight.shape),
+                           vectors[:, bias.offset : bias.offset + bias.numel].unsqueeze(2)], dim=2)  # [B, out, in]
+        expected = {"in": torch.einsum("boi,boj->ij", grads, grads), "out": torch.einsum("boi,bpi->op", grads, grads)}
+        for side, _, _ in plan.narrow_sides():
+            torch.testing.assert_close(moments[(plan.layer.name, side)], expected[side], rtol=1e-4, atol=1e-8)
+            checked += 1
+    assert checked >= 2
+
+
+def test_a_damaged_or_missing_kron_sides_transform_is_named(tmp_path):
+    task, checkpoints = _mlp_setup(tmp_path)
+    store = gradindex.build(task, checkpoints, tmp_path / "a.gradindex", proj_dim=256, dtype="float32")
+    featurizer, _ = _query_featurizer(store, task, None, torch.device("cpu"))
+    packed = store.read_transform("kron_sides")
+    store.write_transform("kron_sides", packed[:-1])
+    with pytest.raises(gradindex.CorruptStoreError, match=r"kron_sides holds float32 \[\d+\], but its kron plan needs float32 \[\d+\]; rebuild it with --overwrite"):
+        featurizer.attach(store)
+    manifest = json.loads((store.path / "zarr.json").read_text())["attributes"]["gradindex"]
+    del manifest["transforms"]["kron_sides"]  # the manifest lost the record (an edited or half-copied store)
+    _write_manifest(store.path, manifest)
+    with pytest.raises(gradindex.CorruptStoreError, match="built with pca kron sides but holds no transforms/kron_sides; rebuild it with --overwrite"):
+        featurizer.attach(gradindex.open_store(store.path))
+
+
+def test_resuming_with_other_kron_sides_is_refused_and_appends_keep_the_sides(tmp_path):
+    task, checkpoints = _mlp_setup(tmp_path, n_train=40)
+    options = {"proj_dim": 256, "dtype": "float32", "rows_per_shard": 10}
+    gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(0, 2), **options)
+    with pytest.raises(gradindex.IncompatibleStoreError, match="built with kron sides pca, not orthogonal; continue it with --kron-sides pca"):
+        gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(1, 2), kron_sides="orthogonal", **options)
+    whole = gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(1, 2), kron_sides="pca", **options)
+    assert whole.complete
+    # an append featurizes the new rows with the store's sides: the same vectors a build of the grown set gives
+    grown = kron_models.task("mlp", n_train=50, n_test=4)
+    assert torch.equal(grown.train.tensors[0][:40], task.train.tensors[0])
+    appended = gradindex.build(grown, checkpoints, tmp_path / "split.gradindex", append=True, **options)
+    assert appended.complete and appended.n_samples == 50
+    featurizer, _ = _query_featurizer(appended, grown, None, torch.device("cpu"))
+    featurizer.attach(appended)
+    np.testing.assert_allclose(featurizer.featurize(grown.train.tensors).numpy(), appended.read_features(), rtol=1e-5, atol=1e-7)

@@ -302,5 +302,5 @@ def test_cli_index_info_and_query_with_the_index(tmp_path, mlp_checkpoints):
     assert again.exit_code == 1 and "already exists in" in again.output and "pass --overwrite" in again.output
     missing = runner.invoke(cli, ["query", str(store), "--samples", "0", "--nprobe", "3"])
     assert missing.exit_code == 1 and "--nprobe applies to an approximate index; pass --index NAME too" in missing.output
-    bad = runner.invoke(cli, ["index", str(store), "--factory", "IVF,PQ5"])
+    bad = runner.invoke(cli, ["index", str(store), "--factory", "IVF,PQ1000"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "faiss cannot make an index" in bad.output

@@ -18,6 +18,13 @@ GROW = str(Path(__file__).with_name("grow_tasks.py"))
 OPTIONS = {"proj_dim": 16, "rows_per_shard": 32}
 
 
+@pytest.fixture(autouse=True)
+def _calibration_within_the_first_rows(monkeypatch):
+    """kron calibrates (plan and pca sides) on the first CALIBRATION_SAMPLES rows: an append is byte-identical to a
+    whole build when the store already held them (any training set of 256+ samples); these sets are smaller."""
+    monkeypatch.setattr("gradindex.featurize._featurizer.CALIBRATION_SAMPLES", 64)
+
+
 def test_append_equals_a_whole_build_and_updates_indexes(tmp_path, mlp_checkpoints):
     store = gradindex.build(f"{GROW}:first_70", mlp_checkpoints, tmp_path / "s.gradindex", **OPTIONS)
     assert store.complete and store.n_samples == 70 and store.n_shards == 3  # the last shard is partial
