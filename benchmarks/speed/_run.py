@@ -331,7 +331,10 @@ def _markdown(payload: dict) -> str:
         "fastest peer whose flattened ρ is at least gradindex's (speed counts only at equal or better quality; 'none as "
         "accurate' when no peer reaches it). Peers that score a different quantity (Captum's TracInCPFast and Bergson on the "
         "CNN: final layer only) are shown, and count only through their ρ. gradindex kron's plan (k per layer, from gradient "
-        "energies on the first 256 training samples) is computed once per build, outside the timed loop; its time is in the note.",
+        "energies on the first 256 training samples) and its side matrices (default pca: each side's top directions on those "
+        "samples) are computed once per build, outside the timed loop; the time is in the note. ρ is measured on the last "
+        "training samples, which that calibration never saw. `gradindex kron (orthogonal sides)` is `--kron-sides orthogonal`: "
+        "seeded random sides, no data-dependent matrices.",
         "",
     ]
     columns = ["model", "method", "samples_per_s", "x_training_step", "x_fastest_peer", "fastest_peer_at_quality", "x_fastest_peer_at_quality",
