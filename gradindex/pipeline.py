@@ -29,6 +29,7 @@ from gradindex._errors import (
 from gradindex.checkpoints import CheckpointSpec, file_sha256, parse_checkpoints
 from gradindex.featurize import Featurizer, iter_batches, labels_of, load_checkpoints, model_fingerprint, resolve_device
 from gradindex.featurize._featurizer import KRON_SIDES_TRANSFORM
+from gradindex.featurize._loading import tensor_rows
 from gradindex.index import ExactIndex, search_blocks
 from gradindex.index._prefetch import prefetch_blocks, prefetch_depth, to_float32
 from gradindex._progress import progress_bar, track
@@ -173,6 +174,16 @@ class _ContentHash:
                     else:
                         _hash_leaf(digest, leaf)
         return self._collate(items)
+
+    def observe_columns(self, columns: Sequence[torch.Tensor]) -> None:
+        """Hash a batch handed over as its columns (a sliced ``TensorDataset``: one tensor per item position) exactly
+        as ``__call__`` hashes the same items one by one: the bytes of a slice are those of its rows stacked."""
+        while len(self._digests) < len(columns):
+            self._digests.append(hashlib.sha256())
+        for position, column in enumerate(columns):
+            self._signatures.add(f"{position} tensor {column.dtype} {tuple(column.shape[1:])}")
+            flat = column.detach().cpu().contiguous().reshape(-1)
+            self._digests[position].update(memoryview(flat.view(torch.uint8).numpy()))
 
     def hexdigest(self) -> str:
         final = hashlib.sha256("\n".join(sorted(self._signatures)).encode())
@@ -497,8 +508,12 @@ def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: Met
     labels: list[np.ndarray] = []
     position = 0
     content = _ContentHash(task.collate)
+    # a TensorDataset with the default collate is sliced, not loaded item by item (hashed from the slices, same digest)
+    sliced = task.collate is None and tensor_rows(task.train, range(start, stop)) is not None
     with torch.inference_mode(False), torch.enable_grad():
-        for batch in iter_batches(task.train, range(start, stop), _loader_batch_size(config, featurizer), content):
+        for batch in iter_batches(task.train, range(start, stop), _loader_batch_size(config, featurizer), None if sliced else content):
+            if sliced:
+                content.observe_columns(batch)
             vectors, scores = featurizer.featurize_train(batch)
             vectors = vectors.detach().cpu().numpy()
             if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:

@@ -170,3 +170,34 @@ def test_sharded_workers_complete_one_store(tmp_path, mlp_checkpoints):
     second = gradindex.build(MLP, mlp_checkpoints, target, proj_dim=16, rows_per_shard=25, shard=(0, 2))
     assert second.complete
     assert _store_bytes(target) == _store_bytes(reference.path)
+
+
+class _ItemByItem(torch.utils.data.Dataset):
+    """The same samples as a TensorDataset, served one item at a time (the DataLoader path, not slicing)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __len__(self):
+        return len(self.tensors[0])
+
+    def __getitem__(self, index):
+        return tuple(tensor[index] for tensor in self.tensors)
+
+
+def test_sliced_and_item_by_item_loading_give_the_same_store(tmp_path, mlp_checkpoints):
+    """A TensorDataset is sliced and hashed from its slices; any other data set is loaded and hashed item by item. The
+    same samples must give the same vectors and the same per-shard content hashes (resume checks them) either way."""
+    task = tiny_tasks.mlp_task()
+    options = {"projection": "none", "dtype": "float32", "rows_per_shard": 48, "batch_size": 20}
+    sliced = gradindex.build(task, mlp_checkpoints, tmp_path / "sliced.gradindex", **options)
+    items = gradindex.Task(model=task.model, train=_ItemByItem(task.train.tensors), name=task.name)
+    loaded = gradindex.build(items, mlp_checkpoints, tmp_path / "items.gradindex", **{**options, "batch_size": 13})
+    assert [record["content_sha256"] for record in sliced.manifest["shards"]] == [record["content_sha256"] for record in loaded.manifest["shards"]]
+    np.testing.assert_array_equal(sliced.read_features(), loaded.read_features())
+    # and an edited sample changes its shard's hash on the sliced path too
+    edited = gradindex.Task(model=task.model, train=torch.utils.data.TensorDataset(task.train.tensors[0].clone(), task.train.tensors[1]))
+    edited.train.tensors[0][50, 0] += 1.0
+    other = gradindex.build(edited, mlp_checkpoints, tmp_path / "edited.gradindex", **options)
+    changed = [a["content_sha256"] != b["content_sha256"] for a, b in zip(sliced.manifest["shards"], other.manifest["shards"])]
+    assert changed == [False, True, False]

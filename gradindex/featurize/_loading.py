@@ -16,12 +16,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
 
-__all__ = ["iter_batches"]
+__all__ = ["iter_batches", "tensor_rows"]
 
 _DONE = object()
 
 
-def _tensor_rows(dataset: Any, rows: Sequence[int] | range) -> tuple[tuple[torch.Tensor, ...], range] | None:
+def tensor_rows(dataset: Any, rows: Sequence[int] | range) -> tuple[tuple[torch.Tensor, ...], range] | None:
     """The tensors and a consecutive row range when ``dataset[rows]`` is plain slicing of tensors, else None."""
     offset = 0
     while isinstance(dataset, Subset):
@@ -100,7 +100,7 @@ def iter_batches(
 ) -> Iterator[Any]:
     """Collated batches of ``dataset[rows]`` in order; the next ones prepared while the caller works."""
     if collate is None and num_workers == 0:
-        sliced = _tensor_rows(dataset, rows)
+        sliced = tensor_rows(dataset, rows)
         if sliced is not None:
             tensors, span = sliced
             for start in range(span.start, span.stop, batch_size):

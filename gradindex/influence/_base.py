@@ -162,7 +162,10 @@ def as_method_featurizer(featurizer: Featurizer) -> MethodFeaturizer:
 
 
 def row_dots(left: Tensor, right: Tensor) -> Tensor:
-    """``[B, D] x [B, D] -> [B]`` float32 row-wise inner products, accumulated in float64."""
+    """``[B, D] x [B, D] -> [B]`` float32 row-wise inner products: squared norms (``left is right``, no cancellation)
+    by a float32 dot (relative error ~1e-7, 5× cheaper), other products accumulated in float64."""
+    if left is right and left.dtype == torch.float32:
+        return torch.linalg.vecdot(left, left)
     return (left.double() * right.double()).sum(dim=1).float()
 
 

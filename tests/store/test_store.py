@@ -81,6 +81,31 @@ def test_shard_bytes_do_not_depend_on_write_order(tmp_path):
             assert (tmp_path / "a.gradindex" / name).read_bytes() == (tmp_path / "b.gradindex" / name).read_bytes()
 
 
+def test_all_zero_shards_are_written_and_read_back(tmp_path):
+    """A shard whose vectors are all zero (zero gradients, every row zeroed as non-finite) still gets its files; it
+    once made zarr write nothing and the build stop with "touched 0 files"."""
+    features = np.zeros((12, 3), dtype=np.float32)
+    features[8:] = 1.5  # the last shard is not empty
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(12, 3, "float16", rows_per_shard=4), {})
+    _fill(store, features)
+    assert store.finalize()
+    reopened = open_store(tmp_path / "s.gradindex")
+    assert reopened.verify() == [] and (tmp_path / "s.gradindex" / "features" / "c" / "0" / "0").exists()
+    assert np.array_equal(reopened.read_features(), features.astype(np.float16))
+    assert reopened.self_influence()[1].tolist() == [0.0] * 8 + [6.75] * 4
+
+
+def test_float16_storage_casts_exactly_as_numpy():
+    """Stores cast float32 to float16 through torch (faster); the bytes must be numpy's, edge cases included."""
+    from gradindex.store._store import _cast
+
+    values = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32) * 10.0 ** np.arange(-9, 24, dtype=np.float32)[None, :].clip(max=1e4)
+    values[0, :9] = [65504, 65519, 65520, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -0.0, 1e-8, -6.1e-5]
+    with np.errstate(over="ignore"):
+        assert _cast(values, "float16").view(np.uint16).tobytes() == values.astype(np.float16).view(np.uint16).tobytes()
+    assert _cast(values, "float32") is values
+
+
 def test_a_live_writer_owns_its_shard(tmp_path):
     store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(10, 2, rows_per_shard=5), {})
     store.claim_shard(0, owner="first")
