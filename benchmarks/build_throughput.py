@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -62,13 +63,20 @@ def run(tiny: bool = False) -> dict:
     from gradindex.tasks import digits
 
     workdir = Path(tempfile.mkdtemp(prefix="gi-bench-build-"))
-    cases = [("digits MLP 64-32-10", digits(), 3), ("MLP 784-256-10", _mnist_like(2048), 3)]
     kinds = [kind for kind in _KINDS if kind != "none"]
+    # the 32k-sample case: kron only (the others take minutes per thousand samples), where fixed costs (calibration,
+    # store creation) no longer dominate
+    cases = [("digits MLP 64-32-10", digits(), 3, kinds), ("MLP 784-256-10", _mnist_like(2048), 3, kinds),
+             ("MLP 784-256-10", _mnist_like(32768), 3, ["kron"])]
     if tiny:  # keeps the code path alive in the test suite; the numbers mean nothing
-        cases, kinds = cases[:1], ["sjlt"]
+        cases = [(*cases[0][:3], ["sjlt"])]
     rows = []
     try:
-        for name, task, n_checkpoints in cases:
+        load = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        load = None
+    try:
+        for name, task, n_checkpoints, kinds in cases:
             if tiny:
                 inputs, targets = task.train.tensors
                 task = gradindex.Task(model=task.model, train=TensorDataset(inputs[:64], targets[:64]), name=task.name)
@@ -91,22 +99,32 @@ def run(tiny: bool = False) -> dict:
                     "checkpoints": n_checkpoints, "samples": store.n_samples, "seconds": round(seconds, 3),
                     "samples_per_s": rate, "train_step_samples_per_s": reference,
                     "train_step_time_ratio": (reference / rate) if reference else None,
+                    "per_checkpoint_ratio": (reference / rate / n_checkpoints) if reference else None,
                 })
                 print(f"{name:<22} {kind:<11} {rate:>10,.0f} samples/s (training step {reference or float('nan'):,.0f}/s)")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    payload = {"benchmark": "build_throughput", "tiny": tiny, "machine": machine(), "command": "python -m benchmarks.build_throughput" + (" --tiny" if tiny else ""), "rows": rows}
+    payload = {"benchmark": "build_throughput", "tiny": tiny, "machine": machine(), "load_average": load, "command": "python -m benchmarks.build_throughput" + (" --tiny" if tiny else ""), "rows": rows}
     if not tiny:
         save_json("build_throughput", payload)
-        body = (
-            "## Build throughput (issue 2 scaffold)\n\n"
-            f"`{payload['command']}` on {payload['machine']['cores']} cores ({payload['machine']['cpu']}), torch {payload['machine']['torch']}, {payload['machine']['date']}.\n"
-            "End-to-end `gradindex.build` (featurize all checkpoints + write the store), k = 1024 per checkpoint; "
-            "`train_step_time_ratio` = how many times slower than one plain SGD epoch over the same samples.\n\n"
-            + markdown_table(rows, ["model", "params", "projection", "k", "checkpoints", "samples", "samples_per_s", "train_step_samples_per_s", "train_step_time_ratio"])
-        )
-        update_section("build-throughput", body)
+        update_section("build-throughput", _markdown(payload))
     return payload
+
+
+def _markdown(payload: dict) -> str:
+    return (
+        "## Build throughput (issue 2 scaffold)\n\n"
+        f"`{payload['command']}` on {payload['machine']['cores']} cores ({payload['machine']['cpu']}), torch {payload['machine']['torch']}, "
+        f"{payload['machine']['date']}, load average at start {payload['load_average']}.\n"
+        "End-to-end `gradindex.build` (calibrate, featurize all checkpoints, hash the samples, write the store), k = 1024 per "
+        "checkpoint; `train_step_time_ratio` = how many times slower than one plain SGD epoch over the same samples, "
+        "`per_checkpoint_ratio` the same per checkpoint (a build featurizes every sample once per checkpoint). kron pays a "
+        "fixed cost once per build: its calibration on 256 samples per checkpoint (gradient energies, then the pca sides' "
+        "second moments and their eigendecompositions, about 0.7 s for the 784-256-10 MLP's three checkpoints), which "
+        "dominates the 2,048-sample row; the 32,768-sample row shows the per-sample rate.\n\n"
+        + markdown_table(payload["rows"], ["model", "params", "projection", "k", "checkpoints", "samples", "seconds", "samples_per_s",
+                                           "train_step_samples_per_s", "train_step_time_ratio", "per_checkpoint_ratio"])
+    )
 
 
 def main() -> None:
