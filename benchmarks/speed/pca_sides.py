@@ -45,23 +45,22 @@ BENCH_SETTINGS = {  # workload: (n_train, n_eval held out, n_test, steps, lr), a
 }
 
 
-def _unweighted_moments(self, batch, state, moments) -> None:
+def _unweighted_moments(self, batch, state, moments, keys=None) -> None:
     """``KronGradients.side_moments`` without the other side's energy as weight: plain Σ x xᵀ (token counts)."""
     calls = self._forward_backward(batch, state)
     self._check_per_sample(calls, _batch_size(batch))
     for plan in self.plan.layers:
-        if plan.sides != "pca":
-            continue
-        for inputs, grad in calls.get(plan.layer.name, []):
+        for inputs, grad in calls.get(plan.layer.name, []) if plan.sides == "pca" else []:
             a, g = _sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
             for side, width, _ in plan.narrow_sides():
-                x = a if side == "in" else g
-                if side == "in" and plan.layer.kind == "embedding":
-                    found = torch.bincount(x.reshape(-1), minlength=width).double()
-                else:
-                    x = x.double().reshape(-1, width)
-                    found = x.T @ x
                 key = (plan.layer.name, side)
+                if keys is not None and key not in keys:
+                    continue
+                if side == "in" and plan.layer.kind == "embedding":
+                    found = torch.bincount(a.reshape(-1), minlength=width).double()
+                else:
+                    x = (a if side == "in" else g).double().reshape(-1, width)
+                    found = x.T @ x
                 moments[key] = found if key not in moments else moments[key] + found
 
 

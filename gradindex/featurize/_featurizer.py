@@ -16,6 +16,7 @@ from gradindex._errors import CorruptStoreError
 from gradindex.checkpoints import CheckpointSpec, file_sha256, load_into
 from gradindex.featurize._grads import PerSampleGradients, select_parameters, to_device
 from gradindex.featurize._kron import KronGradients
+from gradindex.project._kron import pca_side_matrix
 from gradindex.project import ParamPlan, ProjectionSpec, make_projector
 from gradindex.task import Task
 
@@ -187,17 +188,31 @@ class TracInFeaturizer(Featurizer):
         return range(min(CALIBRATION_SAMPLES, len(self.task.train)))
 
     def _calibrate_pca(self) -> None:
-        """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples."""
-        if not self.kron.pca_shapes():
+        """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples. The float64
+        ``[width, width]`` moments are gathered a group of sides at a time, each group within ``chunk_bytes`` (one
+        more pass over the calibration samples per group), so wide models stay within the featurization budget."""
+        shapes = self.kron.pca_shapes()
+        if not shapes:
             return
+        groups: list[list] = [[]]
+        for shape in shapes:
+            size = 8 * shape[2] * (1 if self._diagonal_moment(shape) else shape[2])
+            if groups[-1] and sum(8 * other[2] * (1 if self._diagonal_moment(other) else other[2]) for other in groups[-1]) + size > self.chunk_bytes:
+                groups.append([])
+            groups[-1].append(shape)
         rows = self._calibration_rows()
         for position, (params, _) in enumerate(self._states):
-            moments: dict = {}
-            for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
-                self.kron.side_moments(to_device(batch, self.device), params, moments)
-            for name, side, width, _ in self.kron.pca_shapes():
-                moments.setdefault((name, side), torch.zeros(width, width, dtype=torch.float64))  # a module that never ran
-            self.kron.set_pca_sides(position, moments)
+            for group in groups:
+                moments: dict = {}
+                keys = {(name, side) for name, side, _, _ in group}
+                for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
+                    self.kron.side_moments(to_device(batch, self.device), params, moments, keys)
+                for name, side, width, k in group:
+                    moment = moments.get((name, side))  # None: the module never ran
+                    self.kron.set_pca_matrix(position, name, side, pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k))
+
+    def _diagonal_moment(self, shape: tuple[str, str, int, int]) -> bool:
+        return shape[1] == "in" and self.kron.layer_kind(shape[0]) == "embedding"
 
     def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
         """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs them."""

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from gradindex._errors import TaskSpecError
 from gradindex.featurize._grads import LossModule, PerSampleGradients
 from gradindex.project import ParamPlan, ProjectionSpec, make_projector
-from gradindex.project._kron import KronLayer, KronPlan, kron_side_matrix, pca_side_matrix, plan_kron
+from gradindex.project._kron import KronLayer, KronPlan, kron_side_matrix, plan_kron
 
 __all__ = ["KronGradients", "find_kron_layers", "mixing_modules"]
 
@@ -217,43 +217,47 @@ class KronGradients:
             sums.append(float(self._rest_gradients(batch, state, calls, size).double().square().sum()))
         return sums
 
-    def side_moments(self, batch: Any, state: dict[str, Tensor], moments: dict[tuple[str, str], Tensor]) -> None:
-        """Add one batch's second moments of the narrow pca sides into ``moments`` ({(layer, side): float64 tensor}).
+    def side_moments(self, batch: Any, state: dict[str, Tensor], moments: dict[tuple[str, str], Tensor],
+                     keys: set[tuple[str, str]] | None = None, block: int = 1 << 22) -> None:
+        """Add one batch's second moments of the narrow pca sides into ``moments`` ({(layer, side): float64 tensor}),
+        only those in ``keys`` when given (the caller bounds how many ``[width, width]`` moments live at once).
 
         A side's moment is Σ_b Σ_t w_t x_t x_tᵀ over samples and positions (``x`` the layer's input ``a`` or output
         gradient ``g``), each position weighted by the squared norm of its other side (``|g_t|²`` for the input,
         ``|a_t|²`` for the output): for one position ``|G|² = |g|²|a|²``, so the top eigenvectors are the directions
         that carry the most per-sample gradient energy, not merely the most activation. An embedding's input moment
-        is diagonal and kept as a vector: the gradient energy that reached each token's row.
+        is diagonal and kept as a vector: the gradient energy that reached each token's row. Positions are taken in
+        float64 blocks of about ``block`` numbers, so long sequences do not double their memory.
         """
         calls = self._forward_backward(batch, state)
         self._check_per_sample(calls, _batch_size(batch))
         for plan in self.plan.layers:
-            if plan.sides != "pca":
+            wanted = [(side, width) for side, width, _ in plan.narrow_sides() if keys is None or (plan.layer.name, side) in keys]
+            if plan.sides != "pca" or not wanted:
                 continue
             for inputs, grad in calls.get(plan.layer.name, []):
                 a, g = _sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
-                g = g.double()
-                grad_energy = g.square().sum(-1)  # [B, T]
-                for side, width, _ in plan.narrow_sides():
+                embedding = plan.layer.kind == "embedding"
+                a = a.reshape(-1) if embedding else a.reshape(-1, a.shape[-1])
+                g = g.reshape(-1, g.shape[-1])
+                step = max(1, block // max(g.shape[1], 1 if embedding else a.shape[1]))
+                for side, width in wanted:
                     key = (plan.layer.name, side)
-                    if side == "in" and plan.layer.kind == "embedding":
-                        found = torch.zeros(width, dtype=torch.float64, device=g.device).index_add_(0, a.reshape(-1), grad_energy.reshape(-1))
-                    elif side == "in":
-                        x = a.double().reshape(-1, width)
-                        found = x.T @ (x * grad_energy.reshape(-1, 1))
-                    else:
-                        weight = 1.0 if plan.layer.kind == "embedding" else a.double().square().sum(-1).reshape(-1, 1)
-                        x = g.reshape(-1, width)
-                        found = x.T @ (x * weight)
+                    found = torch.zeros(width, *(() if side == "in" and embedding else (width,)), dtype=torch.float64, device=g.device)
+                    for start in range(0, g.shape[0], step):
+                        g_part = g[start : start + step].double()
+                        if side == "in" and embedding:
+                            found.index_add_(0, a[start : start + step], g_part.square().sum(-1))
+                        elif side == "in":
+                            x = a[start : start + step].double()
+                            found.addmm_(x.T, x * g_part.square().sum(-1, keepdim=True))
+                        else:
+                            weight = 1.0 if embedding else a[start : start + step].double().square().sum(-1, keepdim=True)
+                            found.addmm_(g_part.T, g_part * weight)
                     moments[key] = found if key not in moments else moments[key] + found
 
-    def set_pca_sides(self, checkpoint: int, moments: dict[tuple[str, str], Tensor]) -> None:
-        """The pca side matrices of ``checkpoint`` from its calibration ``moments`` (see ``side_moments``)."""
-        for plan in self.plan.layers:
-            if plan.sides == "pca":
-                for side, _, k in plan.narrow_sides():
-                    self._matrices[(checkpoint, plan.layer.name, side)] = pca_side_matrix(moments[(plan.layer.name, side)], k).to(self.device)
+    def layer_kind(self, name: str) -> str:
+        return next(plan.layer.kind for plan in self.plan.layers if plan.layer.name == name)
 
     def pca_shapes(self) -> list[tuple[str, str, int, int]]:
         """``(layer, side, width, k)`` of every pca side matrix one checkpoint needs, in the order they are packed."""

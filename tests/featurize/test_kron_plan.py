@@ -77,8 +77,8 @@ def _skew_calibration(monkeypatch):
     on every side (as other data, or another machine's eigensolver, might)."""
     energies, side_moments = KronGradients.energies, KronGradients.side_moments
 
-    def skewed_moments(self, batch, state, moments):
-        side_moments(self, batch, state, moments)
+    def skewed_moments(self, batch, state, moments, *args):
+        side_moments(self, batch, state, moments, *args)
         for key, value in moments.items():
             moments[key] = value + torch.diag(torch.arange(value.shape[0], dtype=value.dtype, device=value.device)) * 1e3 if value.ndim == 2 else value.flip(0)
 
@@ -234,3 +234,24 @@ def test_resuming_with_other_kron_sides_is_refused_and_appends_keep_the_sides(tm
     featurizer, _ = _query_featurizer(appended, grown, None, torch.device("cpu"))
     featurizer.attach(appended)
     np.testing.assert_allclose(featurizer.featurize(grown.train.tensors).numpy(), appended.read_features(), rtol=1e-5, atol=1e-7)
+
+
+def test_pca_moments_in_blocks_and_groups_match_one_pass(tmp_path):
+    """Bounded memory: moments taken a few positions at a time, and sides gathered a group at a time under a small
+    featurization budget, give the same moments and the same pca vectors as one pass over everything."""
+    task = kron_models.task("lm", n_train=20, n_test=2)
+    checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "lm.pt", steps=5)]
+    loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
+    whole = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=128))
+    shapes = whole.kron.pca_shapes()
+    assert len(shapes) >= 4 and any(whole._diagonal_moment(shape) for shape in shapes)  # the embedding's token side too
+    one, blocked = {}, {}
+    whole.kron.side_moments(task.train.tensors, loaded[0].state, one)
+    whole.kron.side_moments(task.train.tensors, loaded[0].state, blocked, block=7)
+    assert one.keys() == blocked.keys() == {(name, side) for name, side, _, _ in shapes}
+    for key in one:
+        torch.testing.assert_close(blocked[key], one[key], rtol=1e-9, atol=1e-12)
+    grouped = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=128), chunk_bytes=1)  # one side per pass
+    assert grouped.fingerprint()["projection"]["plan"] == whole.fingerprint()["projection"]["plan"]
+    inputs = task.train.tensors
+    torch.testing.assert_close(grouped.featurize(inputs), whole.featurize(inputs), rtol=1e-4, atol=1e-6)
