@@ -113,6 +113,21 @@ def test_memory_store_equals_local(local_store):
     np.testing.assert_array_equal(gradindex.open_store(url).features_array[:], local.features_array[:])
 
 
+def test_kron_pca_sides_travel_with_a_remote_store(local_store, tmp_path):
+    """The default projection's pca side matrices live in the store (transforms/kron_sides): two workers of a remote
+    build share one copy, and the remote store equals the local build byte for byte, queries included."""
+    _, checkpoints = local_store
+    kron = {"proj_dim": 64, "rows_per_shard": 20}
+    local = gradindex.build(MLP, checkpoints, tmp_path / "kron.gradindex", progress=False, **kron)
+    assert "kron_sides" in local.transforms()
+    url = f"memory://gradindex-{uuid.uuid4().hex[:8]}/kron.gradindex"
+    gradindex.build(MLP, checkpoints, url, shard=(0, 2), progress=False, **kron)
+    remote = gradindex.build(MLP, checkpoints, url, shard=(1, 2), progress=False, **kron)
+    assert remote.complete
+    assert_same_store(local.path, url)
+    assert _query(url).equals(_query(local.path))
+
+
 def test_remote_claims_expire_and_name_their_owner(monkeypatch):
     url = f"memory://gradindex-{uuid.uuid4().hex[:8]}/claims.gradindex"
     store = create_store(url, StoreLayout(n_samples=40, dim=4, rows_per_shard=20, rows_per_chunk=20), {"fingerprint": 1})
