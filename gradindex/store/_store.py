@@ -747,6 +747,10 @@ class GradientStore:
         write_bytes_atomic(self.path / "samples.parquet", samples_bytes)
         crash_point("finalize-before-manifest")
         manifest = dict(self.manifest)
+        # transforms another worker recorded after this one opened the store (kron's pca sides, Arnoldi's eigenbasis)
+        transforms = _transforms.transform_records(self)
+        if transforms:
+            manifest["transforms"] = transforms
         manifest["state"] = "complete"
         manifest["shards"] = records
         manifest["samples_sha256"] = _sha256(samples_bytes)

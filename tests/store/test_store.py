@@ -106,6 +106,21 @@ def test_float16_storage_casts_exactly_as_numpy():
     assert _cast(values, "float32") is values
 
 
+def test_finalizing_keeps_transforms_another_worker_recorded(tmp_path):
+    """Worker B opened the store before worker A recorded a transform (kron's pca sides are written by whichever
+    worker attaches first); B finishing the build must not drop A's record from the manifest."""
+    features = np.random.default_rng(1).standard_normal((8, 2)).astype(np.float32)
+    worker_a = create_store(tmp_path / "s.gradindex", StoreLayout.auto(8, 2, "float32", rows_per_shard=4), {})
+    worker_b = open_store(tmp_path / "s.gradindex")
+    assert worker_a.write_transform("kron_sides", np.arange(6, dtype=np.float32), exclusive=True)
+    _fill(worker_b, features)
+    assert worker_b.finalize()
+    reopened = open_store(tmp_path / "s.gradindex")
+    assert reopened.complete and sorted(reopened.transforms()) == ["kron_sides"]
+    assert np.array_equal(reopened.read_transform("kron_sides"), np.arange(6, dtype=np.float32))
+    assert reopened.verify() == []
+
+
 def test_a_live_writer_owns_its_shard(tmp_path):
     store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(10, 2, rows_per_shard=5), {})
     store.claim_shard(0, owner="first")
