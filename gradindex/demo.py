@@ -70,7 +70,7 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
     build_started = time.perf_counter()
     store = gradindex.build(
         task_spec, [f"{c.path}:{c.lr}" for c in checkpoints], store_path,
-        proj_dim=1024, projection="rademacher", overwrite=True, progress=progress,
+        proj_dim=1024, overwrite=True, progress=progress,
     )
     build_seconds = time.perf_counter() - build_started
     echo(f"built {store_path} ({store.n_samples} x {store.dim} {store.dtype}) in {build_seconds:.1f}s")
