@@ -195,11 +195,14 @@ class TracInFeaturizer(Featurizer):
         if not shapes:
             return
         groups: list[list] = [[]]
+        used = 0
         for shape in shapes:
-            size = 8 * shape[2] * (1 if self._diagonal_moment(shape) else shape[2])
-            if groups[-1] and sum(8 * other[2] * (1 if self._diagonal_moment(other) else other[2]) for other in groups[-1]) + size > self.chunk_bytes:
+            size = 8 * shape[2] * (1 if self._diagonal_moment(shape) else shape[2])  # float64 [width] or [width, width]
+            if groups[-1] and used + size > self.chunk_bytes:
                 groups.append([])
+                used = 0
             groups[-1].append(shape)
+            used += size
         rows = self._calibration_rows()
         for position, (params, _) in enumerate(self._states):
             for group in groups:
