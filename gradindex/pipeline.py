@@ -153,8 +153,7 @@ class _ContentHash:
     def __call__(self, items: list) -> Any:
         rows = [list(item) if isinstance(item, (tuple, list)) else torch.utils._pytree.tree_leaves(item) for item in items]
         width = max(len(row) for row in rows)
-        while len(self._digests) < width:
-            self._digests.append(hashlib.sha256())
+        self._widen(width)
         if any(len(row) != width for row in rows):
             self._signatures.add(f"ragged {[len(row) for row in rows]}")
         for position in range(width):
@@ -162,10 +161,8 @@ class _ContentHash:
             digest = self._digests[position]
             first = column[0]
             if isinstance(first, torch.Tensor) and all(isinstance(leaf, torch.Tensor) and leaf.shape == first.shape and leaf.dtype == first.dtype for leaf in column):
-                self._signatures.add(f"{position} tensor {first.dtype} {tuple(first.shape)}")
                 with torch.no_grad():
-                    stacked = torch.stack(column).cpu().contiguous().reshape(-1)
-                digest.update(memoryview(stacked.view(torch.uint8).numpy()))
+                    self._hash_column(position, torch.stack(column))
             else:
                 for leaf in column:
                     if isinstance(leaf, (tuple, list, dict)):
@@ -178,12 +175,19 @@ class _ContentHash:
     def observe_columns(self, columns: Sequence[torch.Tensor]) -> None:
         """Hash a batch handed over as its columns (a sliced ``TensorDataset``: one tensor per item position) exactly
         as ``__call__`` hashes the same items one by one: the bytes of a slice are those of its rows stacked."""
-        while len(self._digests) < len(columns):
-            self._digests.append(hashlib.sha256())
+        self._widen(len(columns))
         for position, column in enumerate(columns):
-            self._signatures.add(f"{position} tensor {column.dtype} {tuple(column.shape[1:])}")
-            flat = column.detach().cpu().contiguous().reshape(-1)
-            self._digests[position].update(memoryview(flat.view(torch.uint8).numpy()))
+            self._hash_column(position, column)
+
+    def _widen(self, width: int) -> None:
+        while len(self._digests) < width:
+            self._digests.append(hashlib.sha256())
+
+    def _hash_column(self, position: int, column: torch.Tensor) -> None:
+        """One item position of a batch, ``[B, *item shape]``: its signature and its bytes."""
+        self._signatures.add(f"{position} tensor {column.dtype} {tuple(column.shape[1:])}")
+        flat = column.detach().cpu().contiguous().reshape(-1)
+        self._digests[position].update(memoryview(flat.view(torch.uint8).numpy()))
 
     def hexdigest(self) -> str:
         final = hashlib.sha256("\n".join(sorted(self._signatures)).encode())
@@ -420,10 +424,12 @@ def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | 
         return None
     drawn = {entry.get("sides", "gaussian") for entry in recorded.plan
              if "module" in entry and (entry["k_in"] < entry["in"] or entry["k_out"] < entry["out"])}
-    if asked.kron_sides is not None and drawn and asked.kron_sides not in drawn:
+    # pca plans draw orthogonal sides for layers too wide to decompose: such a store was built with pca
+    built = "pca" if "pca" in drawn else min(drawn, default=None)
+    if asked.kron_sides is not None and built is not None and asked.kron_sides != built:
         raise IncompatibleStoreError(
-            f"store {output} was built with kron sides {', '.join(sorted(drawn))}, not {asked.kron_sides}; "
-            f"continue it with --kron-sides {sorted(drawn)[0]} (or without --kron-sides), or rebuild with --overwrite"
+            f"store {output} was built with kron sides {built}, not {asked.kron_sides}; "
+            f"continue it with --kron-sides {built} (or without --kron-sides), or rebuild with --overwrite"
         )
     return recorded
 

@@ -191,18 +191,7 @@ class TracInFeaturizer(Featurizer):
         """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples. The float64
         ``[width, width]`` moments are gathered a group of sides at a time, each group within ``chunk_bytes`` (one
         more pass over the calibration samples per group), so wide models stay within the featurization budget."""
-        shapes = self.kron.pca_shapes()
-        if not shapes:
-            return
-        groups: list[list] = [[]]
-        used = 0
-        for shape in shapes:
-            size = 8 * shape[2] * (1 if self._diagonal_moment(shape) else shape[2])  # float64 [width] or [width, width]
-            if groups[-1] and used + size > self.chunk_bytes:
-                groups.append([])
-                used = 0
-            groups[-1].append(shape)
-            used += size
+        groups = self.kron.pca_groups(self.chunk_bytes)
         rows = self._calibration_rows()
         for position, (params, _) in enumerate(self._states):
             for group in groups:
@@ -213,9 +202,6 @@ class TracInFeaturizer(Featurizer):
                 for name, side, width, k in group:
                     moment = moments.get((name, side))  # None: the module never ran
                     self.kron.set_pca_matrix(position, name, side, pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k))
-
-    def _diagonal_moment(self, shape: tuple[str, str, int, int]) -> bool:
-        return shape[1] == "in" and self.kron.layer_kind(shape[0]) == "embedding"
 
     def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
         """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs them."""

@@ -256,8 +256,22 @@ class KronGradients:
                             found.addmm_(g_part.T, g_part * weight)
                     moments[key] = found if key not in moments else moments[key] + found
 
-    def layer_kind(self, name: str) -> str:
-        return next(plan.layer.kind for plan in self.plan.layers if plan.layer.name == name)
+    def pca_groups(self, budget: int) -> list[list[tuple[str, str, int, int]]]:
+        """``pca_shapes`` cut into groups whose float64 moments (``[width, width]``; an embedding's input side, diagonal:
+        ``[width]``) take at most ``budget`` bytes together; a side larger than that is a group of its own."""
+        groups: list[list[tuple[str, str, int, int]]] = [[]]
+        used = 0
+        for plan in self.plan.layers:
+            if plan.sides != "pca":
+                continue
+            for side, width, k in plan.narrow_sides():
+                size = 8 * width * (1 if side == "in" and plan.layer.kind == "embedding" else width)
+                if groups[-1] and used + size > budget:
+                    groups.append([])
+                    used = 0
+                groups[-1].append((plan.layer.name, side, width, k))
+                used += size
+        return groups if groups[0] else []
 
     def pca_shapes(self) -> list[tuple[str, str, int, int]]:
         """``(layer, side, width, k)`` of every pca side matrix one checkpoint needs, in the order they are packed."""
@@ -278,7 +292,7 @@ class KronGradients:
     def _side(self, checkpoint: int, plan, side: str) -> Tensor | None:
         key = (checkpoint, plan.layer.name, side)
         if key not in self._matrices:
-            if plan.sides == "pca" and (plan.k_in if side == "in" else plan.k_out) < (plan.layer.in_dim if side == "in" else plan.layer.out_dim):
+            if plan.sides == "pca" and any(narrow == side for narrow, _, _ in plan.narrow_sides()):
                 raise RuntimeError(
                     f"the pca side matrices of {plan.layer.name} are not loaded: they come from the build's calibration and are "
                     "kept in the store (transforms/kron_sides); attach the featurizer to its store first"

@@ -1,4 +1,4 @@
-"""The factored (LoGra-style) ``kron`` projection: per-layer (k_out × k_in) plans and their seeded side matrices.
+"""The factored (LoGra-style) ``kron`` projection: per-layer (k_out × k_in) plans and their side matrices.
 
 For a layer whose per-sample gradient is ``G = Σ_t g_t a_tᵀ`` (``g`` the gradient w.r.t. the layer's output,
 ``a`` its input, ``t`` over sequence/spatial positions), the projected gradient is
@@ -17,8 +17,9 @@ RNG state; ``orthogonal`` sides orthonormalise that Gaussian in float64 (LAPACK 
 ``pca`` sides (the build default, as LoGra's PCA initialisation) are data-dependent instead: the top-k eigenvectors of
 each side's gradient-weighted second moment over the calibration samples (``pca_side_matrix``). They are no longer an
 unbiased JL sketch but keep the directions that carry most of the gradient energy (held-out Spearman to exact scores
-at k = 1024 on the speed benchmark: MLP 0.888 → 0.998, CNN 0.981 → 0.998, transformer LM 0.431 → 0.79). Because they
-cannot be re-derived from a seed, a build stores them (``transforms/kron_sides``) and every later use reads them.
+at k = 1024 on the speed benchmark's workloads, ``python -m benchmarks.speed.pca_sides``: MLP 0.888 → 0.997, CNN
+0.981 → 0.994, transformer LM 0.431 → 0.835). Because they cannot be re-derived from a seed, a build stores them
+(``transforms/kron_sides``) and every later use reads them.
 """
 
 from __future__ import annotations

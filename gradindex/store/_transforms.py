@@ -1,4 +1,5 @@
-"""The store's ``transforms/`` folder: small numpy arrays beside the vectors, for asymmetric methods.
+"""The store's ``transforms/`` folder: small numpy arrays beside the vectors, for asymmetric methods and for what a
+build computes once and every later use must share (Arnoldi's eigenbasis, kron's pca side matrices).
 
 Layout::
 
