@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 import gradindex
 from benchmarks._report import machine, markdown_table, save_json, update_section
-from gradindex.project._projection import _KINDS
+from gradindex.projection import PROJECTION_KINDS as _KINDS
 
 
 def _mnist_like(n_samples: int) -> gradindex.Task:

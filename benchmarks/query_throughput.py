@@ -17,7 +17,7 @@ import pyarrow as pa
 
 import gradindex
 from benchmarks._report import machine, markdown_table, save_json, update_section
-from gradindex.index import brute_force_topk
+from gradindex.search import brute_force_topk
 from gradindex.store import StoreLayout, create_store
 
 
@@ -55,7 +55,7 @@ def run(tiny: bool = False) -> dict:
         rows.append({"method": "gradindex exact, in memory (load + search)", "seconds": memory_seconds, "queries_per_s": n_queries / memory_seconds})
         streamed_seconds, (streamed_scores, streamed_found) = _best(lambda: gradindex.search_store(store, queries, k, memory_budget=1))
         rows.append({"method": "gradindex exact, streamed per shard", "seconds": streamed_seconds, "queries_per_s": n_queries / streamed_seconds})
-        from gradindex.index import ExactIndex
+        from gradindex.search import ExactIndex
 
         index = ExactIndex(dim, use_gpu=False)
         index.add(vectors)

@@ -260,7 +260,7 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @click.option("--task", "task_spec", help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). Required unless --finalize.")
 @click.option("--checkpoint", "checkpoints", multiple=True, callback=_parse_checkpoint, help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. Required unless --finalize.")
 @click.option("-o", "--output", required=True, type=STORE, help="Where to write the store: a directory, or a URL such as s3://bucket/runs/a.gradindex.")
-@click.option("--method", default="tracin", show_default=True, type=click.Choice(list(gradindex.pipeline.METHODS)), help="How vectors are made.")
+@click.option("--method", default="tracin", show_default=True, type=click.Choice(list(gradindex.methods.METHODS)), help="How vectors are made.")
 @click.option("--proj-dim", default=1024, show_default=True, type=click.IntRange(min=1), help="Projected dimension per checkpoint.")
 @click.option("--projection", default=None, type=click.Choice(["kron", "none", "rademacher", "gaussian", "sjlt"]),
               help="Projection kind [default: kron for tracin (factored per layer, no per-sample gradient formed), rademacher otherwise].")
@@ -550,7 +550,7 @@ def demo(ctx, output_dir, seed):
     Example:
       gradindex demo -o /tmp/gradindex-demo
     """
-    from gradindex.demo import run_demo
+    from gradindex.apps import run_demo
 
     run_demo(output_dir, seed=seed, progress=ctx.obj["progress"], echo=click.echo)
 
@@ -658,7 +658,7 @@ def curate(ctx, store, drop_top, by, for_queries, select, task_spec, split, samp
         checkpoints=list(checkpoints) or None, device=device, memory_budget=memory_budget, progress=ctx.obj["progress"],
     )
     _write_table(table, output)
-    from gradindex.curate import summary as curate_summary
+    from gradindex.apps.curation import summary as curate_summary
 
     summary = {"output": str(output), "n_samples": table.num_rows, **curate_summary(table)}
     if summary_format == "json":

@@ -10,9 +10,9 @@ training samples most influenced a prediction (FAISS inner-product search) and w
     gradindex.self_influence(store, top=20)                        # -> pyarrow.Table
 """
 
-__version__ = "0.1.0"
-
-from gradindex._errors import (  # noqa: E402
+from gradindex.version import __version__
+from gradindex.errors import (
+    ArgumentError,
     CheckpointError,
     CorruptStoreError,
     GradIndexError,
@@ -22,23 +22,24 @@ from gradindex._errors import (  # noqa: E402
     NonFiniteError,
     SearchError,
     ShardOwnershipError,
+    StorageError,
     StoreExistsError,
     StoreNotFoundError,
+    StoreWriteError,
     TaskSpecError,
 )
-from gradindex.checkpoints import CheckpointSpec  # noqa: E402
-from gradindex.project import ProjectionSpec  # noqa: E402
-from gradindex.task import Task, load_task  # noqa: E402
-from gradindex.store import GradientStore, StoreWriteError, open_store  # noqa: E402
-from gradindex.pipeline import BuildConfig, build, info, query, search_store, self_influence, verify  # noqa: E402
-from gradindex.curate import curate  # noqa: E402  (the name is the function; the module stays in sys.modules)
-from gradindex.report import report  # noqa: E402
-from gradindex.ensemble import EnsembleConfig, make_ensemble  # noqa: E402
-from gradindex.pipeline import finalize  # noqa: E402
-from gradindex.indexes import build_index, drop_index, list_indexes  # noqa: E402
+from gradindex.checkpoints import CheckpointSpec
+from gradindex.projection import ProjectionSpec
+from gradindex.task import Task, load_task
+from gradindex.store import GradientStore, open_store
+from gradindex.search import build_index, drop_index, list_indexes, search_store
+from gradindex.ensemble import EnsembleConfig, make_ensemble
+from gradindex.pipeline import BuildConfig, build, finalize, info, query, self_influence, verify
+from gradindex.apps import curate, report
 
 __all__ = [
     "__version__",
+    "ArgumentError",
     "BuildConfig",
     "CheckpointError",
     "CheckpointSpec",
@@ -53,6 +54,7 @@ __all__ = [
     "ProjectionSpec",
     "SearchError",
     "ShardOwnershipError",
+    "StorageError",
     "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriteError",

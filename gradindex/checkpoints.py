@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,9 +10,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from gradindex._errors import CheckpointError
+from gradindex.errors import CheckpointError
+from gradindex.utils import sha256_file
 
-__all__ = ["CheckpointSpec", "parse_checkpoints", "load_state_dict", "file_sha256", "load_into"]
+__all__ = ["CheckpointSpec", "parse_checkpoints", "load_state_dict", "checkpoint_sha256", "load_into"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,15 +66,12 @@ def parse_checkpoints(items: Sequence["str | CheckpointSpec | tuple"]) -> list[C
     return specs
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
+def checkpoint_sha256(path: str | Path) -> str:
+    """The sha256 of a checkpoint file (what a store records of it), or a CheckpointError when it is not there."""
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
+        return sha256_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path") from None
-    return digest.hexdigest()
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

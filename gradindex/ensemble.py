@@ -32,10 +32,11 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
-from gradindex._errors import CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
-from gradindex.checkpoints import file_sha256, load_into
-from gradindex.featurize._grads import to_device
-from gradindex.task import Task, load_task
+from gradindex.errors import CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
+from gradindex.checkpoints import checkpoint_sha256, load_into
+from gradindex.featurize import resolve_device
+from gradindex.task import Task, load_task, to_device
+from gradindex.utils import progress_bar
 
 __all__ = ["EnsembleConfig", "Ensemble", "EnsembleExistsError", "make_ensemble", "load_ensemble"]
 
@@ -193,9 +194,6 @@ def make_ensemble(
 
     ``options`` are EnsembleConfig fields (``members=8, steps=50, lr=0.05``, ...).
     """
-    from gradindex._progress import progress_bar
-    from gradindex.featurize import resolve_device
-
     if config is None:
         config = EnsembleConfig(**options)
     elif options:
@@ -250,7 +248,7 @@ def make_ensemble(
     ensemble = Ensemble(base=base.resolve(), members=tuple(path.resolve() for path in members), config=config)
     manifest = {
         "base": str(ensemble.base),
-        "base_sha256": file_sha256(base),
+        "base_sha256": checkpoint_sha256(base),
         "members": [str(path) for path in ensemble.members],
         "config": config.to_dict(),
         "task": task.name,

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
-from gradindex._errors import CheckpointError, NonFiniteError, TaskSpecError
-from gradindex._progress import progress_bar
+from gradindex.errors import CheckpointError, NonFiniteError, TaskSpecError
+from gradindex.utils import progress_bar
 from gradindex.task import Task
 
 __all__ = ["TrainConfig", "SavedCheckpoint", "train", "evaluate"]

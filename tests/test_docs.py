@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import gradindex
-from gradindex._progress import progress_bar, progress_enabled
+from gradindex.utils import progress_bar, progress_enabled
 from gradindex.cli import cli
 from gradindex.cli.docs import REGENERATE, main as docs_main, render
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import venv
 import zipfile
 from pathlib import Path
@@ -34,11 +35,23 @@ def test_wheel_layout(wheel):
     assert "gradindex = gradindex.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def _isolated_venv(env_dir: Path) -> Path:
+    """A fresh venv that sees the dependencies this test runs with (torch, faiss, zarr: nothing is downloaded), but
+    not this checkout: the site-packages folders of the running interpreter, wherever torch came from (a venv, the
+    system), are lent through a .pth file of plain paths, so their own .pth files (an editable gradindex) are not run."""
+    venv.EnvBuilder(system_site_packages=False, with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    lent = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    lent |= {entry for entry in sys.path if entry.endswith(("site-packages", "dist-packages"))}
+    (Path(purelib) / "lent-by-the-test.pth").write_text("".join(f"{entry}\n" for entry in sorted(lent) if Path(entry).is_dir()))
+    return python
+
+
 def test_installed_console_script_runs_outside_the_checkout(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    # system site-packages lend torch/faiss/zarr (nothing is downloaded); the wheel itself goes in the venv
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    python = env_dir / "bin" / "python"
+    python = _isolated_venv(env_dir)
     install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
@@ -49,3 +62,10 @@ def test_installed_console_script_runs_outside_the_checkout(wheel, tmp_path):
     helped = subprocess.run([str(env_dir / "bin" / "gradindex"), "--help"], cwd=elsewhere, capture_output=True, text=True)
     assert helped.returncode == 0, helped.stderr
     assert "gradindex build" in helped.stdout and "Example:" in helped.stdout
+
+
+def test_the_wheel_holds_every_package_of_the_tree(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    folders = sorted(path.parent.relative_to(ROOT).as_posix() for path in (ROOT / "gradindex").rglob("__init__.py"))
+    missing = [folder for folder in folders if f"{folder}/__init__.py" not in names]
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"

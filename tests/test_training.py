@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gradindex._errors import CheckpointError, NonFiniteError
+from gradindex.errors import CheckpointError, NonFiniteError
 from gradindex.task import Task
 from gradindex.tasks import breast_cancer, digits, digits_cnn
 from gradindex.training import SavedCheckpoint, TrainConfig, evaluate, train

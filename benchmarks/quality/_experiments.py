@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from gradindex._errors import GradIndexWarning
-from gradindex.demo import detection_metrics
+from gradindex.errors import GradIndexWarning
+from gradindex.apps.demo import detection_metrics
 
 from benchmarks.quality._methods import (
     METHOD_CONFIGS,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import gradindex
-from gradindex._errors import GradIndexWarning
+from gradindex.errors import GradIndexWarning
 
 __all__ = ["MethodConfig", "METHOD_CONFIGS", "BASELINES", "available", "method_scores", "self_scores", "NotRun"]
 

@@ -19,8 +19,8 @@ from torch import nn
 
 import gradindex
 from gradindex.tasks import LabelNoise, breast_cancer, digits_with_info, mnist1d_with_info
-from gradindex.tasks._breast_cancer import l2_penalty
-from gradindex.tasks._common import flip_labels, mlp, stratified_split, tensor_dataset
+from gradindex.tasks import l2_penalty
+from gradindex.tasks import flip_labels, mlp, stratified_split, tensor_dataset
 from gradindex.training import TrainConfig, train
 
 from benchmarks.quality._retrain import LogisticRegression, train_many

@@ -43,8 +43,8 @@ import pyarrow as pa
 
 import gradindex
 from benchmarks._report import RESULTS_DIR, machine, markdown_table, save_json, update_section
-from gradindex.index import brute_force_topk
-from gradindex.index._approx import ApproxIndex, recall_at_k
+from gradindex.search import brute_force_topk
+from gradindex.search import ApproxIndex, recall_at_k
 from gradindex.store import StoreLayout, create_store
 
 N_CENTRES = 1024
@@ -207,7 +207,7 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
         started = time.perf_counter()
         meta = gradindex.build_index(store, ivf_factory, name="ivf", k=k, use_gpu=False)
         ivf_build_seconds = time.perf_counter() - started
-        from gradindex.indexes import _loaded
+        from gradindex.search import loaded_index as _loaded
 
         ivf, _ = _loaded(store, "ivf", False)
         nlist = ivf.nlist or 1

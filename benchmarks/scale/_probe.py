@@ -26,7 +26,7 @@ def measure(what: str, store_path: str, queries_path: str | None = None, out: st
     import numpy as np
 
     import gradindex
-    from gradindex.index import ExactIndex
+    from gradindex.search import ExactIndex
 
     store = gradindex.open_store(store_path)
     baseline = _rss_bytes()

@@ -70,8 +70,9 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
         raise Unavailable(_DENSE_SKIP)
     import gradindex
     from gradindex.checkpoints import parse_checkpoints
-    from gradindex.featurize import TracInFeaturizer, load_checkpoints
-    from gradindex.project import ProjectionSpec
+    from gradindex.featurize import load_checkpoints
+    from gradindex.methods import TracInFeaturizer
+    from gradindex.projection import ProjectionSpec
 
     task = gradindex.Task(model=workload.make_model, train=workload.train, loss=workload.loss)
     loaded = load_checkpoints(task, parse_checkpoints([f"{checkpoint}:1.0"]), torch.device("cpu"))

@@ -202,7 +202,7 @@ def _compare(rows: list[dict], model: str, train_rate: float) -> None:
 def query(tiny: bool, log=print) -> list[dict]:
     import faiss
 
-    from gradindex.index import ExactIndex, search_blocks
+    from gradindex.search import ExactIndex, search_blocks
 
     sizes = [2_000] if tiny else [100_000, 300_000, 1_000_000]
     dim, k = (128, 10) if tiny else (1024, 10)

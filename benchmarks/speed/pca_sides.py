@@ -24,9 +24,11 @@ from scipy.stats import spearmanr
 
 import gradindex
 from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import TracInFeaturizer, load_checkpoints
-from gradindex.featurize._kron import KronGradients, _batch_size, _sides
-from gradindex.project import ProjectionSpec
+from gradindex.featurize import load_checkpoints
+from gradindex.methods import TracInFeaturizer
+from gradindex.featurize import KronGradients, layer_sides
+from gradindex.task import batch_size
+from gradindex.projection import ProjectionSpec
 
 from benchmarks.speed._models import WORKLOADS
 
@@ -48,10 +50,10 @@ BENCH_SETTINGS = {  # workload: (n_train, n_eval held out, n_test, steps, lr), a
 def _unweighted_moments(self, batch, state, moments, keys=None) -> None:
     """``KronGradients.side_moments`` without the other side's energy as weight: plain Σ x xᵀ (token counts)."""
     calls = self._forward_backward(batch, state)
-    self._check_per_sample(calls, _batch_size(batch))
+    self._check_per_sample(calls, batch_size(batch))
     for plan in self.plan.layers:
         for inputs, grad in calls.get(plan.layer.name, []) if plan.sides == "pca" else []:
-            a, g = _sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
+            a, g = layer_sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
             for side, width, _ in plan.narrow_sides():
                 key = (plan.layer.name, side)
                 if keys is not None and key not in keys:

@@ -1,28 +1,26 @@
-"""Featurizers: per-sample gradients (torch.func), projected and stacked over checkpoints."""
+"""Featurization: the ``Featurizer`` interface and the per-sample gradient engines the methods build on.
 
-from gradindex.featurize._featurizer import (
-    Featurizer,
-    LoadedCheckpoint,
-    TracInFeaturizer,
-    iter_batches,
-    labels_of,
-    load_checkpoints,
-    model_fingerprint,
-    resolve_device,
-)
-from gradindex.featurize._grads import PerSampleGradients, select_parameters
-from gradindex.featurize._kron import KronGradients
+``PerSampleGradients`` is ``vmap(grad(loss))`` over any model; ``KronGradients`` computes the factored ``kron``
+projection of Linear / Conv / Embedding layers from one batched forward and backward, never forming a per-sample
+gradient. Which φ a method makes of them lives in ``gradindex.methods``.
+"""
+
+from gradindex.featurize._base import Featurizer, LoadedCheckpoint, load_checkpoints, model_fingerprint, resolve_device
+from gradindex.featurize._factored import KronGradients, find_kron_layers, layer_sides, mixing_modules, squared_norms
+from gradindex.featurize._per_sample import LossModule, PerSampleGradients, select_parameters
 
 __all__ = [
     "Featurizer",
     "KronGradients",
     "LoadedCheckpoint",
+    "LossModule",
     "PerSampleGradients",
-    "TracInFeaturizer",
-    "iter_batches",
-    "labels_of",
+    "find_kron_layers",
+    "layer_sides",
     "load_checkpoints",
+    "mixing_modules",
     "model_fingerprint",
     "resolve_device",
     "select_parameters",
+    "squared_norms",
 ]

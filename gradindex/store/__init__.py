@@ -1,11 +1,19 @@
-"""The gradient store (Zarr v3 + Parquet). Knows nothing of torch models or FAISS."""
+"""The gradient store (Zarr v3 + Parquet), local or at an fsspec URL. Knows nothing of torch models or FAISS.
 
-from gradindex.store._atomic import StoreWriteError, write_bytes_atomic
-from gradindex.store._remote import RemotePath, StorageError, parse_storage_options, store_path
+``create_store`` / ``open_store`` give a ``GradientStore``: shards written atomically with checksums, read back
+verified, a manifest that says what the vectors mean. ``gradindex.store.faults`` is its fault-injection seam.
+"""
+
+from gradindex.errors import StorageError, StoreWriteError
+from gradindex.store._atomic import remove_file, write_bytes_atomic
+from gradindex.store._manifest import write_manifest
+from gradindex.store._remote import DEFAULT_CLAIM_TIMEOUT, RemotePath, claim_timeout, is_remote, parse_storage_options, store_path
 from gradindex.store._store import (
     FORMAT,
     GradientStore,
     StoreLayout,
+    as_store,
+    cast_vectors,
     create_store,
     fingerprint_differences,
     open_store,
@@ -13,17 +21,24 @@ from gradindex.store._store import (
 )
 
 __all__ = [
+    "DEFAULT_CLAIM_TIMEOUT",
     "FORMAT",
     "GradientStore",
     "RemotePath",
     "StorageError",
     "StoreLayout",
     "StoreWriteError",
+    "as_store",
+    "cast_vectors",
+    "claim_timeout",
     "create_store",
     "fingerprint_differences",
+    "is_remote",
     "open_store",
     "parse_storage_options",
+    "remove_file",
     "store_path",
     "sweep_orphans",
     "write_bytes_atomic",
+    "write_manifest",
 ]

@@ -6,8 +6,8 @@ Every byte gradindex writes into a store goes through the few functions here, so
   only those whose writer is dead (never a live writer's file in flight);
 * a failing disk (EIO, ENOSPC, ...) surfaces as one typed error, ``StoreWriteError``, with the
   temporary file removed and nothing half-written at a final path;
-* fault-injection tests can fail any step (``gradindex.store._faults``) or stop the process at a
-  named point (``crash_point``, driven by the environment variable ``GRADINDEX_CRASH_AT``).
+* fault-injection tests can fail any step or stop the process at a named point (``gradindex.store.faults``:
+  ``inject_io_errors``, and ``crash_point`` driven by the environment variable ``GRADINDEX_CRASH_AT``).
 
 These are the local backend. A path at an fsspec URL (``_remote.RemotePath``) goes to the object-store
 backend in ``_remote`` instead (one PUT per file, exclusive PUT for claims), through the same steps
@@ -17,22 +17,19 @@ and crash points.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import socket
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable
 
-from gradindex._errors import GradIndexError
+from gradindex.errors import StoreWriteError
 from gradindex.store import _remote
 from gradindex.store._remote import is_remote
+from gradindex.store.faults import crash_point, step
+from gradindex.utils import HOST_TAG, pid_alive
 
 __all__ = [
-    "StoreWriteError",
     "TMP_MARK",
-    "crash_point",
     "create_exclusive",
     "forget",
     "fsync_dir",
@@ -40,7 +37,6 @@ __all__ = [
     "in_use",
     "is_orphan",
     "make_dir",
-    "pid_alive",
     "remove_file",
     "remove_tree",
     "rename_aside",
@@ -51,47 +47,19 @@ __all__ = [
 
 # Every temporary file gradindex writes carries this mark, so a resume can sweep orphans.
 TMP_MARK = ".gi-tmp-"
-_HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-# The seam for fault injection: called as hook(step, path) before every step that changes the disk.
-_fault_hook: Callable[[str, Path], None] | None = None
-_crash_counts: dict[str, int] = {}
 # The temporary names (and claims) this process is using now: a sweep in this process leaves them alone.
 _in_use: set[str] = set()
 _lock = threading.Lock()
 
 
-class StoreWriteError(GradIndexError, OSError):
-    """Writing a store file failed (disk full, I/O error, ...); what was finished is kept."""
 
-    def __init__(self, message: str, code: int | None = None):
-        super().__init__(message)
-        self.errno = code
-
-
-def _step(step: str, path: Path) -> None:
-    if _fault_hook is not None:
-        _fault_hook(step, path)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (a zombie counts as alive)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def tmp_path(path: Path, tag: str = "") -> Path:
     """A temporary sibling of ``path`` that names its writer (pid, host), for ``is_orphan``.
 
     The name counts as in use by this process until ``forget(name)``."""
-    name = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{_HOST_TAG}-{tag}{uuid.uuid4().hex[:16]}")
+    name = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{HOST_TAG}-{tag}{uuid.uuid4().hex[:16]}")
     with _lock:
         _in_use.add(str(name))
     return name
@@ -124,9 +92,9 @@ def is_orphan(path: Path) -> bool:
         return False
     pid, _, rest = rest.partition("-")
     host, _, _ = rest.partition("-")
-    if not pid.isdigit() or len(host) != len(_HOST_TAG):
+    if not pid.isdigit() or len(host) != len(HOST_TAG):
         return True  # not one of ours in the current naming: nobody is writing it
-    if host != _HOST_TAG:
+    if host != HOST_TAG:
         return False
     if int(pid) == os.getpid():
         return not in_use(path)
@@ -153,7 +121,7 @@ def fsync_dir(path: Path) -> None:
     except OSError:
         return
     try:
-        _step("fsync-dir", path)
+        step("fsync-dir", path)
         os.fsync(fd)
     except OSError as error:
         if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EISDIR):
@@ -162,35 +130,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _die() -> None:
-    os._exit(137)
-
-
-def crash_point(name: str) -> None:
-    """Exit abruptly at a named point when GRADINDEX_CRASH_AT names it: fault-injection tests use this.
-
-    ``GRADINDEX_CRASH_AT=shard-after-record`` exits the first time the point is reached;
-    ``GRADINDEX_CRASH_AT=shard-after-record:3`` the third time.
-    """
-    spec = os.environ.get("GRADINDEX_CRASH_AT")
-    if not spec:
-        return
-    site, _, nth = spec.partition(":")
-    if site != name:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if _crash_counts[name] >= int(nth or 1):
-        _die()
 
 
 def _write_durable(tmp: Path, data: bytes | memoryview) -> None:
     """Write ``data`` to a new temporary file and fsync it (each step a fault-injection point)."""
-    _step("open", tmp)
+    step("open", tmp)
     with open(tmp, "wb") as handle:
-        _step("write", tmp)
+        step("write", tmp)
         handle.write(data)
         handle.flush()
-        _step("fsync", tmp)
+        step("fsync", tmp)
         os.fsync(handle.fileno())
 
 
@@ -204,7 +153,7 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str 
         return _remote.put(path, data, crash_site=crash_site)
     path = Path(path)
     try:
-        _step("mkdir", path.parent)
+        step("mkdir", path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _fail("creating the folder of", path, error) from error
@@ -213,7 +162,7 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str 
         _write_durable(tmp, data)
         if crash_site:
             crash_point(crash_site)
-        _step("rename", path)
+        step("rename", path)
         os.replace(tmp, path)
     except OSError as error:
         _discard(tmp)
@@ -246,7 +195,7 @@ def create_exclusive(path: Path, data: bytes) -> bool:
     tmp = tmp_path(path)
     try:
         _write_durable(tmp, data)
-        _step("link", path)
+        step("link", path)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -271,7 +220,7 @@ def remove_file(path: Path) -> bool:
     if is_remote(path):
         return _remote.remove_file(path)
     try:
-        _step("unlink", path)
+        step("unlink", path)
         os.unlink(path)
     except FileNotFoundError:
         return False
@@ -288,7 +237,7 @@ def rename_aside(path: Path, tag: str = "") -> Path | None:
     if is_remote(path):
         return _remote.move(path, aside)
     try:
-        _step("rename", path)
+        step("rename", path)
         os.rename(path, aside)
     except FileNotFoundError:
         return None
@@ -307,7 +256,7 @@ def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
         if position == 1 and crash_site:
             crash_point(crash_site)
         try:
-            _step("unlink", item)
+            step("unlink", item)
             if item.is_dir() and not item.is_symlink():
                 os.rmdir(item)
             else:
@@ -317,7 +266,7 @@ def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
         except OSError as error:
             raise _fail("removing", item, error) from error
     try:
-        _step("unlink", path)
+        step("unlink", path)
         os.rmdir(path)
     except FileNotFoundError:
         pass
@@ -333,7 +282,7 @@ def make_dir(path: Path) -> None:
     if path.is_dir():
         return
     try:
-        _step("mkdir", path)
+        step("mkdir", path)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise _fail("creating the folder", path, error) from error
@@ -342,7 +291,7 @@ def make_dir(path: Path) -> None:
 def rename_into_place(src: Path, dst: Path) -> None:
     """Rename a finished temporary folder to its final name; FileExistsError if that name is taken."""
     try:
-        _step("rename", dst)
+        step("rename", dst)
         os.rename(src, dst)
     except OSError as error:
         if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR) or isinstance(error, FileExistsError):

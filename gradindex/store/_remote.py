@@ -26,6 +26,7 @@ Object stores differ from a local disk in what is atomic, and the store relies o
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import os
@@ -33,12 +34,12 @@ import posixpath
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from gradindex._errors import GradIndexError
+from gradindex.errors import StorageError, StoreWriteError
+from gradindex.store.faults import crash_point, step
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
     "RemotePath",
-    "StorageError",
     "claim_timeout",
     "is_remote",
     "parse_storage_options",
@@ -51,9 +52,6 @@ _EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), 
 # listing caches would hide what other writers (other processes, other machines) wrote since
 _NO_LISTING_CACHE = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"}
 
-
-class StorageError(GradIndexError, ValueError):
-    """A store location that cannot be used: unknown protocol, missing package, bad storage option."""
 
 
 def claim_timeout() -> float:
@@ -285,8 +283,6 @@ class RemotePath:
 
 def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
     """The one-sentence StoreWriteError for a failed remote write: bucket missing, permission, or other."""
-    from gradindex.store._atomic import StoreWriteError
-
     text = str(error) or type(error).__name__
     code = getattr(error, "errno", None)
     if isinstance(error, FileNotFoundError) and "bucket" in text.lower():
@@ -310,10 +306,6 @@ def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
 
 def _guarded(doing: str, path: RemotePath):
     """Turn what an fsspec filesystem raises into StoreWriteError (OSErrors and the errors of its client)."""
-    import contextlib
-
-    from gradindex.store._atomic import StoreWriteError
-
     @contextlib.contextmanager
     def guard() -> Iterator[None]:
         try:
@@ -328,21 +320,17 @@ def _guarded(doing: str, path: RemotePath):
 
 def put(path: RemotePath, data: "bytes | memoryview", *, crash_site: str | None = None) -> None:
     """One PUT at the final key: readers see the old object or the whole new one."""
-    from gradindex.store._atomic import _step, crash_point
-
     if crash_site:
         crash_point(crash_site)  # as locally: killed here, the object never appears
     with _guarded("writing", path):
-        _step("put", path)
+        step("put", path)
         path.fs.pipe_file(path.fs_path, bytes(data))
 
 
 def create_exclusive(path: RemotePath, data: bytes) -> bool:
     """Create the object unless it exists (then False): the filesystem's exclusive mode, where it has one."""
-    from gradindex.store._atomic import _step
-
     with _guarded("creating", path):
-        _step("put-exclusive", path)
+        step("put-exclusive", path)
         try:
             with path.fs.open(path.fs_path, "xb") as handle:
                 handle.write(data)
@@ -361,10 +349,8 @@ def create_exclusive(path: RemotePath, data: bytes) -> bool:
 
 
 def remove_file(path: RemotePath) -> bool:
-    from gradindex.store._atomic import _step
-
     with _guarded("removing", path):
-        _step("unlink", path)
+        step("unlink", path)
         try:
             path.fs.rm_file(path.fs_path)
         except FileNotFoundError:
@@ -374,10 +360,8 @@ def remove_file(path: RemotePath) -> bool:
 
 def move(path: RemotePath, aside: RemotePath) -> "RemotePath | None":
     """Copy to ``aside`` and delete: None if ``path`` was not there."""
-    from gradindex.store._atomic import _step
-
     with _guarded("moving aside", path):
-        _step("rename", path)
+        step("rename", path)
         try:
             path.fs.copy(path.fs_path, aside.fs_path)
         except FileNotFoundError:
@@ -391,8 +375,6 @@ def move(path: RemotePath, aside: RemotePath) -> "RemotePath | None":
 
 def remove_tree(path: RemotePath, *, crash_site: str | None = None) -> None:
     """Delete every object under ``path``, one by one (a crash leaves a part, never a problem)."""
-    from gradindex.store._atomic import _step, crash_point
-
     with _guarded("removing", path):
         try:
             objects = sorted(path.fs.find(path.fs_path), reverse=True)
@@ -401,7 +383,7 @@ def remove_tree(path: RemotePath, *, crash_site: str | None = None) -> None:
         for position, item in enumerate(objects):
             if position == 1 and crash_site:
                 crash_point(crash_site)
-            _step("unlink", path)
+            step("unlink", path)
             try:
                 path.fs.rm_file(item)
             except FileNotFoundError:

@@ -23,7 +23,6 @@ that names the file, never a silently different answer.
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ import zarr
 import zarr.storage
 from zarr.core.buffer import default_buffer_prototype
 
-from gradindex._errors import (
+from gradindex.errors import (
     CorruptStoreError,
     GradIndexError,
     IncompatibleStoreError,
@@ -51,19 +50,16 @@ from gradindex._errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from gradindex.errors import StoreWriteError
 from gradindex.store import _transforms
-from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
 from gradindex.store._atomic import (
     TMP_MARK,
-    StoreWriteError,
-    crash_point,
     create_exclusive,
     forget,
     hold,
     in_use,
     is_orphan,
     make_dir,
-    pid_alive,
     remove_file,
     remove_tree,
     rename_aside,
@@ -71,21 +67,25 @@ from gradindex.store._atomic import (
     tmp_path,
     write_bytes_atomic,
 )
+from gradindex.store._manifest import MANIFEST_KEY, SEAL_KEY, manifest_bytes, seal, write_manifest
+from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
+from gradindex.store.faults import crash_point
+from gradindex.utils import pid_alive, sha256_bytes, sha256_file
 
 __all__ = [
     "FORMAT",
     "StoreLayout",
     "GradientStore",
     "create_store",
+    "as_store",
     "open_store",
     "fingerprint_differences",
     "sweep_orphans",
+    "cast_vectors",
 ]
 
 FORMAT = "gradindex/1"
 FLOAT16_MAX = 65504.0
-_MANIFEST_KEY = "gradindex"
-_SEAL_KEY = "gradindex_sha256"
 _SHARD_DIR = "_shards"
 _ARRAYS = ("features", "self_influence")
 _REPAIR = "run `gradindex verify STORE` to list the damage and `gradindex build ... --resume --repair` to recompute it"
@@ -178,7 +178,7 @@ def fingerprint_differences(expected: Any, actual: Any, prefix: str = "") -> lis
     return [] if expected == actual else [prefix or "<root>"]
 
 
-def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
+def cast_vectors(values: np.ndarray, dtype: str) -> np.ndarray:
     """``values`` as ``dtype``; float32 → float16 through torch (vectorised, about 10× numpy's cast here), which rounds
     to nearest-even exactly as numpy does, so the bytes are the same."""
     if dtype == "float16" and values.dtype == np.float32 and values.flags.c_contiguous:
@@ -188,20 +188,7 @@ def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _pid_alive(pid: int) -> bool:
-    return pid_alive(pid)
 
 
 def _is_sha(value: Any) -> bool:
@@ -377,7 +364,7 @@ class GradientStore:
             except OSError as error:
                 raise CorruptStoreError(f"{path} is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}; {_REPAIR}") from error
             expected = (self.manifest.get("arrays") or {}).get(name)
-            if expected is not None and _sha256(data) != expected:
+            if expected is not None and sha256_bytes(data) != expected:
                 raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
             self._metadata[name] = data
         return self._metadata[name]
@@ -392,7 +379,7 @@ class GradientStore:
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) is missing; {_REPAIR}") from None
         except OSError as error:
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) cannot be read ({error}); {_REPAIR}") from error
-        if _sha256(data) != expected:
+        if sha256_bytes(data) != expected:
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) fails its checksum; {_REPAIR}")
         return data
 
@@ -529,7 +516,7 @@ class GradientStore:
                 raise CorruptStoreError(f"{path} is missing from a complete store; {_REPAIR}") from error
             except OSError as error:
                 raise CorruptStoreError(f"{path} cannot be read ({error}); {_REPAIR}") from error
-            if _sha256(data) != self.manifest.get("samples_sha256"):
+            if sha256_bytes(data) != self.manifest.get("samples_sha256"):
                 raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
             return pq.read_table(pa.BufferReader(data))
         parts = []
@@ -688,7 +675,7 @@ class GradientStore:
                     f"feature values reach {peak:.3g}, past float16's maximum 65504; build with --dtype float32 "
                     f"(nothing was written for shard {shard})"
                 )
-        stored = _cast(features, self.dtype)
+        stored = cast_vectors(features, self.dtype)
         feature_key, feature_bytes = self._encode("features", start, stored)
         influence_key, influence_bytes = self._encode("self_influence", start, self_influence.astype(np.float32, copy=False))
         samples_bytes = _parquet_bytes(samples)
@@ -701,10 +688,10 @@ class GradientStore:
             "shard": shard,
             "rows": [start, stop],
             "files": {
-                feature_key: _sha256(feature_bytes),
-                influence_key: _sha256(influence_bytes),
+                feature_key: sha256_bytes(feature_bytes),
+                influence_key: sha256_bytes(influence_bytes),
             },
-            "samples_sha256": _sha256(samples_bytes),
+            "samples_sha256": sha256_bytes(samples_bytes),
         }
         if content_sha256 is not None:
             record["content_sha256"] = content_sha256
@@ -753,16 +740,16 @@ class GradientStore:
             manifest["transforms"] = transforms
         manifest["state"] = "complete"
         manifest["shards"] = records
-        manifest["samples_sha256"] = _sha256(samples_bytes)
+        manifest["samples_sha256"] = sha256_bytes(samples_bytes)
         manifest["nonfinite"] = {
             kind: sorted(row for record in records for row in record.get("nonfinite", {}).get(kind, [])) for kind in ("skipped", "zeroed")
         }
         content = [record.get("content_sha256") for record in records]
         if all(content):
             # a hash of every training sample, in row order: the per-shard hashes hashed together
-            manifest["dataset_sha256"] = _sha256("".join(content).encode())
+            manifest["dataset_sha256"] = sha256_bytes("".join(content).encode())
         manifest["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        _write_manifest(self.path, manifest)
+        write_manifest(self.path, manifest)
         self.manifest = manifest
         crash_point("finalize-after-manifest")
         # The manifest now holds every record; the per-shard files are no longer read.
@@ -849,17 +836,17 @@ class GradientStore:
                 path = self.path / key
                 if not path.exists():
                     problems.append(f"shard {shard}: {key} is missing")
-                elif _file_sha256(path) != expected:
+                elif sha256_file(path) != expected:
                     problems.append(f"shard {shard}: {key} fails its checksum")
             if not self.complete:
                 part = self._samples_part_path(shard)
-                if not part.exists() or _file_sha256(part) != record["samples_sha256"]:
+                if not part.exists() or sha256_file(part) != record["samples_sha256"]:
                     problems.append(f"shard {shard}: samples part is missing or fails its checksum")
         if self.complete:
             samples = self.path / "samples.parquet"
             if not samples.exists():
                 problems.append("samples.parquet is missing")
-            elif _file_sha256(samples) != self.manifest.get("samples_sha256"):
+            elif sha256_file(samples) != self.manifest.get("samples_sha256"):
                 problems.append("samples.parquet fails its checksum")
         problems.extend(_transforms.verify_transforms(self))
         return problems
@@ -878,7 +865,7 @@ class GradientStore:
             paths = [(self.path / key, expected) for key, expected in record["files"].items()]
             if not self.complete:
                 paths.append((self._samples_part_path(shard), record["samples_sha256"]))
-            if any(not path.exists() or _file_sha256(path) != expected for path, expected in paths):
+            if any(not path.exists() or sha256_file(path) != expected for path, expected in paths):
                 bad.append(shard)
         return bad
 
@@ -907,7 +894,7 @@ class GradientStore:
                 if table is not None:
                     start, stop = self.layout.shard_rows(shard)
                     part = _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop))))
-                    if _sha256(part) == record["samples_sha256"]:
+                    if sha256_bytes(part) == record["samples_sha256"]:
                         write_bytes_atomic(self._samples_part_path(shard), part)
             manifest = {
                 key: value
@@ -915,7 +902,7 @@ class GradientStore:
                 if key not in ("shards", "samples_sha256", "completed_at", "nonfinite", "dataset_sha256")
             }
             manifest["state"] = "building"
-            _write_manifest(self.path, manifest)
+            write_manifest(self.path, manifest)
             self.manifest = manifest
         else:
             for shard in shards:
@@ -955,8 +942,8 @@ class GradientStore:
             }
             manifest.update(extra or {})
             manifest.update(state="building", layout=layout.to_dict(), fingerprint=fingerprint, appended_from=old.n_samples,
-                            arrays={name: _sha256(data) for name, data in metadata.items()})
-            _write_manifest(self.path, manifest)
+                            arrays={name: sha256_bytes(data) for name, data in metadata.items()})
+            write_manifest(self.path, manifest)
             self.manifest = manifest
             self.layout = layout
         for name, data in _array_metadata(layout).items():
@@ -972,7 +959,7 @@ class GradientStore:
         for shard in self.done_shards():
             record = self.shard_record(shard)
             part = self._samples_part_path(shard)
-            if record is not None and (not part.exists() or _file_sha256(part) != record["samples_sha256"]):
+            if record is not None and (not part.exists() or sha256_file(part) != record["samples_sha256"]):
                 missing.append(shard)
         return missing
 
@@ -982,7 +969,7 @@ class GradientStore:
         if record is None:
             raise IncompleteStoreError(f"shard {shard} of {self.path} is not written yet")
         data = _parquet_bytes(samples)
-        if _sha256(data) != record["samples_sha256"]:
+        if sha256_bytes(data) != record["samples_sha256"]:
             raise IncompatibleStoreError(
                 f"the sample ids and labels of shard {shard} differ from those recorded in {self.path}; "
                 "the training set changed since the build: rebuild with --overwrite"
@@ -998,7 +985,7 @@ class GradientStore:
                 continue
             except CorruptStoreError:
                 pass
-            if _sha256(data) != expected.get(name):
+            if sha256_bytes(data) != expected.get(name):
                 raise CorruptStoreError(
                     f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; rebuild with --overwrite"
                 )
@@ -1010,20 +997,6 @@ class GradientStore:
         info["path"] = str(self.path)
         info["progress"] = self.progress()
         return info
-
-
-def _seal(manifest: dict) -> str:
-    """The manifest's checksum: sha256 of its canonical JSON."""
-    return _sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
-
-
-def _manifest_bytes(manifest: dict) -> bytes:
-    group = {"zarr_format": 3, "node_type": "group", "attributes": {_MANIFEST_KEY: manifest, _SEAL_KEY: _seal(manifest)}}
-    return json.dumps(group, indent=1, sort_keys=True).encode()
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    write_bytes_atomic(path / "zarr.json", _manifest_bytes(manifest))
 
 
 def _remove_quietly(path: Path) -> None:
@@ -1076,7 +1049,7 @@ def create_store(path: "str | Path | RemotePath", layout: StoreLayout, fingerpri
         for name, data in metadata.items():
             write_bytes_atomic(staging / name / "zarr.json", data)
         make_dir(staging / _SHARD_DIR)
-        _write_manifest(staging, manifest)
+        write_manifest(staging, manifest)
         crash_point("create-before-rename")
         # The store appears under its name only once its skeleton is whole.
         rename_into_place(staging, path)
@@ -1107,7 +1080,7 @@ def _new_manifest(layout: StoreLayout, fingerprint: dict, metadata: dict[str, by
         "state": "building",
         "layout": layout.to_dict(),
         "fingerprint": fingerprint,
-        "arrays": {name: _sha256(data) for name, data in metadata.items()},
+        "arrays": {name: sha256_bytes(data) for name, data in metadata.items()},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }
@@ -1134,9 +1107,14 @@ def _create_remote_store(path: RemotePath, layout: StoreLayout, fingerprint: dic
     for name, data in metadata.items():
         write_bytes_atomic(path / name / "zarr.json", data)
     crash_point("create-before-rename")
-    if not create_exclusive(meta, _manifest_bytes(manifest)):
+    if not create_exclusive(meta, manifest_bytes(manifest)):
         raise StoreExistsError(f"{path} was created by another writer meanwhile; pass --resume to continue its build")
     return GradientStore(path, manifest)
+
+
+def as_store(store: "GradientStore | str | Path | RemotePath", storage_options: dict | None = None) -> GradientStore:
+    """``store`` itself when it is an opened store, else the store opened at that path or URL (``open_store``)."""
+    return store if isinstance(store, GradientStore) else open_store(store, storage_options=storage_options)
 
 
 def open_store(path: "str | Path | RemotePath", *, storage_options: dict | None = None) -> GradientStore:
@@ -1150,13 +1128,13 @@ def open_store(path: "str | Path | RemotePath", *, storage_options: dict | None 
         raise StoreNotFoundError(f"{path} is not a gradindex store (no zarr.json); check the path or build one there")
     try:
         attributes = json.loads(meta.read_bytes())["attributes"]
-        manifest = attributes[_MANIFEST_KEY]
-        seal = attributes.get(_SEAL_KEY)
+        manifest = attributes[MANIFEST_KEY]
+        recorded_seal = attributes.get(SEAL_KEY)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptStoreError(f"{meta} holds no readable gradindex manifest ({type(error).__name__}); rebuild with --overwrite") from error
     if not isinstance(manifest, dict):
         raise CorruptStoreError(f"{meta} holds no readable gradindex manifest; rebuild with --overwrite")
-    if seal != _seal(manifest):
+    if recorded_seal != seal(manifest):
         raise CorruptStoreError(
             f"the manifest in {meta} fails its checksum (damaged, or written by another program); rebuild with --overwrite"
         )

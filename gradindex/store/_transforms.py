@@ -19,20 +19,21 @@ when the last shard is done.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
-from gradindex._errors import CorruptStoreError, IncompleteStoreError
+from gradindex.errors import CorruptStoreError, IncompleteStoreError
 from gradindex.store._atomic import create_exclusive, make_dir, write_bytes_atomic
+from gradindex.store._manifest import write_manifest
+from gradindex.utils import sha256_bytes, sha256_file
 
-if TYPE_CHECKING:
-    from gradindex.store._store import GradientStore
+# the functions here take the open store (a ``GradientStore``, which calls them) as ``store``
+GradientStore = Any
 
 __all__ = [
     "TRANSFORMS_DIR",
@@ -89,13 +90,11 @@ def transform_records(store: "GradientStore") -> dict[str, dict]:
 
 def _record(store: "GradientStore", name: str, record: dict) -> None:
     """Add one record to the manifest on disk (read, merge, atomic write) and to the open store's copy."""
-    from gradindex.store._store import _write_manifest
-
     manifest = _disk_manifest(store)
     records = dict(manifest.get("transforms") or {})
     records[name] = record
     manifest["transforms"] = records
-    _write_manifest(store.path, manifest)
+    write_manifest(store.path, manifest)
     merged = dict(store.manifest.get("transforms") or {})
     merged.update(records)
     store.manifest["transforms"] = merged
@@ -130,7 +129,7 @@ def _record_of(name: str, array: np.ndarray, data: bytes) -> dict:
         "file": f"{TRANSFORMS_DIR}/{name}.npy",
         "shape": [int(size) for size in array.shape],
         "dtype": str(array.dtype),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": sha256_bytes(data),
     }
 
 
@@ -149,7 +148,7 @@ def read_transform(store: "GradientStore", name: str) -> np.ndarray:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CorruptStoreError(f"{path} is missing; rebuild the store with --overwrite") from None
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+    if sha256_bytes(data) != record["sha256"]:
         raise CorruptStoreError(f"{path} fails its checksum; rebuild the store with --overwrite")
     return _decode(data, path)
 
@@ -187,10 +186,6 @@ def verify_transforms(store: "GradientStore") -> list[str]:
         if not path.exists():
             problems.append(f"transform {name}: {record['file']} is missing")
             continue
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(block)
-        if digest.hexdigest() != record["sha256"]:
+        if sha256_file(path) != record["sha256"]:
             problems.append(f"transform {name}: {record['file']} fails its checksum")
     return problems

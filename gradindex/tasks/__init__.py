@@ -17,11 +17,9 @@ name                data, model                                              tra
 
 from __future__ import annotations
 
-from typing import Callable
-
-from gradindex.task import Task
-from gradindex.tasks._breast_cancer import breast_cancer
-from gradindex.tasks._common import LabelNoise
+from gradindex.task import BUILTIN_TASKS
+from gradindex.tasks._breast_cancer import breast_cancer, l2_penalty
+from gradindex.tasks._common import LabelNoise, flip_labels, mlp, stratified_split, tensor_dataset
 from gradindex.tasks._digits import digits, digits_cnn, digits_with_info
 from gradindex.tasks._mnist1d import mnist1d, mnist1d_cnn, mnist1d_with_info
 
@@ -29,6 +27,11 @@ __all__ = [
     "BUILTIN_TASKS",
     "LabelNoise",
     "breast_cancer",
+    "flip_labels",
+    "l2_penalty",
+    "mlp",
+    "stratified_split",
+    "tensor_dataset",
     "digits",
     "digits_cnn",
     "digits_with_info",
@@ -36,11 +39,3 @@ __all__ = [
     "mnist1d_cnn",
     "mnist1d_with_info",
 ]
-
-BUILTIN_TASKS: dict[str, Callable[..., Task]] = {
-    "digits": digits,
-    "digits-cnn": digits_cnn,
-    "breast-cancer": breast_cancer,
-    "mnist1d": mnist1d,
-    "mnist1d-cnn": mnist1d_cnn,
-}

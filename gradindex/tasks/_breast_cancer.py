@@ -10,9 +10,9 @@ import functools
 import numpy as np
 from torch import Tensor, nn
 
-from gradindex._errors import TaskSpecError
 from gradindex.task import Task
-from gradindex.tasks._common import check_fraction, check_seed, split_ids, stratified_split, tensor_dataset
+from gradindex.utils import check_fraction, check_non_negative, check_non_negative_int
+from gradindex.tasks._common import task_option, split_ids, stratified_split, tensor_dataset
 
 __all__ = ["breast_cancer", "l2_penalty"]
 
@@ -49,14 +49,9 @@ def breast_cancer(seed: int = 0, test_fraction: float = 0.25, l2: float = 0.01) 
     Features are standardized with the training split's mean and standard deviation; the split is
     stratified and set by ``seed``.
     """
-    seed = check_seed(seed)
-    test_fraction = check_fraction("test_fraction", test_fraction, low_open=True, high_open=True)
-    try:
-        l2 = float(l2)
-    except (TypeError, ValueError):
-        raise TaskSpecError(f"l2 must be a number, got {l2!r}") from None
-    if not (l2 >= 0.0 and np.isfinite(l2)):
-        raise TaskSpecError(f"l2 must be a non-negative number, got {l2}")
+    seed = task_option(check_non_negative_int, "seed", seed)
+    test_fraction = task_option(check_fraction, "test_fraction", test_fraction, low_open=True, high_open=True)
+    l2 = task_option(check_non_negative, "l2", l2)
 
     features, labels = _load_breast_cancer()
     x_train, x_test, y_train, y_test = stratified_split(features, labels, test_fraction, seed)

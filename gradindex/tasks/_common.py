@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gradindex._errors import TaskSpecError
+from gradindex.errors import ArgumentError, TaskSpecError
 
 __all__ = [
     "LabelNoise",
@@ -19,9 +20,7 @@ __all__ = [
     "tensor_dataset",
     "split_ids",
     "mlp",
-    "check_fraction",
-    "check_positive_int",
-    "check_seed",
+    "task_option",
 ]
 
 
@@ -50,18 +49,13 @@ class LabelNoise:
         return mask
 
 
-def check_fraction(name: str, value: float, *, low_open: bool, high_open: bool) -> float:
-    """A float option in (0, 1) / [0, 1] etc., or a TaskSpecError naming the option."""
+def task_option(check: Callable[..., Any], name: str, value: Any, **options: Any) -> Any:
+    """A built-in task's option through the one argument checker (``gradindex.utils``): a bad value is a
+    ``TaskSpecError``, since the task spec is what is wrong."""
     try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise TaskSpecError(f"{name} must be a number, got {value!r}") from None
-    too_low = value <= 0.0 if low_open else value < 0.0
-    too_high = value >= 1.0 if high_open else value > 1.0
-    if too_low or too_high or not np.isfinite(value):
-        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise TaskSpecError(f"{name} must be in {interval}, got {value}")
-    return value
+        return check(name, value, **options)
+    except ArgumentError as error:
+        raise TaskSpecError(str(error)) from None
 
 
 def flip_labels(labels: np.ndarray, fraction: float, n_classes: int, seed: int) -> LabelNoise:
@@ -111,13 +105,3 @@ def mlp(n_inputs: int, hidden: int, n_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_inputs, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
 
 
-def check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise TaskSpecError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise TaskSpecError(f"seed must be a non-negative integer, got {seed!r}")
-    return int(seed)

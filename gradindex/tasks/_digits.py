@@ -8,13 +8,12 @@ from typing import Literal
 import numpy as np
 from torch import nn
 
-from gradindex._errors import TaskSpecError
+from gradindex.errors import TaskSpecError
 from gradindex.task import Task
+from gradindex.utils import check_fraction, check_non_negative_int, check_positive_int
 from gradindex.tasks._common import (
     LabelNoise,
-    check_fraction,
-    check_positive_int,
-    check_seed,
+    task_option,
     flip_labels,
     mlp,
     split_ids,
@@ -70,16 +69,16 @@ def digits_with_info(
     architecture: ``"mlp"`` (inputs ``float32[B, 64]``, 64-hidden-10 with ReLU) or
                   ``"cnn"`` (inputs ``float32[B, 1, 8, 8]``, see ``digits_cnn_model``).
     """
-    flip_fraction = check_fraction("flip_fraction", flip_fraction, low_open=False, high_open=False)
-    test_fraction = check_fraction("test_fraction", test_fraction, low_open=True, high_open=True)
-    seed = check_seed(seed)
+    flip_fraction = task_option(check_fraction, "flip_fraction", flip_fraction, low_open=False, high_open=False)
+    test_fraction = task_option(check_fraction, "test_fraction", test_fraction, low_open=True, high_open=True)
+    seed = task_option(check_non_negative_int, "seed", seed)
     if architecture == "mlp":
-        hidden = check_positive_int("hidden", hidden)
+        hidden = task_option(check_positive_int, "hidden", hidden)
         make_model = functools.partial(mlp, 64, hidden, N_CLASSES)
         input_shape: tuple[int, ...] = (64,)
         name = "digits"
     elif architecture == "cnn":
-        channels = check_positive_int("channels", channels)
+        channels = task_option(check_positive_int, "channels", channels)
         make_model = functools.partial(digits_cnn_model, channels)
         input_shape = (1, 8, 8)
         name = "digits-cnn"

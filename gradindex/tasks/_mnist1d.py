@@ -13,13 +13,12 @@ from typing import Literal
 import numpy as np
 from torch import nn
 
-from gradindex._errors import TaskSpecError
+from gradindex.errors import TaskSpecError
 from gradindex.task import Task
+from gradindex.utils import check_fraction, check_non_negative_int, check_positive_int
 from gradindex.tasks._common import (
     LabelNoise,
-    check_fraction,
-    check_positive_int,
-    check_seed,
+    task_option,
     flip_labels,
     mlp,
     split_ids,
@@ -95,19 +94,19 @@ def mnist1d_with_info(
     architecture: ``"mlp"`` (inputs ``float32[B, 40]``, 40-hidden-10 with ReLU) or
                   ``"cnn"`` (inputs ``float32[B, 1, 40]``, see ``mnist1d_cnn_model``).
     """
-    flip_fraction = check_fraction("flip_fraction", flip_fraction, low_open=False, high_open=False)
-    seed = check_seed(seed)
-    n_samples = check_positive_int("n_samples", n_samples)
+    flip_fraction = task_option(check_fraction, "flip_fraction", flip_fraction, low_open=False, high_open=False)
+    seed = task_option(check_non_negative_int, "seed", seed)
+    n_samples = task_option(check_positive_int, "n_samples", n_samples)
     if n_samples < 10 * N_CLASSES:
         raise TaskSpecError(f"n_samples must be at least {10 * N_CLASSES} (ten per class), got {n_samples}")
-    data_seed = check_seed(data_seed)
+    data_seed = task_option(check_non_negative_int, "data_seed", data_seed)
     if architecture == "mlp":
-        hidden = check_positive_int("hidden", hidden)
+        hidden = task_option(check_positive_int, "hidden", hidden)
         make_model = functools.partial(mlp, SEQUENCE_LENGTH, hidden, N_CLASSES)
         input_shape: tuple[int, ...] = (SEQUENCE_LENGTH,)
         name = "mnist1d"
     elif architecture == "cnn":
-        channels = check_positive_int("channels", channels)
+        channels = task_option(check_positive_int, "channels", channels)
         make_model = functools.partial(mnist1d_cnn_model, channels)
         input_shape = (1, SEQUENCE_LENGTH)
         name = "mnist1d-cnn"

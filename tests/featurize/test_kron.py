@@ -19,8 +19,9 @@ import gradindex
 from featurize import kron_models
 from gradindex import TaskSpecError
 from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import TracInFeaturizer, load_checkpoints
-from gradindex.project import KronLayer, ProjectionSpec, make_projector, plan_kron
+from gradindex.featurize import load_checkpoints
+from gradindex.methods import TracInFeaturizer
+from gradindex.projection import KronLayer, ProjectionSpec, make_projector, plan_kron
 
 HERE = Path(__file__).resolve().parent
 
@@ -93,7 +94,7 @@ def _spearman(task, checkpoints, kind, dim, seed, *, sides=None, monkeypatch=Non
     samples. With ``calibration`` the kron plan and pca sides come from the first that many training samples only, and
     only the others are scored (held out from calibration, as most of a real training set is)."""
     if calibration is not None:
-        monkeypatch.setattr("gradindex.featurize._featurizer.CALIBRATION_SAMPLES", calibration)
+        monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_SAMPLES", calibration)
     loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
     exact = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="none"))
     projected = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind=kind, dim=dim, seed=seed, kron_sides=sides))
@@ -177,8 +178,9 @@ sys.path.insert(0, {str(HERE)!r})
 torch.manual_seed(int(sys.argv[1]))  # global RNG state must not matter
 import kron_models
 from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import TracInFeaturizer, load_checkpoints
-from gradindex.project import ProjectionSpec
+from gradindex.featurize import load_checkpoints
+from gradindex.methods import TracInFeaturizer
+from gradindex.projection import ProjectionSpec
 task = kron_models.task("lm", n_train=10, n_test=2)
 loaded = load_checkpoints(task, parse_checkpoints({checkpoints!r}), torch.device("cpu"))
 featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=300, seed=3))
@@ -291,7 +293,7 @@ def test_build_defaults_to_kron_and_its_queries_are_exact_at_full_rank(tmp_path)
     from click.testing import CliRunner
 
     from gradindex.cli import cli
-    from gradindex.index import brute_force_topk
+    from gradindex.search import brute_force_topk
 
     task = kron_models.task("cnn", n_train=40, n_test=6)
     checkpoints = _random_checkpoints(task.model, tmp_path)

@@ -10,11 +10,12 @@ import torch
 import gradindex
 from featurize import kron_models
 from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import KronGradients, TracInFeaturizer, load_checkpoints
-from gradindex.pipeline import _query_featurizer
-from gradindex.store._store import _write_manifest
-from gradindex.project import KronLayer, KronPlan, ProjectionSpec, kron_side_matrix, plan_kron
-from gradindex.project._kron import PCA_MAX_WIDTH, pca_side_matrix
+from gradindex.featurize import KronGradients, load_checkpoints
+from gradindex.methods import TracInFeaturizer
+from gradindex.pipeline import query_featurizer as _query_featurizer
+from gradindex.store import write_manifest as _write_manifest
+from gradindex.projection import KronLayer, KronPlan, ProjectionSpec, kron_side_matrix, plan_kron
+from gradindex.projection import PCA_MAX_WIDTH, pca_side_matrix
 
 LAYERS = [KronLayer("0", "linear", ("0.weight", "0.bias"), 785, 256), KronLayer("2", "linear", ("2.weight", "2.bias"), 257, 10)]
 
@@ -165,7 +166,7 @@ def test_calibration_energies_equal_the_exact_per_sample_gradient_norms(name, tm
 
 
 def test_squared_norms_agree_through_grams_and_through_the_gradient():
-    from gradindex.featurize._kron import _squared_norms
+    from gradindex.featurize import squared_norms as _squared_norms
 
     generator = torch.Generator().manual_seed(0)
     for length, in_dim, out_dim in ((1, 30, 20), (50, 3, 2), (6, 40, 30)):

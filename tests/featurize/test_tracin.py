@@ -10,8 +10,9 @@ from torch import nn
 
 import tiny_tasks
 from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import TracInFeaturizer, load_checkpoints
-from gradindex.project import ProjectionSpec
+from gradindex.featurize import load_checkpoints
+from gradindex.methods import TracInFeaturizer
+from gradindex.projection import ProjectionSpec
 
 
 def _loop_reference(task, specs, rows) -> torch.Tensor:

@@ -72,7 +72,7 @@ def test_gex_default_tau_and_build_errors(tmp_path, ensemble):
         gradindex.build(task, ensemble, tmp_path / "b.gradindex", method="gex", normalize=True)
     with pytest.raises(ValueError, match="--layers does not apply to --method gex"):
         gradindex.build(task, ensemble, tmp_path / "c.gradindex", method="gex", layers=("0.*",))
-    with pytest.raises(ValueError, match="tau must be >= 0"):
+    with pytest.raises(ValueError, match="tau must be a non-negative number, got -1"):
         gradindex.build(task, ensemble, tmp_path / "e.gradindex", method="gex", method_options={"tau": -1})
     with pytest.raises(gradindex.IncompatibleStoreError, match="tau=0.05; this query asks for tau=0.2"):
         gradindex.query(store, task, samples=[0], method_options={"tau": 0.2})

@@ -10,7 +10,7 @@ import gradindex
 import tiny_tasks
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import select_parameters
-from gradindex.project import ParamPlan, ProjectionSpec, make_projector
+from gradindex.projection import ParamPlan, ProjectionSpec, make_projector
 
 PROJ_DIM = 16
 BUILD_DAMPING = 0.5

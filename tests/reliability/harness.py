@@ -90,6 +90,53 @@ def child_setup() -> None:
     torch.set_num_threads(1)
 
 
+def write_shard(store: Any, shard: int, vectors: np.ndarray, owner: str) -> None:
+    """Claim and write one shard of ``vectors`` (rows of that shard only; self-influence their squared norms)."""
+    import pyarrow as pa
+
+    start, stop = store.layout.shard_rows(shard)
+    samples = pa.table({"row": np.arange(start, stop, dtype=np.int64), "sample_id": [f"z{row}" for row in range(start, stop)]})
+    store.claim_shard(shard, owner=owner)
+    store.write_shard(shard, vectors, (vectors.astype(np.float64) ** 2).sum(1).astype(np.float32), samples)
+
+
+def child_write_shard(path: str, shard: int, vectors: np.ndarray, site: str) -> None:
+    """A shard writer that stops at crash point ``site`` (exit 137), like a kill -9 there; exit 1 when refused."""
+    child_setup()
+    os.environ["GRADINDEX_CRASH_AT"] = site
+    from gradindex import ShardOwnershipError
+    from gradindex.store import open_store
+
+    try:
+        write_shard(open_store(path), shard, vectors, owner=f"child-{os.getpid()}")
+    except ShardOwnershipError:
+        os._exit(1)  # refused: the shard is finished
+    os._exit(0)  # only when the site was never reached
+
+
+def child_index(store: str, name: str, factory: str, site: str) -> None:
+    """``gradindex index --overwrite`` stopped at ``site``: after writing the index file under its temporary name
+    (``before-rename``), halfway through writing it (``torn-temporary``), or before its meta (``before-meta``)."""
+    child_setup()
+    import faiss
+
+    import gradindex
+
+    if site in ("before-rename", "torn-temporary"):
+        write = faiss.write_index
+
+        def write_then_die(index, path):
+            write(index, path)
+            if site == "torn-temporary":
+                os.truncate(path, os.path.getsize(path) // 2)
+            os._exit(137)
+
+        faiss.write_index = write_then_die
+    elif site == "before-meta":
+        os.environ["GRADINDEX_CRASH_AT"] = "index-before-meta"
+    gradindex.build_index(store, factory, name=name, overwrite=True, progress=False)
+
+
 def child_build(spec: str, checkpoints: list[str], output: str, options: dict, crash_at: str | None = None, **kwargs: Any) -> None:
     """A build in a child process; ``crash_at`` names a crash point (the child exits 137 there)."""
     child_setup()
@@ -253,7 +300,7 @@ def io_error_sweep(workdir: Path, spec: str, checkpoints: list[str], options: di
     orphans."""
     import gradindex
     from gradindex.store import StoreWriteError
-    from gradindex.store._faults import inject_io_errors
+    from gradindex.store.faults import inject_io_errors
 
     probe = workdir / "count.gradindex"
     with inject_io_errors() as counter:

@@ -23,41 +23,6 @@ K = 10
 SITES = ("before-rename", "torn-temporary", "before-meta")
 
 
-def child_index(store: str, name: str, factory: str, site: str) -> None:
-    harness.child_setup()
-    import faiss
-
-    from gradindex.index import _approx
-
-    if site == "before-rename":
-        write = faiss.write_index
-
-        def write_then_die(index, path):
-            write(index, path)
-            os._exit(137)
-
-        faiss.write_index = write_then_die
-    elif site == "torn-temporary":
-        write = faiss.write_index
-
-        def write_half(index, path):
-            write(index, path)
-            os.truncate(path, os.path.getsize(path) // 2)
-            os._exit(137)
-
-        faiss.write_index = write_half
-    elif site == "before-meta":
-        write_atomic = _approx._write_atomic
-
-        def die_before_meta(path, data):
-            if str(path).endswith(".json"):
-                os._exit(137)
-            write_atomic(path, data)
-
-        _approx._write_atomic = die_before_meta
-    gradindex.build_index(store, factory, name=name, overwrite=True, progress=False)
-
-
 def _search(store, queries, name):
     return tuple(np.asarray(part).tolist() for part in gradindex.search_store(store, queries, K, index=name))
 
@@ -85,7 +50,7 @@ def test_index_write_interrupted_at_each_step(env, capsys):
         for site in SITES:
             store = work / f"{site}-{'replace' if replacing else 'new'}.gradindex"
             shutil.copytree(reference if replacing else env.small, store)
-            code, _ = harness.run_child(child_index, str(store), "ivf", "IVF4,Flat", site)
+            code, _ = harness.run_child(harness.child_index, str(store), "ivf", "IVF4,Flat", site)
             assert code == 137, (site, code)
             figures["tried"] += 1
             try:
@@ -141,7 +106,7 @@ def test_an_interrupted_index_write_leaves_no_unreferenced_file(env):
     work = env.fresh("index-unreferenced")
     store = work / "s.gradindex"
     shutil.copytree(env.small, store)
-    code, _ = harness.run_child(child_index, str(store), "ivf", "IVF4,Flat", "before-meta")
+    code, _ = harness.run_child(harness.child_index, str(store), "ivf", "IVF4,Flat", "before-meta")
     assert code == 137
     gradindex.build_index(store, "IVF4,Flat", name="ivf", overwrite=True, progress=False)
     assert _index_files(store) == ([], [])

@@ -12,7 +12,7 @@ import pytest
 
 import gradindex
 from gradindex.store import StoreWriteError
-from gradindex.store._faults import inject_io_errors
+from gradindex.store.faults import inject_io_errors
 from reliability import harness
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import gradindex
 from gradindex.cli import cli
-from gradindex.index import brute_force_topk
+from gradindex.search import brute_force_topk
 from reliability import harness, rel_tasks
 
 

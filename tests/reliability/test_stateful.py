@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 import gradindex
 from gradindex import CorruptStoreError, IncompleteStoreError, ShardOwnershipError
-from gradindex.index import brute_force_topk
+from gradindex.search import brute_force_topk
 from gradindex.store import StoreLayout, create_store, open_store
 from reliability import harness
 
@@ -36,25 +36,9 @@ VECTORS = np.random.default_rng(2024).standard_normal((N_ROWS, DIM)).astype(np.f
 QUERIES = np.random.default_rng(7).standard_normal((3, DIM)).astype(np.float32)
 
 
-def _samples(start: int, stop: int) -> pa.Table:
-    return pa.table({"row": np.arange(start, stop, dtype=np.int64), "sample_id": [f"z{row}" for row in range(start, stop)]})
-
-
 def _write(store, shard: int, owner: str) -> None:
     start, stop = store.layout.shard_rows(shard)
-    block = VECTORS[start:stop]
-    store.claim_shard(shard, owner=owner)
-    store.write_shard(shard, block, (block.astype(np.float64) ** 2).sum(1).astype(np.float32), _samples(start, stop))
-
-
-def child_write(path: str, shard: int, site: str) -> None:
-    """A writer that stops at ``site`` (exit 137), like a kill -9 there."""
-    os.environ["GRADINDEX_CRASH_AT"] = site
-    try:
-        _write(open_store(path), shard, owner=f"child-{os.getpid()}")
-    except ShardOwnershipError:
-        os._exit(1)  # refused: the shard is finished
-    os._exit(0)  # only when the site was never reached
+    harness.write_shard(store, shard, VECTORS[start:stop], owner)
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -87,7 +71,8 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(shard=st.integers(0, N_SHARDS - 1), site=st.sampled_from(SITES))
     def kill(self, shard: int, site: str) -> None:
         FIGURES["kill steps"] += 1
-        code, _ = harness.run_child(child_write, str(self.path), shard, site)
+        start, stop = self.store.layout.shard_rows(shard)
+        code, _ = harness.run_child(harness.child_write_shard, str(self.path), shard, VECTORS[start:stop], site)
         if shard in self.committed or self.complete:
             assert code == 1  # the child's claim was refused: "already finished"
             return
@@ -117,7 +102,7 @@ class StoreMachine(RuleBasedStateMachine):
         before = harness.tree_hash(self.path)
         start, stop = self.store.layout.shard_rows(shard)
         with pytest.raises(ValueError, match="exactly those rows"):
-            self.store.write_shard(shard, VECTORS[start:stop], np.zeros(stop - start, np.float32), _samples(start + 1, stop + 1))
+            self.store.write_shard(shard, VECTORS[start:stop], np.zeros(stop - start, np.float32), pa.table({"row": np.arange(start + 1, stop + 1, dtype=np.int64), "sample_id": [f"z{row}" for row in range(start + 1, stop + 1)]}))
         assert harness.tree_hash(self.path) == before
 
     @rule()

@@ -22,7 +22,7 @@ OPTIONS = {"proj_dim": 16, "rows_per_shard": 32}
 def _calibration_within_the_first_rows(monkeypatch):
     """kron calibrates (plan and pca sides) on the first CALIBRATION_SAMPLES rows: an append is byte-identical to a
     whole build when the store already held them (any training set of 256+ samples); these sets are smaller."""
-    monkeypatch.setattr("gradindex.featurize._featurizer.CALIBRATION_SAMPLES", 64)
+    monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_SAMPLES", 64)
 
 
 def test_append_equals_a_whole_build_and_updates_indexes(tmp_path, mlp_checkpoints):

@@ -13,12 +13,12 @@ from click.testing import CliRunner
 import gradindex
 from tiny_tasks import TINY
 from gradindex.cli import cli
-from gradindex.index import brute_force_topk
+from gradindex.search import brute_force_topk
 from gradindex.store import StoreLayout, create_store
 
 distributed = pytest.importorskip("distributed")
 
-from gradindex.distributed import DaskSearch, merge_topk  # noqa: E402
+from gradindex.search import DaskSearch, merge_topk  # noqa: E402
 
 MLP = f"{TINY}:mlp_task"
 

@@ -209,7 +209,7 @@ def test_s3_sharded_workers_and_finalize_equal_one_process(s3, local_store):
 
 
 def test_s3_persisted_index_round_trips_with_its_checksum(s3, local_store, tmp_path, monkeypatch):
-    import gradindex.indexes as indexes
+    import gradindex.search._persisted as indexes
 
     local, checkpoints = local_store
     monkeypatch.setenv("GRADINDEX_CACHE", str(tmp_path / "cache"))
@@ -277,7 +277,7 @@ def test_file_urls_and_plain_paths_are_local(tmp_path):
 
 def test_s3_store_searched_by_dask_workers_equals_one_process(s3, local_store):
     distributed = pytest.importorskip("distributed")
-    from gradindex.distributed import DaskSearch
+    from gradindex.search import DaskSearch
 
     local, checkpoints = local_store
     url = _url("dask.gradindex")
@@ -310,7 +310,7 @@ def test_refused_credentials_are_one_sentence(local_store, monkeypatch):
 
 
 def test_a_bad_claim_timeout_names_the_variable_and_what_it_takes(monkeypatch):
-    from gradindex.store._remote import DEFAULT_CLAIM_TIMEOUT, claim_timeout
+    from gradindex.store import DEFAULT_CLAIM_TIMEOUT, claim_timeout
 
     monkeypatch.delenv("GRADINDEX_CLAIM_TIMEOUT", raising=False)
     assert claim_timeout() == DEFAULT_CLAIM_TIMEOUT

@@ -97,7 +97,7 @@ def test_all_zero_shards_are_written_and_read_back(tmp_path):
 
 def test_float16_storage_casts_exactly_as_numpy():
     """Stores cast float32 to float16 through torch (faster); the bytes must be numpy's, edge cases included."""
-    from gradindex.store._store import _cast
+    from gradindex.store import cast_vectors as _cast
 
     values = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32) * 10.0 ** np.arange(-9, 24, dtype=np.float32)[None, :].clip(max=1e4)
     values[0, :9] = [65504, 65519, 65520, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -0.0, 1e-8, -6.1e-5]

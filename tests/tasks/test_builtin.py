@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import TensorDataset
 
-from gradindex._errors import TaskSpecError
+from gradindex.errors import TaskSpecError
 from gradindex.task import Task, load_task
 from gradindex.tasks import (
     BUILTIN_TASKS,
@@ -24,7 +24,7 @@ from gradindex.tasks import (
     digits_with_info,
     mnist1d_with_info,
 )
-from gradindex.tasks._common import flip_labels
+from gradindex.tasks import flip_labels
 
 HAS_MNIST1D = importlib.util.find_spec("mnist1d") is not None
 needs_mnist1d = pytest.mark.skipif(not HAS_MNIST1D, reason="the optional mnist1d package is not installed")

@@ -1,0 +1,94 @@
+"""The errors gradindex raises: each is ours and also the builtin it resembles.
+
+Every error a user can cause is a ``GradIndexError`` whose message is one sentence that names the fix.
+``ArgumentError`` names the Python argument that is wrong (``top must be a positive integer, got 0``);
+the command line shows the same message with the argument's flag in its place (``--top``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GradIndexError",
+    "ArgumentError",
+    "TaskSpecError",
+    "CheckpointError",
+    "StoreNotFoundError",
+    "StoreExistsError",
+    "IncompatibleStoreError",
+    "IncompleteStoreError",
+    "CorruptStoreError",
+    "ShardOwnershipError",
+    "NonFiniteError",
+    "SearchError",
+    "StoreWriteError",
+    "StorageError",
+    "GradIndexWarning",
+]
+
+
+class GradIndexError(Exception):
+    """Base of every error gradindex raises on purpose; its message names the fix."""
+
+
+class ArgumentError(GradIndexError, ValueError):
+    """A bad value for a Python argument (or a setting); ``argument`` is its name, and the message starts with it."""
+
+    def __init__(self, argument: str, message: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+class TaskSpecError(GradIndexError, ValueError):
+    """A --task SPEC that cannot be loaded or does not return a gradindex.Task."""
+
+
+class CheckpointError(GradIndexError, ValueError):
+    """A checkpoint that cannot be parsed, found, or loaded into the task's model."""
+
+
+class StoreNotFoundError(GradIndexError, FileNotFoundError):
+    """No gradindex store at the given path."""
+
+
+class StoreExistsError(GradIndexError, FileExistsError):
+    """A store already exists where a new one would be created."""
+
+
+class IncompatibleStoreError(GradIndexError, ValueError):
+    """The store's manifest disagrees with what this call asks for (the field is named)."""
+
+
+class IncompleteStoreError(GradIndexError, RuntimeError):
+    """The store's build has not finished."""
+
+
+class CorruptStoreError(GradIndexError, OSError):
+    """A file of the store is missing, truncated or fails its checksum."""
+
+
+class ShardOwnershipError(GradIndexError, RuntimeError):
+    """Another writer owns (or has finished) the shard this writer asked for."""
+
+
+class NonFiniteError(GradIndexError, ValueError):
+    """NaN or infinite values where finite ones are required."""
+
+
+class SearchError(GradIndexError, RuntimeError):
+    """FAISS failed, or an index does not match its store."""
+
+
+class StoreWriteError(GradIndexError, OSError):
+    """Writing a store file failed (disk full, I/O error, ...); what was finished is kept."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.errno = code
+
+
+class StorageError(GradIndexError, ValueError):
+    """A store location that cannot be used: unknown protocol, missing package, bad storage option."""
+
+
+class GradIndexWarning(UserWarning):
+    """A result was computed but may be inaccurate (e.g. an iterative solver that did not converge); the message names the fix."""

@@ -1,0 +1,121 @@
+"""The attribution methods, one module each: what φ is, and for asymmetric ones the query-side transform.
+
+Every method is a featurizer (``φ`` per sample) plus, for asymmetric ones, a query-side transform; all of them
+share the one store format and the one inner-product index. ``make_featurizer`` builds one by name (the
+registry the pipeline calls); ``METHOD_OPTIONS`` says what options each takes.
+
+=========  ==============================================  ====================================  =========
+method     stored row φ(z)                                 query vector                          symmetric
+=========  ==============================================  ====================================  =========
+tracin     [√η_c P_c∇ℓ(z; θ_c)]_c                          φ(q)                                  yes
+gex        (1/√M)[ℓ(z; θ_m) − max(ℓ(z; θ*), τ)]_m          φ(q)                                  yes
+if         P∇ℓ(z; θ*)                                      P(H + λI)^{-1}∇ℓ(q; θ*)               no
+arnoldi    (Λ + λ)^{-1/2}Uᵀ∇ℓ(z; θ*)                       φ(q)                                  yes
+trak       Q(z)[P_c∇f(z; θ_c)]_c                           (1/C)[(Φ_cᵀΦ_c + λI)^{-1}P_c∇f(q)]_c  no
+=========  ==============================================  ====================================  =========
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from gradindex.featurize import Featurizer, LoadedCheckpoint
+from gradindex.methods._arnoldi import EIGENBASIS, ArnoldiFeaturizer
+from gradindex.methods._base import MethodFeaturizer, as_method_featurizer, row_dots
+from gradindex.methods._curvature import Curvature
+from gradindex.methods._gex import GexFeaturizer
+from gradindex.methods._influence import InfluenceFeaturizer
+from gradindex.methods._options import CURVATURES, METHOD_OPTIONS, QUERY_TIME_OPTIONS, SOLVERS, OptionSpec, resolve_options
+from gradindex.methods._self_influence import finish_store, recompute_self_influence, stored_self_influence
+from gradindex.methods._solvers import CGSolver, ExactSolver, LissaSolver, arnoldi
+from gradindex.methods._tracin import CALIBRATION_SAMPLES, KRON_SIDES_TRANSFORM, TracInFeaturizer
+from gradindex.methods._trak import GramInverse, TrakFeaturizer, trak_self_influence
+from gradindex.projection import ProjectionSpec
+from gradindex.task import Task
+
+__all__ = [
+    "CALIBRATION_SAMPLES",
+    "CURVATURES",
+    "EIGENBASIS",
+    "KRON_SIDES_TRANSFORM",
+    "METHODS",
+    "METHOD_OPTIONS",
+    "QUERY_TIME_OPTIONS",
+    "SOLVERS",
+    "ArnoldiFeaturizer",
+    "CGSolver",
+    "Curvature",
+    "ExactSolver",
+    "GexFeaturizer",
+    "GramInverse",
+    "InfluenceFeaturizer",
+    "LissaSolver",
+    "MethodFeaturizer",
+    "OptionSpec",
+    "TracInFeaturizer",
+    "TrakFeaturizer",
+    "arnoldi",
+    "as_method_featurizer",
+    "finish_store",
+    "make_featurizer",
+    "recompute_self_influence",
+    "resolve_options",
+    "row_dots",
+    "stored_self_influence",
+    "trak_self_influence",
+]
+
+# every method by name, with what its vectors are (the command line's choices and help come from here)
+METHODS: dict[str, str] = {
+    "tracin": "TracIn-CP: learning-rate weighted gradient dot products summed over checkpoints",
+    "gex": "GEX: loss deviations of a geometric ensemble's members from the trained model",
+    "if": "influence functions: (H + λI)^-1 on the query side (exact, CG or LiSSA)",
+    "arnoldi": "Arnoldi influence: gradients in the top-r eigenbasis of the Hessian",
+    "trak": "TRAK: projected output gradients, (ΦᵀΦ + λI)^-1 on the query side",
+}
+
+_FEATURIZERS = {
+    "gex": GexFeaturizer,
+    "if": InfluenceFeaturizer,
+    "arnoldi": ArnoldiFeaturizer,
+    "trak": TrakFeaturizer,
+}
+
+
+def make_featurizer(
+    method: str,
+    task: Task,
+    checkpoints: Sequence[LoadedCheckpoint],
+    *,
+    projection: ProjectionSpec,
+    layers: Sequence[str] | None,
+    normalize: bool,
+    device: torch.device,
+    options: Mapping[str, Any] | None = None,
+    runtime: Mapping[str, Any] | None = None,
+) -> Featurizer:
+    """The featurizer for ``method``; the same call at build and at query time gives the same vectors.
+
+    :param method: one of ``METHODS``.
+    :param task: the task whose model and loss are featurized.
+    :param checkpoints: the loaded checkpoints (``gradindex.featurize.load_checkpoints``), in order.
+    :param projection: the projection of each checkpoint's gradient.
+    :param layers: parameter-name globs to featurize (None: every trainable parameter).
+    :param normalize: unit-normalise each checkpoint's block (cosine scores).
+    :param device: where featurization runs.
+    :param options: the method's options (``METHOD_OPTIONS[method]``); recorded in the fingerprint.
+    :param runtime: how, not what (not fingerprinted): ``chunk_bytes``, ``compile``, ``autocast`` for tracin.
+    """
+    if method == "tracin":
+        if options:
+            resolve_options("tracin", options)  # says which method the options belong to
+        return TracInFeaturizer(
+            task, checkpoints, projection=projection, layers=layers, normalize=normalize, device=device, **(runtime or {})
+        )
+    if method in _FEATURIZERS:
+        return _FEATURIZERS[method](
+            task, checkpoints, projection=projection, layers=layers, normalize=normalize, device=device, options=options
+        )
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

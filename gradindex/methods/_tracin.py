@@ -1,0 +1,223 @@
+"""TracIn-CP (Pruthi et al. 2020): φ(z) = concat_c √η_c · P_c ∇ℓ(z; θ_c), the sum over checkpoints of learning-rate
+weighted gradient dot products as one inner product.
+
+With the default ``kron`` projection the per-sample gradients are never formed (``gradindex.featurize``'s factored
+engine), and the projection is planned on calibration samples (the first ``CALIBRATION_SAMPLES`` of the training
+set): the plan is recorded in the manifest and the pca side matrices kept in the store's ``transforms/kron_sides``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradindex.errors import CorruptStoreError
+from gradindex.featurize import Featurizer, KronGradients, LoadedCheckpoint, PerSampleGradients, model_fingerprint, select_parameters
+from gradindex.projection import ParamPlan, ProjectionSpec, make_projector, pca_side_matrix
+from gradindex.task import Task, batch_size, iter_batches, slice_batch, to_device
+
+__all__ = ["CALIBRATION_SAMPLES", "KRON_SIDES_TRANSFORM", "TracInFeaturizer"]
+
+# the kron plan's calibration: the first samples of the training set, and how narrow sides are drawn by default
+CALIBRATION_SAMPLES = 256
+KRON_SIDES = "pca"
+# the store transform that keeps the pca side matrices of a kron build (every checkpoint's, packed flat)
+KRON_SIDES_TRANSFORM = "kron_sides"
+# kron sizes its chunks on this many first training samples (the same in every process)
+_PROBE_SAMPLES = 8
+
+
+class TracInFeaturizer(Featurizer):
+    """TracIn-CP: φ(z) = concat_c √η_c · P_c ∇ℓ(z; θ_c), optionally unit-normalised per checkpoint block."""
+
+    def __init__(
+        self,
+        task: Task,
+        checkpoints: Sequence[LoadedCheckpoint],
+        *,
+        projection: ProjectionSpec,
+        layers: Sequence[str] | None = None,
+        normalize: bool = False,
+        device: torch.device = torch.device("cpu"),
+        chunk_bytes: int = 256 << 20,
+        autocast: bool = False,
+        compile: bool = False,
+    ):
+        """``chunk_bytes`` bounds the working memory of one chunk of samples (the batch is cut into chunks);
+        ``autocast`` runs forward/backward in bfloat16 on CUDA (ignored on CPU; projections stay float32);
+        ``compile`` applies ``torch.compile`` to the kron projection kernels."""
+        self.task = task
+        self.checkpoints = list(checkpoints)
+        self.device = device
+        self.normalize = normalize
+        self.layers = list(layers) if layers else None
+        model = task.model().to(device)
+        self.model_fingerprint = model_fingerprint(model)
+        self.param_names = select_parameters(model, self.layers)
+        shapes = dict(model.named_parameters())
+        self.plans = ParamPlan.layout([(name, shapes[name].shape) for name in self.param_names])
+        self.n_params = sum(plan.numel for plan in self.plans)
+        self.projection = projection
+        self.chunk_bytes = chunk_bytes
+        self._scales = [math.sqrt(ckpt.spec.weight) for ckpt in self.checkpoints]
+        if projection.kind == "kron":
+            # per-sample gradients are never formed: a batched forward/backward per chunk, sized on the first one
+            self.kron: KronGradients | None = KronGradients(
+                model, task.loss, self.param_names, projection, device, autocast=autocast, compile=compile, plan=projection.plan
+            )
+            self._states = [(ckpt.state, {}) for ckpt in self.checkpoints]
+            if projection.plan is None and self.kron.needs_calibration:
+                self._calibrate(projection.kron_sides or KRON_SIDES)
+            self.block_dim = self.kron.dim
+            self.chunk_size = 0  # unknown until the probe has been measured (_measure_chunks)
+        else:
+            self.kron = None
+            self.gradients = PerSampleGradients(model, task.loss, self.param_names)
+            self.projector = make_projector(projection, self.plans)
+            self.block_dim = self.projector.out_dim
+            self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
+            # bound the [chunk, p] gradient buffer (vmap holds a few of them)
+            self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
+        self.dim = self.block_dim * len(self.checkpoints)
+
+    def _calibrate(self, sides: str) -> None:
+        """Plan kron from what the gradients look like on the first ``CALIBRATION_SAMPLES`` training samples
+        (dataset order) at every checkpoint, so that k goes where the gradients are (see ``plan_kron``); with
+        ``pca`` sides, a second pass over the same samples gives each narrow side its top directions.
+
+        The JL variance of a TracIn-CP score is about Σ_l Σ_c η_c² E_lc² v_l (E_lc: the mean squared per-sample
+        gradient norm of group l at checkpoint c, v_l its projection's relative variance), so each group's
+        energy counts as √(Σ_c η_c² E_lc²); with ``normalize`` each checkpoint's energies count relative to
+        their total. Only a build calibrates: the plan is recorded in the manifest and the pca matrices in the
+        store's ``transforms/kron_sides``, and every later use (queries, resumed or parallel workers, appends)
+        reads them from there (``attach``).
+        """
+        rows = self._calibration_rows()
+        if not len(rows):
+            return
+        contributions = []
+        for (params, _), ckpt in zip(self._states, self.checkpoints):
+            sums = None
+            for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
+                found = self.kron.energies(to_device(batch, self.device), params)
+                sums = found if sums is None else [a + b for a, b in zip(sums, found)]
+            energies = [value / len(rows) for value in sums]
+            total = sum(energies) if self.normalize else 1.0
+            contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
+        self.kron.replan([math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))], sides=sides)
+        self._calibrate_pca()
+
+    def _calibration_rows(self) -> range:
+        return range(min(CALIBRATION_SAMPLES, len(self.task.train)))
+
+    def _calibrate_pca(self) -> None:
+        """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples. The float64
+        ``[width, width]`` moments are gathered a group of sides at a time, each group within ``chunk_bytes`` (one
+        more pass over the calibration samples per group), so wide models stay within the featurization budget."""
+        groups = self.kron.pca_groups(self.chunk_bytes)
+        rows = self._calibration_rows()
+        for position, (params, _) in enumerate(self._states):
+            for group in groups:
+                moments: dict = {}
+                keys = {(name, side) for name, side, _, _ in group}
+                for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
+                    self.kron.side_moments(to_device(batch, self.device), params, moments, keys)
+                for name, side, width, k in group:
+                    moment = moments.get((name, side))  # None: the module never ran
+                    self.kron.set_pca_matrix(position, name, side, pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k))
+
+    def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
+        """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs them."""
+        return [(position, *shape) for position in range(len(self.checkpoints)) for shape in self.kron.pca_shapes()]
+
+    def attach(self, store: Any) -> None:
+        """Use the store's pca side matrices (``transforms/kron_sides``): the builder writes its own there first (the
+        first writer wins when several workers race); a worker joining before that calibrates and races too. Every
+        process, the builder included, then reads the store's copy, so every vector of the store and every query
+        vector uses the same matrices. A complete store without them is damaged (nothing is recomputed for a query)."""
+        if self.kron is None or not self.kron.pca_shapes():
+            return
+        layout = self._pca_layout()
+        if KRON_SIDES_TRANSFORM not in store.transforms():
+            if store.complete:
+                raise CorruptStoreError(
+                    f"store {store.path} was built with pca kron sides but holds no transforms/{KRON_SIDES_TRANSFORM}; "
+                    "rebuild it with --overwrite"
+                )
+            if any(self.kron.pca_matrix(c, name, side) is None for c, name, side, _, _ in layout):
+                self._calibrate_pca()
+            packed = np.concatenate([self.kron.pca_matrix(c, name, side).cpu().numpy().reshape(-1) for c, name, side, _, _ in layout])
+            store.write_transform(KRON_SIDES_TRANSFORM, packed.astype(np.float32), exclusive=True)
+        packed = store.read_transform(KRON_SIDES_TRANSFORM)
+        expected = sum(width * k for _, _, _, width, k in layout)
+        if packed.dtype != np.float32 or packed.shape != (expected,):
+            raise CorruptStoreError(
+                f"store {store.path}'s transforms/{KRON_SIDES_TRANSFORM} holds {packed.dtype} {list(packed.shape)}, but its kron plan "
+                f"needs float32 [{expected}]; rebuild it with --overwrite"
+            )
+        offset = 0
+        for c, name, side, width, k in layout:
+            self.kron.set_pca_matrix(c, name, side, torch.from_numpy(packed[offset : offset + width * k].copy()).reshape(width, k))
+            offset += width * k
+
+    def fingerprint(self) -> dict:
+        projection = self.projection.to_dict()
+        if projection["kind"] == "none":
+            projection["dim"] = self.block_dim
+        if self.kron is not None:
+            projection["plan"] = self.kron.plan_dict()
+        return {
+            "method": {"name": "tracin", "normalize": self.normalize},
+            "projection": projection,
+            "layers": self.layers,
+            "params": [[plan.name, list(plan.shape)] for plan in self.plans],
+            "block_dim": self.block_dim,
+        }
+
+    def featurize(self, batch: Any) -> Tensor:
+        """collated batch of B samples -> [B, C·k]."""
+        size = batch_size(batch)
+        out = torch.empty(size, self.dim, dtype=torch.float32, device=self.device)
+        return self.featurize_into(batch, out)
+
+    def featurize_into(self, batch: Any, out: Tensor) -> Tensor:
+        """collated batch of B samples -> ``out`` [B, C·k] (a preallocated float32 buffer, on any device)."""
+        batch = to_device(batch, self.device)
+        size = batch_size(batch)
+        if self.chunk_size == 0:
+            self._measure_chunks()
+        for start in range(0, size, self.chunk_size):
+            stop = min(size, start + self.chunk_size)
+            chunk = slice_batch(batch, start, stop)
+            for position, ((params, constants), scale) in enumerate(zip(self._states, self._scales)):
+                if self.kron is not None:
+                    block = self.kron(chunk, params, position)
+                else:
+                    block = self.projector.project(self.gradients(chunk, params, constants), position)
+                if self.normalize:
+                    block = torch.nn.functional.normalize(block, dim=1)
+                out[start:stop, position * self.block_dim : (position + 1) * self.block_dim] = block * scale
+        return out
+
+    def _measure_chunks(self) -> None:
+        """Size kron's chunks from the working memory of a fixed probe: the first (at most 8) training samples.
+
+        Every process measures the same probe, so chunk boundaries (and the loader's batches, see ``batch_size_hint``)
+        fall on the same rows whichever worker featurizes a shard; matrix products of another batch shape may round
+        differently, and a store's bytes must not depend on which worker wrote them."""
+        rows = range(min(_PROBE_SAMPLES, len(self.task.train)))
+        if len(rows):
+            probe = next(iter(iter_batches(self.task.train, rows, len(rows), self.task.collate, prefetch=0)))
+            with torch.enable_grad():
+                self.kron(to_device(probe, self.device), self._states[0][0], 0)
+        self.chunk_size = max(1, min(1 << 16, self.chunk_bytes // max(1, self.kron.bytes_per_sample)))
+
+    def batch_size_hint(self) -> int:
+        """A loader batch size that fits the working-memory budget (kron: measured on the probe first)."""
+        if self.chunk_size == 0:
+            self._measure_chunks()
+        return max(16, min(self.chunk_size, 4096))

@@ -1,0 +1,497 @@
+"""The build stage: featurize the task's training set at its checkpoints, shard by shard, into a store.
+
+Every worker (``--shard I/N``, torchrun ranks, a resume, an append) computes exactly what the store's fingerprint
+says; the one that finishes the last shard completes the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradindex.version import __version__
+from gradindex.checkpoints import CheckpointSpec, parse_checkpoints
+from gradindex.errors import (
+    GradIndexError,
+    IncompatibleStoreError,
+    IncompleteStoreError,
+    NonFiniteError,
+    StoreExistsError,
+    TaskSpecError,
+)
+from gradindex.featurize import load_checkpoints, model_fingerprint, resolve_device
+from gradindex.methods import (
+    KRON_SIDES_TRANSFORM,
+    METHODS,
+    MethodFeaturizer,
+    as_method_featurizer,
+    finish_store,
+    make_featurizer,
+)
+from gradindex.pipeline._fingerprint import ContentHash, content_message, dataset_probe, fingerprint_of, mismatch_message
+from gradindex.projection import ProjectionSpec
+from gradindex.search import update_indexes
+from gradindex.store import GradientStore, StoreLayout, as_store, create_store, fingerprint_differences, open_store, store_path, sweep_orphans
+from gradindex.task import Task, iter_batches, labels_of, load_task, tensor_rows
+from gradindex.utils import progress_bar
+
+__all__ = ["BuildConfig", "NONFINITE_POLICIES", "build", "finalize"]
+
+log = logging.getLogger("gradindex")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildConfig:
+    """What a build computes (fingerprinted) and how (batching, device, layout)."""
+
+    method: str = "tracin"
+    projection: str | None = None  # None: kron for tracin (the factored fast path), the ProjectionSpec default otherwise
+    proj_dim: int = 1024
+    kron_sides: str | None = None  # kron: pca (None: the default), orthogonal or gaussian; the recorded plan keeps it
+    seed: int = 0
+    layers: tuple[str, ...] | None = None
+    normalize: bool = False
+    dtype: str = "float16"
+    batch_size: int | None = None  # None: as many samples as fit featurize_memory (kron), else 256
+    device: str = "auto"
+    rows_per_shard: int | None = None
+    method_options: dict = field(default_factory=dict)
+    nonfinite: str = "error"
+    # how featurization runs (not fingerprinted): working memory per chunk, torch.compile, CUDA bfloat16 autocast
+    featurize_memory: int = 512 << 20
+    compile: bool = False
+    autocast: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {self.batch_size}")
+        if self.featurize_memory <= 0:
+            raise ValueError(f"featurize memory must be positive, got {self.featurize_memory}")
+        if self.projection is None:
+            object.__setattr__(self, "projection", "kron" if self.method == "tracin" else ProjectionSpec().kind)
+        if self.rows_per_shard is not None and self.rows_per_shard <= 0:
+            raise ValueError(f"rows per shard must be positive, got {self.rows_per_shard}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"--nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}")
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        self.projection_spec()  # validates kind, dim, seed
+
+    def projection_spec(self) -> ProjectionSpec:
+        return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed, kron_sides=self.kron_sides)  # type: ignore[arg-type]
+
+
+# What a build does with a sample whose vector is NaN or infinite: stop (nothing written for its
+# shard), or record it and continue with a zero vector, left out of search (skip) or kept in it (zero).
+NONFINITE_POLICIES = ("error", "skip", "zero")
+
+
+def _loader_batch_size(config: BuildConfig, featurizer: Any) -> int:
+    """The batch size asked for, else what the featurizer says fits its memory budget (256 when it says nothing)."""
+    if config.batch_size is not None:
+        return config.batch_size
+    inner = getattr(featurizer, "inner", featurizer)
+    hint = getattr(inner, "batch_size_hint", None)
+    return int(hint()) if callable(hint) else 256
+
+
+def _absolute_spec(spec: str) -> str:
+    """A file-based task spec with an absolute path, so the store's recorded task works from any directory."""
+    target, sep, attr = spec.rpartition(":")
+    if sep and (target.endswith(".py") or "/" in target) and Path(target).is_file():
+        return f"{Path(target).resolve()}:{attr}"
+    return spec
+
+
+def _shard_assignment(shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is not None:
+        index, count = shard
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        index, count = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    else:
+        return 0, 1
+    if count <= 0 or not 0 <= index < count:
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {index}/{count}")
+    return index, count
+
+
+def build(
+    task: "Task | str",
+    checkpoints: Sequence["str | CheckpointSpec | tuple"],
+    output: str | Path,
+    config: BuildConfig | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    shard: tuple[int, int] | None = None,
+    progress: bool | None = None,
+    append: bool = False,
+    repair: bool = False,
+    storage_options: dict | None = None,
+    claim_timeout: float | None = None,
+    **options: Any,
+) -> GradientStore:
+    """Featurize the task's training set at the checkpoints and write a store at ``output``.
+
+    ``options`` are BuildConfig fields (``proj_dim=512, projection="sjlt", dtype="float32"``, ...).
+    ``shard=(I, N)`` computes only shards I, I+N, I+2N, ...; the worker that finishes the last one
+    completes the store (or ``finalize(output)`` does). Returns the opened store (complete unless other
+    workers still run). ``append=True`` adds the training samples beyond the store's rows to a complete
+    store built with the same settings (the task's train set grew; its first rows must be unchanged),
+    then updates the store's persisted indexes (or marks them stale).
+
+    ``nonfinite`` (a BuildConfig field) says what to do with a sample whose vector is NaN or infinite:
+    ``"error"`` (stop; nothing is written for its shard), ``"skip"`` or ``"zero"`` (store a zero vector,
+    list the row in the manifest; skipped rows are left out of search and self-influence). On
+    ``resume`` the training samples of the finished shards are hashed again and must match the
+    hashes recorded with them; ``repair=True`` (with ``resume``) first recomputes exactly the shards
+    ``verify`` finds damaged.
+
+    ``output`` is a local folder or an fsspec URL (``s3://bucket/a.gradindex``, ``gs://...``, ``memory://...``);
+    ``storage_options`` go to its filesystem (credentials and endpoint otherwise come from the environment).
+    ``claim_timeout`` (seconds) is how old another machine's claim on a shard of a remote store must be
+    before this build takes the shard over (default ``GRADINDEX_CLAIM_TIMEOUT``, else 6 hours).
+    """
+    if config is None:
+        config = BuildConfig(**options)
+    elif options:
+        config = BuildConfig(**{**asdict(config), **options})
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: resume continues a build, overwrite replaces it")
+    if repair and not resume:
+        raise ValueError("--repair needs --resume: it recomputes the damaged shards of an existing store")
+    if claim_timeout is not None and not claim_timeout > 0:
+        raise ValueError(f"--claim-timeout must be a positive number of seconds, got {claim_timeout}")
+    if append and overwrite:
+        raise ValueError("--append and --overwrite exclude each other: append grows a store, overwrite replaces it")
+    task_spec = _absolute_spec(task) if isinstance(task, str) else None
+    task = load_task(task)
+    specs = parse_checkpoints(checkpoints)
+    device = resolve_device(config.device)
+    shard_index, shard_count = _shard_assignment(shard)
+    output = store_path(output, storage_options)
+
+    loaded = load_checkpoints(task, specs, device)
+
+    def featurizer_for(projection: ProjectionSpec) -> MethodFeaturizer:
+        return as_method_featurizer(make_featurizer(
+            config.method, task, loaded, projection=projection, layers=config.layers,
+            normalize=config.normalize, device=device, options=config.method_options,
+            runtime={"chunk_bytes": config.featurize_memory, "compile": config.compile, "autocast": config.autocast},
+        ))
+
+    # a store being joined (resume, another worker's, append) brings its recorded kron plan: never planned again
+    joining = (resume or append or shard_count > 1) and not overwrite
+    projection = (_recorded_projection(output, config) if joining else None) or config.projection_spec()
+    featurizer = featurizer_for(projection)
+    fingerprint = fingerprint_of(featurizer, loaded, task, config.dtype, model_fingerprint(task.model()))
+    n_samples = len(task.train)
+    if n_samples == 0:
+        raise TaskSpecError("the task's training set is empty; there is nothing to index")
+
+    sweep_orphans(output)  # what killed writers left beside the store
+    expected_content: dict[int, str] = {}
+    appended_from = None
+    if append:
+        store, appended_from = _open_for_append(output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}})
+    elif output.exists() and (resume or (shard_count > 1 and not overwrite)):
+        store = open_store(output)
+        _check_joinable(store, fingerprint, config)
+        store.sweep_temporaries()
+        if repair:
+            expected_content = _reopen_for_repair(store)
+        if store.complete:
+            log.info("store %s is already complete", output)
+            return store
+    else:
+        if output.exists() and not overwrite:
+            raise StoreExistsError(f"{output} already exists; pass --resume to continue its build or --overwrite to replace it")
+        layout = StoreLayout.auto(n_samples, featurizer.dim, config.dtype, rows_per_shard=config.rows_per_shard)
+        extra = {
+            "gradindex_version": __version__,
+            "task": {"spec": task_spec, "name": task.name},
+            "checkpoints": [spec.to_dict() for spec in specs],
+            "build": {"batch_size": config.batch_size, "device": str(device)},
+        }
+        try:
+            store = create_store(output, layout, fingerprint, extra=extra, overwrite=overwrite)
+        except StoreExistsError:
+            if shard_count > 1:  # another worker created it first
+                store = open_store(output)
+                recorded = _recorded_projection(output, config)
+                if recorded is not None and recorded.plan != projection.plan:  # its kron plan wins
+                    featurizer = featurizer_for(recorded)
+                    fingerprint = fingerprint_of(featurizer, loaded, task, config.dtype, model_fingerprint(task.model()))
+                _check_joinable(store, fingerprint, config)
+            else:
+                raise
+
+    store.claim_timeout = claim_timeout
+    featurizer.attach(store)  # e.g. Arnoldi's eigenbasis: computed once, shared by every worker through the store
+    mine = [index for index in range(store.n_shards) if index % shard_count == shard_index]
+    sample_ids = task.train_sample_ids()
+    if resume and not append:
+        # each worker re-hashes the samples of its own finished shards (a repair: of all of them)
+        _check_finished_shards(store, task, config, None if repair else mine, sample_ids=sample_ids)
+    todo = [index for index in mine if store.shard_record(index) is None]
+    owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
+    total_rows = sum(store.layout.shard_rows(index)[1] - store.layout.shard_rows(index)[0] for index in todo)
+    bar = progress_bar(total_rows, f"featurize {output.name} ({len(loaded)} checkpoints)", enabled=progress)
+    started = time.perf_counter()
+    try:
+        for position, index in enumerate(todo):
+            bar.set_postfix_str(f"shard {position + 1}/{len(todo)}", refresh=False)
+            _build_shard(store, index, task, featurizer, sample_ids, config, owner, bar, expected_content.get(index))
+            log.debug("wrote shard %d of %s (%d/%d of this worker's shards)", index, output, position + 1, len(todo))
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    if total_rows:
+        log.info("featurized %d samples in %.1fs (%.0f samples/s)", total_rows, elapsed, total_rows / max(elapsed, 1e-9))
+    if all(store.shard_record(index) is not None for index in range(store.n_shards)):
+        featurizer.finish(store)  # transforms that need every shard (TRAK's ΦᵀΦ), written before the store says complete
+        store.finalize()
+    if appended_from is not None and store.complete:
+        for name, outcome in update_indexes(store, appended_from, progress=progress).items():
+            log.info("index %s of %s: %s", name, output, outcome)
+    return store
+
+
+def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | None:
+    """The projection (with its recorded kron plan) of the store at ``output`` when it is the one ``config``
+    asks for; None otherwise (no store yet, another projection: the fingerprint check then says what differs)."""
+    asked = config.projection_spec()
+    if asked.kind != "kron" or not output.exists():
+        return None
+    try:
+        recorded = ProjectionSpec.from_dict(open_store(output).fingerprint["projection"])
+    except Exception:  # noqa: BLE001 - not readable (yet): the normal checks report it
+        return None
+    if recorded != asked or recorded.plan is None:
+        return None
+    drawn = {entry.get("sides", "gaussian") for entry in recorded.plan
+             if "module" in entry and (entry["k_in"] < entry["in"] or entry["k_out"] < entry["out"])}
+    # pca plans draw orthogonal sides for layers too wide to decompose: such a store was built with pca
+    built = "pca" if "pca" in drawn else min(drawn, default=None)
+    if asked.kron_sides is not None and built is not None and asked.kron_sides != built:
+        raise IncompatibleStoreError(
+            f"store {output} was built with kron sides {built}, not {asked.kron_sides}; "
+            f"continue it with --kron-sides {built} (or without --kron-sides), or rebuild with --overwrite"
+        )
+    return recorded
+
+
+def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -> tuple[GradientStore, int]:
+    """Open a complete store and grow it to the task's training set; returns it and its old row count."""
+    store = open_store(output)
+    n_samples = fingerprint["dataset"]["n_samples"]
+    diffs = [diff for diff in fingerprint_differences(store.fingerprint, fingerprint) if not diff.startswith("dataset.")]
+    if diffs:
+        raise IncompatibleStoreError(
+            mismatch_message(output, diffs, store.fingerprint, fingerprint, "Append with the store's settings, or rebuild with --overwrite.")
+        )
+    from_rows = sorted(name for name in store.transforms() if name != KRON_SIDES_TRANSFORM)  # kron sides: from the first rows only
+    if from_rows:
+        raise IncompatibleStoreError(
+            f"store {output} holds query-side transforms ({', '.join(from_rows)}) computed from every row; "
+            "appending would invalidate them. Rebuild with --overwrite."
+        )
+    appended_from = store.manifest.get("appended_from") if not store.complete else store.n_samples
+    if appended_from is None:
+        raise IncompatibleStoreError(f"store {output} is incomplete ({store.progress()}); finish it with --resume before appending")
+    if store.complete and n_samples == store.n_samples:
+        raise ValueError(f"the task's training set has {n_samples} samples and store {output} holds them all; there is nothing to append")
+    if n_samples < appended_from:
+        raise IncompatibleStoreError(
+            f"the task's training set has {n_samples} samples but store {output} holds {appended_from}; append only adds samples. "
+            "Rebuild with --overwrite."
+        )
+    # the store's rows must still be the task's first rows: their probe hash, taken as at the store's build
+    # (an append that stopped midway already holds the grown data set's fingerprint)
+    if store.complete:
+        changed = dataset_probe(torch.utils.data.Subset(task.train, range(appended_from))) != store.fingerprint["dataset"]["probe_sha256"]
+    else:
+        changed = store.fingerprint["dataset"] != fingerprint["dataset"]
+    if changed:
+        raise IncompatibleStoreError(
+            f"the first {appended_from} training samples differ from those store {output} was built from; append needs the old "
+            "samples unchanged and in the same order, with new ones after them. Rebuild with --overwrite."
+        )
+    store.sweep_temporaries()
+    store.reopen_for_append(n_samples, fingerprint, extra=extra)
+    return store, appended_from
+
+
+def finalize(output: "GradientStore | str | Path", *, storage_options: dict | None = None) -> GradientStore:
+    """Complete a store whose shards were all written by workers (``--shard I/N``): merge their records
+    into the manifest. IncompleteStoreError naming the missing shards if some are not written."""
+    store = as_store(output, storage_options)
+    if not store.complete and all(store.shard_record(shard) is not None for shard in range(store.n_shards)):
+        finish_store(store)  # transforms that need every shard (TRAK's ΦᵀΦ), before the store says complete
+    if store.finalize():
+        return store
+    missing = [shard for shard in range(store.n_shards) if store.shard_record(shard) is None]
+    shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+    raise IncompleteStoreError(
+        f"store {store.path} cannot be finalized: {len(missing)} of {store.n_shards} shards are not written ({shown}); "
+        "run the workers for them (gradindex build ... --shard I/N) or finish with --resume"
+    )
+
+
+def _build_shard(store: GradientStore, index: int, task: Task, featurizer: MethodFeaturizer, sample_ids: list, config: BuildConfig, owner: str,
+                 bar, expected_content: str | None = None) -> None:
+    store.claim_shard(index, owner=owner)
+    try:
+        _compute_shard(store, index, task, featurizer, sample_ids, config, bar, expected_content)
+    except BaseException:
+        # Free the shard for the next writer (a resume): our claim would block it for as long as we live.
+        try:
+            store.release_shard(index)
+        except GradIndexError:
+            pass
+        raise
+
+
+def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: MethodFeaturizer, sample_ids: list, config: BuildConfig, bar,
+                   expected_content: str | None) -> None:
+    start, stop = store.layout.shard_rows(index)
+    features = np.empty((stop - start, featurizer.dim), dtype=np.float32)
+    self_scores = np.empty(stop - start, dtype=np.float32)
+    featurizer.begin_shard(index)
+    labels: list[np.ndarray] = []
+    position = 0
+    content = ContentHash(task.collate)
+    # a TensorDataset with the default collate is sliced, not loaded item by item (hashed from the slices, same digest)
+    sliced = task.collate is None and tensor_rows(task.train, range(start, stop)) is not None
+    with torch.inference_mode(False), torch.enable_grad():
+        for batch in iter_batches(task.train, range(start, stop), _loader_batch_size(config, featurizer), None if sliced else content):
+            if sliced:
+                content.observe_columns(batch)
+            vectors, scores = featurizer.featurize_train(batch)
+            vectors = vectors.detach().cpu().numpy()
+            if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
+                raise ValueError(
+                    f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row {start + position}; "
+                    f"expected [batch, {featurizer.dim}] (nothing was written for shard {index})"
+                )
+            features[position : position + len(vectors)] = vectors
+            self_scores[position : position + len(vectors)] = scores.detach().cpu().numpy()
+            batch_labels = labels_of(batch)
+            if batch_labels is not None:
+                labels.append(batch_labels)
+            position += len(vectors)
+            bar.update(len(vectors))
+    if position != stop - start:
+        raise TaskSpecError(f"the training set yielded {position} samples for rows {start}..{stop}; its __len__ disagrees with its items")
+    if expected_content is not None and content.hexdigest() != expected_content:
+        raise IncompatibleStoreError(content_message(store, index, expected_content, content.hexdigest()))
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.isfinite(features).all(axis=1) & np.isfinite(self_scores)
+    nonfinite = None
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        rows = (bad + start).tolist()
+        ids = [sample_ids[row] for row in rows[:10]]
+        if config.nonfinite == "error":
+            raise NonFiniteError(
+                f"{len(bad)} of the {stop - start} vectors of shard {index} are NaN or infinite (rows {rows[:10]}"
+                f"{' ...' if len(rows) > 10 else ''}, sample ids {ids}); nothing was written for this shard and finished shards are kept. "
+                "Fix the data or the model, or resume with --nonfinite skip (leave those samples out of search) "
+                "or --nonfinite zero (keep them with zero vectors)"
+            )
+        features[bad] = 0.0
+        self_scores[bad] = 0.0
+        kind = "skipped" if config.nonfinite == "skip" else "zeroed"
+        nonfinite = {kind: rows}
+        log.warning("shard %d: %d non-finite vectors %s (rows %s%s); listed in the manifest", index, len(rows), kind, rows[:10], " ..." if len(rows) > 10 else "")
+    featurizer.end_shard(store, index)  # its share of any transform is durable before the shard's record
+    store.write_shard(index, features, self_scores, _samples_table(start, stop, sample_ids, labels),
+                      content_sha256=content.hexdigest(), nonfinite=nonfinite)
+
+
+def _samples_table(start: int, stop: int, sample_ids: list, labels: list[np.ndarray]) -> pa.Table:
+    columns = {"row": pa.array(np.arange(start, stop, dtype=np.int64)), "sample_id": _id_array(sample_ids[start:stop])}
+    if labels and sum(len(part) for part in labels) == stop - start:
+        columns["label"] = pa.array(np.concatenate(labels))
+    return pa.table(columns)
+
+
+def _check_joinable(store: GradientStore, fingerprint: dict, config: BuildConfig) -> None:
+    """A resuming (or joining) writer must compute exactly what the store holds, cut into the same shards."""
+    diffs = fingerprint_differences(store.fingerprint, fingerprint)
+    if diffs:
+        raise IncompatibleStoreError(
+            mismatch_message(store.path, diffs, store.fingerprint, fingerprint, "Resume with the store's settings, or rebuild with --overwrite.")
+        )
+    if config.rows_per_shard is not None and config.rows_per_shard != store.layout.rows_per_shard:
+        raise IncompatibleStoreError(
+            f"store {store.path} does not match this call: layout.rows_per_shard: store has {store.layout.rows_per_shard}, "
+            f"this call has {config.rows_per_shard}. Every writer must cut the same shards: leave out --rows-per-shard or pass "
+            f"{store.layout.rows_per_shard}."
+        )
+
+
+def _reopen_for_repair(store: GradientStore) -> dict[int, str]:
+    """Mark the shards ``verify`` finds damaged as not done (a resume then recomputes them); their expected content hashes."""
+    problems = [problem for problem in store.verify() if not problem.endswith(": not written")]
+    if not problems:
+        log.info("repair: nothing to repair in %s", store.path)
+        return {}
+    bad = store.bad_shards()
+    expected: dict[int, str] = {}
+    for shard in bad:
+        try:
+            record = store.shard_record(shard)
+        except GradIndexError:
+            record = None
+        if record and record.get("content_sha256"):
+            expected[shard] = record["content_sha256"]
+    if bad:
+        log.warning("repair: recomputing shard(s) %s of %s", bad, store.path)
+    store.reopen_for_repair(bad)
+    return expected
+
+
+def _check_finished_shards(store: GradientStore, task: Task, config: BuildConfig, shards: Sequence[int] | None, *, sample_ids: list) -> None:
+    """Hash the training samples of the finished ``shards`` (all if None) again, without gradients: they must be the ones written.
+
+    A finished shard whose sample table is missing (a repair after samples.parquet was damaged) gets it back here.
+    """
+    missing_parts = set(store.missing_samples_parts())
+    for shard in store.done_shards():
+        if shards is not None and shard not in shards and shard not in missing_parts:
+            continue
+        record = store.shard_record(shard)
+        expected = record.get("content_sha256") if record else None
+        if expected is None and shard not in missing_parts:
+            continue
+        start, stop = store.layout.shard_rows(shard)
+        content = ContentHash(task.collate)
+        labels = []
+        # no gradients here: any batch size hashes the same
+        for batch in iter_batches(task.train, range(start, stop), config.batch_size or 256, content):
+            batch_labels = labels_of(batch)
+            if batch_labels is not None:
+                labels.append(batch_labels)
+        if expected is not None and content.hexdigest() != expected:
+            raise IncompatibleStoreError(content_message(store, shard, expected, content.hexdigest()))
+        if shard in missing_parts:
+            store.restore_samples_part(shard, _samples_table(start, stop, sample_ids, labels))
+
+
+def _id_array(ids: Sequence) -> pa.Array:
+    if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in ids):
+        return pa.array(np.asarray(ids, dtype=np.int64))
+    return pa.array([str(value) for value in ids], pa.string())

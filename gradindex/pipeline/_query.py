@@ -1,0 +1,261 @@
+"""The query stage: featurize query samples exactly as the store's rows were, search the store, name the rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, parse_checkpoints
+from gradindex.errors import CheckpointError, IncompatibleStoreError, TaskSpecError
+from gradindex.featurize import Featurizer, load_checkpoints, model_fingerprint, resolve_device
+from gradindex.methods import as_method_featurizer, make_featurizer, recompute_self_influence, stored_self_influence
+from gradindex.pipeline._fingerprint import dataset_probe, mismatch_message
+from gradindex.projection import ProjectionSpec
+from gradindex.search import search_store
+from gradindex.store import GradientStore, as_store, fingerprint_differences
+from gradindex.task import Task, iter_batches, load_task
+from gradindex.utils import check_positive_int, progress_bar
+
+__all__ = ["parse_samples", "query", "query_featurizer", "self_influence", "task_for_store"]
+
+
+def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torch.device) -> tuple[Featurizer, list]:
+    fingerprint = store.fingerprint
+    recorded = store.manifest.get("checkpoints", [])
+    if checkpoints is None:
+        specs = [CheckpointSpec(path=item["path"], weight=item["weight"]) for item in recorded]
+    else:
+        specs = parse_checkpoints(checkpoints)
+    if len(specs) != len(fingerprint["checkpoints"]):
+        raise IncompatibleStoreError(
+            f"store {store.path} was built from {len(fingerprint['checkpoints'])} checkpoints; this query gives {len(specs)}. "
+            "Query with the store's checkpoints."
+        )
+    for position, (spec, expected) in enumerate(zip(specs, fingerprint["checkpoints"])):
+        if not Path(spec.path).is_file():
+            raise CheckpointError(
+                f"checkpoint {spec.path} (position {position} of store {store.path}) is not there; pass the moved files with --checkpoint"
+            )
+        if checkpoint_sha256(spec.path) != expected["sha256"]:
+            raise IncompatibleStoreError(
+                f"checkpoints[{position}].sha256: {spec.path} is not the file store {store.path} was built from. "
+                "Query with the store's checkpoints or rebuild with --overwrite."
+            )
+    specs = [CheckpointSpec(path=spec.path, weight=expected["weight"]) for spec, expected in zip(specs, fingerprint["checkpoints"])]
+    model_print = model_fingerprint(task.model())
+    if model_print != fingerprint["model"]:
+        diffs = fingerprint_differences(fingerprint["model"], model_print, "model")
+        raise IncompatibleStoreError(
+            mismatch_message(store.path, diffs, {"model": fingerprint["model"]}, {"model": model_print}, "Query with the task the store was built from.")
+        )
+    dataset = {"n_samples": len(task.train), "probe_sha256": dataset_probe(task.train)}
+    diffs = fingerprint_differences(fingerprint["dataset"], dataset, "dataset")
+    if diffs:
+        raise IncompatibleStoreError(
+            mismatch_message(store.path, diffs, {"dataset": fingerprint["dataset"]}, {"dataset": dataset},
+                              "The task's training set is not the one the store indexes; query with the task it was built from.")
+        )
+    loaded = load_checkpoints(task, specs, device)
+    method = fingerprint["method"]
+    featurizer = make_featurizer(
+        method["name"], task, loaded, projection=ProjectionSpec.from_dict(fingerprint["projection"]),
+        layers=fingerprint.get("layers"), normalize=method.get("normalize", False), device=device,
+        options={key: value for key, value in method.items() if key not in ("name", "normalize")},
+    )
+    actual = featurizer.fingerprint()
+    diffs = fingerprint_differences({key: fingerprint.get(key) for key in actual}, actual)
+    if diffs:
+        raise IncompatibleStoreError(mismatch_message(store.path, diffs, fingerprint, actual, "Query with the store's settings."))
+    return featurizer, loaded
+
+
+def task_for_store(store: GradientStore, task: "Task | str | None") -> Task:
+    if task is None:
+        spec = (store.manifest.get("task") or {}).get("spec")
+        if not spec:
+            raise TaskSpecError(f"store {store.path} does not record its task (it was built from a Python object); pass --task SPEC")
+        return load_task(spec)
+    return load_task(task)
+
+
+def parse_samples(samples: "Sequence[int] | str | None", n_available: int) -> list[int]:
+    if samples is None:
+        return list(range(n_available))
+    if isinstance(samples, str):
+        picked: list[int] = []
+        for part in samples.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    low, high = part.split("-", 1)
+                    picked.extend(range(int(low), int(high) + 1))
+                else:
+                    picked.append(int(part))
+            except ValueError:
+                raise ValueError(f"--samples {samples!r} must be indices and ranges like 0,5,10-19") from None
+        samples = picked
+    picked = [int(value) for value in samples]
+    if not picked:
+        raise ValueError("no query samples given; pass --samples 0,1,2 or --all")
+    bad = [value for value in picked if not 0 <= value < n_available]
+    if bad:
+        raise ValueError(f"query samples {bad[:5]} are out of range: the split has {n_available} samples (0..{n_available - 1})")
+    return picked
+
+
+def query(
+    store: "GradientStore | str | Path",
+    task: "Task | str | None" = None,
+    *,
+    split: str = "test",
+    samples: "Sequence[int] | str | None" = None,
+    k: int = 10,
+    opponents: bool = False,
+    checkpoints: Sequence[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    memory_budget: int | None = None,
+    allow_incomplete: bool = False,
+    use_gpu: bool | None = None,
+    progress: bool | None = None,
+    index: str | None = None,
+    nprobe: int | None = None,
+    dask: Any = None,
+    damping: float | None = None,
+    solver: str | None = None,
+    method_options: dict | None = None,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """The k most influential training samples for each query sample.
+
+    Returns a table ``query, query_id, rank, row, sample_id, score``: ``query`` numbers the query
+    samples in the order given, ``query_id`` is the sample's index in ``split``, ``row`` the store row,
+    ``score`` ⟨φ(q), φ(z)⟩ (positive = proponent; with ``opponents=True`` the most negative).
+    ``index``, ``nprobe`` and ``dask`` are as in ``search_store``. ``damping``, ``solver`` and
+    ``method_options`` change the query side of asymmetric methods (IF: damping, solver and its settings;
+    TRAK: damping) without a rebuild; asking for another value of a build-time option is an error.
+    ``store`` is a path, an fsspec URL (``storage_options`` go to its filesystem) or an opened store.
+    """
+    store = as_store(store, storage_options)
+    k = check_positive_int("k", k)
+    store._require_readable(allow_incomplete)
+    task = task_for_store(store, task)
+    dataset = task.split(split)
+    picked = parse_samples(samples, len(dataset))
+    device_ = resolve_device(device)
+    featurizer, _ = query_featurizer(store, task, checkpoints, device_)
+    featurizer = as_method_featurizer(featurizer)
+    featurizer.configure_query(_method_query_options(damping, solver, method_options), store.path)
+    featurizer.attach(store)
+    vectors = np.empty((len(picked), featurizer.dim), dtype=np.float32)
+    position = 0
+    bar = progress_bar(len(picked), "featurize queries", enabled=progress)
+    with torch.enable_grad():
+        for batch in iter_batches(dataset, picked, batch_size, task.collate):
+            block = featurizer.query_vectors(batch).detach().cpu().numpy()
+            vectors[position : position + len(block)] = block
+            position += len(block)
+            bar.update(len(block))
+    bar.close()
+    scores, rows = search_store(store, vectors, k, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete,
+                                use_gpu=use_gpu, progress=progress, index=index, nprobe=nprobe, dask=dask)
+    return _result_table(store, np.asarray(picked), scores, rows, allow_incomplete)
+
+
+def _method_query_options(damping: float | None, solver: str | None, method_options: dict | None) -> dict:
+    """The query-side method options asked for (None = the store's)."""
+    asked = dict(method_options or {})
+    for name, value in (("damping", damping), ("solver", solver)):
+        if value is not None:
+            if name in asked and asked[name] != value:
+                raise ValueError(f"{name} is given twice ({value!r} and {asked[name]!r} in method options); give it once")
+            asked[name] = value
+    return {name: value for name, value in asked.items() if value is not None}
+
+
+def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) -> pa.Array:
+    samples = store.samples(allow_incomplete=allow_incomplete)
+    ids = samples.column("sample_id")
+    if store.complete:
+        return ids.take(pa.array(rows))
+    lookup = {int(row): position for position, row in enumerate(samples.column("row").to_numpy())}
+    return ids.take(pa.array([lookup[int(row)] for row in rows]))
+
+
+def _result_table(store: GradientStore, query_ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, allow_incomplete: bool) -> pa.Table:
+    n_queries, found = rows.shape
+    flat_rows = rows.reshape(-1).astype(np.int64)
+    kept = flat_rows >= 0  # an approximate index may find fewer than k rows (row -1)
+    flat_rows = flat_rows[kept]
+    return pa.table(
+        {
+            "query": pa.array(np.repeat(np.arange(n_queries, dtype=np.int64), found)[kept]),
+            "query_id": pa.array(np.repeat(query_ids.astype(np.int64), found)[kept]),
+            "rank": pa.array(np.tile(np.arange(1, found + 1, dtype=np.int64), n_queries)[kept]),
+            "row": pa.array(flat_rows),
+            "sample_id": _sample_ids(store, flat_rows, allow_incomplete),
+            "score": pa.array(scores.reshape(-1).astype(np.float32)[kept]),
+        }
+    )
+
+
+def self_influence(
+    store: "GradientStore | str | Path",
+    *,
+    top: int | None = None,
+    allow_incomplete: bool = False,
+    damping: float | None = None,
+    solver: str | None = None,
+    method_options: dict | None = None,
+    task: "Task | str | None" = None,
+    checkpoints: Sequence[str] | None = None,
+    device: str = "auto",
+    batch_size: int = 256,
+    progress: bool | None = None,
+    storage_options: dict | None = None,
+) -> pa.Table:
+    """Training samples ranked by self-influence, highest first: ``rank, row, sample_id, score``.
+
+    Self-influence is ⟨φ(z), φ(z)⟩, or ⟨T φ(z), φ(z)⟩ for asymmetric methods, as stored at build. With
+    ``damping``/``solver``/``method_options`` it is recomputed at those query-side settings: from the
+    store alone for TRAK, through the task's gradients for influence functions (``task``, ``checkpoints``
+    and ``device`` as in ``query``).
+    """
+    store = as_store(store, storage_options)
+    if top is not None:
+        top = check_positive_int("top", top)
+    asked = _method_query_options(damping, solver, method_options)
+    if asked:
+        store._require_readable(False)  # recomputed self-influence needs every row
+        scores = stored_self_influence(store, asked)
+        if scores is None:
+            task = task_for_store(store, task)
+            featurizer = as_method_featurizer(query_featurizer(store, task, checkpoints, resolve_device(device))[0])
+            featurizer.configure_query(asked, store.path)
+            featurizer.attach(store)
+            bar = progress_bar(store.n_samples, "self-influence", enabled=progress)
+            try:
+                scores = recompute_self_influence(store, featurizer, task, batch_size=batch_size, bar=bar)
+            finally:
+                bar.close()
+        rows = np.arange(store.n_samples, dtype=np.int64)
+    else:
+        rows, scores = store.self_influence(allow_incomplete=allow_incomplete)
+    order = np.lexsort((rows, -scores.astype(np.float64)))
+    if top is not None:
+        order = order[:top]
+    picked = rows[order]
+    return pa.table(
+        {
+            "rank": pa.array(np.arange(1, len(order) + 1, dtype=np.int64)),
+            "row": pa.array(picked),
+            "sample_id": _sample_ids(store, picked, allow_incomplete),
+            "score": pa.array(scores[order]),
+        }
+    )

@@ -1,0 +1,38 @@
+"""Projections P: flattened gradients [B, p] -> [B, k], derived only from what the manifest records.
+
+``ProjectionSpec`` says which (kind, dim, seed); ``make_projector`` builds the identity, dense or sparse JL
+projector of flattened gradients; the factored ``kron`` projection is planned here (``plan_kron``, side matrices)
+and computed by ``gradindex.featurize``, which never forms the per-sample gradient.
+"""
+
+from gradindex.projection._kron_plan import (
+    PCA_MAX_WIDTH,
+    KronLayer,
+    KronLayerPlan,
+    KronPlan,
+    kron_side_matrix,
+    pca_side_matrix,
+    plan_kron,
+)
+from gradindex.projection._projectors import DenseProjector, IdentityProjector, Projector, SJLTProjector, make_projector
+from gradindex.projection._spec import KRON_SIDES, PROJECTION_KINDS, ParamPlan, ProjectionSpec, derive_seed
+
+__all__ = [
+    "KRON_SIDES",
+    "PCA_MAX_WIDTH",
+    "PROJECTION_KINDS",
+    "DenseProjector",
+    "IdentityProjector",
+    "KronLayer",
+    "KronLayerPlan",
+    "KronPlan",
+    "ParamPlan",
+    "ProjectionSpec",
+    "Projector",
+    "SJLTProjector",
+    "derive_seed",
+    "kron_side_matrix",
+    "make_projector",
+    "pca_side_matrix",
+    "plan_kron",
+]

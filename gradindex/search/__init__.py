@@ -1,0 +1,71 @@
+"""Search: FAISS inner-product top-k over vectors, over a whole store, through persisted indexes, across Dask workers.
+
+The engines know numpy and FAISS only::
+
+    index = ExactIndex(dim)                 # on all GPUs when faiss has them, else CPU
+    index.add(vectors)                      # [n, dim], rows numbered in add order
+    scores, rows = index.search(queries, k) # [q, k'] float32, [q, k'] int64, best first
+
+    scores, rows = search_blocks(store_blocks, queries, k)  # one block in memory at a time
+
+Over a store (read through its public API, never Zarr directly): ``search_store`` searches exactly, in memory or
+streamed shard by shard; ``build_index`` trains and persists an approximate index (any faiss ``index_factory``
+string) under the store's ``indexes/`` with its recall measured; ``DaskSearch`` spreads exact search over Dask
+workers. Opponents are the top-k of the negated queries.
+"""
+
+from __future__ import annotations
+
+from gradindex.search._approx import (
+    ApproxIndex,
+    OnDiskListsWriter,
+    default_index_name,
+    default_nlist,
+    index_names,
+    load_index,
+    recall_at_k,
+    resolve_factory,
+    save_index,
+)
+from gradindex.search._brute import brute_force_topk
+from gradindex.search._dask import DaskSearch, merge_topk, search_store_dask
+from gradindex.search._exact import ExactIndex, search_blocks
+from gradindex.search._faiss import configure_faiss, gpu_count
+from gradindex.search._persisted import (
+    build_index,
+    drop_index,
+    list_indexes,
+    loaded_index,
+    search_index,
+    store_content_id,
+    update_indexes,
+)
+from gradindex.search._store_search import search_store
+
+__all__ = [
+    "ApproxIndex",
+    "DaskSearch",
+    "OnDiskListsWriter",
+    "ExactIndex",
+    "brute_force_topk",
+    "build_index",
+    "configure_faiss",
+    "default_index_name",
+    "default_nlist",
+    "drop_index",
+    "gpu_count",
+    "index_names",
+    "list_indexes",
+    "load_index",
+    "loaded_index",
+    "merge_topk",
+    "recall_at_k",
+    "resolve_factory",
+    "save_index",
+    "search_blocks",
+    "search_index",
+    "search_store",
+    "search_store_dask",
+    "store_content_id",
+    "update_indexes",
+]

@@ -1,0 +1,601 @@
+"""Approximate inner-product indexes: faiss ``index_factory`` strings, trained on a sample, filled block by block.
+
+This layer knows numpy and FAISS only; the pipeline feeds it vectors read from a store::
+
+    index = ApproxIndex.create("IVF4096,SQfp16", dim=256, n_rows=5_000_000)
+    index.train(sample)                         # [n_train, dim]; skipped by indexes that need none (HNSW)
+    index.add(block)                            # [n, dim], rows numbered in add order, one block at a time
+    scores, rows = index.search(queries, k, param=32)   # nprobe for IVF, efSearch for HNSW
+    recall_at_k(rows, exact_rows)               # the fraction of the exact top-k found
+
+    meta = save_index(index.cpu_index(), directory, "ivf", {...})   # atomic: files first, meta last
+    faiss_index, meta = load_index(directory, "ivf", expect={"ntotal": n, "dim": d})
+
+Persistence goes through ``save_index`` / ``load_index`` only, so that one implementation of
+"write to a temporary name, rename, check on load against the manifest, wrap faiss errors" serves
+every kind of index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import math
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import faiss
+import numpy as np
+
+from gradindex.errors import SearchError
+from gradindex.store.faults import crash_point
+from gradindex.utils import HOST_TAG, check_positive_int, pid_alive, sha256_file
+from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite, row_chunks
+from gradindex.search._exact import as_queries
+from gradindex.search._faiss import ensure_configured, faiss_errors, gpu_resources, resolve_gpus
+
+__all__ = [
+    "ApproxIndex",
+    "OnDiskListsWriter",
+    "default_index_name",
+    "index_names",
+    "load_index",
+    "read_index_meta",
+    "recall_at_k",
+    "remove_index",
+    "resolve_factory",
+    "save_index",
+    "sweep_index_temporaries",
+    "write_index_meta",
+]
+
+METRIC = "inner_product"
+META_SUFFIX = ".json"
+# Temporaries name their writer (pid, host), so that a later build removes only those of dead writers.
+TMP_MARK = ".gi-idx-tmp-"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# "IVF" with no list count, followed by "," or "_" (e.g. "IVF,PQ64", "IVF_HNSW32,Flat")
+_IVF_WITHOUT_NLIST = re.compile(r"^IVF(?=[,_])")
+
+
+# ---- factory strings --------------------------------------------------------------------------
+
+
+def default_nlist(n_rows: int) -> int:
+    """The IVF list count for ``n_rows`` vectors: a power of two near 4·√n, with ≥ 39 training points per list."""
+    n_rows = max(1, int(n_rows))
+    nlist = 1 << max(0, round(math.log2(4 * math.sqrt(n_rows))))
+    while nlist > 1 and nlist * 50 > n_rows:  # faiss wants ≥ 39 training points per list; some rows are held out
+        nlist //= 2
+    return nlist
+
+
+def resolve_factory(factory: str, n_rows: int) -> str:
+    """``factory`` with the IVF list count filled in when it says just "IVF" (``"IVF,PQ64"`` -> ``"IVF4096,PQ64"``)."""
+    if not isinstance(factory, str) or not factory.strip():
+        raise ValueError(f"an index factory must be a faiss index_factory string such as 'IVF1024,SQfp16', got {factory!r}")
+    factory = factory.strip()
+    return _IVF_WITHOUT_NLIST.sub(f"IVF{default_nlist(n_rows)}", factory)
+
+
+def default_index_name(factory: str) -> str:
+    """A file-safe name for an index made from ``factory``: ``"IVF4096,SQfp16"`` -> ``"ivf4096-sqfp16"``."""
+    return re.sub(r"[^a-z0-9]+", "-", factory.lower()).strip("-") or "index"
+
+
+def check_index_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"index name {name!r} must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return name
+
+
+# ---- the index ----------------------------------------------------------------------------------
+
+
+class ApproxIndex:
+    """An approximate inner-product faiss index whose rows are numbered in add order.
+
+    Search on all GPUs (lists sharded across them) when faiss has GPUs and ``use_gpu`` is not False
+    and the index kind exists on GPU (IVF); else on CPU. Train and add happen on CPU, with the IVF
+    k-means on GPU when there is one.
+    """
+
+    def __init__(self, index: Any, factory: str, *, use_gpu: bool | None = None, float16: bool = False) -> None:
+        ensure_configured()
+        self._index = index
+        self._factory = factory
+        self._use_gpu = use_gpu
+        self._n_gpus = resolve_gpus(use_gpu)
+        # GPU storage in float16 loses nothing when the store already holds float16 vectors
+        self._float16 = float16
+        self._gpu_resources: list[Any] = []
+        self._gpu_index: Any = None
+        self._gpu_ntotal = -1
+        self._buffer = Float32Buffer()
+
+    @classmethod
+    def create(cls, factory: str, dim: int, n_rows: int, *, use_gpu: bool | None = None, float16: bool = False) -> "ApproxIndex":
+        """A new, empty index from a faiss factory string (an "IVF" without a count gets one for ``n_rows``)."""
+        dim = check_positive_int("dim", dim)
+        resolved = resolve_factory(factory, n_rows)
+        try:
+            index = faiss.index_factory(dim, resolved, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[-200:]
+            raise ValueError(
+                f"faiss cannot make an index from {factory!r} for dimension {dim} ({detail}); use an index_factory "
+                "string such as 'IVF1024,SQfp16', 'IVF,PQ64' (PQ's M must divide the dimension) or 'HNSW32'"
+            ) from None
+        if index.metric_type != faiss.METRIC_INNER_PRODUCT:  # pragma: no cover - faiss keeps the metric asked for
+            raise ValueError(f"{factory!r} does not support inner-product search")
+        return cls(index, resolved, use_gpu=use_gpu, float16=float16)
+
+    # ---- description ---------------------------------------------------------------------------
+    @property
+    def factory(self) -> str:
+        return self._factory
+
+    @property
+    def dim(self) -> int:
+        return int(self._index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    @property
+    def nlist(self) -> int | None:
+        ivf = faiss.try_extract_index_ivf(self._index)
+        return int(ivf.nlist) if ivf is not None else None
+
+    @property
+    def search_parameter(self) -> str | None:
+        """The knob trading speed for recall: ``"nprobe"`` (IVF), ``"efSearch"`` (HNSW) or None."""
+        if faiss.try_extract_index_ivf(self._index) is not None:
+            return "nprobe"
+        if _hnsw_of(self._index) is not None:
+            return "efSearch"
+        return None
+
+    def parameter_values(self) -> list[int]:
+        """The values of ``search_parameter`` worth trying, cheapest first."""
+        if self.search_parameter == "nprobe":
+            nlist = self.nlist or 1
+            values = [1 << power for power in range(0, nlist.bit_length()) if (1 << power) < nlist] + [nlist]
+            return sorted(set(values))
+        if self.search_parameter == "efSearch":
+            return [16, 32, 64, 128, 256, 512]
+        return []
+
+    def default_train_size(self) -> int:
+        """How many sample rows training wants: 50 per IVF list (≥ 256 per PQ/SQ codebook), 0 when untrained is fine."""
+        if self.is_trained:
+            return 0
+        nlist = self.nlist or 1
+        return max(50 * nlist, 10_000)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self._gpu_index is not None
+
+    def __repr__(self) -> str:
+        return f"ApproxIndex({self._factory!r}, dim={self.dim}, ntotal={self.ntotal}, on_gpu={self.on_gpu})"
+
+    def cpu_index(self) -> Any:
+        """The faiss index itself (CPU), e.g. to save it."""
+        return self._index
+
+    # ---- building ------------------------------------------------------------------------------
+    def train(self, sample: np.ndarray) -> None:
+        """Train on ``sample [n, dim]`` (k-means for IVF lists, codebooks for PQ/SQ); a no-op when not needed."""
+        if self.is_trained:
+            return
+        sample = as_matrix(sample, "training vectors", self.dim)
+        check_finite(sample, "training vectors", self._buffer)
+        sample = np.ascontiguousarray(sample, dtype=np.float32)
+        nlist = self.nlist
+        if nlist is not None and sample.shape[0] < nlist:
+            raise ValueError(
+                f"{self._factory!r} has {nlist} IVF lists but only {sample.shape[0]} training vectors were given; "
+                "use fewer lists (e.g. 'IVF,...' picks a count for the store) or a larger store"
+            )
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if self._n_gpus and ivf is not None:
+            # k-means on the GPUs: the one costly step of training (faiss's bench_gpu_1bn does the same)
+            resources = gpu_resources(self._n_gpus)
+            flat = faiss.IndexFlatIP(self.dim)
+            with faiss_errors(f"moving the k-means of {self._factory!r} to {self._n_gpus} GPU(s)"):
+                ivf.clustering_index = faiss.index_cpu_to_gpu_multiple_py(resources, flat)
+        with faiss_errors(f"training {self._factory!r} on {sample.shape[0]} vectors"):
+            self._index.train(sample)
+        if ivf is not None:
+            ivf.clustering_index = None
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append ``vectors [n, dim]`` as rows ``ntotal .. ntotal + n - 1`` (nothing is added if any is not finite)."""
+        if not self.is_trained:
+            raise SearchError(f"index {self._factory!r} must be trained before vectors are added")
+        vectors = as_matrix(vectors, "vectors", self.dim)
+        check_finite(vectors, "vectors", self._buffer)
+        with faiss_errors(f"adding {vectors.shape[0]} vectors to {self._factory!r} ({self.ntotal} rows)"):
+            for start, stop in row_chunks(vectors.shape[0], self.dim):
+                self._index.add(self._buffer.float32(vectors[start:stop]))
+
+    # ---- searching -----------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, *, param: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k: ``queries [q, dim]`` -> ``(scores [q, k'] float32, rows [q, k'] int64)``, best first.
+
+        ``k' = min(k, ntotal)``. ``param`` sets ``search_parameter`` (nprobe / efSearch) for this call.
+        Where the index finds fewer than k' rows for a query (a small nprobe), the row is -1 and the score -inf.
+        """
+        k = check_positive_int("k", k)
+        queries = as_queries(queries, self.dim, "the index has")
+        k_found = min(k, self.ntotal)
+        if k_found == 0 or queries.shape[0] == 0:
+            return np.empty((queries.shape[0], k_found), np.float32), np.empty((queries.shape[0], k_found), np.int64)
+        index, where = self._searcher()
+        if param is not None:
+            self._set_parameter(index, check_positive_int(self.search_parameter or "param", param))
+        with faiss_errors(f"searching {queries.shape[0]} queries (k={k_found}) in {self._factory!r} on {where}"):
+            scores, rows = index.search(queries, k_found)
+        scores = np.where(rows < 0, -np.inf, scores).astype(np.float32)
+        return scores, rows.astype(np.int64)
+
+    def _set_parameter(self, index: Any, value: int) -> None:
+        name = self.search_parameter
+        if name is None:
+            raise ValueError(f"index {self._factory!r} has no search parameter (nprobe/efSearch) to set")
+        if name == "nprobe":
+            value = min(value, self.nlist or value)
+        space = faiss.GpuParameterSpace() if index is not self._index else faiss.ParameterSpace()
+        with faiss_errors(f"setting {name}={value} on {self._factory!r}"):
+            space.set_index_parameter(index, name, value)
+
+    def _searcher(self) -> tuple[Any, str]:
+        if not self._n_gpus or self.search_parameter != "nprobe":
+            return self._index, "CPU"  # HNSW and friends have no GPU version
+        if self._gpu_index is None or self._gpu_ntotal != self.ntotal:
+            self._gpu_index = None
+            try:
+                self._gpu_resources = self._gpu_resources or gpu_resources(self._n_gpus)
+                options = faiss.GpuMultipleClonerOptions()
+                options.shard = True  # each GPU holds 1/n of the lists' contents
+                options.useFloat16 = self._float16
+                options.useFloat16CoarseQuantizer = False  # the list choice stays as on CPU
+                with faiss_errors(f"copying {self._factory!r} ({self.ntotal} rows) to {self._n_gpus} GPU(s)"):
+                    self._gpu_index = faiss.index_cpu_to_gpu_multiple_py(self._gpu_resources, self._index, options)
+                self._gpu_ntotal = self.ntotal
+            except SearchError:
+                if self._use_gpu:
+                    raise
+                self._n_gpus = 0  # this kind of index has no GPU version here: search it on CPU
+                return self._index, "CPU"
+        return self._gpu_index, f"{self._n_gpus} GPU(s)"
+
+
+def _hnsw_of(index: Any) -> Any:
+    index = faiss.downcast_index(index)
+    return getattr(index, "hnsw", None)
+
+
+def recall_at_k(found_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean over queries of |found ∩ exact| / |exact| for ``[q, k]`` row arrays (-1 entries count as misses)."""
+    found_rows = np.asarray(found_rows)
+    exact_rows = np.asarray(exact_rows)
+    if found_rows.shape[0] != exact_rows.shape[0]:
+        raise ValueError(f"recall needs as many found as exact result rows, got {found_rows.shape[0]} and {exact_rows.shape[0]}")
+    if exact_rows.size == 0:
+        return 1.0
+    hits = [len(set(found[found >= 0].tolist()) & set(exact.tolist())) / max(1, len(exact)) for found, exact in zip(found_rows, exact_rows)]
+    return float(np.mean(hits))
+
+
+# ---- on-disk inverted lists (faiss contrib.ondisk) ----------------------------------------------
+
+
+class OnDiskListsWriter:
+    """Fills a trained, empty IVF index block by block without holding its lists in memory.
+
+    Blocks go into in-memory parts of at most ``part_bytes`` of codes; each full part is written to
+    ``workdir`` and dropped. ``finish(ivfdata)`` merges the parts into one ``.ivfdata`` file (faiss
+    ``contrib.ondisk.merge_ondisk``) and returns the index, whose lists are read from that file.
+    """
+
+    def __init__(self, trained: Any, workdir: Path, *, part_bytes: int = 256 << 20) -> None:
+        ivf = faiss.try_extract_index_ivf(trained)
+        if ivf is None:
+            raise ValueError("an on-disk index needs an IVF factory string (e.g. 'IVF4096,SQfp16'); HNSW and flat indexes are in-memory only")
+        if not trained.is_trained or trained.ntotal:
+            raise ValueError("OnDiskListsWriter needs a trained, empty index")
+        self._trained = trained
+        self._workdir = Path(workdir)
+        self._part_rows = max(1, part_bytes // max(1, ivf.code_size + 8))
+        self._parts: list[str] = []
+        self._current: Any = None
+        self._buffer = Float32Buffer()
+        self.ntotal = 0
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append ``vectors [n, dim]`` as rows ``ntotal .. ntotal + n - 1``."""
+        vectors = as_matrix(vectors, "vectors", int(self._trained.d))
+        check_finite(vectors, "vectors", self._buffer)
+        for start, stop in row_chunks(vectors.shape[0], int(self._trained.d)):
+            if self._current is None:
+                self._current = faiss.clone_index(self._trained)
+            ids = np.arange(self.ntotal, self.ntotal + stop - start, dtype=np.int64)
+            with faiss_errors(f"adding {stop - start} vectors to an on-disk index part"):
+                self._current.add_with_ids(self._buffer.float32(vectors[start:stop]), ids)
+            self.ntotal += stop - start
+            if self._current.ntotal >= self._part_rows:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self._current is None or self._current.ntotal == 0:
+            return
+        path = str(self._workdir / f"part-{len(self._parts):05d}.faiss")
+        with faiss_errors(f"writing on-disk index part {path}"):
+            faiss.write_index(self._current, path)
+        self._parts.append(path)
+        self._current = None
+
+    def finish(self, ivfdata: Path) -> Any:
+        """Merge the parts into ``ivfdata`` (written in place: give it its final name) and return the index."""
+        from faiss.contrib.ondisk import merge_ondisk
+
+        self._flush()
+        index = faiss.clone_index(self._trained)
+        if not self._parts:
+            return index
+        with faiss_errors(f"merging {len(self._parts)} index parts into {ivfdata}"), _stdout_to_stderr():
+            merge_ondisk(index, self._parts, str(ivfdata))
+        for part in self._parts:
+            Path(part).unlink(missing_ok=True)
+        return index
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what faiss's C++ prints (on-disk lists: "resizing ...", "IO_FLAG_ONDISK_SAME_DIR: ...") to stderr,
+    so that it never mixes into results written to stdout (``gradindex query --format jsonl``)."""
+    try:
+        import sys
+
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no real stdout (e.g. captured): nothing to protect
+        yield
+        return
+    libc = ctypes.CDLL(None)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+# ---- persistence ------------------------------------------------------------------------------
+#
+# An index NAME in a directory is NAME.json (its meta, written last) naming NAME.<token>.faiss and,
+# for on-disk lists, NAME.<token>.ivfdata. Files get a fresh token on every save, so a reader always
+# sees one whole version: the old files until the meta is replaced, the new ones after.
+
+
+def _meta_path(directory: Path, name: str) -> Path:
+    return Path(directory) / f"{check_index_name(name)}{META_SUFFIX}"
+
+
+def _tmp_name(name: str) -> str:
+    return f"{name}{TMP_MARK}{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}"
+
+
+def sweep_index_temporaries(directory: str | Path) -> int:
+    """Remove temporary files and folders that dead index writers (on this host) left in ``directory``."""
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for path in directory.glob(f"*{TMP_MARK}*"):
+        pid, _, rest = path.name.partition(TMP_MARK)[2].partition("-")
+        if rest.startswith(HOST_TAG) and pid.isdigit() and pid_alive(int(pid)):
+            continue
+        if not rest.startswith(HOST_TAG) and pid.isdigit():
+            continue  # another host's writer: it may be alive
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(_tmp_name(path.name))
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def new_ivfdata_path(directory: Path, name: str) -> Path:
+    """A fresh file name for the on-disk lists of index ``name``, to pass to ``OnDiskListsWriter.finish``."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return Path(directory) / f"{check_index_name(name)}.{uuid.uuid4().hex[:12]}.ivfdata"
+
+
+def save_index(index: Any, directory: str | Path, name: str, meta: dict, *, ivfdata: Path | None = None) -> dict:
+    """Persist a faiss index as ``directory/NAME``: the index file under a temporary name, fsynced and renamed,
+    then its meta (``meta`` plus ntotal, dim, metric, file names), also atomically. Returns the meta written.
+
+    ``ivfdata`` is the on-disk lists file the index reads (from ``new_ivfdata_path``), already in ``directory``.
+    The previous version's files are removed once the new meta is in place.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = _meta_path(directory, name)
+    previous = _read_meta_file(meta_path) if meta_path.exists() else None
+    if ivfdata is not None and Path(ivfdata).parent.resolve() != directory.resolve():
+        raise ValueError(f"the on-disk lists {ivfdata} must be in the index directory {directory}")
+    token = Path(ivfdata).name.split(".")[-2] if ivfdata is not None else uuid.uuid4().hex[:12]
+    file_name = f"{name}.{token}.faiss"
+    tmp = directory / _tmp_name(file_name)
+    try:
+        with faiss_errors(f"writing index {name} to {directory}"):
+            faiss.write_index(index, str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, directory / file_name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    written = {
+        **meta,
+        "name": name,
+        "file": file_name,
+        "ivfdata": Path(ivfdata).name if ivfdata is not None else None,
+        "ntotal": int(index.ntotal),
+        "dim": int(index.d),
+        "metric": METRIC,
+        # checked before faiss reads the file: damaged list data would otherwise load and answer differently
+        "sha256": sha256_file(directory / file_name),
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    crash_point("index-before-meta")
+    _write_atomic(meta_path, json.dumps(written, indent=1, sort_keys=True).encode())
+    if previous is not None:
+        for old in (previous.get("file"), previous.get("ivfdata")):
+            if old and old not in (written["file"], written["ivfdata"]):
+                (directory / old).unlink(missing_ok=True)
+    return written
+
+
+def load_index(directory: str | Path, name: str, *, expect: dict | None = None, mmap: bool = False) -> tuple[Any, dict]:
+    """Read index ``name`` back: ``(faiss index, meta)``.
+
+    Checks the file against its meta (ntotal, dim, inner-product metric) and against ``expect``
+    (the caller's manifest: ``{"ntotal": ..., "dim": ...}``); a mismatch, a missing or unreadable
+    file is a SearchError that says how to rebuild. ``mmap`` maps the lists instead of reading them.
+    """
+    directory = Path(directory)
+    meta = read_index_meta(directory, name)
+    rebuild = f"rebuild it with `gradindex index STORE --factory {meta.get('factory', 'FACTORY')!r} --name {name} --overwrite`"
+    for key, value in (expect or {}).items():
+        if meta.get(key) != value:
+            raise SearchError(f"index {name} was built for {key}={meta.get(key)} but the store has {key}={value}; {rebuild}")
+    path = directory / meta["file"]
+    if not path.is_file():
+        raise SearchError(f"index {name} is missing its file {path}; {rebuild}")
+    if meta.get("ivfdata") and not (directory / meta["ivfdata"]).is_file():
+        raise SearchError(f"index {name} is missing its on-disk lists {directory / meta['ivfdata']}; {rebuild}")
+    if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
+        raise SearchError(f"index {name}'s file {path} fails its checksum (it was damaged after it was written); {rebuild}")
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("ivfdata") else 0
+    if mmap:
+        flags |= faiss.IO_FLAG_MMAP
+    try:
+        with _stdout_to_stderr():
+            index = faiss.read_index(str(path), flags)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[-200:]
+        raise SearchError(f"index {name} cannot be read from {path} ({detail}); {rebuild}") from err
+    found = {"ntotal": int(index.ntotal), "dim": int(index.d), "metric": METRIC if index.metric_type == faiss.METRIC_INNER_PRODUCT else str(index.metric_type)}
+    for key, value in found.items():
+        if meta.get(key) != value:
+            raise SearchError(f"index {name}'s file holds {key}={value} but its meta says {meta.get(key)}; {rebuild}")
+    return index, meta
+
+
+
+def _read_meta_file(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise SearchError(f"index meta {path} is unreadable ({err}); delete it and rebuild the index") from err
+    if not isinstance(meta, dict) or "file" not in meta:
+        raise SearchError(f"index meta {path} is not a gradindex index meta; delete it and rebuild the index")
+    return meta
+
+
+def read_index_meta(directory: str | Path, name: str) -> dict:
+    """The meta of index ``name`` (recall, factory, ...); SearchError naming the indexes there if absent."""
+    path = _meta_path(Path(directory), name)
+    try:
+        return _read_meta_file(path)
+    except FileNotFoundError:
+        names = index_names(directory)
+        have = f"it has {', '.join(names)}" if names else "it has none"
+        raise SearchError(
+            f"no index named {name!r} in {directory} ({have}); build one with `gradindex index STORE --factory ... --name {name}`"
+        ) from None
+
+
+def write_index_meta(directory: str | Path, name: str, meta: dict) -> None:
+    """Replace the meta of an existing index (e.g. to mark it stale), atomically."""
+    _write_atomic(_meta_path(Path(directory), name), json.dumps(meta, indent=1, sort_keys=True).encode())
+
+
+def index_names(directory: str | Path) -> list[str]:
+    """Names of the indexes persisted in ``directory``, sorted."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(path.name[: -len(META_SUFFIX)] for path in directory.glob(f"*{META_SUFFIX}") if TMP_MARK not in path.name)
+
+
+def remove_index(directory: str | Path, name: str) -> None:
+    """Delete index ``name``: its meta first (so it disappears at once), then its files."""
+    directory = Path(directory)
+    meta = read_index_meta(directory, name)
+    _meta_path(directory, name).unlink()
+    for file in (meta.get("file"), meta.get("ivfdata")):
+        if file:
+            (directory / file).unlink(missing_ok=True)
+
+
+def scratch_dir(directory: str | Path) -> Path:
+    """A temporary working folder inside ``directory`` (same file system), marked for the store's sweep."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / _tmp_name("build")
+    path.mkdir()
+    return path
+
+
+def remove_scratch(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def blocks_in_order(blocks: Iterable[tuple[int, np.ndarray]], start: int = 0) -> Iterable[np.ndarray]:
+    """The vectors of ``(first_row, vectors)`` blocks, checking that they are consecutive from ``start``."""
+    expected = start
+    for first_row, vectors in blocks:
+        if first_row != expected:
+            raise ValueError(f"blocks must come in row order without gaps: expected row {expected}, got {first_row}")
+        expected += len(vectors)
+        yield vectors

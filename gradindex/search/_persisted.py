@@ -1,0 +1,453 @@
+"""Approximate indexes of a store: built shard by shard, persisted under ``indexes/``, with measured recall.
+
+The one place (beside the pipeline) where the store and the FAISS layer meet for approximate search::
+
+    meta = gradindex.build_index("big.gradindex", "IVF4096,SQfp16")     # trains, adds, measures recall@10
+    meta["recall"], meta["nprobe"]                                        # e.g. 0.96 at nprobe=32
+    scores, rows = gradindex.search_store("big.gradindex", vectors, k=10, index=meta["name"])
+
+An index is trained on a random sample of the store's rows, filled one shard at a time (the store
+is never held in memory whole), and its recall@k is measured at build time against exact search on
+held-out store rows (each row's own entry left out): for IVF and HNSW over a range of nprobe /
+efSearch values, the smallest reaching ``target_recall`` becoming the index's default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from gradindex.errors import IncompleteStoreError, SearchError, StoreExistsError
+from gradindex.search._approx import (
+    META_SUFFIX,
+    TMP_MARK,
+    ApproxIndex,
+    OnDiskListsWriter,
+    check_index_name,
+    default_index_name,
+    index_names,
+    load_index,
+    new_ivfdata_path,
+    read_index_meta,
+    recall_at_k,
+    remove_index,
+    remove_scratch,
+    save_index,
+    scratch_dir,
+    sweep_index_temporaries,
+    write_index_meta,
+)
+from gradindex.search._arrays import without_rows
+from gradindex.search._exact import search_blocks
+from gradindex.store import GradientStore, RemotePath, is_remote, open_store, remove_file, write_bytes_atomic
+from gradindex.utils import check_positive_int, default_memory_budget, progress_bar, sha256_bytes, sha256_file, sha256_json
+
+__all__ = ["build_index", "drop_index", "list_indexes", "loaded_index", "search_index", "store_content_id", "update_indexes"]
+
+log = logging.getLogger("gradindex")
+
+INDEX_DIR = "indexes"
+_LOADED: dict[tuple, ApproxIndex] = {}  # (index dir, name, file) -> loaded index, so repeated queries do not re-read it
+_MAX_LOADED = 4
+
+
+def _open(store: "GradientStore | str | Path") -> GradientStore:
+    return store if isinstance(store, GradientStore) else open_store(store)
+
+
+def index_dir(store: GradientStore) -> Path:
+    """The folder of the store's persisted indexes. For a remote store, a local mirror of its ``indexes/``
+    with every meta fresh from the store; index files are fetched when loaded (``_fetch``) and uploaded
+    when saved (``_push``), since faiss reads and writes local files only."""
+    if is_remote(store.path):
+        return _mirror(store.path / INDEX_DIR)
+    return Path(store.path) / INDEX_DIR
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("GRADINDEX_CACHE") or Path(tempfile.gettempdir()) / f"gradindex-cache-{os.getuid()}")
+
+
+def _mirror(remote: RemotePath) -> Path:
+    """A local folder holding copies of the metas under ``remote`` (and, once fetched, their files)."""
+    local = _cache_root() / "indexes" / sha256_bytes(str(remote).encode())[:24]
+    local.mkdir(parents=True, exist_ok=True)
+    metas = {item.name: item for item in remote.glob(f"*{META_SUFFIX}") if TMP_MARK not in item.name}
+    for stale in local.glob(f"*{META_SUFFIX}"):
+        if stale.name not in metas:
+            stale.unlink(missing_ok=True)
+    for name, item in metas.items():
+        data = item.read_bytes()
+        if not (local / name).is_file() or (local / name).read_bytes() != data:
+            write_bytes_atomic(local / name, data)
+    return local
+
+
+def _meta_files(meta: dict) -> list[str]:
+    return [file for file in (meta.get("file"), meta.get("ivfdata")) if file]
+
+
+def _fetch(store: GradientStore, directory: Path, meta: dict) -> None:
+    """Download a remote store's index files into its mirror unless a sound copy is there (load_index checks the sha256)."""
+    if not is_remote(store.path):
+        return
+    remote = store.path / INDEX_DIR
+    for file in _meta_files(meta):
+        local = directory / file
+        sound = local.is_file() and (file != meta.get("file") or not meta.get("sha256") or sha256_file(local) == meta["sha256"])
+        if not sound:
+            try:
+                write_bytes_atomic(local, (remote / file).read_bytes())
+            except FileNotFoundError:
+                pass  # load_index names the missing file
+
+
+def _push(store: GradientStore, directory: Path, name: str) -> None:
+    """Upload index ``name`` from a remote store's mirror: its files first, its meta last (the meta is what
+    readers go by), then delete the store's files of earlier versions of it."""
+    if not is_remote(store.path):
+        return
+    remote = store.path / INDEX_DIR
+    meta_name = f"{name}{META_SUFFIX}"
+    meta = json.loads((directory / meta_name).read_bytes())
+    keep = set(_meta_files(meta))
+    for file in keep:
+        if not (remote / file).exists():
+            write_bytes_atomic(remote / file, (directory / file).read_bytes())
+    write_bytes_atomic(remote / meta_name, (directory / meta_name).read_bytes())
+    for item in remote.glob(f"{name}.*"):
+        if item.name != meta_name and item.name not in keep and TMP_MARK not in item.name:
+            remove_file(item)
+
+
+def store_content_id(store: GradientStore) -> str:
+    """A hash of what the store's vectors are: fingerprint, row count and every shard's checksums (from the manifest)."""
+    shards = store.manifest.get("shards") or []
+    payload = {
+        "fingerprint": store.fingerprint,
+        "n_samples": store.n_samples,
+        "dim": store.dim,
+        "shards": [sorted((record or {}).get("files", {}).values()) for record in shards],
+    }
+    return sha256_json(payload)
+
+
+def _require_complete(store: GradientStore, doing: str) -> None:
+    if not store.complete:
+        raise IncompleteStoreError(
+            f"store {store.path} is incomplete ({store.progress()} written); finish it with `gradindex build ... --resume` before {doing}"
+        )
+
+
+def _progress(total: int, desc: str, enabled: bool | None):
+    return progress_bar(total, desc, enabled=enabled, unit="row")
+
+
+def build_index(
+    store: "GradientStore | str | Path",
+    factory: str,
+    *,
+    name: str | None = None,
+    k: int = 10,
+    recall_queries: int = 200,
+    target_recall: float = 0.95,
+    train_size: int | None = None,
+    on_disk: bool = False,
+    use_gpu: bool | None = None,
+    memory_budget: int | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> dict:
+    """Build an approximate index of a complete store from a faiss ``index_factory`` string and persist it.
+
+    Trains on ``train_size`` random rows (default: what the factory wants, within half the memory
+    budget), adds the store one shard at a time, and measures recall@``k`` against exact search on
+    ``recall_queries`` held-out rows. IVF indexes search with the smallest nprobe reaching
+    ``target_recall`` by default (HNSW: efSearch). ``on_disk=True`` keeps the IVF lists in a file
+    (faiss ``contrib.ondisk``) instead of memory. Returns the index's meta (also in ``info``).
+    """
+    store = _open(store)
+    _require_complete(store, "indexing it")
+    name = check_index_name(name if name is not None else default_index_name(factory))
+    k = check_positive_int("k", k)
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
+    recall_queries = check_positive_int("recall_queries", recall_queries)
+    directory = index_dir(store)
+    if name in index_names(directory) and not overwrite:
+        raise StoreExistsError(f"index {name!r} already exists in {store.path}; pass --overwrite to rebuild it or choose another --name")
+    sweep_index_temporaries(directory)
+    started = time.perf_counter()
+    n_rows, dim = store.n_samples, store.dim
+    approx = ApproxIndex.create(factory, dim, n_rows, use_gpu=use_gpu, float16=store.dtype == "float16")
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+
+    rng = np.random.default_rng(seed)
+    n_eval = int(min(recall_queries, max(1, n_rows // 10)))
+    wanted = approx.default_train_size() if train_size is None else int(train_size)
+    budget_rows = max(1, (budget // 2) // (4 * dim))
+    n_train = 0 if approx.is_trained else int(min(wanted, n_rows - n_eval, budget_rows))
+    if not approx.is_trained and n_train <= 0:
+        raise ValueError(f"store {store.path} has {n_rows} rows, too few to train {factory!r} and keep {n_eval} for measuring recall")
+    order = rng.permutation(n_rows)
+    skipped = _skipped_rows(store)
+    if len(skipped):  # zero rows left by --nonfinite skip: neither queries nor training points
+        order = order[~np.isin(order, skipped)]
+    eval_rows = np.sort(order[:n_eval])
+    train_rows = np.sort(order[n_eval : n_eval + n_train])
+    del order
+
+    eval_vectors, train_vectors = _sample_rows(store, eval_rows, train_rows, progress)
+    approx.train(train_vectors)
+    del train_vectors
+    log.info("trained %s on %d rows in %.1fs", approx.factory, n_train, time.perf_counter() - started)
+
+    scratch = scratch_dir(directory) if on_disk else None
+    try:
+        writer = OnDiskListsWriter(approx.cpu_index(), scratch) if on_disk else None
+        sink = writer.add if writer is not None else approx.add
+
+        # One pass adds each shard to the index and feeds it to the exact search of the held-out rows.
+        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+            bar = _progress(n_rows, f"index {store.path.name}", progress)
+            try:
+                for first_row, block in store.iter_blocks():
+                    sink(block)
+                    yield first_row, block
+                    bar.update(len(block))
+            finally:
+                bar.close()
+
+        exact_scores, exact_rows = search_blocks(blocks(), eval_vectors, k + 1, use_gpu=use_gpu)
+        ivfdata = None
+        if writer is not None:
+            ivfdata = new_ivfdata_path(directory, name)
+            approx = ApproxIndex(writer.finish(ivfdata), approx.factory, use_gpu=False)
+    finally:
+        if scratch is not None:
+            remove_scratch(scratch)
+    exact_rows = _drop_self(exact_rows, eval_rows, k)
+    curve = _recall_curve(approx, eval_vectors, eval_rows, exact_rows, k, target_recall)
+    chosen = next((point for point in curve if point["recall"] >= target_recall), curve[-1])
+    meta = {
+        "factory": factory,
+        "factory_resolved": approx.factory,
+        "k": int(k),
+        "recall": chosen["recall"],
+        "search_parameter": approx.search_parameter,
+        "nprobe": chosen.get("value"),
+        "target_recall": target_recall,
+        "seed": int(seed),
+        "curve": curve,
+        "recall_queries": int(n_eval),
+        "recall_rows": eval_rows.tolist(),
+        "train_rows": int(n_train),
+        "on_disk": bool(on_disk),
+        "gpu": approx.on_gpu,
+        "store": {"n_samples": n_rows, "content_sha256": store_content_id(store)},
+        "stale": None,
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    written = save_index(approx.cpu_index(), directory, name, meta, ivfdata=ivfdata)
+    _push(store, directory, name)
+    _forget(directory, name)
+    log.info("index %s: recall@%d=%.3f at %s=%s", name, k, chosen["recall"], approx.search_parameter, chosen.get("value"))
+    return written
+
+
+def _sample_rows(store: GradientStore, eval_rows: np.ndarray, train_rows: np.ndarray, progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors of the held-out rows and of the training rows, as float32."""
+    if train_rows.size == 0:
+        return store.read_rows(eval_rows), np.empty((0, store.dim), np.float32)
+    eval_vectors = np.empty((eval_rows.size, store.dim), np.float32)
+    train_vectors = np.empty((train_rows.size, store.dim), np.float32)
+    bar = _progress(store.n_samples, f"sample {store.path.name}", progress)
+    try:
+        for first_row, block in store.iter_blocks():
+            stop = first_row + len(block)
+            for wanted, out in ((eval_rows, eval_vectors), (train_rows, train_vectors)):
+                low, high = np.searchsorted(wanted, [first_row, stop])
+                out[low:high] = block[wanted[low:high] - first_row]
+            bar.update(len(block))
+    finally:
+        bar.close()
+    return eval_vectors, train_vectors
+
+
+def _drop_self(rows: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
+    """Each query's result without its own store row, cut to k (a held-out row finds itself trivially)."""
+    kept = np.full((rows.shape[0], k), -1, dtype=np.int64)
+    for position, (found, own) in enumerate(zip(rows, self_rows)):
+        others = found[found != own][:k]
+        kept[position, : len(others)] = others
+    return kept
+
+
+def _recall_curve(approx: ApproxIndex, queries: np.ndarray, query_rows: np.ndarray, exact_rows: np.ndarray, k: int,
+                  target_recall: float) -> list[dict]:
+    values: list[int | None] = list(approx.parameter_values()) or [None]
+    curve = []
+    for value in values:
+        started = time.perf_counter()
+        _, rows = approx.search(queries, k + 1, param=value)
+        seconds = max(time.perf_counter() - started, 1e-9)
+        point = {"value": value, "recall": round(recall_at_k(_drop_self(rows, query_rows, k), exact_rows), 4),
+                 "queries_per_s": round(len(queries) / seconds, 1)}
+        curve.append(point)
+        if point["recall"] >= target_recall:
+            break
+    return curve
+
+
+def _remeasure(store: GradientStore, approx: ApproxIndex, meta: dict) -> dict:
+    """Recall of an updated index, measured as at build time (same number of held-out rows, same k)."""
+    k = int(meta.get("k", 10))
+    rng = np.random.default_rng(int(meta.get("seed", 0)) + store.n_samples)
+    n_eval = int(min(meta.get("recall_queries", 200), max(1, store.n_samples // 10)))
+    eval_rows = np.sort(rng.choice(store.n_samples, n_eval, replace=False))
+    queries = store.read_rows(eval_rows)
+    _, exact_rows = search_blocks(store.iter_blocks(), queries, k + 1)
+    exact_rows = _drop_self(exact_rows, eval_rows, k)
+    curve = _recall_curve(approx, queries, eval_rows, exact_rows, k, float(meta.get("target_recall", 0.95)))
+    chosen = next((point for point in curve if point["recall"] >= meta.get("target_recall", 0.95)), curve[-1])
+    return {"recall": chosen["recall"], "nprobe": chosen.get("value"), "curve": curve, "recall_queries": n_eval}
+
+
+def list_indexes(store: "GradientStore | str | Path") -> list[dict]:
+    """The metas of the store's persisted indexes (recall, factory, nprobe, stale...), by name."""
+    store = _open(store)
+    directory = index_dir(store)
+    metas = []
+    for name in index_names(directory):
+        try:
+            meta = read_index_meta(directory, name)
+        except SearchError as error:
+            meta = {"name": name, "error": str(error)}
+        metas.append(_with_staleness(store, meta))
+    return metas
+
+
+def _with_staleness(store: GradientStore, meta: dict) -> dict:
+    if meta.get("stale") or "error" in meta:
+        return meta
+    built_for = (meta.get("store") or {}).get("content_sha256")
+    if built_for is not None and built_for != store_content_id(store):
+        return {**meta, "stale": "the store changed since the index was built"}
+    return meta
+
+
+def drop_index(store: "GradientStore | str | Path", name: str) -> None:
+    """Delete a persisted index."""
+    store = _open(store)
+    directory = index_dir(store)
+    meta = read_index_meta(directory, name)
+    if is_remote(store.path):  # the meta first, so the index disappears at once; then its files
+        remote = store.path / INDEX_DIR
+        for file in [f"{name}{META_SUFFIX}", *_meta_files(meta)]:
+            remove_file(remote / file)
+    remove_index(directory, name)
+    _forget(directory, name)
+
+
+def _forget(directory: Path, name: str) -> None:
+    for key in [key for key in _LOADED if key[0] == str(directory) and key[1] == name]:
+        del _LOADED[key]
+
+
+def loaded_index(store: GradientStore, name: str, use_gpu: bool | None) -> tuple[ApproxIndex, dict]:
+    directory = index_dir(store)
+    meta = _with_staleness(store, read_index_meta(directory, name))
+    if meta.get("stale"):
+        raise SearchError(
+            f"index {name} of {store.path} is stale ({meta['stale']}); rebuild it with "
+            f"`gradindex index {store.path} --factory {meta.get('factory')!r} --name {name} --overwrite`, or search exactly without --index"
+        )
+    key = (str(directory), name, meta["file"], use_gpu)
+    if key not in _LOADED:
+        _fetch(store, directory, meta)
+        index, meta = load_index(directory, name, expect={"ntotal": store.n_samples, "dim": store.dim})
+        while len(_LOADED) >= _MAX_LOADED:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = ApproxIndex(index, meta.get("factory_resolved", meta.get("factory", "")), use_gpu=use_gpu,
+                                   float16=store.dtype == "float16")
+    return _LOADED[key], meta
+
+
+def search_index(
+    store: "GradientStore | str | Path",
+    queries: np.ndarray,
+    k: int,
+    name: str,
+    *,
+    nprobe: int | None = None,
+    opponents: bool = False,
+    use_gpu: bool | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k with the persisted index ``name``: ``(scores [q, k'], rows [q, k'])``.
+
+    ``nprobe`` overrides the index's default search parameter (nprobe for IVF, efSearch for HNSW).
+    Where fewer than k' rows are found, rows are -1 and scores -inf (+inf for opponents).
+    """
+    store = _open(store)
+    _require_complete(store, "searching an index")
+    approx, meta = loaded_index(store, name, use_gpu)
+    param = nprobe if nprobe is not None else meta.get("nprobe")
+    if nprobe is not None and approx.search_parameter is None:
+        raise ValueError(f"index {name} ({meta.get('factory')}) has no nprobe/efSearch to set; leave out --nprobe")
+    searched = -np.asarray(queries, dtype=np.float32) if opponents else queries
+    skipped = _skipped_rows(store)
+    scores, rows = approx.search(searched, k + len(skipped), param=param)
+    scores, rows = without_rows(scores, rows, skipped, k)
+    return (-scores if opponents else scores), rows
+
+
+def _skipped_rows(store: GradientStore) -> np.ndarray:
+    """Rows the build left out as non-finite (``--nonfinite skip``): stored as zeros, never to be returned."""
+    skipped = getattr(store, "skipped_rows", None)
+    return np.asarray(skipped() if skipped is not None else [], dtype=np.int64)
+
+
+def update_indexes(store: "GradientStore | str | Path", first_new_row: int, *, progress: bool | None = None) -> dict[str, str]:
+    """After rows ``first_new_row ..`` were appended to a store, add them to its in-memory indexes
+    (re-measuring recall at the index's nprobe) and mark on-disk ones stale. Returns ``{name: "updated" | "stale"}``."""
+    store = _open(store)
+    directory = index_dir(store)
+    outcome: dict[str, str] = {}
+    for name in index_names(directory):
+        meta = read_index_meta(directory, name)
+        if meta.get("on_disk") or meta.get("stale") or meta.get("ntotal") != first_new_row:
+            reason = meta.get("stale") or f"the store grew from {meta.get('ntotal')} to {store.n_samples} rows; rebuild it"
+            write_index_meta(directory, name, {**meta, "stale": reason})
+            _push(store, directory, name)
+            outcome[name] = "stale"
+            continue
+        try:
+            _fetch(store, directory, meta)
+            index, meta = load_index(directory, name)
+            approx = ApproxIndex(index, meta.get("factory_resolved", meta["factory"]), use_gpu=False)
+            for first_row, block in store.iter_blocks():
+                stop = first_row + len(block)
+                if stop <= first_new_row:
+                    continue
+                approx.add(block[max(0, first_new_row - first_row):])
+            meta = {**meta, **_remeasure(store, approx, meta),
+                    "store": {"n_samples": store.n_samples, "content_sha256": store_content_id(store)},
+                    "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            save_index(approx.cpu_index(), directory, name, meta)
+            _push(store, directory, name)
+            _forget(directory, name)
+            outcome[name] = "updated"
+        except (SearchError, ValueError) as error:
+            write_index_meta(directory, name, {**meta, "stale": f"could not add the appended rows ({error})"})
+            _push(store, directory, name)
+            outcome[name] = "stale"
+    return outcome

@@ -1,0 +1,139 @@
+"""Exact top-k over a whole store: in memory when it fits the budget, else streamed shard by shard; or through a
+persisted approximate index, or Dask workers. Rows the build left out (``--nonfinite skip``) are never returned."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradindex.errors import IncompatibleStoreError, IncompleteStoreError
+from gradindex.search._dask import search_store_dask
+from gradindex.search._exact import ExactIndex, search_blocks
+from gradindex.search._persisted import search_index
+from gradindex.search._prefetch import prefetch_blocks, prefetch_depth, to_float32
+from gradindex.store import GradientStore, as_store
+from gradindex.utils import check_positive_int, default_memory_budget, track
+
+__all__ = ["search_store"]
+
+
+def search_store(
+    store: "GradientStore | str | Path",
+    queries: np.ndarray,
+    k: int,
+    *,
+    opponents: bool = False,
+    memory_budget: int | None = None,
+    allow_incomplete: bool = False,
+    use_gpu: bool | None = None,
+    progress: bool | None = None,
+    index: str | None = None,
+    nprobe: int | None = None,
+    dask: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k inner-product search of ``queries [q, D]`` over the store: ``(scores [q, k'], rows [q, k'])``.
+
+    Opponents are the top-k of the negated queries; their scores are reported as the true (negative) influence.
+    The store is searched in memory when it fits ``memory_budget`` bytes (as float32), else streamed shard by shard.
+    ``index=NAME`` searches a persisted approximate index instead (``build_index``; ``nprobe`` overrides its
+    default nprobe/efSearch; rows not found are -1). ``dask`` (a scheduler address, ``"local:N"`` or a
+    ``distributed.Client``) spreads the exact search over Dask workers, each holding some of the shards.
+    """
+    store = as_store(store)
+    k = check_positive_int("k", k)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if queries.ndim != 2 or queries.shape[1] != store.dim:
+        raise IncompatibleStoreError(f"queries have shape {list(queries.shape)} but store {store.path} holds vectors of dimension {store.dim}")
+    if index is not None and dask is not None:
+        raise ValueError("--index and --dask exclude each other: Dask search is exact")
+    if nprobe is not None and index is None:
+        raise ValueError("--nprobe applies to an approximate index; pass --index NAME too")
+    if index is not None:
+        return _dropping_skipped(store, allow_incomplete, k, opponents, lambda wanted: search_index(
+            store, queries, wanted, index, nprobe=nprobe, opponents=opponents, use_gpu=use_gpu))
+    if dask is not None:
+        return _dropping_skipped(store, allow_incomplete, k, opponents, lambda wanted: search_store_dask(
+            store, queries, wanted, dask, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete))
+    searched = -queries if opponents else queries
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    store._require_readable(allow_incomplete)
+    skipped = store.skipped_rows(allow_incomplete=allow_incomplete)  # --nonfinite skip: never returned
+    if store.n_samples * store.dim * 4 <= budget:
+        index = ExactIndex(store.dim, use_gpu=use_gpu)
+        for first_row, block in _blocks(store, allow_incomplete, progress, "load", skipped):
+            if first_row != index.ntotal:  # holes (unfinished shards) must not shift row numbers
+                return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
+            index.add(block)
+        scores, rows = index.search(searched, k)
+    else:
+        return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
+    return (-scores if opponents else scores), _store_rows(rows, skipped)
+
+
+def _dropping_skipped(store: GradientStore, allow_incomplete: bool, k: int, opponents: bool, search) -> tuple[np.ndarray, np.ndarray]:
+    """``search(k)`` for searches that see every stored row (an index, Dask workers): ask for k more per
+    skipped row (``--nonfinite skip``) and leave those out. Missing places are row -1, score -inf (+inf for opponents)."""
+    try:
+        skipped = store.skipped_rows(allow_incomplete=allow_incomplete)
+    except IncompleteStoreError:
+        skipped = np.zeros(0, np.int64)  # the search itself says the store is incomplete
+    if not skipped.size:
+        return search(k)
+    scores, rows = search(k + len(skipped))
+    keep = (rows >= 0) & ~np.isin(rows, skipped)
+    width = min(k, int(keep.sum(axis=1).max(initial=0)))
+    kept_scores = np.full((rows.shape[0], width), np.inf if opponents else -np.inf, dtype=np.float32)
+    kept_rows = np.full((rows.shape[0], width), -1, dtype=np.int64)
+    for position in range(rows.shape[0]):
+        picked = np.flatnonzero(keep[position])[:width]
+        kept_scores[position, : len(picked)] = scores[position, picked]
+        kept_rows[position, : len(picked)] = rows[position, picked]
+    return kept_scores, kept_rows
+
+
+def _blocks(store: GradientStore, allow_incomplete: bool, progress: bool | None, verb: str, skipped: np.ndarray | None = None):
+    """The store's shards in row order, with a rows/s bar; without the ``skipped`` rows (then numbered as if they were absent)."""
+    blocks = track(store.iter_blocks(allow_incomplete=allow_incomplete), store.n_samples, f"{verb} {store.path.name}",
+                   enabled=progress, unit="row", size=lambda item: len(item[1]))
+    return blocks if skipped is None or not skipped.size else _without_rows(blocks, skipped)
+
+
+def _without_rows(blocks, skipped: np.ndarray):
+    """Blocks with the ``skipped`` rows taken out; row r is renumbered r - (skipped rows before r), so rows stay consecutive."""
+    for first_row, block in blocks:
+        low, high = np.searchsorted(skipped, [first_row, first_row + len(block)])
+        if high > low:
+            block = np.delete(block, skipped[low:high] - first_row, axis=0)
+        yield first_row - int(low), block
+
+
+def _store_rows(rows: np.ndarray, skipped: np.ndarray) -> np.ndarray:
+    """Store rows of rows numbered without the ``skipped`` ones (the inverse of ``_without_rows``)."""
+    if not skipped.size:
+        return rows
+    return rows + np.searchsorted(skipped - np.arange(len(skipped)), rows, side="right")
+
+
+def _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress=None, skipped=None, budget=0):
+    # read ahead (in a thread) as many shards as the memory budget allows beside the one being searched
+    depth = prefetch_depth(store.layout.rows_per_shard * store.dim * 4, budget)
+    blocks = prefetch_blocks(_blocks(store, allow_incomplete, progress, "search", skipped), depth, convert=_float32)
+    scores, rows = search_blocks(blocks, searched, k, use_gpu=use_gpu)
+    return (-scores if opponents else scores), _store_rows(rows, np.zeros(0, np.int64) if skipped is None else skipped)
+
+
+def _float32(vectors: np.ndarray) -> np.ndarray:
+    """A store block as C-contiguous float32: torch casts float16 several times faster than numpy (SIMD, threads)."""
+    vectors = np.asarray(vectors)
+    if vectors.dtype != np.float16 or not vectors.flags.c_contiguous:
+        return to_float32(vectors)
+    out = np.empty(vectors.shape, dtype=np.float32)
+    import torch  # its float16 -> float32 cast is vectorised and threaded (not a model: search never imports one)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a read-only block: torch only reads it
+        torch.from_numpy(out).copy_(torch.from_numpy(vectors))
+    return out

@@ -1,0 +1,41 @@
+"""Small helpers every stage shares, each defined once: hashing, argument checks, processes, progress, memory.
+
+Nothing here imports torch, FAISS or Zarr.
+"""
+
+from gradindex.utils._checks import (
+    check_choice,
+    check_flag,
+    check_fraction,
+    check_int_at_least,
+    check_non_negative,
+    check_non_negative_int,
+    check_number,
+    check_positive,
+    check_positive_int,
+)
+from gradindex.utils._hashing import sha256_bytes, sha256_file, sha256_json
+from gradindex.utils._memory import default_memory_budget
+from gradindex.utils._processes import HOST_TAG, pid_alive
+from gradindex.utils._progress import progress_bar, progress_enabled, track
+
+__all__ = [
+    "HOST_TAG",
+    "check_choice",
+    "check_flag",
+    "check_fraction",
+    "check_int_at_least",
+    "check_non_negative",
+    "check_non_negative_int",
+    "check_number",
+    "check_positive",
+    "check_positive_int",
+    "default_memory_budget",
+    "pid_alive",
+    "progress_bar",
+    "progress_enabled",
+    "sha256_bytes",
+    "sha256_file",
+    "sha256_json",
+    "track",
+]
