@@ -71,7 +71,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def update_section(section: str, body: str) -> None:
     """Replace (or append) the ``<!-- section:NAME -->`` block of RESULTS.md, leaving other sections alone."""
     start, end = f"<!-- section:{section} -->", f"<!-- /section:{section} -->"
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\nEach section is written by the benchmark named in it; rerun that command to refresh it.\n"
+    text = (
+        RESULTS_MD.read_text()
+        if RESULTS_MD.exists()
+        else (
+            "# Benchmark results\n\n"
+            "Each section is written by the benchmark named in it; rerun that command to refresh it.\n"
+        )
+    )
     block = f"{start}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"

@@ -1,7 +1,7 @@
 """Query throughput: exact top-k over a store, in memory and streamed, beside numpy brute force.
 
-    python -m benchmarks.query_throughput            # N = 100k x d = 1024 float16 store
-    python -m benchmarks.query_throughput --tiny     # seconds; what the test suite runs
+python -m benchmarks.query_throughput            # N = 100k x d = 1024 float16 store
+python -m benchmarks.query_throughput --tiny     # seconds; what the test suite runs
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ def _synthetic_store(path: Path, n_samples: int, dim: int, seed: int = 0):
         start, stop = layout.shard_rows(shard)
         block = rng.standard_normal((stop - start, dim), dtype=np.float32)
         store.claim_shard(shard, owner="bench")
-        store.write_shard(shard, block, (block * block).sum(1), pa.table({"row": np.arange(start, stop), "sample_id": np.arange(start, stop)}))
+        store.write_shard(
+            shard,
+            block,
+            (block * block).sum(1),
+            pa.table({"row": np.arange(start, stop), "sample_id": np.arange(start, stop)}),
+        )
     store.finalize()
     return gradindex.open_store(path)
 
@@ -51,16 +56,36 @@ def run(tiny: bool = False) -> dict:
         queries = np.random.default_rng(1).standard_normal((n_queries, dim), dtype=np.float32)
         load_seconds, vectors = _best(lambda: store.read_features().astype(np.float32), repeats=1)
         rows = []
-        memory_seconds, (scores, found) = _best(lambda: gradindex.search_store(store, queries, k))
-        rows.append({"method": "gradindex exact, in memory (load + search)", "seconds": memory_seconds, "queries_per_s": n_queries / memory_seconds})
-        streamed_seconds, (streamed_scores, streamed_found) = _best(lambda: gradindex.search_store(store, queries, k, memory_budget=1))
-        rows.append({"method": "gradindex exact, streamed per shard", "seconds": streamed_seconds, "queries_per_s": n_queries / streamed_seconds})
+        memory_seconds, (_scores, found) = _best(lambda: gradindex.search_store(store, queries, k))
+        rows.append(
+            {
+                "method": "gradindex exact, in memory (load + search)",
+                "seconds": memory_seconds,
+                "queries_per_s": n_queries / memory_seconds,
+            }
+        )
+        streamed_seconds, (_streamed_scores, streamed_found) = _best(
+            lambda: gradindex.search_store(store, queries, k, memory_budget=1)
+        )
+        rows.append(
+            {
+                "method": "gradindex exact, streamed per shard",
+                "seconds": streamed_seconds,
+                "queries_per_s": n_queries / streamed_seconds,
+            }
+        )
         from gradindex.search import ExactIndex
 
         index = ExactIndex(dim, use_gpu=False)
         index.add(vectors)
         search_seconds, _ = _best(lambda: index.search(queries, k))
-        rows.append({"method": "gradindex ExactIndex.search (vectors resident)", "seconds": search_seconds, "queries_per_s": n_queries / search_seconds})
+        rows.append(
+            {
+                "method": "gradindex ExactIndex.search (vectors resident)",
+                "seconds": search_seconds,
+                "queries_per_s": n_queries / search_seconds,
+            }
+        )
 
         def numpy_gemm_topk():
             scores = queries @ vectors.T
@@ -68,7 +93,13 @@ def run(tiny: bool = False) -> dict:
             return np.take_along_axis(scores, top, 1), top
 
         gemm_seconds, _ = _best(numpy_gemm_topk)
-        rows.append({"method": "numpy float32 GEMM + argpartition (resident)", "seconds": gemm_seconds, "queries_per_s": n_queries / gemm_seconds})
+        rows.append(
+            {
+                "method": "numpy float32 GEMM + argpartition (resident)",
+                "seconds": gemm_seconds,
+                "queries_per_s": n_queries / gemm_seconds,
+            }
+        )
         _, expected_rows = brute_force_topk(vectors, queries, k)
         correct = bool(np.array_equal(found, expected_rows) and np.array_equal(streamed_found, expected_rows))
         for row in rows:
@@ -77,19 +108,28 @@ def run(tiny: bool = False) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     payload = {
-        "benchmark": "query_throughput", "tiny": tiny, "machine": machine(),
+        "benchmark": "query_throughput",
+        "tiny": tiny,
+        "machine": machine(),
         "command": "python -m benchmarks.query_throughput" + (" --tiny" if tiny else ""),
-        "n_samples": n_samples, "dim": dim, "dtype": "float16", "n_queries": n_queries, "k": k,
-        "store_read_seconds": load_seconds, "equal_to_brute_force": correct, "rows": rows,
+        "n_samples": n_samples,
+        "dim": dim,
+        "dtype": "float16",
+        "n_queries": n_queries,
+        "k": k,
+        "store_read_seconds": load_seconds,
+        "equal_to_brute_force": correct,
+        "rows": rows,
     }
     if not tiny:
         save_json("query_throughput", payload)
         body = (
             "## Query throughput (issue 2 scaffold)\n\n"
-            f"`{payload['command']}` on {payload['machine']['cores']} cores ({payload['machine']['cpu']}), faiss {payload['machine']['faiss']}, {payload['machine']['date']}.\n"
+            f"`{payload['command']}` on {payload['machine']['cores']} cores ({payload['machine']['cpu']}), faiss "
+            f"{payload['machine']['faiss']}, {payload['machine']['date']}.\n"
             f"Store of N = {n_samples:,} × d = {dim} float16, {n_queries} queries, k = {k}; best of 3. "
-            f"Reading + decoding the whole store takes {load_seconds:.2f} s; every method's top-k equals numpy float64 brute force: {correct}.\n\n"
-            + markdown_table(rows, ["method", "seconds", "queries_per_s"])
+            f"Reading + decoding the whole store takes {load_seconds:.2f} s; every method's top-k equals numpy "
+            f"float64 brute force: {correct}.\n\n" + markdown_table(rows, ["method", "seconds", "queries_per_s"])
         )
         update_section("query-throughput", body)
     return payload

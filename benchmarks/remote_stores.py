@@ -50,7 +50,12 @@ def main() -> None:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+    )
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="gradindex-bench")
 
     torch.set_num_threads(1)
@@ -84,7 +89,10 @@ def main() -> None:
     server.stop()
 
     n_shards = -(-args.rows // args.rows_per_shard)
-    print(f"{args.rows} rows x 192 dims (3 checkpoints x 64) in {n_shards} shards; 20 queries, k=10; median of {args.repeats}")
+    print(
+        f"{args.rows} rows x 192 dims (3 checkpoints x 64) in {n_shards} shards; 20 queries, k=10; median of "
+        f"{args.repeats}"
+    )
     print(f"load average: {os.getloadavg()}")
     print("| store | build s | query s (open + featurize + search) |")
     print("|---|---|---|")

@@ -14,7 +14,7 @@ import click
 import gradindex
 from gradindex import CheckpointSpec, GradIndexError
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 FORMATS = ("table", "jsonl", "json", "csv", "parquet")
 
@@ -50,7 +50,9 @@ def _parse_shard(ctx, param, value):
     try:
         index, count = (int(part) for part in value.split("/"))
     except ValueError:
-        raise click.BadParameter(f"{value!r} must look like I/N, e.g. 0/4 for the first of 4 workers", ctx=ctx, param=param) from None
+        raise click.BadParameter(
+            f"{value!r} must look like I/N, e.g. 0/4 for the first of 4 workers", ctx=ctx, param=param
+        ) from None
     if count <= 0 or not 0 <= index < count:
         raise click.BadParameter(f"{value!r} needs 0 <= I < N", ctx=ctx, param=param)
     return index, count
@@ -72,15 +74,34 @@ def _parse_bytes(ctx, param, value):
 
 
 def output_options(command):
-    command = click.option("-o", "--output", "output", type=click.Path(dir_okay=False, path_type=Path), help="Write results to FILE instead of stdout.")(command)
-    command = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True, help="Output format (parquet needs -o).")(command)
+    command = click.option(
+        "-o",
+        "--output",
+        "output",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write results to FILE instead of stdout.",
+    )(command)
+    command = click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="Output format (parquet needs -o).",
+    )(command)
     return command
 
 
 def summary_format_option(command):
     """``--format text|json`` for commands whose output is a summary (json: one object on stdout, for scripts)."""
-    return click.option("--format", "summary_format", type=click.Choice(["text", "json"]), default="text", show_default=True,
-                        help="Summary as text, or as one JSON object on stdout.")(command)
+    return click.option(
+        "--format",
+        "summary_format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="Summary as text, or as one JSON object on stdout.",
+    )(command)
 
 
 def _parse_storage_options(ctx, param, values):
@@ -92,9 +113,15 @@ def _parse_storage_options(ctx, param, values):
 
 def storage_options_option(command):
     """``--storage-option KEY=VALUE`` (repeatable): options of the fsspec filesystem of a store URL."""
-    return click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE", callback=_parse_storage_options,
-                        help="For a store URL (s3://, gs://, ...): an fsspec storage option, repeatable, e.g. endpoint_url=http://localhost:9000 "
-                             "(credentials and endpoint otherwise come from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).")(command)
+    return click.option(
+        "--storage-option",
+        "storage_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_storage_options,
+        help="For a store URL (s3://, gs://, ...): an fsspec storage option, repeatable, e.g. endpoint_url=http://localhost:9000 "
+        "(credentials and endpoint otherwise come from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).",
+    )(command)
 
 
 # a store is a local folder or an fsspec URL: kept as typed (a Path would fold s3://b into s3:/b)
@@ -112,7 +139,11 @@ def _parse_method_option(ctx, param, values):
 
 
 _METHOD_OPTION = click.option(
-    "--method-option", "method_option", multiple=True, callback=_parse_method_option, metavar="KEY=VALUE",
+    "--method-option",
+    "method_option",
+    multiple=True,
+    callback=_parse_method_option,
+    metavar="KEY=VALUE",
     help="Any other method option, repeatable (e.g. cg_tol=1e-8, iterations=60, out_to_loss=false, hvp_batch_size=64).",
 )
 _DAMPING_HELP = "λ: if (H+λI)^-1 and trak (ΦᵀΦ+λI)^-1, also at query time; arnoldi adds it to the eigenvalues."
@@ -138,17 +169,41 @@ def method_build_options(command):
     """The options of --method gex / if / arnoldi / trak, gathered into ``method_options``."""
     names = ("tau", "rank", "solver", "damping", "hessian", "lissa_depth", "lissa_scale", "lissa_repeats")
     command = _gathered(names, command)
-    for option in reversed([
-        click.option("--tau", type=click.FloatRange(min=0), help="gex: floor on θ*'s loss (default 0.05)."),
-        click.option("--rank", type=click.IntRange(min=1), help="arnoldi: eigenpairs kept (default 20)."),
-        click.option("--solver", type=click.Choice(_SOLVER), help="if: inverse-HVP solver (default auto: exact up to 4096 parameters, else cg)."),
-        click.option("--damping", type=click.FloatRange(min=0), help=_DAMPING_HELP + " Defaults: if 0.001, arnoldi 0, trak 0.01."),
-        click.option("--hessian", type=click.Choice(["hessian", "ggn"]), help="if/arnoldi: the Hessian (default) or the Gauss-Newton matrix."),
-        click.option("--lissa-depth", type=click.IntRange(min=1), help="if --solver lissa: recursion steps (default 1000)."),
-        click.option("--lissa-scale", type=click.FloatRange(min=0, min_open=True), help="if --solver lissa: scale (default: 1.5x the top eigenvalue)."),
-        click.option("--lissa-repeats", type=click.IntRange(min=1), help="if --solver lissa: independent runs averaged (default 1)."),
-        _METHOD_OPTION,
-    ]):
+    for option in reversed(
+        [
+            click.option("--tau", type=click.FloatRange(min=0), help="gex: floor on θ*'s loss (default 0.05)."),
+            click.option("--rank", type=click.IntRange(min=1), help="arnoldi: eigenpairs kept (default 20)."),
+            click.option(
+                "--solver",
+                type=click.Choice(_SOLVER),
+                help="if: inverse-HVP solver (default auto: exact up to 4096 parameters, else cg).",
+            ),
+            click.option(
+                "--damping",
+                type=click.FloatRange(min=0),
+                help=_DAMPING_HELP + " Defaults: if 0.001, arnoldi 0, trak 0.01.",
+            ),
+            click.option(
+                "--hessian",
+                type=click.Choice(["hessian", "ggn"]),
+                help="if/arnoldi: the Hessian (default) or the Gauss-Newton matrix.",
+            ),
+            click.option(
+                "--lissa-depth", type=click.IntRange(min=1), help="if --solver lissa: recursion steps (default 1000)."
+            ),
+            click.option(
+                "--lissa-scale",
+                type=click.FloatRange(min=0, min_open=True),
+                help="if --solver lissa: scale (default: 1.5x the top eigenvalue).",
+            ),
+            click.option(
+                "--lissa-repeats",
+                type=click.IntRange(min=1),
+                help="if --solver lissa: independent runs averaged (default 1).",
+            ),
+            _METHOD_OPTION,
+        ]
+    ):
         command = option(command)
     return command
 
@@ -156,11 +211,21 @@ def method_build_options(command):
 def method_query_options(command):
     """The query-side options of asymmetric stores: --damping, --solver, --method-option."""
     command = _gathered(("damping", "solver"), command)
-    for option in reversed([
-        click.option("--damping", type=click.FloatRange(min=0), help="if/trak stores: λ for this query (default: the store's)."),
-        click.option("--solver", type=click.Choice(_SOLVER), help="if stores: inverse-HVP solver for this query (default: the store's)."),
-        _METHOD_OPTION,
-    ]):
+    for option in reversed(
+        [
+            click.option(
+                "--damping",
+                type=click.FloatRange(min=0),
+                help="if/trak stores: λ for this query (default: the store's).",
+            ),
+            click.option(
+                "--solver",
+                type=click.Choice(_SOLVER),
+                help="if stores: inverse-HVP solver for this query (default: the store's).",
+            ),
+            _METHOD_OPTION,
+        ]
+    ):
         command = option(command)
     return command
 
@@ -187,7 +252,11 @@ def _emit(table, fmt: str, output: Path | None) -> None:
         return
     if fmt in ("jsonl", "json"):
         rows = table.to_pylist()
-        text = "\n".join(json.dumps(row) for row in rows) + ("\n" if rows else "") if fmt == "jsonl" else json.dumps(rows, indent=1) + "\n"
+        text = (
+            "\n".join(json.dumps(row) for row in rows) + ("\n" if rows else "")
+            if fmt == "jsonl"
+            else json.dumps(rows, indent=1) + "\n"
+        )
     else:
         text = _format_table(table)
     if output is not None:
@@ -257,41 +326,142 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option("--task", "task_spec", help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). Required unless --finalize.")
-@click.option("--checkpoint", "checkpoints", multiple=True, callback=_parse_checkpoint, help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. Required unless --finalize.")
-@click.option("-o", "--output", required=True, type=STORE, help="Where to write the store: a directory, or a URL such as s3://bucket/runs/a.gradindex.")
-@click.option("--method", default="tracin", show_default=True, type=click.Choice(list(gradindex.methods.METHODS)), help="How vectors are made.")
-@click.option("--proj-dim", default=1024, show_default=True, type=click.IntRange(min=1), help="Projected dimension per checkpoint.")
-@click.option("--projection", default=None, type=click.Choice(["kron", "none", "rademacher", "gaussian", "sjlt"]),
-              help="Projection kind [default: kron for tracin (factored per layer, no per-sample gradient formed), rademacher otherwise].")
-@click.option("--kron-sides", type=click.Choice(["pca", "orthogonal", "gaussian"]),
-              help="How kron projects each narrow layer side [default: pca: the top directions of 256 calibration samples' gradients, kept in the store; orthogonal/gaussian: seeded random].")
+@click.option(
+    "--task",
+    "task_spec",
+    help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). Required unless --finalize.",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    callback=_parse_checkpoint,
+    help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. Required unless --finalize.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=STORE,
+    help="Where to write the store: a directory, or a URL such as s3://bucket/runs/a.gradindex.",
+)
+@click.option(
+    "--method",
+    default="tracin",
+    show_default=True,
+    type=click.Choice(list(gradindex.methods.METHODS)),
+    help="How vectors are made.",
+)
+@click.option(
+    "--proj-dim",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Projected dimension per checkpoint.",
+)
+@click.option(
+    "--projection",
+    default=None,
+    type=click.Choice(["kron", "none", "rademacher", "gaussian", "sjlt"]),
+    help="Projection kind [default: kron for tracin (factored per layer, no per-sample gradient formed), rademacher otherwise].",
+)
+@click.option(
+    "--kron-sides",
+    type=click.Choice(["pca", "orthogonal", "gaussian"]),
+    help="How kron projects each narrow layer side [default: pca: the top directions of 256 calibration samples' gradients, kept in the store; orthogonal/gaussian: seeded random].",
+)
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Projection seed.")
 @click.option("--layers", multiple=True, help="Only parameters whose names match this glob (repeatable), e.g. 'fc2.*'.")
 @click.option("--normalize", is_flag=True, help="Unit-normalise each checkpoint's vector (cosine scores).")
-@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]), help="Stored vector dtype.")
-@click.option("--batch-size", type=click.IntRange(min=1), help="Samples per batch [default: as many as fit --featurize-memory (kron), else 256].")
+@click.option(
+    "--dtype",
+    default="float16",
+    show_default=True,
+    type=click.Choice(["float16", "float32"]),
+    help="Stored vector dtype.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Samples per batch [default: as many as fit --featurize-memory (kron), else 256].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--featurize-memory", callback=_parse_bytes, help="Working memory of one featurization chunk, e.g. 1G [default: 512M].")
+@click.option(
+    "--featurize-memory",
+    callback=_parse_bytes,
+    help="Working memory of one featurization chunk, e.g. 1G [default: 512M].",
+)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the kron projection kernels.")
-@click.option("--autocast", is_flag=True, help="On CUDA: forward/backward in bfloat16 (projections stay float32); ignored on CPU.")
+@click.option(
+    "--autocast", is_flag=True, help="On CUDA: forward/backward in bfloat16 (projections stay float32); ignored on CPU."
+)
 @click.option("--rows-per-shard", type=click.IntRange(min=1), help="Rows per shard (default: about 64 MiB of vectors).")
 @click.option("--shard", callback=_parse_shard, help="I/N: compute only this worker's shards (job arrays).")
 @click.option("--resume", is_flag=True, help="Continue a stopped build of the same store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
-@click.option("--append", is_flag=True, help="Add the task's new training samples (after the store's rows) to a complete store; its indexes are updated or marked stale.")
-@click.option("--finalize", "finalize_only", is_flag=True, help="Only merge the workers' shard records into the manifest (-o STORE; no --task needed).")
-@click.option("--repair", is_flag=True, help="With --resume: first recompute exactly the shards `gradindex verify` finds damaged.")
-@click.option("--nonfinite", default="error", show_default=True, type=click.Choice(["error", "skip", "zero"]),
-              help="A NaN/inf vector: stop (error), or store it as zeros and list its row in the manifest, left out of search (skip) or kept (zero).")
-@click.option("--claim-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Remote stores: take over a shard another machine claimed this long ago without finishing it [default: 21600, or GRADINDEX_CLAIM_TIMEOUT].")
+@click.option(
+    "--append",
+    is_flag=True,
+    help="Add the task's new training samples (after the store's rows) to a complete store; its indexes are updated or marked stale.",
+)
+@click.option(
+    "--finalize",
+    "finalize_only",
+    is_flag=True,
+    help="Only merge the workers' shard records into the manifest (-o STORE; no --task needed).",
+)
+@click.option(
+    "--repair", is_flag=True, help="With --resume: first recompute exactly the shards `gradindex verify` finds damaged."
+)
+@click.option(
+    "--nonfinite",
+    default="error",
+    show_default=True,
+    type=click.Choice(["error", "skip", "zero"]),
+    help="A NaN/inf vector: stop (error), or store it as zeros and list its row in the manifest, left out of search (skip) or kept (zero).",
+)
+@click.option(
+    "--claim-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Remote stores: take over a shard another machine claimed this long ago without finishing it [default: 21600, or GRADINDEX_CLAIM_TIMEOUT].",
+)
 @storage_options_option
 @method_build_options
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, kron_sides, seed, layers, normalize, dtype, batch_size, device, featurize_memory, compile_, autocast, rows_per_shard, shard, resume, overwrite, append, finalize_only, repair, nonfinite, claim_timeout, storage_options, summary_format, method_options):
+def build(
+    ctx,
+    task_spec,
+    checkpoints,
+    output,
+    method,
+    proj_dim,
+    projection,
+    kron_sides,
+    seed,
+    layers,
+    normalize,
+    dtype,
+    batch_size,
+    device,
+    featurize_memory,
+    compile_,
+    autocast,
+    rows_per_shard,
+    shard,
+    resume,
+    overwrite,
+    append,
+    finalize_only,
+    repair,
+    nonfinite,
+    claim_timeout,
+    storage_options,
+    summary_format,
+    method_options,
+):
     """Featurize the training set at each checkpoint and write a store.
 
     Several workers can build one store: each takes --shard I/N (or torchrun's RANK/WORLD_SIZE);
@@ -306,10 +476,12 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, kro
       gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o s3://my-bucket/digits.gradindex
       gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o digits.gradindex --append
       gradindex build --task digits --checkpoint runs/ckpt-010.pt:0.1 -o digits.gradindex --resume --repair
-      gradindex build --task breast-cancer --checkpoint final.pt -o bc-if.gradindex --method if --solver cg --damping 0.01
+      gradindex build --task breast-cancer --checkpoint final.pt -o bc-if.gradindex \\
+          --method if --solver cg --damping 0.01
       gradindex build --task digits --checkpoint final.pt -o arnoldi.gradindex --method arnoldi --rank 50
       gradindex build --task digits --checkpoint a.pt --checkpoint b.pt -o trak.gradindex --method trak --proj-dim 2048
-      gradindex build --task digits --checkpoint final.pt --checkpoint ge/member-001.pt ... -o gex.gradindex --method gex
+      gradindex build --task digits --checkpoint final.pt --checkpoint ge/member-001.pt ... \\
+          -o gex.gradindex --method gex
     """
     if finalize_only:
         if task_spec or checkpoints or resume or overwrite or append or shard or repair:
@@ -320,23 +492,65 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, kro
             raise click.UsageError("build needs --task and at least one --checkpoint (or --finalize -o STORE)")
         if repair and resume and gradindex.store.store_path(output, storage_options).exists():
             bad = gradindex.open_store(output, storage_options=storage_options).bad_shards()
-            click.echo(f"repair: recomputing shard(s) {bad} of {output}" if bad else f"repair: every finished shard of {output} matches its checksum", err=True)
+            click.echo(
+                f"repair: recomputing shard(s) {bad} of {output}"
+                if bad
+                else f"repair: every finished shard of {output} matches its checksum",
+                err=True,
+            )
         store = gradindex.build(
-            task_spec, list(checkpoints), output, method=method, proj_dim=proj_dim, projection=projection, kron_sides=kron_sides, seed=seed,
-            layers=tuple(layers) or None, normalize=normalize, dtype=dtype, batch_size=batch_size, device=device,
-            rows_per_shard=rows_per_shard, shard=shard, resume=resume, overwrite=overwrite, progress=ctx.obj["progress"],
-            append=append, repair=repair, nonfinite=nonfinite, method_options=method_options,
-            storage_options=storage_options, claim_timeout=claim_timeout, compile=compile_, autocast=autocast, **({"featurize_memory": featurize_memory} if featurize_memory else {}),
+            task_spec,
+            list(checkpoints),
+            output,
+            method=method,
+            proj_dim=proj_dim,
+            projection=projection,
+            kron_sides=kron_sides,
+            seed=seed,
+            layers=tuple(layers) or None,
+            normalize=normalize,
+            dtype=dtype,
+            batch_size=batch_size,
+            device=device,
+            rows_per_shard=rows_per_shard,
+            shard=shard,
+            resume=resume,
+            overwrite=overwrite,
+            progress=ctx.obj["progress"],
+            append=append,
+            repair=repair,
+            nonfinite=nonfinite,
+            method_options=method_options,
+            storage_options=storage_options,
+            claim_timeout=claim_timeout,
+            compile=compile_,
+            autocast=autocast,
+            **({"featurize_memory": featurize_memory} if featurize_memory else {}),
         )
     state = "complete" if store.complete else f"incomplete ({store.progress()})"
     nonfinite_rows = store.nonfinite_rows(allow_incomplete=True)
     for kind, rows in nonfinite_rows.items():
         if rows and summary_format != "json":
             shown = ", ".join(map(str, rows[:20])) + (" ..." if len(rows) > 20 else "")
-            click.echo(f"{len(rows)} row(s) had NaN/inf vectors and were {kind} (zero vectors, listed in the manifest): {shown}", err=True)
+            click.echo(
+                f"{len(rows)} row(s) had NaN/inf vectors and were {kind} (zero vectors, listed in the manifest): "
+                f"{shown}",
+                err=True,
+            )
     if summary_format == "json":
-        click.echo(json.dumps({"store": str(store.path), "n_samples": store.n_samples, "dim": store.dim, "dtype": store.dtype,
-                               "complete": store.complete, "progress": store.progress(), "nonfinite": nonfinite_rows}))
+        click.echo(
+            json.dumps(
+                {
+                    "store": str(store.path),
+                    "n_samples": store.n_samples,
+                    "dim": store.dim,
+                    "dtype": store.dtype,
+                    "complete": store.complete,
+                    "progress": store.progress(),
+                    "nonfinite": nonfinite_rows,
+                }
+            )
+        )
         return
     click.echo(f"{store.path}: {store.n_samples} samples x {store.dim} ({store.dtype}), {state}", err=True)
 
@@ -346,23 +560,65 @@ def build(ctx, task_spec, checkpoints, output, method, proj_dim, projection, kro
 @click.option("--task", "task_spec", help="Task SPEC (default: the one recorded in the store).")
 @click.option("--split", default="test", show_default=True, help="Query split of the task.")
 @click.option("--samples", help="Indices in the split: 0,3,10-19.")
-@click.option("--all", "all_samples", is_flag=True, help="Query every sample of the split (the default when --samples is absent).")
+@click.option(
+    "--all", "all_samples", is_flag=True, help="Query every sample of the split (the default when --samples is absent)."
+)
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Results per query.")
 @click.option("--opponents", is_flag=True, help="Most negative influence instead of most positive.")
-@click.option("--checkpoint", "checkpoints", multiple=True, help="Checkpoint paths if they moved since the build (same files, same order).")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    help="Checkpoint paths if they moved since the build (same files, same order).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--memory-budget", callback=_parse_bytes, help="Bytes in-memory search may use (e.g. 4G); larger stores are streamed.")
+@click.option(
+    "--memory-budget",
+    callback=_parse_bytes,
+    help="Bytes in-memory search may use (e.g. 4G); larger stores are streamed.",
+)
 @click.option("--allow-incomplete", is_flag=True, help="Search the finished part of an incomplete store.")
-@click.option("--index", "index_name", help="Search the persisted approximate index NAME (gradindex index) instead of exact search.")
-@click.option("--nprobe", type=click.IntRange(min=1), help="With --index: IVF lists probed (HNSW: efSearch); default: the value reaching the index's target recall.")
-@click.option("--dask", "dask_cluster", help="Spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N.")
+@click.option(
+    "--index",
+    "index_name",
+    help="Search the persisted approximate index NAME (gradindex index) instead of exact search.",
+)
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    help="With --index: IVF lists probed (HNSW: efSearch); default: the value reaching the index's target recall.",
+)
+@click.option(
+    "--dask",
+    "dask_cluster",
+    help="Spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N.",
+)
 @storage_options_option
 @method_query_options
 @output_options
 @click.pass_context
 @_handle_errors
-def query(ctx, store, task_spec, split, samples, all_samples, k, opponents, checkpoints, device, memory_budget, allow_incomplete,
-          index_name, nprobe, dask_cluster, storage_options, fmt, output, method_options):
+def query(
+    ctx,
+    store,
+    task_spec,
+    split,
+    samples,
+    all_samples,
+    k,
+    opponents,
+    checkpoints,
+    device,
+    memory_budget,
+    allow_incomplete,
+    index_name,
+    nprobe,
+    dask_cluster,
+    storage_options,
+    fmt,
+    output,
+    method_options,
+):
     """The k most influential training samples for query samples.
 
     Rows: query, query_id, rank, row, sample_id, score (positive = proponent).
@@ -378,9 +634,22 @@ def query(ctx, store, task_spec, split, samples, all_samples, k, opponents, chec
     if samples and all_samples:
         raise click.UsageError("give --samples or --all, not both")
     table = gradindex.query(
-        store, task_spec, split=split, samples=samples, k=k, opponents=opponents, checkpoints=list(checkpoints) or None,
-        device=device, memory_budget=memory_budget, allow_incomplete=allow_incomplete, progress=ctx.obj["progress"],
-        index=index_name, nprobe=nprobe, dask=dask_cluster, method_options=method_options, storage_options=storage_options,
+        store,
+        task_spec,
+        split=split,
+        samples=samples,
+        k=k,
+        opponents=opponents,
+        checkpoints=list(checkpoints) or None,
+        device=device,
+        memory_budget=memory_budget,
+        allow_incomplete=allow_incomplete,
+        progress=ctx.obj["progress"],
+        index=index_name,
+        nprobe=nprobe,
+        dask=dask_cluster,
+        method_options=method_options,
+        storage_options=storage_options,
     )
     _emit(table, fmt, output)
 
@@ -390,14 +659,26 @@ def query(ctx, store, task_spec, split, samples, all_samples, k, opponents, chec
 @click.option("--top", type=click.IntRange(min=1), help="Only the N highest.")
 @click.option("--allow-incomplete", is_flag=True, help="Rank the finished part of an incomplete store.")
 @click.option("--task", "task_spec", help="With --damping/--solver on an if store: task SPEC (default: the store's).")
-@click.option("--checkpoint", "checkpoints", multiple=True, help="With --damping/--solver on an if store: checkpoint paths if they moved.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N] (if stores recomputed at another damping).")
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    help="With --damping/--solver on an if store: checkpoint paths if they moved.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu or cuda[:N] (if stores recomputed at another damping).",
+)
 @storage_options_option
 @method_query_options
 @output_options
 @click.pass_context
 @_handle_errors
-def self_influence(ctx, store, top, allow_incomplete, task_spec, checkpoints, device, storage_options, fmt, output, method_options):
+def self_influence(
+    ctx, store, top, allow_incomplete, task_spec, checkpoints, device, storage_options, fmt, output, method_options
+):
     """Training samples ranked by self-influence (suspected mislabeled or atypical first).
 
     For if and trak stores the score is ⟨T φ(z), φ(z)⟩ at the store's damping; --damping / --solver
@@ -409,8 +690,15 @@ def self_influence(ctx, store, top, allow_incomplete, task_spec, checkpoints, de
       gradindex self-influence trak.gradindex --top 20 --damping 0.1
     """
     table = gradindex.self_influence(
-        store, top=top, allow_incomplete=allow_incomplete, method_options=method_options, task=task_spec,
-        checkpoints=list(checkpoints) or None, device=device, progress=ctx.obj["progress"], storage_options=storage_options,
+        store,
+        top=top,
+        allow_incomplete=allow_incomplete,
+        method_options=method_options,
+        task=task_spec,
+        checkpoints=list(checkpoints) or None,
+        device=device,
+        progress=ctx.obj["progress"],
+        storage_options=storage_options,
     )
     _emit(table, fmt, output)
 
@@ -437,21 +725,28 @@ def info(store, fmt, storage_options):
     lines = [
         f"store       {details['path']}",
         f"state       {details['state']} — {details['progress']}",
-        f"vectors     {layout['n_samples']} x {layout['dim']} {layout['dtype']} ({layout['rows_per_shard']} rows per shard)",
+        f"vectors     {layout['n_samples']} x {layout['dim']} {layout['dtype']} ({layout['rows_per_shard']} rows per "
+        "shard)",
         f"method      {json.dumps(fingerprint['method'])}",
         f"projection  {json.dumps(fingerprint['projection'])}",
         f"model       {fingerprint['model']['class']} ({len(fingerprint['params'])} parameter tensors indexed)",
         f"task        {json.dumps(details.get('task'))}",
     ]
     for position, ckpt in enumerate(details.get("checkpoints", [])):
-        lines.append(f"checkpoint  [{position}] {ckpt['path']} weight={ckpt['weight']} sha256={fingerprint['checkpoints'][position]['sha256'][:12]}")
+        lines.append(
+            f"checkpoint  [{position}] {ckpt['path']} weight={ckpt['weight']} "
+            f"sha256={fingerprint['checkpoints'][position]['sha256'][:12]}"
+        )
     for meta in details.get("indexes", []):
         lines.append(f"index       {_index_line(meta)}")
     if details.get("dataset_sha256"):
         lines.append(f"dataset     {layout['n_samples']} samples, content sha256={details['dataset_sha256'][:12]}")
     for kind, rows in (details.get("nonfinite") or {}).items():
         if rows:
-            lines.append(f"nonfinite   {len(rows)} row(s) {kind}: {', '.join(map(str, rows[:20]))}{' ...' if len(rows) > 20 else ''}")
+            lines.append(
+                f"nonfinite   {len(rows)} row(s) {kind}: "
+                f"{', '.join(map(str, rows[:20]))}{' ...' if len(rows) > 20 else ''}"
+            )
     click.echo("\n".join(lines))
 
 
@@ -461,28 +756,88 @@ def _index_line(meta: dict) -> str:
     knob = f" at {meta['search_parameter']}={meta['nprobe']}" if meta.get("search_parameter") else ""
     where = ", on disk" if meta.get("on_disk") else ""
     stale = f" — STALE: {meta['stale']}" if meta.get("stale") else ""
-    return (f"{meta['name']}: {meta['factory_resolved']} ({meta['ntotal']} rows{where}), "
-            f"recall@{meta['k']}={meta['recall']:.3f}{knob} on {meta['recall_queries']} held-out rows{stale}")
+    return (
+        f"{meta['name']}: {meta['factory_resolved']} ({meta['ntotal']} rows{where}), "
+        f"recall@{meta['k']}={meta['recall']:.3f}{knob} on {meta['recall_queries']} held-out rows{stale}"
+    )
 
 
 @cli.command("index")
 @click.argument("store", type=STORE)
-@click.option("--factory", required=True, help="A faiss index_factory string: IVF4096,SQfp16 | IVF,PQ64 | HNSW32 ('IVF' alone picks a list count).")
+@click.option(
+    "--factory",
+    required=True,
+    help="A faiss index_factory string: IVF4096,SQfp16 | IVF,PQ64 | HNSW32 ('IVF' alone picks a list count).",
+)
 @click.option("--name", help="Name to query it by (default: from the factory, e.g. ivf4096-sqfp16).")
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="The k of the recall@k measured at build time.")
-@click.option("--recall-queries", default=200, show_default=True, type=click.IntRange(min=1), help="Held-out store rows whose exact top-k the index is measured against.")
-@click.option("--target-recall", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="The default nprobe/efSearch is the smallest reaching this recall.")
-@click.option("--train-size", type=click.IntRange(min=1), help="Rows sampled to train the index (default: 50 per IVF list, at least 10000).")
-@click.option("--on-disk", is_flag=True, help="Keep the IVF lists in a file beside the index (faiss contrib.ondisk), not in memory.")
-@click.option("--gpu/--cpu", "use_gpu", default=None, help="Train and search IVF on all GPUs (default: when faiss has GPUs) or on CPU.")
+@click.option(
+    "-k",
+    "k",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="The k of the recall@k measured at build time.",
+)
+@click.option(
+    "--recall-queries",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Held-out store rows whose exact top-k the index is measured against.",
+)
+@click.option(
+    "--target-recall",
+    default=0.95,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="The default nprobe/efSearch is the smallest reaching this recall.",
+)
+@click.option(
+    "--train-size",
+    type=click.IntRange(min=1),
+    help="Rows sampled to train the index (default: 50 per IVF list, at least 10000).",
+)
+@click.option(
+    "--on-disk",
+    is_flag=True,
+    help="Keep the IVF lists in a file beside the index (faiss contrib.ondisk), not in memory.",
+)
+@click.option(
+    "--gpu/--cpu",
+    "use_gpu",
+    default=None,
+    help="Train and search IVF on all GPUs (default: when faiss has GPUs) or on CPU.",
+)
 @click.option("--memory-budget", callback=_parse_bytes, help="Bytes the training sample may use (half of it), e.g. 4G.")
 @click.option("--overwrite", is_flag=True, help="Replace an index of the same name.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Seed of the training and held-out samples.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Seed of the training and held-out samples.",
+)
 @storage_options_option
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def index(ctx, store, factory, name, k, recall_queries, target_recall, train_size, on_disk, use_gpu, memory_budget, overwrite, seed, storage_options, summary_format):
+def index(
+    ctx,
+    store,
+    factory,
+    name,
+    k,
+    recall_queries,
+    target_recall,
+    train_size,
+    on_disk,
+    use_gpu,
+    memory_budget,
+    overwrite,
+    seed,
+    storage_options,
+    summary_format,
+):
     """Build an approximate index of a store and measure its recall against exact search.
 
     Trains on a sample of the store, adds it shard by shard, and stores the index under the
@@ -496,15 +851,28 @@ def index(ctx, store, factory, name, k, recall_queries, target_recall, train_siz
       gradindex query big.gradindex --samples 0-9 --index ivf4096-sqfp16
     """
     meta = gradindex.build_index(
-        gradindex.open_store(store, storage_options=storage_options), factory, name=name, k=k, recall_queries=recall_queries, target_recall=target_recall, train_size=train_size,
-        on_disk=on_disk, use_gpu=use_gpu, memory_budget=memory_budget, overwrite=overwrite, seed=seed, progress=ctx.obj["progress"],
+        gradindex.open_store(store, storage_options=storage_options),
+        factory,
+        name=name,
+        k=k,
+        recall_queries=recall_queries,
+        target_recall=target_recall,
+        train_size=train_size,
+        on_disk=on_disk,
+        use_gpu=use_gpu,
+        memory_budget=memory_budget,
+        overwrite=overwrite,
+        seed=seed,
+        progress=ctx.obj["progress"],
     )
     if summary_format == "json":
         click.echo(json.dumps(meta))
         return
     for point in meta["curve"]:
         knob = f"{meta['search_parameter']}={point['value']}: " if meta.get("search_parameter") else ""
-        click.echo(f"  {knob}recall@{meta['k']}={point['recall']:.3f}, {point['queries_per_s']:.0f} queries/s", err=True)
+        click.echo(
+            f"  {knob}recall@{meta['k']}={point['recall']:.3f}, {point['queries_per_s']:.0f} queries/s", err=True
+        )
     click.echo(f"index {_index_line(meta)}", err=True)
 
 
@@ -530,12 +898,23 @@ def verify(store, storage_options, summary_format):
     if problems:
         for problem in problems:
             click.echo(problem, err=True)
-        raise click.ClickException(f"{len(problems)} problem(s) in {store}; rebuild the named shards with `gradindex build ... --resume --repair`")
+        raise click.ClickException(
+            f"{len(problems)} problem(s) in {store}; rebuild the named shards with `gradindex build ... --resume "
+            "--repair`"
+        )
     click.echo(f"{store}: every shard matches its checksum")
 
 
 @cli.command()
-@click.option("-o", "--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("gradindex-demo"), show_default=True, help="Folder for checkpoints, store and results.")
+@click.option(
+    "-o",
+    "--output",
+    "output_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("gradindex-demo"),
+    show_default=True,
+    help="Folder for checkpoints, store and results.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.pass_context
 @_handle_errors
@@ -557,15 +936,47 @@ def demo(ctx, output_dir, seed):
 
 @cli.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--task", "task_spec", help="Task SPEC (default: the one recorded in the store); needed for pictures, predictions and queries.")
-@click.option("--queries", help="Indices in --split whose proponents and opponents are shown: 0,3,10-12 [default: 0-2; 'none' for none].")
+@click.option(
+    "--task",
+    "task_spec",
+    help="Task SPEC (default: the one recorded in the store); needed for pictures, predictions and queries.",
+)
+@click.option(
+    "--queries",
+    help="Indices in --split whose proponents and opponents are shown: 0,3,10-12 [default: 0-2; 'none' for none].",
+)
 @click.option("--split", default="test", show_default=True, help="Split the --queries come from.")
-@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(min=1), help="Proponents and opponents shown per query.")
-@click.option("--top", default=24, show_default=True, type=click.IntRange(min=1), help="Highest self-influence samples shown.")
-@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), help="Quality figures (JSON) [default: results.json beside the store, if any].")
-@click.option("--checkpoint", "checkpoints", multiple=True, help="Checkpoint paths if they moved since the build (same files, same order).")
+@click.option(
+    "-k",
+    "k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Proponents and opponents shown per query.",
+)
+@click.option(
+    "--top", default=24, show_default=True, type=click.IntRange(min=1), help="Highest self-influence samples shown."
+)
+@click.option(
+    "--results",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Quality figures (JSON) [default: results.json beside the store, if any].",
+)
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    help="Checkpoint paths if they moved since the build (same files, same order).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("-o", "--output", default=Path("report.html"), show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="The HTML file to write.")
+@click.option(
+    "-o",
+    "--output",
+    default=Path("report.html"),
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The HTML file to write.",
+)
 @summary_format_option
 @click.pass_context
 @_handle_errors
@@ -582,8 +993,17 @@ def report(ctx, store, task_spec, queries, split, k, top, results, checkpoints, 
       gradindex report digits.gradindex --task digits --top 48 --queries none --format json
     """
     summary = gradindex.report(
-        store, task_spec, output=output, queries=queries, split=split, k=k, top=top, results=results,
-        checkpoints=list(checkpoints) or None, device=device, progress=ctx.obj["progress"],
+        store,
+        task_spec,
+        output=output,
+        queries=queries,
+        split=split,
+        k=k,
+        top=top,
+        results=results,
+        checkpoints=list(checkpoints) or None,
+        device=device,
+        progress=ctx.obj["progress"],
     )
     if summary_format == "json":
         click.echo(json.dumps(summary))
@@ -592,7 +1012,8 @@ def report(ctx, store, task_spec, queries, split, k, top, results, checkpoints, 
         click.echo(f"note: {note}", err=True)
     click.echo(
         f"wrote {summary['output']} ({summary['bytes'] / 1024:.0f} KiB): {len(summary['suspects'])} suspects, "
-        f"{len(summary['queries'])} queries, {summary['pictures']} pictures; open it in a browser", err=True,
+        f"{len(summary['queries'])} queries, {summary['pictures']} pictures; open it in a browser",
+        err=True,
     )
 
 
@@ -607,7 +1028,9 @@ def _write_table(table, output: Path) -> None:
         pacsv.write_csv(table, output)
     elif suffix in (".jsonl", ".json"):
         rows = table.to_pylist()
-        text = "".join(json.dumps(row) + "\n" for row in rows) if suffix == ".jsonl" else json.dumps(rows, indent=1) + "\n"
+        text = (
+            "".join(json.dumps(row) + "\n" for row in rows) if suffix == ".jsonl" else json.dumps(rows, indent=1) + "\n"
+        )
         output.write_text(text)
     else:
         raise click.UsageError(f"-o {output}: give a .parquet, .csv, .jsonl or .json file name")
@@ -616,21 +1039,55 @@ def _write_table(table, output: Path) -> None:
 @cli.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--drop-top", help="Drop the N (e.g. 50) or P% (e.g. 5%) highest-scoring samples --by self-influence.")
-@click.option("--by", default="self-influence", show_default=True, type=click.Choice(["self-influence"]), help="Score that --drop-top ranks by.")
-@click.option("--for-queries", is_flag=True, help="Keep the training samples most helpful for target queries (LESS-style summed influence); with --select.")
-@click.option("--select", help="Keep the N or P% training samples with the highest summed influence on the --samples of --split.")
+@click.option(
+    "--by",
+    default="self-influence",
+    show_default=True,
+    type=click.Choice(["self-influence"]),
+    help="Score that --drop-top ranks by.",
+)
+@click.option(
+    "--for-queries",
+    is_flag=True,
+    help="Keep the training samples most helpful for target queries (LESS-style summed influence); with --select.",
+)
+@click.option(
+    "--select", help="Keep the N or P% training samples with the highest summed influence on the --samples of --split."
+)
 @click.option("--task", "task_spec", help="Task SPEC for --select (default: the one recorded in the store).")
 @click.option("--split", default="test", show_default=True, help="Split of the target queries (--select).")
 @click.option("--samples", help="Target queries in --split: 0,3,10-19 [default: the whole split] (--select).")
-@click.option("--checkpoint", "checkpoints", multiple=True, help="Checkpoint paths if they moved since the build (--select).")
+@click.option(
+    "--checkpoint", "checkpoints", multiple=True, help="Checkpoint paths if they moved since the build (--select)."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--memory-budget", callback=_parse_bytes, help="Bytes in-memory search may use (e.g. 4G) (--select).")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Table row, sample_id, label, score, rank, keep: .parquet, .csv, .jsonl or .json.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Table row, sample_id, label, score, rank, keep: .parquet, .csv, .jsonl or .json.",
+)
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def curate(ctx, store, drop_top, by, for_queries, select, task_spec, split, samples, checkpoints, device, memory_budget, output, summary_format):
+def curate(
+    ctx,
+    store,
+    drop_top,
+    by,
+    for_queries,
+    select,
+    task_spec,
+    split,
+    samples,
+    checkpoints,
+    device,
+    memory_budget,
+    output,
+    summary_format,
+):
     """Choose training samples to keep: a kept/dropped table to join on sample_id.
 
     --drop-top drops the most suspicious samples (highest self-influence). --for-queries --select
@@ -648,14 +1105,27 @@ def curate(ctx, store, drop_top, by, for_queries, select, task_spec, split, samp
     if for_queries and select is None:
         raise click.UsageError("--for-queries needs --select N or --select P% (how many training samples to keep)")
     if drop_top is None and select is None:
-        raise click.UsageError("give --drop-top N|P% (drop the most suspicious) or --for-queries --select N|P% (keep the most helpful)")
+        raise click.UsageError(
+            "give --drop-top N|P% (drop the most suspicious) or --for-queries --select N|P% (keep the most helpful)"
+        )
     if drop_top is not None and (samples is not None or task_spec is not None or checkpoints):
-        raise click.UsageError("--samples, --task and --checkpoint pick target queries for --select; --drop-top needs none of them")
+        raise click.UsageError(
+            "--samples, --task and --checkpoint pick target queries for --select; --drop-top needs none of them"
+        )
     if output.suffix.lower() not in (".parquet", ".csv", ".jsonl", ".json"):
         raise click.UsageError(f"-o {output}: give a .parquet, .csv, .jsonl or .json file name")
     table = gradindex.curate(
-        store, drop_top=drop_top, by=by, select=select, task=task_spec, split=split, samples=samples,
-        checkpoints=list(checkpoints) or None, device=device, memory_budget=memory_budget, progress=ctx.obj["progress"],
+        store,
+        drop_top=drop_top,
+        by=by,
+        select=select,
+        task=task_spec,
+        split=split,
+        samples=samples,
+        checkpoints=list(checkpoints) or None,
+        device=device,
+        memory_budget=memory_budget,
+        progress=ctx.obj["progress"],
     )
     _write_table(table, output)
     from gradindex.apps.curation import summary as curate_summary
@@ -664,29 +1134,70 @@ def curate(ctx, store, drop_top, by, for_queries, select, task_spec, split, samp
     if summary_format == "json":
         click.echo(json.dumps(summary))
         return
-    click.echo(f"wrote {output}: keep {summary['kept']}, drop {summary['dropped']} of {table.num_rows} samples ({summary['mode']} {summary['amount']})", err=True)
+    click.echo(
+        f"wrote {output}: keep {summary['kept']}, drop {summary['dropped']} of {table.num_rows} samples "
+        f"({summary['mode']} {summary['amount']})",
+        err=True,
+    )
 
 
 @cli.command()
 @click.option("--task", "task_spec", required=True, help="Task SPEC, as for build.")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The trained checkpoint θ* to ensemble around.")
-@click.option("--members", required=True, type=click.IntRange(min=1), help="M: members to make, one per learning-rate cycle.")
+@click.option(
+    "--checkpoint",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The trained checkpoint θ* to ensemble around.",
+)
+@click.option(
+    "--members", required=True, type=click.IntRange(min=1), help="M: members to make, one per learning-rate cycle."
+)
 @click.option("--steps", required=True, type=click.IntRange(min=1), help="Optimizer steps per cycle.")
 @click.option("--lr", required=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of a cycle.")
 @click.option("--lr-min", type=click.FloatRange(min=0), help="Lowest learning rate of a cycle (default lr/100).")
-@click.option("--schedule", default="cosine", show_default=True, type=click.Choice(["cosine", "triangular", "constant"]),
-              help="cosine restarts (saved at each cycle's end), FGE's triangular (saved mid-cycle), or constant.")
+@click.option(
+    "--schedule",
+    default="cosine",
+    show_default=True,
+    type=click.Choice(["cosine", "triangular", "constant"]),
+    help="cosine restarts (saved at each cycle's end), FGE's triangular (saved mid-cycle), or constant.",
+)
 @click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(min=0, max=1, max_open=True))
 @click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sets the batches and any dropout.")
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sets the batches and any dropout."
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder for member-001.pt, ... and ensemble.json.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for member-001.pt, ... and ensemble.json.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an ensemble already in the folder.")
 @summary_format_option
 @click.pass_context
 @_handle_errors
-def ensemble(ctx, task_spec, checkpoint, members, steps, lr, lr_min, schedule, momentum, weight_decay, batch_size, seed, device, output, overwrite, summary_format):
+def ensemble(
+    ctx,
+    task_spec,
+    checkpoint,
+    members,
+    steps,
+    lr,
+    lr_min,
+    schedule,
+    momentum,
+    weight_decay,
+    batch_size,
+    seed,
+    device,
+    output,
+    overwrite,
+    summary_format,
+):
     """Make a fast geometric ensemble around a trained checkpoint (for --method gex, or tracin over members).
 
     Fine-tunes from the checkpoint for M learning-rate cycles of S steps (the task's train_step, or
@@ -701,12 +1212,33 @@ def ensemble(ctx, task_spec, checkpoint, members, steps, lr, lr_min, schedule, m
     from gradindex.ensemble import make_ensemble
 
     made = make_ensemble(
-        task_spec, checkpoint, output, members=members, steps=steps, lr=lr, lr_min=lr_min, schedule=schedule, momentum=momentum,
-        weight_decay=weight_decay, batch_size=batch_size, seed=seed, overwrite=overwrite, device=device, progress=ctx.obj["progress"],
+        task_spec,
+        checkpoint,
+        output,
+        members=members,
+        steps=steps,
+        lr=lr,
+        lr_min=lr_min,
+        schedule=schedule,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+        overwrite=overwrite,
+        device=device,
+        progress=ctx.obj["progress"],
     )
     if summary_format == "json":
-        click.echo(json.dumps({"base": str(made.base), "members": [str(path) for path in made.members],
-                               "gex_checkpoints": made.gex_checkpoints(), "tracin_checkpoints": made.tracin_checkpoints()}))
+        click.echo(
+            json.dumps(
+                {
+                    "base": str(made.base),
+                    "members": [str(path) for path in made.members],
+                    "gex_checkpoints": made.gex_checkpoints(),
+                    "tracin_checkpoints": made.tracin_checkpoints(),
+                }
+            )
+        )
         return
     click.echo(f"wrote {len(made.members)} members to {output}", err=True)
     gex = " ".join(f"--checkpoint {spec}" for spec in made.gex_checkpoints())

@@ -18,7 +18,7 @@ import click
 
 from ._main import cli
 
-__all__ = ["render", "main"]
+__all__ = ["main", "render"]
 
 REGENERATE = "python -m gradindex.cli.docs -o docs/cli.md"
 
@@ -56,7 +56,9 @@ def _command_section(command: click.Command, ctx: click.Context, heading: str) -
     out += ["```text", command.get_usage(ctx).strip(), "```", ""]
     out += _help_markdown(command.help or "")
     # options only: click >= 8.5 gives arguments a help record too, and they are listed above
-    records = [(param, param.get_help_record(ctx)) for param in command.get_params(ctx) if isinstance(param, click.Option)]
+    records = [
+        (param, param.get_help_record(ctx)) for param in command.get_params(ctx) if isinstance(param, click.Option)
+    ]
     arguments = [param for param in command.get_params(ctx) if isinstance(param, click.Argument)]
     if arguments:
         out += ["Arguments: " + ", ".join(f"`{param.human_readable_name}`" for param in arguments), ""]
@@ -89,9 +91,13 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gradindex.cli.docs", description="Generate the gradindex CLI reference (markdown).")
+    parser = argparse.ArgumentParser(
+        prog="python -m gradindex.cli.docs", description="Generate the gradindex CLI reference (markdown)."
+    )
     parser.add_argument("-o", "--output", type=Path, help="write the reference here (default: stdout)")
-    parser.add_argument("--check", type=Path, metavar="FILE", help="exit 1 if FILE differs from the generated reference")
+    parser.add_argument(
+        "--check", type=Path, metavar="FILE", help="exit 1 if FILE differs from the generated reference"
+    )
     args = parser.parse_args(argv)
     text = render()
     if args.check is not None:

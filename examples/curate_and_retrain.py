@@ -31,7 +31,9 @@ TASK_FILE = "import gradindex.tasks\n\ndef task():\n    return gradindex.tasks.d
 def _accuracy_on_subset(task: gradindex.Task, keep: np.ndarray, config: TrainConfig, directory: Path) -> float:
     inputs, targets = task.train.tensors
     mask = torch.from_numpy(keep)
-    subset = gradindex.Task(model=task.model, train=TensorDataset(inputs[mask], targets[mask]), test=task.test, name=task.name)
+    subset = gradindex.Task(
+        model=task.model, train=TensorDataset(inputs[mask], targets[mask]), test=task.test, name=task.name
+    )
     checkpoints = train(subset, config, directory)
     return evaluate(subset, checkpoints[-1])["accuracy"]
 
@@ -43,8 +45,13 @@ def main(workdir: str | Path = "runs/curate", *, quick: bool = False, echo=print
     task, noise = digits_with_info(flip_fraction=0.1, seed=0)
     config = TrainConfig(epochs=5 if quick else 30, lr=0.05, n_checkpoints=2 if quick else 4)
     checkpoints = train(task, config, workdir / "checkpoints")
-    store = gradindex.build(f"{workdir / 'task.py'}:task", [f"{c.path}:{c.lr}" for c in checkpoints], workdir / "digits.gradindex",
-                            proj_dim=128 if quick else 1024, overwrite=True)
+    store = gradindex.build(
+        f"{workdir / 'task.py'}:task",
+        [f"{c.path}:{c.lr}" for c in checkpoints],
+        workdir / "digits.gradindex",
+        proj_dim=128 if quick else 1024,
+        overwrite=True,
+    )
     retrain = TrainConfig(epochs=3, lr=0.05, n_checkpoints=1) if quick else config
 
     # 1. drop the most suspicious 10% and retrain
@@ -58,9 +65,15 @@ def main(workdir: str | Path = "runs/curate", *, quick: bool = False, echo=print
     random_keep[rng.choice(n_samples, size=len(dropped), replace=False)] = False
     oracle_keep = ~noise.flipped_mask
     accuracies = {}
-    for name, mask in (("all samples", np.ones(n_samples, dtype=bool)), ("random 90%", random_keep),
-                       ("gradindex: drop top 10% self-influence", keep), ("oracle: drop the flipped labels", oracle_keep)):
-        accuracies[name] = _accuracy_on_subset(task, mask, retrain, workdir / "retrain" / name.split(":")[0].replace(" ", "-"))
+    for name, mask in (
+        ("all samples", np.ones(n_samples, dtype=bool)),
+        ("random 90%", random_keep),
+        ("gradindex: drop top 10% self-influence", keep),
+        ("oracle: drop the flipped labels", oracle_keep),
+    ):
+        accuracies[name] = _accuracy_on_subset(
+            task, mask, retrain, workdir / "retrain" / name.split(":")[0].replace(" ", "-")
+        )
     echo(f"dropped {len(dropped)} samples; {precision:.0%} of them had flipped labels")
     echo("test accuracy after retraining:")
     for name, accuracy in accuracies.items():
@@ -73,9 +86,17 @@ def main(workdir: str | Path = "runs/curate", *, quick: bool = False, echo=print
     chosen = helpful.filter(helpful.column("keep"))
     classes = np.bincount(noise.clean_labels[chosen.column("row").to_numpy()], minlength=10)
     share_of_threes = classes[3] / classes.sum()
-    echo(f"the {chosen.num_rows} training samples most helpful for {len(threes)} test 3s are {share_of_threes:.0%} threes "
-         f"(by true class: {classes.tolist()})")
-    return {"precision": float(precision), "accuracies": accuracies, "share_of_threes": float(share_of_threes), "n_dropped": len(dropped)}
+    echo(
+        f"the {chosen.num_rows} training samples most helpful for {len(threes)} test 3s are {share_of_threes:.0%} "
+        "threes "
+        f"(by true class: {classes.tolist()})"
+    )
+    return {
+        "precision": float(precision),
+        "accuracies": accuracies,
+        "share_of_threes": float(share_of_threes),
+        "n_dropped": len(dropped),
+    }
 
 
 if __name__ == "__main__":

@@ -32,8 +32,13 @@ def main(workdir: str | Path = "runs/quickstart", *, quick: bool = False, echo=p
 
     config = TrainConfig(epochs=8 if quick else 30, lr=0.05, n_checkpoints=2 if quick else 4)
     checkpoints = train(task, config, workdir / "checkpoints")
-    store = gradindex.build(f"{task_file}:task", [f"{c.path}:{c.lr}" for c in checkpoints], workdir / "digits.gradindex",
-                            proj_dim=256 if quick else 1024, overwrite=True)
+    store = gradindex.build(
+        f"{task_file}:task",
+        [f"{c.path}:{c.lr}" for c in checkpoints],
+        workdir / "digits.gradindex",
+        proj_dim=256 if quick else 1024,
+        overwrite=True,
+    )
 
     ranking = gradindex.self_influence(store, top=len(noise.clean_labels) // 10)
     found = np.isin(ranking.column("row").to_numpy(), noise.flipped_rows).mean()
@@ -42,7 +47,9 @@ def main(workdir: str | Path = "runs/quickstart", *, quick: bool = False, echo=p
     proponents = gradindex.query(store, split="test", samples=[0], k=3)
     echo("proponents of test digit 0:", proponents.select(["rank", "sample_id", "score"]).to_pylist())
 
-    summary = gradindex.report(store, output=workdir / "report.html", queries=[0, 1], k=4, known_noisy=noise.flipped_rows)
+    summary = gradindex.report(
+        store, output=workdir / "report.html", queries=[0, 1], k=4, known_noisy=noise.flipped_rows
+    )
     echo(f"report: {summary['output']} ({summary['pictures']} pictures)")
 
     keep = gradindex.curate(store, drop_top="10%")

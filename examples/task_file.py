@@ -35,7 +35,9 @@ def task(flip_fraction: float = 0.0, seed: int = 0) -> gradindex.Task:
     digits = load_digits()
     pixels = (digits.data / 16.0).astype(np.float32)  # 8x8 images as flat 64-vectors: the report draws them as images
     labels = digits.target.astype(np.int64)
-    x_train, x_rest, y_train, y_rest = train_test_split(pixels, labels, test_size=0.3, random_state=seed, stratify=labels)
+    x_train, x_rest, y_train, y_rest = train_test_split(
+        pixels, labels, test_size=0.3, random_state=seed, stratify=labels
+    )
     x_val, x_test, y_val, y_test = train_test_split(x_rest, y_rest, test_size=0.5, random_state=seed, stratify=y_rest)
     if flip_fraction:
         rng = np.random.default_rng(seed)

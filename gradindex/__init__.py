@@ -10,7 +10,9 @@ training samples most influenced a prediction (FAISS inner-product search) and w
     gradindex.self_influence(store, top=20)                        # -> pyarrow.Table
 """
 
-from gradindex.version import __version__
+from gradindex.apps import curate, report
+from gradindex.checkpoints import CheckpointSpec
+from gradindex.ensemble import EnsembleConfig, make_ensemble
 from gradindex.errors import (
     ArgumentError,
     CheckpointError,
@@ -28,17 +30,14 @@ from gradindex.errors import (
     StoreWriteError,
     TaskSpecError,
 )
-from gradindex.checkpoints import CheckpointSpec
-from gradindex.projection import ProjectionSpec
-from gradindex.task import Task, load_task
-from gradindex.store import GradientStore, open_store
-from gradindex.search import build_index, drop_index, list_indexes, search_store
-from gradindex.ensemble import EnsembleConfig, make_ensemble
 from gradindex.pipeline import BuildConfig, build, finalize, info, query, self_influence, verify
-from gradindex.apps import curate, report
+from gradindex.projection import ProjectionSpec
+from gradindex.search import build_index, drop_index, list_indexes, search_store
+from gradindex.store import GradientStore, open_store
+from gradindex.task import Task, load_task
+from gradindex.version import __version__
 
 __all__ = [
-    "__version__",
     "ArgumentError",
     "BuildConfig",
     "CheckpointError",
@@ -60,6 +59,7 @@ __all__ = [
     "StoreWriteError",
     "Task",
     "TaskSpecError",
+    "__version__",
     "build",
     "build_index",
     "curate",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from torch import nn
 from gradindex.errors import CheckpointError
 from gradindex.utils import sha256_file
 
-__all__ = ["CheckpointSpec", "parse_checkpoints", "load_state_dict", "checkpoint_sha256", "load_into"]
+__all__ = ["CheckpointSpec", "checkpoint_sha256", "load_into", "load_state_dict", "parse_checkpoints"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,8 +28,9 @@ class CheckpointSpec:
             raise CheckpointError(f"checkpoint weight must be a positive number, got {self.weight} for {self.path}")
 
     @staticmethod
-    def parse(text: str) -> "CheckpointSpec":
-        """``ckpt.pt`` or ``ckpt.pt:0.1``; a colon whose suffix is not a number must be part of the path only if the file exists."""
+    def parse(text: str) -> CheckpointSpec:
+        """``ckpt.pt`` or ``ckpt.pt:0.1``; a colon whose suffix is not a number must be part of the path only if the
+        file exists."""
         if not text:
             raise CheckpointError("empty --checkpoint; give PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
         path, sep, weight_text = text.rpartition(":")
@@ -49,7 +50,7 @@ class CheckpointSpec:
         return {"path": self.path, "weight": self.weight}
 
 
-def parse_checkpoints(items: Sequence["str | CheckpointSpec | tuple"]) -> list[CheckpointSpec]:
+def parse_checkpoints(items: Sequence[str | CheckpointSpec | tuple]) -> list[CheckpointSpec]:
     """Checkpoint specs from strings, (path, weight) pairs or specs."""
     specs = []
     for item in items:
@@ -75,7 +76,8 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``torch.save`` file (a bare state dict, or one under 'state_dict'/'model') or a safetensors file."""
+    """A state dict from a ``torch.save`` file (a bare state dict, or one under 'state_dict'/'model') or a safetensors
+    file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path")
@@ -83,19 +85,25 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise CheckpointError(f"{path} is a safetensors file; install safetensors (pip install safetensors)") from None
+            raise CheckpointError(
+                f"{path} is a safetensors file; install safetensors (pip install safetensors)"
+            ) from None
         return load_file(str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(f"cannot load checkpoint {path} with torch.load ({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"cannot load checkpoint {path} with torch.load ({type(error).__name__}: {error})"
+        ) from error
     if isinstance(state, dict) and not all(isinstance(value, torch.Tensor) for value in state.values()):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise CheckpointError(f"checkpoint {path} holds no state dict of tensors; save it with torch.save(model.state_dict(), path)")
+        raise CheckpointError(
+            f"checkpoint {path} holds no state dict of tensors; save it with torch.save(model.state_dict(), path)"
+        )
     return state
 
 
@@ -105,7 +113,11 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
-    mismatched = [f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}" for key in own if key in state and state[key].shape != own[key].shape]
+    mismatched = [
+        f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in own
+        if key in state and state[key].shape != own[key].shape
+    ]
     if missing or unexpected or mismatched:
         parts = []
         if missing:
@@ -114,6 +126,8 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
             parts.append(f"unexpected {', '.join(unexpected[:5])}")
         if mismatched:
             parts.append(f"shape mismatch {', '.join(mismatched[:5])}")
-        raise CheckpointError(f"checkpoint {path} does not fit the task's model ({'; '.join(parts)}); check --task and --checkpoint")
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the task's model ({'; '.join(parts)}); check --task and --checkpoint"
+        )
     model.load_state_dict(state)
     return model

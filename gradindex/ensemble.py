@@ -24,21 +24,22 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
-from gradindex.errors import CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
 from gradindex.checkpoints import checkpoint_sha256, load_into
+from gradindex.errors import CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
 from gradindex.featurize import resolve_device
 from gradindex.task import Task, load_task, to_device
 from gradindex.utils import progress_bar
 
-__all__ = ["EnsembleConfig", "Ensemble", "EnsembleExistsError", "make_ensemble", "load_ensemble"]
+__all__ = ["Ensemble", "EnsembleConfig", "EnsembleExistsError", "load_ensemble", "make_ensemble"]
 
 SCHEDULES = ("cosine", "triangular", "constant")
 _MANIFEST = "ensemble.json"
@@ -88,16 +89,23 @@ class EnsembleConfig:
         _positive_int("steps", self.steps)
         _positive_int("batch_size", self.batch_size)
         _positive_number("lr", self.lr)
-        if self.lr_min is not None:
-            if isinstance(self.lr_min, bool) or not isinstance(self.lr_min, (int, float)) or not 0 <= self.lr_min <= self.lr:
-                raise ValueError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min!r}")
+        if self.lr_min is not None and (
+            isinstance(self.lr_min, bool)
+            or not isinstance(self.lr_min, (int, float))
+            or not 0 <= self.lr_min <= self.lr
+        ):
+            raise ValueError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.schedule == "triangular" and self.steps < 2:
             raise ValueError("the triangular schedule needs at least 2 steps per cycle (down, then up); raise --steps")
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
+        if (
+            isinstance(self.weight_decay, bool)
+            or not isinstance(self.weight_decay, (int, float))
+            or not 0 <= self.weight_decay < math.inf
+        ):
             raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
@@ -128,7 +136,7 @@ class EnsembleConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "EnsembleConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> EnsembleConfig:
         known = {item.name for item in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in known})
 
@@ -180,9 +188,9 @@ def _step(task: Task, model: nn.Module, batch: Any, optimizer: torch.optim.Optim
 
 
 def make_ensemble(
-    task: "Task | str",
-    checkpoint: "str | os.PathLike",
-    out_dir: "str | os.PathLike",
+    task: Task | str,
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
     config: EnsembleConfig | None = None,
     *,
     overwrite: bool = False,
@@ -207,7 +215,10 @@ def make_ensemble(
     out_dir = Path(out_dir)
     existing = sorted(out_dir.glob("member-*.pt")) + ([out_dir / _MANIFEST] if (out_dir / _MANIFEST).exists() else [])
     if existing and not overwrite:
-        raise EnsembleExistsError(f"{out_dir} already holds an ensemble ({existing[0].name}, ...); pass --overwrite to replace it or choose another -o")
+        raise EnsembleExistsError(
+            f"{out_dir} already holds an ensemble ({existing[0].name}, ...); pass --overwrite to replace it or choose "
+            "another -o"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in existing:
         path.unlink()
@@ -221,7 +232,9 @@ def make_ensemble(
         torch.manual_seed(config.seed)
         model = load_into(task.model(), base).to(device)
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
         shuffle = torch.Generator().manual_seed(config.seed + 0x9E3779B9)
         order = torch.randperm(n_samples, generator=shuffle)
         cursor = 0
@@ -236,7 +249,8 @@ def make_ensemble(
                 loss = _step(task, model, to_device(_batch(task.train, rows, task.collate), device), optimizer)
                 if loss is not None and not math.isfinite(loss):
                     raise NonFiniteError(
-                        f"the training loss became {loss} at ensemble step {step}; lower --lr (now {config.lr}) or check the data"
+                        f"the training loss became {loss} at ensemble step {step}; lower --lr (now {config.lr}) or "
+                        "check the data"
                     )
                 bar.update(1)
                 if loss is not None:
@@ -259,13 +273,15 @@ def make_ensemble(
     return ensemble
 
 
-def load_ensemble(out_dir: "str | os.PathLike") -> Ensemble:
+def load_ensemble(out_dir: str | os.PathLike) -> Ensemble:
     """The ensemble ``make_ensemble`` wrote in ``out_dir``."""
     path = Path(out_dir) / _MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{out_dir} holds no {_MANIFEST}; make one with `gradindex ensemble ... -o {out_dir}`") from None
+        raise CheckpointError(
+            f"{out_dir} holds no {_MANIFEST}; make one with `gradindex ensemble ... -o {out_dir}`"
+        ) from None
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON ({error}); make the ensemble again with --overwrite") from None
     return Ensemble(

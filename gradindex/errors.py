@@ -8,21 +8,21 @@ the command line shows the same message with the argument's flag in its place (`
 from __future__ import annotations
 
 __all__ = [
-    "GradIndexError",
     "ArgumentError",
-    "TaskSpecError",
     "CheckpointError",
-    "StoreNotFoundError",
-    "StoreExistsError",
+    "CorruptStoreError",
+    "GradIndexError",
+    "GradIndexWarning",
     "IncompatibleStoreError",
     "IncompleteStoreError",
-    "CorruptStoreError",
-    "ShardOwnershipError",
     "NonFiniteError",
     "SearchError",
-    "StoreWriteError",
+    "ShardOwnershipError",
     "StorageError",
-    "GradIndexWarning",
+    "StoreExistsError",
+    "StoreNotFoundError",
+    "StoreWriteError",
+    "TaskSpecError",
 ]
 
 
@@ -91,4 +91,5 @@ class StorageError(GradIndexError, ValueError):
 
 
 class GradIndexWarning(UserWarning):
-    """A result was computed but may be inaccurate (e.g. an iterative solver that did not converge); the message names the fix."""
+    """A result was computed but may be inaccurate (e.g. an iterative solver that did not converge); the message names
+    the fix."""

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
 from gradindex.errors import CheckpointError, NonFiniteError, TaskSpecError
-from gradindex.utils import progress_bar
 from gradindex.task import Task
+from gradindex.utils import progress_bar
 
-__all__ = ["TrainConfig", "SavedCheckpoint", "train", "evaluate"]
+__all__ = ["SavedCheckpoint", "TrainConfig", "evaluate", "train"]
 
 _OPTIMIZERS = ("sgd", "adam")
 
@@ -87,7 +88,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -268,7 +269,7 @@ def _load_model(task: Task, source: Any) -> nn.Module:
 @torch.no_grad()
 def evaluate(
     task: Task,
-    state_dict_path_or_model: "str | os.PathLike | SavedCheckpoint | Mapping[str, Tensor] | nn.Module",
+    state_dict_path_or_model: str | os.PathLike | SavedCheckpoint | Mapping[str, Tensor] | nn.Module,
     split: str = "test",
     *,
     batch_size: int = 1024,

@@ -12,13 +12,13 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
-from gradindex.utils import progress_bar, progress_enabled
 from gradindex.cli import cli
-from gradindex.cli.docs import REGENERATE, main as docs_main, render
-
-from tiny_tasks import TINY
+from gradindex.cli.docs import REGENERATE, render
+from gradindex.cli.docs import main as docs_main
+from gradindex.utils import progress_bar, progress_enabled
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = f"{TINY}:mlp_task"
@@ -55,8 +55,16 @@ def test_readme_keeps_its_setup_commands_first_and_documents_the_conventions():
     assert lines[2] == "```bash"
     assert lines[3].startswith("pip install torch==2.13.0 && pip install -e . && gradindex demo")
     assert lines[4].startswith('pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q')
-    for heading in ("## Concepts", "## Command-line reference", "## Scripting: formats, exit codes, colour, progress",
-                    "## The store format", "## Worked example", "## Reports", "## Curation", "## Examples"):
+    for heading in (
+        "## Concepts",
+        "## Command-line reference",
+        "## Scripting: formats, exit codes, colour, progress",
+        "## The store format",
+        "## Worked example",
+        "## Reports",
+        "## Curation",
+        "## Examples",
+    ):
         assert heading in readme, heading
     assert "docs/cli.md" in readme and REGENERATE in readme
     for code, meaning in (("0", "success"), ("1", "error"), ("2", "usage")):
@@ -97,9 +105,14 @@ def built(tmp_path, mlp_checkpoints):
 
 def test_format_json_everywhere(built, tmp_path):
     store, summary = built
-    assert summary == {"store": str(store), "n_samples": 120, "dim": 48, "dtype": "float16", "complete": True, "progress": "3/3 shards (120/120 rows)"} or (
-        summary["store"] == str(store) and summary["n_samples"] == 120 and summary["complete"] is True
-    )
+    assert summary == {
+        "store": str(store),
+        "n_samples": 120,
+        "dim": 48,
+        "dtype": "float16",
+        "complete": True,
+        "progress": "3/3 shards (120/120 rows)",
+    } or (summary["store"] == str(store) and summary["n_samples"] == 120 and summary["complete"] is True)
     runner = CliRunner()
     commands = {
         "verify": ["verify", str(store), "--format", "json"],
@@ -107,13 +120,29 @@ def test_format_json_everywhere(built, tmp_path):
         "self-influence": ["self-influence", str(store), "--top", "3", "--format", "json"],
         "query": ["-q", "query", str(store), "--samples", "0", "-k", "2", "--format", "json"],
         "curate": ["curate", str(store), "--drop-top", "3", "-o", str(tmp_path / "k.parquet"), "--format", "json"],
-        "report": ["-q", "report", str(store), "--queries", "none", "--top", "2", "-o", str(tmp_path / "r.html"), "--format", "json"],
+        "report": [
+            "-q",
+            "report",
+            str(store),
+            "--queries",
+            "none",
+            "--top",
+            "2",
+            "-o",
+            str(tmp_path / "r.html"),
+            "--format",
+            "json",
+        ],
     }
     for name, args in commands.items():
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, (name, result.output)
         json.loads(result.stdout)  # one JSON document on stdout
-    assert json.loads(runner.invoke(cli, commands["verify"]).stdout) == {"store": str(store), "ok": True, "problems": []}
+    assert json.loads(runner.invoke(cli, commands["verify"]).stdout) == {
+        "store": str(store),
+        "ok": True,
+        "problems": [],
+    }
     (store / "self_influence" / "c" / "0").write_bytes(b"broken")
     broken = runner.invoke(cli, commands["verify"])
     assert broken.exit_code == 1
@@ -175,7 +204,9 @@ def test_progress_follows_the_terminal_when_not_told(monkeypatch):
 
 def test_build_and_query_report_progress_unless_quiet(tmp_path, mlp_checkpoints, capsys, monkeypatch):
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
-    store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "p.gradindex", proj_dim=16, rows_per_shard=50, progress=True)
+    store = gradindex.build(
+        MLP, mlp_checkpoints, tmp_path / "p.gradindex", proj_dim=16, rows_per_shard=50, progress=True
+    )
     shown = capsys.readouterr().err
     assert "featurize p.gradindex (3 checkpoints)" in shown and "/120 [" in shown and "sample/s" in shown
     gradindex.query(store, samples=[0, 1], k=2, progress=True, memory_budget=1)  # streamed: a bar over the store's rows
@@ -185,5 +216,7 @@ def test_build_and_query_report_progress_unless_quiet(tmp_path, mlp_checkpoints,
     gradindex.query(store, samples=[0], k=2, progress=False)
     assert capsys.readouterr().err == ""
     # the CLI's --quiet reaches the library
-    result = CliRunner().invoke(cli, ["-q", "query", str(store.path), "--samples", "0", "-k", "1", "--memory-budget", "1"])
+    result = CliRunner().invoke(
+        cli, ["-q", "query", str(store.path), "--samples", "0", "-k", "1", "--memory-budget", "1"]
+    )
     assert result.exit_code == 0 and "row/s" not in result.stderr and "sample/s" not in result.stderr

@@ -19,7 +19,8 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     result = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     (path,) = out.glob("gradindex-*.whl")
@@ -38,28 +39,44 @@ def test_wheel_layout(wheel):
 def _isolated_venv(env_dir: Path) -> Path:
     """A fresh venv that sees the dependencies this test runs with (torch, faiss, zarr: nothing is downloaded), but
     not this checkout: the site-packages folders of the running interpreter, wherever torch came from (a venv, the
-    system), are lent through a .pth file of plain paths, so their own .pth files (an editable gradindex) are not run."""
+    system), are lent through a .pth file of plain paths, so their own .pth files (an editable gradindex) are not
+    run."""
     venv.EnvBuilder(system_site_packages=False, with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     lent = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     lent |= {entry for entry in sys.path if entry.endswith(("site-packages", "dist-packages"))}
-    (Path(purelib) / "lent-by-the-test.pth").write_text("".join(f"{entry}\n" for entry in sorted(lent) if Path(entry).is_dir()))
+    (Path(purelib) / "lent-by-the-test.pth").write_text(
+        "".join(f"{entry}\n" for entry in sorted(lent) if Path(entry).is_dir())
+    )
     return python
 
 
 def test_installed_console_script_runs_outside_the_checkout(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     python = _isolated_venv(env_dir)
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], capture_output=True, text=True)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], capture_output=True, text=True
+    )
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([str(python), "-c", "import gradindex.cli, gradindex; print(gradindex.__file__)"], cwd=elsewhere, capture_output=True, text=True)
+    where = subprocess.run(
+        [str(python), "-c", "import gradindex.cli, gradindex; print(gradindex.__file__)"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+    )
     assert where.returncode == 0, where.stderr
     assert str(env_dir) in where.stdout, where.stdout
-    helped = subprocess.run([str(env_dir / "bin" / "gradindex"), "--help"], cwd=elsewhere, capture_output=True, text=True)
+    helped = subprocess.run(
+        [str(env_dir / "bin" / "gradindex"), "--help"], cwd=elsewhere, capture_output=True, text=True
+    )
     assert helped.returncode == 0, helped.stderr
     assert "gradindex build" in helped.stdout and "Example:" in helped.stdout
 

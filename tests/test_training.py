@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -60,7 +61,7 @@ def test_checkpoint_epochs_are_distinct_even_and_end_at_the_last_epoch(epochs, d
     at = TrainConfig(epochs=epochs, n_checkpoints=n_checkpoints).checkpoint_epochs()
     assert len(at) == n_checkpoints
     assert at[-1] == epochs
-    assert all(1 <= a < b for a, b in zip(at, at[1:])) and at[0] >= 1
+    assert all(1 <= a < b for a, b in itertools.pairwise(at)) and at[0] >= 1
     gaps = [b - a for a, b in zip((0, *at), at)]
     assert max(gaps) - min(gaps) <= 1
 

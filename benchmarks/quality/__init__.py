@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run", "FULL", "FAST"]
+__all__ = ["FAST", "FULL", "run"]
 
 log = logging.getLogger("benchmarks.quality")
 
@@ -71,19 +71,21 @@ def run(
     on_records=None,
 ) -> dict:
     """Run the chosen experiments and return the JSON payload (records, aggregates, machine, timings)."""
+    import gradindex
     from benchmarks._report import machine
     from benchmarks.quality._experiments import PROJECTION_DIMS, run_lds, run_loo, run_mislabel, run_projection
     from benchmarks.quality._methods import METHOD_CONFIGS, available, cleanup
     from benchmarks.quality._output import aggregate
     from benchmarks.quality._settings import make_setting
-    import gradindex
 
     plan = FAST if fast else FULL
     seeds = seeds if seeds is not None else ([0] if fast else [0, 1, 2])
     experiments = experiments or list(plan)
     unknown = [name for name in (methods or []) if name not in METHOD_CONFIGS]
     if unknown:
-        raise ValueError(f"unknown method configuration(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CONFIGS)}")
+        raise ValueError(
+            f"unknown method configuration(s) {', '.join(unknown)}; choose from {', '.join(METHOD_CONFIGS)}"
+        )
     # the default projection, whatever it is now, and the dense JL projection every method supports
     kinds = tuple(dict.fromkeys([gradindex.BuildConfig().projection, "rademacher"]))
     dims = FAST_DIMS if fast else PROJECTION_DIMS
@@ -123,7 +125,14 @@ def run(
                             pass  # ground truth already computed by the LDS experiment and cached on the setting
                         elif name == "mnist-mlp":
                             run_lds(setting, ["random"])  # just the retrained models, for LDS against k
-                        records += run_projection(setting, kinds, dims, tuple(m for m in PROJECTION_METHODS.get(name, ("tracin-1",)) if chosen is None or m in chosen))
+                        records += run_projection(
+                            setting,
+                            kinds,
+                            dims,
+                            tuple(
+                                m for m in PROJECTION_METHODS.get(name, ("tracin-1",)) if chosen is None or m in chosen
+                            ),
+                        )
                     timings[f"{experiment} {name} seed {seed}"] = round(time.perf_counter() - tick, 1)
                     if on_records is not None:  # partial results survive an interrupted run
                         on_records(records, timings)
@@ -138,9 +147,11 @@ def run(
         "seeds": seeds,
         "experiments": experiments,
         "methods_available": list(available()),
-        "method_configs": {name: {"method": c.method, "checkpoints": c.checkpoints, "build": c.build, "query": c.query, "note": c.note}
-                           for name, c in METHOD_CONFIGS.items()
-                           if (methods is None or name in methods) and (not fast or any(name in v for v in FAST_METHODS.values()))},
+        "method_configs": {
+            name: {"method": c.method, "checkpoints": c.checkpoints, "build": c.build, "query": c.query, "note": c.note}
+            for name, c in METHOD_CONFIGS.items()
+            if (methods is None or name in methods) and (not fast or any(name in v for v in FAST_METHODS.values()))
+        },
         "projection_kinds": list(kinds),
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),

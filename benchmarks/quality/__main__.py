@@ -1,4 +1,5 @@
-"""``python -m benchmarks.quality [--fast] [--experiments loo,lds,mislabel,projection] [--seeds 0,1,2] [--methods ...]``"""
+"""``python -m benchmarks.quality [--fast] [--experiments loo,lds,mislabel,projection] [--seeds 0,1,2] [--methods
+...]``"""
 
 from __future__ import annotations
 
@@ -18,13 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="the CI subset: one seed, the smallest settings")
     parser.add_argument("--experiments", help="comma-separated subset of loo,lds,mislabel,projection")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2; --fast: 0)")
-    parser.add_argument("--methods", help="comma-separated method configurations (default: all; see _methods.METHOD_CONFIGS)")
+    parser.add_argument(
+        "--methods", help="comma-separated method configurations (default: all; see _methods.METHOD_CONFIGS)"
+    )
     parser.add_argument("--settings", help="comma-separated settings to restrict to (e.g. mnist-lr,digits-mlp-noisy)")
     parser.add_argument("--workdir", help="keep checkpoints and stores here (default: a temporary folder, removed)")
-    parser.add_argument("--output", help="JSON path (default benchmarks/results/quality.json, --fast: quality_fast.json)")
+    parser.add_argument(
+        "--output", help="JSON path (default benchmarks/results/quality.json, --fast: quality_fast.json)"
+    )
     parser.add_argument("--no-markdown", action="store_true", help="do not update benchmarks/RESULTS.md")
-    parser.add_argument("--render", metavar="JSON[,JSON...]",
-                        help="run nothing: redraw the plots and the RESULTS.md section from saved payloads (several: runs over disjoint seeds, merged)")
+    parser.add_argument(
+        "--render",
+        metavar="JSON[,JSON...]",
+        help="run nothing: redraw the plots and the RESULTS.md section from saved payloads "
+        "(several: runs over disjoint seeds, merged)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -45,15 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         print(text + f"\n\nwrote {path}" + "".join(f", {p}" for p in written))
         return 0
     seeds = [int(s) for s in _names(args.seeds)] if args.seeds else None
-    partial = (Path(args.output).with_suffix(".partial.json") if args.output else
-               RESULTS_DIR / ("quality_fast.partial.json" if args.fast else "quality.partial.json"))
+    partial = (
+        Path(args.output).with_suffix(".partial.json")
+        if args.output
+        else RESULTS_DIR / ("quality_fast.partial.json" if args.fast else "quality.partial.json")
+    )
 
     def on_records(records, timings):
         partial.parent.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"timings": timings, "records": records}, default=str))
 
-    payload = run(fast=args.fast, seeds=seeds, experiments=_names(args.experiments), methods=_names(args.methods),
-                  settings=_names(args.settings), workdir=args.workdir, on_records=on_records)
+    payload = run(
+        fast=args.fast,
+        seeds=seeds,
+        experiments=_names(args.experiments),
+        methods=_names(args.methods),
+        settings=_names(args.settings),
+        workdir=args.workdir,
+        on_records=on_records,
+    )
     partial.unlink(missing_ok=True)
     if args.output:
         path = Path(args.output)
@@ -67,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_markdown and not args.fast:
         update_section("quality", text)
-    print(f"\nwrote {path}" + "".join(f", {p}" for p in written) + ("" if args.no_markdown or args.fast else ", benchmarks/RESULTS.md (section quality)"))
+    print(
+        f"\nwrote {path}"
+        + "".join(f", {p}" for p in written)
+        + ("" if args.no_markdown or args.fast else ", benchmarks/RESULTS.md (section quality)")
+    )
     return 0
 
 

@@ -14,11 +14,7 @@ import traceback
 import warnings
 
 import numpy as np
-import torch
 from scipy.stats import pearsonr, spearmanr
-
-from gradindex.errors import GradIndexWarning
-from gradindex.apps.demo import detection_metrics
 
 from benchmarks.quality._methods import (
     METHOD_CONFIGS,
@@ -30,16 +26,28 @@ from benchmarks.quality._methods import (
     training_losses,
 )
 from benchmarks.quality._retrain import evaluate_many, train_many
+from gradindex.apps.demo import detection_metrics
+from gradindex.errors import GradIndexWarning
 
-__all__ = ["run_loo", "run_lds", "run_mislabel", "run_projection", "LOO_TOP", "LOO_TESTS", "LDS_SUBSETS", "LDS_TESTS", "PROJECTION_DIMS"]
+__all__ = [
+    "LDS_SUBSETS",
+    "LDS_TESTS",
+    "LOO_TESTS",
+    "LOO_TOP",
+    "PROJECTION_DIMS",
+    "run_lds",
+    "run_loo",
+    "run_mislabel",
+    "run_projection",
+]
 
 log = logging.getLogger("benchmarks.quality")
 
-LOO_TESTS = 10       # test points
-LOO_TOP = 40         # most influential training points removed for each
-LDS_SUBSETS = 100    # random training subsets
-LDS_ALPHA = 0.5      # subset fraction
-LDS_TESTS = 100      # test points the score is averaged over
+LOO_TESTS = 10  # test points
+LOO_TOP = 40  # most influential training points removed for each
+LDS_SUBSETS = 100  # random training subsets
+LDS_ALPHA = 0.5  # subset fraction
+LDS_TESTS = 100  # test points the score is averaged over
 PROJECTION_DIMS = (16, 128, 512, 2048)
 DETECTION_GRID = np.linspace(0.0, 1.0, 51)
 
@@ -59,7 +67,13 @@ def _attempt(records: list, base: dict, work) -> None:
         return
     except Exception as error:  # a failing method must not hide the others' numbers
         log.warning("%s failed: %s", base, error)
-        records.append({**base, "status": f"failed: {type(error).__name__}: {str(error)[:300]}", "traceback": traceback.format_exc()[-2000:]})
+        records.append(
+            {
+                **base,
+                "status": f"failed: {type(error).__name__}: {str(error)[:300]}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
+        )
         return
     records.append({**base, "status": "ok", **metrics, "seconds": round(time.perf_counter() - started, 2)})
 
@@ -97,8 +111,15 @@ def _loo_ground_truth(setting) -> dict:
     _, loo_loss = logreg.outputs(theta, x_test[tests], y_test[tests])  # [removed, q]
     actual = np.full((LOO_TESTS, logreg.n), np.nan)
     actual[:, removed] = (loo_loss - base_loss).T
-    truth = {"tests": tests, "top": top, "actual": actual, "reference": reference, "n_retrained": len(removed),
-             "retrain_s": round(time.perf_counter() - started, 1), "max_grad_norm": logreg.max_grad_norm}
+    truth = {
+        "tests": tests,
+        "top": top,
+        "actual": actual,
+        "reference": reference,
+        "n_retrained": len(removed),
+        "retrain_s": round(time.perf_counter() - started, 1),
+        "max_grad_norm": logreg.max_grad_norm,
+    }
     setting.__dict__.setdefault("_truth", {})["loo"] = truth
     return truth
 
@@ -114,23 +135,40 @@ def _loo_metrics(scores: np.ndarray, truth: dict) -> dict:
         predicted_all.append(predicted / (np.abs(predicted).max() or 1.0))
         actual_all.append(actual / (np.abs(actual).max() or 1.0))
     pooled_p, pooled_s = _correlations(np.concatenate(predicted_all), np.concatenate(actual_all))
-    return {"pearson": float(np.nanmean(pearsons)), "spearman": float(np.nanmean(spearmans)), "pooled_pearson": pooled_p, "pooled_spearman": pooled_s}
+    return {
+        "pearson": float(np.nanmean(pearsons)),
+        "spearman": float(np.nanmean(spearmans)),
+        "pooled_pearson": pooled_p,
+        "pooled_spearman": pooled_s,
+    }
 
 
 def run_loo(setting, methods: list[str] | None = None) -> list[dict]:
     truth = _loo_ground_truth(setting)
     base = {"experiment": "loo", "setting": setting.name, "seed": setting.seed}
     records: list[dict] = []
-    extra = {"n_retrained": truth["n_retrained"], "retrain_s": truth["retrain_s"], "max_grad_norm": truth["max_grad_norm"]}
-    _attempt(records, {**base, "method": "reference (harness exact IF, float64)"}, lambda: {**_loo_metrics(truth["reference"], truth), **extra})
+    extra = {
+        "n_retrained": truth["n_retrained"],
+        "retrain_s": truth["retrain_s"],
+        "max_grad_norm": truth["max_grad_norm"],
+    }
+    _attempt(
+        records,
+        {**base, "method": "reference (harness exact IF, float64)"},
+        lambda: {**_loo_metrics(truth["reference"], truth), **extra},
+    )
     for name, config in _configs(methods).items():
+
         def work(name=name, config=config):
             check_runnable(name, config, setting, "loo")
             scores, timing = method_scores(name, config, setting, truth["tests"])
             return {**_loo_metrics(scores, truth), **timing}
+
         _attempt(records, {**base, "method": name}, work)
     rng = np.random.default_rng([setting.seed, 2])
-    _attempt(records, {**base, "method": "random"}, lambda: _loo_metrics(rng.standard_normal(truth["actual"].shape), truth))
+    _attempt(
+        records, {**base, "method": "random"}, lambda: _loo_metrics(rng.standard_normal(truth["actual"].shape), truth)
+    )
     return records
 
 
@@ -157,11 +195,26 @@ def _lds_ground_truth(setting) -> dict:
         margin, loss = setting.logreg.outputs(theta, x_test[tests].numpy(), y_test[tests].numpy())
     else:
         config = setting.train_config
-        chunks = train_many(setting.make_model, x_train, y_train, subsets, seeds=rng.integers(0, 2**31, LDS_SUBSETS),
-                            epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, momentum=config.momentum)
+        chunks = train_many(
+            setting.make_model,
+            x_train,
+            y_train,
+            subsets,
+            seeds=rng.integers(0, 2**31, LDS_SUBSETS),
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            momentum=config.momentum,
+        )
         margin, loss = evaluate_many(chunks, x_test[tests], y_test[tests])
-    truth = {"tests": tests, "masks": masks, "margin": margin, "loss": loss, "retrain_s": round(time.perf_counter() - started, 1),
-             "retrained_accuracy": float((margin > 0).mean())}
+    truth = {
+        "tests": tests,
+        "masks": masks,
+        "margin": margin,
+        "loss": loss,
+        "retrain_s": round(time.perf_counter() - started, 1),
+        "retrained_accuracy": float((margin > 0).mean()),
+    }
     setting.__dict__.setdefault("_truth", {})["lds"] = truth
     return truth
 
@@ -186,13 +239,19 @@ def run_lds(setting, methods: list[str] | None = None) -> list[dict]:
     extra = {"retrain_s": truth["retrain_s"], "retrained_accuracy": truth["retrained_accuracy"]}
     records: list[dict] = []
     for name, config in _configs(methods).items():
+
         def work(name=name, config=config):
             check_runnable(name, config, setting, "lds")
             scores, timing = method_scores(name, config, setting, truth["tests"])
             return {**lds_metrics(scores, truth), **timing, **extra}
+
         _attempt(records, {**base, "method": name}, work)
     rng = np.random.default_rng([setting.seed, 4])
-    _attempt(records, {**base, "method": "random"}, lambda: lds_metrics(rng.standard_normal((len(truth["tests"]), truth["masks"].shape[1])), truth))
+    _attempt(
+        records,
+        {**base, "method": "random"},
+        lambda: lds_metrics(rng.standard_normal((len(truth["tests"]), truth["masks"].shape[1])), truth),
+    )
     return records
 
 
@@ -214,14 +273,22 @@ def _detection(scores: np.ndarray, flipped: np.ndarray) -> dict:
 
 def run_mislabel(setting, methods: list[str] | None = None) -> list[dict]:
     flipped = setting.noise.flipped_mask
-    base = {"experiment": "mislabel", "setting": setting.name, "seed": setting.seed, "n_flipped": int(flipped.sum()),
-            "n_train": len(flipped), "test_accuracy": setting.accuracy}
+    base = {
+        "experiment": "mislabel",
+        "setting": setting.name,
+        "seed": setting.seed,
+        "n_flipped": int(flipped.sum()),
+        "n_train": len(flipped),
+        "test_accuracy": setting.accuracy,
+    }
     records: list[dict] = []
     for name, config in _configs(methods).items():
+
         def work(name=name, config=config):
             check_runnable(name, config, setting, "mislabel")
             scores, timing = self_scores(name, config, setting)
             return {**_detection(scores, flipped), **timing}
+
         _attempt(records, {**base, "method": name}, work)
     _attempt(records, {**base, "method": "train-loss"}, lambda: _detection(training_losses(setting), flipped))
     rng = np.random.default_rng([setting.seed, 5])
@@ -232,7 +299,12 @@ def run_mislabel(setting, methods: list[str] | None = None) -> list[dict]:
 # ---- 4. projection and retrieval fidelity --------------------------------------------------------------
 
 
-def run_projection(setting, kinds: tuple[str, ...], dims: tuple[int, ...] = PROJECTION_DIMS, methods: tuple[str, ...] = ("tracin-1", "trak")) -> list[dict]:
+def run_projection(
+    setting,
+    kinds: tuple[str, ...],
+    dims: tuple[int, ...] = PROJECTION_DIMS,
+    methods: tuple[str, ...] = ("tracin-1", "trak"),
+) -> list[dict]:
     """For each projection kind and k: Spearman of projected vs exact scores and recall@10 of the projected
     index's top 10 against the exact top 10 (TracIn, whose exact scores are cheap), mislabel AUC when
     the setting has flipped labels, and LDS when the setting has LDS ground truth."""
@@ -240,7 +312,11 @@ def run_projection(setting, kinds: tuple[str, ...], dims: tuple[int, ...] = PROJ
     base = {"experiment": "projection", "setting": setting.name, "seed": setting.seed, "n_params": setting.n_params}
     truth = setting.__dict__.get("_truth", {}).get("lds")
     rng = np.random.default_rng([setting.seed, 6])
-    tests = truth["tests"] if truth is not None else np.sort(rng.choice(len(setting.task.test), size=min(100, len(setting.task.test)), replace=False))
+    tests = (
+        truth["tests"]
+        if truth is not None
+        else np.sort(rng.choice(len(setting.task.test), size=min(100, len(setting.task.test)), replace=False))
+    )
     exact: dict[str, np.ndarray] = {}
     for name in methods:
         config = METHOD_CONFIGS[name]
@@ -252,7 +328,7 @@ def run_projection(setting, kinds: tuple[str, ...], dims: tuple[int, ...] = PROJ
     for name in methods:
         config = METHOD_CONFIGS[name]
         for kind in kinds:
-            for dim in list(dims) + ["exact"]:
+            for dim in [*list(dims), "exact"]:
                 if dim == "exact" and config.method != "tracin":
                     continue
                 projection = ("none", setting.n_params) if dim == "exact" else (kind, int(dim))
@@ -269,7 +345,9 @@ def run_projection(setting, kinds: tuple[str, ...], dims: tuple[int, ...] = PROJ
                         out["spearman_vs_exact"] = float(np.mean(rho))
                         top_exact = np.argsort(-exact[name], axis=1, kind="stable")[:, :10]
                         top_projected = np.argsort(-scores, axis=1, kind="stable")[:, :10]
-                        out["recall_at_10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_exact, top_projected)]))
+                        out["recall_at_10"] = float(
+                            np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top_exact, top_projected)])
+                        )
                     if truth is not None:
                         out.update(lds_metrics(scores, truth))
                     if setting.noise is not None and setting.noise.n_flipped:
@@ -278,5 +356,9 @@ def run_projection(setting, kinds: tuple[str, ...], dims: tuple[int, ...] = PROJ
                     return out
 
                 label = "exact" if dim == "exact" else kind
-                _attempt(records, {**base, "method": name, "kind": label, "k": setting.n_params if dim == "exact" else int(dim)}, work)
+                _attempt(
+                    records,
+                    {**base, "method": name, "kind": label, "k": setting.n_params if dim == "exact" else int(dim)},
+                    work,
+                )
     return records

@@ -16,7 +16,6 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,14 +24,14 @@ import torch
 import gradindex
 from gradindex.errors import GradIndexWarning
 
-__all__ = ["MethodConfig", "METHOD_CONFIGS", "BASELINES", "available", "method_scores", "self_scores", "NotRun"]
+__all__ = ["BASELINES", "METHOD_CONFIGS", "MethodConfig", "NotRun", "available", "method_scores", "self_scores"]
 
 # Damping "auto": 0 for the L2-regularised logistic regressions (the task's penalty is in the curvature,
 # which is positive definite), 1e-3 for networks. Curvature: the Gauss-Newton matrix G (equal to the
 # Hessian for logistic regression; positive semi-definite for networks, so CG and LiSSA are well posed).
 DAMPING_NETWORKS = 1e-3
 EXACT_MAX_PARAMS = 16_384  # below this many parameters stores hold exact gradients (projection "none")
-TRAK_PROJ_DIM = 2048       # TRAK's Gram matrix lives in a k-dim space: projected above this many parameters
+TRAK_PROJ_DIM = 2048  # TRAK's Gram matrix lives in a k-dim space: projected above this many parameters
 
 
 # Self-influence with an iterative solver is one inverse-HVP per training sample. Measured here (2 shared cores,
@@ -44,8 +43,11 @@ TRAK_PROJ_DIM = 2048       # TRAK's Gram matrix lives in a k-dim space: projecte
 CG_SELF_RATE = 4e-9
 CG_SELF_MAX_COST = 5e10
 CG_SELF_COST = "CG self-influence measured ~2-4e-9 s x samples x parameters² (12-30 s on digits-MLP, 1,347 x 2,410)"
-LISSA_SELF_COST = ("LiSSA self-influence (one depth-1000 recursion per sample) measured 6.8 s per 256 samples on MNIST-LR, "
-                   "10.8 s on digits-MLP, 26.6 s on MNIST-1D-MLP: 15-20 min over the run")
+LISSA_SELF_COST = (
+    "LiSSA self-influence (one depth-1000 recursion per sample) measured 6.8 s per 256 samples on MNIST-LR, "
+    "10.8 s on digits-MLP, 26.6 s on MNIST-1D-MLP: 15-20 min over the run"
+)
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -71,23 +73,50 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
     "tracin-cp": MethodConfig("tracin", "trajectory", note="TracIn-CP over 4 SGD checkpoints, weight = lr"),
     "tracin-ge": MethodConfig("tracin", "ensemble", note="TracIn over 5 geometric-ensemble members, weight 1/M"),
     "gex": MethodConfig("gex", "gex", build={"tau": 0.05}, note="GEX over 5 geometric-ensemble members"),
-    "if-exact": MethodConfig("if", "final", build={"solver": "exact", "damping": "auto", "hessian": "ggn"}, query={"solver": "exact"},
-                             max_params=6000, note="influence function, explicit (G + λI)⁻¹ (G from per-sample output Jacobians, one Cholesky factor shared by build and queries)"),
+    "if-exact": MethodConfig(
+        "if",
+        "final",
+        build={"solver": "exact", "damping": "auto", "hessian": "ggn"},
+        query={"solver": "exact"},
+        max_params=6000,
+        note="influence function, explicit (G + λI)⁻¹ (G from per-sample output Jacobians, "
+        "one Cholesky factor shared by build and queries)",
+    ),
     # CG and LiSSA are query-time solvers for LOO / LDS: the store is built with a one-step LiSSA (its stored
     # self-influence is not used there) and every query solves with the configuration's own solver. For mislabel
     # detection the store is built with the solver itself: one solve per training sample.
-    "if-cg": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                          query={"solver": "cg"}, self_build={"solver": "cg", "damping": "auto", "hessian": "ggn"},
-                          max_self_cost=CG_SELF_MAX_COST, self_cost_note=CG_SELF_COST,
-                          note="influence function, conjugate gradients (100 iterations at most, tol 1e-6; the library multiplies by the formed Gauss-Newton matrix when right-hand sides x iterations exceed the parameters)"),
-    "if-lissa": MethodConfig("if", "final", build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
-                             query={"solver": "lissa", "lissa_depth": 1000}, self_build={"solver": "lissa", "damping": "auto", "hessian": "ggn"},
-                             max_self_cost=0, self_cost_note=LISSA_SELF_COST,
-                             note="influence function, LiSSA (depth 1000, batch 64)"),
-    "arnoldi": MethodConfig("arnoldi", "final", build={"rank": 20, "hessian": "ggn"}, max_cost=30_000_000,
-                           note="Arnoldi, top-20 eigenpairs of G (the default rank)"),
+    "if-cg": MethodConfig(
+        "if",
+        "final",
+        build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
+        query={"solver": "cg"},
+        self_build={"solver": "cg", "damping": "auto", "hessian": "ggn"},
+        max_self_cost=CG_SELF_MAX_COST,
+        self_cost_note=CG_SELF_COST,
+        note="influence function, conjugate gradients (100 iterations at most, tol 1e-6; the library multiplies by "
+        "the formed Gauss-Newton matrix when right-hand sides x iterations exceed the parameters)",
+    ),
+    "if-lissa": MethodConfig(
+        "if",
+        "final",
+        build={"solver": "lissa", "lissa_depth": 1, "damping": "auto", "hessian": "ggn"},
+        query={"solver": "lissa", "lissa_depth": 1000},
+        self_build={"solver": "lissa", "damping": "auto", "hessian": "ggn"},
+        max_self_cost=0,
+        self_cost_note=LISSA_SELF_COST,
+        note="influence function, LiSSA (depth 1000, batch 64)",
+    ),
+    "arnoldi": MethodConfig(
+        "arnoldi",
+        "final",
+        build={"rank": 20, "hessian": "ggn"},
+        max_cost=30_000_000,
+        note="Arnoldi, top-20 eigenpairs of G (the default rank)",
+    ),
     "trak": MethodConfig("trak", "final", note="TRAK at the final checkpoint (TRAK-1)"),
-    "trak-5": MethodConfig("trak", "independent", experiments=("lds",), note="TRAK over 5 independently trained models"),
+    "trak-5": MethodConfig(
+        "trak", "independent", experiments=("lds",), note="TRAK over 5 independently trained models"
+    ),
 }
 
 BASELINES = {
@@ -106,7 +135,9 @@ def available() -> tuple[str, ...]:
     return tuple(gradindex.methods.METHODS)
 
 
-def check_runnable(name: str, config: MethodConfig, setting, experiment: str, projection: tuple[str, int] | None = None) -> None:
+def check_runnable(
+    name: str, config: MethodConfig, setting, experiment: str, projection: tuple[str, int] | None = None
+) -> None:
     if config.method not in available():
         raise NotRun("not run (method not available)")
     if config.experiments is not None and experiment not in config.experiments:
@@ -114,11 +145,21 @@ def check_runnable(name: str, config: MethodConfig, setting, experiment: str, pr
     if config.max_params is not None and setting.n_params > config.max_params:
         raise NotRun(f"not run (CPU budget: {setting.n_params} parameters > {config.max_params} for this solver)")
     n_train = len(setting.task.train)
-    if experiment == "mislabel" and config.max_self_cost is not None and n_train * setting.n_params**2 > config.max_self_cost:
+    if (
+        experiment == "mislabel"
+        and config.max_self_cost is not None
+        and n_train * setting.n_params**2 > config.max_self_cost
+    ):
         estimate = CG_SELF_RATE * n_train * setting.n_params**2
-        raise NotRun(f"skipped: CPU budget, {n_train:,} samples x {setting.n_params:,} parameters"
-                     + (f" (≈ {estimate / 60:.0f} min per seed); " if config.method == "if" and "cg" in str(config.self_build) else "; ")
-                     + config.self_cost_note)
+        raise NotRun(
+            f"skipped: CPU budget, {n_train:,} samples x {setting.n_params:,} parameters"
+            + (
+                f" (≈ {estimate / 60:.0f} min per seed); "
+                if config.method == "if" and "cg" in str(config.self_build)
+                else "; "
+            )
+            + config.self_cost_note
+        )
     if config.max_cost is not None and setting.n_params * n_train > config.max_cost:
         raise NotRun(f"not run (CPU budget: {setting.n_params} parameters x {n_train} samples > {config.max_cost:.0e})")
     if projection is not None and projection[0] == "kron" and config.method in ("if", "trak"):
@@ -138,8 +179,9 @@ def _projection(config: MethodConfig, setting, projection: tuple[str, int] | Non
     return {"projection": "rademacher", "proj_dim": 4096}
 
 
-def build_store(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None,
-                for_self: bool = False) -> tuple[Any, float]:
+def build_store(
+    name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None, for_self: bool = False
+) -> tuple[Any, float]:
     """Build (or reuse) the store of one configuration on one setting: ``(store, build seconds)``; ``for_self``:
     the store whose build computes the self-influence (``config.self_build`` when it has one)."""
     options = _projection(config, setting, projection)
@@ -158,20 +200,38 @@ def build_store(name: str, config: MethodConfig, setting, projection: tuple[str,
         if config.self_build is not None and not for_self:  # a one-step LiSSA whose self-influence is not used
             warnings.simplefilter("ignore", GradIndexWarning)
         store = gradindex.build(
-            setting.task, checkpoints, path, method=config.method, dtype="float32", overwrite=True, progress=False,
-            device="cpu", method_options=method_options, **options,
+            setting.task,
+            checkpoints,
+            path,
+            method=config.method,
+            dtype="float32",
+            overwrite=True,
+            progress=False,
+            device="cpu",
+            method_options=method_options,
+            **options,
         )
     cache[tag] = (store, time.perf_counter() - started)
     return cache[tag]
 
 
-def method_scores(name: str, config: MethodConfig, setting, samples: np.ndarray, projection: tuple[str, int] | None = None) -> tuple[np.ndarray, dict]:
+def method_scores(
+    name: str, config: MethodConfig, setting, samples: np.ndarray, projection: tuple[str, int] | None = None
+) -> tuple[np.ndarray, dict]:
     """``[len(samples), n_train]`` scores of every training sample for the given test samples, and timings."""
     store, build_seconds = build_store(name, config, setting, projection)
     n_train = len(setting.task.train)
     started = time.perf_counter()
-    table = gradindex.query(store, setting.task, split="test", samples=[int(s) for s in samples], k=n_train, device="cpu",
-                            progress=False, method_options=dict(config.query) or None)
+    table = gradindex.query(
+        store,
+        setting.task,
+        split="test",
+        samples=[int(s) for s in samples],
+        k=n_train,
+        device="cpu",
+        progress=False,
+        method_options=dict(config.query) or None,
+    )
     scores = np.full((len(samples), n_train), np.nan)
     scores[table.column("query").to_numpy(), table.column("row").to_numpy()] = table.column("score").to_numpy()
     if np.isnan(scores).any():
@@ -179,7 +239,9 @@ def method_scores(name: str, config: MethodConfig, setting, samples: np.ndarray,
     return scores, {"build_s": round(build_seconds, 2), "query_s": round(time.perf_counter() - started, 2)}
 
 
-def self_scores(name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None) -> tuple[np.ndarray, dict]:
+def self_scores(
+    name: str, config: MethodConfig, setting, projection: tuple[str, int] | None = None
+) -> tuple[np.ndarray, dict]:
     """Self-influence of every training sample (store row order) as the store reports it, and timings."""
     store, build_seconds = build_store(name, config, setting, projection, for_self=True)
     started = time.perf_counter()

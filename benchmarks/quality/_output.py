@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["aggregate", "markdown", "plots", "ANCHORS"]
+__all__ = ["ANCHORS", "aggregate", "markdown", "plots"]
 
 METRICS = {
     "loo": ["pearson", "spearman", "pooled_pearson", "pooled_spearman"],
@@ -45,14 +45,18 @@ NOTES = {
     "loo": (
         "Leave-one-out: 10 random test points; for each, the 40 training points with the largest |exact influence| "
         "(the harness's own float64 computation, the same points for every method) are removed one at a time and the "
-        "model re-solved to a gradient norm below 1e-10 (Newton with the full-data Hessian as CG preconditioner, float64). "
-        "Pearson/Spearman are per test point over its 40 points, then averaged (pooled: all 400 pairs, each test point's "
+        "model re-solved to a gradient norm below 1e-10 (Newton with the full-data Hessian as CG preconditioner, "
+        "float64). "
+        "Pearson/Spearman are per test point over its 40 points, then averaged (pooled: all 400 pairs, each test "
+        "point's "
         "values scaled to unit max). dattri's 0.88 is measured over all training points of MNIST-LR (784 pixels); ours "
-        "is MNIST-5k (4,000 train / 1,000 test) average-pooled to 7x7 (500 parameters, L2 1e-3) and breast cancer (62, L2 1e-2)."
+        "is MNIST-5k (4,000 train / 1,000 test) average-pooled to 7x7 (500 parameters, L2 1e-3) and breast cancer "
+        "(62, L2 1e-2)."
     ),
     "lds": (
         "LDS: 100 random subsets of half the training set; logistic regression re-solved exactly on each, the MLP "
-        "(49-64-10 on MNIST-5k pooled to 7x7, 3,850 parameters) retrained with the original recipe from a fresh initialisation; "
+        "(49-64-10 on MNIST-5k pooled to 7x7, 3,850 parameters) retrained with the original recipe from a fresh "
+        "initialisation; "
         "Spearman over subsets between the summed scores and the retrained model's margin (−loss in the other "
         "column), averaged over 100 test points. dattri retrains on 50,000-image MNIST; TRAK-10 ensembles 10 models "
         "(our `trak` is one model, `trak-5` five independently trained ones; for logistic regression they coincide)."
@@ -61,24 +65,35 @@ NOTES = {
         "Mislabeled detection: 10% of training labels flipped to a different class, uniformly; training rows ranked by "
         "self-influence as `gradindex.self_influence` reports it. dattri's anchors are on MNIST (LR / MLP); "
         "kronfluence's 80% in the top 10% is EK-FAC influence on CIFAR-10 ResNet-9. Exact influence runs on every "
-        "setting (Gauss-Newton matrix from per-sample output Jacobians, one Cholesky factor: 2-55 s per setting and seed). "
-        "Self-influence with CG or LiSSA is one inverse-HVP per training sample. CG (the library multiplies by the formed "
+        "setting (Gauss-Newton matrix from per-sample output Jacobians, one Cholesky factor: 2-55 s per setting and "
+        "seed). "
+        "Self-influence with CG or LiSSA is one inverse-HVP per training sample. CG (the library multiplies by the "
+        "formed "
         "matrix in float32 when there are many right-hand sides) runs where samples × parameters² ≤ 5e10 (MNIST-LR, "
         "digits-MLP, MNIST-1D-CNN); on the 5k-parameter models it would take ~7 min per seed each and the skipped rows "
-        "quote that estimate. LiSSA's self-influence (depth 1000) is skipped everywhere at 1-7 min per setting and seed "
+        "quote that estimate. LiSSA's self-influence (depth 1000) is skipped everywhere at 1-7 min per setting and "
+        "seed "
         "(measured; 15-20 min over the run); LiSSA runs in the LOO and LDS tables."
     ),
     "projection": (
         "Projection fidelity: stores of the same checkpoints projected to k dimensions; Spearman of projected against "
-        "exact (unprojected) TracIn scores (final checkpoint) over all training points, mean over 100 test points; recall@10: overlap "
-        "of the projected index's top 10 with the exact top 10; AUC: mislabel detection (digits); LDS against the MLP's "
-        "retrained models (MNIST-5k). Kinds: the library's default projection at run time (`kron`, LoGra-style factored, "
-        "with its default pca sides) and dense Rademacher JL; TRAK does not accept `kron` yet, so its rows for it say so. "
-        "With pca sides (each layer side's top directions on the first 256 training samples) `kron` tracks exact scores more "
-        "closely than Rademacher at every k (MNIST MLP, Spearman 0.61 / 0.93 / 0.987 / 0.999 against 0.54 / 0.75 / 0.875 / "
+        "exact (unprojected) TracIn scores (final checkpoint) over all training points, mean over 100 test points; "
+        "recall@10: overlap "
+        "of the projected index's top 10 with the exact top 10; AUC: mislabel detection (digits); LDS against the "
+        "MLP's "
+        "retrained models (MNIST-5k). Kinds: the library's default projection at run time (`kron`, LoGra-style "
+        "factored, "
+        "with its default pca sides) and dense Rademacher JL; TRAK does not accept `kron` yet, so its rows for it say "
+        "so. "
+        "With pca sides (each layer side's top directions on the first 256 training samples) `kron` tracks exact "
+        "scores more "
+        "closely than Rademacher at every k (MNIST MLP, Spearman 0.61 / 0.93 / 0.987 / 0.999 against 0.54 / 0.75 / "
+        "0.875 / "
         "0.958 at k = 16 / 128 / 512 / 2048; with seeded orthogonal sides it was 0.33 / 0.58 / 0.74 / 0.88). What the "
-        "truncation drops shows at the smallest k: LDS margin 0.058 / 0.124 against Rademacher's 0.101 / 0.141 at k = 16 / 128, "
-        "mislabel AUC on digits 0.971 against 0.990 at k = 16; from k = 512 they agree. At k = 2048 on the digits MLP (2,410 "
+        "truncation drops shows at the smallest k: LDS margin 0.058 / 0.124 against Rademacher's 0.101 / 0.141 at k = "
+        "16 / 128, "
+        "mislabel AUC on digits 0.971 against 0.990 at k = 16; from k = 512 they agree. At k = 2048 on the digits MLP "
+        "(2,410 "
         "parameters) `kron` is exact (Spearman 1.00)."
     ),
 }
@@ -93,14 +108,16 @@ SHORTFALLS = {
     ),
     ("lds", "mnist-mlp", "trak"): (
         "TRAK-1 against dattri's TRAK-10, at k = 2048 for n = 4,000 training samples: the projection table below shows "
-        "TRAK's LDS peaking near k = 128 (0.25) and falling at k = 2048, where ΦᵀΦ is close to singular and damping 0.01 "
+        "TRAK's LDS peaking near k = 128 (0.25) and falling at k = 2048, where ΦᵀΦ is close to singular and damping "
+        "0.01 "
         "dominates; k was fixed in advance, not chosen on these test points."
     ),
     ("lds", "mnist-mlp", "trak-5"): (
         "five independently trained models instead of ten, and the k = 2048 / n = 4,000 effect above."
     ),
     ("mislabel", "mnist-lr-noisy", "tracin-1"): (
-        "a 500-parameter logistic regression on 7x7-pooled digits confuses more classes than dattri's 784-pixel one, so "
+        "a 500-parameter logistic regression on 7x7-pooled digits confuses more classes than dattri's 784-pixel one, "
+        "so "
         "some clean but hard samples outrank flipped ones; the training loss of the same model reaches 0.983."
     ),
     ("mislabel", "mnist-lr-noisy", "tracin-cp"): ("as for tracin-1."),
@@ -109,14 +126,18 @@ SHORTFALLS = {
         "separable from hard clean samples; TracIn-CP (0.89) meets the anchor."
     ),
     ("mislabel", "mnist1d-cnn-noisy", "tracin-cp"): (
-        "kronfluence's 80% is EK-FAC influence on CIFAR-10 with a ResNet-9; on MNIST-1D's small CNN even the training loss "
+        "kronfluence's 80% is EK-FAC influence on CIFAR-10 with a ResNet-9; on MNIST-1D's small CNN even the training "
+        "loss "
         "finds 77% ± 3% in the top 10% and TracIn over the geometric ensemble 79%."
     ),
     ("mislabel", "mnist1d-cnn-noisy", "trak"): ("as for tracin-cp on this setting."),
-    ("mislabel", "mnist-cnn-noisy", "trak"): ("within one standard deviation of the anchor (0.78 ± 0.03); TracIn-CP finds 89%."),
+    ("mislabel", "mnist-cnn-noisy", "trak"): (
+        "within one standard deviation of the anchor (0.78 ± 0.03); TracIn-CP finds 89%."
+    ),
     ("mislabel", "mnist-cnn-noisy", "if-exact"): (
         "within one standard deviation of the anchor (0.79 ± 0.04), as is the training loss on the same models (0.79); "
-        "the anchor is EK-FAC influence on CIFAR-10 with a ResNet-9, a harder task where memorised flips stand out more; "
+        "the anchor is EK-FAC influence on CIFAR-10 with a ResNet-9, a harder task where memorised flips stand out "
+        "more; "
         "TracIn-CP finds 89% here."
     ),
     ("lds", "mnist-mlp", "tracin-1"): ("meets it to two decimals (0.150 ± 0.009); TracIn-CP (0.17) is above it."),
@@ -125,8 +146,10 @@ SHORTFALLS = {
         "influence, a full-rank curvature approximation, on CIFAR-10; TracIn-CP finds 89% on the same models."
     ),
     ("mislabel", "mnist1d-cnn-noisy", "arnoldi"): (
-        "Arnoldi keeps the top 20 eigendirections of the Gauss-Newton matrix (the default rank) and the anchor is full-rank "
-        "EK-FAC influence on CIFAR-10; on MNIST-1D's CNN the kept directions miss much of what separates flipped from hard "
+        "Arnoldi keeps the top 20 eigendirections of the Gauss-Newton matrix (the default rank) and the anchor is "
+        "full-rank "
+        "EK-FAC influence on CIFAR-10; on MNIST-1D's CNN the kept directions miss much of what separates flipped from "
+        "hard "
         "clean samples (AUC 0.93 against TracIn's 0.96)."
     ),
 }
@@ -162,7 +185,11 @@ def aggregate(records: list[dict]) -> list[dict]:
         else:
             row["status"] = "ok"
         for metric in METRICS[experiment]:
-            values = [m[metric] for m in ok if m.get(metric) is not None and not (isinstance(m[metric], float) and math.isnan(m[metric]))]
+            values = [
+                m[metric]
+                for m in ok
+                if m.get(metric) is not None and not (isinstance(m[metric], float) and math.isnan(m[metric]))
+            ]
             if values:
                 row[metric] = float(np.mean(values))
                 row[f"{metric}_std"] = float(np.std(values))
@@ -176,7 +203,9 @@ def aggregate(records: list[dict]) -> list[dict]:
             row["warned_seeds"] = sum(1 for m in ok if m.get("warnings"))
         if experiment == "mislabel" and ok and "curve" in ok[0]:
             row["curve"] = np.mean([m["curve"] for m in ok], axis=0).round(4).tolist()
-        anchor = ANCHORS.get((experiment, setting, method, METRICS[experiment][0] if experiment != "mislabel" else "auc"))
+        anchor = ANCHORS.get(
+            (experiment, setting, method, METRICS[experiment][0] if experiment != "mislabel" else "auc")
+        )
         for metric in METRICS[experiment]:
             found = ANCHORS.get((experiment, setting, method, metric))
             if found:
@@ -214,11 +243,17 @@ def markdown(payload: dict) -> str:
     lines = [
         "## Attribution quality (`python -m benchmarks.quality`)",
         "",
-        f"{payload['mode']} run, seeds {', '.join(map(str, seeds))} (mean ± std over seeds), {payload['wall_seconds'] / 60:.1f} min"
-        + (f" summed over {len(payload['runs'])} processes (seeds and settings split across processes)" if payload.get("runs") else "")
+        f"{payload['mode']} run, seeds {', '.join(map(str, seeds))} (mean ± std over seeds), "
+        f"{payload['wall_seconds'] / 60:.1f} min"
+        + (
+            f" summed over {len(payload['runs'])} processes (seeds and settings split across processes)"
+            if payload.get("runs")
+            else ""
+        )
         + (f", {payload['cpu_seconds'] / 60:.1f} CPU-min" if payload.get("cpu_seconds") else "")
         + " on "
-        f"{payload['machine']['cores']} cores ({payload['machine']['cpu']}), load average {payload['load_average']['start'][0]:.1f} → "
+        f"{payload['machine']['cores']} cores ({payload['machine']['cpu']}), load average "
+        f"{payload['load_average']['start'][0]:.1f} → "
         f"{payload['load_average']['end'][0]:.1f} (the machine was shared; quality numbers do not depend on it). "
         f"gradindex methods available: {', '.join(payload['methods_available'])}. Method configurations: "
         + "; ".join(f"`{name}` {c['note']}" for name, c in payload["method_configs"].items())
@@ -229,13 +264,21 @@ def markdown(payload: dict) -> str:
     headers = {
         "loo": ("Leave-one-out fidelity (L2 logistic regression)", ["pearson", "spearman", "pooled_pearson"]),
         "lds": ("Linear datamodeling score (α = 0.5, 100 subsets)", ["lds_margin", "lds_loss"]),
-        "mislabel": ("Mislabeled detection (10% flipped labels, self-influence)", ["auc", "ap", "found_top10", "found_top20"]),
+        "mislabel": (
+            "Mislabeled detection (10% flipped labels, self-influence)",
+            ["auc", "ap", "found_top10", "found_top20"],
+        ),
     }
     for experiment, (title, metrics) in headers.items():
         chosen = [row for row in rows if row["experiment"] == experiment]
         if not chosen:
             continue
-        lines += [f"### {title}", "", "| setting | method | seeds | " + " | ".join(metrics) + " | anchor |", "|---|---|---|" + "---|" * (len(metrics) + 1)]
+        lines += [
+            f"### {title}",
+            "",
+            "| setting | method | seeds | " + " | ".join(metrics) + " | anchor |",
+            "|---|---|---|" + "---|" * (len(metrics) + 1),
+        ]
         for row in chosen:
             if row["status"] != "ok" and row["seeds"] == 0:
                 if row["status"].startswith("not run (not configured"):
@@ -243,36 +286,58 @@ def markdown(payload: dict) -> str:
                 lines.append(f"| {row['setting']} | {row['method']} | 0 | {row['status']} |" + " |" * len(metrics))
                 continue
             flag = "" if row["status"] == "ok" else f" ({row['status']} on some seeds)"
-            lines.append(f"| {row['setting']} | {row['method']}{flag} | {row['seeds']} | " + " | ".join(_cell(row, m) for m in metrics) + f" | {_anchor_cell(row)} |")
+            lines.append(
+                f"| {row['setting']} | {row['method']}{flag} | {row['seeds']} | "
+                + " | ".join(_cell(row, m) for m in metrics)
+                + f" | {_anchor_cell(row)} |"
+            )
         lines += ["", NOTES[experiment], ""]
         warned = [row for row in chosen if row.get("warnings")]
         if warned:
             lines += ["The library warned (`GradIndexWarning`; the numbers above are what it returned):", ""]
             for row in warned:
                 first = row["warnings"][0]
-                lines.append(f"* {row['setting']} / {row['method']}, {row['warned_seeds']} of {row['seeds']} seeds: {first}"
-                             + (f" (and {len(row['warnings']) - 1} similar)" if len(row["warnings"]) > 1 else ""))
+                lines.append(
+                    f"* {row['setting']} / {row['method']}, {row['warned_seeds']} of {row['seeds']} seeds: {first}"
+                    + (f" (and {len(row['warnings']) - 1} similar)" if len(row["warnings"]) > 1 else "")
+                )
             lines.append("")
         short = [row for row in chosen if "short by" in _anchor_cell(row)]
         if short:
             lines += ["Below an anchor:", ""]
             for row in short:
-                why = (SHORTFALLS.get((row["experiment"], row["setting"], row["method"]))
-                       or SETTING_SHORTFALLS.get((row["experiment"], row["setting"]), "no explanation recorded yet."))
+                why = SHORTFALLS.get((row["experiment"], row["setting"], row["method"])) or SETTING_SHORTFALLS.get(
+                    (row["experiment"], row["setting"]), "no explanation recorded yet."
+                )
                 lines.append(f"* {row['setting']} / {row['method']}: {why}")
             lines.append("")
     chosen = [row for row in rows if row["experiment"] == "projection"]
     if chosen:
         metrics = ["spearman_vs_exact", "recall_at_10", "lds_margin", "auc"]
-        lines += ["### Projection and retrieval fidelity", "", "| setting | method | kind | k | seeds | " + " | ".join(metrics) + " |", "|---|---|---|---|---|" + "---|" * len(metrics)]
+        lines += [
+            "### Projection and retrieval fidelity",
+            "",
+            "| setting | method | kind | k | seeds | " + " | ".join(metrics) + " |",
+            "|---|---|---|---|---|" + "---|" * len(metrics),
+        ]
         for row in chosen:
             if row["seeds"] == 0:
-                lines.append(f"| {row['setting']} | {row['method']} | {row.get('kind')} | {row.get('k')} | 0 | {row['status']} |" + " |" * (len(metrics) - 1))
+                lines.append(
+                    f"| {row['setting']} | {row['method']} | {row.get('kind')} | {row.get('k')} | 0 | {row['status']} |"
+                    + " |" * (len(metrics) - 1)
+                )
                 continue
-            lines.append(f"| {row['setting']} | {row['method']} | {row.get('kind')} | {row.get('k')} | {row['seeds']} | " + " | ".join(_cell(row, m) for m in metrics) + " |")
+            lines.append(
+                f"| {row['setting']} | {row['method']} | {row.get('kind')} | {row.get('k')} | {row['seeds']} | "
+                + " | ".join(_cell(row, m) for m in metrics)
+                + " |"
+            )
         lines += ["", NOTES["projection"], ""]
-    lines += ["Plots: `benchmarks/results/quality_detection.png` (detection curves), `benchmarks/results/quality_projection.png` (LDS, AUC and fidelity against k). "
-              "Raw per-seed records: `benchmarks/results/quality.json`."]
+    lines += [
+        "Plots: `benchmarks/results/quality_detection.png` (detection curves), "
+        "`benchmarks/results/quality_projection.png` (LDS, AUC and fidelity against k). "
+        "Raw per-seed records: `benchmarks/results/quality.json`."
+    ]
     return "\n".join(lines)
 
 
@@ -294,7 +359,13 @@ def plots(payload: dict, directory: Path) -> list[Path]:
             for row in detection:
                 if row["setting"] == setting:
                     style = "--" if row["method"] in ("train-loss", "random") else "-"
-                    ax.plot(DETECTION_GRID, row["curve"], style, label=f"{row['method']} (AUC {row.get('auc', float('nan')):.2f})", linewidth=1.3)
+                    ax.plot(
+                        DETECTION_GRID,
+                        row["curve"],
+                        style,
+                        label=f"{row['method']} (AUC {row.get('auc', float('nan')):.2f})",
+                        linewidth=1.3,
+                    )
             ax.set_title(setting, fontsize=10)
             ax.set_xlabel("fraction of training set inspected")
             ax.set_ylabel("fraction of flipped labels found")
@@ -305,21 +376,39 @@ def plots(payload: dict, directory: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
-    projection = [row for row in rows if row["experiment"] == "projection" and row.get("kind") != "exact" and row["seeds"]]
-    panels = [(metric, setting) for metric, setting in (("lds_margin", None), ("auc", None), ("spearman_vs_exact", None), ("recall_at_10", None))
-              if any(metric in row for row in projection)]
+    projection = [
+        row for row in rows if row["experiment"] == "projection" and row.get("kind") != "exact" and row["seeds"]
+    ]
+    panels = [
+        (metric, setting)
+        for metric, setting in (
+            ("lds_margin", None),
+            ("auc", None),
+            ("spearman_vs_exact", None),
+            ("recall_at_10", None),
+        )
+        if any(metric in row for row in projection)
+    ]
     if panels:
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
         for ax, (metric, _) in zip(axes[0], panels):
             series = defaultdict(list)
             for row in projection:
                 if metric in row:
-                    series[(row["setting"], row["method"], row["kind"])].append((row["k"], row[metric], row.get(f"{metric}_std", 0.0)))
+                    series[(row["setting"], row["method"], row["kind"])].append(
+                        (row["k"], row[metric], row.get(f"{metric}_std", 0.0))
+                    )
             for (setting, method, kind), points in series.items():
                 points.sort()
                 ks, values, stds = zip(*points)
-                ax.errorbar(ks, values, yerr=stds, marker="o", capsize=2, label=f"{method} {kind} ({setting})", linewidth=1.2)
-            exact = [row for row in rows if row["experiment"] == "projection" and row.get("kind") == "exact" and metric in row]
+                ax.errorbar(
+                    ks, values, yerr=stds, marker="o", capsize=2, label=f"{method} {kind} ({setting})", linewidth=1.2
+                )
+            exact = [
+                row
+                for row in rows
+                if row["experiment"] == "projection" and row.get("kind") == "exact" and metric in row
+            ]
             for row in exact:
                 ax.axhline(row[metric], linestyle=":", color="gray", linewidth=1)
             ax.set_xscale("log", base=2)
@@ -348,7 +437,14 @@ def merge(payloads: list[dict]) -> dict:
         records += [r for r in payload["records"] if r["seed"] in seeds]
         timings.update(payload.get("timings", {}))
         wall = payload.get("wall_seconds") or round(sum(payload.get("timings", {}).values()), 1)
-        runs.append({"seeds": seeds, "wall_seconds": wall, "cpu_seconds": payload.get("cpu_seconds"), "load_average": payload.get("load_average")})
+        runs.append(
+            {
+                "seeds": seeds,
+                "wall_seconds": wall,
+                "cpu_seconds": payload.get("cpu_seconds"),
+                "load_average": payload.get("load_average"),
+            }
+        )
     merged["records"] = records
     merged["seeds"] = sorted({r["seed"] for r in records})
     merged["timings"] = timings

@@ -13,16 +13,15 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, stack_module_state, vmap
 
-__all__ = ["LogisticRegression", "train_many", "evaluate_many", "margin_and_loss"]
+__all__ = ["LogisticRegression", "evaluate_many", "margin_and_loss", "train_many"]
 
 FLOOR = 1e-8  # a gradient norm this small is accepted when round-off stops Newton short of the tolerance
 
@@ -63,7 +62,9 @@ class LogisticRegression:
     def _objective(self, theta: Tensor, weights: Tensor) -> Tensor:
         """theta [M, C, d+1], weights [M, n] -> [M]."""
         logits = torch.einsum("nd,mcd->mnc", self.x, theta)
-        losses = torch.logsumexp(logits, dim=2) - logits.gather(2, self.y.expand(len(theta), -1).unsqueeze(2)).squeeze(2)
+        losses = torch.logsumexp(logits, dim=2) - logits.gather(2, self.y.expand(len(theta), -1).unsqueeze(2)).squeeze(
+            2
+        )
         return (losses * weights).sum(1) / weights.sum(1) + 0.5 * self.l2 * theta.pow(2).sum((1, 2))
 
     def _gradient(self, theta: Tensor, weights: Tensor) -> Tensor:
@@ -100,11 +101,16 @@ class LogisticRegression:
             theta = theta - t * step
         raise RuntimeError(f"Newton did not reach gradient norm {self.tol} in 100 iterations")
 
-    def fit(self, weights: np.ndarray | Tensor, max_iter: int = 100, chunk: int = 200, tol: float | None = None) -> Tensor:
-        """The optimum for each row of ``weights [M, n]`` (0/1 or any non-negative), to gradient norm ``tol``: ``[M, C, d+1]``."""
+    def fit(
+        self, weights: np.ndarray | Tensor, max_iter: int = 100, chunk: int = 200, tol: float | None = None
+    ) -> Tensor:
+        """The optimum for each row of ``weights [M, n]`` (0/1 or any non-negative), to gradient norm ``tol``: ``[M, C,
+        d+1]``."""
         weights = torch.as_tensor(np.asarray(weights), dtype=torch.float64)
         tol = self.tol if tol is None else tol
-        return torch.cat([self._fit_chunk(weights[start : start + chunk], max_iter, tol) for start in range(0, len(weights), chunk)])
+        return torch.cat(
+            [self._fit_chunk(weights[start : start + chunk], max_iter, tol) for start in range(0, len(weights), chunk)]
+        )
 
     def _hvp(self, probs: Tensor, weights: Tensor, vectors: Tensor) -> Tensor:
         """Hessian-vector products of each model's objective: probs [M, n, C], vectors [M, C, d+1]."""
@@ -172,7 +178,9 @@ class LogisticRegression:
         x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
         x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
         probs = torch.softmax(x @ self.theta_star.T, dim=1)
-        residual = probs - torch.nn.functional.one_hot(torch.as_tensor(np.asarray(targets)), self.n_classes).to(torch.float64)
+        residual = probs - torch.nn.functional.one_hot(torch.as_tensor(np.asarray(targets)), self.n_classes).to(
+            torch.float64
+        )
         return (residual[:, :, None] * x[:, None, :]).flatten(1)
 
     def exact_influence(self, features: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -184,7 +192,10 @@ class LogisticRegression:
 
     def state_dict(self, theta: Tensor) -> dict[str, Tensor]:
         """``theta [C, d+1]`` as an ``nn.Linear(d, C)`` state dict (float32)."""
-        return {"weight": theta[:, :-1].to(torch.float32).contiguous(), "bias": theta[:, -1].to(torch.float32).contiguous()}
+        return {
+            "weight": theta[:, :-1].to(torch.float32).contiguous(),
+            "bias": theta[:, -1].to(torch.float32).contiguous(),
+        }
 
 
 def train_many(
@@ -208,8 +219,19 @@ def train_many(
     """
     out = []
     for start in range(0, len(subsets), chunk):
-        out.append(_train_chunk(make_model, inputs, targets, subsets[start : start + chunk], seeds[start : start + chunk],
-                                epochs, lr, batch_size, momentum))
+        out.append(
+            _train_chunk(
+                make_model,
+                inputs,
+                targets,
+                subsets[start : start + chunk],
+                seeds[start : start + chunk],
+                epochs,
+                lr,
+                batch_size,
+                momentum,
+            )
+        )
     return out
 
 

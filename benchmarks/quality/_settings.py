@@ -9,23 +9,31 @@ from the package's own ``mnist_5k.csv.gz``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 import gradindex
-from gradindex.tasks import LabelNoise, breast_cancer, digits_with_info, mnist1d_with_info
-from gradindex.tasks import l2_penalty
-from gradindex.tasks import flip_labels, mlp, stratified_split, tensor_dataset
+from benchmarks.quality._retrain import LogisticRegression, train_many
+from gradindex.tasks import (
+    LabelNoise,
+    breast_cancer,
+    digits_with_info,
+    flip_labels,
+    l2_penalty,
+    mlp,
+    mnist1d_with_info,
+    stratified_split,
+    tensor_dataset,
+)
 from gradindex.training import TrainConfig, train
 
-from benchmarks.quality._retrain import LogisticRegression, train_many
-
-__all__ = ["Setting", "make_setting", "SETTINGS", "mnist5k"]
+__all__ = ["SETTINGS", "Setting", "make_setting", "mnist5k"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -50,9 +58,12 @@ def _pooled(images: np.ndarray) -> np.ndarray:
 def mnist_cnn_model() -> nn.Sequential:
     """``[B, 1, 28, 28] -> [B, 10]``, 5,386 parameters."""
     return nn.Sequential(
-        nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(),          # 12x12
-        nn.Conv2d(8, 16, 3, stride=2), nn.ReLU(),         # 5x5
-        nn.Flatten(), nn.Linear(16 * 5 * 5, 10),
+        nn.Conv2d(1, 8, 5, stride=2),
+        nn.ReLU(),  # 12x12
+        nn.Conv2d(8, 16, 3, stride=2),
+        nn.ReLU(),  # 5x5
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 10),
     )
 
 
@@ -118,32 +129,42 @@ def _mnist_task(seed: int, kind: str, flip_fraction: float, l2: float = 0.0) -> 
 # LR tasks are solved exactly (Newton, float64); their SGD recipe only makes TracIn's trajectory.
 SETTINGS: dict[str, dict[str, Any]] = {
     "breast-cancer-lr": dict(
-        task=lambda seed: (breast_cancer(seed=seed, l2=0.01), None), l2=0.01, n_classes=2,
+        task=lambda seed: (breast_cancer(seed=seed, l2=0.01), None),
+        l2=0.01,
+        n_classes=2,
         train=dict(epochs=20, lr=0.05, batch_size=32, n_checkpoints=4),
     ),
     "mnist-lr": dict(
-        task=lambda seed: _mnist_task(seed, "lr", 0.0, l2=1e-3), l2=1e-3, n_classes=10,
+        task=lambda seed: _mnist_task(seed, "lr", 0.0, l2=1e-3),
+        l2=1e-3,
+        n_classes=10,
         train=dict(epochs=20, lr=0.1, batch_size=64, n_checkpoints=4),
     ),
     "mnist-lr-noisy": dict(
-        task=lambda seed: _mnist_task(seed, "lr", 0.1, l2=1e-3), l2=1e-3, n_classes=10,
+        task=lambda seed: _mnist_task(seed, "lr", 0.1, l2=1e-3),
+        l2=1e-3,
+        n_classes=10,
         train=dict(epochs=20, lr=0.1, batch_size=64, n_checkpoints=4),
     ),
     "mnist-mlp": dict(
-        task=lambda seed: _mnist_task(seed, "mlp", 0.0), train=dict(epochs=20, lr=0.05, batch_size=64, n_checkpoints=4),
+        task=lambda seed: _mnist_task(seed, "mlp", 0.0),
+        train=dict(epochs=20, lr=0.05, batch_size=64, n_checkpoints=4),
     ),
     "digits-mlp-noisy": dict(
-        task=lambda seed: digits_with_info(flip_fraction=0.1, seed=seed), train=dict(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4),
+        task=lambda seed: digits_with_info(flip_fraction=0.1, seed=seed),
+        train=dict(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4),
     ),
     "mnist1d-mlp-noisy": dict(
-        task=lambda seed: mnist1d_with_info(flip_fraction=0.1, seed=seed), train=dict(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4),
+        task=lambda seed: mnist1d_with_info(flip_fraction=0.1, seed=seed),
+        train=dict(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4),
     ),
     "mnist1d-cnn-noisy": dict(
         task=lambda seed: mnist1d_with_info(flip_fraction=0.1, seed=seed, architecture="cnn"),
         train=dict(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4),
     ),
     "mnist-cnn-noisy": dict(
-        task=lambda seed: _mnist_task(seed, "cnn", 0.1), train=dict(epochs=20, lr=0.05, batch_size=64, n_checkpoints=4),
+        task=lambda seed: _mnist_task(seed, "cnn", 0.1),
+        train=dict(epochs=20, lr=0.05, batch_size=64, n_checkpoints=4),
     ),
 }
 
@@ -160,7 +181,9 @@ def make_setting(name: str, seed: int, root: Path) -> Setting:
     workdir.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(seed=seed, **spec["train"])
     trajectory = train(task, config, workdir / "sgd")
-    setting = Setting(name=name, seed=seed, task=task, workdir=workdir, train_config=config, noise=noise, make_model=task.model)
+    setting = Setting(
+        name=name, seed=seed, task=task, workdir=workdir, train_config=config, noise=noise, make_model=task.model
+    )
     setting.n_params = sum(p.numel() for p in task.model().parameters())
     setting.checkpoints["trajectory"] = [f"{c.path}:{c.lr!r}" for c in trajectory]
     if "l2" in spec:  # convex: the trained model is the exact optimum, found by Newton's method in float64
@@ -179,7 +202,16 @@ def make_setting(name: str, seed: int, root: Path) -> Setting:
     def ensemble(kind: str) -> list[str]:
         from gradindex.ensemble import make_ensemble
 
-        members = make_ensemble(task, final_path, workdir / "ge", overwrite=True, lr=lr, seed=seed, batch_size=spec["train"]["batch_size"], **ENSEMBLE)
+        members = make_ensemble(
+            task,
+            final_path,
+            workdir / "ge",
+            overwrite=True,
+            lr=lr,
+            seed=seed,
+            batch_size=spec["train"]["batch_size"],
+            **ENSEMBLE,
+        )
         setting.checkpoints["ensemble"] = members.tracin_checkpoints()
         setting.checkpoints["gex"] = members.gex_checkpoints()
         return setting.checkpoints[kind]
@@ -188,8 +220,17 @@ def make_setting(name: str, seed: int, root: Path) -> Setting:
         """N_INDEPENDENT more models by the same recipe from other initialisations, trained at once (vmap)."""
         x, y = task.train.tensors
         rows = np.tile(np.arange(len(y)), (N_INDEPENDENT, 1))
-        ((params, _, _),) = train_many(task.model, x, y, rows, seeds=np.arange(N_INDEPENDENT) + 1000 * (seed + 1), epochs=config.epochs,
-                                       lr=config.lr, batch_size=config.batch_size, momentum=config.momentum)
+        ((params, _, _),) = train_many(
+            task.model,
+            x,
+            y,
+            rows,
+            seeds=np.arange(N_INDEPENDENT) + 1000 * (seed + 1),
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            momentum=config.momentum,
+        )
         paths = []
         for position in range(N_INDEPENDENT):
             path = workdir / f"independent-{position}.pt"
@@ -197,5 +238,9 @@ def make_setting(name: str, seed: int, root: Path) -> Setting:
             paths.append(f"{path}:1.0")
         return paths
 
-    setting.lazy = {"ensemble": lambda: ensemble("ensemble"), "gex": lambda: ensemble("gex"), "independent": independent}
+    setting.lazy = {
+        "ensemble": lambda: ensemble("ensemble"),
+        "gex": lambda: ensemble("gex"),
+        "independent": independent,
+    }
     return setting

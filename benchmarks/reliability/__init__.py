@@ -51,8 +51,9 @@ def _line(name: str, figures: dict, order: list[str]) -> str:
 
 
 def run(quick: bool, workdir: Path) -> dict:
-    import gradindex
     import torch
+
+    import gradindex
 
     torch.set_num_threads(1)
     results: dict = {}
@@ -65,13 +66,25 @@ def run(quick: bool, workdir: Path) -> dict:
     started = time.perf_counter()
     reference = gradindex.build(spec, checkpoints, workdir / "kill-reference.gradindex", **options)
     (workdir / "kill").mkdir()
-    kill = harness.kill_sweep(workdir / "kill", spec, checkpoints, options, harness.snapshot(reference.path),
-                              n_random=8 if quick else 32, sites=sites, seed=6, rows_per_shard=options["rows_per_shard"])
+    kill = harness.kill_sweep(
+        workdir / "kill",
+        spec,
+        checkpoints,
+        options,
+        harness.snapshot(reference.path),
+        n_random=8 if quick else 32,
+        sites=sites,
+        seed=6,
+        rows_per_shard=options["rows_per_shard"],
+    )
     kill["rows"] = reference.n_samples
     kill["shards"] = reference.n_shards
     kill["seconds"] = round(time.perf_counter() - started, 1)
     results["kill"] = kill
-    print(_line("kill sweep", kill["figures"], ["tried", "killed", "resumed", "rows lost", "mismatches", "orphans"]), flush=True)
+    print(
+        _line("kill sweep", kill["figures"], ["tried", "killed", "resumed", "rows lost", "mismatches", "orphans"]),
+        flush=True,
+    )
 
     # 2. I/O errors ------------------------------------------------------------------------------
     started = time.perf_counter()
@@ -79,16 +92,49 @@ def run(quick: bool, workdir: Path) -> dict:
     io_spec, io_options = harness.IO, harness.IO_OPTIONS
     io_reference = gradindex.build(io_spec, checkpoints, workdir / "io-reference.gradindex", **io_options)
     codes = (errno.EIO, errno.ENOSPC) if quick else (errno.EIO, errno.ENOSPC, errno.EROFS, errno.EDQUOT)
-    io = harness.io_error_sweep(workdir / "io", io_spec, checkpoints, io_options, harness.snapshot(io_reference.path), codes=codes)
+    io = harness.io_error_sweep(
+        workdir / "io", io_spec, checkpoints, io_options, harness.snapshot(io_reference.path), codes=codes
+    )
     (workdir / "io-sticky").mkdir()
-    sticky = harness.io_error_sweep(workdir / "io-sticky", io_spec, checkpoints, io_options, harness.snapshot(io_reference.path),
-                                    codes=(errno.ENOSPC,), every=1 if not quick else 5, sticky=True)
+    sticky = harness.io_error_sweep(
+        workdir / "io-sticky",
+        io_spec,
+        checkpoints,
+        io_options,
+        harness.snapshot(io_reference.path),
+        codes=(errno.ENOSPC,),
+        every=1 if not quick else 5,
+        sticky=True,
+    )
     io["sticky"] = sticky
     io["codes"] = [errno.errorcode[code] for code in codes]
     io["seconds"] = round(time.perf_counter() - started, 1)
     results["io"] = io
-    print(_line("I/O errors", io["figures"], ["injected", "typed errors", "completed anyway", "untyped errors", "reopened", "resumed", "mismatches", "orphans"]), flush=True)
-    print(_line("I/O errors, disk stays full", sticky["figures"], ["injected", "typed errors", "completed anyway", "reopened", "resumed", "mismatches", "orphans"]), flush=True)
+    print(
+        _line(
+            "I/O errors",
+            io["figures"],
+            [
+                "injected",
+                "typed errors",
+                "completed anyway",
+                "untyped errors",
+                "reopened",
+                "resumed",
+                "mismatches",
+                "orphans",
+            ],
+        ),
+        flush=True,
+    )
+    print(
+        _line(
+            "I/O errors, disk stays full",
+            sticky["figures"],
+            ["injected", "typed errors", "completed anyway", "reopened", "resumed", "mismatches", "orphans"],
+        ),
+        flush=True,
+    )
 
     # 3. concurrency -----------------------------------------------------------------------------
     started = time.perf_counter()
@@ -96,11 +142,31 @@ def run(quick: bool, workdir: Path) -> dict:
     for number in range(1 if quick else 3):
         folder = workdir / f"concurrency-{number}"
         folder.mkdir()
-        outcome = harness.concurrency_run(folder, spec, checkpoints, options, reference.path, n_workers=4 if quick else 8, n_readers=2 if quick else 4)
+        outcome = harness.concurrency_run(
+            folder, spec, checkpoints, options, reference.path, n_workers=4 if quick else 8, n_readers=2 if quick else 4
+        )
         rounds.append(outcome)
-        print(_line(f"concurrency round {number}", outcome["figures"], ["workers ok", "completed by a worker", "polls", "shard reads",
-              "saw complete", "complete too early", "wrong shards seen", "read errors", "misaligned rejected", "intruder rejected",
-              "mismatches", "orphans"]), flush=True)
+        print(
+            _line(
+                f"concurrency round {number}",
+                outcome["figures"],
+                [
+                    "workers ok",
+                    "completed by a worker",
+                    "polls",
+                    "shard reads",
+                    "saw complete",
+                    "complete too early",
+                    "wrong shards seen",
+                    "read errors",
+                    "misaligned rejected",
+                    "intruder rejected",
+                    "mismatches",
+                    "orphans",
+                ],
+            ),
+            flush=True,
+        )
         shutil.rmtree(folder, ignore_errors=True)
     controls = []
     for number in range(1 if quick else 3):
@@ -108,30 +174,76 @@ def run(quick: bool, workdir: Path) -> dict:
         folder.mkdir()
         controls.append(harness.raw_zarr_control(folder))
         print(f"raw-zarr control {number}: {controls[-1]}", flush=True)
-    results["concurrency"] = {"rounds": rounds, "controls": controls, "seconds": round(time.perf_counter() - started, 1)}
+    results["concurrency"] = {
+        "rounds": rounds,
+        "controls": controls,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
     # 4. corruption matrix -----------------------------------------------------------------------
     started = time.perf_counter()
     small = gradindex.build(harness.SMALL, checkpoints, workdir / "corrupt-pristine.gradindex", **harness.SMALL_OPTIONS)
     queries = np.random.default_rng(3).standard_normal((5, small.dim)).astype(np.float32)
-    repair = lambda path: gradindex.build(harness.SMALL, checkpoints, path, resume=True, repair=True, **harness.SMALL_OPTIONS)  # noqa: E731
+
+    def repair(path):
+        return gradindex.build(harness.SMALL, checkpoints, path, resume=True, repair=True, **harness.SMALL_OPTIONS)
+
     flips = 2 if quick else 8
     (workdir / "corrupt-complete").mkdir()
-    complete = harness.corruption_matrix(small.path, workdir / "corrupt-complete", queries, 10, flips_per_file=flips, seed=11, repair=repair)
+    complete = harness.corruption_matrix(
+        small.path, workdir / "corrupt-complete", queries, 10, flips_per_file=flips, seed=11, repair=repair
+    )
     incomplete_path = workdir / "corrupt-incomplete.gradindex"
-    code, _ = harness.run_child(harness.child_build, harness.SMALL, checkpoints, str(incomplete_path), harness.SMALL_OPTIONS, "shard-after-record:3")
+    code, _ = harness.run_child(
+        harness.child_build,
+        harness.SMALL,
+        checkpoints,
+        str(incomplete_path),
+        harness.SMALL_OPTIONS,
+        "shard-after-record:3",
+    )
     assert code == 137, code
     (workdir / "corrupt-incomplete").mkdir()
-    incomplete = harness.corruption_matrix(incomplete_path, workdir / "corrupt-incomplete", queries, 10, flips_per_file=flips, seed=12,
-                                           repair=repair, repaired_bytes=harness.snapshot(small.path))
+    incomplete = harness.corruption_matrix(
+        incomplete_path,
+        workdir / "corrupt-incomplete",
+        queries,
+        10,
+        flips_per_file=flips,
+        seed=12,
+        repair=repair,
+        repaired_bytes=harness.snapshot(small.path),
+    )
     indexed = workdir / "corrupt-index.gradindex"
     shutil.copytree(small.path, indexed)
     gradindex.build_index(indexed, "IVF4,Flat", name="ivf", progress=False)
     (workdir / "corrupt-index").mkdir()
-    index = harness.corruption_matrix(indexed, workdir / "corrupt-index", queries, 10, flips_per_file=flips * 2, seed=13, index_name="ivf",
-                                      select=lambda name: name.startswith("indexes/"))
-    results["corruption"] = {"complete": complete, "incomplete": incomplete, "index": index, "seconds": round(time.perf_counter() - started, 1)}
-    order = ["mutations", "clean error", "record lost", "harmless", "crash", "silently wrong", "repair tried", "repaired"]
+    index = harness.corruption_matrix(
+        indexed,
+        workdir / "corrupt-index",
+        queries,
+        10,
+        flips_per_file=flips * 2,
+        seed=13,
+        index_name="ivf",
+        select=lambda name: name.startswith("indexes/"),
+    )
+    results["corruption"] = {
+        "complete": complete,
+        "incomplete": incomplete,
+        "index": index,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    order = [
+        "mutations",
+        "clean error",
+        "record lost",
+        "harmless",
+        "crash",
+        "silently wrong",
+        "repair tried",
+        "repaired",
+    ]
     for name, matrix in (("complete store", complete), ("store being built", incomplete), ("persisted index", index)):
         print(_line(f"corruption matrix, {name}", matrix["figures"], order), flush=True)
 
@@ -139,16 +251,38 @@ def run(quick: bool, workdir: Path) -> dict:
     started = time.perf_counter()
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
-
     from reliability import test_stateful
 
     test_stateful.FIGURES.clear()
-    run_state_machine_as_test(test_stateful.StoreMachine, settings=settings(
-        max_examples=10 if quick else 60, stateful_step_count=15 if quick else 25, deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]))
+    run_state_machine_as_test(
+        test_stateful.StoreMachine,
+        settings=settings(
+            max_examples=10 if quick else 60,
+            stateful_step_count=15 if quick else 25,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
     results["stateful"] = {"figures": dict(test_stateful.FIGURES), "seconds": round(time.perf_counter() - started, 1)}
-    print(_line("stateful store machine", results["stateful"]["figures"], ["examples", "write steps", "writers killed", "resume steps",
-          "reopen steps", "finalize steps", "completed", "corrupt steps", "shards repaired", "searches checked against brute force"]), flush=True)
+    print(
+        _line(
+            "stateful store machine",
+            results["stateful"]["figures"],
+            [
+                "examples",
+                "write steps",
+                "writers killed",
+                "resume steps",
+                "reopen steps",
+                "finalize steps",
+                "completed",
+                "corrupt steps",
+                "shards repaired",
+                "searches checked against brute force",
+            ],
+        ),
+        flush=True,
+    )
     harness.stop_children()
     return results
 
@@ -158,67 +292,116 @@ def _markdown(results: dict, command: str, info: dict, seconds: float) -> str:
     lines = [
         "## Reliability: fault-injection sweep (issue 6)",
         "",
-        f"`{command}` on {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, torch {info['torch']}, faiss {info['faiss']}, "
+        f"`{command}` on {info['cores']} cores ({info['cpu']}), {info['memory_gib']} GiB, torch {info['torch']}, "
+        f"faiss {info['faiss']}, "
         f"{info['date']}; {seconds / 60:.1f} min; load average at the end {info.get('load')} (the machine was shared). "
-        "Stores on the local disk (ext4). The CI-sized version of each part runs in `tests/reliability` (`python -m pytest tests/reliability`).",
+        "Stores on the local disk (ext4). The CI-sized version of each part runs in `tests/reliability` (`python -m "
+        "pytest tests/reliability`).",
         "",
         "| part | what was done | figures |",
         "|---|---|---|",
     ]
     fig = kill["figures"]
-    lines.append(f"| kill -9 | {kill['rows']:,}-row build ({kill['shards']} shards) killed at {fig.get('tried', 0)} points: random SIGKILLs and "
-                 f"every named crash point; each reopened and resumed in another process | tried {fig.get('tried', 0)}, killed {fig.get('killed', 0)}, "
-                 f"resumed {fig.get('resumed', 0)}, rows lost {fig.get('rows lost', 0)}, byte mismatches vs an uninterrupted build "
-                 f"{fig.get('mismatches', 0)}, orphan temp files {fig.get('orphans', 0)}; failures {len(kill['failures'])} |")
+    lines.append(
+        f"| kill -9 | {kill['rows']:,}-row build ({kill['shards']} shards) killed at {fig.get('tried', 0)} points: "
+        "random SIGKILLs and "
+        f"every named crash point; each reopened and resumed in another process | tried {fig.get('tried', 0)}, killed "
+        f"{fig.get('killed', 0)}, "
+        f"resumed {fig.get('resumed', 0)}, rows lost {fig.get('rows lost', 0)}, byte mismatches vs an uninterrupted "
+        "build "
+        f"{fig.get('mismatches', 0)}, orphan temp files {fig.get('orphans', 0)}; failures {len(kill['failures'])} |"
+    )
     fig = io["figures"]
     failing = fig.get("injected", 0) - fig.get("completed anyway", 0)
-    lines.append(f"| I/O errors | each of the {io['steps']} disk steps of a build failed with {', '.join(io['codes'])} | injected {fig.get('injected', 0)}, "
-                 f"clean typed errors {fig.get('typed errors', 0)}/{failing} (+{fig.get('completed anyway', 0)} in best-effort cleanup, store complete), "
-                 f"untyped {fig.get('untyped errors', 0)}, reopen {fig.get('reopened', 0)}/{fig.get('injected', 0)}, resume {fig.get('resumed', 0)}/{fig.get('injected', 0)}, "
-                 f"mismatches {fig.get('mismatches', 0)}, orphans {fig.get('orphans', 0)} |")
+    lines.append(
+        f"| I/O errors | each of the {io['steps']} disk steps of a build failed with {', '.join(io['codes'])} | "
+        f"injected {fig.get('injected', 0)}, "
+        f"clean typed errors {fig.get('typed errors', 0)}/{failing} (+{fig.get('completed anyway', 0)} in best-effort "
+        "cleanup, store complete), "
+        f"untyped {fig.get('untyped errors', 0)}, reopen {fig.get('reopened', 0)}/{fig.get('injected', 0)}, resume "
+        f"{fig.get('resumed', 0)}/{fig.get('injected', 0)}, "
+        f"mismatches {fig.get('mismatches', 0)}, orphans {fig.get('orphans', 0)} |"
+    )
     fig = io["sticky"]["figures"]
-    lines.append(f"| disk stays full | ENOSPC from step N on, for every N, then resume on a fixed disk | injected {fig.get('injected', 0)}, typed errors "
-                 f"{fig.get('typed errors', 0)} (+{fig.get('completed anyway', 0)} completed), resume {fig.get('resumed', 0)}/{fig.get('injected', 0)}, "
-                 f"mismatches {fig.get('mismatches', 0)}, orphans {fig.get('orphans', 0)} |")
+    lines.append(
+        "| disk stays full | ENOSPC from step N on, for every N, then resume on a fixed disk | injected "
+        f"{fig.get('injected', 0)}, typed errors "
+        f"{fig.get('typed errors', 0)} (+{fig.get('completed anyway', 0)} completed), resume "
+        f"{fig.get('resumed', 0)}/{fig.get('injected', 0)}, "
+        f"mismatches {fig.get('mismatches', 0)}, orphans {fig.get('orphans', 0)} |"
+    )
     for number, outcome in enumerate(results["concurrency"]["rounds"]):
         fig = outcome["figures"]
-        lines.append(f"| concurrency, round {number + 1} | {fig.get('workers ok', 0)} worker processes on disjoint shards, readers polling | "
-                     f"polls {fig.get('polls', 0)}, shard reads {fig.get('shard reads', 0)}, complete too early {fig.get('complete too early', 0)}, "
-                     f"wrong shards seen {fig.get('wrong shards seen', 0)}, misaligned worker rejected {fig.get('misaligned rejected', 0)}/1, "
-                     f"intruder rejected {fig.get('intruder rejected', 0)}/1, mismatches {fig.get('mismatches', 0)}, orphans {fig.get('orphans', 0)} |")
+        lines.append(
+            f"| concurrency, round {number + 1} | {fig.get('workers ok', 0)} worker processes on disjoint shards, "
+            "readers polling | "
+            f"polls {fig.get('polls', 0)}, shard reads {fig.get('shard reads', 0)}, complete too early "
+            f"{fig.get('complete too early', 0)}, "
+            f"wrong shards seen {fig.get('wrong shards seen', 0)}, misaligned worker rejected "
+            f"{fig.get('misaligned rejected', 0)}/1, "
+            f"intruder rejected {fig.get('intruder rejected', 0)}/1, mismatches {fig.get('mismatches', 0)}, orphans "
+            f"{fig.get('orphans', 0)} |"
+        )
     for number, control in enumerate(results["concurrency"]["controls"]):
-        lines.append(f"| control {number + 1}: raw zarr, shared shard | 2 plain-zarr writers, disjoint rows of one shard | rows lost "
-                     f"{control['lost']:,} of {control['rows']:,}, exit codes {control['exit codes']} |")
-    for name, key in (("complete store", "complete"), ("store being built", "incomplete"), ("persisted index (IVF4,Flat)", "index")):
+        lines.append(
+            f"| control {number + 1}: raw zarr, shared shard | 2 plain-zarr writers, disjoint rows of one shard | "
+            "rows lost "
+            f"{control['lost']:,} of {control['rows']:,}, exit codes {control['exit codes']} |"
+        )
+    for name, key in (
+        ("complete store", "complete"),
+        ("store being built", "incomplete"),
+        ("persisted index (IVF4,Flat)", "index"),
+    ):
         matrix = results["corruption"][key]
         fig = matrix["figures"]
-        repair = f", repaired byte-identical {fig.get('repaired', 0)}/{fig.get('repair tried', 0)}" if fig.get("repair tried") else ""
-        lines.append(f"| corruption, {name} | truncate, bit-flip, zero-fill, delete each file | mutations {fig.get('mutations', 0)}, clean errors "
-                     f"{fig.get('clean error', 0)}, record lost {fig.get('record lost', 0)}, harmless {fig.get('harmless', 0)}, crashes {fig.get('crash', 0)}, "
-                     f"silently wrong answers {fig.get('silently wrong', 0)}{repair} |")
+        repair = (
+            f", repaired byte-identical {fig.get('repaired', 0)}/{fig.get('repair tried', 0)}"
+            if fig.get("repair tried")
+            else ""
+        )
+        lines.append(
+            f"| corruption, {name} | truncate, bit-flip, zero-fill, delete each file | mutations "
+            f"{fig.get('mutations', 0)}, clean errors "
+            f"{fig.get('clean error', 0)}, record lost {fig.get('record lost', 0)}, harmless "
+            f"{fig.get('harmless', 0)}, crashes {fig.get('crash', 0)}, "
+            f"silently wrong answers {fig.get('silently wrong', 0)}{repair} |"
+        )
     fig = results["stateful"]["figures"]
-    lines.append(f"| state machine | hypothesis: write, kill, resume, reopen, finalize, corrupt, repair, search | examples {fig.get('examples', 0)}, "
-                 f"writers killed {fig.get('writers killed', 0)}, completions {fig.get('completed', 0)}, shards repaired {fig.get('shards repaired', 0)}, "
-                 f"searches checked against numpy brute force {fig.get('searches checked against brute force', 0)}, failures 0 |")
+    lines.append(
+        "| state machine | hypothesis: write, kill, resume, reopen, finalize, corrupt, repair, search | examples "
+        f"{fig.get('examples', 0)}, "
+        f"writers killed {fig.get('writers killed', 0)}, completions {fig.get('completed', 0)}, shards repaired "
+        f"{fig.get('shards repaired', 0)}, "
+        f"searches checked against numpy brute force {fig.get('searches checked against brute force', 0)}, failures 0 |"
+    )
     lines += [
         "",
-        "Repairs that do not come back: a damaged manifest (`zarr.json`) holds the checksums, so it needs `--overwrite`. "
-        "\"Record lost\": a deleted shard record of a store being built makes it declare that shard unfinished; its answers are "
-        "then exactly those over the shards it declares, and a resume redoes the shard. Index files carry no checksum yet "
-        "(`gradindex/index/_approx.py`), so damage inside the index data can load and answer differently: the silently wrong "
+        "Repairs that do not come back: a damaged manifest (`zarr.json`) holds the checksums, so it needs "
+        "`--overwrite`. "
+        '"Record lost": a deleted shard record of a store being built makes it declare that shard unfinished; its '
+        "answers are "
+        "then exactly those over the shards it declares, and a resume redoes the shard. Index files carry no checksum "
+        "yet "
+        "(`gradindex/index/_approx.py`), so damage inside the index data can load and answer differently: the "
+        "silently wrong "
         "answers in the index row come from there (see the strict xfail in `tests/reliability/test_corruption.py`).",
         "",
         "By kind of file (corruption, complete store):",
         "",
-        markdown_table([{"file": kind, **counts} for kind, counts in sorted(results["corruption"]["complete"]["by_kind"].items())],
-                       ["file", "clean error", "harmless", "crash", "silently wrong", "repaired"]),
+        markdown_table(
+            [{"file": kind, **counts} for kind, counts in sorted(results["corruption"]["complete"]["by_kind"].items())],
+            ["file", "clean error", "harmless", "crash", "silently wrong", "repaired"],
+        ),
     ]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.reliability", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CI-sized points, to check the script (nothing is recorded)")
+    parser.add_argument(
+        "--quick", action="store_true", help="CI-sized points, to check the script (nothing is recorded)"
+    )
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary folder on the local disk)")
     args = parser.parse_args()
     command = "python -m benchmarks.reliability" + (" --quick" if args.quick else "")
@@ -239,7 +422,11 @@ def main() -> None:
     else:  # a check of the script: nothing recorded
         print(_markdown(results, command, info, seconds))
     failures = results["kill"]["failures"] + results["io"]["failures"] + results["io"]["sticky"]["failures"]
-    bad = (failures or any(matrix["figures"].get("crash") for matrix in results["corruption"].values() if isinstance(matrix, dict) and "figures" in matrix))
+    bad = failures or any(
+        matrix["figures"].get("crash")
+        for matrix in results["corruption"].values()
+        if isinstance(matrix, dict) and "figures" in matrix
+    )
     if bad:
         print(json.dumps(failures[:20], indent=1))
         raise SystemExit(1)

@@ -43,8 +43,7 @@ import pyarrow as pa
 
 import gradindex
 from benchmarks._report import RESULTS_DIR, machine, markdown_table, save_json, update_section
-from gradindex.search import brute_force_topk
-from gradindex.search import ApproxIndex, recall_at_k
+from gradindex.search import ApproxIndex, brute_force_topk, recall_at_k
 from gradindex.store import StoreLayout, create_store
 
 N_CENTRES = 1024
@@ -73,7 +72,8 @@ def make_store(path: Path, n_rows: int, dim: int, n_queries: int, *, seed: int =
     rng = np.random.default_rng(seed + 1)
     planted = np.sort(rng.choice(n_rows, n_queries, replace=False))
     queries = _shard_vectors(centres, n_queries, seed + 2)
-    # planted rows are the queries themselves, as float16: their score is |q| · |q16| ≈ 1, and no other unit row beats it
+    # planted rows are the queries themselves, as float16: their score is |q| · |q16| ≈ 1, and no other unit row beats
+    # it
     planted_vectors = queries.astype(np.float16)
     queries = _unit(planted_vectors.astype(np.float32) + 0.02 * rng.standard_normal(queries.shape).astype(np.float32))
     layout = StoreLayout.auto(n_rows, dim, "float16", rows_per_shard=rows_per_shard)
@@ -92,10 +92,10 @@ def make_store(path: Path, n_rows: int, dim: int, n_queries: int, *, seed: int =
 
 def _run_probe(*args: str, in_process: bool = False) -> dict:
     if in_process:  # tiny runs: no process start-up (peak memory is then the whole run's)
-        from benchmarks.scale._probe import main as probe_main
-
         import contextlib
         import io
+
+        from benchmarks.scale._probe import main as probe_main
 
         saved, sys.argv = sys.argv, ["probe", *args]
         try:
@@ -123,7 +123,9 @@ def _brute_force_chunked(store, queries: np.ndarray, k: int) -> np.ndarray:
     return best_rows
 
 
-def _curve(index: ApproxIndex, queries: np.ndarray, exact_rows: np.ndarray, k: int, values: list[int], repeats: int = 3) -> list[dict]:
+def _curve(
+    index: ApproxIndex, queries: np.ndarray, exact_rows: np.ndarray, k: int, values: list[int], repeats: int = 3
+) -> list[dict]:
     points = []
     for value in values:
         best = float("inf")
@@ -131,7 +133,9 @@ def _curve(index: ApproxIndex, queries: np.ndarray, exact_rows: np.ndarray, k: i
             started = time.perf_counter()
             _, rows = index.search(queries, k, param=value)
             best = min(best, time.perf_counter() - started)
-        points.append({"param": value, "recall_at_10": recall_at_k(rows, exact_rows), "queries_per_s": len(queries) / best})
+        points.append(
+            {"param": value, "recall_at_10": recall_at_k(rows, exact_rows), "queries_per_s": len(queries) / best}
+        )
     return points
 
 
@@ -145,8 +149,13 @@ def _plot(curves: dict[str, list[dict]], exact_qps: float, path: Path, title: st
     for label, points in curves.items():
         axes.plot([p["recall_at_10"] for p in points], [p["queries_per_s"] for p in points], marker="o", label=label)
         for point in points:
-            axes.annotate(str(point["param"]), (point["recall_at_10"], point["queries_per_s"]), fontsize=7, xytext=(3, 3),
-                          textcoords="offset points")
+            axes.annotate(
+                str(point["param"]),
+                (point["recall_at_10"], point["queries_per_s"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     axes.axhline(exact_qps, color="grey", linestyle="--", label=f"exact, in memory ({exact_qps:,.0f} q/s)")
     axes.axhline(10 * exact_qps, color="grey", linestyle=":", label="10x exact")
     axes.axvline(0.95, color="red", linestyle=":", linewidth=0.8)
@@ -160,8 +169,18 @@ def _plot(curves: dict[str, list[dict]], exact_qps: float, path: Path, title: st
     plt.close(figure)
 
 
-def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_queries: int = 200, memory_budget: int = 1 << 30,
-        ivf_factory: str = "IVF2048_HNSW32,SQfp16", hnsw_rows: int = 500_000, workdir: str | None = None, keep: bool = False) -> dict:
+def run(
+    *,
+    tiny: bool = False,
+    n_rows: int = 5_000_000,
+    dim: int = 256,
+    n_queries: int = 200,
+    memory_budget: int = 1 << 30,
+    ivf_factory: str = "IVF2048_HNSW32,SQfp16",
+    hnsw_rows: int = 500_000,
+    workdir: str | None = None,
+    keep: bool = False,
+) -> dict:
     k = 10
     if tiny:
         n_rows, dim, n_queries, memory_budget, hnsw_rows = 20_000, 32, 20, 256 << 10, 5_000
@@ -172,29 +191,72 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
         # --- the store ------------------------------------------------------------------------
         started = time.perf_counter()
         rows_per_shard = 2_500 if tiny else None
-        store, queries, planted = make_store(root / "scale.gradindex", n_rows, dim, n_queries, rows_per_shard=rows_per_shard)
+        store, queries, planted = make_store(
+            root / "scale.gradindex", n_rows, dim, n_queries, rows_per_shard=rows_per_shard
+        )
         make_seconds = time.perf_counter() - started
         store_bytes = n_rows * dim * 2
         np.save(root / "queries.npy", queries)
-        print(f"store: {n_rows:,} x {dim} float16 ({store_bytes / 2**30:.2f} GiB, {store.n_shards} shards) in {make_seconds:.0f}s", flush=True)
+        print(
+            f"store: {n_rows:,} x {dim} float16 ({store_bytes / 2**30:.2f} GiB, {store.n_shards} shards) in "
+            f"{make_seconds:.0f}s",
+            flush=True,
+        )
 
         # --- read + decode, exact streamed, exact in memory (fresh processes) -----------------
         read = _run_probe("read", str(store.path), "--repeats", "2", in_process=tiny)
         read_rows_per_s = n_rows / read["seconds"]
-        streamed = _run_probe("exact-streamed", str(store.path), str(root / "queries.npy"), str(root / "streamed.npz"),
-                          "--k", str(k), "--memory-budget", str(memory_budget), "--repeats", "2", in_process=tiny)
+        streamed = _run_probe(
+            "exact-streamed",
+            str(store.path),
+            str(root / "queries.npy"),
+            str(root / "streamed.npz"),
+            "--k",
+            str(k),
+            "--memory-budget",
+            str(memory_budget),
+            "--repeats",
+            "2",
+            in_process=tiny,
+        )
         streamed_found = np.load(root / "streamed.npz")["rows"]
         np.save(root / "queries-16.npy", queries[:16])
-        streamed_16 = _run_probe("exact-streamed", str(store.path), str(root / "queries-16.npy"), str(root / "streamed-16.npz"),
-                             "--k", str(k), "--memory-budget", str(memory_budget), "--repeats", "2", in_process=tiny)
-        in_memory = _run_probe("exact-memory", str(store.path), str(root / "queries.npy"), str(root / "memory.npz"), "--k", str(k), "--repeats", "3", in_process=tiny)
-        # read again after the searches: on a shared machine one probe can be slowed by a neighbour; the best is the store's speed
+        streamed_16 = _run_probe(
+            "exact-streamed",
+            str(store.path),
+            str(root / "queries-16.npy"),
+            str(root / "streamed-16.npz"),
+            "--k",
+            str(k),
+            "--memory-budget",
+            str(memory_budget),
+            "--repeats",
+            "2",
+            in_process=tiny,
+        )
+        in_memory = _run_probe(
+            "exact-memory",
+            str(store.path),
+            str(root / "queries.npy"),
+            str(root / "memory.npz"),
+            "--k",
+            str(k),
+            "--repeats",
+            "3",
+            in_process=tiny,
+        )
+        # read again after the searches: on a shared machine one probe can be slowed by a neighbour; the best is the
+        # store's speed
         read_again = _run_probe("read", str(store.path), "--repeats", "2", in_process=tiny)
         if read_again["seconds"] < read["seconds"]:
             read = read_again
         read_rows_per_s = n_rows / read["seconds"]
         memory_found = np.load(root / "memory.npz")["rows"]
-        print(f"read+decode {read['seconds']:.1f}s; streamed {streamed['seconds']:.1f}s for {n_queries} queries; in memory {in_memory['seconds']:.2f}s", flush=True)
+        print(
+            f"read+decode {read['seconds']:.1f}s; streamed {streamed['seconds']:.1f}s for {n_queries} queries; in "
+            f"memory {in_memory['seconds']:.2f}s",
+            flush=True,
+        )
 
         # --- correctness --------------------------------------------------------------------
         planted_first = bool(np.array_equal(streamed_found[:, 0], planted))
@@ -225,15 +287,22 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
         hnsw_meta = gradindex.build_index(sub, "HNSW32", name="hnsw", k=k, use_gpu=False)
         hnsw_build_seconds = time.perf_counter() - started
         hnsw, _ = _loaded(sub, "hnsw", False)
-        sub_ivf_meta = gradindex.build_index(sub, ivf_factory.replace("2048", "1024") if not tiny else ivf_factory, name="ivf", k=k, use_gpu=False)
+        sub_ivf_meta = gradindex.build_index(
+            sub, ivf_factory.replace("2048", "1024") if not tiny else ivf_factory, name="ivf", k=k, use_gpu=False
+        )
         sub_ivf, _ = _loaded(sub, "ivf", False)
         started_exact = time.perf_counter()
         gradindex.search_store(sub, sub_queries, k, use_gpu=False)
         sub_exact_qps = n_queries / (time.perf_counter() - started_exact)
         sub_curves = {
             f"HNSW32 ({hnsw_rows:,} rows)": _curve(hnsw, sub_queries, sub_exact, k, [16, 32, 64, 128, 256]),
-            f"{sub_ivf.factory} ({hnsw_rows:,} rows)": _curve(sub_ivf, sub_queries, sub_exact, k,
-                                                             [v for v in (1, 2, 4, 8, 16, 32, 64, 128) if v <= (sub_ivf.nlist or 1)]),
+            f"{sub_ivf.factory} ({hnsw_rows:,} rows)": _curve(
+                sub_ivf,
+                sub_queries,
+                sub_exact,
+                k,
+                [v for v in (1, 2, 4, 8, 16, 32, 64, 128) if v <= (sub_ivf.nlist or 1)],
+            ),
         }
         plots_dir = root if tiny else RESULTS_DIR  # a tiny run leaves nothing in the repository
         plots_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +310,9 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
         _plot(curves, exact_qps, plot, f"{n_rows:,} x {dim} float16, {n_queries} queries, k=10")
         plotted = plot.is_file()
         sub_plot = plots_dir / "scale_recall_sub.png"
-        _plot(sub_curves, sub_exact_qps, sub_plot, f"{hnsw_rows:,} x {dim} float16 sub-store, {n_queries} queries, k=10")
+        _plot(
+            sub_curves, sub_exact_qps, sub_plot, f"{hnsw_rows:,} x {dim} float16 sub-store, {n_queries} queries, k=10"
+        )
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -249,26 +320,53 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
     streamed_rows_per_s = n_rows / streamed["seconds"]
     streamed16_rows_per_s = n_rows / streamed_16["seconds"]
     payload = {
-        "benchmark": "scale", "tiny": tiny, "machine": machine(), "loadavg_end": os.getloadavg(),
+        "benchmark": "scale",
+        "tiny": tiny,
+        "machine": machine(),
+        "loadavg_end": os.getloadavg(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "command": "python -m benchmarks.scale" + (" --tiny" if tiny else f" --rows {n_rows} --dim {dim} --memory-budget {memory_budget}"),
-        "n_rows": n_rows, "dim": dim, "dtype": "float16", "store_bytes": store_bytes, "n_queries": n_queries, "k": k,
-        "memory_budget_bytes": memory_budget, "make_store_seconds": make_seconds,
-        "read_decode": read, "read_decode_rows_per_s": read_rows_per_s,
-        "exact_streamed": streamed, "exact_streamed_16": streamed_16, "exact_in_memory": in_memory,
+        "command": "python -m benchmarks.scale"
+        + (" --tiny" if tiny else f" --rows {n_rows} --dim {dim} --memory-budget {memory_budget}"),
+        "n_rows": n_rows,
+        "dim": dim,
+        "dtype": "float16",
+        "store_bytes": store_bytes,
+        "n_queries": n_queries,
+        "k": k,
+        "memory_budget_bytes": memory_budget,
+        "make_store_seconds": make_seconds,
+        "read_decode": read,
+        "read_decode_rows_per_s": read_rows_per_s,
+        "exact_streamed": streamed,
+        "exact_streamed_16": streamed_16,
+        "exact_in_memory": in_memory,
         "exact_streamed_queries_per_s": n_queries / streamed["seconds"],
         "exact_in_memory_queries_per_s": exact_qps,
         "streamed_fraction_of_read_decode": streamed_rows_per_s / read_rows_per_s,
         "streamed16_fraction_of_read_decode": streamed16_rows_per_s / read_rows_per_s,
         "streamed_peak_over_baseline_bytes": streamed["peak_rss_bytes"] - streamed["baseline_rss_bytes"],
         "within_memory_budget": streamed["peak_rss_bytes"] - streamed["baseline_rss_bytes"] <= memory_budget,
-        "planted_rows_ranked_first": planted_first, "equal_to_brute_force": equal_brute, "streamed_equal_in_memory": equal_memory,
-        "ivf": {"factory": ivf_factory, "build_seconds": ivf_build_seconds, "meta": meta, "curve": next(iter(curves.values())),
-                "best_at_recall_095": ivf_best,
-                "speedup_at_recall_095": (ivf_best["queries_per_s"] / exact_qps) if ivf_best else None},
-        "sub_store": {"rows": hnsw_rows, "exact_queries_per_s": sub_exact_qps, "hnsw_build_seconds": hnsw_build_seconds,
-                      "hnsw_meta": hnsw_meta, "ivf_meta": sub_ivf_meta, "curves": sub_curves},
-        "plots": [str(plot.relative_to(plots_dir.parent)), str(sub_plot.relative_to(plots_dir.parent))], "plotted": plotted,
+        "planted_rows_ranked_first": planted_first,
+        "equal_to_brute_force": equal_brute,
+        "streamed_equal_in_memory": equal_memory,
+        "ivf": {
+            "factory": ivf_factory,
+            "build_seconds": ivf_build_seconds,
+            "meta": meta,
+            "curve": next(iter(curves.values())),
+            "best_at_recall_095": ivf_best,
+            "speedup_at_recall_095": (ivf_best["queries_per_s"] / exact_qps) if ivf_best else None,
+        },
+        "sub_store": {
+            "rows": hnsw_rows,
+            "exact_queries_per_s": sub_exact_qps,
+            "hnsw_build_seconds": hnsw_build_seconds,
+            "hnsw_meta": hnsw_meta,
+            "ivf_meta": sub_ivf_meta,
+            "curves": sub_curves,
+        },
+        "plots": [str(plot.relative_to(plots_dir.parent)), str(sub_plot.relative_to(plots_dir.parent))],
+        "plotted": plotted,
         "total_seconds": time.perf_counter() - started_all,
     }
     if not tiny:
@@ -280,54 +378,101 @@ def run(*, tiny: bool = False, n_rows: int = 5_000_000, dim: int = 256, n_querie
 def _section(p: dict) -> str:
     gib = 2**30
     rows = [
-        {"measurement": "read + decode (sha256-checked) of every shard", "seconds": p["read_decode"]["seconds"],
-         "rows/s": p["read_decode_rows_per_s"], "note": "warm page cache; best of 4, before and after the searches"},
-        {"measurement": f"exact streamed search, {p['n_queries']} queries, budget {p['memory_budget_bytes'] / gib:.1f} GiB",
-         "seconds": p["exact_streamed"]["seconds"], "rows/s": p["n_rows"] / p["exact_streamed"]["seconds"],
-         "note": f"{p['exact_streamed_queries_per_s']:.1f} q/s; {100 * p['streamed_fraction_of_read_decode']:.0f}% of read+decode; "
-                 f"peak {p['streamed_peak_over_baseline_bytes'] / gib:.2f} GiB over the process's baseline"},
-        {"measurement": "exact streamed search, 16 queries", "seconds": p["exact_streamed_16"]["seconds"],
-         "rows/s": p["n_rows"] / p["exact_streamed_16"]["seconds"],
-         "note": f"{100 * p['streamed16_fraction_of_read_decode']:.0f}% of read+decode"},
-        {"measurement": f"exact in-memory search, {p['n_queries']} queries (vectors resident as float32)",
-         "seconds": p["exact_in_memory"]["seconds"], "rows/s": p["n_rows"] / p["exact_in_memory"]["seconds"],
-         "note": f"{p['exact_in_memory_queries_per_s']:.1f} q/s; peak RSS {p['exact_in_memory']['peak_rss_bytes'] / gib:.1f} GiB"},
+        {
+            "measurement": "read + decode (sha256-checked) of every shard",
+            "seconds": p["read_decode"]["seconds"],
+            "rows/s": p["read_decode_rows_per_s"],
+            "note": "warm page cache; best of 4, before and after the searches",
+        },
+        {
+            "measurement": f"exact streamed search, {p['n_queries']} queries, "
+            f"budget {p['memory_budget_bytes'] / gib:.1f} GiB",
+            "seconds": p["exact_streamed"]["seconds"],
+            "rows/s": p["n_rows"] / p["exact_streamed"]["seconds"],
+            "note": f"{p['exact_streamed_queries_per_s']:.1f} q/s; "
+            f"{100 * p['streamed_fraction_of_read_decode']:.0f}% of read+decode; "
+            f"peak {p['streamed_peak_over_baseline_bytes'] / gib:.2f} GiB over the process's baseline",
+        },
+        {
+            "measurement": "exact streamed search, 16 queries",
+            "seconds": p["exact_streamed_16"]["seconds"],
+            "rows/s": p["n_rows"] / p["exact_streamed_16"]["seconds"],
+            "note": f"{100 * p['streamed16_fraction_of_read_decode']:.0f}% of read+decode",
+        },
+        {
+            "measurement": f"exact in-memory search, {p['n_queries']} queries (vectors resident as float32)",
+            "seconds": p["exact_in_memory"]["seconds"],
+            "rows/s": p["n_rows"] / p["exact_in_memory"]["seconds"],
+            "note": f"{p['exact_in_memory_queries_per_s']:.1f} q/s; "
+            f"peak RSS {p['exact_in_memory']['peak_rss_bytes'] / gib:.1f} GiB",
+        },
     ]
-    curve_rows = [{"index": f"{p['ivf']['factory']} (whole store)", "nprobe/efSearch": point["param"], "recall@10": point["recall_at_10"],
-                   "queries/s": point["queries_per_s"], "x exact": point["queries_per_s"] / p["exact_in_memory_queries_per_s"]}
-                  for point in p["ivf"]["curve"]]
+    curve_rows = [
+        {
+            "index": f"{p['ivf']['factory']} (whole store)",
+            "nprobe/efSearch": point["param"],
+            "recall@10": point["recall_at_10"],
+            "queries/s": point["queries_per_s"],
+            "x exact": point["queries_per_s"] / p["exact_in_memory_queries_per_s"],
+        }
+        for point in p["ivf"]["curve"]
+    ]
     for label, points in p["sub_store"]["curves"].items():
-        curve_rows += [{"index": label, "nprobe/efSearch": point["param"], "recall@10": point["recall_at_10"], "queries/s": point["queries_per_s"],
-                        "x exact": point["queries_per_s"] / p["sub_store"]["exact_queries_per_s"]} for point in points]
+        curve_rows += [
+            {
+                "index": label,
+                "nprobe/efSearch": point["param"],
+                "recall@10": point["recall_at_10"],
+                "queries/s": point["queries_per_s"],
+                "x exact": point["queries_per_s"] / p["sub_store"]["exact_queries_per_s"],
+            }
+            for point in points
+        ]
     best = p["ivf"]["best_at_recall_095"]
-    ivf_target = (f"met: recall@10 {best['recall_at_10']:.3f} at nprobe={best['param']}, {p['ivf']['speedup_at_recall_095']:.1f}x exact in-memory q/s"
-                  if best and p["ivf"]["speedup_at_recall_095"] >= 10 else
-                  f"missed: best at recall ≥ 0.95 is {best}" if best else "missed: no nprobe reached recall 0.95")
+    ivf_target = (
+        f"met: recall@10 {best['recall_at_10']:.3f} at nprobe={best['param']}, "
+        f"{p['ivf']['speedup_at_recall_095']:.1f}x exact in-memory q/s"
+        if best and p["ivf"]["speedup_at_recall_095"] >= 10
+        else f"missed: best at recall ≥ 0.95 is {best}"
+        if best
+        else "missed: no nprobe reached recall 0.95"
+    )
     m = p["machine"]
     return (
         "## Scale: 5M-row store, exact streamed search, approximate indexes (issue 7)\n\n"
         f"`{p['command']}` on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, faiss {m['faiss']}, {m['date']}; "
         f"load average {', '.join(f'{x:.1f}' for x in p['loadavg_end'])} at the end (the machine was shared; "
         f"OMP_WAIT_POLICY={p['omp_wait_policy']}).\n\n"
-        f"Store: {p['n_rows']:,} x {p['dim']} float16 = {p['store_bytes'] / gib:.2f} GiB, larger than the memory budget "
-        f"({p['memory_budget_bytes'] / gib:.1f} GiB), so exact search streams it shard by shard. Unit vectors around 1024 centres, "
+        f"Store: {p['n_rows']:,} x {p['dim']} float16 = {p['store_bytes'] / gib:.2f} GiB, larger than the memory "
+        "budget "
+        f"({p['memory_budget_bytes'] / gib:.1f} GiB), so exact search streams it shard by shard. Unit vectors around "
+        "1024 centres, "
         f"{p['n_queries']} queries each with a planted nearest row.\n\n"
-        f"Correct: planted row ranked first for every query: {p['planted_rows_ranked_first']}; top-10 equals numpy float64 brute force "
+        f"Correct: planted row ranked first for every query: {p['planted_rows_ranked_first']}; top-10 equals numpy "
+        "float64 brute force "
         f"(10 queries): {p['equal_to_brute_force']}; streamed equals in-memory: {p['streamed_equal_in_memory']}. "
         f"Peak memory of streamed search within the budget: {p['within_memory_budget']}.\n\n"
         + markdown_table(rows, ["measurement", "seconds", "rows/s", "note"])
         + "\n\nTarget exact streamed ≥ 70% of read+decode throughput: "
         + f"{'met' if p['streamed_fraction_of_read_decode'] >= 0.7 else 'missed'} at {p['n_queries']} queries "
-        + f"({100 * p['streamed_fraction_of_read_decode']:.0f}%), {'met' if p['streamed16_fraction_of_read_decode'] >= 0.7 else 'missed'} "
+        + f"({100 * p['streamed_fraction_of_read_decode']:.0f}%), "
+        + f"{'met' if p['streamed16_fraction_of_read_decode'] >= 0.7 else 'missed'} "
         + f"at 16 queries ({100 * p['streamed16_fraction_of_read_decode']:.0f}%). "
         + f"With {p['n_queries']} queries the search itself (in memory, no reading: "
-        + f"{p['n_rows'] / p['exact_in_memory']['seconds']:,.0f} rows/s = {2 * p['n_queries'] * p['dim']} flop per row) is "
-        + ("slower than" if p['n_rows'] / p['exact_in_memory']['seconds'] < p['read_decode_rows_per_s'] else "comparable to")
+        + f"{p['n_rows'] / p['exact_in_memory']['seconds']:,.0f} rows/s = "
+        + f"{2 * p['n_queries'] * p['dim']} flop per row) is "
+        + (
+            "slower than"
+            if p["n_rows"] / p["exact_in_memory"]["seconds"] < p["read_decode_rows_per_s"]
+            else "comparable to"
+        )
         + " read+decode on these 2 cores, which read and search share: there the bound is the GEMM, not I/O.\n\n"
         + "Recall@10 against exact search on the same queries, vs queries/s (best of 3, 200 queries per batch):\n\n"
         + markdown_table(curve_rows, ["index", "nprobe/efSearch", "recall@10", "queries/s", "x exact"])
-        + f"\n\nTarget IVF recall@10 ≥ 0.95 at ≥ 10x exact queries/s: {ivf_target}. IVF build (train + add + recall measurement): "
-        + f"{p['ivf']['build_seconds']:.0f} s. HNSW runs on a {p['sub_store']['rows']:,}-row store (building HNSW over 5M rows on 2 cores "
+        + f"\n\nTarget IVF recall@10 ≥ 0.95 at ≥ 10x exact queries/s: {ivf_target}. "
+        + "IVF build (train + add + recall measurement): "
+        + f"{p['ivf']['build_seconds']:.0f} s. HNSW runs on a {p['sub_store']['rows']:,}-row store "
+        + "(building HNSW over 5M rows on 2 cores "
         + "takes too long for this run).\n\n"
         + "".join(f"![recall vs queries/s]({plot})\n" for plot in p["plots"])
     )
@@ -339,18 +484,44 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--memory-budget", default="1G", help="exact search's budget, e.g. 1G (the store must be larger)")
+    parser.add_argument(
+        "--memory-budget", default="1G", help="exact search's budget, e.g. 1G (the store must be larger)"
+    )
     parser.add_argument("--ivf", default="IVF2048_HNSW32,SQfp16", help="faiss factory string of the IVF index")
     parser.add_argument("--hnsw-rows", type=int, default=500_000)
-    parser.add_argument("--workdir", help="where the stores are made (default: the temp dir); removed afterwards unless --keep")
+    parser.add_argument(
+        "--workdir", help="where the stores are made (default: the temp dir); removed afterwards unless --keep"
+    )
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     budget = args.memory_budget.upper().rstrip("B")
     budget = int(float(budget[:-1]) * units[budget[-1]]) if budget[-1] in units else int(budget)
-    payload = run(tiny=args.tiny, n_rows=args.rows, dim=args.dim, n_queries=args.queries, memory_budget=budget, ivf_factory=args.ivf,
-                  hnsw_rows=args.hnsw_rows, workdir=args.workdir, keep=args.keep)
-    print(json.dumps({key: payload[key] for key in ("streamed_fraction_of_read_decode", "exact_streamed_queries_per_s",
-                                                    "exact_in_memory_queries_per_s", "planted_rows_ranked_first", "equal_to_brute_force",
-                                                    "within_memory_budget")}, indent=1))
+    payload = run(
+        tiny=args.tiny,
+        n_rows=args.rows,
+        dim=args.dim,
+        n_queries=args.queries,
+        memory_budget=budget,
+        ivf_factory=args.ivf,
+        hnsw_rows=args.hnsw_rows,
+        workdir=args.workdir,
+        keep=args.keep,
+    )
+    print(
+        json.dumps(
+            {
+                key: payload[key]
+                for key in (
+                    "streamed_fraction_of_read_decode",
+                    "exact_streamed_queries_per_s",
+                    "exact_in_memory_queries_per_s",
+                    "planted_rows_ranked_first",
+                    "equal_to_brute_force",
+                    "within_memory_budget",
+                )
+            },
+            indent=1,
+        )
+    )
     print(json.dumps(payload["ivf"]["best_at_recall_095"]))

@@ -21,8 +21,16 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(what: str, store_path: str, queries_path: str | None = None, out: str | None = None, *, k: int = 10,
-            memory_budget: int = 1 << 30, repeats: int = 1) -> dict:
+def measure(
+    what: str,
+    store_path: str,
+    queries_path: str | None = None,
+    out: str | None = None,
+    *,
+    k: int = 10,
+    memory_budget: int = 1 << 30,
+    repeats: int = 1,
+) -> dict:
     import numpy as np
 
     import gradindex
@@ -81,8 +89,19 @@ def main() -> None:
     parser.add_argument("--memory-budget", type=int, default=1 << 30)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    print(json.dumps(measure(args.what, args.store, args.queries, args.out, k=args.k, memory_budget=args.memory_budget,
-                             repeats=args.repeats)))
+    print(
+        json.dumps(
+            measure(
+                args.what,
+                args.store,
+                args.queries,
+                args.out,
+                k=args.k,
+                memory_budget=args.memory_budget,
+                repeats=args.repeats,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

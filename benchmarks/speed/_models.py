@@ -8,8 +8,8 @@ something to learn), and, as one control row, i.i.d. uniform tokens (nothing to 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-__all__ = ["Workload", "mlp_workload", "cnn_workload", "transformer_workload", "transformer_uniform_workload", "WORKLOADS"]
+__all__ = [
+    "WORKLOADS",
+    "Workload",
+    "cnn_workload",
+    "mlp_workload",
+    "transformer_uniform_workload",
+    "transformer_workload",
+]
 
 
 @dataclass
@@ -86,9 +93,14 @@ def mlp_workload(n_train: int, n_test: int, hidden: int = 256) -> Workload:
 
 def small_cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 10),
     )
 
 
@@ -171,12 +183,14 @@ def _motif_text(n_samples: int, length: int, vocab: int, seed: int, motifs: int 
 
 
 def _uniform_tokens(n_samples: int, length: int, vocab: int, seed: int) -> Tensor:
-    """i.i.d. uniform tokens: nothing to learn, so training gradients are nearly orthogonal (the hard, unrealistic case)."""
+    """i.i.d. uniform tokens: nothing to learn, so training gradients are nearly orthogonal (the hard, unrealistic
+    case)."""
     return torch.randint(0, vocab, (n_samples, length), generator=torch.Generator().manual_seed(seed))
 
 
-def transformer_workload(n_train: int, n_test: int, length: int = 65, vocab: int = 512, dim: int = 256, layers: int = 2,
-                         text: str = "motifs") -> Workload:
+def transformer_workload(
+    n_train: int, n_test: int, length: int = 65, vocab: int = 512, dim: int = 256, layers: int = 2, text: str = "motifs"
+) -> Workload:
     make = {"motifs": _motif_text, "uniform": _uniform_tokens}[text]
     train = make(n_train, length, vocab, seed=0)
     test = make(n_test, length, vocab, seed=1)
@@ -196,7 +210,12 @@ def transformer_uniform_workload(n_train: int, n_test: int, **options) -> Worklo
     return transformer_workload(n_train, n_test, text="uniform", **options)
 
 
-WORKLOADS = {"mlp": mlp_workload, "cnn": cnn_workload, "transformer": transformer_workload, "transformer-uniform": transformer_uniform_workload}
+WORKLOADS = {
+    "mlp": mlp_workload,
+    "cnn": cnn_workload,
+    "transformer": transformer_workload,
+    "transformer-uniform": transformer_uniform_workload,
+}
 
 
 def n_parameters(model: nn.Module) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -51,12 +51,15 @@ def _sum_loss(workload: Workload, per_sample: bool = False):
     """Σ_b ℓ_b over a batch in the peer's (model output, label) convention (``[B]`` per-sample losses with
     ``per_sample``); mean over tokens for the LM."""
     if workload.name.startswith("transformer"):
+
         def loss(outputs, labels):
             losses = F.cross_entropy(outputs.transpose(1, 2), labels, reduction="none").mean(1)
             return losses if per_sample else losses.sum()
     else:
+
         def loss(outputs, labels):
             return F.cross_entropy(outputs, labels, reduction="sum")
+
     loss.reduction = "none" if per_sample else "sum"  # captum reads this attribute
     return loss
 
@@ -64,7 +67,9 @@ def _sum_loss(workload: Workload, per_sample: bool = False):
 # ---- gradindex ------------------------------------------------------------------------------------
 
 
-def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, chunk_bytes: int = 512 << 20, sides: str | None = None) -> Runner:
+def gradindex_runner(
+    kind: str, workload: Workload, checkpoint: str, k: int, *, chunk_bytes: int = 512 << 20, sides: str | None = None
+) -> Runner:
     """gradindex's featurizer as a peer; ``sides`` picks kron's side matrices (None: the default, pca)."""
     if kind == "rademacher" and workload.name.startswith("transformer") and n_params(workload) > 10**6 and k >= 512:
         raise Unavailable(_DENSE_SKIP)
@@ -77,7 +82,9 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
     task = gradindex.Task(model=workload.make_model, train=workload.train, loss=workload.loss)
     loaded = load_checkpoints(task, parse_checkpoints([f"{checkpoint}:1.0"]), torch.device("cpu"))
     started = time.perf_counter()
-    featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind=kind, dim=k, seed=0, kron_sides=sides), chunk_bytes=chunk_bytes)
+    featurizer = TracInFeaturizer(
+        task, loaded, projection=ProjectionSpec(kind=kind, dim=k, seed=0, kron_sides=sides), chunk_bytes=chunk_bytes
+    )
     setup_s = time.perf_counter() - started
 
     def vectors(inputs, targets):
@@ -88,7 +95,9 @@ def gradindex_runner(kind: str, workload: Workload, checkpoint: str, k: int, *, 
         plan = featurizer.fingerprint()["projection"]["plan"]
         note += "; " + ", ".join(f"{e['module']} {e['k_out']}x{e['k_in']}" for e in plan if "module" in e)
         rest = [e for e in plan if "module" not in e and "dim" in e]
-        note += (f"; rest {rest[0]['dim']} ({rest[0]['type']})" if rest else "") + f"; plan calibrated in {setup_s:.1f} s (untimed, once per build)"
+        note += (
+            f"; rest {rest[0]['dim']} ({rest[0]['type']})" if rest else ""
+        ) + f"; plan calibrated in {setup_s:.1f} s (untimed, once per build)"
         note += f"; {featurizer.kron.plan.layers[0].sides if featurizer.kron.plan.layers else 'no'} sides"
     return Runner(f"gradindex {kind}" + (f" ({sides} sides)" if sides else ""), vectors=vectors, note=note)
 
@@ -117,13 +126,15 @@ def training_step(workload: Workload, checkpoint: str) -> Callable[[Tensor, Tens
 
 
 _DENSE_SKIP = (
-    "skipped: a dense p x k projection of the LM's 1.86M-parameter gradients (generated block by block for every batch on CPU) "
+    "skipped: a dense p x k projection of the LM's 1.86M-parameter gradients (generated block by block for every "
+    "batch on CPU) "
     "took ~1000 s per 180 samples when tried; too slow for this run"
 )
 
 
 def trak_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
-    """TRAK's recipe on CPU: per-sample gradients by torch.func (as its FunctionalGradientComputer), then BasicProjector."""
+    """TRAK's recipe on CPU: per-sample gradients by torch.func (as its FunctionalGradientComputer), then
+    BasicProjector."""
     try:
         from trak.projectors import BasicProjector, ProjectionType
     except ImportError as error:
@@ -134,7 +145,9 @@ def trak_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.detach() for name, b in model.named_buffers()}
     grad_dim = sum(p.numel() for p in params.values())
-    projector = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher, device="cpu", dtype=torch.float32)
+    projector = BasicProjector(
+        grad_dim=grad_dim, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher, device="cpu", dtype=torch.float32
+    )
 
     def sample_loss(params, buffers, inputs, targets):
         batch = (inputs.unsqueeze(0), targets.unsqueeze(0))
@@ -178,14 +191,25 @@ def captum_tracincp_runner(workload: Workload, checkpoint: str, k: int) -> Runne
     # captum's per-batch sample-wise gradients support Linear and Conv2d only; the LM needs its per-sample loop
     batched = not workload.name.startswith("transformer")
     probe = dataset(workload.train.tensors[0][:1], workload.train.tensors[1][:1])
-    tracin = TracInCP(model, probe, [checkpoint], checkpoints_load_func=load, loss_fn=_sum_loss(workload, per_sample=not batched),
-                      batch_size=workload.batch_size if batched else 1, sample_wise_grads_per_batch=batched)
+    tracin = TracInCP(
+        model,
+        probe,
+        [checkpoint],
+        checkpoints_load_func=load,
+        loss_fn=_sum_loss(workload, per_sample=not batched),
+        batch_size=workload.batch_size if batched else 1,
+        sample_wise_grads_per_batch=batched,
+    )
 
     def vectors(inputs, targets):
         loader = DataLoader(dataset(inputs, targets), batch_size=workload.batch_size if batched else 1)
         return tracin.compute_intermediate_quantities(loader)
 
-    return Runner("Captum TracInCP", vectors=vectors, note="full gradients, no projection" + ("" if batched else "; per-sample loop"))
+    return Runner(
+        "Captum TracInCP",
+        vectors=vectors,
+        note="full gradients, no projection" + ("" if batched else "; per-sample loop"),
+    )
 
 
 class _BruteForceNeighbors:
@@ -211,18 +235,39 @@ def captum_fast_runner(workload: Workload, checkpoint: str, k: int, projected: b
     if projected:
         # made once (its constructor also featurizes and indexes the train set it is given: here one batch);
         # the projection is then fixed, and compute_intermediate_quantities is the featurization we time
-        probe = dataset(workload.train.tensors[0][: workload.batch_size], workload.train.tensors[1][: workload.batch_size])
-        tracin = TracInCPFastRandProj(model, layer, probe, [checkpoint], checkpoints_load_func=load, loss_fn=loss,
-                                      batch_size=workload.batch_size, nearest_neighbors=_BruteForceNeighbors(), projection_dim=k, seed=0)
+        probe = dataset(
+            workload.train.tensors[0][: workload.batch_size], workload.train.tensors[1][: workload.batch_size]
+        )
+        tracin = TracInCPFastRandProj(
+            model,
+            layer,
+            probe,
+            [checkpoint],
+            checkpoints_load_func=load,
+            loss_fn=loss,
+            batch_size=workload.batch_size,
+            nearest_neighbors=_BruteForceNeighbors(),
+            projection_dim=k,
+            seed=0,
+        )
 
         def vectors(inputs, targets):
-            return tracin.compute_intermediate_quantities(DataLoader(dataset(inputs, targets), batch_size=workload.batch_size))
+            return tracin.compute_intermediate_quantities(
+                DataLoader(dataset(inputs, targets), batch_size=workload.batch_size)
+            )
 
         return Runner("Captum TracInCPFastRandProj", vectors=vectors, note=f"final layer only, projection_dim {k}")
 
     def scores(train_inputs, train_targets, test_inputs, test_targets):
-        tracin = TracInCPFast(model, layer, dataset(train_inputs, train_targets), [checkpoint], checkpoints_load_func=load,
-                              loss_fn=loss, batch_size=workload.batch_size)
+        tracin = TracInCPFast(
+            model,
+            layer,
+            dataset(train_inputs, train_targets),
+            [checkpoint],
+            checkpoints_load_func=load,
+            loss_fn=loss,
+            batch_size=workload.batch_size,
+        )
         return tracin.influence(dataset(test_inputs, test_targets)[:], k=None)
 
     return Runner("Captum TracInCPFast", scores=scores, note="final layer only, exact")
@@ -238,25 +283,38 @@ def dattri_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
         from dattri.task import AttributionTask
     except ImportError as error:
         raise Unavailable(f"dattri not installed ({error}); pip install dattri") from error
-    dattri.algorithm.tracin.tqdm = lambda iterable, **_: iterable  # its progress bars, one per batch, would flood the log
+    dattri.algorithm.tracin.tqdm = lambda iterable, **_: (
+        iterable
+    )  # its progress bars, one per batch, would flood the log
     if workload.name.startswith("transformer") and n_params(workload) > 10**6 and k >= 512:
         raise Unavailable(_DENSE_SKIP)
     model = _load(workload, checkpoint)
 
     def loss_func(params, data):
         inputs, targets = data
-        return workload.loss(lambda x: torch.func.functional_call(model, params, (x,)), (inputs.unsqueeze(0), targets.unsqueeze(0))).sum()
+        return workload.loss(
+            lambda x: torch.func.functional_call(model, params, (x,)), (inputs.unsqueeze(0), targets.unsqueeze(0))
+        ).sum()
 
     task = AttributionTask(loss_func=loss_func, model=model, checkpoints=[torch.load(checkpoint)])
-    attributor = TracInAttributor(task=task, weight_list=torch.tensor([1.0]), normalized_grad=False,
-                                  projector_kwargs={"proj_dim": k, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"}, device="cpu")
+    attributor = TracInAttributor(
+        task=task,
+        weight_list=torch.tensor([1.0]),
+        normalized_grad=False,
+        projector_kwargs={"proj_dim": k, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu"},
+        device="cpu",
+    )
 
     def scores(train_inputs, train_targets, test_inputs, test_targets):
         train = DataLoader(TensorDataset(train_inputs, train_targets), batch_size=min(workload.batch_size, 64))
         test = DataLoader(TensorDataset(test_inputs, test_targets), batch_size=len(test_inputs))
         return attributor.attribute(train, test).T
 
-    return Runner("dattri TracInAttributor", scores=scores, note=f"vmap grads + random projection {k}; test grads recomputed per train batch")
+    return Runner(
+        "dattri TracInAttributor",
+        scores=scores,
+        note=f"vmap grads + random projection {k}; test grads recomputed per train batch",
+    )
 
 
 # ---- Bergson ---------------------------------------------------------------------------------------
@@ -329,14 +387,22 @@ def bergson_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
     def vectors(inputs, targets):
         found = collector.found = {}
         with collector, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # no input requires grad: expected
+            warnings.filterwarnings(
+                "ignore", message="Full backward hook is firing"
+            )  # no input requires grad: expected
             view.zero_grad(set_to_none=True)
             workload.loss(view, (inputs, targets)).sum().backward()
         return torch.cat([found[name].float() for name in names], dim=1)
 
-    scope = {"cnn": "final Linear only (its hooks cannot take Conv2d)", "transformer": "every nn.Linear (no embeddings/LayerNorm)"}.get(kind, "every nn.Linear")
-    return Runner("Bergson HookCollector (per-module p×p)", vectors=vectors,
-                  note=f"{scope}; {len(names)} modules × {p}×{p} = {len(names) * p * p} dims; normal projection")
+    scope = {
+        "cnn": "final Linear only (its hooks cannot take Conv2d)",
+        "transformer": "every nn.Linear (no embeddings/LayerNorm)",
+    }.get(kind, "every nn.Linear")
+    return Runner(
+        "Bergson HookCollector (per-module p×p)",
+        vectors=vectors,
+        note=f"{scope}; {len(names)} modules × {p}×{p} = {len(names) * p * p} dims; normal projection",
+    )
 
 
 PEERS = {

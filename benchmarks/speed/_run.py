@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import gc
 import json
-import shutil
-import tempfile
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -67,7 +67,8 @@ class PeakMemory:
 
 
 def _timed(fn, inputs, targets, batch_size: int, n_max: int, cap_s: float) -> tuple[float, int]:
-    """Samples/s of ``fn`` over consecutive batches: at most ``n_max`` samples or ``cap_s`` seconds (after one warm-up batch)."""
+    """Samples/s of ``fn`` over consecutive batches: at most ``n_max`` samples or ``cap_s`` seconds (after one warm-up
+    batch)."""
     fn(inputs[:batch_size], targets[:batch_size])
     done, started = 0, time.perf_counter()
     while done < n_max:
@@ -97,7 +98,8 @@ def _scores_of(runner: _peers.Runner, train, test) -> np.ndarray:
 
 
 def featurization(tiny: bool, k: int, only: list[str] | None, log=print) -> list[dict]:
-    sizes = {  # n_train timed, n_eval train samples for Spearman, n_test queries, per-method time cap (s), checkpoint steps
+    # n_train timed, n_eval train samples for Spearman, n_test queries, per-method time cap (s), checkpoint steps
+    sizes = {
         "mlp": (32, 8, 2, 0.2, 3) if tiny else (8192, 512, 16, 15, 300),
         "cnn": (16, 8, 2, 0.2, 3) if tiny else (2048, 256, 16, 15, 150),
         "transformer": (8, 8, 2, 0.2, 2) if tiny else (512, 64, 6, 30, 40),
@@ -132,16 +134,30 @@ def featurization(tiny: bool, k: int, only: list[str] | None, log=print) -> list
         step = _peers.training_step(workload, checkpoint)
         with PeakMemory() as memory:
             train_rate, _ = _timed(step, inputs, targets, workload.batch_size, n_train, cap_s)
-        rows.append({"model": name, "method": "training step (SGD, reference)", "samples_per_s": train_rate, "peak_mib": memory.peak_mib,
-                     "note": "batched forward + backward + update"})
+        rows.append(
+            {
+                "model": name,
+                "method": "training step (SGD, reference)",
+                "samples_per_s": train_rate,
+                "peak_mib": memory.peak_mib,
+                "note": "batched forward + backward + update",
+            }
+        )
         log(f"  training step: {train_rate:,.0f} samples/s")
 
-        methods = [("gradindex kron", lambda: _peers.gradindex_runner("kron", workload, checkpoint, k)),
-                   ("gradindex kron (orthogonal sides)", lambda: _peers.gradindex_runner("kron", workload, checkpoint, k, sides="orthogonal")),
-                   ("gradindex sjlt", lambda: _peers.gradindex_runner("sjlt", workload, checkpoint, k)),
-                   ("gradindex rademacher", lambda: _peers.gradindex_runner("rademacher", workload, checkpoint, k))]
+        methods = [
+            ("gradindex kron", lambda: _peers.gradindex_runner("kron", workload, checkpoint, k)),
+            (
+                "gradindex kron (orthogonal sides)",
+                lambda: _peers.gradindex_runner("kron", workload, checkpoint, k, sides="orthogonal"),
+            ),
+            ("gradindex sjlt", lambda: _peers.gradindex_runner("sjlt", workload, checkpoint, k)),
+            ("gradindex rademacher", lambda: _peers.gradindex_runner("rademacher", workload, checkpoint, k)),
+        ]
         methods += [(key, lambda key=key: _peers.PEERS[key](workload, checkpoint, k)) for key in _peers.PEERS]
-        if name == "transformer-uniform":  # a control for the data, not another contest: gradindex's own projections only
+        if (
+            name == "transformer-uniform"
+        ):  # a control for the data, not another contest: gradindex's own projections only
             methods = methods[:3]
         for label, prepare in methods:
             row = {"model": name, "method": label}
@@ -153,13 +169,19 @@ def featurization(tiny: bool, k: int, only: list[str] | None, log=print) -> list
                         with torch.enable_grad():
                             rate, done = _timed(runner.vectors, inputs, targets, workload.batch_size, n_train, cap_s)
                     else:  # score-only methods: the time to score n samples against the test queries
+
                         def score(batch_inputs, batch_targets):
                             runner.scores(batch_inputs, batch_targets, *test)
 
                         rate, done = _timed(score, inputs, targets, workload.batch_size, n_train, cap_s)
                 row.update(samples_per_s=rate, samples_timed=done, peak_mib=memory.peak_mib, note=runner.note)
-                row["spearman"], row["spearman_per_query"] = _spearman(exact_scores, _scores_of(runner, train_eval, test))
-                log(f"  {row['method']}: {rate:,.1f} samples/s, Spearman {row['spearman']:.3f} (per query {row['spearman_per_query']:.3f})")
+                row["spearman"], row["spearman_per_query"] = _spearman(
+                    exact_scores, _scores_of(runner, train_eval, test)
+                )
+                log(
+                    f"  {row['method']}: {rate:,.1f} samples/s, Spearman {row['spearman']:.3f} (per query "
+                    f"{row['spearman_per_query']:.3f})"
+                )
             except _peers.Unavailable as reason:
                 row.update(status="not run", note=str(reason))
                 log(f"  {label}: not run ({reason})")
@@ -212,7 +234,9 @@ def query(tiny: bool, log=print) -> list[dict]:
     for n_samples in sizes:
         stored = np.empty((n_samples, dim), dtype=np.float16)
         for start in range(0, n_samples, 50_000):
-            stored[start : start + 50_000] = rng.standard_normal((min(50_000, n_samples - start), dim), dtype=np.float32)
+            stored[start : start + 50_000] = rng.standard_normal(
+                (min(50_000, n_samples - start), dim), dtype=np.float32
+            )
         dense = stored.astype(np.float32)
         started = time.perf_counter()
         index = ExactIndex(dim, use_gpu=False)
@@ -243,7 +267,12 @@ def query(tiny: bool, log=print) -> list[dict]:
             block_rows = 65_536
 
             def streamed():
-                return search_blocks(((start, stored[start : start + block_rows]) for start in range(0, n_samples, block_rows)), queries, k, use_gpu=False)
+                return search_blocks(
+                    ((start, stored[start : start + block_rows]) for start in range(0, n_samples, block_rows)),
+                    queries,
+                    k,
+                    use_gpu=False,
+                )
 
             candidates = {
                 "gradindex ExactIndex (in memory)": lambda: index.search(queries, k),
@@ -263,12 +292,32 @@ def query(tiny: bool, log=print) -> list[dict]:
                 timings[label] = best
             roofline = timings["torch GEMM + topk (roofline)"]
             for label, seconds in timings.items():
-                rows.append({"n_samples": n_samples, "dim": dim, "queries": n_queries, "k": k, "method": label, "seconds": seconds,
-                             "queries_per_s": n_queries / seconds, "x_roofline_time": seconds / roofline})
-            log(f"[query] N={n_samples:,} q={n_queries}: " + ", ".join(f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms" for label, seconds in timings.items()))
-            del default_index
-        rows.append({"n_samples": n_samples, "dim": dim, "method": "gradindex ExactIndex.add (fp16 -> fp32, chunked)", "seconds": add_s})
-        del stored, dense, flat, index
+                rows.append(
+                    {
+                        "n_samples": n_samples,
+                        "dim": dim,
+                        "queries": n_queries,
+                        "k": k,
+                        "method": label,
+                        "seconds": seconds,
+                        "queries_per_s": n_queries / seconds,
+                        "x_roofline_time": seconds / roofline,
+                    }
+                )
+            log(
+                f"[query] N={n_samples:,} q={n_queries}: "
+                + ", ".join(f"{label.split(' (')[0]} {seconds * 1e3:.0f} ms" for label, seconds in timings.items())
+            )
+            default_index = None
+        rows.append(
+            {
+                "n_samples": n_samples,
+                "dim": dim,
+                "method": "gradindex ExactIndex.add (fp16 -> fp32, chunked)",
+                "seconds": add_s,
+            }
+        )
+        stored = dense = flat = index = None  # free this size's arrays before the next one
         gc.collect()
     return rows
 
@@ -287,7 +336,14 @@ def _plot(featurize_rows: list[dict], query_rows: list[dict], path: Path) -> Non
     for axis, model in zip(axes, models):
         ran = [row for row in featurize_rows if row["model"] == model and row.get("samples_per_s")]
         labels = [row["method"].replace(" (", "\n(") for row in ran]
-        colors = ["tab:green" if row["method"].startswith("gradindex") else "tab:gray" if row["method"].startswith("training") else "tab:blue" for row in ran]
+        colors = [
+            "tab:green"
+            if row["method"].startswith("gradindex")
+            else "tab:gray"
+            if row["method"].startswith("training")
+            else "tab:blue"
+            for row in ran
+        ]
         axis.barh(labels, [row["samples_per_s"] for row in ran], color=colors)
         axis.set_xscale("log")
         axis.set_title(f"{model}: featurization samples/s")
@@ -297,7 +353,11 @@ def _plot(featurize_rows: list[dict], query_rows: list[dict], path: Path) -> Non
                 axis.text(row["samples_per_s"], position, f" ρ={row['spearman']:.2f}", va="center", fontsize=7)
     axis = axes[-1]
     for label in sorted({row["method"] for row in query_rows if "queries" in row}):
-        points = [(row["n_samples"], row["seconds"]) for row in query_rows if row["method"] == label and row.get("queries") == max(r.get("queries", 0) for r in query_rows)]
+        points = [
+            (row["n_samples"], row["seconds"])
+            for row in query_rows
+            if row["method"] == label and row.get("queries") == max(r.get("queries", 0) for r in query_rows)
+        ]
         if points:
             axis.plot(*zip(*points), marker="o", label=label)
     axis.set_xscale("log")
@@ -317,47 +377,97 @@ def _markdown(payload: dict) -> str:
         "## Featurization and query speed (`benchmarks/speed`)",
         "",
         f"Command: `{payload['command']}`. Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, "
-        f"torch {info['torch']}, faiss {info['faiss']}, CUDA {info['cuda']}; load average at start {payload['load_average']}. "
-        f"k = {payload['k']} per checkpoint, one checkpoint, float32 on CPU. ρ = Spearman of the method's scores (test × "
+        f"torch {info['torch']}, faiss {info['faiss']}, CUDA {info['cuda']}; load average at start "
+        f"{payload['load_average']}. "
+        f"k = {payload['k']} per checkpoint, one checkpoint, float32 on CPU. ρ = Spearman of the method's scores "
+        "(test × "
         "train subset) with exact TracIn scores (unprojected per-sample gradients), flattened and averaged per query.",
         "",
         "Data: 28×28 digits (sklearn's 8×8, upsampled and jittered) for the MLP and the CNN. The transformer LM reads "
-        "structured synthetic text: motifs of 3-8 tokens chained by a sparse random Markov chain (3 successors each), 5% of "
-        "tokens replaced at random, vocabulary 512, 64-token contexts, trained 40 Adam steps (batch 128, lr 3e-3) before featurizing. The "
-        "`transformer-lm-2x256-uniform-tokens` rows are the same model on i.i.d. uniform tokens: a control with nothing to "
+        "structured synthetic text: motifs of 3-8 tokens chained by a sparse random Markov chain (3 successors each), "
+        "5% of "
+        "tokens replaced at random, vocabulary 512, 64-token contexts, trained 40 Adam steps (batch 128, lr 3e-3) "
+        "before featurizing. The "
+        "`transformer-lm-2x256-uniform-tokens` rows are the same model on i.i.d. uniform tokens: a control with "
+        "nothing to "
         "learn, where training gradients are nearly orthogonal and every random projection ranks poorly.",
         "",
-        "`x_fastest_peer` compares with the fastest peer whatever its quality; `x_fastest_peer_at_quality` only with the "
-        "fastest peer whose flattened ρ is at least gradindex's (speed counts only at equal or better quality; 'none as "
-        "accurate' when no peer reaches it). Peers that score a different quantity (Captum's TracInCPFast and Bergson on the "
-        "CNN: final layer only) are shown, and count only through their ρ. gradindex kron's plan (k per layer, from gradient "
-        "energies on the first 256 training samples) and its side matrices (default pca: each side's top directions on those "
-        "samples) are computed once per build, outside the timed loop; the time is in the note. ρ is measured on the last "
-        "training samples, which that calibration never saw. `gradindex kron (orthogonal sides)` is `--kron-sides orthogonal`: "
+        "`x_fastest_peer` compares with the fastest peer whatever its quality; `x_fastest_peer_at_quality` only with "
+        "the "
+        "fastest peer whose flattened ρ is at least gradindex's (speed counts only at equal or better quality; 'none "
+        "as "
+        "accurate' when no peer reaches it). Peers that score a different quantity (Captum's TracInCPFast and Bergson "
+        "on the "
+        "CNN: final layer only) are shown, and count only through their ρ. gradindex kron's plan (k per layer, from "
+        "gradient "
+        "energies on the first 256 training samples) and its side matrices (default pca: each side's top directions "
+        "on those "
+        "samples) are computed once per build, outside the timed loop; the time is in the note. ρ is measured on the "
+        "last "
+        "training samples, which that calibration never saw. `gradindex kron (orthogonal sides)` is `--kron-sides "
+        "orthogonal`: "
         "seeded random sides, no data-dependent matrices.",
         "",
     ]
-    columns = ["model", "method", "samples_per_s", "x_training_step", "x_fastest_peer", "fastest_peer_at_quality", "x_fastest_peer_at_quality",
-               "spearman", "spearman_per_query", "peak_mib", "status", "note"]
+    columns = [
+        "model",
+        "method",
+        "samples_per_s",
+        "x_training_step",
+        "x_fastest_peer",
+        "fastest_peer_at_quality",
+        "x_fastest_peer_at_quality",
+        "spearman",
+        "spearman_per_query",
+        "peak_mib",
+        "status",
+        "note",
+    ]
     summary = []
     for row in payload["featurization"]:
         if row["method"] == "gradindex kron" and row.get("samples_per_s") and row.get("fastest_peer_at_quality"):
-            versus = (f"{row['x_fastest_peer_at_quality']:.3g}× the fastest peer at equal or better ρ ({row['fastest_peer_at_quality']})"
-                      if row.get("x_fastest_peer_at_quality") else "no peer as accurate")
-            summary.append(f"{row['model']}: ρ {row['spearman']:.3f}, {row['x_training_step']:.2f}× the training step's rate, {versus}")
+            versus = (
+                f"{row['x_fastest_peer_at_quality']:.3g}× the fastest peer at equal or better ρ "
+                f"({row['fastest_peer_at_quality']})"
+                if row.get("x_fastest_peer_at_quality")
+                else "no peer as accurate"
+            )
+            summary.append(
+                f"{row['model']}: ρ {row['spearman']:.3f}, {row['x_training_step']:.2f}× the training step's rate, "
+                f"{versus}"
+            )
     if summary:
-        lines += ["gradindex kron against the issue's targets (ρ ≥ 0.95; within 3× of the training step; ≥ 10× the fastest peer "
-                  "at equal or better ρ): " + "; ".join(summary) + ".", ""]
+        lines += [
+            "gradindex kron against the issue's targets (ρ ≥ 0.95; within 3× of the training step; ≥ 10× the fastest "
+            "peer "
+            "at equal or better ρ): " + "; ".join(summary) + ".",
+            "",
+        ]
     lines.append(markdown_table(payload["featurization"], columns))
     if payload.get("query"):
-        lines += ["", "Exact top-10 search, float16 vectors (as a store holds them); time per query batch, best of 3:", ""]
-        lines.append(markdown_table([row for row in payload["query"] if "queries" in row],
-                                    ["n_samples", "queries", "method", "seconds", "queries_per_s", "x_roofline_time"]))
+        lines += [
+            "",
+            "Exact top-10 search, float16 vectors (as a store holds them); time per query batch, best of 3:",
+            "",
+        ]
+        lines.append(
+            markdown_table(
+                [row for row in payload["query"] if "queries" in row],
+                ["n_samples", "queries", "method", "seconds", "queries_per_s", "x_roofline_time"],
+            )
+        )
     lines += ["", f"![speed](results/{payload['plot']})"]
     return "\n".join(lines)
 
 
-def run(tiny: bool = False, k: int | None = None, models: list[str] | None = None, with_query: bool = True, write: bool = True, log=print) -> dict:
+def run(
+    tiny: bool = False,
+    k: int | None = None,
+    models: list[str] | None = None,
+    with_query: bool = True,
+    write: bool = True,
+    log=print,
+) -> dict:
     torch.manual_seed(0)
     k = k or (32 if tiny else 1024)
     try:
@@ -387,7 +497,9 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="seconds, tiny sizes (what the test suite runs); writes speed-tiny.json")
+    parser.add_argument(
+        "--tiny", action="store_true", help="seconds, tiny sizes (what the test suite runs); writes speed-tiny.json"
+    )
     parser.add_argument("--k", type=int, help="projection dim per checkpoint (default 1024; 64 with --tiny)")
     parser.add_argument("--models", nargs="*", choices=list(WORKLOADS), help="only these models")
     parser.add_argument("--no-query", action="store_true", help="skip the query-side benchmark")
@@ -397,5 +509,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
     payload = run(tiny=args.tiny, k=args.k, models=args.models, with_query=not args.no_query)
-    print(json.dumps({"results": str(RESULTS_DIR / ("speed-tiny.json" if args.tiny else "speed.json"))}), file=sys.stderr)
+    print(
+        json.dumps({"results": str(RESULTS_DIR / ("speed-tiny.json" if args.tiny else "speed.json"))}), file=sys.stderr
+    )
     del payload

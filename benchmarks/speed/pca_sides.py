@@ -23,17 +23,15 @@ import torch
 from scipy.stats import spearmanr
 
 import gradindex
-from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import load_checkpoints
-from gradindex.methods import TracInFeaturizer
-from gradindex.featurize import KronGradients, layer_sides
-from gradindex.task import batch_size
-from gradindex.projection import ProjectionSpec
-
 from benchmarks.speed._models import WORKLOADS
+from gradindex.checkpoints import parse_checkpoints
+from gradindex.featurize import KronGradients, layer_sides, load_checkpoints
+from gradindex.methods import TracInFeaturizer
+from gradindex.projection import ProjectionSpec
+from gradindex.task import batch_size
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "featurize"))
-import kron_models  # noqa: E402  (the test suite's models)
+import kron_models
 
 TEST_SETTINGS = {  # the sizes and training steps tests/featurize/test_kron.py uses
     "test-mlp": (lambda: kron_models.mnist_like_task("mlp", n_train=120, n_test=8), 100),
@@ -77,7 +75,9 @@ def _compare(name: str, task, checkpoint: str, train_eval: tuple, test: tuple) -
         try:
             for seed in range(3):
                 sides = mode.split("-")[0]
-                featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=1024, seed=seed, kron_sides=sides))
+                featurizer = TracInFeaturizer(
+                    task, loaded, projection=ProjectionSpec(kind="kron", dim=1024, seed=seed, kron_sides=sides)
+                )
                 scores = (featurizer.featurize(test) @ featurizer.featurize(train_eval).T).numpy()
                 flat.append(spearmanr(exact.ravel(), scores.ravel()).statistic)
                 per_query.append(np.mean([spearmanr(exact[q], scores[q]).statistic for q in range(len(scores))]))
@@ -85,13 +85,18 @@ def _compare(name: str, task, checkpoint: str, train_eval: tuple, test: tuple) -
                     break  # pca sides do not depend on the seed
         finally:
             KronGradients.side_moments = shipped
-        print(f"{name:12s} {mode:15s} dim {featurizer.dim}: Spearman flat min/mean {min(flat):.3f}/{np.mean(flat):.3f}, "
-              f"per query min/mean {min(per_query):.3f}/{np.mean(per_query):.3f}", flush=True)
+        print(
+            f"{name:12s} {mode:15s} dim {featurizer.dim}: Spearman flat min/mean {min(flat):.3f}/{np.mean(flat):.3f}, "
+            f"per query min/mean {min(per_query):.3f}/{np.mean(per_query):.3f}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["tests", "bench"], help="only the test-suite models or only the benchmark workloads")
+    parser.add_argument(
+        "--only", choices=["tests", "bench"], help="only the test-suite models or only the benchmark workloads"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp(prefix="gi-pca-sides-"))

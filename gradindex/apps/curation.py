@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -33,14 +34,14 @@ from gradindex.pipeline import parse_samples, query, task_for_store
 from gradindex.store import GradientStore, open_store
 from gradindex.task import Task
 
-__all__ = ["curate", "parse_amount", "summary", "CURATE_BY"]
+__all__ = ["CURATE_BY", "curate", "parse_amount", "summary"]
 
 CURATE_BY = ("self-influence",)
 # summed-influence selection holds at most this many query×row scores at once (12 bytes each)
 _SCORES_PER_CHUNK = 16_000_000
 
 
-def parse_amount(value: "int | float | str", n_samples: int, *, option: str = "--drop-top") -> int:
+def parse_amount(value: int | float | str, n_samples: int, *, option: str = "--drop-top") -> int:
     """How many samples an amount means: ``"5%"`` (rounded to the nearest count), ``"20"`` or ``20`` (a count),
     or a float fraction in ``[0, 1]`` (Python API only)."""
     if isinstance(value, bool):
@@ -62,24 +63,30 @@ def parse_amount(value: "int | float | str", n_samples: int, *, option: str = "-
         if count < 0:
             raise ValueError(f"{option} must not be negative, got {count}")
         if count > n_samples:
-            raise ValueError(f"{option} {count} is more than the store's {n_samples} samples; give at most {n_samples} or a percentage")
+            raise ValueError(
+                f"{option} {count} is more than the store's {n_samples} samples; give at most {n_samples} or a "
+                "percentage"
+            )
         return count
     if isinstance(value, float):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{option} as a float is a fraction in [0, 1], got {value}; give a count as an int or a percentage as '5%'")
+            raise ValueError(
+                f"{option} as a float is a fraction in [0, 1], got {value}; give a count as an int or a percentage as "
+                "'5%'"
+            )
         return int(math.floor(value * n_samples + 0.5))
     raise ValueError(f"{option} must be a count such as 20 or a percentage such as 5%, got {value!r}")
 
 
 def curate(
-    store: "GradientStore | str | Path",
+    store: GradientStore | str | Path,
     *,
-    drop_top: "int | float | str | None" = None,
+    drop_top: int | float | str | None = None,
     by: Literal["self-influence"] = "self-influence",
-    select: "int | float | str | None" = None,
-    task: "Task | str | None" = None,
+    select: int | float | str | None = None,
+    task: Task | str | None = None,
     split: str = "test",
-    samples: "Sequence[int] | str | None" = None,
+    samples: Sequence[int] | str | None = None,
     checkpoints: Sequence[str] | None = None,
     device: str = "auto",
     batch_size: int = 256,
@@ -97,9 +104,14 @@ def curate(
     """
     store = store if isinstance(store, GradientStore) else open_store(store)
     if (drop_top is None) == (select is None):
-        raise ValueError("give exactly one of drop_top (drop the most suspicious) or select (keep the most helpful for queries)")
+        raise ValueError(
+            "give exactly one of drop_top (drop the most suspicious) or select (keep the most helpful for queries)"
+        )
     if not store.complete:
-        raise IncompleteStoreError(f"store {store.path} is incomplete ({store.progress()} written); finish it with `gradindex build ... --resume` before curating")
+        raise IncompleteStoreError(
+            f"store {store.path} is incomplete ({store.progress()} written); finish it with `gradindex build ... "
+            "--resume` before curating"
+        )
     n_samples = store.n_samples
     if drop_top is not None:
         if by not in CURATE_BY:
@@ -110,14 +122,29 @@ def curate(
         scores[rows] = stored
         ranks = _ranks(scores)
         keep = ranks > count
-        meta = {"mode": "drop-top", "by": by, "amount": str(drop_top), "dropped": int(count), "kept": int(n_samples - count)}
+        meta = {
+            "mode": "drop-top",
+            "by": by,
+            "amount": str(drop_top),
+            "dropped": int(count),
+            "kept": int(n_samples - count),
+        }
     else:
         count = parse_amount(select, n_samples, option="--select")
-        scores, picked, split_name = _summed_influence(store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress)
+        scores, picked, split_name = _summed_influence(
+            store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress
+        )
         ranks = _ranks(scores)
         keep = ranks <= count
-        meta = {"mode": "select", "by": "summed influence", "amount": str(select), "split": split_name, "n_queries": len(picked),
-                "kept": int(count), "dropped": int(n_samples - count)}
+        meta = {
+            "mode": "select",
+            "by": "summed influence",
+            "amount": str(select),
+            "split": split_name,
+            "n_queries": len(picked),
+            "kept": int(count),
+            "dropped": int(n_samples - count),
+        }
     if 0 < count < n_samples:  # the score of the last sample dropped (drop-top) or kept (select)
         meta["threshold"] = float(np.sort(scores)[::-1][count - 1])
     table = store.samples()
@@ -140,7 +167,9 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _summed_influence(store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress) -> tuple[np.ndarray, list[int], str]:
+def _summed_influence(
+    store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress
+) -> tuple[np.ndarray, list[int], str]:
     """Σ_q ⟨φ(q), φ(z)⟩ for every training row z, float64 ``[N]``, through ``gradindex.query`` with k = N."""
     task = task_for_store(store, task)
     dataset = task.split(split)
@@ -150,8 +179,18 @@ def _summed_influence(store, task, split, samples, checkpoints, device, batch_si
     per_chunk = max(1, _SCORES_PER_CHUNK // n_samples)
     for start in range(0, len(picked), per_chunk):
         chunk = picked[start : start + per_chunk]
-        table = query(store, task, split=split, samples=chunk, k=n_samples, checkpoints=checkpoints, device=device,
-                      batch_size=batch_size, memory_budget=memory_budget, progress=progress)
+        table = query(
+            store,
+            task,
+            split=split,
+            samples=chunk,
+            k=n_samples,
+            checkpoints=checkpoints,
+            device=device,
+            batch_size=batch_size,
+            memory_budget=memory_budget,
+            progress=progress,
+        )
         rows = table.column("row").to_numpy()
         if len(rows) != len(chunk) * n_samples:
             raise RuntimeError(f"query returned {len(rows)} scores for {len(chunk)} queries over {n_samples} rows")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,7 +17,7 @@ from gradindex.pipeline import build, query, self_influence
 from gradindex.tasks import digits_with_info
 from gradindex.training import TrainConfig, train
 
-__all__ = ["run_demo", "detection_metrics"]
+__all__ = ["detection_metrics", "run_demo"]
 
 _TASK_FILE = '''"""The demo's task: sklearn digits, 10% of training labels flipped (seed {seed})."""
 
@@ -39,7 +39,11 @@ def detection_metrics(scores: np.ndarray, flipped: np.ndarray) -> dict:
     for fraction in (0.1, 0.2):
         top = order[: int(round(fraction * n_samples))]
         found[f"found_top{int(fraction * 100)}"] = float(flipped[top].sum() / max(1, flipped.sum()))
-    return {"auc": float(roc_auc_score(flipped, scores)), "ap": float(average_precision_score(flipped, scores)), **found}
+    return {
+        "auc": float(roc_auc_score(flipped, scores)),
+        "ap": float(average_precision_score(flipped, scores)),
+        **found,
+    }
 
 
 def _training_losses(task, checkpoint: Path) -> np.ndarray:
@@ -49,7 +53,9 @@ def _training_losses(task, checkpoint: Path) -> np.ndarray:
         return task.loss(model, (inputs, targets)).numpy()
 
 
-def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = None, echo: Callable[[str], None] = print) -> dict:
+def run_demo(
+    output_dir: str | Path, *, seed: int = 0, progress: bool | None = None, echo: Callable[[str], None] = print
+) -> dict:
     """Train, build, rank, query; print a summary and return the figures (also saved as results.json)."""
     started = time.perf_counter()
     output_dir = Path(output_dir).resolve()
@@ -63,13 +69,20 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
     config = TrainConfig(epochs=30, lr=0.05, batch_size=64, n_checkpoints=4, seed=seed)
     show_training = sys.stderr.isatty() if progress is None else progress
     checkpoints = train(task, config, output_dir / "checkpoints", progress=show_training)
-    echo(f"trained an MLP 64-32-10 for {config.epochs} epochs; checkpoints at epochs {', '.join(str(c.epoch) for c in checkpoints)}")
+    echo(
+        f"trained an MLP 64-32-10 for {config.epochs} epochs; checkpoints at epochs "
+        f"{', '.join(str(c.epoch) for c in checkpoints)}"
+    )
 
     store_path = output_dir / "digits.gradindex"
     build_started = time.perf_counter()
     store = build(
-        task_spec, [f"{c.path}:{c.lr}" for c in checkpoints], store_path,
-        proj_dim=1024, overwrite=True, progress=progress,
+        task_spec,
+        [f"{c.path}:{c.lr}" for c in checkpoints],
+        store_path,
+        proj_dim=1024,
+        overwrite=True,
+        progress=progress,
     )
     build_seconds = time.perf_counter() - build_started
     echo(f"built {store_path} ({store.n_samples} x {store.dim} {store.dtype}) in {build_seconds:.1f}s")
@@ -87,7 +100,10 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
     echo("\nmislabeled detection (10% flipped labels; higher is better):")
     echo(f"  {'ranking':<16}{'AUC':>7}{'AP':>7}{'top 10%':>9}{'top 20%':>9}")
     for name, figures in results.items():
-        echo(f"  {name:<16}{figures['auc']:>7.3f}{figures['ap']:>7.3f}{figures['found_top10']:>9.1%}{figures['found_top20']:>9.1%}")
+        echo(
+            f"  {name:<16}{figures['auc']:>7.3f}{figures['ap']:>7.3f}"
+            f"{figures['found_top10']:>9.1%}{figures['found_top20']:>9.1%}"
+        )
 
     test_targets = task.test.tensors[1].numpy()
     train_labels = noise.noisy_labels
@@ -100,7 +116,8 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
         for sign, table in (("+", proponents), ("-", opponents)):
             picked = table.filter(np.asarray(table.column("query_id").to_numpy() == query_id))
             cells = [
-                f"row {row} (label {train_labels[row]}{f', truly {noise.clean_labels[row]}' if flipped[row] else ''}) {score:+.3g}"
+                f"row {row} (label {train_labels[row]}{f', truly {noise.clean_labels[row]}' if flipped[row] else ''}) "
+                f"{score:+.3g}"
                 for row, score in zip(picked.column("row").to_pylist(), picked.column("score").to_pylist())
             ]
             echo(f"    {sign} " + "; ".join(cells))
@@ -111,7 +128,10 @@ def run_demo(output_dir: str | Path, *, seed: int = 0, progress: bool | None = N
     (output_dir / "results.json").write_text(json.dumps(results, indent=1))
     pq.write_table(ranking, output_dir / "self_influence.parquet")
     pq.write_table(proponents, output_dir / "proponents.parquet")
-    echo(f"\nstore: {store_path}\nresults: {output_dir / 'results.json'}, {output_dir / 'self_influence.parquet'}, {output_dir / 'proponents.parquet'}")
+    echo(
+        f"\nstore: {store_path}\nresults: {output_dir / 'results.json'}, {output_dir / 'self_influence.parquet'}, "
+        f"{output_dir / 'proponents.parquet'}"
+    )
     echo(f"next: gradindex query {store_path} --samples 0-4 -k 5   |   gradindex self-influence {store_path} --top 20")
     echo(f"done in {results['total_seconds']:.0f}s")
     return results

@@ -24,21 +24,22 @@ import math
 import struct
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from gradindex.version import __version__
-from gradindex.errors import GradIndexError, TaskSpecError
 from gradindex.checkpoints import checkpoint_sha256, load_into, parse_checkpoints
+from gradindex.errors import GradIndexError, TaskSpecError
 from gradindex.featurize import resolve_device
 from gradindex.pipeline import parse_samples, query
 from gradindex.store import GradientStore, open_store
 from gradindex.task import Task, iter_batches, load_task
+from gradindex.version import __version__
 
-__all__ = ["report", "png_bytes", "to_pixels", "histogram_counts", "PREDICT_ALL_LIMIT"]
+__all__ = ["PREDICT_ALL_LIMIT", "histogram_counts", "png_bytes", "report", "to_pixels"]
 
 log = logging.getLogger("gradindex.report")
 
@@ -158,7 +159,11 @@ def _render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
     array = _as_array(value)
     if array is None:
         return f'<div class="text">{html.escape(repr(value)[:200])}</div>', "text"
-    if array.dtype.kind in "iu" and array.ndim == 1 and not (array.dtype == np.uint8 and _image_layout(array) is not None):
+    if (
+        array.dtype.kind in "iu"
+        and array.ndim == 1
+        and not (array.dtype == np.uint8 and _image_layout(array) is not None)
+    ):
         ids = [int(token) for token in array.tolist()]
         if decode is not None:
             try:
@@ -172,7 +177,10 @@ def _render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
     image = _image_layout(array)
     if image is not None:
         encoded = base64.b64encode(png_bytes(to_pixels(image))).decode("ascii")
-        return f'<img class="thumb" alt="input {"x".join(map(str, array.shape))}" src="data:image/png;base64,{encoded}">', "image"
+        return (
+            f'<img class="thumb" alt="input {"x".join(map(str, array.shape))}" src="data:image/png;base64,{encoded}">',
+            "image",
+        )
     if array.dtype.kind == "f" and array.ndim in (1, 2) and array.shape[-1] >= 2 and array.size <= 65536:
         return _sparkline(array), "signal"
     return f'<div class="text">tensor {html.escape(str(list(array.shape)))}</div>', "none"
@@ -228,14 +236,17 @@ def _last_checkpoint(store: GradientStore, checkpoints: Sequence[str] | None) ->
     else:
         return None, "the store records no checkpoints, so there are no predicted labels"
     if not Path(path).is_file():
-        return None, f"the checkpoint {path} is not there (pass --checkpoint if it moved), so there are no predicted labels"
+        return (
+            None,
+            f"the checkpoint {path} is not there (pass --checkpoint if it moved), so there are no predicted labels",
+        )
     expected = store.fingerprint["checkpoints"][position]["sha256"]
     if checkpoint_sha256(path) != expected:
         return None, f"{path} is not the file the store was built from, so there are no predicted labels"
     return path, None
 
 
-def _resolve_task(store: GradientStore, task: "Task | str | None") -> tuple[Task | None, str | None]:
+def _resolve_task(store: GradientStore, task: Task | str | None) -> tuple[Task | None, str | None]:
     if task is not None:
         return load_task(task), None
     spec = (store.manifest.get("task") or {}).get("spec")
@@ -244,7 +255,10 @@ def _resolve_task(store: GradientStore, task: "Task | str | None") -> tuple[Task
     try:
         return load_task(spec), None
     except GradIndexError as error:
-        return None, f"the store's task could not be loaded ({error}); pass --task SPEC to see inputs, predictions and queries"
+        return (
+            None,
+            f"the store's task could not be loaded ({error}); pass --task SPEC to see inputs, predictions and queries",
+        )
 
 
 # ---- the page's parts ---------------------------------------------------------------------------------
@@ -256,7 +270,9 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if 1e-3 <= abs(value) < 1e4 else f"{value:.2e}"
 
 
-def histogram_counts(scores: np.ndarray, groups: np.ndarray | None, bins: int = 40) -> tuple[np.ndarray, np.ndarray, bool]:
+def histogram_counts(
+    scores: np.ndarray, groups: np.ndarray | None, bins: int = 40
+) -> tuple[np.ndarray, np.ndarray, bool]:
     """``(edges, counts [n_groups, bins], log_scale)`` of the self-influence histogram the page draws.
 
     A log axis is used when every score is positive and they span at least two decades.
@@ -273,7 +289,9 @@ def histogram_counts(scores: np.ndarray, groups: np.ndarray | None, bins: int = 
     return edges, counts, log_scale
 
 
-def _histogram_svg(scores: np.ndarray, groups: np.ndarray | None, group_names: Sequence[str], cutoff: float | None, cutoff_label: str) -> str:
+def _histogram_svg(
+    scores: np.ndarray, groups: np.ndarray | None, group_names: Sequence[str], cutoff: float | None, cutoff_label: str
+) -> str:
     edges, counts, log_scale = histogram_counts(scores, groups)
     width, height, left, right, top, bottom = 760.0, 280.0, 56.0, 16.0, 16.0, 48.0
     plot_w, plot_h = width - left - right, height - top - bottom
@@ -288,7 +306,9 @@ def _histogram_svg(scores: np.ndarray, groups: np.ndarray | None, group_names: S
     def y_of(count: float) -> float:
         return top + plot_h - count / y_max * plot_h
 
-    parts = [f'<svg id="histogram" viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="self-influence histogram">']
+    parts = [
+        f'<svg id="histogram" viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="self-influence histogram">'
+    ]
     parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" class="plotbg"/>')
     for tick in np.linspace(0, y_max, num=5):
         y = y_of(tick)
@@ -303,35 +323,50 @@ def _histogram_svg(scores: np.ndarray, groups: np.ndarray | None, group_names: S
                 continue
             y_top = y_of(stacked + count)
             parts.append(
-                f'<rect class="bar g{group}" data-group="{group}" data-count="{count}" x="{x0 + 0.5:.1f}" y="{y_top:.1f}" '
+                f'<rect class="bar g{group}" data-group="{group}" data-count="{count}" x="{x0 + 0.5:.1f}" '
+                f'y="{y_top:.1f}" '
                 f'width="{max(0.5, x1 - x0 - 1):.1f}" height="{y_of(stacked) - y_top:.1f}">'
                 f"<title>{html.escape(group_names[group])}: {count}</title></rect>"
             )
             stacked += count
     if log_scale:
-        powers = [p for p in range(math.ceil(x_low), math.floor(x_high) + 1)]
+        powers = list(range(math.ceil(x_low), math.floor(x_high) + 1))
         ticks = powers if len(powers) >= 2 else list(np.linspace(x_low, x_high, 5))
-        label = (lambda v: f"1e{int(v)}" if float(v).is_integer() else _fmt(10**v))
+
+        def label(v):
+            return f"1e{int(v)}" if float(v).is_integer() else _fmt(10**v)
     else:
         ticks = list(np.linspace(x_low, x_high, 5))
         label = _fmt
     for tick in ticks:
         x = x_of(float(tick))
         parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 5}" class="axis"/>')
-        parts.append(f'<text x="{x:.1f}" y="{top + plot_h + 18}" class="tick" text-anchor="middle">{label(tick)}</text>')
+        parts.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 18}" class="tick" text-anchor="middle">{label(tick)}</text>'
+        )
     if cutoff is not None and (cutoff > 0 or not log_scale):
         value = math.log10(cutoff) if log_scale else cutoff
         if x_low <= value <= x_high:
             x = x_of(value)
             parts.append(f'<line id="cutoff" x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" class="cutoff"/>')
-            parts.append(f'<text x="{x - 4:.1f}" y="{top + 12}" class="tick" text-anchor="end">{html.escape(cutoff_label)} →</text>')
+            parts.append(
+                f'<text x="{x - 4:.1f}" y="{top + 12}" class="tick" text-anchor="end">{html.escape(cutoff_label)} '
+                "→</text>"
+            )
     axis_name = "self-influence ⟨φ(z), φ(z)⟩" + (" (log scale)" if log_scale else "")
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="label" text-anchor="middle">{axis_name}</text>')
-    parts.append(f'<text x="14" y="{top + plot_h / 2:.1f}" class="label" text-anchor="middle" transform="rotate(-90 14 {top + plot_h / 2:.1f})">samples</text>')
+    parts.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 8}" class="label" text-anchor="middle">{axis_name}</text>'
+    )
+    parts.append(
+        f'<text x="14" y="{top + plot_h / 2:.1f}" class="label" text-anchor="middle" transform="rotate(-90 14 '
+        f'{top + plot_h / 2:.1f})">samples</text>'
+    )
     for group, name in enumerate(group_names[: counts.shape[0]]):
         y = top + 8 + 16 * group
         parts.append(f'<rect x="{left + 12}" y="{y}" width="10" height="10" class="bar g{group}"/>')
-        parts.append(f'<text x="{left + 28}" y="{y + 9}" class="legend">{html.escape(name)} ({int(counts[group].sum())})</text>')
+        parts.append(
+            f'<text x="{left + 28}" y="{y + 9}" class="legend">{html.escape(name)} ({int(counts[group].sum())})</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -339,8 +374,14 @@ def _histogram_svg(scores: np.ndarray, groups: np.ndarray | None, group_names: S
 def _quality_html(results: Any) -> str:
     if not isinstance(results, dict):
         return f"<pre>{html.escape(json.dumps(results, indent=1, default=str))}</pre>"
-    scalars = {key: value for key, value in results.items() if isinstance(value, (int, float, str, bool)) or value is None}
-    tables = {key: value for key, value in results.items() if isinstance(value, dict) and all(isinstance(v, (int, float, str, bool)) or v is None for v in value.values())}
+    scalars = {
+        key: value for key, value in results.items() if isinstance(value, (int, float, str, bool)) or value is None
+    }
+    tables = {
+        key: value
+        for key, value in results.items()
+        if isinstance(value, dict) and all(isinstance(v, (int, float, str, bool)) or v is None for v in value.values())
+    }
     rest = {key: value for key, value in results.items() if key not in scalars and key not in tables}
 
     def cell(value: Any) -> str:
@@ -353,12 +394,24 @@ def _quality_html(results: Any) -> str:
         columns: list[str] = []
         for value in tables.values():
             columns += [key for key in value if key not in columns]
-        out.append('<table class="quality"><thead><tr><th></th>' + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr></thead><tbody>")
+        out.append(
+            '<table class="quality"><thead><tr><th></th>'
+            + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+            + "</tr></thead><tbody>"
+        )
         for name, value in tables.items():
-            out.append(f"<tr><th>{html.escape(str(name))}</th>" + "".join(f"<td>{cell(value[c]) if c in value else ''}</td>" for c in columns) + "</tr>")
+            out.append(
+                f"<tr><th>{html.escape(str(name))}</th>"
+                + "".join(f"<td>{cell(value[c]) if c in value else ''}</td>" for c in columns)
+                + "</tr>"
+            )
         out.append("</tbody></table>")
     if scalars:
-        out.append('<table class="kv">' + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{cell(v)}</td></tr>" for k, v in scalars.items()) + "</table>")
+        out.append(
+            '<table class="kv">'
+            + "".join(f"<tr><th>{html.escape(str(k))}</th><td>{cell(v)}</td></tr>" for k, v in scalars.items())
+            + "</table>"
+        )
     if rest:
         out.append(f"<pre>{html.escape(json.dumps(rest, indent=1, default=str))}</pre>")
     return "".join(out)
@@ -387,12 +440,24 @@ class _Cards:
         try:
             return self.predictor.predict(dataset, rows)
         except Exception as error:  # the user's model on the user's data: go on without predictions, say why
-            self.notes.append(f"the model at the last checkpoint failed on the data ({type(error).__name__}: {error}); no predicted labels")
+            self.notes.append(
+                f"the model at the last checkpoint failed on the data ({type(error).__name__}: {error}); no predicted "
+                "labels"
+            )
             self.predictor = None
             return None
 
-    def cards(self, split: str, rows: Sequence[int], *, scores: Sequence[float] | None, given: Sequence[Any] | None,
-              extra: Sequence[str] | None = None, flagged: Sequence[bool] | None = None, caption: Callable[[int, int], str]) -> list[str]:
+    def cards(
+        self,
+        split: str,
+        rows: Sequence[int],
+        *,
+        scores: Sequence[float] | None,
+        given: Sequence[Any] | None,
+        extra: Sequence[str] | None = None,
+        flagged: Sequence[bool] | None = None,
+        caption: Callable[[int, int], str],
+    ) -> list[str]:
         dataset = self.task.split(split) if self.task is not None else None
         decode = _decoder(dataset) if dataset is not None else None
         classes = getattr(dataset, "classes", None) if dataset is not None else None
@@ -411,15 +476,24 @@ class _Cards:
             mismatch = predicted_value is not None and given_value is not None and predicted_value != given_value
             labels = f'<div class="labels">given <b>{html.escape(_label_text(given_value, classes))}</b>'
             if predicted_value is not None:
-                labels += f' · predicted <b class="{"mismatch" if mismatch else "match"}">{html.escape(_label_text(predicted_value, classes))}</b>'
+                verdict = "mismatch" if mismatch else "match"
+                labels += f' · predicted <b class="{verdict}">{html.escape(_label_text(predicted_value, classes))}</b>'
             labels += "</div>"
             score = f'<div class="score">{_fmt(float(scores[position]))}</div>' if scores is not None else ""
-            badge = f'<div class="badge">{html.escape(extra[position])}</div>' if extra is not None and extra[position] else ""
+            badge = (
+                f'<div class="badge">{html.escape(extra[position])}</div>'
+                if extra is not None and extra[position]
+                else ""
+            )
             attributes = (
                 f'data-row="{int(row)}" data-given="{html.escape(str(given_value))}" '
                 f'data-predicted="{"" if predicted_value is None else predicted_value}"'
             )
-            classes_attr = "card" + (" flagged" if flagged is not None and flagged[position] else "") + (" mismatch" if mismatch else "")
+            classes_attr = (
+                "card"
+                + (" flagged" if flagged is not None and flagged[position] else "")
+                + (" mismatch" if mismatch else "")
+            )
             out.append(
                 f'<figure class="{classes_attr}" {attributes}>{picture}<figcaption>{caption(position, int(row))}'
                 f"{score}{labels}{badge}</figcaption></figure>"
@@ -466,7 +540,7 @@ class _RowLookup:
         return _Column(np.asarray(values, dtype=object) if values.dtype.kind not in "iufb" else values, self.position)
 
 
-def _parse_queries(queries: "Sequence[int] | str | None", n_available: int) -> list[int]:
+def _parse_queries(queries: Sequence[int] | str | None, n_available: int) -> list[int]:
     if queries is None:
         return list(range(min(_DEFAULT_QUERIES, n_available)))
     if isinstance(queries, str) and queries.strip().lower() in ("", "none"):
@@ -478,23 +552,39 @@ def _parse_queries(queries: "Sequence[int] | str | None", n_available: int) -> l
 
 _CSS = """
 :root{--fg:#1d2330;--muted:#5b6475;--bg:#fff;--panel:#f4f6f9;--line:#d9dee7;--accent:#2f6fdf;--warn:#d9480f;--ok:#2b8a3e}
-*{box-sizing:border-box}body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
+*{box-sizing:border-box}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
 header{padding:20px 28px;border-bottom:1px solid var(--line);background:var(--panel)}h1{margin:0 0 4px;font-size:22px}
 header p{margin:2px 0;color:var(--muted)}nav a{margin-right:14px;color:var(--accent);text-decoration:none}
-main{padding:8px 28px 40px;max-width:1280px}section{margin:26px 0}h2{font-size:18px;margin:0 0 10px;border-bottom:1px solid var(--line);padding-bottom:4px}
+main{padding:8px 28px 40px;max-width:1280px}
+section{margin:26px 0}
+h2{font-size:18px;margin:0 0 10px;border-bottom:1px solid var(--line);padding-bottom:4px}
 .notes{background:#fff4e6;border:1px solid #ffd8a8;padding:8px 12px;border-radius:6px;margin:12px 0}
-.grid{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}.card{margin:0;width:128px;padding:6px;border:1px solid var(--line);border-radius:8px;background:#fff;text-align:center}
+.grid{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.card{margin:0;width:128px;padding:6px;border:1px solid var(--line);border-radius:8px;background:#fff;text-align:center}
 .card.mismatch{border-color:var(--warn)}.card.flagged{box-shadow:0 0 0 2px #fab005 inset}
-.thumb{width:96px;height:96px;image-rendering:pixelated;background:#000;border-radius:4px;display:block;margin:0 auto 4px;cursor:zoom-in}
-.thumb.big{width:224px;height:224px;cursor:zoom-out}svg.thumb{background:#f8f9fb;fill:none;stroke:var(--accent);stroke-width:1.4}
-figcaption{font-size:12px;color:var(--muted)}figcaption .id{color:var(--fg);word-break:break-all}.score{font-weight:600;color:var(--fg)}
-b.mismatch{color:var(--warn)}b.match{color:var(--ok)}.badge{display:inline-block;margin-top:2px;padding:0 6px;border-radius:8px;background:#fab005;color:#000;font-size:11px}
-.text{font:12px/1.3 ui-monospace,monospace;text-align:left;max-height:96px;overflow:auto;background:#f8f9fb;padding:4px;border-radius:4px;margin-bottom:4px}
+.thumb{width:96px;height:96px;image-rendering:pixelated;background:#000;border-radius:4px;display:block;margin:0 auto
+4px;cursor:zoom-in}
+.thumb.big{width:224px;height:224px;cursor:zoom-out}
+svg.thumb{background:#f8f9fb;fill:none;stroke:var(--accent);stroke-width:1.4}
+figcaption{font-size:12px;color:var(--muted)}
+figcaption .id{color:var(--fg);word-break:break-all}
+.score{font-weight:600;color:var(--fg)}
+b.mismatch{color:var(--warn)}
+b.match{color:var(--ok)}
+.badge{display:inline-block;margin-top:2px;padding:0 6px;border-radius:8px;background:#fab005;color:#000;font-size:11px}
+.text{font:12px/1.3 ui-monospace,monospace;text-align:left;max-height:96px;overflow:auto;background:#f8f9fb;
+padding:4px;border-radius:4px;margin-bottom:4px}
 .query{display:grid;grid-template-columns:150px 1fr;gap:12px;padding:12px 0;border-bottom:1px dashed var(--line)}
 .query h3{font-size:13px;margin:6px 0 4px;color:var(--muted);font-weight:600}
-table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid var(--line);padding:3px 9px;text-align:right}th{background:var(--panel);text-align:left}
+table{border-collapse:collapse;margin:6px 0}
+th,td{border:1px solid var(--line);padding:3px 9px;text-align:right}
+th{background:var(--panel);text-align:left}
 pre{background:var(--panel);padding:10px;border-radius:6px;overflow:auto;max-height:480px;font-size:12px}
-#histogram{width:100%;max-width:760px;height:auto}.plotbg{fill:#fbfcfe}.grid line,.grid{stroke:#e9ecf2}.axis{stroke:#8a93a5}
+#histogram{width:100%;max-width:760px;height:auto}
+.plotbg{fill:#fbfcfe}
+.grid line,.grid{stroke:#e9ecf2}
+.axis{stroke:#8a93a5}
 .bar.g0{fill:#6c8ebf}.bar.g1{fill:#e8590c}.cutoff{stroke:#c92a2a;stroke-dasharray:5 4;stroke-width:1.5}
 .tick{font-size:11px;fill:#5b6475}.label{font-size:12px;fill:#1d2330}.legend{font-size:12px;fill:#1d2330}
 footer{padding:14px 28px;color:var(--muted);border-top:1px solid var(--line);font-size:12px}
@@ -509,20 +599,23 @@ document.addEventListener('click', function (event) {
 document.documentElement.setAttribute('data-ready', '1');
 """
 
-_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
+    "base-uri 'none'; form-action 'none'"
+)
 
 
 def report(
-    store: "GradientStore | str | Path",
-    task: "Task | str | None" = None,
+    store: GradientStore | str | Path,
+    task: Task | str | None = None,
     *,
-    output: "str | Path" = "report.html",
-    queries: "Sequence[int] | str | None" = None,
+    output: str | Path = "report.html",
+    queries: Sequence[int] | str | None = None,
     split: str = "test",
     k: int = 5,
     top: int = 24,
     checkpoints: Sequence[str] | None = None,
-    results: "str | Path | dict | None" = None,
+    results: str | Path | dict | None = None,
     known_noisy: Sequence[int] | None = None,
     device: str = "auto",
     batch_size: int = 256,
@@ -558,8 +651,10 @@ def report(
     sample_ids = samples.column("sample_id")
     stored_labels = samples.column("label")
 
-    explicit_queries = queries is not None and not (isinstance(queries, str) and queries.strip().lower() in ("", "none")) and not (
-        not isinstance(queries, str) and len(queries) == 0
+    explicit_queries = (
+        queries is not None
+        and not (isinstance(queries, str) and queries.strip().lower() in ("", "none"))
+        and not (not isinstance(queries, str) and len(queries) == 0)
     )
     loaded_task, note = _resolve_task(store, task)
     if note:
@@ -596,12 +691,21 @@ def report(
             groups = (predicted_all != given).astype(np.int64)
             group_names = ["model agrees with the given label", "model disagrees with the given label"]
     suspect_given = stored_labels.take(shown) if stored_labels is not None else None
-    suspect_cards = cards.cards(
-        "train", shown, scores=shown_scores, given=suspect_given,
-        extra=["known mislabeled" if noisy_rows is not None and int(row) in noisy_rows else "" for row in shown],
-        flagged=[noisy_rows is not None and int(row) in noisy_rows for row in shown],
-        caption=lambda position, row: f'#{position + 1} · row {row}<br><span class="id">{html.escape(str(sample_ids.get(row)))}</span>',
-    ) if len(shown) else []
+    suspect_cards = (
+        cards.cards(
+            "train",
+            shown,
+            scores=shown_scores,
+            given=suspect_given,
+            extra=["known mislabeled" if noisy_rows is not None and int(row) in noisy_rows else "" for row in shown],
+            flagged=[noisy_rows is not None and int(row) in noisy_rows for row in shown],
+            caption=lambda position, row: (
+                f'#{position + 1} · row {row}<br><span class="id">{html.escape(str(sample_ids.get(row)))}</span>'
+            ),
+        )
+        if len(shown)
+        else []
+    )
 
     query_html: list[str] = []
     picked: list[int] = []
@@ -617,26 +721,47 @@ def report(
             picked = _parse_queries(queries, len(dataset))
         if picked:
             k_found = min(k, store.n_samples)
-            common = dict(split=split, samples=picked, k=k_found, checkpoints=checkpoints, device=device, batch_size=batch_size,
-                          progress=progress, allow_incomplete=allow_incomplete)
+            common = dict(
+                split=split,
+                samples=picked,
+                k=k_found,
+                checkpoints=checkpoints,
+                device=device,
+                batch_size=batch_size,
+                progress=progress,
+                allow_incomplete=allow_incomplete,
+            )
             proponents = query(store, loaded_task, **common)
             opponents = query(store, loaded_task, opponents=True, **common)
-            query_cards = cards.cards(split, picked, scores=None, given=None,
-                                      caption=lambda position, row: f"{html.escape(split)} #{row}")
+            query_cards = cards.cards(
+                split, picked, scores=None, given=None, caption=lambda position, row: f"{html.escape(split)} #{row}"
+            )
             for position, query_id in enumerate(picked):
-                section = [f'<div class="query" data-query="{query_id}"><div class="grid query-sample">{query_cards[position]}</div><div>']
-                for title, table in (("proponents (positive influence: training on them lowered this query's loss)", proponents),
-                                     ("opponents (negative influence: training on them raised it)", opponents)):
+                section = [
+                    f'<div class="query" data-query="{query_id}"><div class="grid '
+                    f'query-sample">{query_cards[position]}</div><div>'
+                ]
+                for title, table in (
+                    ("proponents (positive influence: training on them lowered this query's loss)", proponents),
+                    ("opponents (negative influence: training on them raised it)", opponents),
+                ):
                     mask = np.asarray(table.column("query").to_numpy() == position)
                     found_rows = table.column("row").to_numpy()[mask]
                     found_scores = table.column("score").to_numpy()[mask]
                     kind = "proponents" if title.startswith("proponents") else "opponents"
                     items = cards.cards(
-                        "train", found_rows, scores=found_scores,
+                        "train",
+                        found_rows,
+                        scores=found_scores,
                         given=stored_labels.take(found_rows) if stored_labels is not None else None,
                         flagged=[noisy_rows is not None and int(row) in noisy_rows for row in found_rows],
-                        extra=["known mislabeled" if noisy_rows is not None and int(row) in noisy_rows else "" for row in found_rows],
-                        caption=lambda p, row: f'row {row}<br><span class="id">{html.escape(str(sample_ids.get(row)))}</span>',
+                        extra=[
+                            "known mislabeled" if noisy_rows is not None and int(row) in noisy_rows else ""
+                            for row in found_rows
+                        ],
+                        caption=lambda p, row: (
+                            f'row {row}<br><span class="id">{html.escape(str(sample_ids.get(row)))}</span>'
+                        ),
                     )
                     section.append(f'<h3>{html.escape(title)}</h3><div class="grid {kind}">{"".join(items)}</div>')
                 section.append("</div></div>")
@@ -646,7 +771,11 @@ def report(
     if isinstance(results, dict):
         quality, quality_source = results, "given"
     else:
-        candidates = [Path(results)] if results is not None else [store.path.parent / "results.json", store.path / "results.json"]
+        candidates = (
+            [Path(results)]
+            if results is not None
+            else [store.path.parent / "results.json", store.path / "results.json"]
+        )
         for candidate in candidates:
             if candidate.is_file():
                 try:
@@ -673,10 +802,13 @@ def report(
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<header><h1>{html.escape(title)}</h1>",
         f"<p>{html.escape(str(store.path))} · method <b>{html.escape(str(method.get('name', '?')))}</b> · "
-        f"projection {html.escape(str(projection.get('kind', '?')))} (dim {html.escape(str(projection.get('dim', '?')))}) · "
-        f"{store.n_samples} samples × {store.dim} ({html.escape(store.dtype)}) · {html.escape(str(details.get('state')))}</p>",
+        f"projection {html.escape(str(projection.get('kind', '?')))} (dim "
+        f"{html.escape(str(projection.get('dim', '?')))}) · "
+        f"{store.n_samples} samples × {store.dim} ({html.escape(store.dtype)}) · "
+        f"{html.escape(str(details.get('state')))}</p>",
         f"<p>task {html.escape(loaded_task.name if loaded_task is not None else 'not loaded')} · "
-        f"{len(store.manifest.get('checkpoints') or [])} checkpoints · built {html.escape(str(details.get('created_at', '?')))}</p>",
+        f"{len(store.manifest.get('checkpoints') or [])} checkpoints · built "
+        f"{html.escape(str(details.get('created_at', '?')))}</p>",
         '<nav><a href="#self-influence">self-influence</a><a href="#suspects">suspects</a>'
         + ('<a href="#queries">queries</a>' if query_html else "")
         + ('<a href="#quality">quality</a>' if quality is not None else "")
@@ -698,19 +830,22 @@ def report(
     )
     if query_html:
         body.append(
-            f'<section id="queries"><h2>Proponents and opponents of {len(picked)} {html.escape(split)} sample{"s" if len(picked) != 1 else ""}</h2>'
-            "<p>Score ⟨φ(q), φ(z)⟩: positive = proponent (training on z lowered the loss on q), negative = opponent.</p>"
-            + "".join(query_html) + "</section>"
+            f'<section id="queries"><h2>Proponents and opponents of {len(picked)} {html.escape(split)} '
+            f"sample{'s' if len(picked) != 1 else ''}</h2>"
+            "<p>Score ⟨φ(q), φ(z)⟩: positive = proponent (training on z lowered the loss on q), negative = "
+            "opponent.</p>" + "".join(query_html) + "</section>"
         )
     if quality is not None:
         source = "" if quality_source == "given" else f" (from {html.escape(quality_source)})"
         body.append(f'<section id="quality"><h2>Quality figures{source}</h2>{_quality_html(quality)}</section>')
     body.append(
-        '<section id="manifest"><h2>Manifest</h2><details><summary>the store\'s manifest (format, fingerprint, checkpoints, layout)</summary>'
+        '<section id="manifest"><h2>Manifest</h2><details><summary>the store\'s manifest (format, fingerprint, '
+        "checkpoints, layout)</summary>"
         f"<pre>{html.escape(json.dumps(details, indent=1, default=str))}</pre></details></section>"
     )
     body.append(
-        f"</main><footer>gradindex {html.escape(__version__)} · generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
+        f"</main><footer>gradindex {html.escape(__version__)} · generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
         f"</footer><script>{_JS}</script></body></html>"
     )
     text = "\n".join(body)

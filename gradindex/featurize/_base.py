@@ -4,8 +4,9 @@ and what every featurizer starts from: the device, the task's checkpoints loaded
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -72,4 +73,5 @@ class Featurizer(ABC):
 
     def attach(self, store: Any) -> None:
         """Load (or compute and write) what the featurizer keeps in the store's ``transforms/``; called by every
-        build worker before its first shard and by every query before its first batch."""
+        build worker before its first shard and by every query before its first batch. Nothing, unless overridden."""
+        return None

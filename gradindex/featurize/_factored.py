@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,15 @@ from torch.nn import functional as F
 
 from gradindex.errors import TaskSpecError
 from gradindex.featurize._per_sample import LossModule, PerSampleGradients
-from gradindex.projection import KronLayer, KronPlan, ParamPlan, ProjectionSpec, kron_side_matrix, make_projector, plan_kron
+from gradindex.projection import (
+    KronLayer,
+    KronPlan,
+    ParamPlan,
+    ProjectionSpec,
+    kron_side_matrix,
+    make_projector,
+    plan_kron,
+)
 from gradindex.task import batch_size, slice_batch
 
 __all__ = ["KronGradients", "find_kron_layers", "layer_sides", "mixing_modules", "squared_norms"]
@@ -45,7 +54,9 @@ def mixing_modules(model: nn.Module) -> list[str]:
     """Modules whose eval-mode output for one sample depends on the other samples of the batch."""
     names = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (not module.track_running_stats or module.running_mean is None):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+            not module.track_running_stats or module.running_mean is None
+        ):
             names.append(name or type(module).__name__)
     return names
 
@@ -90,8 +101,13 @@ def find_kron_layers(model: nn.Module, param_names: Sequence[str]) -> tuple[list
         return [], [], list(param_names)
     shared = _shared_parameter_ids(model)
     # submodules of nn.MultiheadAttention are applied functionally by their parent: hooks would never see them
-    skip = {f"{name}.{child}" if name else child for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)
-            for child, _ in module.named_modules() if child}
+    skip = {
+        f"{name}.{child}" if name else child
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+        for child, _ in module.named_modules()
+        if child
+    }
     layers, norms, covered = [], [], set()
     for name, module in model.named_modules():
         if not name or name in skip:
@@ -100,11 +116,12 @@ def find_kron_layers(model: nn.Module, param_names: Sequence[str]) -> tuple[list
         if layer is not None:
             layers.append(layer)
             covered.update(layer.params)
-        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine and all(
-            id(p) not in shared for p in module.parameters(recurse=False)
-        ):
-            if any(f"{name}.{key}" in selected for key, _ in module.named_parameters(recurse=False)):
-                norms.append(name)
+        elif (
+            isinstance(module, nn.LayerNorm)
+            and module.elementwise_affine
+            and all(id(p) not in shared for p in module.parameters(recurse=False))
+        ) and any(f"{name}.{key}" in selected for key, _ in module.named_parameters(recurse=False)):
+            norms.append(name)
     rest = [name for name in param_names if name not in covered]
     return layers, norms, rest
 
@@ -159,12 +176,16 @@ class KronGradients:
         self._groups = (layers, rest, sum(item.numel for item in rest_plans))
         self.modules = dict(self.module.model.named_modules())
         self.norms = norms
-        norm_params = {f"{name}.{key}" for name in norms for key, _ in self.modules[name].named_parameters(recurse=False)}
+        norm_params = {
+            f"{name}.{key}" for name in norms for key, _ in self.modules[name].named_parameters(recurse=False)
+        }
         self.rest_plans = rest_plans
         self.vmap_params = [name for name in rest if name not in norm_params]
         self.vmap = PerSampleGradients(model, loss, self.vmap_params) if self.vmap_params else None
         self.records = _Records()
-        self._handles = [self.modules[layer.name].register_forward_hook(self.records.hook(layer.name)) for layer in layers]
+        self._handles = [
+            self.modules[layer.name].register_forward_hook(self.records.hook(layer.name)) for layer in layers
+        ]
         self._handles += [self.modules[name].register_forward_hook(self.records.hook(name)) for name in norms]
         # the parameters that must require grad so that every hooked output does
         self._grad_keys = {f"model.{layer.params[0]}" for layer in layers} | {f"model.{name}" for name in norm_params}
@@ -178,7 +199,7 @@ class KronGradients:
     @property
     def needs_calibration(self) -> bool:
         """Whether the plan has a choice to make (not everything fits) that calibration would inform."""
-        layers, rest, rest_numel = self._groups
+        layers, _rest, rest_numel = self._groups
         return self.spec.dim < sum(layer.numel for layer in layers) + rest_numel
 
     def replan(self, energies: Sequence[float], sides: str = "gaussian") -> None:
@@ -189,8 +210,14 @@ class KronGradients:
         self.plan = plan
         self.dim = plan.dim
         self.rest_projector = (
-            make_projector(ProjectionSpec(kind="none" if plan.rest_dim == plan.rest_numel else "sjlt", dim=plan.rest_dim, seed=self.spec.seed), self.rest_plans)
-            if plan.rest_params else None
+            make_projector(
+                ProjectionSpec(
+                    kind="none" if plan.rest_dim == plan.rest_numel else "sjlt", dim=plan.rest_dim, seed=self.spec.seed
+                ),
+                self.rest_plans,
+            )
+            if plan.rest_params
+            else None
         )
         self._matrices: dict[tuple[int, str, str], Tensor | None] = {}
         self.bytes_per_sample = 0
@@ -207,7 +234,10 @@ class KronGradients:
         layers, rest, _ = self._groups
         sums = []
         for layer in layers:
-            sides = [layer_sides(layer.kind, self.modules[layer.name], inputs, grad, len(layer.params) > 1) for inputs, grad in calls.get(layer.name, [])]
+            sides = [
+                layer_sides(layer.kind, self.modules[layer.name], inputs, grad, len(layer.params) > 1)
+                for inputs, grad in calls.get(layer.name, [])
+            ]
             if not sides:
                 sums.append(0.0)
                 continue
@@ -217,8 +247,14 @@ class KronGradients:
             sums.append(float(self._rest_gradients(batch, state, calls, size).double().square().sum()))
         return sums
 
-    def side_moments(self, batch: Any, state: dict[str, Tensor], moments: dict[tuple[str, str], Tensor],
-                     keys: set[tuple[str, str]] | None = None, block: int = 1 << 22) -> None:
+    def side_moments(
+        self,
+        batch: Any,
+        state: dict[str, Tensor],
+        moments: dict[tuple[str, str], Tensor],
+        keys: set[tuple[str, str]] | None = None,
+        block: int = 1 << 22,
+    ) -> None:
         """Add one batch's second moments of the narrow pca sides into ``moments`` ({(layer, side): float64 tensor}),
         only those in ``keys`` when given (the caller bounds how many ``[width, width]`` moments live at once).
 
@@ -232,18 +268,26 @@ class KronGradients:
         calls = self._forward_backward(batch, state)
         self._check_per_sample(calls, batch_size(batch))
         for plan in self.plan.layers:
-            wanted = [(side, width) for side, width, _ in plan.narrow_sides() if keys is None or (plan.layer.name, side) in keys]
+            wanted = [
+                (side, width)
+                for side, width, _ in plan.narrow_sides()
+                if keys is None or (plan.layer.name, side) in keys
+            ]
             if plan.sides != "pca" or not wanted:
                 continue
             for inputs, grad in calls.get(plan.layer.name, []):
-                a, g = layer_sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
+                a, g = layer_sides(
+                    plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1
+                )
                 embedding = plan.layer.kind == "embedding"
                 a = a.reshape(-1) if embedding else a.reshape(-1, a.shape[-1])
                 g = g.reshape(-1, g.shape[-1])
                 step = max(1, block // max(g.shape[1], 1 if embedding else a.shape[1]))
                 for side, width in wanted:
                     key = (plan.layer.name, side)
-                    found = torch.zeros(width, *(() if side == "in" and embedding else (width,)), dtype=torch.float64, device=g.device)
+                    found = torch.zeros(
+                        width, *(() if side == "in" and embedding else (width,)), dtype=torch.float64, device=g.device
+                    )
                     for start in range(0, g.shape[0], step):
                         g_part = g[start : start + step].double()
                         if side == "in" and embedding:
@@ -252,12 +296,15 @@ class KronGradients:
                             x = a[start : start + step].double()
                             found.addmm_(x.T, x * g_part.square().sum(-1, keepdim=True))
                         else:
-                            weight = 1.0 if embedding else a[start : start + step].double().square().sum(-1, keepdim=True)
+                            weight = (
+                                1.0 if embedding else a[start : start + step].double().square().sum(-1, keepdim=True)
+                            )
                             found.addmm_(g_part.T, g_part * weight)
                     moments[key] = found if key not in moments else moments[key] + found
 
     def pca_groups(self, budget: int) -> list[list[tuple[str, str, int, int]]]:
-        """``pca_shapes`` cut into groups whose float64 moments (``[width, width]``; an embedding's input side, diagonal:
+        """``pca_shapes`` cut into groups whose float64 moments (``[width, width]``; an embedding's input side,
+        diagonal:
         ``[width]``) take at most ``budget`` bytes together; a side larger than that is a group of its own."""
         groups: list[list[tuple[str, str, int, int]]] = [[]]
         used = 0
@@ -275,7 +322,12 @@ class KronGradients:
 
     def pca_shapes(self) -> list[tuple[str, str, int, int]]:
         """``(layer, side, width, k)`` of every pca side matrix one checkpoint needs, in the order they are packed."""
-        return [(plan.layer.name, side, width, k) for plan in self.plan.layers if plan.sides == "pca" for side, width, k in plan.narrow_sides()]
+        return [
+            (plan.layer.name, side, width, k)
+            for plan in self.plan.layers
+            if plan.sides == "pca"
+            for side, width, k in plan.narrow_sides()
+        ]
 
     def pca_matrix(self, checkpoint: int, layer: str, side: str) -> Tensor | None:
         return self._matrices.get((checkpoint, layer, side))
@@ -286,7 +338,12 @@ class KronGradients:
     def plan_dict(self) -> list[dict]:
         entries = self.plan.to_dict()
         if self.mixing:
-            entries.append({"fallback_reason": f"modules {', '.join(self.mixing)} mix samples (BatchNorm without running statistics)"})
+            entries.append(
+                {
+                    "fallback_reason": f"modules {', '.join(self.mixing)} mix samples "
+                    "(BatchNorm without running statistics)"
+                }
+            )
         return entries
 
     def _side(self, checkpoint: int, plan, side: str) -> Tensor | None:
@@ -294,10 +351,13 @@ class KronGradients:
         if key not in self._matrices:
             if plan.sides == "pca" and any(narrow == side for narrow, _, _ in plan.narrow_sides()):
                 raise RuntimeError(
-                    f"the pca side matrices of {plan.layer.name} are not loaded: they come from the build's calibration and are "
+                    f"the pca side matrices of {plan.layer.name} are not loaded: they come from the build's "
+                    "calibration and are "
                     "kept in the store (transforms/kron_sides); attach the featurizer to its store first"
                 )
-            matrix = kron_side_matrix(self.spec.seed, checkpoint, plan.layer, side, plan.k_in if side == "in" else plan.k_out, plan.sides)
+            matrix = kron_side_matrix(
+                self.spec.seed, checkpoint, plan.layer, side, plan.k_in if side == "in" else plan.k_out, plan.sides
+            )
             self._matrices[key] = None if matrix is None else matrix.to(self.device)
         return self._matrices[key]
 
@@ -305,7 +365,10 @@ class KronGradients:
 
     def _forward_backward(self, batch: Any, state: dict[str, Tensor]) -> dict[str, list[tuple[Tensor, Tensor]]]:
         """Inputs and output gradients of every hooked module call, from one forward and one backward."""
-        params = {key: (value.detach().requires_grad_(True) if key in self._grad_keys else value) for key, value in state.items()}
+        params = {
+            key: (value.detach().requires_grad_(True) if key in self._grad_keys else value)
+            for key, value in state.items()
+        }
         for attempt in range(2):
             self.records.calls = {}
             self.records.active = True
@@ -315,13 +378,15 @@ class KronGradients:
             finally:
                 self.records.active = False
             calls = self.records.calls
-            if any(output._version != version for records in calls.values() for _, output, version in records):
-                if attempt == 0:
-                    self.records.clone_outputs = True  # once seen, keep cloning for this model
-                    continue
+            rewritten = any(output._version != version for records in calls.values() for _, output, version in records)
+            if rewritten and attempt == 0:
+                self.records.clone_outputs = True  # once seen, keep cloning for this model
+                continue
             break
         if losses.ndim != 1:
-            raise TaskSpecError(f"the task's loss must return one value per sample, shape [B]; it returned shape {list(losses.shape)}")
+            raise TaskSpecError(
+                f"the task's loss must return one value per sample, shape [B]; it returned shape {list(losses.shape)}"
+            )
         outputs = [output for records in calls.values() for _, output, _ in records if output.requires_grad]
         grads = iter(torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else [])
         found = {}
@@ -344,8 +409,16 @@ class KronGradients:
         for plan in self.plan.layers:
             block = None
             for inputs, grad in calls.get(plan.layer.name, []):
-                part = self._outer(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1,
-                                   self._side(checkpoint, plan, "in"), self._side(checkpoint, plan, "out"), plan.layer.in_dim)
+                part = self._outer(
+                    plan.layer.kind,
+                    self.modules[plan.layer.name],
+                    inputs,
+                    grad,
+                    len(plan.layer.params) > 1,
+                    self._side(checkpoint, plan, "in"),
+                    self._side(checkpoint, plan, "out"),
+                    plan.layer.in_dim,
+                )
                 block = part if block is None else block + part
             view = out[:, offset : offset + plan.dim]
             if block is None:  # the module did not run: its parameters do not affect the loss
@@ -367,8 +440,10 @@ class KronGradients:
             for _, grad in records:
                 if grad.ndim == 0 or grad.shape[0] != size:
                     raise TaskSpecError(
-                        f"the kron projection needs per-sample outputs, but module {name} returned shape {list(grad.shape)} for a batch of "
-                        f"{size} (its input is shared by all samples, e.g. a position embedding of arange(T)); expand its input to "
+                        f"the kron projection needs per-sample outputs, but module {name} returned shape "
+                        f"{list(grad.shape)} for a batch of "
+                        f"{size} (its input is shared by all samples, e.g. a position embedding of arange(T)); expand "
+                        "its input to "
                         "the batch, leave it out with --layers, or use --projection sjlt"
                     )
 
@@ -384,7 +459,12 @@ class KronGradients:
                     n_inputs *= math.prod(module.kernel_size)
                 total += 4 * (2 * n_inputs + 3 * grad.numel())
         if self.vmap is not None:
-            total += 4 * 3 * size * sum(math.prod(self.vmap.module.model.get_parameter(name).shape) for name in self.vmap_params)
+            total += (
+                4
+                * 3
+                * size
+                * sum(math.prod(self.vmap.module.model.get_parameter(name).shape) for name in self.vmap_params)
+            )
         total += 4 * size * self.dim * 2
         return max(1, total // max(1, size))
 
@@ -405,7 +485,9 @@ class KronGradients:
             for key, value in (("weight", weight), ("bias", bias)):
                 if getattr(module, key, None) is not None:
                     shape = tuple(module.normalized_shape)
-                    pieces[f"{name}.{key}"] = (value if value is not None else torch.zeros(size, *shape, device=self.device)).reshape(size, -1)
+                    pieces[f"{name}.{key}"] = (
+                        value if value is not None else torch.zeros(size, *shape, device=self.device)
+                    ).reshape(size, -1)
         if self.vmap is not None:
             params, constants = self.vmap.split_state(state)
             grads = self.vmap(batch, params, constants)
@@ -428,23 +510,32 @@ class KronGradients:
         if self.autocast or not self.plan.layers:
             return
         weights = [f"model.{plan.layer.params[0]}" for plan in self.plan.layers]
-        params = {key: (value.detach().requires_grad_(True) if key in weights else value) for key, value in state.items()}
+        params = {
+            key: (value.detach().requires_grad_(True) if key in weights else value) for key, value in state.items()
+        }
         with torch.enable_grad():
             losses = functional_call(self.module, params, (batch,))
             true = torch.autograd.grad(losses.sum(), [params[key] for key in weights], allow_unused=True)
         for plan, expected in zip(self.plan.layers, true):
             found = torch.zeros(plan.layer.out_dim, plan.layer.in_dim, dtype=torch.float64, device=self.device)
             for inputs, grad in calls.get(plan.layer.name, []):
-                found += _summed_gradient(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1).double()
+                found += _summed_gradient(
+                    plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1
+                ).double()
             has_bias = len(plan.layer.params) > 1
             found_weight = found[:, : plan.layer.in_dim - has_bias]
             if plan.layer.kind == "embedding":
                 found_weight = found_weight.T
-            expected = torch.zeros_like(found_weight) if expected is None else expected.detach().double().reshape(found_weight.shape)
+            expected = (
+                torch.zeros_like(found_weight)
+                if expected is None
+                else expected.detach().double().reshape(found_weight.shape)
+            )
             scale = float(expected.abs().max()) + 1e-12
             if float((found_weight - expected).abs().max()) > 1e-3 * scale:
                 raise TaskSpecError(
-                    f"the kron projection cannot factor {plan.layer.name}: its weight gets gradient from outside the module's own call "
+                    f"the kron projection cannot factor {plan.layer.name}: its weight gets gradient from outside the "
+                    "module's own call "
                     "(e.g. tied or functionally reused weights); leave it out with --layers, or use --projection sjlt"
                 )
         if size >= 2:
@@ -453,15 +544,27 @@ class KronGradients:
             alone_flat = [pair for name in alone for pair in alone[name]]
             for (_, together), (_, single) in zip(first, alone_flat):
                 scale = float(single.abs().max()) + 1e-12
-                if together.shape != single.shape or float((together.float() - single.float()).abs().max()) > 1e-3 * scale:
+                if (
+                    together.shape != single.shape
+                    or float((together.float() - single.float()).abs().max()) > 1e-3 * scale
+                ):
                     raise TaskSpecError(
-                        "the kron projection needs samples that do not interact in eval mode, but this model's output for one sample "
+                        "the kron projection needs samples that do not interact in eval mode, but this model's output "
+                        "for one sample "
                         "depends on the others in its batch; use --projection sjlt (per-sample gradients by vmap)"
                     )
 
 
-def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, bias: bool,
-                   p_in: Tensor | None, p_out: Tensor | None, in_dim: int) -> Tensor:
+def _project_layer(
+    kind: str,
+    module: nn.Module,
+    inputs: Tensor,
+    grad: Tensor,
+    bias: bool,
+    p_in: Tensor | None,
+    p_out: Tensor | None,
+    in_dim: int,
+) -> Tensor:
     """One call of one layer: ``[B, k_out, k_in]`` = Σ_t (P_out g_t)(P_in a_t)ᵀ (a side without P is the identity)."""
     batch = grad.shape[0]
     grad = grad.float()
@@ -469,7 +572,9 @@ def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, b
         tokens, grad = _embedding_sides(module, inputs, grad)
         projected_grad = grad if p_out is None else grad @ p_out  # [B, T, k_out]
         if p_in is None:
-            block = torch.zeros(batch, module.num_embeddings, projected_grad.shape[-1], dtype=torch.float32, device=grad.device)
+            block = torch.zeros(
+                batch, module.num_embeddings, projected_grad.shape[-1], dtype=torch.float32, device=grad.device
+            )
             block.scatter_add_(1, tokens.unsqueeze(-1).expand(-1, -1, projected_grad.shape[-1]), projected_grad)
             return block.transpose(1, 2)
         return projected_grad.transpose(1, 2) @ p_in[tokens]
@@ -485,7 +590,9 @@ def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, b
     if p_in is None:
         projected_in = torch.cat([inputs, inputs.new_ones(*inputs.shape[:2], 1)], dim=2) if bias else inputs
     elif bias:
-        projected_in = torch.addmm(p_in[-1], inputs.reshape(-1, in_dim - 1), p_in[:-1]).reshape(batch, inputs.shape[1], -1)
+        projected_in = torch.addmm(p_in[-1], inputs.reshape(-1, in_dim - 1), p_in[:-1]).reshape(
+            batch, inputs.shape[1], -1
+        )
     else:
         projected_in = inputs @ p_in
     projected_grad = grad if p_out is None else grad @ p_out
@@ -495,7 +602,8 @@ def _project_layer(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, b
 
 
 def _embedding_sides(module: nn.Module, inputs: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
-    """An embedding call as ``(tokens [B, T], g [B, T, dim])``, padding positions' gradients zeroed (their row gets none)."""
+    """An embedding call as ``(tokens [B, T], g [B, T, dim])``, padding positions' gradients zeroed (their row gets
+    none)."""
     tokens = inputs.reshape(grad.shape[0], -1)
     grad = grad.reshape(grad.shape[0], tokens.shape[1], -1)
     if module.padding_idx is not None:
@@ -511,7 +619,9 @@ def layer_sides(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, bias
     if kind == "embedding":
         return _embedding_sides(module, inputs, grad)
     if kind == "conv":
-        return _patches(module, inputs.float(), None, bias).flatten(2).transpose(1, 2), grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)
+        return _patches(module, inputs.float(), None, bias).flatten(2).transpose(1, 2), grad.reshape(
+            batch, grad.shape[1], -1
+        ).transpose(1, 2)
     inputs = inputs.float().reshape(batch, -1, inputs.shape[-1])
     if bias:
         inputs = torch.cat([inputs, inputs.new_ones(*inputs.shape[:2], 1)], dim=2)
@@ -539,7 +649,8 @@ def squared_norms(kind: str, a: Tensor, g: Tensor, in_dim: int, elements: int = 
 
 
 def _summed_gradient(kind: str, module: nn.Module, inputs: Tensor, grad: Tensor, bias: bool) -> Tensor:
-    """The batch gradient Σ_b G_b of one layer call, ``[out_dim, in_dim]``: what autograd gives the weight (and bias)."""
+    """The batch gradient Σ_b G_b of one layer call, ``[out_dim, in_dim]``: what autograd gives the weight (and
+    bias)."""
     grad = grad.float()
     if kind == "embedding":
         tokens, grad = _embedding_sides(module, inputs, grad)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +21,20 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | None) -> list[st
     if not layers:
         selected = names
     else:
-        selected = [name for name in names if any(fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[0], pattern) for pattern in layers)]
+        selected = [
+            name
+            for name in names
+            if any(
+                fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[0], pattern)
+                for pattern in layers
+            )
+        ]
     if not selected:
         raise TaskSpecError(
             f"--layers {' '.join(layers or [])} matches no trainable parameter; the model has {', '.join(names[:8])}"
             + (" ..." if len(names) > 8 else "")
         )
     return selected
-
 
 
 class LossModule(nn.Module):

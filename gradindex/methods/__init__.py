@@ -17,7 +17,8 @@ trak       Q(z)[P_c∇f(z; θ_c)]_c                           (1/C)[(Φ_cᵀΦ_c
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -27,7 +28,14 @@ from gradindex.methods._base import MethodFeaturizer, as_method_featurizer, row_
 from gradindex.methods._curvature import Curvature
 from gradindex.methods._gex import GexFeaturizer
 from gradindex.methods._influence import InfluenceFeaturizer
-from gradindex.methods._options import CURVATURES, METHOD_OPTIONS, QUERY_TIME_OPTIONS, SOLVERS, OptionSpec, resolve_options
+from gradindex.methods._options import (
+    CURVATURES,
+    METHOD_OPTIONS,
+    QUERY_TIME_OPTIONS,
+    SOLVERS,
+    OptionSpec,
+    resolve_options,
+)
 from gradindex.methods._self_influence import finish_store, recompute_self_influence, stored_self_influence
 from gradindex.methods._solvers import CGSolver, ExactSolver, LissaSolver, arnoldi
 from gradindex.methods._tracin import CALIBRATION_SAMPLES, KRON_SIDES_TRANSFORM, TracInFeaturizer
@@ -112,7 +120,13 @@ def make_featurizer(
         if options:
             resolve_options("tracin", options)  # says which method the options belong to
         return TracInFeaturizer(
-            task, checkpoints, projection=projection, layers=layers, normalize=normalize, device=device, **(runtime or {})
+            task,
+            checkpoints,
+            projection=projection,
+            layers=layers,
+            normalize=normalize,
+            device=device,
+            **(runtime or {}),
         )
     if method in _FEATURIZERS:
         return _FEATURIZERS[method](

@@ -9,7 +9,8 @@ every query uses the same basis.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,12 +57,15 @@ class ArnoldiFeaturizer(_GradientMethod):
         self.seed = projection.seed
         rank = self.options["rank"]
         if rank > self.n_params:
-            raise ValueError(f"--rank {rank} exceeds the {self.n_params} parameters indexed; use --rank {self.n_params} or less")
+            raise ValueError(
+                f"--rank {rank} exceeds the {self.n_params} parameters indexed; use --rank {self.n_params} or less"
+            )
         if self.options["iterations"] is None:
             self.options["iterations"] = min(self.n_params, max(2 * rank, rank + 20))
         if not rank <= self.options["iterations"] <= self.n_params:
             raise ValueError(
-                f"iterations must be between --rank ({rank}) and the parameter count ({self.n_params}), got {self.options['iterations']}"
+                f"iterations must be between --rank ({rank}) and the parameter count ({self.n_params}), got "
+                f"{self.options['iterations']}"
             )
         self.dim = rank
         self._eigenvalues: Tensor | None = None
@@ -80,8 +84,11 @@ class ArnoldiFeaturizer(_GradientMethod):
         """``(Λ [r], U [p, r])`` float64 by Arnoldi on curvature products."""
         curvature = self.curvature(self.options["hessian"], self.options["hvp_batch_size"])
         iterations = self.options["iterations"]
-        log.info("arnoldi: %d iterations on %d parameters for the top %d eigenpairs", iterations, self.n_params, self.dim)
+        log.info(
+            "arnoldi: %d iterations on %d parameters for the top %d eigenpairs", iterations, self.n_params, self.dim
+        )
         with progress_bar(iterations, "arnoldi", unit="HVP") as bar:
+
             def matvec(vectors: Tensor) -> Tensor:
                 bar.update(1)
                 return curvature.matvec(vectors)
@@ -103,7 +110,7 @@ class ArnoldiFeaturizer(_GradientMethod):
         self._scale = shifted.rsqrt().to(self.device, torch.float32)
         self._basis32 = self._eigenvectors.float()
 
-    def attach(self, store: "GradientStore") -> None:
+    def attach(self, store: GradientStore) -> None:
         if EIGENBASIS not in store.transforms():
             values, vectors = self.compute_eigenbasis()
             packed = torch.cat([values.unsqueeze(0), vectors.cpu()]).numpy()
@@ -112,7 +119,10 @@ class ArnoldiFeaturizer(_GradientMethod):
                 return
         packed = store.read_transform(EIGENBASIS)
         if packed.shape != (self.n_params + 1, self.dim):
-            raise ValueError(f"{store.path}'s {EIGENBASIS} has shape {list(packed.shape)}, expected {[self.n_params + 1, self.dim]}; rebuild with --overwrite")
+            raise ValueError(
+                f"{store.path}'s {EIGENBASIS} has shape {list(packed.shape)}, expected "
+                f"{[self.n_params + 1, self.dim]}; rebuild with --overwrite"
+            )
         tensor = torch.from_numpy(np.ascontiguousarray(packed))
         self._use(tensor[0], tensor[1:])
 

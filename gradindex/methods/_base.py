@@ -12,7 +12,8 @@ Score of training row z for query q: ⟨query_vectors(q), row z⟩ (positive = p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +36,7 @@ class MethodFeaturizer(Featurizer):
     method: str = "custom"
     symmetric: bool = True
 
-    def attach(self, store: "GradientStore") -> None:
+    def attach(self, store: GradientStore) -> None:
         """Load (or compute and write) what this method keeps in the store's ``transforms/``."""
 
     def begin_shard(self, shard: int) -> None:
@@ -46,10 +47,10 @@ class MethodFeaturizer(Featurizer):
         vectors = self.featurize(batch)
         return vectors, row_dots(vectors, vectors)
 
-    def end_shard(self, store: "GradientStore", shard: int) -> None:
+    def end_shard(self, store: GradientStore, shard: int) -> None:
         """The shard's rows are featurized: write its share of any transform (before its record)."""
 
-    def finish(self, store: "GradientStore") -> None:
+    def finish(self, store: GradientStore) -> None:
         """Every shard is done (the store is not yet marked complete): reduce and write transforms."""
 
     def configure_query(self, options: Mapping[str, Any], store_path: Any = "this store") -> None:
@@ -61,7 +62,10 @@ class MethodFeaturizer(Featurizer):
         else:
             asked = sorted(name for name, value in (options or {}).items() if value is not None)
             if asked:
-                raise ValueError(f"store {store_path} was built with --method {self.method}, which takes no options (got {', '.join(asked)})")
+                raise ValueError(
+                    f"store {store_path} was built with --method {self.method}, which takes no options (got "
+                    f"{', '.join(asked)})"
+                )
             overrides = {}
         self.query_settings = {**recorded, **overrides}
 
@@ -76,7 +80,7 @@ class _BuiltinMethod(MethodFeaturizer):
     def _setup(
         self,
         method: str,
-        task: "Task",
+        task: Task,
         *,
         layers: Sequence[str] | None,
         normalize: bool,
@@ -138,7 +142,13 @@ class _GradientMethod(_BuiltinMethod):
         key = (kind, batch_size)
         if key not in self._curvatures:
             self._curvatures[key] = Curvature(
-                self.task, self.checkpoint.state, self.param_names, self.plans, kind=kind, batch_size=batch_size, device=self.device
+                self.task,
+                self.checkpoint.state,
+                self.param_names,
+                self.plans,
+                kind=kind,
+                batch_size=batch_size,
+                device=self.device,
             )
         return self._curvatures[key]
 
@@ -167,7 +177,7 @@ class _Symmetric(MethodFeaturizer):
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()
 
-    def attach(self, store: "GradientStore") -> None:
+    def attach(self, store: GradientStore) -> None:
         self.inner.attach(store)
 
     def __getattr__(self, name: str) -> Any:  # the wrapped featurizer's own attributes (task, plans, ...)
@@ -196,12 +206,9 @@ def row_dots(left: Tensor, right: Tensor) -> Tensor:
     return (left.double() * right.double()).sum(dim=1).float()
 
 
-
-
 def chunk_rows(n_params: int, chunk_bytes: int = 256 << 20) -> int:
     """Samples per chunk so that a few ``[chunk, p]`` float32 buffers stay within ``chunk_bytes``."""
     return max(1, chunk_bytes // (4 * 3 * max(1, n_params)))
-
 
 
 def single_checkpoint(method: str, checkpoints: Sequence[LoadedCheckpoint]) -> LoadedCheckpoint:
@@ -219,7 +226,11 @@ def check_projection(method: str, projection: ProjectionSpec) -> None:
         return
     raise ValueError(
         f"--projection {projection.kind} --proj-dim {projection.dim} does not apply to --method {method}: its vectors "
-        + ("are per-member losses" if method == "gex" else "are coordinates in the top-r eigenbasis (set their number with --rank)")
+        + (
+            "are per-member losses"
+            if method == "gex"
+            else "are coordinates in the top-r eigenbasis (set their number with --rank)"
+        )
         + "; leave --projection and --proj-dim at their defaults, or pass --projection none"
     )
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +70,8 @@ class Curvature:
             raise ValueError(f"curvature must be hessian or ggn, got {kind!r}")
         if kind == "ggn" and task.loss is not cross_entropy_loss:
             raise TaskSpecError(
-                "--hessian ggn needs the task's default cross-entropy loss (its output Hessian is known in closed form); "
+                "--hessian ggn needs the task's default cross-entropy loss (its output Hessian is known in closed "
+                "form); "
                 "this task has its own loss: use --hessian hessian"
             )
         self.task = task
@@ -88,7 +90,9 @@ class Curvature:
         self.n_params = self.theta.numel()
         self.n_samples = len(task.train)
         if self.n_samples == 0:
-            raise TaskSpecError("the task's training set is empty; the Hessian of the training loss needs training samples")
+            raise TaskSpecError(
+                "the task's training set is empty; the Hessian of the training loss needs training samples"
+            )
 
     def key(self) -> tuple:
         """What the matrix depends on besides the task: the curvature kind, the parameters and their values."""
@@ -113,7 +117,12 @@ class Curvature:
     def batches(self) -> Any:
         """The training set in order, as batches on the device."""
         for start in range(0, self.n_samples, self.batch_size):
-            yield gather_batch(self.task.train, range(start, min(self.n_samples, start + self.batch_size)), self.task.collate, self.device)
+            yield gather_batch(
+                self.task.train,
+                range(start, min(self.n_samples, start + self.batch_size)),
+                self.task.collate,
+                self.device,
+            )
 
     def _products(self, batch: Any, vectors: Tensor, weight: float, regularize: bool) -> Tensor:
         """(weight · Σ over the batch of per-sample curvature [+ ∇²R]) · v for every row v of ``vectors``."""
@@ -141,6 +150,7 @@ class Curvature:
 
         products = vmap(one)(vectors)
         if regularize:
+
             def penalty(flat: Tensor) -> Tensor:
                 return functional_call(self._regularizer, self._state(flat), ())
 
@@ -191,6 +201,7 @@ class Curvature:
 
     def _regularizer_products(self, vectors: Tensor) -> Tensor:
         """∇²R · v for every row v of ``vectors``."""
+
         def penalty(flat: Tensor) -> Tensor:
             return functional_call(self._regularizer, self._state(flat), ())
 
@@ -207,7 +218,9 @@ class Curvature:
 
         jacobians = vmap(jacrev(outputs_one), in_dims=(None, 0))
         for start in range(0, self.n_samples, chunk):
-            batch = gather_batch(self.task.train, range(start, min(self.n_samples, start + chunk)), self.task.collate, self.device)
+            batch = gather_batch(
+                self.task.train, range(start, min(self.n_samples, start + chunk)), self.task.collate, self.device
+            )
             with torch.no_grad():
                 logits = functional_call(self._outputs, self._state(self.theta), (batch,))
             jac = jacobians(self.theta, batch)  # [B, C, p]

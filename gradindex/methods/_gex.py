@@ -14,19 +14,18 @@ already fits. The checkpoints are given in that order: θ* first, then the membe
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from gradindex.featurize import LoadedCheckpoint
-from gradindex.featurize import LossModule
-from gradindex.task import to_device
+from gradindex.featurize import LoadedCheckpoint, LossModule
 from gradindex.methods._base import _BuiltinMethod, check_projection
 from gradindex.methods._options import recorded_options
 from gradindex.projection import ProjectionSpec
-from gradindex.task import Task
+from gradindex.task import Task, to_device
 
 __all__ = ["GexFeaturizer"]
 
@@ -50,12 +49,18 @@ class GexFeaturizer(_BuiltinMethod):
     ):
         check_projection("gex", projection)
         if normalize:
-            raise ValueError("--normalize does not apply to --method gex: its vectors are loss deviations, not gradients; leave it out")
+            raise ValueError(
+                "--normalize does not apply to --method gex: its vectors are loss deviations, not gradients; leave it "
+                "out"
+            )
         if layers:
-            raise ValueError("--layers does not apply to --method gex: its vectors are losses of whole models; leave it out")
+            raise ValueError(
+                "--layers does not apply to --method gex: its vectors are losses of whole models; leave it out"
+            )
         if len(checkpoints) < 2:
             raise ValueError(
-                f"--method gex needs the trained checkpoint θ* first and then the ensemble members (from `gradindex ensemble`); "
+                "--method gex needs the trained checkpoint θ* first and then the ensemble members (from `gradindex "
+                "ensemble`); "
                 f"got {len(checkpoints)} checkpoint(s)"
             )
         model = self._setup("gex", task, layers=None, normalize=False, device=device, options=options)
@@ -80,7 +85,9 @@ class GexFeaturizer(_BuiltinMethod):
         batch = to_device(batch, self.device)
         with torch.no_grad():
             base = functional_call(self._loss, self._base, (batch,)).float()
-            members = torch.stack([functional_call(self._loss, state, (batch,)).float() for state in self._members], dim=1)
+            members = torch.stack(
+                [functional_call(self._loss, state, (batch,)).float() for state in self._members], dim=1
+            )
         return base, members
 
     def featurize(self, batch: Any) -> Tensor:

@@ -13,7 +13,8 @@ i.e. N · (the rise of q's loss when z is left out of training), to first order.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -84,10 +85,21 @@ class InfluenceFeaturizer(_GradientMethod):
             key = ("cg", settings["hessian"], settings["cg_max_iter"], settings["cg_tol"])
             make = lambda: CGSolver(curvature, max_iter=settings["cg_max_iter"], tol=settings["cg_tol"])  # noqa: E731
         else:
-            key = ("lissa", settings["hessian"], settings["lissa_depth"], settings["lissa_scale"], settings["lissa_repeats"], settings["lissa_batch_size"])
+            key = (
+                "lissa",
+                settings["hessian"],
+                settings["lissa_depth"],
+                settings["lissa_scale"],
+                settings["lissa_repeats"],
+                settings["lissa_batch_size"],
+            )
             make = lambda: LissaSolver(  # noqa: E731
-                curvature, depth=settings["lissa_depth"], scale=settings["lissa_scale"], repeats=settings["lissa_repeats"],
-                batch_size=settings["lissa_batch_size"], seed=self.projection.seed,
+                curvature,
+                depth=settings["lissa_depth"],
+                scale=settings["lissa_scale"],
+                repeats=settings["lissa_repeats"],
+                batch_size=settings["lissa_batch_size"],
+                seed=self.projection.seed,
             )
         if key not in self._solvers:
             self._solvers[key] = make()
@@ -115,16 +127,19 @@ class InfluenceFeaturizer(_GradientMethod):
             self._lissa_change = max(self._lissa_change, solver.relative_change)
         return vectors, row_dots(transformed, vectors)
 
-    def end_shard(self, store: "GradientStore", shard: int) -> None:
+    def end_shard(self, store: GradientStore, shard: int) -> None:
         # how far the self-influence's LiSSA solves were from converged (see LissaSolver): kept with the store
         if self.options["solver"] == "lissa":
             store.write_transform_part(LISSA_CHANGE, shard, np.array([self._lissa_change]))
         self._lissa_change = 0.0
 
-    def finish(self, store: "GradientStore") -> None:
+    def finish(self, store: GradientStore) -> None:
         if self.options["solver"] == "lissa":
             parts = store.read_transform_parts(LISSA_CHANGE)
-            store.write_transform(LISSA_CHANGE, np.array([float(parts[shard][0]) if shard in parts else np.nan for shard in range(store.n_shards)]))
+            store.write_transform(
+                LISSA_CHANGE,
+                np.array([float(parts[shard][0]) if shard in parts else np.nan for shard in range(store.n_shards)]),
+            )
 
     def query_vectors(self, batch: Any) -> Tensor:
         """collated batch of B queries -> [B, k]: P(H + λI)^{-1}∇ℓ(q; θ*)."""

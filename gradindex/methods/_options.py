@@ -8,21 +8,22 @@ for a different value of any other is an ``IncompatibleStoreError`` that names t
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from gradindex.errors import IncompatibleStoreError
 from gradindex.utils import check_choice, check_flag, check_non_negative, check_positive, check_positive_int
 
 __all__ = [
     "CURVATURES",
-    "SOLVERS",
-    "OptionSpec",
     "METHOD_OPTIONS",
     "QUERY_TIME_OPTIONS",
-    "resolve_options",
-    "query_overrides",
+    "SOLVERS",
+    "OptionSpec",
     "option_owner",
+    "query_overrides",
+    "resolve_options",
 ]
 
 
@@ -59,39 +60,91 @@ SOLVERS = ("auto", "exact", "cg", "lissa")
 CURVATURES = ("hessian", "ggn")
 
 _HESSIAN_HELP = "curvature: the Hessian, or the Gauss-Newton matrix (default cross-entropy loss only)"
-_HVP_BATCH = OptionSpec(256, _checked(check_positive_int, "hvp_batch_size"), query_time=True, recorded=False, help="training samples per Hessian-vector product batch")
+_HVP_BATCH = OptionSpec(
+    256,
+    _checked(check_positive_int, "hvp_batch_size"),
+    query_time=True,
+    recorded=False,
+    help="training samples per Hessian-vector product batch",
+)
 
 METHOD_OPTIONS: dict[str, dict[str, OptionSpec]] = {
     "tracin": {},
     "gex": {
-        "tau": OptionSpec(0.05, _checked(check_non_negative, "tau"), help="floor on the trained model's loss: φ_m = ℓ(θ_m) − max(ℓ(θ*), τ)"),
+        "tau": OptionSpec(
+            0.05,
+            _checked(check_non_negative, "tau"),
+            help="floor on the trained model's loss: φ_m = ℓ(θ_m) − max(ℓ(θ*), τ)",
+        ),
     },
     "if": {
-        "solver": OptionSpec("auto", _checked(check_choice, "solver", SOLVERS), query_time=True, help="exact (small models), cg, lissa; auto = exact up to 4096 parameters, else cg"),
+        "solver": OptionSpec(
+            "auto",
+            _checked(check_choice, "solver", SOLVERS),
+            query_time=True,
+            help="exact (small models), cg, lissa; auto = exact up to 4096 parameters, else cg",
+        ),
         "damping": OptionSpec(0.001, _checked(check_non_negative, "damping"), query_time=True, help="λ in (H + λI)^-1"),
-        "hessian": OptionSpec("hessian", _checked(check_choice, "hessian", CURVATURES), query_time=True, help=_HESSIAN_HELP),
-        "cg_max_iter": OptionSpec(100, _checked(check_positive_int, "cg_max_iter"), query_time=True, help="conjugate-gradient iterations at most"),
-        "cg_tol": OptionSpec(1e-6, _checked(check_positive, "cg_tol"), query_time=True, help="stop when ||r|| <= cg_tol * ||b||"),
-        "lissa_depth": OptionSpec(1000, _checked(check_positive_int, "lissa_depth"), query_time=True, help="LiSSA recursion steps"),
-        "lissa_scale": OptionSpec(None, _optional(_checked(check_positive, "lissa_scale")), query_time=True, help="LiSSA scale (> largest eigenvalue of H + λI); auto: 1.5x a power-iteration estimate"),
-        "lissa_repeats": OptionSpec(1, _checked(check_positive_int, "lissa_repeats"), query_time=True, help="independent LiSSA runs averaged"),
-        "lissa_batch_size": OptionSpec(64, _checked(check_positive_int, "lissa_batch_size"), query_time=True, help="training samples per LiSSA Hessian estimate"),
+        "hessian": OptionSpec(
+            "hessian", _checked(check_choice, "hessian", CURVATURES), query_time=True, help=_HESSIAN_HELP
+        ),
+        "cg_max_iter": OptionSpec(
+            100,
+            _checked(check_positive_int, "cg_max_iter"),
+            query_time=True,
+            help="conjugate-gradient iterations at most",
+        ),
+        "cg_tol": OptionSpec(
+            1e-6, _checked(check_positive, "cg_tol"), query_time=True, help="stop when ||r|| <= cg_tol * ||b||"
+        ),
+        "lissa_depth": OptionSpec(
+            1000, _checked(check_positive_int, "lissa_depth"), query_time=True, help="LiSSA recursion steps"
+        ),
+        "lissa_scale": OptionSpec(
+            None,
+            _optional(_checked(check_positive, "lissa_scale")),
+            query_time=True,
+            help="LiSSA scale (> largest eigenvalue of H + λI); auto: 1.5x a power-iteration estimate",
+        ),
+        "lissa_repeats": OptionSpec(
+            1, _checked(check_positive_int, "lissa_repeats"), query_time=True, help="independent LiSSA runs averaged"
+        ),
+        "lissa_batch_size": OptionSpec(
+            64,
+            _checked(check_positive_int, "lissa_batch_size"),
+            query_time=True,
+            help="training samples per LiSSA Hessian estimate",
+        ),
         "hvp_batch_size": _HVP_BATCH,
     },
     "arnoldi": {
         "rank": OptionSpec(20, _checked(check_positive_int, "rank"), help="eigenpairs kept (r)"),
-        "damping": OptionSpec(0.0, _checked(check_non_negative, "damping"), help="λ added to the kept eigenvalues: φ = (Λ + λ)^-1/2 Uᵀ∇ℓ"),
-        "iterations": OptionSpec(None, _optional(_checked(check_positive_int, "iterations")), help="Arnoldi iterations (default max(2r, r + 20), at most the parameter count)"),
+        "damping": OptionSpec(
+            0.0, _checked(check_non_negative, "damping"), help="λ added to the kept eigenvalues: φ = (Λ + λ)^-1/2 Uᵀ∇ℓ"
+        ),
+        "iterations": OptionSpec(
+            None,
+            _optional(_checked(check_positive_int, "iterations")),
+            help="Arnoldi iterations (default max(2r, r + 20), at most the parameter count)",
+        ),
         "hessian": OptionSpec("hessian", _checked(check_choice, "hessian", CURVATURES), help=_HESSIAN_HELP),
         "hvp_batch_size": _HVP_BATCH,
     },
     "trak": {
-        "damping": OptionSpec(0.01, _checked(check_non_negative, "damping"), query_time=True, help="λ in (ΦᵀΦ + λI)^-1"),
-        "out_to_loss": OptionSpec(True, _checked(check_flag, "out_to_loss"), help="weight training samples by 1 − p(correct class), averaged over checkpoints"),
+        "damping": OptionSpec(
+            0.01, _checked(check_non_negative, "damping"), query_time=True, help="λ in (ΦᵀΦ + λI)^-1"
+        ),
+        "out_to_loss": OptionSpec(
+            True,
+            _checked(check_flag, "out_to_loss"),
+            help="weight training samples by 1 − p(correct class), averaged over checkpoints",
+        ),
     },
 }
 
-QUERY_TIME_OPTIONS = {method: tuple(name for name, spec in specs.items() if spec.query_time) for method, specs in METHOD_OPTIONS.items()}
+QUERY_TIME_OPTIONS = {
+    method: tuple(name for name, spec in specs.items() if spec.query_time) for method, specs in METHOD_OPTIONS.items()
+}
 
 
 def option_owner(name: str) -> list[str]:
@@ -103,7 +156,10 @@ def _unknown(method: str, name: str) -> ValueError:
     owners = option_owner(name)
     known = ", ".join(METHOD_OPTIONS[method]) or "none"
     if owners:
-        return ValueError(f"option {name} does not apply to --method {method}; it belongs to --method {' / '.join(owners)} (options of {method}: {known})")
+        return ValueError(
+            f"option {name} does not apply to --method {method}; it belongs to --method {' / '.join(owners)} (options "
+            f"of {method}: {known})"
+        )
     return ValueError(f"unknown option {name!r} for --method {method}; its options are: {known}")
 
 
@@ -126,7 +182,9 @@ def recorded_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {name: options[name] for name, spec in METHOD_OPTIONS[method].items() if spec.recorded}
 
 
-def query_overrides(method: str, recorded: Mapping[str, Any], asked: Mapping[str, Any] | None, store_path: Any) -> dict[str, Any]:
+def query_overrides(
+    method: str, recorded: Mapping[str, Any], asked: Mapping[str, Any] | None, store_path: Any
+) -> dict[str, Any]:
     """The query-time options a query asks to change; any other option must equal the store's.
 
     Raises ``IncompatibleStoreError`` when a build-time option differs from what the store recorded.
@@ -136,7 +194,8 @@ def query_overrides(method: str, recorded: Mapping[str, Any], asked: Mapping[str
         return {}
     if method not in METHOD_OPTIONS:
         raise IncompatibleStoreError(
-            f"store {store_path} was built with method {method!r}, which this gradindex does not know; upgrade gradindex"
+            f"store {store_path} was built with method {method!r}, which this gradindex does not know; upgrade "
+            "gradindex"
         )
     specs = METHOD_OPTIONS[method]
     overrides: dict[str, Any] = {}
@@ -145,7 +204,8 @@ def query_overrides(method: str, recorded: Mapping[str, Any], asked: Mapping[str
             if option_owner(name):
                 owners = " / ".join(option_owner(name))
                 raise ValueError(
-                    f"{name} applies to stores built with --method {owners}; store {store_path} was built with --method {method}"
+                    f"{name} applies to stores built with --method {owners}; store {store_path} was built with "
+                    f"--method {method}"
                 )
             raise _unknown(method, name)
         parsed = specs[name].parse(value)

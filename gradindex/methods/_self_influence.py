@@ -7,24 +7,24 @@ influence functions recompute ∇ℓ(z) and one inverse-Hessian-vector product p
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from gradindex.task import iter_batches
 from gradindex.methods._base import MethodFeaturizer, row_dots
 from gradindex.methods._options import METHOD_OPTIONS, query_overrides, resolve_options
 from gradindex.methods._trak import TrakFeaturizer, finish_trak, trak_self_influence
-from gradindex.task import Task
+from gradindex.task import Task, iter_batches
 
 if TYPE_CHECKING:
     from gradindex.store import GradientStore
 
-__all__ = ["recompute_self_influence", "stored_self_influence", "finish_store"]
+__all__ = ["finish_store", "recompute_self_influence", "stored_self_influence"]
 
 
-def finish_store(store: "GradientStore") -> None:
+def finish_store(store: GradientStore) -> None:
     """What a method computes from the whole store once every shard is written (needs no model): TRAK's ΦᵀΦ."""
     method = store.fingerprint.get("method", {})
     if method.get("name") == "trak":
@@ -35,7 +35,7 @@ def _recorded(method: dict) -> dict:
     return {key: value for key, value in method.items() if key not in ("name", "normalize")}
 
 
-def stored_self_influence(store: "GradientStore", asked: Mapping[str, Any] | None) -> np.ndarray | None:
+def stored_self_influence(store: GradientStore, asked: Mapping[str, Any] | None) -> np.ndarray | None:
     """Self-influence of every row of a complete store at the asked query-time settings, when the store alone
     gives it (the build's own settings, or TRAK at another damping); None when gradients must be recomputed.
 
@@ -46,7 +46,10 @@ def stored_self_influence(store: "GradientStore", asked: Mapping[str, Any] | Non
     asked = {key: value for key, value in (asked or {}).items() if value is not None}
     if name not in METHOD_OPTIONS:
         if asked:
-            raise ValueError(f"store {store.path} was built with --method {name}, which takes no options (got {', '.join(sorted(asked))})")
+            raise ValueError(
+                f"store {store.path} was built with --method {name}, which takes no options (got "
+                f"{', '.join(sorted(asked))})"
+            )
         return store.self_influence()[1]
     built = resolve_options(name, _recorded(method))
     overrides = query_overrides(name, built, asked, store.path)
@@ -58,7 +61,7 @@ def stored_self_influence(store: "GradientStore", asked: Mapping[str, Any] | Non
 
 
 def recompute_self_influence(
-    store: "GradientStore",
+    store: GradientStore,
     featurizer: MethodFeaturizer,
     task: Task,
     *,
@@ -76,8 +79,12 @@ def recompute_self_influence(
             position = 0
             for batch in iter_batches(task.train, range(first_row, first_row + len(block)), batch_size, task.collate):
                 transformed = featurizer.query_vectors(batch)
-                stored = torch.from_numpy(np.asarray(block[position : position + len(transformed)], dtype=np.float32)).to(transformed.device)
-                scores[first_row + position : first_row + position + len(transformed)] = row_dots(transformed, stored).cpu().numpy()
+                stored = torch.from_numpy(
+                    np.asarray(block[position : position + len(transformed)], dtype=np.float32)
+                ).to(transformed.device)
+                scores[first_row + position : first_row + position + len(transformed)] = (
+                    row_dots(transformed, stored).cpu().numpy()
+                )
                 position += len(transformed)
                 if bar is not None:
                     bar.update(len(transformed))

@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from gradindex.errors import GradIndexWarning
 from gradindex.methods._base import damping_error
-from gradindex.task import gather_batch
 from gradindex.methods._curvature import Curvature
+from gradindex.task import gather_batch
 
-__all__ = ["ExactSolver", "CGSolver", "LissaSolver", "arnoldi", "MAX_EXACT_PARAMS"]
+__all__ = ["MAX_EXACT_PARAMS", "CGSolver", "ExactSolver", "LissaSolver", "arnoldi"]
 
 log = logging.getLogger("gradindex")
 
@@ -74,10 +74,14 @@ class ExactSolver:
         return _cached(self.curvature, "dense", self.curvature.dense)
 
     def factor(self, damping: float) -> Tensor:
-        """The lower Cholesky factor of H + λI, float64; not positive definite: the error names the damping that fixes it."""
+        """The lower Cholesky factor of H + λI, float64; not positive definite: the error names the damping that fixes
+        it."""
+
         def compute() -> Tensor:
             matrix = self.matrix()
-            factor, info = torch.linalg.cholesky_ex(matrix + damping * torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device))
+            factor, info = torch.linalg.cholesky_ex(
+                matrix + damping * torch.eye(len(matrix), dtype=matrix.dtype, device=matrix.device)
+            )
             if int(info) == 0:
                 diagonal = factor.diagonal()
                 # a pivot at rounding level: positive definite only by accident of rounding
@@ -146,7 +150,11 @@ class CGSolver:
             active = r_norm2.sqrt() > target
         if bool(active.any()):
             worst = float((r_norm2.sqrt() / b.norm(dim=1).clamp_min(1e-300)).max())
-            log.warning("conjugate gradients stopped after %d iterations with relative residual %.2g; raise cg_max_iter", iteration, worst)
+            log.warning(
+                "conjugate gradients stopped after %d iterations with relative residual %.2g; raise cg_max_iter",
+                iteration,
+                worst,
+            )
         return x.float()
 
 
@@ -204,7 +212,8 @@ class LissaSolver:
             peak = float(h.abs().max())
             if not math.isfinite(peak) or peak > limit:
                 raise ValueError(
-                    f"LiSSA diverged (scale {scale:.3g}, λ={damping:g}): the scale must exceed the largest eigenvalue of "
+                    f"LiSSA diverged (scale {scale:.3g}, λ={damping:g}): the scale must exceed the largest eigenvalue "
+                    "of "
                     f"{_what(curvature)} + λI on every mini-batch, and the curvature must be positive; "
                     "raise --lissa-scale or --lissa-batch-size, or raise --damping"
                 )
@@ -216,9 +225,13 @@ class LissaSolver:
             warnings.warn(
                 f"LiSSA did not converge (scale {scale:.3g}, λ={damping:g}, depth {self.depth}): its estimate moved by "
                 f"{self.relative_change:.0%} between the last two tenths of its iterations"
-                + (" and is growing: raise --lissa-scale above the largest eigenvalue of the curvature (or leave it unset "
-                   "to estimate it), or raise --damping" if growing else
-                   "; raise --lissa-depth, or raise --damping (faster convergence), or use --solver cg or exact"),
+                + (
+                    " and is growing: raise --lissa-scale above the largest eigenvalue of the curvature (or leave it "
+                    "unset "
+                    "to estimate it), or raise --damping"
+                    if growing
+                    else "; raise --lissa-depth, or raise --damping (faster convergence), or use --solver cg or exact"
+                ),
                 GradIndexWarning,
                 stacklevel=2,
             )
@@ -234,7 +247,8 @@ def arnoldi(
     seed: int = 0,
     device: torch.device = torch.device("cpu"),
 ) -> tuple[Tensor, Tensor]:
-    """Top-``rank`` eigenpairs (largest eigenvalues first) of a symmetric operator: ``(values [r], vectors [p, r])`` float64.
+    """Top-``rank`` eigenpairs (largest eigenvalues first) of a symmetric operator: ``(values [r], vectors [p, r])``
+    float64.
 
     ``matvec`` maps a float32 ``[1, p]`` to ``[1, p]``. Arnoldi iteration from a seeded random start,
     full re-orthogonalisation (twice, Gram–Schmidt); when the Krylov space closes early it continues
@@ -289,6 +303,8 @@ def arnoldi(
     values, vectors = torch.linalg.eigh(projected)
     order = torch.argsort(values, descending=True)[:rank]
     if len(order) < rank:
-        raise ValueError(f"the operator has only {len(order)} independent directions; lower --rank to at most {len(order)}")
+        raise ValueError(
+            f"the operator has only {len(order)} independent directions; lower --rank to at most {len(order)}"
+        )
     ritz = basis[:size].T @ vectors[:, order].to(device)
     return values[order].to(device), ritz

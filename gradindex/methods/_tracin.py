@@ -9,14 +9,22 @@ set): the plan is recorded in the manifest and the pca side matrices kept in the
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from gradindex.errors import CorruptStoreError
-from gradindex.featurize import Featurizer, KronGradients, LoadedCheckpoint, PerSampleGradients, model_fingerprint, select_parameters
+from gradindex.featurize import (
+    Featurizer,
+    KronGradients,
+    LoadedCheckpoint,
+    PerSampleGradients,
+    model_fingerprint,
+    select_parameters,
+)
 from gradindex.projection import ParamPlan, ProjectionSpec, make_projector, pca_side_matrix
 from gradindex.task import Task, batch_size, iter_batches, slice_batch, to_device
 
@@ -67,7 +75,14 @@ class TracInFeaturizer(Featurizer):
         if projection.kind == "kron":
             # per-sample gradients are never formed: a batched forward/backward per chunk, sized on the first one
             self.kron: KronGradients | None = KronGradients(
-                model, task.loss, self.param_names, projection, device, autocast=autocast, compile=compile, plan=projection.plan
+                model,
+                task.loss,
+                self.param_names,
+                projection,
+                device,
+                autocast=autocast,
+                compile=compile,
+                plan=projection.plan,
             )
             self._states = [(ckpt.state, {}) for ckpt in self.checkpoints]
             if projection.plan is None and self.kron.needs_calibration:
@@ -108,7 +123,10 @@ class TracInFeaturizer(Featurizer):
             energies = [value / len(rows) for value in sums]
             total = sum(energies) if self.normalize else 1.0
             contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
-        self.kron.replan([math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))], sides=sides)
+        self.kron.replan(
+            [math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))],
+            sides=sides,
+        )
         self._calibrate_pca()
 
     def _calibration_rows(self) -> range:
@@ -128,10 +146,16 @@ class TracInFeaturizer(Featurizer):
                     self.kron.side_moments(to_device(batch, self.device), params, moments, keys)
                 for name, side, width, k in group:
                     moment = moments.get((name, side))  # None: the module never ran
-                    self.kron.set_pca_matrix(position, name, side, pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k))
+                    self.kron.set_pca_matrix(
+                        position,
+                        name,
+                        side,
+                        pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k),
+                    )
 
     def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
-        """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs them."""
+        """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs
+        them."""
         return [(position, *shape) for position in range(len(self.checkpoints)) for shape in self.kron.pca_shapes()]
 
     def attach(self, store: Any) -> None:
@@ -150,18 +174,23 @@ class TracInFeaturizer(Featurizer):
                 )
             if any(self.kron.pca_matrix(c, name, side) is None for c, name, side, _, _ in layout):
                 self._calibrate_pca()
-            packed = np.concatenate([self.kron.pca_matrix(c, name, side).cpu().numpy().reshape(-1) for c, name, side, _, _ in layout])
+            packed = np.concatenate(
+                [self.kron.pca_matrix(c, name, side).cpu().numpy().reshape(-1) for c, name, side, _, _ in layout]
+            )
             store.write_transform(KRON_SIDES_TRANSFORM, packed.astype(np.float32), exclusive=True)
         packed = store.read_transform(KRON_SIDES_TRANSFORM)
         expected = sum(width * k for _, _, _, width, k in layout)
         if packed.dtype != np.float32 or packed.shape != (expected,):
             raise CorruptStoreError(
-                f"store {store.path}'s transforms/{KRON_SIDES_TRANSFORM} holds {packed.dtype} {list(packed.shape)}, but its kron plan "
+                f"store {store.path}'s transforms/{KRON_SIDES_TRANSFORM} holds {packed.dtype} {list(packed.shape)}, "
+                "but its kron plan "
                 f"needs float32 [{expected}]; rebuild it with --overwrite"
             )
         offset = 0
         for c, name, side, width, k in layout:
-            self.kron.set_pca_matrix(c, name, side, torch.from_numpy(packed[offset : offset + width * k].copy()).reshape(width, k))
+            self.kron.set_pca_matrix(
+                c, name, side, torch.from_numpy(packed[offset : offset + width * k].copy()).reshape(width, k)
+            )
             offset += width * k
 
     def fingerprint(self) -> dict:

@@ -17,7 +17,8 @@ Self-influence ⟨T φ(z), φ(z)⟩ = Q(z)·(1/C) Σ_c φ_cᵀ(Φ_cᵀΦ_c + λI
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,8 +26,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from gradindex.errors import IncompleteStoreError
-from gradindex.featurize import LoadedCheckpoint
-from gradindex.featurize import LossModule
+from gradindex.featurize import LoadedCheckpoint, LossModule
 from gradindex.methods._base import _BuiltinMethod, check_gradient_projection, row_dots
 from gradindex.projection import ProjectionSpec
 from gradindex.task import Task, batch_size, slice_batch, to_device
@@ -34,7 +34,7 @@ from gradindex.task import Task, batch_size, slice_batch, to_device
 if TYPE_CHECKING:
     from gradindex.store import GradientStore
 
-__all__ = ["TrakFeaturizer", "GramInverse", "finish_trak", "trak_self_influence"]
+__all__ = ["GramInverse", "TrakFeaturizer", "finish_trak", "trak_self_influence"]
 
 GRAM = "trak_gram"
 OUT_TO_LOSS = "trak_out_to_loss"
@@ -63,7 +63,9 @@ class GramInverse:
         return (self.vectors / shifted.unsqueeze(1)) @ self.vectors.transpose(1, 2)
 
 
-def trak_self_influence(store: "GradientStore", damping: float, *, gram: np.ndarray | None = None, out_to_loss: np.ndarray | None = None) -> np.ndarray:
+def trak_self_influence(
+    store: GradientStore, damping: float, *, gram: np.ndarray | None = None, out_to_loss: np.ndarray | None = None
+) -> np.ndarray:
     """``(N,)`` float32: Q(z)·(1/C) Σ_c φ_c(z)ᵀ(Φ_cᵀΦ_c + λI)^{-1}φ_c(z) for every row, from the stored rows."""
     gram = store.read_transform(GRAM) if gram is None else gram
     weights = store.read_transform(OUT_TO_LOSS) if out_to_loss is None else out_to_loss
@@ -80,7 +82,7 @@ def trak_self_influence(store: "GradientStore", damping: float, *, gram: np.ndar
     return scores.astype(np.float32)
 
 
-def finish_trak(store: "GradientStore", damping: float) -> None:
+def finish_trak(store: GradientStore, damping: float) -> None:
     """Every shard is written: sum the shards' ΦᵀΦ, gather the out-to-loss weights, write the self-influence at λ."""
     grams = store.read_transform_parts(GRAM)
     weights = store.read_transform_parts(OUT_TO_LOSS)
@@ -94,7 +96,8 @@ def finish_trak(store: "GradientStore", damping: float) -> None:
     out_to_loss = np.concatenate([weights[shard] for shard in range(store.n_shards)]).astype(np.float32)
     if out_to_loss.shape != (store.n_samples,):
         raise IncompleteStoreError(
-            f"store {store.path} has {out_to_loss.shape[0]} out-to-loss weights for {store.n_samples} rows; rebuild with --overwrite"
+            f"store {store.path} has {out_to_loss.shape[0]} out-to-loss weights for {store.n_samples} rows; rebuild "
+            "with --overwrite"
         )
     self_scores = trak_self_influence(store, damping, gram=gram, out_to_loss=out_to_loss)
     store.write_transform(GRAM, gram)
@@ -166,7 +169,9 @@ class TrakFeaturizer(_BuiltinMethod):
 
     # ---- build stages -----------------------------------------------------------------------
     def begin_shard(self, shard: int) -> None:
-        self._gram_sum = torch.zeros(self.n_checkpoints, self.block_dim, self.block_dim, dtype=torch.float64, device=self.device)
+        self._gram_sum = torch.zeros(
+            self.n_checkpoints, self.block_dim, self.block_dim, dtype=torch.float64, device=self.device
+        )
         self._weights = []
 
     def featurize_train(self, batch: Any) -> tuple[Tensor, Tensor]:
@@ -182,7 +187,7 @@ class TrakFeaturizer(_BuiltinMethod):
         # a placeholder: the self-influence needs every shard's ΦᵀΦ and is written by finish()
         return rows, row_dots(rows, rows)
 
-    def end_shard(self, store: "GradientStore", shard: int) -> None:
+    def end_shard(self, store: GradientStore, shard: int) -> None:
         if self._gram_sum is None:
             raise RuntimeError("end_shard without begin_shard")
         store.write_transform_part(GRAM, shard, self._gram_sum.cpu().numpy())
@@ -190,11 +195,11 @@ class TrakFeaturizer(_BuiltinMethod):
         store.write_transform_part(OUT_TO_LOSS, shard, weights)
         self._gram_sum, self._weights = None, []
 
-    def finish(self, store: "GradientStore") -> None:
+    def finish(self, store: GradientStore) -> None:
         finish_trak(store, self.options["damping"])
 
     # ---- query stages -----------------------------------------------------------------------
-    def attach(self, store: "GradientStore") -> None:
+    def attach(self, store: GradientStore) -> None:
         if store.complete:
             self._inverse = GramInverse(store.read_transform(GRAM))
 
@@ -205,7 +210,9 @@ class TrakFeaturizer(_BuiltinMethod):
     def query_vectors(self, batch: Any) -> Tensor:
         """collated batch of B queries -> [B, C·k]: (1/C)[(Φ_cᵀΦ_c + λI)^{-1} φ_c(q)]_c."""
         if self._inverse is None:
-            raise IncompleteStoreError("TRAK queries need the store's ΦᵀΦ, written when its build completes; finish it with --resume")
+            raise IncompleteStoreError(
+                "TRAK queries need the store's ΦᵀΦ, written when its build completes; finish it with --resume"
+            )
         inverses = self._inverse.matrices(self.query_settings["damping"]).to(self.device)
         phi, _ = self.features(batch)
         vectors = torch.einsum("cij,bcj->bci", inverses, phi.double()) / self.n_checkpoints

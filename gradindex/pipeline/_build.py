@@ -9,15 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from gradindex.version import __version__
 from gradindex.checkpoints import CheckpointSpec, parse_checkpoints
 from gradindex.errors import (
     GradIndexError,
@@ -36,14 +36,30 @@ from gradindex.methods import (
     finish_store,
     make_featurizer,
 )
-from gradindex.pipeline._fingerprint import ContentHash, content_message, dataset_probe, fingerprint_of, mismatch_message
+from gradindex.pipeline._fingerprint import (
+    ContentHash,
+    content_message,
+    dataset_probe,
+    fingerprint_of,
+    mismatch_message,
+)
 from gradindex.projection import ProjectionSpec
 from gradindex.search import update_indexes
-from gradindex.store import GradientStore, StoreLayout, as_store, create_store, fingerprint_differences, open_store, store_path, sweep_orphans
+from gradindex.store import (
+    GradientStore,
+    StoreLayout,
+    as_store,
+    create_store,
+    fingerprint_differences,
+    open_store,
+    store_path,
+    sweep_orphans,
+)
 from gradindex.task import Task, iter_batches, labels_of, load_task, tensor_rows
 from gradindex.utils import progress_bar
+from gradindex.version import __version__
 
-__all__ = ["BuildConfig", "NONFINITE_POLICIES", "build", "finalize"]
+__all__ = ["NONFINITE_POLICIES", "BuildConfig", "build", "finalize"]
 
 log = logging.getLogger("gradindex")
 
@@ -53,7 +69,9 @@ class BuildConfig:
     """What a build computes (fingerprinted) and how (batching, device, layout)."""
 
     method: str = "tracin"
-    projection: str | None = None  # None: kron for tracin (the factored fast path), the ProjectionSpec default otherwise
+    projection: str | None = (
+        None  # None: kron for tracin (the factored fast path), the ProjectionSpec default otherwise
+    )
     proj_dim: int = 1024
     kron_sides: str | None = None  # kron: pca (None: the default), orthogonal or gaussian; the recorded plan keeps it
     seed: int = 0
@@ -128,8 +146,8 @@ def _shard_assignment(shard: tuple[int, int] | None) -> tuple[int, int]:
 
 
 def build(
-    task: "Task | str",
-    checkpoints: Sequence["str | CheckpointSpec | tuple"],
+    task: Task | str,
+    checkpoints: Sequence[str | CheckpointSpec | tuple],
     output: str | Path,
     config: BuildConfig | None = None,
     *,
@@ -186,11 +204,23 @@ def build(
     loaded = load_checkpoints(task, specs, device)
 
     def featurizer_for(projection: ProjectionSpec) -> MethodFeaturizer:
-        return as_method_featurizer(make_featurizer(
-            config.method, task, loaded, projection=projection, layers=config.layers,
-            normalize=config.normalize, device=device, options=config.method_options,
-            runtime={"chunk_bytes": config.featurize_memory, "compile": config.compile, "autocast": config.autocast},
-        ))
+        return as_method_featurizer(
+            make_featurizer(
+                config.method,
+                task,
+                loaded,
+                projection=projection,
+                layers=config.layers,
+                normalize=config.normalize,
+                device=device,
+                options=config.method_options,
+                runtime={
+                    "chunk_bytes": config.featurize_memory,
+                    "compile": config.compile,
+                    "autocast": config.autocast,
+                },
+            )
+        )
 
     # a store being joined (resume, another worker's, append) brings its recorded kron plan: never planned again
     joining = (resume or append or shard_count > 1) and not overwrite
@@ -205,7 +235,9 @@ def build(
     expected_content: dict[int, str] = {}
     appended_from = None
     if append:
-        store, appended_from = _open_for_append(output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}})
+        store, appended_from = _open_for_append(
+            output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}}
+        )
     elif output.exists() and (resume or (shard_count > 1 and not overwrite)):
         store = open_store(output)
         _check_joinable(store, fingerprint, config)
@@ -217,7 +249,9 @@ def build(
             return store
     else:
         if output.exists() and not overwrite:
-            raise StoreExistsError(f"{output} already exists; pass --resume to continue its build or --overwrite to replace it")
+            raise StoreExistsError(
+                f"{output} already exists; pass --resume to continue its build or --overwrite to replace it"
+            )
         layout = StoreLayout.auto(n_samples, featurizer.dim, config.dtype, rows_per_shard=config.rows_per_shard)
         extra = {
             "gradindex_version": __version__,
@@ -233,7 +267,9 @@ def build(
                 recorded = _recorded_projection(output, config)
                 if recorded is not None and recorded.plan != projection.plan:  # its kron plan wins
                     featurizer = featurizer_for(recorded)
-                    fingerprint = fingerprint_of(featurizer, loaded, task, config.dtype, model_fingerprint(task.model()))
+                    fingerprint = fingerprint_of(
+                        featurizer, loaded, task, config.dtype, model_fingerprint(task.model())
+                    )
                 _check_joinable(store, fingerprint, config)
             else:
                 raise
@@ -259,9 +295,13 @@ def build(
         bar.close()
     elapsed = time.perf_counter() - started
     if total_rows:
-        log.info("featurized %d samples in %.1fs (%.0f samples/s)", total_rows, elapsed, total_rows / max(elapsed, 1e-9))
+        log.info(
+            "featurized %d samples in %.1fs (%.0f samples/s)", total_rows, elapsed, total_rows / max(elapsed, 1e-9)
+        )
     if all(store.shard_record(index) is not None for index in range(store.n_shards)):
-        featurizer.finish(store)  # transforms that need every shard (TRAK's ΦᵀΦ), written before the store says complete
+        featurizer.finish(
+            store
+        )  # transforms that need every shard (TRAK's ΦᵀΦ), written before the store says complete
         store.finalize()
     if appended_from is not None and store.complete:
         for name, outcome in update_indexes(store, appended_from, progress=progress).items():
@@ -277,12 +317,15 @@ def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | 
         return None
     try:
         recorded = ProjectionSpec.from_dict(open_store(output).fingerprint["projection"])
-    except Exception:  # noqa: BLE001 - not readable (yet): the normal checks report it
+    except Exception:
         return None
     if recorded != asked or recorded.plan is None:
         return None
-    drawn = {entry.get("sides", "gaussian") for entry in recorded.plan
-             if "module" in entry and (entry["k_in"] < entry["in"] or entry["k_out"] < entry["out"])}
+    drawn = {
+        entry.get("sides", "gaussian")
+        for entry in recorded.plan
+        if "module" in entry and (entry["k_in"] < entry["in"] or entry["k_out"] < entry["out"])
+    }
     # pca plans draw orthogonal sides for layers too wide to decompose: such a store was built with pca
     built = "pca" if "pca" in drawn else min(drawn, default=None)
     if asked.kron_sides is not None and built is not None and asked.kron_sides != built:
@@ -297,12 +340,22 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
     """Open a complete store and grow it to the task's training set; returns it and its old row count."""
     store = open_store(output)
     n_samples = fingerprint["dataset"]["n_samples"]
-    diffs = [diff for diff in fingerprint_differences(store.fingerprint, fingerprint) if not diff.startswith("dataset.")]
+    diffs = [
+        diff for diff in fingerprint_differences(store.fingerprint, fingerprint) if not diff.startswith("dataset.")
+    ]
     if diffs:
         raise IncompatibleStoreError(
-            mismatch_message(output, diffs, store.fingerprint, fingerprint, "Append with the store's settings, or rebuild with --overwrite.")
+            mismatch_message(
+                output,
+                diffs,
+                store.fingerprint,
+                fingerprint,
+                "Append with the store's settings, or rebuild with --overwrite.",
+            )
         )
-    from_rows = sorted(name for name in store.transforms() if name != KRON_SIDES_TRANSFORM)  # kron sides: from the first rows only
+    from_rows = sorted(
+        name for name in store.transforms() if name != KRON_SIDES_TRANSFORM
+    )  # kron sides: from the first rows only
     if from_rows:
         raise IncompatibleStoreError(
             f"store {output} holds query-side transforms ({', '.join(from_rows)}) computed from every row; "
@@ -310,23 +363,33 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
         )
     appended_from = store.manifest.get("appended_from") if not store.complete else store.n_samples
     if appended_from is None:
-        raise IncompatibleStoreError(f"store {output} is incomplete ({store.progress()}); finish it with --resume before appending")
+        raise IncompatibleStoreError(
+            f"store {output} is incomplete ({store.progress()}); finish it with --resume before appending"
+        )
     if store.complete and n_samples == store.n_samples:
-        raise ValueError(f"the task's training set has {n_samples} samples and store {output} holds them all; there is nothing to append")
+        raise ValueError(
+            f"the task's training set has {n_samples} samples and store {output} holds them all; there is nothing to "
+            "append"
+        )
     if n_samples < appended_from:
         raise IncompatibleStoreError(
-            f"the task's training set has {n_samples} samples but store {output} holds {appended_from}; append only adds samples. "
+            f"the task's training set has {n_samples} samples but store {output} holds {appended_from}; append only "
+            "adds samples. "
             "Rebuild with --overwrite."
         )
     # the store's rows must still be the task's first rows: their probe hash, taken as at the store's build
     # (an append that stopped midway already holds the grown data set's fingerprint)
     if store.complete:
-        changed = dataset_probe(torch.utils.data.Subset(task.train, range(appended_from))) != store.fingerprint["dataset"]["probe_sha256"]
+        changed = (
+            dataset_probe(torch.utils.data.Subset(task.train, range(appended_from)))
+            != store.fingerprint["dataset"]["probe_sha256"]
+        )
     else:
         changed = store.fingerprint["dataset"] != fingerprint["dataset"]
     if changed:
         raise IncompatibleStoreError(
-            f"the first {appended_from} training samples differ from those store {output} was built from; append needs the old "
+            f"the first {appended_from} training samples differ from those store {output} was built from; append "
+            "needs the old "
             "samples unchanged and in the same order, with new ones after them. Rebuild with --overwrite."
         )
     store.sweep_temporaries()
@@ -334,7 +397,7 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
     return store, appended_from
 
 
-def finalize(output: "GradientStore | str | Path", *, storage_options: dict | None = None) -> GradientStore:
+def finalize(output: GradientStore | str | Path, *, storage_options: dict | None = None) -> GradientStore:
     """Complete a store whose shards were all written by workers (``--shard I/N``): merge their records
     into the manifest. IncompleteStoreError naming the missing shards if some are not written."""
     store = as_store(output, storage_options)
@@ -350,8 +413,17 @@ def finalize(output: "GradientStore | str | Path", *, storage_options: dict | No
     )
 
 
-def _build_shard(store: GradientStore, index: int, task: Task, featurizer: MethodFeaturizer, sample_ids: list, config: BuildConfig, owner: str,
-                 bar, expected_content: str | None = None) -> None:
+def _build_shard(
+    store: GradientStore,
+    index: int,
+    task: Task,
+    featurizer: MethodFeaturizer,
+    sample_ids: list,
+    config: BuildConfig,
+    owner: str,
+    bar,
+    expected_content: str | None = None,
+) -> None:
     store.claim_shard(index, owner=owner)
     try:
         _compute_shard(store, index, task, featurizer, sample_ids, config, bar, expected_content)
@@ -364,8 +436,16 @@ def _build_shard(store: GradientStore, index: int, task: Task, featurizer: Metho
         raise
 
 
-def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: MethodFeaturizer, sample_ids: list, config: BuildConfig, bar,
-                   expected_content: str | None) -> None:
+def _compute_shard(
+    store: GradientStore,
+    index: int,
+    task: Task,
+    featurizer: MethodFeaturizer,
+    sample_ids: list,
+    config: BuildConfig,
+    bar,
+    expected_content: str | None,
+) -> None:
     start, stop = store.layout.shard_rows(index)
     features = np.empty((stop - start, featurizer.dim), dtype=np.float32)
     self_scores = np.empty(stop - start, dtype=np.float32)
@@ -376,14 +456,17 @@ def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: Met
     # a TensorDataset with the default collate is sliced, not loaded item by item (hashed from the slices, same digest)
     sliced = task.collate is None and tensor_rows(task.train, range(start, stop)) is not None
     with torch.inference_mode(False), torch.enable_grad():
-        for batch in iter_batches(task.train, range(start, stop), _loader_batch_size(config, featurizer), None if sliced else content):
+        for batch in iter_batches(
+            task.train, range(start, stop), _loader_batch_size(config, featurizer), None if sliced else content
+        ):
             if sliced:
                 content.observe_columns(batch)
             vectors, scores = featurizer.featurize_train(batch)
             vectors = vectors.detach().cpu().numpy()
             if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
                 raise ValueError(
-                    f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row {start + position}; "
+                    f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row "
+                    f"{start + position}; "
                     f"expected [batch, {featurizer.dim}] (nothing was written for shard {index})"
                 )
             features[position : position + len(vectors)] = vectors
@@ -394,7 +477,10 @@ def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: Met
             position += len(vectors)
             bar.update(len(vectors))
     if position != stop - start:
-        raise TaskSpecError(f"the training set yielded {position} samples for rows {start}..{stop}; its __len__ disagrees with its items")
+        raise TaskSpecError(
+            f"the training set yielded {position} samples for rows {start}..{stop}; its __len__ disagrees with its "
+            "items"
+        )
     if expected_content is not None and content.hexdigest() != expected_content:
         raise IncompatibleStoreError(content_message(store, index, expected_content, content.hexdigest()))
     with np.errstate(over="ignore", invalid="ignore"):
@@ -407,7 +493,8 @@ def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: Met
         if config.nonfinite == "error":
             raise NonFiniteError(
                 f"{len(bad)} of the {stop - start} vectors of shard {index} are NaN or infinite (rows {rows[:10]}"
-                f"{' ...' if len(rows) > 10 else ''}, sample ids {ids}); nothing was written for this shard and finished shards are kept. "
+                f"{' ...' if len(rows) > 10 else ''}, sample ids {ids}); nothing was written for this shard and "
+                "finished shards are kept. "
                 "Fix the data or the model, or resume with --nonfinite skip (leave those samples out of search) "
                 "or --nonfinite zero (keep them with zero vectors)"
             )
@@ -415,10 +502,23 @@ def _compute_shard(store: GradientStore, index: int, task: Task, featurizer: Met
         self_scores[bad] = 0.0
         kind = "skipped" if config.nonfinite == "skip" else "zeroed"
         nonfinite = {kind: rows}
-        log.warning("shard %d: %d non-finite vectors %s (rows %s%s); listed in the manifest", index, len(rows), kind, rows[:10], " ..." if len(rows) > 10 else "")
+        log.warning(
+            "shard %d: %d non-finite vectors %s (rows %s%s); listed in the manifest",
+            index,
+            len(rows),
+            kind,
+            rows[:10],
+            " ..." if len(rows) > 10 else "",
+        )
     featurizer.end_shard(store, index)  # its share of any transform is durable before the shard's record
-    store.write_shard(index, features, self_scores, _samples_table(start, stop, sample_ids, labels),
-                      content_sha256=content.hexdigest(), nonfinite=nonfinite)
+    store.write_shard(
+        index,
+        features,
+        self_scores,
+        _samples_table(start, stop, sample_ids, labels),
+        content_sha256=content.hexdigest(),
+        nonfinite=nonfinite,
+    )
 
 
 def _samples_table(start: int, stop: int, sample_ids: list, labels: list[np.ndarray]) -> pa.Table:
@@ -433,18 +533,27 @@ def _check_joinable(store: GradientStore, fingerprint: dict, config: BuildConfig
     diffs = fingerprint_differences(store.fingerprint, fingerprint)
     if diffs:
         raise IncompatibleStoreError(
-            mismatch_message(store.path, diffs, store.fingerprint, fingerprint, "Resume with the store's settings, or rebuild with --overwrite.")
+            mismatch_message(
+                store.path,
+                diffs,
+                store.fingerprint,
+                fingerprint,
+                "Resume with the store's settings, or rebuild with --overwrite.",
+            )
         )
     if config.rows_per_shard is not None and config.rows_per_shard != store.layout.rows_per_shard:
         raise IncompatibleStoreError(
-            f"store {store.path} does not match this call: layout.rows_per_shard: store has {store.layout.rows_per_shard}, "
-            f"this call has {config.rows_per_shard}. Every writer must cut the same shards: leave out --rows-per-shard or pass "
+            f"store {store.path} does not match this call: layout.rows_per_shard: store has "
+            f"{store.layout.rows_per_shard}, "
+            f"this call has {config.rows_per_shard}. Every writer must cut the same shards: leave out "
+            "--rows-per-shard or pass "
             f"{store.layout.rows_per_shard}."
         )
 
 
 def _reopen_for_repair(store: GradientStore) -> dict[int, str]:
-    """Mark the shards ``verify`` finds damaged as not done (a resume then recomputes them); their expected content hashes."""
+    """Mark the shards ``verify`` finds damaged as not done (a resume then recomputes them); their expected content
+    hashes."""
     problems = [problem for problem in store.verify() if not problem.endswith(": not written")]
     if not problems:
         log.info("repair: nothing to repair in %s", store.path)
@@ -464,8 +573,11 @@ def _reopen_for_repair(store: GradientStore) -> dict[int, str]:
     return expected
 
 
-def _check_finished_shards(store: GradientStore, task: Task, config: BuildConfig, shards: Sequence[int] | None, *, sample_ids: list) -> None:
-    """Hash the training samples of the finished ``shards`` (all if None) again, without gradients: they must be the ones written.
+def _check_finished_shards(
+    store: GradientStore, task: Task, config: BuildConfig, shards: Sequence[int] | None, *, sample_ids: list
+) -> None:
+    """Hash the training samples of the finished ``shards`` (all if None) again, without gradients: they must be the
+    ones written.
 
     A finished shard whose sample table is missing (a repair after samples.parquet was damaged) gets it back here.
     """

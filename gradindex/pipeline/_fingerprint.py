@@ -4,8 +4,9 @@ content hash of each shard's training samples."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ class ContentHash:
         self._signatures: set[str] = set()
 
     def __call__(self, items: list) -> Any:
-        rows = [list(item) if isinstance(item, (tuple, list)) else torch.utils._pytree.tree_leaves(item) for item in items]
+        rows = [
+            list(item) if isinstance(item, (tuple, list)) else torch.utils._pytree.tree_leaves(item) for item in items
+        ]
         width = max(len(row) for row in rows)
         self._widen(width)
         if any(len(row) != width for row in rows):
@@ -52,7 +55,10 @@ class ContentHash:
             column = [row[position] for row in rows if len(row) > position]
             digest = self._digests[position]
             first = column[0]
-            if isinstance(first, torch.Tensor) and all(isinstance(leaf, torch.Tensor) and leaf.shape == first.shape and leaf.dtype == first.dtype for leaf in column):
+            if isinstance(first, torch.Tensor) and all(
+                isinstance(leaf, torch.Tensor) and leaf.shape == first.shape and leaf.dtype == first.dtype
+                for leaf in column
+            ):
                 with torch.no_grad():
                     self._hash_column(position, torch.stack(column))
             else:
@@ -141,7 +147,9 @@ def mismatch_message(path: Path, diffs: list[str], expected: dict, actual: dict,
 def content_message(store: GradientStore, shard: int, expected: str, actual: str) -> str:
     start, stop = store.layout.shard_rows(shard)
     return (
-        f"store {store.path} does not match this call: dataset.content_sha256 of shard {shard} (rows {start}..{stop - 1}): "
-        f"store has {expected[:12]}…, this call has {actual[:12]}…. The training set changed since those rows were written "
+        f"store {store.path} does not match this call: dataset.content_sha256 of shard {shard} (rows "
+        f"{start}..{stop - 1}): "
+        f"store has {expected[:12]}…, this call has {actual[:12]}…. The training set changed since those rows were "
+        "written "
         "(or its items are not deterministic); resume with the same data, or rebuild with --overwrite."
     )

@@ -10,7 +10,7 @@ from gradindex.store import GradientStore, as_store
 __all__ = ["info", "verify"]
 
 
-def info(store: "GradientStore | str | Path", *, storage_options: dict | None = None) -> dict:
+def info(store: GradientStore | str | Path, *, storage_options: dict | None = None) -> dict:
     """The store's manifest and build progress, and its persisted indexes (``indexes``: recall, factory, ...)."""
     store = as_store(store, storage_options)
     details = store.describe()
@@ -18,6 +18,6 @@ def info(store: "GradientStore | str | Path", *, storage_options: dict | None = 
     return details
 
 
-def verify(store: "GradientStore | str | Path", *, storage_options: dict | None = None) -> list[str]:
+def verify(store: GradientStore | str | Path, *, storage_options: dict | None = None) -> list[str]:
     """Every shard re-hashed against its recorded checksum; the problems found (empty when sound)."""
     return as_store(store, storage_options).verify()

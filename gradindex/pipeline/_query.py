@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,57 +33,82 @@ def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torc
         specs = parse_checkpoints(checkpoints)
     if len(specs) != len(fingerprint["checkpoints"]):
         raise IncompatibleStoreError(
-            f"store {store.path} was built from {len(fingerprint['checkpoints'])} checkpoints; this query gives {len(specs)}. "
+            f"store {store.path} was built from {len(fingerprint['checkpoints'])} checkpoints; this query gives "
+            f"{len(specs)}. "
             "Query with the store's checkpoints."
         )
     for position, (spec, expected) in enumerate(zip(specs, fingerprint["checkpoints"])):
         if not Path(spec.path).is_file():
             raise CheckpointError(
-                f"checkpoint {spec.path} (position {position} of store {store.path}) is not there; pass the moved files with --checkpoint"
+                f"checkpoint {spec.path} (position {position} of store {store.path}) is not there; pass the moved "
+                "files with --checkpoint"
             )
         if checkpoint_sha256(spec.path) != expected["sha256"]:
             raise IncompatibleStoreError(
                 f"checkpoints[{position}].sha256: {spec.path} is not the file store {store.path} was built from. "
                 "Query with the store's checkpoints or rebuild with --overwrite."
             )
-    specs = [CheckpointSpec(path=spec.path, weight=expected["weight"]) for spec, expected in zip(specs, fingerprint["checkpoints"])]
+    specs = [
+        CheckpointSpec(path=spec.path, weight=expected["weight"])
+        for spec, expected in zip(specs, fingerprint["checkpoints"])
+    ]
     model_print = model_fingerprint(task.model())
     if model_print != fingerprint["model"]:
         diffs = fingerprint_differences(fingerprint["model"], model_print, "model")
         raise IncompatibleStoreError(
-            mismatch_message(store.path, diffs, {"model": fingerprint["model"]}, {"model": model_print}, "Query with the task the store was built from.")
+            mismatch_message(
+                store.path,
+                diffs,
+                {"model": fingerprint["model"]},
+                {"model": model_print},
+                "Query with the task the store was built from.",
+            )
         )
     dataset = {"n_samples": len(task.train), "probe_sha256": dataset_probe(task.train)}
     diffs = fingerprint_differences(fingerprint["dataset"], dataset, "dataset")
     if diffs:
         raise IncompatibleStoreError(
-            mismatch_message(store.path, diffs, {"dataset": fingerprint["dataset"]}, {"dataset": dataset},
-                              "The task's training set is not the one the store indexes; query with the task it was built from.")
+            mismatch_message(
+                store.path,
+                diffs,
+                {"dataset": fingerprint["dataset"]},
+                {"dataset": dataset},
+                "The task's training set is not the one the store indexes; query with the task it was built from.",
+            )
         )
     loaded = load_checkpoints(task, specs, device)
     method = fingerprint["method"]
     featurizer = make_featurizer(
-        method["name"], task, loaded, projection=ProjectionSpec.from_dict(fingerprint["projection"]),
-        layers=fingerprint.get("layers"), normalize=method.get("normalize", False), device=device,
+        method["name"],
+        task,
+        loaded,
+        projection=ProjectionSpec.from_dict(fingerprint["projection"]),
+        layers=fingerprint.get("layers"),
+        normalize=method.get("normalize", False),
+        device=device,
         options={key: value for key, value in method.items() if key not in ("name", "normalize")},
     )
     actual = featurizer.fingerprint()
     diffs = fingerprint_differences({key: fingerprint.get(key) for key in actual}, actual)
     if diffs:
-        raise IncompatibleStoreError(mismatch_message(store.path, diffs, fingerprint, actual, "Query with the store's settings."))
+        raise IncompatibleStoreError(
+            mismatch_message(store.path, diffs, fingerprint, actual, "Query with the store's settings.")
+        )
     return featurizer, loaded
 
 
-def task_for_store(store: GradientStore, task: "Task | str | None") -> Task:
+def task_for_store(store: GradientStore, task: Task | str | None) -> Task:
     if task is None:
         spec = (store.manifest.get("task") or {}).get("spec")
         if not spec:
-            raise TaskSpecError(f"store {store.path} does not record its task (it was built from a Python object); pass --task SPEC")
+            raise TaskSpecError(
+                f"store {store.path} does not record its task (it was built from a Python object); pass --task SPEC"
+            )
         return load_task(spec)
     return load_task(task)
 
 
-def parse_samples(samples: "Sequence[int] | str | None", n_available: int) -> list[int]:
+def parse_samples(samples: Sequence[int] | str | None, n_available: int) -> list[int]:
     if samples is None:
         return list(range(n_available))
     if isinstance(samples, str):
@@ -105,16 +131,18 @@ def parse_samples(samples: "Sequence[int] | str | None", n_available: int) -> li
         raise ValueError("no query samples given; pass --samples 0,1,2 or --all")
     bad = [value for value in picked if not 0 <= value < n_available]
     if bad:
-        raise ValueError(f"query samples {bad[:5]} are out of range: the split has {n_available} samples (0..{n_available - 1})")
+        raise ValueError(
+            f"query samples {bad[:5]} are out of range: the split has {n_available} samples (0..{n_available - 1})"
+        )
     return picked
 
 
 def query(
-    store: "GradientStore | str | Path",
-    task: "Task | str | None" = None,
+    store: GradientStore | str | Path,
+    task: Task | str | None = None,
     *,
     split: str = "test",
-    samples: "Sequence[int] | str | None" = None,
+    samples: Sequence[int] | str | None = None,
     k: int = 10,
     opponents: bool = False,
     checkpoints: Sequence[str] | None = None,
@@ -163,8 +191,19 @@ def query(
             position += len(block)
             bar.update(len(block))
     bar.close()
-    scores, rows = search_store(store, vectors, k, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete,
-                                use_gpu=use_gpu, progress=progress, index=index, nprobe=nprobe, dask=dask)
+    scores, rows = search_store(
+        store,
+        vectors,
+        k,
+        opponents=opponents,
+        memory_budget=memory_budget,
+        allow_incomplete=allow_incomplete,
+        use_gpu=use_gpu,
+        progress=progress,
+        index=index,
+        nprobe=nprobe,
+        dask=dask,
+    )
     return _result_table(store, np.asarray(picked), scores, rows, allow_incomplete)
 
 
@@ -174,7 +213,9 @@ def _method_query_options(damping: float | None, solver: str | None, method_opti
     for name, value in (("damping", damping), ("solver", solver)):
         if value is not None:
             if name in asked and asked[name] != value:
-                raise ValueError(f"{name} is given twice ({value!r} and {asked[name]!r} in method options); give it once")
+                raise ValueError(
+                    f"{name} is given twice ({value!r} and {asked[name]!r} in method options); give it once"
+                )
             asked[name] = value
     return {name: value for name, value in asked.items() if value is not None}
 
@@ -188,7 +229,9 @@ def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) 
     return ids.take(pa.array([lookup[int(row)] for row in rows]))
 
 
-def _result_table(store: GradientStore, query_ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, allow_incomplete: bool) -> pa.Table:
+def _result_table(
+    store: GradientStore, query_ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, allow_incomplete: bool
+) -> pa.Table:
     n_queries, found = rows.shape
     flat_rows = rows.reshape(-1).astype(np.int64)
     kept = flat_rows >= 0  # an approximate index may find fewer than k rows (row -1)
@@ -206,14 +249,14 @@ def _result_table(store: GradientStore, query_ids: np.ndarray, scores: np.ndarra
 
 
 def self_influence(
-    store: "GradientStore | str | Path",
+    store: GradientStore | str | Path,
     *,
     top: int | None = None,
     allow_incomplete: bool = False,
     damping: float | None = None,
     solver: str | None = None,
     method_options: dict | None = None,
-    task: "Task | str | None" = None,
+    task: Task | str | None = None,
     checkpoints: Sequence[str] | None = None,
     device: str = "auto",
     batch_size: int = 256,

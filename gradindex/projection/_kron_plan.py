@@ -26,20 +26,29 @@ at k = 1024 on the speed benchmark's workloads, ``python -m benchmarks.speed.pca
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from gradindex.projection._spec import KRON_SIDES, derive_seed
 
-__all__ = ["KronLayer", "KronLayerPlan", "KronPlan", "plan_kron", "kron_side_matrix", "pca_side_matrix", "PCA_MAX_WIDTH"]
+__all__ = [
+    "PCA_MAX_WIDTH",
+    "KronLayer",
+    "KronLayerPlan",
+    "KronPlan",
+    "kron_side_matrix",
+    "pca_side_matrix",
+    "plan_kron",
+]
 
 
 @dataclass(frozen=True)
 class KronLayer:
-    """A factorable layer: its gradient is a ``[out_dim, in_dim]`` matrix (the bias, if any, is the last input column)."""
+    """A factorable layer: its gradient is a ``[out_dim, in_dim]`` matrix (the bias, if any, is the last input
+    column)."""
 
     name: str  # the module's name in the model
     kind: str  # "linear", "conv" or "embedding"
@@ -67,7 +76,11 @@ class KronLayerPlan:
 
     def narrow_sides(self) -> list[tuple[str, int, int]]:
         """``(side, width, k)`` of each side that is projected (k below its width), "in" first."""
-        return [(side, width, k) for side, width, k in (("in", self.layer.in_dim, self.k_in), ("out", self.layer.out_dim, self.k_out)) if k < width]
+        return [
+            (side, width, k)
+            for side, width, k in (("in", self.layer.in_dim, self.k_in), ("out", self.layer.out_dim, self.k_out))
+            if k < width
+        ]
 
     @property
     def dim(self) -> int:
@@ -108,13 +121,19 @@ class KronPlan:
     def to_dict(self) -> list[dict]:
         entries = [plan.to_dict() for plan in self.layers]
         if self.rest_params:
-            rest = {"params": list(self.rest_params), "numel": self.rest_numel, "dim": self.rest_dim,
-                    "type": "identity" if self.rest_dim == self.rest_numel else "sjlt"}
+            rest = {
+                "params": list(self.rest_params),
+                "numel": self.rest_numel,
+                "dim": self.rest_dim,
+                "type": "identity" if self.rest_dim == self.rest_numel else "sjlt",
+            }
             entries.append(rest)
         return entries
 
     @staticmethod
-    def from_dict(entries: Sequence[dict], layers: Sequence[KronLayer], rest_params: Sequence[str] = (), rest_numel: int = 0) -> "KronPlan":
+    def from_dict(
+        entries: Sequence[dict], layers: Sequence[KronLayer], rest_params: Sequence[str] = (), rest_numel: int = 0
+    ) -> KronPlan:
         """The plan a manifest recorded, checked against the model's factorable layers (what ``to_dict`` wrote).
 
         A recorded plan is never recomputed: it comes from calibration data (gradient energies) that a query, a
@@ -123,11 +142,14 @@ class KronPlan:
         recorded = [entry for entry in entries if "module" in entry]
         rests = [entry for entry in entries if "module" not in entry and "params" in entry]
         found = [(layer.name, layer.kind, list(layer.params), layer.in_dim, layer.out_dim) for layer in layers]
-        wanted = [(entry["module"], entry["type"], list(entry["params"]), entry["in"], entry["out"]) for entry in recorded]
+        wanted = [
+            (entry["module"], entry["type"], list(entry["params"]), entry["in"], entry["out"]) for entry in recorded
+        ]
         if found != wanted or [list(rest["params"]) for rest in rests] != ([list(rest_params)] if rest_params else []):
             raise ValueError(
                 f"the recorded kron plan does not fit this model: it factors {[entry[0] for entry in wanted]} "
-                f"(the model has {[entry[0] for entry in found]}) and projects {[rest['params'] for rest in rests]} with sjlt "
+                f"(the model has {[entry[0] for entry in found]}) and projects {[rest['params'] for rest in rests]} "
+                "with sjlt "
                 f"(the model: {list(rest_params)}); use the model (task) and --layers the store was built with"
             )
         plans = []
@@ -135,13 +157,16 @@ class KronPlan:
             k_in, k_out, sides = int(entry["k_in"]), int(entry["k_out"]), entry.get("sides", "gaussian")
             if not (1 <= k_in <= layer.in_dim and 1 <= k_out <= layer.out_dim) or sides not in SIDES:
                 raise ValueError(
-                    f"the recorded kron plan of {layer.name} is invalid ({entry}): the store's manifest was edited or damaged; "
+                    f"the recorded kron plan of {layer.name} is invalid ({entry}): the store's manifest was edited or "
+                    "damaged; "
                     "rebuild the store with --overwrite"
                 )
             plans.append(KronLayerPlan(layer, k_in, k_out, sides=sides))
         rest = rests[0] if rests else None
         return KronPlan(
-            layers=tuple(plans), rest_params=tuple(rest_params), rest_numel=rest_numel if rest_params else 0,
+            layers=tuple(plans),
+            rest_params=tuple(rest_params),
+            rest_numel=rest_numel if rest_params else 0,
             rest_dim=int(rest["dim"]) if rest else 0,
         )
 
@@ -206,8 +231,14 @@ def _water_fill(budget: int, sizes: Sequence[int], weights: Sequence[float] | No
     return whole
 
 
-def plan_kron(dim: int, layers: Sequence[KronLayer], rest_params: Sequence[str] = (), rest_numel: int = 0,
-              energies: Sequence[float] | None = None, sides: str = "gaussian") -> KronPlan:
+def plan_kron(
+    dim: int,
+    layers: Sequence[KronLayer],
+    rest_params: Sequence[str] = (),
+    rest_numel: int = 0,
+    energies: Sequence[float] | None = None,
+    sides: str = "gaussian",
+) -> KronPlan:
     """The per-layer split of ``dim`` (the per-checkpoint width asked for).
 
     Everything fits: every layer full rank and the rest unprojected (exact). Otherwise ``dim`` is water-filled
@@ -251,9 +282,14 @@ def plan_kron(dim: int, layers: Sequence[KronLayer], rest_params: Sequence[str] 
         elif total > 0:
             weights = [math.sqrt(energy / total * math.sqrt(size)) for energy, size in zip(energies, sizes)]
     shares = _water_fill(dim, sizes, weights)
-    plans = tuple(KronLayerPlan(layer, *_factor(share, layer.in_dim, layer.out_dim, sides), sides=_layer_sides(layer, sides)) for layer, share in zip(layers, shares))
+    plans = tuple(
+        KronLayerPlan(layer, *_factor(share, layer.in_dim, layer.out_dim, sides), sides=_layer_sides(layer, sides))
+        for layer, share in zip(layers, shares)
+    )
     rest_dim = min(rest_numel, shares[-1]) if rest_params else 0
-    return KronPlan(layers=plans, rest_params=tuple(rest_params), rest_numel=rest_numel if rest_params else 0, rest_dim=rest_dim)
+    return KronPlan(
+        layers=plans, rest_params=tuple(rest_params), rest_numel=rest_numel if rest_params else 0, rest_dim=rest_dim
+    )
 
 
 def _layer_sides(layer: KronLayer, sides: str) -> str:
@@ -267,7 +303,8 @@ def _layer_sides(layer: KronLayer, sides: str) -> str:
 def pca_side_matrix(moment: Tensor, k: int) -> Tensor:
     """The ``[width, k]`` pca side: the top-k eigenvectors (largest first) of a side's second moment ``[width, width]``,
     or, for a diagonal moment given as ``[width]`` (an embedding's token counts), the indicator columns of its k largest
-    entries (ties to the lower index). Orthonormal columns, unscaled: the side keeps the k directions that carry the most
+    entries (ties to the lower index). Orthonormal columns, unscaled: the side keeps the k directions that carry the
+    most
     of the calibration gradients and drops the rest (a biased, low-variance sketch). Signs fixed (each column's largest
     entry positive) so that the same moment always gives the same matrix."""
     moment = moment.detach().double().cpu()
@@ -283,7 +320,9 @@ def pca_side_matrix(moment: Tensor, k: int) -> Tensor:
     return (vectors * torch.where(peaks < 0, -1.0, 1.0)).float().contiguous()
 
 
-def kron_side_matrix(seed: int, checkpoint: int, layer: KronLayer, side: str, k: int, sides: str = "gaussian") -> Tensor | None:
+def kron_side_matrix(
+    seed: int, checkpoint: int, layer: KronLayer, side: str, k: int, sides: str = "gaussian"
+) -> Tensor | None:
     """The ``[width, k]`` projection of one side (``side`` is "in" or "out"); None when k is the full width.
 
     ``gaussian``: N(0, 1/k) entries. ``orthogonal``: the same Gaussian's orthonormalised columns (QR in

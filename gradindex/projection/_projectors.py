@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -41,7 +41,14 @@ class IdentityProjector(Projector):
 class _BlockedProjector(Projector):
     """Shared machinery: a per-parameter, per-block random matrix, generated on demand and cached within a budget."""
 
-    def __init__(self, spec: ProjectionSpec, plans: Sequence[ParamPlan], *, block_bytes: int = 32 << 20, cache_bytes: int = 1 << 30):
+    def __init__(
+        self,
+        spec: ProjectionSpec,
+        plans: Sequence[ParamPlan],
+        *,
+        block_bytes: int = 32 << 20,
+        cache_bytes: int = 1 << 30,
+    ):
         self.spec = spec
         self.plans = list(plans)
         self.out_dim = spec.dim
@@ -83,7 +90,12 @@ class DenseProjector(_BlockedProjector):
         if self.spec.kind == "gaussian":
             matrix = torch.randn(rows, self.spec.dim, generator=generator)
         else:
-            matrix = torch.randint(0, 2, (rows, self.spec.dim), generator=generator, dtype=torch.int8).float().mul_(2).sub_(1)
+            matrix = (
+                torch.randint(0, 2, (rows, self.spec.dim), generator=generator, dtype=torch.int8)
+                .float()
+                .mul_(2)
+                .sub_(1)
+            )
         return matrix.mul_(1.0 / math.sqrt(self.spec.dim))
 
     def project(self, grads: Tensor, checkpoint: int) -> Tensor:
@@ -137,7 +149,9 @@ class SJLTProjector(_BlockedProjector):
 def make_projector(spec: ProjectionSpec, plans: Sequence[ParamPlan]) -> Projector:
     """The projector a spec names, for gradients laid out by ``plans``."""
     if spec.kind == "kron":
-        raise ValueError("the kron projection factors layers of a model and is built by the featurizer, not from flattened gradients")
+        raise ValueError(
+            "the kron projection factors layers of a model and is built by the featurizer, not from flattened gradients"
+        )
     if spec.kind == "none":
         return IdentityProjector(plans)
     if spec.kind in ("rademacher", "gaussian"):

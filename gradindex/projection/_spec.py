@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 __all__ = ["KRON_SIDES", "PROJECTION_KINDS", "ParamPlan", "ProjectionSpec", "derive_seed"]
 
@@ -69,10 +70,15 @@ class ProjectionSpec:
         return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "sjlt_nnz": self.sjlt_nnz}
 
     @staticmethod
-    def from_dict(data: dict) -> "ProjectionSpec":
+    def from_dict(data: dict) -> ProjectionSpec:
         plan = data.get("plan")
-        return ProjectionSpec(kind=data["kind"], dim=data["dim"], seed=data["seed"], sjlt_nnz=data.get("sjlt_nnz", 4),
-                              plan=tuple(plan) if plan is not None and data["kind"] == "kron" else None)
+        return ProjectionSpec(
+            kind=data["kind"],
+            dim=data["dim"],
+            seed=data["seed"],
+            sjlt_nnz=data.get("sjlt_nnz", 4),
+            plan=tuple(plan) if plan is not None and data["kind"] == "kron" else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ class ParamPlan:
         return math.prod(self.shape)
 
     @staticmethod
-    def layout(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> list["ParamPlan"]:
+    def layout(named_shapes: Sequence[tuple[str, Sequence[int]]]) -> list[ParamPlan]:
         plans, offset = [], 0
         for name, shape in named_shapes:
             plan = ParamPlan(name, tuple(int(size) for size in shape), offset)

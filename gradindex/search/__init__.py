@@ -45,8 +45,8 @@ from gradindex.search._store_search import search_store
 __all__ = [
     "ApproxIndex",
     "DaskSearch",
-    "OnDiskListsWriter",
     "ExactIndex",
+    "OnDiskListsWriter",
     "brute_force_topk",
     "build_index",
     "configure_faiss",

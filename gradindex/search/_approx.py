@@ -27,18 +27,19 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
 
 from gradindex.errors import SearchError
-from gradindex.store.faults import crash_point
-from gradindex.utils import HOST_TAG, check_positive_int, pid_alive, sha256_file
 from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite, row_chunks
 from gradindex.search._exact import as_queries
 from gradindex.search._faiss import ensure_configured, faiss_errors, gpu_resources, resolve_gpus
+from gradindex.store.faults import crash_point
+from gradindex.utils import HOST_TAG, check_positive_int, pid_alive, sha256_file
 
 __all__ = [
     "ApproxIndex",
@@ -79,7 +80,9 @@ def default_nlist(n_rows: int) -> int:
 def resolve_factory(factory: str, n_rows: int) -> str:
     """``factory`` with the IVF list count filled in when it says just "IVF" (``"IVF,PQ64"`` -> ``"IVF4096,PQ64"``)."""
     if not isinstance(factory, str) or not factory.strip():
-        raise ValueError(f"an index factory must be a faiss index_factory string such as 'IVF1024,SQfp16', got {factory!r}")
+        raise ValueError(
+            f"an index factory must be a faiss index_factory string such as 'IVF1024,SQfp16', got {factory!r}"
+        )
     factory = factory.strip()
     return _IVF_WITHOUT_NLIST.sub(f"IVF{default_nlist(n_rows)}", factory)
 
@@ -122,7 +125,9 @@ class ApproxIndex:
         self._buffer = Float32Buffer()
 
     @classmethod
-    def create(cls, factory: str, dim: int, n_rows: int, *, use_gpu: bool | None = None, float16: bool = False) -> "ApproxIndex":
+    def create(
+        cls, factory: str, dim: int, n_rows: int, *, use_gpu: bool | None = None, float16: bool = False
+    ) -> ApproxIndex:
         """A new, empty index from a faiss factory string (an "IVF" without a count gets one for ``n_rows``)."""
         dim = check_positive_int("dim", dim)
         resolved = resolve_factory(factory, n_rows)
@@ -295,10 +300,15 @@ def recall_at_k(found_rows: np.ndarray, exact_rows: np.ndarray) -> float:
     found_rows = np.asarray(found_rows)
     exact_rows = np.asarray(exact_rows)
     if found_rows.shape[0] != exact_rows.shape[0]:
-        raise ValueError(f"recall needs as many found as exact result rows, got {found_rows.shape[0]} and {exact_rows.shape[0]}")
+        raise ValueError(
+            f"recall needs as many found as exact result rows, got {found_rows.shape[0]} and {exact_rows.shape[0]}"
+        )
     if exact_rows.size == 0:
         return 1.0
-    hits = [len(set(found[found >= 0].tolist()) & set(exact.tolist())) / max(1, len(exact)) for found, exact in zip(found_rows, exact_rows)]
+    hits = [
+        len(set(found[found >= 0].tolist()) & set(exact.tolist())) / max(1, len(exact))
+        for found, exact in zip(found_rows, exact_rows)
+    ]
     return float(np.mean(hits))
 
 
@@ -316,7 +326,10 @@ class OnDiskListsWriter:
     def __init__(self, trained: Any, workdir: Path, *, part_bytes: int = 256 << 20) -> None:
         ivf = faiss.try_extract_index_ivf(trained)
         if ivf is None:
-            raise ValueError("an on-disk index needs an IVF factory string (e.g. 'IVF4096,SQfp16'); HNSW and flat indexes are in-memory only")
+            raise ValueError(
+                "an on-disk index needs an IVF factory string (e.g. 'IVF4096,SQfp16'); HNSW and flat indexes are "
+                "in-memory only"
+            )
         if not trained.is_trained or trained.ntotal:
             raise ValueError("OnDiskListsWriter needs a trained, empty index")
         self._trained = trained
@@ -502,17 +515,22 @@ def load_index(directory: str | Path, name: str, *, expect: dict | None = None, 
     """
     directory = Path(directory)
     meta = read_index_meta(directory, name)
-    rebuild = f"rebuild it with `gradindex index STORE --factory {meta.get('factory', 'FACTORY')!r} --name {name} --overwrite`"
+    factory = meta.get("factory", "FACTORY")
+    rebuild = f"rebuild it with `gradindex index STORE --factory {factory!r} --name {name} --overwrite`"
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
-            raise SearchError(f"index {name} was built for {key}={meta.get(key)} but the store has {key}={value}; {rebuild}")
+            raise SearchError(
+                f"index {name} was built for {key}={meta.get(key)} but the store has {key}={value}; {rebuild}"
+            )
     path = directory / meta["file"]
     if not path.is_file():
         raise SearchError(f"index {name} is missing its file {path}; {rebuild}")
     if meta.get("ivfdata") and not (directory / meta["ivfdata"]).is_file():
         raise SearchError(f"index {name} is missing its on-disk lists {directory / meta['ivfdata']}; {rebuild}")
     if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
-        raise SearchError(f"index {name}'s file {path} fails its checksum (it was damaged after it was written); {rebuild}")
+        raise SearchError(
+            f"index {name}'s file {path} fails its checksum (it was damaged after it was written); {rebuild}"
+        )
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("ivfdata") else 0
     if mmap:
         flags |= faiss.IO_FLAG_MMAP
@@ -522,12 +540,15 @@ def load_index(directory: str | Path, name: str, *, expect: dict | None = None, 
     except RuntimeError as err:
         detail = " ".join(str(err).split())[-200:]
         raise SearchError(f"index {name} cannot be read from {path} ({detail}); {rebuild}") from err
-    found = {"ntotal": int(index.ntotal), "dim": int(index.d), "metric": METRIC if index.metric_type == faiss.METRIC_INNER_PRODUCT else str(index.metric_type)}
+    found = {
+        "ntotal": int(index.ntotal),
+        "dim": int(index.d),
+        "metric": METRIC if index.metric_type == faiss.METRIC_INNER_PRODUCT else str(index.metric_type),
+    }
     for key, value in found.items():
         if meta.get(key) != value:
             raise SearchError(f"index {name}'s file holds {key}={value} but its meta says {meta.get(key)}; {rebuild}")
     return index, meta
-
 
 
 def _read_meta_file(path: Path) -> dict:
@@ -551,7 +572,8 @@ def read_index_meta(directory: str | Path, name: str) -> dict:
         names = index_names(directory)
         have = f"it has {', '.join(names)}" if names else "it has none"
         raise SearchError(
-            f"no index named {name!r} in {directory} ({have}); build one with `gradindex index STORE --factory ... --name {name}`"
+            f"no index named {name!r} in {directory} ({have}); build one with `gradindex index STORE --factory ... "
+            f"--name {name}`"
         ) from None
 
 
@@ -565,7 +587,9 @@ def index_names(directory: str | Path) -> list[str]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(path.name[: -len(META_SUFFIX)] for path in directory.glob(f"*{META_SUFFIX}") if TMP_MARK not in path.name)
+    return sorted(
+        path.name[: -len(META_SUFFIX)] for path in directory.glob(f"*{META_SUFFIX}") if TMP_MARK not in path.name
+    )
 
 
 def remove_index(directory: str | Path, name: str) -> None:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradindex.utils import check_positive_int
-
 from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite
+from gradindex.utils import check_positive_int
 
 __all__ = ["brute_force_topk"]
 

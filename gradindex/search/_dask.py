@@ -34,7 +34,9 @@ def _distributed():
     try:
         import distributed
     except ImportError:
-        raise GradIndexError("Dask search needs dask.distributed; install it with pip install 'gradindex[dask]'") from None
+        raise GradIndexError(
+            "Dask search needs dask.distributed; install it with pip install 'gradindex[dask]'"
+        ) from None
     return distributed
 
 
@@ -53,7 +55,14 @@ def _parse_local(spec: str) -> int | None:
 class _ShardSearcher:
     """A Dask actor: exact search over a contiguous range of a store's shards, held in memory when they fit."""
 
-    def __init__(self, path: str, shards: list[int], memory_budget: int, allow_incomplete: bool, storage_options: dict | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        shards: list[int],
+        memory_budget: int,
+        allow_incomplete: bool,
+        storage_options: dict | None = None,
+    ) -> None:
         self._store = open_store(path, storage_options=storage_options)
         self._shards = shards
         self._allow_incomplete = allow_incomplete
@@ -83,7 +92,10 @@ class _ShardSearcher:
 
     def _blocks(self):
         for shard in self._shards:
-            yield self._store.layout.shard_rows(shard)[0], self._store.read_shard(shard, allow_incomplete=self._allow_incomplete)
+            yield (
+                self._store.layout.shard_rows(shard)[0],
+                self._store.read_shard(shard, allow_incomplete=self._allow_incomplete),
+            )
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self._shards:
@@ -118,8 +130,10 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     scores = np.concatenate([part[0] for part in results], axis=1)
     rows = np.concatenate([part[1] for part in results], axis=1)
     order = np.lexsort((rows, -scores), axis=1)[:, :k]
-    return (np.ascontiguousarray(np.take_along_axis(scores, order, axis=1), dtype=np.float32),
-            np.ascontiguousarray(np.take_along_axis(rows, order, axis=1), dtype=np.int64))
+    return (
+        np.ascontiguousarray(np.take_along_axis(scores, order, axis=1), dtype=np.float32),
+        np.ascontiguousarray(np.take_along_axis(rows, order, axis=1), dtype=np.int64),
+    )
 
 
 class DaskSearch:
@@ -131,8 +145,14 @@ class DaskSearch:
     streams them on every search.
     """
 
-    def __init__(self, store: "GradientStore | str | Path", cluster: Any, *, memory_budget: int | None = None,
-                 allow_incomplete: bool = False) -> None:
+    def __init__(
+        self,
+        store: GradientStore | str | Path,
+        cluster: Any,
+        *,
+        memory_budget: int | None = None,
+        allow_incomplete: bool = False,
+    ) -> None:
         distributed = _distributed()
         self._store = store if isinstance(store, GradientStore) else open_store(store)
         shards = self._store._require_readable(allow_incomplete)
@@ -143,14 +163,18 @@ class DaskSearch:
         elif isinstance(cluster, str):
             n_local = _parse_local(cluster)
             if n_local is not None:
-                self._cluster = distributed.LocalCluster(n_workers=n_local, threads_per_worker=1, processes=True,
-                                                         dashboard_address=None)
+                self._cluster = distributed.LocalCluster(
+                    n_workers=n_local, threads_per_worker=1, processes=True, dashboard_address=None
+                )
                 self._client = distributed.Client(self._cluster)
             else:
                 try:
                     self._client = distributed.Client(cluster, timeout="20s")
                 except (OSError, TimeoutError) as error:
-                    raise GradIndexError(f"cannot reach the Dask scheduler at {cluster} ({error}); check the address or use --dask local:N") from error
+                    raise GradIndexError(
+                        f"cannot reach the Dask scheduler at {cluster} ({error}); check the address or use --dask "
+                        "local:N"
+                    ) from error
         else:
             raise ValueError(f"dask must be a distributed.Client, a scheduler address or 'local:N', got {cluster!r}")
         try:
@@ -164,8 +188,18 @@ class DaskSearch:
                 path, storage_options = str(Path(self._store.path).resolve()), None
             self._parts = _partition(self._store, shards, len(workers))
             futures = [
-                self._client.submit(_ShardSearcher, path, part, budget, allow_incomplete, storage_options, actor=True, workers=[worker],
-                                    allow_other_workers=False, pure=False)
+                self._client.submit(
+                    _ShardSearcher,
+                    path,
+                    part,
+                    budget,
+                    allow_incomplete,
+                    storage_options,
+                    actor=True,
+                    workers=[worker],
+                    allow_other_workers=False,
+                    pure=False,
+                )
                 for worker, part in zip(workers, self._parts)
             ]
             self._actors = [future.result() for future in futures]
@@ -185,7 +219,8 @@ class DaskSearch:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self._store.dim:
             raise IncompatibleStoreError(
-                f"queries have shape {list(queries.shape)} but store {self._store.path} holds vectors of dimension {self._store.dim}"
+                f"queries have shape {list(queries.shape)} but store {self._store.path} holds vectors of dimension "
+                f"{self._store.dim}"
             )
         searched = -queries if opponents else queries
         pending = [actor.search(searched, int(k)) for actor in self._actors]
@@ -200,16 +235,23 @@ class DaskSearch:
             self._cluster.close()
             self._cluster = None
 
-    def __enter__(self) -> "DaskSearch":
+    def __enter__(self) -> DaskSearch:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
-def search_store_dask(store: "GradientStore | str | Path", queries: np.ndarray, k: int, cluster: Any, *,
-                      opponents: bool = False, memory_budget: int | None = None,
-                      allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def search_store_dask(
+    store: GradientStore | str | Path,
+    queries: np.ndarray,
+    k: int,
+    cluster: Any,
+    *,
+    opponents: bool = False,
+    memory_budget: int | None = None,
+    allow_incomplete: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """One exact search over Dask workers (see ``DaskSearch``); a ``local:N`` cluster lives only for this call."""
     with DaskSearch(store, cluster, memory_budget=memory_budget, allow_incomplete=allow_incomplete) as search:
         return search.search(queries, k, opponents=opponents)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import bisect
 import operator
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import faiss
 import numpy as np
 
 from gradindex.errors import SearchError
-from gradindex.utils import check_positive_int
 from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite, row_chunks
 from gradindex.search._faiss import (
     GPU_MAX_K,
@@ -20,6 +20,7 @@ from gradindex.search._faiss import (
     resolve_gpus,
     to_gpus,
 )
+from gradindex.utils import check_positive_int
 
 __all__ = ["ExactIndex", "search_blocks"]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import faiss
 
@@ -98,4 +99,3 @@ def faiss_errors(doing: str) -> Iterator[None]:
     except RuntimeError as err:
         detail = " ".join(str(err).split())
         raise SearchError(f"faiss failed while {doing}: {detail}") from err
-

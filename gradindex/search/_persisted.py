@@ -19,8 +19,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -47,9 +47,24 @@ from gradindex.search._approx import (
 from gradindex.search._arrays import without_rows
 from gradindex.search._exact import search_blocks
 from gradindex.store import GradientStore, RemotePath, is_remote, open_store, remove_file, write_bytes_atomic
-from gradindex.utils import check_positive_int, default_memory_budget, progress_bar, sha256_bytes, sha256_file, sha256_json
+from gradindex.utils import (
+    check_positive_int,
+    default_memory_budget,
+    progress_bar,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+)
 
-__all__ = ["build_index", "drop_index", "list_indexes", "loaded_index", "search_index", "store_content_id", "update_indexes"]
+__all__ = [
+    "build_index",
+    "drop_index",
+    "list_indexes",
+    "loaded_index",
+    "search_index",
+    "store_content_id",
+    "update_indexes",
+]
 
 log = logging.getLogger("gradindex")
 
@@ -58,7 +73,7 @@ _LOADED: dict[tuple, ApproxIndex] = {}  # (index dir, name, file) -> loaded inde
 _MAX_LOADED = 4
 
 
-def _open(store: "GradientStore | str | Path") -> GradientStore:
+def _open(store: GradientStore | str | Path) -> GradientStore:
     return store if isinstance(store, GradientStore) else open_store(store)
 
 
@@ -95,13 +110,16 @@ def _meta_files(meta: dict) -> list[str]:
 
 
 def _fetch(store: GradientStore, directory: Path, meta: dict) -> None:
-    """Download a remote store's index files into its mirror unless a sound copy is there (load_index checks the sha256)."""
+    """Download a remote store's index files into its mirror unless a sound copy is there (load_index checks the
+    sha256)."""
     if not is_remote(store.path):
         return
     remote = store.path / INDEX_DIR
     for file in _meta_files(meta):
         local = directory / file
-        sound = local.is_file() and (file != meta.get("file") or not meta.get("sha256") or sha256_file(local) == meta["sha256"])
+        sound = local.is_file() and (
+            file != meta.get("file") or not meta.get("sha256") or sha256_file(local) == meta["sha256"]
+        )
         if not sound:
             try:
                 write_bytes_atomic(local, (remote / file).read_bytes())
@@ -128,7 +146,8 @@ def _push(store: GradientStore, directory: Path, name: str) -> None:
 
 
 def store_content_id(store: GradientStore) -> str:
-    """A hash of what the store's vectors are: fingerprint, row count and every shard's checksums (from the manifest)."""
+    """A hash of what the store's vectors are: fingerprint, row count and every shard's checksums (from the
+    manifest)."""
     shards = store.manifest.get("shards") or []
     payload = {
         "fingerprint": store.fingerprint,
@@ -142,7 +161,8 @@ def store_content_id(store: GradientStore) -> str:
 def _require_complete(store: GradientStore, doing: str) -> None:
     if not store.complete:
         raise IncompleteStoreError(
-            f"store {store.path} is incomplete ({store.progress()} written); finish it with `gradindex build ... --resume` before {doing}"
+            f"store {store.path} is incomplete ({store.progress()} written); finish it with `gradindex build ... "
+            f"--resume` before {doing}"
         )
 
 
@@ -151,7 +171,7 @@ def _progress(total: int, desc: str, enabled: bool | None):
 
 
 def build_index(
-    store: "GradientStore | str | Path",
+    store: GradientStore | str | Path,
     factory: str,
     *,
     name: str | None = None,
@@ -183,7 +203,9 @@ def build_index(
     recall_queries = check_positive_int("recall_queries", recall_queries)
     directory = index_dir(store)
     if name in index_names(directory) and not overwrite:
-        raise StoreExistsError(f"index {name!r} already exists in {store.path}; pass --overwrite to rebuild it or choose another --name")
+        raise StoreExistsError(
+            f"index {name!r} already exists in {store.path}; pass --overwrite to rebuild it or choose another --name"
+        )
     sweep_index_temporaries(directory)
     started = time.perf_counter()
     n_rows, dim = store.n_samples, store.dim
@@ -196,7 +218,9 @@ def build_index(
     budget_rows = max(1, (budget // 2) // (4 * dim))
     n_train = 0 if approx.is_trained else int(min(wanted, n_rows - n_eval, budget_rows))
     if not approx.is_trained and n_train <= 0:
-        raise ValueError(f"store {store.path} has {n_rows} rows, too few to train {factory!r} and keep {n_eval} for measuring recall")
+        raise ValueError(
+            f"store {store.path} has {n_rows} rows, too few to train {factory!r} and keep {n_eval} for measuring recall"
+        )
     order = rng.permutation(n_rows)
     skipped = _skipped_rows(store)
     if len(skipped):  # zero rows left by --nonfinite skip: neither queries nor training points
@@ -226,7 +250,7 @@ def build_index(
             finally:
                 bar.close()
 
-        exact_scores, exact_rows = search_blocks(blocks(), eval_vectors, k + 1, use_gpu=use_gpu)
+        _exact_scores, exact_rows = search_blocks(blocks(), eval_vectors, k + 1, use_gpu=use_gpu)
         ivfdata = None
         if writer is not None:
             ivfdata = new_ivfdata_path(directory, name)
@@ -260,11 +284,15 @@ def build_index(
     written = save_index(approx.cpu_index(), directory, name, meta, ivfdata=ivfdata)
     _push(store, directory, name)
     _forget(directory, name)
-    log.info("index %s: recall@%d=%.3f at %s=%s", name, k, chosen["recall"], approx.search_parameter, chosen.get("value"))
+    log.info(
+        "index %s: recall@%d=%.3f at %s=%s", name, k, chosen["recall"], approx.search_parameter, chosen.get("value")
+    )
     return written
 
 
-def _sample_rows(store: GradientStore, eval_rows: np.ndarray, train_rows: np.ndarray, progress: bool | None) -> tuple[np.ndarray, np.ndarray]:
+def _sample_rows(
+    store: GradientStore, eval_rows: np.ndarray, train_rows: np.ndarray, progress: bool | None
+) -> tuple[np.ndarray, np.ndarray]:
     """The vectors of the held-out rows and of the training rows, as float32."""
     if train_rows.size == 0:
         return store.read_rows(eval_rows), np.empty((0, store.dim), np.float32)
@@ -292,16 +320,25 @@ def _drop_self(rows: np.ndarray, self_rows: np.ndarray, k: int) -> np.ndarray:
     return kept
 
 
-def _recall_curve(approx: ApproxIndex, queries: np.ndarray, query_rows: np.ndarray, exact_rows: np.ndarray, k: int,
-                  target_recall: float) -> list[dict]:
+def _recall_curve(
+    approx: ApproxIndex,
+    queries: np.ndarray,
+    query_rows: np.ndarray,
+    exact_rows: np.ndarray,
+    k: int,
+    target_recall: float,
+) -> list[dict]:
     values: list[int | None] = list(approx.parameter_values()) or [None]
     curve = []
     for value in values:
         started = time.perf_counter()
         _, rows = approx.search(queries, k + 1, param=value)
         seconds = max(time.perf_counter() - started, 1e-9)
-        point = {"value": value, "recall": round(recall_at_k(_drop_self(rows, query_rows, k), exact_rows), 4),
-                 "queries_per_s": round(len(queries) / seconds, 1)}
+        point = {
+            "value": value,
+            "recall": round(recall_at_k(_drop_self(rows, query_rows, k), exact_rows), 4),
+            "queries_per_s": round(len(queries) / seconds, 1),
+        }
         curve.append(point)
         if point["recall"] >= target_recall:
             break
@@ -322,7 +359,7 @@ def _remeasure(store: GradientStore, approx: ApproxIndex, meta: dict) -> dict:
     return {"recall": chosen["recall"], "nprobe": chosen.get("value"), "curve": curve, "recall_queries": n_eval}
 
 
-def list_indexes(store: "GradientStore | str | Path") -> list[dict]:
+def list_indexes(store: GradientStore | str | Path) -> list[dict]:
     """The metas of the store's persisted indexes (recall, factory, nprobe, stale...), by name."""
     store = _open(store)
     directory = index_dir(store)
@@ -345,7 +382,7 @@ def _with_staleness(store: GradientStore, meta: dict) -> dict:
     return meta
 
 
-def drop_index(store: "GradientStore | str | Path", name: str) -> None:
+def drop_index(store: GradientStore | str | Path, name: str) -> None:
     """Delete a persisted index."""
     store = _open(store)
     directory = index_dir(store)
@@ -369,7 +406,8 @@ def loaded_index(store: GradientStore, name: str, use_gpu: bool | None) -> tuple
     if meta.get("stale"):
         raise SearchError(
             f"index {name} of {store.path} is stale ({meta['stale']}); rebuild it with "
-            f"`gradindex index {store.path} --factory {meta.get('factory')!r} --name {name} --overwrite`, or search exactly without --index"
+            f"`gradindex index {store.path} --factory {meta.get('factory')!r} --name {name} --overwrite`, or search "
+            "exactly without --index"
         )
     key = (str(directory), name, meta["file"], use_gpu)
     if key not in _LOADED:
@@ -377,13 +415,17 @@ def loaded_index(store: GradientStore, name: str, use_gpu: bool | None) -> tuple
         index, meta = load_index(directory, name, expect={"ntotal": store.n_samples, "dim": store.dim})
         while len(_LOADED) >= _MAX_LOADED:
             _LOADED.pop(next(iter(_LOADED)))
-        _LOADED[key] = ApproxIndex(index, meta.get("factory_resolved", meta.get("factory", "")), use_gpu=use_gpu,
-                                   float16=store.dtype == "float16")
+        _LOADED[key] = ApproxIndex(
+            index,
+            meta.get("factory_resolved", meta.get("factory", "")),
+            use_gpu=use_gpu,
+            float16=store.dtype == "float16",
+        )
     return _LOADED[key], meta
 
 
 def search_index(
-    store: "GradientStore | str | Path",
+    store: GradientStore | str | Path,
     queries: np.ndarray,
     k: int,
     name: str,
@@ -416,7 +458,9 @@ def _skipped_rows(store: GradientStore) -> np.ndarray:
     return np.asarray(skipped() if skipped is not None else [], dtype=np.int64)
 
 
-def update_indexes(store: "GradientStore | str | Path", first_new_row: int, *, progress: bool | None = None) -> dict[str, str]:
+def update_indexes(
+    store: GradientStore | str | Path, first_new_row: int, *, progress: bool | None = None
+) -> dict[str, str]:
     """After rows ``first_new_row ..`` were appended to a store, add them to its in-memory indexes
     (re-measuring recall at the index's nprobe) and mark on-disk ones stale. Returns ``{name: "updated" | "stale"}``."""
     store = _open(store)
@@ -425,7 +469,9 @@ def update_indexes(store: "GradientStore | str | Path", first_new_row: int, *, p
     for name in index_names(directory):
         meta = read_index_meta(directory, name)
         if meta.get("on_disk") or meta.get("stale") or meta.get("ntotal") != first_new_row:
-            reason = meta.get("stale") or f"the store grew from {meta.get('ntotal')} to {store.n_samples} rows; rebuild it"
+            reason = (
+                meta.get("stale") or f"the store grew from {meta.get('ntotal')} to {store.n_samples} rows; rebuild it"
+            )
             write_index_meta(directory, name, {**meta, "stale": reason})
             _push(store, directory, name)
             outcome[name] = "stale"
@@ -438,10 +484,13 @@ def update_indexes(store: "GradientStore | str | Path", first_new_row: int, *, p
                 stop = first_row + len(block)
                 if stop <= first_new_row:
                     continue
-                approx.add(block[max(0, first_new_row - first_row):])
-            meta = {**meta, **_remeasure(store, approx, meta),
-                    "store": {"n_samples": store.n_samples, "content_sha256": store_content_id(store)},
-                    "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                approx.add(block[max(0, first_new_row - first_row) :])
+            meta = {
+                **meta,
+                **_remeasure(store, approx, meta),
+                "store": {"n_samples": store.n_samples, "content_sha256": store_content_id(store)},
+                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
             save_index(approx.cpu_index(), directory, name, meta)
             _push(store, directory, name)
             _forget(directory, name)

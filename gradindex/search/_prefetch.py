@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -30,8 +30,9 @@ def to_float32(vectors: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def prefetch_blocks(blocks: Iterable[tuple[int, np.ndarray]], depth: int,
-                    convert: Callable[[np.ndarray], np.ndarray] = to_float32) -> Iterator[tuple[int, np.ndarray]]:
+def prefetch_blocks(
+    blocks: Iterable[tuple[int, np.ndarray]], depth: int, convert: Callable[[np.ndarray], np.ndarray] = to_float32
+) -> Iterator[tuple[int, np.ndarray]]:
     """``blocks`` as ``(first_row, convert(vectors))`` (float32 C-contiguous, which search_blocks takes uncopied),
     produced up to ``depth`` blocks ahead by a thread. ``depth=0`` reads and converts in the caller's thread
     (no read-ahead, nothing extra held). Errors raised while reading come out of this iterator at the block

@@ -21,7 +21,7 @@ __all__ = ["search_store"]
 
 
 def search_store(
-    store: "GradientStore | str | Path",
+    store: GradientStore | str | Path,
     queries: np.ndarray,
     k: int,
     *,
@@ -46,17 +46,39 @@ def search_store(
     k = check_positive_int("k", k)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != store.dim:
-        raise IncompatibleStoreError(f"queries have shape {list(queries.shape)} but store {store.path} holds vectors of dimension {store.dim}")
+        raise IncompatibleStoreError(
+            f"queries have shape {list(queries.shape)} but store {store.path} holds vectors of dimension {store.dim}"
+        )
     if index is not None and dask is not None:
         raise ValueError("--index and --dask exclude each other: Dask search is exact")
     if nprobe is not None and index is None:
         raise ValueError("--nprobe applies to an approximate index; pass --index NAME too")
     if index is not None:
-        return _dropping_skipped(store, allow_incomplete, k, opponents, lambda wanted: search_index(
-            store, queries, wanted, index, nprobe=nprobe, opponents=opponents, use_gpu=use_gpu))
+        return _dropping_skipped(
+            store,
+            allow_incomplete,
+            k,
+            opponents,
+            lambda wanted: search_index(
+                store, queries, wanted, index, nprobe=nprobe, opponents=opponents, use_gpu=use_gpu
+            ),
+        )
     if dask is not None:
-        return _dropping_skipped(store, allow_incomplete, k, opponents, lambda wanted: search_store_dask(
-            store, queries, wanted, dask, opponents=opponents, memory_budget=memory_budget, allow_incomplete=allow_incomplete))
+        return _dropping_skipped(
+            store,
+            allow_incomplete,
+            k,
+            opponents,
+            lambda wanted: search_store_dask(
+                store,
+                queries,
+                wanted,
+                dask,
+                opponents=opponents,
+                memory_budget=memory_budget,
+                allow_incomplete=allow_incomplete,
+            ),
+        )
     searched = -queries if opponents else queries
     budget = default_memory_budget() if memory_budget is None else memory_budget
     store._require_readable(allow_incomplete)
@@ -65,7 +87,9 @@ def search_store(
         index = ExactIndex(store.dim, use_gpu=use_gpu)
         for first_row, block in _blocks(store, allow_incomplete, progress, "load", skipped):
             if first_row != index.ntotal:  # holes (unfinished shards) must not shift row numbers
-                return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
+                return _streamed(
+                    store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget
+                )
             index.add(block)
         scores, rows = index.search(searched, k)
     else:
@@ -73,9 +97,12 @@ def search_store(
     return (-scores if opponents else scores), _store_rows(rows, skipped)
 
 
-def _dropping_skipped(store: GradientStore, allow_incomplete: bool, k: int, opponents: bool, search) -> tuple[np.ndarray, np.ndarray]:
+def _dropping_skipped(
+    store: GradientStore, allow_incomplete: bool, k: int, opponents: bool, search
+) -> tuple[np.ndarray, np.ndarray]:
     """``search(k)`` for searches that see every stored row (an index, Dask workers): ask for k more per
-    skipped row (``--nonfinite skip``) and leave those out. Missing places are row -1, score -inf (+inf for opponents)."""
+    skipped row (``--nonfinite skip``) and leave those out. Missing places are row -1, score -inf (+inf for
+    opponents)."""
     try:
         skipped = store.skipped_rows(allow_incomplete=allow_incomplete)
     except IncompleteStoreError:
@@ -94,15 +121,25 @@ def _dropping_skipped(store: GradientStore, allow_incomplete: bool, k: int, oppo
     return kept_scores, kept_rows
 
 
-def _blocks(store: GradientStore, allow_incomplete: bool, progress: bool | None, verb: str, skipped: np.ndarray | None = None):
-    """The store's shards in row order, with a rows/s bar; without the ``skipped`` rows (then numbered as if they were absent)."""
-    blocks = track(store.iter_blocks(allow_incomplete=allow_incomplete), store.n_samples, f"{verb} {store.path.name}",
-                   enabled=progress, unit="row", size=lambda item: len(item[1]))
+def _blocks(
+    store: GradientStore, allow_incomplete: bool, progress: bool | None, verb: str, skipped: np.ndarray | None = None
+):
+    """The store's shards in row order, with a rows/s bar; without the ``skipped`` rows (then numbered as if they were
+    absent)."""
+    blocks = track(
+        store.iter_blocks(allow_incomplete=allow_incomplete),
+        store.n_samples,
+        f"{verb} {store.path.name}",
+        enabled=progress,
+        unit="row",
+        size=lambda item: len(item[1]),
+    )
     return blocks if skipped is None or not skipped.size else _without_rows(blocks, skipped)
 
 
 def _without_rows(blocks, skipped: np.ndarray):
-    """Blocks with the ``skipped`` rows taken out; row r is renumbered r - (skipped rows before r), so rows stay consecutive."""
+    """Blocks with the ``skipped`` rows taken out; row r is renumbered r - (skipped rows before r), so rows stay
+    consecutive."""
     for first_row, block in blocks:
         low, high = np.searchsorted(skipped, [first_row, first_row + len(block)])
         if high > low:

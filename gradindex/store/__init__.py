@@ -7,7 +7,14 @@ verified, a manifest that says what the vectors mean. ``gradindex.store.faults``
 from gradindex.errors import StorageError, StoreWriteError
 from gradindex.store._atomic import remove_file, write_bytes_atomic
 from gradindex.store._manifest import write_manifest
-from gradindex.store._remote import DEFAULT_CLAIM_TIMEOUT, RemotePath, claim_timeout, is_remote, parse_storage_options, store_path
+from gradindex.store._remote import (
+    DEFAULT_CLAIM_TIMEOUT,
+    RemotePath,
+    claim_timeout,
+    is_remote,
+    parse_storage_options,
+    store_path,
+)
 from gradindex.store._store import (
     FORMAT,
     GradientStore,

@@ -52,9 +52,6 @@ _in_use: set[str] = set()
 _lock = threading.Lock()
 
 
-
-
-
 def tmp_path(path: Path, tag: str = "") -> Path:
     """A temporary sibling of ``path`` that names its writer (pid, host), for ``is_orphan``.
 
@@ -128,8 +125,6 @@ def fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
-
-
 
 
 def _write_durable(tmp: Path, data: bytes | memoryview) -> None:
@@ -294,7 +289,9 @@ def rename_into_place(src: Path, dst: Path) -> None:
         step("rename", dst)
         os.rename(src, dst)
     except OSError as error:
-        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR) or isinstance(error, FileExistsError):
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR) or isinstance(
+            error, FileExistsError
+        ):
             raise FileExistsError(error.errno, error.strerror, str(dst)) from error
         raise _fail("renaming into place", dst, error) from error
     try:

@@ -31,8 +31,9 @@ import fnmatch
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 from gradindex.errors import StorageError, StoreWriteError
 from gradindex.store.faults import crash_point, step
@@ -53,7 +54,6 @@ _EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), 
 _NO_LISTING_CACHE = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl"}
 
 
-
 def claim_timeout() -> float:
     """Seconds after which a remote shard claim counts as abandoned (``GRADINDEX_CLAIM_TIMEOUT``)."""
     value = os.environ.get("GRADINDEX_CLAIM_TIMEOUT")
@@ -68,7 +68,7 @@ def claim_timeout() -> float:
     return seconds
 
 
-def parse_storage_options(items: "list[str] | tuple[str, ...] | None") -> dict[str, Any]:
+def parse_storage_options(items: list[str] | tuple[str, ...] | None) -> dict[str, Any]:
     """``["KEY=VALUE", ...]`` into fsspec storage options; a VALUE that parses as JSON is taken as such
     (``anon=true``, ``client_kwargs={"region_name": "eu-west-1"}``), any other as a string."""
     options: dict[str, Any] = {}
@@ -94,7 +94,7 @@ def is_remote(path: Any) -> bool:
     return isinstance(path, RemotePath)
 
 
-def store_path(location: "str | Path | RemotePath", storage_options: dict | None = None) -> "Path | RemotePath":
+def store_path(location: str | Path | RemotePath, storage_options: dict | None = None) -> Path | RemotePath:
     """The path a store lives at: ``Path`` for a local folder or ``file://`` URL, else a ``RemotePath``."""
     if isinstance(location, RemotePath):
         return location
@@ -122,12 +122,15 @@ class RemotePath:
         self.storage_options = dict(storage_options or {})
 
     @classmethod
-    def from_url(cls, url: str, storage_options: dict) -> "RemotePath":
+    def from_url(cls, url: str, storage_options: dict) -> RemotePath:
         protocol = _protocol(url)
         try:
             import fsspec.core
         except ImportError:
-            raise StorageError(f"{url} is a URL and fsspec is not installed; pip install fsspec (or 'gradindex[s3]') to use {protocol}:// stores") from None
+            raise StorageError(
+                f"{url} is a URL and fsspec is not installed; pip install fsspec (or 'gradindex[s3]') to use "
+                f"{protocol}:// stores"
+            ) from None
         options = dict(storage_options)
         if protocol in _NO_LISTING_CACHE:
             options.setdefault("use_listings_cache", False)
@@ -135,29 +138,38 @@ class RemotePath:
             fs, fs_path = fsspec.core.url_to_fs(url, **options)
         except ImportError as error:
             package, extra = _EXTRAS.get(protocol or "", (None, None))
-            hint = f"pip install 'gradindex[{extra}]' (or {package})" if package else f"install the fsspec package for {protocol}://"
-            raise StorageError(f"{url} needs a package that is not installed ({error}); {hint} to use {protocol}:// stores") from None
+            hint = (
+                f"pip install 'gradindex[{extra}]' (or {package})"
+                if package
+                else f"install the fsspec package for {protocol}://"
+            )
+            raise StorageError(
+                f"{url} needs a package that is not installed ({error}); {hint} to use {protocol}:// stores"
+            ) from None
         except ValueError as error:
             if "Protocol not known" in str(error):
                 raise StorageError(
-                    f"{url}: unknown storage protocol {protocol!r}; use a local path or an fsspec URL such as s3://, gs://, memory://"
+                    f"{url}: unknown storage protocol {protocol!r}; use a local path or an fsspec URL such as s3://, "
+                    "gs://, memory://"
                 ) from None
             raise StorageError(f"{url} cannot be opened: {error}") from None
         except TypeError as error:
-            raise StorageError(f"{url}: a storage option is not accepted by the {protocol}:// filesystem ({error})") from None
+            raise StorageError(
+                f"{url}: a storage option is not accepted by the {protocol}:// filesystem ({error})"
+            ) from None
         return cls(fs, fs_path, url, options)
 
     # ---- pure path ----------------------------------------------------------------------------
-    def _child(self, fs_path: str, url: str) -> "RemotePath":
+    def _child(self, fs_path: str, url: str) -> RemotePath:
         return RemotePath(self.fs, fs_path, url, self.storage_options)
 
-    def __truediv__(self, part: "str | os.PathLike") -> "RemotePath":
+    def __truediv__(self, part: str | os.PathLike) -> RemotePath:
         part = str(part).strip("/")
         if not part:
             return self
         return self._child(f"{self.fs_path.rstrip('/')}/{part}", f"{self.url}/{part}")
 
-    def joinpath(self, *parts: str) -> "RemotePath":
+    def joinpath(self, *parts: str) -> RemotePath:
         path = self
         for part in parts:
             path = path / part
@@ -172,21 +184,21 @@ class RemotePath:
         return PurePosixPath(self.name).suffix
 
     @property
-    def parent(self) -> "RemotePath":
+    def parent(self) -> RemotePath:
         fs_parent = posixpath.dirname(self.fs_path) or "/"
         url_parent = self.url.rsplit("/", 1)[0] if self.url.count("/") > 2 else self.url
         return self._child(fs_parent, url_parent)
 
-    def with_name(self, name: str) -> "RemotePath":
+    def with_name(self, name: str) -> RemotePath:
         return self.parent / name
 
-    def relative_to(self, other: "RemotePath") -> PurePosixPath:
+    def relative_to(self, other: RemotePath) -> PurePosixPath:
         base = other.fs_path.rstrip("/") + "/"
         if not self.fs_path.startswith(base):
             raise ValueError(f"{self} is not inside {other}")
-        return PurePosixPath(self.fs_path[len(base):])
+        return PurePosixPath(self.fs_path[len(base) :])
 
-    def resolve(self) -> "RemotePath":
+    def resolve(self) -> RemotePath:
         return self
 
     def __str__(self) -> str:
@@ -201,7 +213,7 @@ class RemotePath:
     def __hash__(self) -> int:
         return hash(self.fs_path)
 
-    def __lt__(self, other: "RemotePath") -> bool:
+    def __lt__(self, other: RemotePath) -> bool:
         return self.fs_path < other.fs_path
 
     # ---- reading ------------------------------------------------------------------------------
@@ -215,7 +227,9 @@ class RemotePath:
                 "GOOGLE_APPLICATION_CREDENTIALS, --storage-option) and the bucket's policy"
             ) from None
         except OSError as error:
-            raise StorageError(f"{self} cannot be reached ({error}); check the URL, the endpoint and the network") from None
+            raise StorageError(
+                f"{self} cannot be reached ({error}); check the URL, the endpoint and the network"
+            ) from None
 
     def is_dir(self) -> bool:
         return bool(self.fs.isdir(self.fs_path))
@@ -240,7 +254,7 @@ class RemotePath:
     def open(self, mode: str = "rb") -> Any:
         return self.fs.open(self.fs_path, mode)
 
-    def iterdir(self) -> Iterator["RemotePath"]:
+    def iterdir(self) -> Iterator[RemotePath]:
         try:
             entries = self.fs.ls(self.fs_path, detail=False)
         except FileNotFoundError:
@@ -250,12 +264,12 @@ class RemotePath:
             if name:
                 yield self / name
 
-    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+    def glob(self, pattern: str) -> Iterator[RemotePath]:
         for item in self.iterdir():
             if fnmatch.fnmatchcase(item.name, pattern):
                 yield item
 
-    def rglob(self, pattern: str) -> Iterator["RemotePath"]:
+    def rglob(self, pattern: str) -> Iterator[RemotePath]:
         """Files (and the folders that hold them) below this path whose name matches ``pattern``."""
         try:
             found = self.fs.find(self.fs_path, withdirs=True)
@@ -268,7 +282,7 @@ class RemotePath:
                 entry = "/" + entry.lstrip("/") if base.startswith("/") else entry.lstrip("/")
                 if not entry.startswith(base):
                     continue
-            item = self / entry[len(base):]
+            item = self / entry[len(base) :]
             if fnmatch.fnmatchcase(item.name, pattern):
                 yield item
 
@@ -281,6 +295,7 @@ class RemotePath:
 
 # ---- writing (called by ``_atomic`` for remote paths) -----------------------------------------------
 
+
 def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
     """The one-sentence StoreWriteError for a failed remote write: bucket missing, permission, or other."""
     text = str(error) or type(error).__name__
@@ -288,12 +303,14 @@ def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
     if isinstance(error, FileNotFoundError) and "bucket" in text.lower():
         bucket = path.fs_path.lstrip("/").split("/", 1)[0]
         return StoreWriteError(
-            f"{doing} {path} failed: the bucket {bucket!r} does not exist; create it (or fix the URL) and run the command again",
+            f"{doing} {path} failed: the bucket {bucket!r} does not exist; create it (or fix the URL) and run the "
+            "command again",
             code,
         )
     if isinstance(error, PermissionError):
         return StoreWriteError(
-            f"{doing} {path} failed: permission denied ({text}); check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE, "
+            f"{doing} {path} failed: permission denied ({text}); check the credentials (AWS_ACCESS_KEY_ID / "
+            "AWS_PROFILE, "
             "GOOGLE_APPLICATION_CREDENTIALS, --storage-option) and the bucket's policy, then resume with --resume",
             code,
         )
@@ -306,6 +323,7 @@ def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
 
 def _guarded(doing: str, path: RemotePath):
     """Turn what an fsspec filesystem raises into StoreWriteError (OSErrors and the errors of its client)."""
+
     @contextlib.contextmanager
     def guard() -> Iterator[None]:
         try:
@@ -318,7 +336,7 @@ def _guarded(doing: str, path: RemotePath):
     return guard()
 
 
-def put(path: RemotePath, data: "bytes | memoryview", *, crash_site: str | None = None) -> None:
+def put(path: RemotePath, data: bytes | memoryview, *, crash_site: str | None = None) -> None:
     """One PUT at the final key: readers see the old object or the whole new one."""
     if crash_site:
         crash_point(crash_site)  # as locally: killed here, the object never appears
@@ -358,7 +376,7 @@ def remove_file(path: RemotePath) -> bool:
     return True
 
 
-def move(path: RemotePath, aside: RemotePath) -> "RemotePath | None":
+def move(path: RemotePath, aside: RemotePath) -> RemotePath | None:
     """Copy to ``aside`` and delete: None if ``path`` was not there."""
     with _guarded("moving aside", path):
         step("rename", path)

@@ -29,9 +29,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -49,8 +50,8 @@ from gradindex.errors import (
     ShardOwnershipError,
     StoreExistsError,
     StoreNotFoundError,
+    StoreWriteError,
 )
-from gradindex.errors import StoreWriteError
 from gradindex.store import _transforms
 from gradindex.store._atomic import (
     TMP_MARK,
@@ -74,14 +75,14 @@ from gradindex.utils import pid_alive, sha256_bytes, sha256_file
 
 __all__ = [
     "FORMAT",
-    "StoreLayout",
     "GradientStore",
-    "create_store",
+    "StoreLayout",
     "as_store",
-    "open_store",
-    "fingerprint_differences",
-    "sweep_orphans",
     "cast_vectors",
+    "create_store",
+    "fingerprint_differences",
+    "open_store",
+    "sweep_orphans",
 ]
 
 FORMAT = "gradindex/1"
@@ -116,7 +117,14 @@ class StoreLayout:
             )
 
     @staticmethod
-    def auto(n_samples: int, dim: int, dtype: str = "float16", *, shard_bytes: int = 64 << 20, rows_per_shard: int | None = None) -> "StoreLayout":
+    def auto(
+        n_samples: int,
+        dim: int,
+        dtype: str = "float16",
+        *,
+        shard_bytes: int = 64 << 20,
+        rows_per_shard: int | None = None,
+    ) -> StoreLayout:
         """A layout with shards of about ``shard_bytes`` (or exactly ``rows_per_shard`` rows)."""
         itemsize = 2 if dtype == "float16" else 4
         row_bytes = max(1, dim * itemsize)
@@ -130,7 +138,9 @@ class StoreLayout:
             # an explicit shard size: the largest chunk of at most ~1 MiB that divides it
             target_chunk = max(1, min(rows_per_shard, target_chunk))
             rows_per_chunk = next(c for c in range(target_chunk, 0, -1) if rows_per_shard % c == 0)
-        return StoreLayout(n_samples=n_samples, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk)
+        return StoreLayout(
+            n_samples=n_samples, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_chunk
+        )
 
     @property
     def n_shards(self) -> int:
@@ -153,8 +163,10 @@ class StoreLayout:
         }
 
     @staticmethod
-    def from_dict(data: dict) -> "StoreLayout":
-        return StoreLayout(**{key: data[key] for key in ("n_samples", "dim", "dtype", "rows_per_shard", "rows_per_chunk")})
+    def from_dict(data: dict) -> StoreLayout:
+        return StoreLayout(
+            **{key: data[key] for key in ("n_samples", "dim", "dtype", "rows_per_shard", "rows_per_chunk")}
+        )
 
 
 def fingerprint_differences(expected: Any, actual: Any, prefix: str = "") -> list[str]:
@@ -188,9 +200,6 @@ def cast_vectors(values: np.ndarray, dtype: str) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
-
-
-
 def _is_sha(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(char in "0123456789abcdef" for char in value)
 
@@ -201,7 +210,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _array_metadata(layout: "StoreLayout") -> dict[str, bytes]:
+def _array_metadata(layout: StoreLayout) -> dict[str, bytes]:
     """The ``zarr.json`` bytes of the store's two arrays, made in memory: the same bytes every time."""
     files: dict[str, Any] = {}
     memory = zarr.storage.MemoryStore(files)
@@ -230,7 +239,7 @@ def _array_metadata(layout: "StoreLayout") -> dict[str, bytes]:
 class GradientStore:
     """An opened store. Cheap to open; reads shards on demand."""
 
-    def __init__(self, path: "Path | RemotePath", manifest: dict):
+    def __init__(self, path: Path | RemotePath, manifest: dict):
         self.path = path
         self.manifest = manifest
         # seconds after which a remote shard claim counts as abandoned (None: GRADINDEX_CLAIM_TIMEOUT or 6 hours)
@@ -290,7 +299,8 @@ class GradientStore:
             return None
         except (OSError, ValueError) as error:
             raise CorruptStoreError(
-                f"shard record {path} is unreadable ({type(error).__name__}); run `gradindex build ... --resume --repair` to recompute the shard"
+                f"shard record {path} is unreadable ({type(error).__name__}); run `gradindex build ... --resume "
+                "--repair` to recompute the shard"
             ) from error
         return self._checked_record(shard, record, str(path))
 
@@ -319,7 +329,8 @@ class GradientStore:
         )
         if not sound:
             raise CorruptStoreError(
-                f"the record of shard {shard} ({where}) is damaged; run `gradindex build ... --resume --repair` to recompute the shard"
+                f"the record of shard {shard} ({where}) is damaged; run `gradindex build ... --resume --repair` to "
+                "recompute the shard"
             )
         return record
 
@@ -335,7 +346,7 @@ class GradientStore:
         return f"{len(done)}/{self.n_shards} shards ({rows}/{self.n_samples} rows)"
 
     # ---- arrays -----------------------------------------------------------------------------
-    def _zarr_store(self) -> "zarr.storage.LocalStore | zarr.storage.FsspecStore":
+    def _zarr_store(self) -> zarr.storage.LocalStore | zarr.storage.FsspecStore:
         if is_remote(self.path):
             return self.path.zarr_store()
         return zarr.storage.LocalStore(self.path, read_only=True)
@@ -362,7 +373,9 @@ class GradientStore:
             try:
                 data = path.read_bytes()
             except OSError as error:
-                raise CorruptStoreError(f"{path} is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}; {_REPAIR}") from error
+                raise CorruptStoreError(
+                    f"{path} is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}; {_REPAIR}"
+                ) from error
             expected = (self.manifest.get("arrays") or {}).get(name)
             if expected is not None and sha256_bytes(data) != expected:
                 raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
@@ -388,10 +401,15 @@ class GradientStore:
         prototype = default_buffer_prototype().buffer
         metadata = self._array_metadata(name)
         try:
-            with self._decode_lock:  # one in-memory array per metadata, reused (opening one costs more than a small read)
+            with (
+                self._decode_lock
+            ):  # one in-memory array per metadata, reused (opening one costs more than a small read)
                 if (name, metadata) not in self._decoders:
                     files: dict[str, Any] = {f"{name}/zarr.json": prototype.from_bytes(metadata)}
-                    self._decoders[(name, metadata)] = (files, zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r"))
+                    self._decoders[(name, metadata)] = (
+                        files,
+                        zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r"),
+                    )
                 files, array = self._decoders[(name, metadata)]
                 files[key] = prototype.from_bytes(data)
                 try:
@@ -417,7 +435,8 @@ class GradientStore:
         if not allow_incomplete:
             raise IncompleteStoreError(
                 f"store {self.path} is incomplete ({self.progress()} written); finish it with "
-                "`gradindex build ... --resume`, or pass allow_incomplete=True (--allow-incomplete) to use the finished part"
+                "`gradindex build ... --resume`, or pass allow_incomplete=True (--allow-incomplete) to use the "
+                "finished part"
             )
         return self.done_shards()
 
@@ -526,14 +545,24 @@ class GradientStore:
                 record = self._record_for_read(shard)
                 if not self.complete:
                     key = str(self._samples_part_path(shard).relative_to(self.path))
-                    parts.append(pq.read_table(pa.BufferReader(self._verified(shard, key, record["samples_sha256"], "the sample table"))))
+                    parts.append(
+                        pq.read_table(
+                            pa.BufferReader(self._verified(shard, key, record["samples_sha256"], "the sample table"))
+                        )
+                    )
             except CorruptStoreError:
                 if not self.complete:
                     raise
             if self.complete:  # completed while we read: samples.parquet now holds every row
                 return self._rows_of(self.samples(), readable)
         if not parts:
-            return pa.table({"row": pa.array([], pa.int64()), "sample_id": pa.array([], pa.string()), "label": pa.array([], pa.int64())})
+            return pa.table(
+                {
+                    "row": pa.array([], pa.int64()),
+                    "sample_id": pa.array([], pa.string()),
+                    "label": pa.array([], pa.int64()),
+                }
+            )
         return pa.concat_tables(parts, promote_options="default")
 
     def _rows_of(self, table: pa.Table, shards: Sequence[int]) -> pa.Table:
@@ -550,7 +579,9 @@ class GradientStore:
         if self.complete or self._record_path(shard).exists():
             raise ShardOwnershipError(f"shard {shard} of {self.path} is already finished")
         path = self._claim_path(shard)
-        payload = json.dumps({"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}).encode()
+        payload = json.dumps(
+            {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        ).encode()
         make_dir(self._shard_dir())
         for _ in range(3):
             # written whole under a temporary name and hard-linked into place: never seen half-written
@@ -571,8 +602,12 @@ class GradientStore:
                     "delete it and resume"
                 )
             same_host = holder.get("host") == socket.gethostname()
-            mine_but_given_up = holder.get("pid") == os.getpid() and not in_use(path)  # an earlier failed build here could not remove it
-            if (same_host and (mine_but_given_up or not pid_alive(int(holder.get("pid", -1))))) or self._claim_expired(holder):
+            mine_but_given_up = holder.get("pid") == os.getpid() and not in_use(
+                path
+            )  # an earlier failed build here could not remove it
+            if (same_host and (mine_but_given_up or not pid_alive(int(holder.get("pid", -1))))) or self._claim_expired(
+                holder
+            ):
                 # A dead writer's claim: move it aside; only one contender's rename succeeds.
                 aside = rename_aside(path, "stale-")
                 if aside is not None:
@@ -602,7 +637,9 @@ class GradientStore:
             return None
         except (OSError, ValueError):
             return {}
-        return holder if isinstance(holder, dict) and "owner" in holder and isinstance(holder.get("pid", -1), int) else {}
+        return (
+            holder if isinstance(holder, dict) and "owner" in holder and isinstance(holder.get("pid", -1), int) else {}
+        )
 
     def release_shard(self, shard: int) -> None:
         forget(self._claim_path(shard))
@@ -610,14 +647,20 @@ class GradientStore:
 
     def _encode(self, name: str, start: int, values: np.ndarray) -> tuple[str, bytes]:
         """Bytes of the chunk/shard file holding ``values`` at ``start``, encoded exactly as the store's array would."""
-        files: dict[str, Any] = {f"{name}/zarr.json": default_buffer_prototype().buffer.from_bytes(self._array_metadata(name))}
+        files: dict[str, Any] = {
+            f"{name}/zarr.json": default_buffer_prototype().buffer.from_bytes(self._array_metadata(name))
+        }
         # write_empty_chunks: an all-zero shard (zero gradients, zeroed non-finite rows) still gets its file, and zarr
         # skips comparing every chunk with the fill value
-        array = zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r+").with_config({"write_empty_chunks": True})
+        array = zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r+").with_config(
+            {"write_empty_chunks": True}
+        )
         array[start : start + len(values)] = values
         keys = [key for key in files if key.startswith(f"{name}/c/")]
         if len(keys) != 1:
-            raise RuntimeError(f"encoding rows {start}..{start + len(values)} of {name} touched {len(keys)} files, expected 1")
+            raise RuntimeError(
+                f"encoding rows {start}..{start + len(values)} of {name} touched {len(keys)} files, expected 1"
+            )
         return keys[0], files[keys[0]].to_bytes()
 
     def write_shard(
@@ -642,17 +685,28 @@ class GradientStore:
         features = np.asarray(features)
         self_influence = np.asarray(self_influence)
         if features.shape != (n_rows, self.dim):
-            raise ValueError(f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}")
+            raise ValueError(
+                f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}"
+            )
         if not np.issubdtype(features.dtype, np.floating):
             raise ValueError(f"shard {shard} needs floating-point features, got dtype {features.dtype}")
         if self_influence.shape != (n_rows,):
-            raise ValueError(f"shard {shard} needs {n_rows} self-influence values, got shape {tuple(self_influence.shape)}")
+            raise ValueError(
+                f"shard {shard} needs {n_rows} self-influence values, got shape {tuple(self_influence.shape)}"
+            )
         if not np.issubdtype(self_influence.dtype, np.floating):
-            raise ValueError(f"shard {shard} needs floating-point self-influence values, got dtype {self_influence.dtype}")
+            raise ValueError(
+                f"shard {shard} needs floating-point self-influence values, got dtype {self_influence.dtype}"
+            )
         if samples.num_rows != n_rows:
             raise ValueError(f"shard {shard} needs {n_rows} sample rows, got {samples.num_rows}")
-        if "row" not in samples.column_names or not np.array_equal(samples.column("row").to_numpy(zero_copy_only=False), np.arange(start, stop)):
-            raise ValueError(f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with exactly those rows")
+        if "row" not in samples.column_names or not np.array_equal(
+            samples.column("row").to_numpy(zero_copy_only=False), np.arange(start, stop)
+        ):
+            raise ValueError(
+                f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with "
+                "exactly those rows"
+            )
         if content_sha256 is not None and not _is_sha(content_sha256):
             raise ValueError(f"content_sha256 must be a sha256 hex digest, got {content_sha256!r}")
         listed = {kind: sorted(int(row) for row in rows) for kind, rows in (nonfinite or {}).items() if len(rows)}
@@ -664,10 +718,14 @@ class GradientStore:
             if np.any(features[np.asarray(rows) - start]):
                 raise ValueError(f"{kind} rows of shard {shard} must hold zero vectors")
         with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1) & np.isfinite(self_influence.astype(np.float32, copy=False))
+            finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1) & np.isfinite(
+                self_influence.astype(np.float32, copy=False)
+            )
         if not finite.all():
             bad = np.flatnonzero(~finite) + start
-            raise NonFiniteError(f"rows {bad[:10].tolist()} have non-finite features; nothing was written for shard {shard}")
+            raise NonFiniteError(
+                f"rows {bad[:10].tolist()} have non-finite features; nothing was written for shard {shard}"
+            )
         if self.dtype == "float16":
             peak = max(float(features.max()), -float(features.min())) if features.size else 0.0
             if peak > FLOAT16_MAX:
@@ -677,7 +735,9 @@ class GradientStore:
                 )
         stored = cast_vectors(features, self.dtype)
         feature_key, feature_bytes = self._encode("features", start, stored)
-        influence_key, influence_bytes = self._encode("self_influence", start, self_influence.astype(np.float32, copy=False))
+        influence_key, influence_bytes = self._encode(
+            "self_influence", start, self_influence.astype(np.float32, copy=False)
+        )
         samples_bytes = _parquet_bytes(samples)
         write_bytes_atomic(self.path / feature_key, feature_bytes, crash_site="shard-before-rename")
         crash_point("shard-after-features")
@@ -719,9 +779,16 @@ class GradientStore:
             records.append(record)
         try:
             parts = [
-                pq.read_table(pa.BufferReader(self._verified(
-                    shard, str(self._samples_part_path(shard).relative_to(self.path)), record["samples_sha256"], "the sample table"
-                )))
+                pq.read_table(
+                    pa.BufferReader(
+                        self._verified(
+                            shard,
+                            str(self._samples_part_path(shard).relative_to(self.path)),
+                            record["samples_sha256"],
+                            "the sample table",
+                        )
+                    )
+                )
                 for shard, record in enumerate(records)
             ]
         except CorruptStoreError:
@@ -742,7 +809,8 @@ class GradientStore:
         manifest["shards"] = records
         manifest["samples_sha256"] = sha256_bytes(samples_bytes)
         manifest["nonfinite"] = {
-            kind: sorted(row for record in records for row in record.get("nonfinite", {}).get(kind, [])) for kind in ("skipped", "zeroed")
+            kind: sorted(row for record in records for row in record.get("nonfinite", {}).get(kind, []))
+            for kind in ("skipped", "zeroed")
         }
         content = [record.get("content_sha256") for record in records]
         if all(content):
@@ -768,14 +836,17 @@ class GradientStore:
         return True
 
     def _remove_build_files(self) -> None:
-        """Delete ``_shards/`` of a complete store; best effort (what is left is removed on the next open for writing)."""
+        """Delete ``_shards/`` of a complete store; best effort (what is left is removed on the next open for
+        writing)."""
         if self._shard_dir().exists():
             try:
                 remove_tree(self._shard_dir(), crash_site="finalize-cleanup")
             except StoreWriteError as error:
                 logging.getLogger("gradindex").warning(
-                    "store %s is complete; its build folder _shards/ could not be removed (%s) and goes on the next --resume",
-                    self.path, error.__cause__ or error,
+                    "store %s is complete; its build folder _shards/ could not be removed (%s) and goes on the next "
+                    "--resume",
+                    self.path,
+                    error.__cause__ or error,
                 )
 
     def sweep_temporaries(self) -> int:
@@ -798,7 +869,8 @@ class GradientStore:
         return _transforms.transform_records(self)
 
     def write_transform(self, name: str, array: np.ndarray, *, exclusive: bool = False) -> bool:
-        """Write ``transforms/NAME.npy`` durably and record it; with ``exclusive`` only if absent (returns whether written)."""
+        """Write ``transforms/NAME.npy`` durably and record it; with ``exclusive`` only if absent (returns whether
+        written)."""
         return _transforms.write_transform(self, name, array, exclusive=exclusive)
 
     def read_transform(self, name: str) -> np.ndarray:
@@ -920,9 +992,13 @@ class GradientStore:
         layout = StoreLayout(**{**self.layout.to_dict(), "n_samples": int(n_samples)})
         if not self.complete:
             if self.manifest.get("appended_from") is None or self.layout != layout:
-                raise IncompleteStoreError(f"store {self.path} is incomplete ({self.progress()}); finish it with --resume before appending")
+                raise IncompleteStoreError(
+                    f"store {self.path} is incomplete ({self.progress()}); finish it with --resume before appending"
+                )
         elif n_samples <= self.n_samples:
-            raise ValueError(f"store {self.path} holds {self.n_samples} rows; appending needs more than that, got {n_samples}")
+            raise ValueError(
+                f"store {self.path} holds {self.n_samples} rows; appending needs more than that, got {n_samples}"
+            )
         else:
             old = self.layout
             kept = [shard for shard in range(old.n_shards) if old.shard_rows(shard) == layout.shard_rows(shard)]
@@ -932,7 +1008,10 @@ class GradientStore:
             for shard in kept:
                 record = self.manifest["shards"][shard]
                 start, stop = old.shard_rows(shard)
-                write_bytes_atomic(self._samples_part_path(shard), _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop)))))
+                write_bytes_atomic(
+                    self._samples_part_path(shard),
+                    _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop)))),
+                )
                 write_bytes_atomic(self._record_path(shard), json.dumps(record).encode())
             metadata = _array_metadata(layout)
             manifest = {
@@ -941,8 +1020,13 @@ class GradientStore:
                 if key not in ("shards", "samples_sha256", "completed_at", "nonfinite", "dataset_sha256")
             }
             manifest.update(extra or {})
-            manifest.update(state="building", layout=layout.to_dict(), fingerprint=fingerprint, appended_from=old.n_samples,
-                            arrays={name: sha256_bytes(data) for name, data in metadata.items()})
+            manifest.update(
+                state="building",
+                layout=layout.to_dict(),
+                fingerprint=fingerprint,
+                appended_from=old.n_samples,
+                arrays={name: sha256_bytes(data) for name, data in metadata.items()},
+            )
             write_manifest(self.path, manifest)
             self.manifest = manifest
             self.layout = layout
@@ -987,7 +1071,8 @@ class GradientStore:
                 pass
             if sha256_bytes(data) != expected.get(name):
                 raise CorruptStoreError(
-                    f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; rebuild with --overwrite"
+                    f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; "
+                    "rebuild with --overwrite"
                 )
             write_bytes_atomic(self.path / name / "zarr.json", data)
 
@@ -1021,8 +1106,15 @@ def sweep_orphans(path: str | Path) -> int:
     return removed
 
 
-def create_store(path: "str | Path | RemotePath", layout: StoreLayout, fingerprint: dict, *, extra: dict | None = None,
-                 overwrite: bool = False, storage_options: dict | None = None) -> GradientStore:
+def create_store(
+    path: str | Path | RemotePath,
+    layout: StoreLayout,
+    fingerprint: dict,
+    *,
+    extra: dict | None = None,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> GradientStore:
     """Create an empty store (state ``building``) with the given layout and fingerprint.
 
     The store is made whole under a temporary name and renamed into place, so it appears complete
@@ -1040,7 +1132,9 @@ def create_store(path: "str | Path | RemotePath", layout: StoreLayout, fingerpri
                 f"{path} already exists; pass --resume to continue its build or --overwrite to replace it"
             )
         if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
-            raise StoreExistsError(f"{path} exists and is not a gradindex store; refusing to delete it, choose another -o path")
+            raise StoreExistsError(
+                f"{path} exists and is not a gradindex store; refusing to delete it, choose another -o path"
+            )
         replaced = rename_aside(path, "old-")
     staging = tmp_path(path, "new-")
     metadata = _array_metadata(layout)
@@ -1056,7 +1150,9 @@ def create_store(path: "str | Path | RemotePath", layout: StoreLayout, fingerpri
     except FileExistsError:
         _remove_quietly(staging)
         forget(staging)
-        raise StoreExistsError(f"{path} was created by another writer meanwhile; pass --resume to continue its build") from None
+        raise StoreExistsError(
+            f"{path} was created by another writer meanwhile; pass --resume to continue its build"
+        ) from None
     except StoreWriteError:
         _remove_quietly(staging)
         forget(staging)  # a later sweep removes what could not be
@@ -1086,7 +1182,9 @@ def _new_manifest(layout: StoreLayout, fingerprint: dict, metadata: dict[str, by
     }
 
 
-def _create_remote_store(path: RemotePath, layout: StoreLayout, fingerprint: dict, *, extra: dict | None, overwrite: bool) -> GradientStore:
+def _create_remote_store(
+    path: RemotePath, layout: StoreLayout, fingerprint: dict, *, extra: dict | None, overwrite: bool
+) -> GradientStore:
     """``create_store`` at a URL: array metadata first, the manifest last and exclusively (one creator wins).
 
     ``overwrite`` deletes the old store before the new one is written (an object store cannot swap a
@@ -1095,12 +1193,17 @@ def _create_remote_store(path: RemotePath, layout: StoreLayout, fingerprint: dic
     meta = path / "zarr.json"
     if meta.exists():
         if not overwrite:
-            raise StoreExistsError(f"{path} already exists; pass --resume to continue its build or --overwrite to replace it")
+            raise StoreExistsError(
+                f"{path} already exists; pass --resume to continue its build or --overwrite to replace it"
+            )
         remove_tree(path)
     elif path.exists():
         foreign = sorted({item.name for item in path.iterdir()} - {*_ARRAYS, _SHARD_DIR})
         if foreign:
-            raise StoreExistsError(f"{path} exists and is not a gradindex store (it holds {foreign[0]}); refusing to delete it, choose another -o path")
+            raise StoreExistsError(
+                f"{path} exists and is not a gradindex store (it holds {foreign[0]}); refusing to delete it, choose "
+                "another -o path"
+            )
         remove_tree(path)  # what a creator stopped before its manifest left: never a store
     metadata = _array_metadata(layout)
     manifest = _new_manifest(layout, fingerprint, metadata, extra)
@@ -1112,12 +1215,12 @@ def _create_remote_store(path: RemotePath, layout: StoreLayout, fingerprint: dic
     return GradientStore(path, manifest)
 
 
-def as_store(store: "GradientStore | str | Path | RemotePath", storage_options: dict | None = None) -> GradientStore:
+def as_store(store: GradientStore | str | Path | RemotePath, storage_options: dict | None = None) -> GradientStore:
     """``store`` itself when it is an opened store, else the store opened at that path or URL (``open_store``)."""
     return store if isinstance(store, GradientStore) else open_store(store, storage_options=storage_options)
 
 
-def open_store(path: "str | Path | RemotePath", *, storage_options: dict | None = None) -> GradientStore:
+def open_store(path: str | Path | RemotePath, *, storage_options: dict | None = None) -> GradientStore:
     """Open an existing store (complete or not) at a local path or an fsspec URL (``s3://bucket/a.gradindex``);
     raises StoreNotFoundError / CorruptStoreError. ``storage_options`` go to the URL's fsspec filesystem."""
     path = store_path(path, storage_options)
@@ -1131,16 +1234,20 @@ def open_store(path: "str | Path | RemotePath", *, storage_options: dict | None 
         manifest = attributes[MANIFEST_KEY]
         recorded_seal = attributes.get(SEAL_KEY)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptStoreError(f"{meta} holds no readable gradindex manifest ({type(error).__name__}); rebuild with --overwrite") from error
+        raise CorruptStoreError(
+            f"{meta} holds no readable gradindex manifest ({type(error).__name__}); rebuild with --overwrite"
+        ) from error
     if not isinstance(manifest, dict):
         raise CorruptStoreError(f"{meta} holds no readable gradindex manifest; rebuild with --overwrite")
     if recorded_seal != seal(manifest):
         raise CorruptStoreError(
-            f"the manifest in {meta} fails its checksum (damaged, or written by another program); rebuild with --overwrite"
+            f"the manifest in {meta} fails its checksum (damaged, or written by another program); rebuild with "
+            "--overwrite"
         )
     if manifest.get("format") != FORMAT:
         raise IncompatibleStoreError(
-            f"{path} has format {manifest.get('format')!r}, this gradindex reads {FORMAT!r}; rebuild it with --overwrite"
+            f"{path} has format {manifest.get('format')!r}, this gradindex reads {FORMAT!r}; rebuild it with "
+            "--overwrite"
         )
     try:
         return GradientStore(path, manifest)

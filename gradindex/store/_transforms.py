@@ -38,12 +38,12 @@ GradientStore = Any
 __all__ = [
     "TRANSFORMS_DIR",
     "check_transform_name",
-    "write_transform",
     "read_transform",
-    "transform_records",
-    "write_transform_part",
     "read_transform_parts",
+    "transform_records",
     "verify_transforms",
+    "write_transform",
+    "write_transform_part",
 ]
 
 TRANSFORMS_DIR = "transforms"
@@ -53,7 +53,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 def check_transform_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"transform name {name!r} must be lower-case letters, digits and '_' (starting with a letter, at most 64)")
+        raise ValueError(
+            f"transform name {name!r} must be lower-case letters, digits and '_' (starting with a letter, at most 64)"
+        )
     return name
 
 
@@ -70,15 +72,17 @@ def _decode(data: bytes, path: Path) -> np.ndarray:
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as error:  # numpy raises several kinds on damaged bytes
-        raise CorruptStoreError(f"{path} cannot be read as a numpy array ({type(error).__name__}); rebuild the store with --overwrite") from error
+        raise CorruptStoreError(
+            f"{path} cannot be read as a numpy array ({type(error).__name__}); rebuild the store with --overwrite"
+        ) from error
 
 
-def _disk_manifest(store: "GradientStore") -> dict:
+def _disk_manifest(store: GradientStore) -> dict:
     group = json.loads((store.path / "zarr.json").read_text())
     return group["attributes"]["gradindex"]
 
 
-def transform_records(store: "GradientStore") -> dict[str, dict]:
+def transform_records(store: GradientStore) -> dict[str, dict]:
     """``{name: {file, shape, dtype, sha256}}`` of the finished transforms (what the manifest on disk says)."""
     records = dict(store.manifest.get("transforms") or {})
     try:
@@ -88,7 +92,7 @@ def transform_records(store: "GradientStore") -> dict[str, dict]:
     return records
 
 
-def _record(store: "GradientStore", name: str, record: dict) -> None:
+def _record(store: GradientStore, name: str, record: dict) -> None:
     """Add one record to the manifest on disk (read, merge, atomic write) and to the open store's copy."""
     manifest = _disk_manifest(store)
     records = dict(manifest.get("transforms") or {})
@@ -100,7 +104,7 @@ def _record(store: "GradientStore", name: str, record: dict) -> None:
     store.manifest["transforms"] = merged
 
 
-def write_transform(store: "GradientStore", name: str, array: np.ndarray, *, exclusive: bool = False) -> bool:
+def write_transform(store: GradientStore, name: str, array: np.ndarray, *, exclusive: bool = False) -> bool:
     """Write ``transforms/NAME.npy`` durably, then record it in the manifest.
 
     With ``exclusive=True`` nothing is written when the transform exists already (returns False);
@@ -133,13 +137,14 @@ def _record_of(name: str, array: np.ndarray, data: bytes) -> dict:
     }
 
 
-def read_transform(store: "GradientStore", name: str) -> np.ndarray:
+def read_transform(store: GradientStore, name: str) -> np.ndarray:
     """A finished transform, checked against its recorded sha256."""
     check_transform_name(name)
     records = transform_records(store)
     if name not in records:
         raise IncompleteStoreError(
-            f"store {store.path} has no transform {name!r}: its build did not finish; run `gradindex build ... --resume` "
+            f"store {store.path} has no transform {name!r}: its build did not finish; run `gradindex build ... "
+            "--resume` "
             "with the same settings to complete it"
         )
     record = records[name]
@@ -153,18 +158,18 @@ def read_transform(store: "GradientStore", name: str) -> np.ndarray:
     return _decode(data, path)
 
 
-def _part_path(store: "GradientStore", name: str, shard: int) -> Path:
+def _part_path(store: GradientStore, name: str, shard: int) -> Path:
     return store.path / TRANSFORMS_DIR / _PARTS_DIR / name / f"{shard:06d}.npy"
 
 
-def write_transform_part(store: "GradientStore", name: str, shard: int, array: np.ndarray) -> None:
+def write_transform_part(store: GradientStore, name: str, shard: int, array: np.ndarray) -> None:
     """One shard's share of a transform; write it before the shard's record so a resume recomputes both."""
     check_transform_name(name)
     store.layout.shard_rows(shard)  # validates the shard number
     write_bytes_atomic(_part_path(store, name, shard), _encode(array))
 
 
-def read_transform_parts(store: "GradientStore", name: str) -> dict[int, np.ndarray]:
+def read_transform_parts(store: GradientStore, name: str) -> dict[int, np.ndarray]:
     """``{shard: array}`` of every shard's share of a transform that has one on disk."""
     check_transform_name(name)
     parts = {}
@@ -178,7 +183,7 @@ def read_transform_parts(store: "GradientStore", name: str) -> dict[int, np.ndar
     return parts
 
 
-def verify_transforms(store: "GradientStore") -> list[str]:
+def verify_transforms(store: GradientStore) -> list[str]:
     """Problems with the recorded transforms: missing files or failed checksums."""
     problems = []
     for name, record in sorted(transform_records(store).items()):

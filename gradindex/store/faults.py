@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 __all__ = ["IOFaults", "crash_point", "inject_io_errors", "step"]
 

@@ -7,7 +7,8 @@ leaf, in pytree order; every tensor leaf is cut along that dimension.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ def batch_size(batch: Any) -> int:
     for leaf in tree_leaves(batch):
         if isinstance(leaf, Tensor):
             if leaf.ndim == 0:
-                raise TaskSpecError("a batch's first tensor is a scalar; the task's collate must stack samples along dimension 0")
+                raise TaskSpecError(
+                    "a batch's first tensor is a scalar; the task's collate must stack samples along dimension 0"
+                )
             return int(leaf.shape[0])
     raise TaskSpecError("a batch holds no tensors; the task's collate must return tensors")
 
@@ -49,7 +52,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def gather_batch(dataset: Any, rows: Sequence[int] | Tensor, collate: Any, device: torch.device) -> Any:
-    """The collated batch of ``dataset`` at ``rows`` on ``device`` (a TensorDataset with the default collate is indexed directly)."""
+    """The collated batch of ``dataset`` at ``rows`` on ``device`` (a TensorDataset with the default collate is indexed
+    directly)."""
     if collate is None and isinstance(dataset, TensorDataset):
         index = torch.as_tensor(rows, dtype=torch.long)
         return tuple(tensor[index].to(device) for tensor in dataset.tensors)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
@@ -37,7 +38,9 @@ def tensor_rows(dataset: Any, rows: Sequence[int] | range) -> tuple[tuple[torch.
     return None
 
 
-def _loader_batches(dataset: Any, rows: Sequence[int] | range, batch_size: int, collate, num_workers: int) -> Iterator[Any]:
+def _loader_batches(
+    dataset: Any, rows: Sequence[int] | range, batch_size: int, collate, num_workers: int
+) -> Iterator[Any]:
     loader = DataLoader(
         Subset(dataset, rows),
         batch_size=batch_size,

@@ -14,16 +14,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gradindex.errors import GradIndexError, TaskSpecError
 
-__all__ = ["BUILTIN_TASKS", "Task", "load_task", "cross_entropy_loss", "default_margin"]
+__all__ = ["BUILTIN_TASKS", "Task", "cross_entropy_loss", "default_margin", "load_task"]
 
 # The built-in tasks by name: each is a ``module:factory`` spec like any other, so ``--task digits`` loads exactly as
 # ``--task gradindex.tasks:digits`` would (the registry names them; nothing here imports them).
@@ -90,7 +91,11 @@ class Task:
                 "Task.model must be a zero-argument callable that builds the model "
                 f"(e.g. a class or a lambda), got {type(self.model).__name__}"
             )
-        for split_name, dataset in (("train", self.train), *(((("test", self.test),) if self.test is not None else ())), *self.queries.items()):
+        for split_name, dataset in (
+            ("train", self.train),
+            *((("test", self.test),) if self.test is not None else ()),
+            *self.queries.items(),
+        ):
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
                 raise TaskSpecError(
                     f"Task.{split_name} must be a map-style dataset (with __len__ and __getitem__), "
@@ -98,7 +103,8 @@ class Task:
                 )
         if self.sample_ids is not None and len(self.sample_ids) != len(self.train):
             raise TaskSpecError(
-                f"Task.sample_ids has {len(self.sample_ids)} ids for {len(self.train)} training samples; give one id per sample"
+                f"Task.sample_ids has {len(self.sample_ids)} ids for {len(self.train)} training samples; give one id "
+                "per sample"
             )
 
     def split(self, name: str) -> Any:
@@ -158,7 +164,7 @@ def _load_factory(spec: str) -> Callable[[], Any]:
     return factory
 
 
-def load_task(spec: "str | Task", **options: Any) -> Task:
+def load_task(spec: str | Task, **options: Any) -> Task:
     """A Task from a spec string (``file.py:factory``, ``module:factory``, built-in name) or a Task itself."""
     if isinstance(spec, Task):
         return spec
@@ -174,4 +180,3 @@ def load_task(spec: "str | Task", **options: Any) -> Task:
     if not isinstance(task, Task):
         raise TaskSpecError(f"task factory {spec} returned {type(task).__name__}, not a gradindex.Task")
     return task
-

@@ -11,8 +11,8 @@ import numpy as np
 from torch import Tensor, nn
 
 from gradindex.task import Task
+from gradindex.tasks._common import split_ids, stratified_split, task_option, tensor_dataset
 from gradindex.utils import check_fraction, check_non_negative, check_non_negative_int
-from gradindex.tasks._common import task_option, split_ids, stratified_split, tensor_dataset
 
 __all__ = ["breast_cancer", "l2_penalty"]
 
@@ -66,4 +66,3 @@ def breast_cancer(seed: int = 0, test_fraction: float = 0.25, l2: float = 0.01) 
         regularization=functools.partial(l2_penalty, strength=l2) if l2 > 0 else None,
         name="breast-cancer",
     )
-

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,11 +17,11 @@ from gradindex.errors import ArgumentError, TaskSpecError
 __all__ = [
     "LabelNoise",
     "flip_labels",
-    "stratified_split",
-    "tensor_dataset",
-    "split_ids",
     "mlp",
+    "split_ids",
+    "stratified_split",
     "task_option",
+    "tensor_dataset",
 ]
 
 
@@ -103,5 +104,3 @@ def split_ids(prefix: str, split: str, n_samples: int) -> list[str]:
 def mlp(n_inputs: int, hidden: int, n_classes: int) -> nn.Sequential:
     """``[B, n_inputs] -> [B, n_classes]`` with one ReLU hidden layer."""
     return nn.Sequential(nn.Linear(n_inputs, hidden), nn.ReLU(), nn.Linear(hidden, n_classes))
-
-

@@ -10,16 +10,16 @@ from torch import nn
 
 from gradindex.errors import TaskSpecError
 from gradindex.task import Task
-from gradindex.utils import check_fraction, check_non_negative_int, check_positive_int
 from gradindex.tasks._common import (
     LabelNoise,
-    task_option,
     flip_labels,
     mlp,
     split_ids,
     stratified_split,
+    task_option,
     tensor_dataset,
 )
+from gradindex.utils import check_fraction, check_non_negative_int, check_positive_int
 
 __all__ = ["digits", "digits_cnn", "digits_with_info"]
 

@@ -1,4 +1,5 @@
-"""The one argument checker: each function returns the value as its type or raises ``ArgumentError`` naming the argument.
+"""The one argument checker: each function returns the value as its type or raises ``ArgumentError`` naming the
+argument.
 
 Strings are accepted where a number is asked for (settings typed on a command line arrive as text), bools
 never are (``True`` is not the integer 1 here)::
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from gradindex.errors import ArgumentError
 

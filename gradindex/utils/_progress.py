@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 __all__ = ["progress_bar", "progress_enabled", "track"]
 
@@ -33,7 +34,9 @@ def progress_enabled(enabled: bool | None) -> bool:
         return False
 
 
-def progress_bar(total: int | None, desc: str, *, enabled: bool | None = None, unit: str = "sample", leave: bool = False):
+def progress_bar(
+    total: int | None, desc: str, *, enabled: bool | None = None, unit: str = "sample", leave: bool = False
+):
     """A tqdm bar over ``total`` units showing units/s and the ETA; disabled (and nearly free) when quiet.
 
     Use it as a context manager, or call ``close()``. ``bar.set_postfix_str("shard 3/10")`` shows the
@@ -46,7 +49,9 @@ def progress_bar(total: int | None, desc: str, *, enabled: bool | None = None, u
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, leave=leave, file=sys.stderr)
 
 
-def track(items: Iterable[T], total: int | None, desc: str, *, enabled: bool | None = None, unit: str = "sample", size=len) -> Iterator[T]:
+def track(
+    items: Iterable[T], total: int | None, desc: str, *, enabled: bool | None = None, unit: str = "sample", size=len
+) -> Iterator[T]:
     """Yield ``items`` while advancing a bar by ``size(item)`` per item (e.g. rows per block)."""
     with progress_bar(total, desc, enabled=enabled, unit=unit) as bar:
         for item in items:

@@ -8,16 +8,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiny_tasks
 import torch
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
+from gradindex.apps.curation import parse_amount, summary
 from gradindex.checkpoints import load_into, parse_checkpoints
 from gradindex.cli import cli
-from gradindex.apps.curation import parse_amount, summary
-
-import tiny_tasks
-from tiny_tasks import TINY
 
 MLP = f"{TINY}:mlp_task"
 
@@ -30,8 +29,15 @@ def mlp_checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exact_store(tmp_path_factory, mlp_checkpoints):
     """No projection, float32: scores are exact sums of weighted gradient dot products. Read-only in these tests."""
-    return gradindex.build(MLP, mlp_checkpoints, tmp_path_factory.mktemp("curate") / "exact.gradindex", projection="none",
-                           dtype="float32", rows_per_shard=50, progress=False)
+    return gradindex.build(
+        MLP,
+        mlp_checkpoints,
+        tmp_path_factory.mktemp("curate") / "exact.gradindex",
+        projection="none",
+        dtype="float32",
+        rows_per_shard=50,
+        progress=False,
+    )
 
 
 def _gradients(task, checkpoint: str, dataset) -> np.ndarray:
@@ -81,8 +87,14 @@ def test_drop_top_drops_exactly_the_highest_self_influence(exact_store):
     rows, scores = exact_store.self_influence()
     np.testing.assert_allclose(table.column("score").to_numpy(), scores[np.argsort(rows)], rtol=1e-6)
     assert sorted(table.column("rank").to_pylist()) == list(range(1, 121))
-    assert summary(table) == {"mode": "drop-top", "by": "self-influence", "amount": "10%", "dropped": 12, "kept": 108,
-                              "threshold": pytest.approx(float(ranking.column("score")[-1].as_py()), rel=1e-6)}
+    assert summary(table) == {
+        "mode": "drop-top",
+        "by": "self-influence",
+        "amount": "10%",
+        "dropped": 12,
+        "kept": 108,
+        "threshold": pytest.approx(float(ranking.column("score")[-1].as_py()), rel=1e-6),
+    }
     # a count gives the same table as the matching percentage
     assert gradindex.curate(exact_store, drop_top=12).column("keep").equals(table.column("keep"))
 
@@ -113,7 +125,9 @@ def test_select_keeps_the_highest_summed_influence_exactly(exact_store, mlp_chec
     assert meta["mode"] == "select" and meta["kept"] == 30 and meta["n_queries"] == 4 and meta["split"] == "test"
     # streamed through shards under a tiny memory budget: the same scores
     streamed = gradindex.curate(exact_store, select=30, samples=targets, memory_budget=1, progress=False)
-    np.testing.assert_allclose(streamed.column("score").to_numpy(), table.column("score").to_numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        streamed.column("score").to_numpy(), table.column("score").to_numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_curate_needs_exactly_one_way_and_a_complete_store(exact_store):
@@ -140,7 +154,23 @@ def test_curate_command(exact_store, tmp_path):
     assert text.exit_code == 0 and "keep 113, drop 7 of 120 samples (drop-top 7)" in text.stderr
     assert csv.read_text().splitlines()[0] == '"row","sample_id","label","score","rank","keep"'
     helpful = tmp_path / "helpful.jsonl"
-    selected = runner.invoke(cli, ["-q", "curate", store, "--for-queries", "--split", "test", "--samples", "0-9", "--select", "10%", "-o", str(helpful)])
+    selected = runner.invoke(
+        cli,
+        [
+            "-q",
+            "curate",
+            store,
+            "--for-queries",
+            "--split",
+            "test",
+            "--samples",
+            "0-9",
+            "--select",
+            "10%",
+            "-o",
+            str(helpful),
+        ],
+    )
     assert selected.exit_code == 0, selected.output
     rows = [json.loads(line) for line in helpful.read_text().splitlines()]
     assert len(rows) == 120 and sum(row["keep"] for row in rows) == 12
@@ -153,7 +183,11 @@ def test_curate_command(exact_store, tmp_path):
         ([], 2, r"give --drop-top N\|P% \(drop the most suspicious\) or --for-queries --select"),
         (["--drop-top", "5%", "--select", "5%"], 2, "--drop-top and --for-queries/--select choose in different ways"),
         (["--for-queries"], 2, "--for-queries needs --select N or --select P%"),
-        (["--drop-top", "5%", "--samples", "0-3"], 2, "--samples, --task and --checkpoint pick target queries for --select"),
+        (
+            ["--drop-top", "5%", "--samples", "0-3"],
+            2,
+            "--samples, --task and --checkpoint pick target queries for --select",
+        ),
         (["--drop-top", "5%", "-o", "keep.txt"], 2, r"-o keep.txt: give a .parquet, .csv, .jsonl or .json file name"),
         (["--drop-top", "150%"], 1, r"--drop-top 150% is more than 100%"),
         (["--select", "10", "--samples", "0-999"], 1, r"query samples \[20, 21, 22, 23, 24\] are out of range"),

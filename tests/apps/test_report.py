@@ -17,13 +17,11 @@ import torch
 from click.testing import CliRunner
 
 import gradindex
-from gradindex.checkpoints import load_into
 from gradindex.apps.html_report import _render_input, histogram_counts, png_bytes, to_pixels
+from gradindex.checkpoints import load_into
+from gradindex.cli import cli
 from gradindex.tasks import digits_with_info
 from gradindex.training import TrainConfig, train
-from gradindex.cli import cli
-
-from tiny_tasks import TINY
 
 TASK_FILE = "import gradindex.tasks\n\ndef task():\n    return gradindex.tasks.digits(flip_fraction=0.1, seed=0)\n"
 
@@ -35,9 +33,16 @@ def digits_store(tmp_path_factory):
     (root / "task.py").write_text(TASK_FILE)
     task, noise = digits_with_info(flip_fraction=0.1, seed=0)
     checkpoints = train(task, TrainConfig(epochs=5, lr=0.05, n_checkpoints=2), root / "checkpoints")
-    store = gradindex.build(f"{root / 'task.py'}:task", [f"{c.path}:{c.lr}" for c in checkpoints], root / "digits.gradindex",
-                            proj_dim=64, progress=False)
-    (root / "results.json").write_text(json.dumps({"self_influence": {"auc": 0.987654, "ap": 0.9}, "random": {"auc": 0.5}, "build_seconds": 1.25}))
+    store = gradindex.build(
+        f"{root / 'task.py'}:task",
+        [f"{c.path}:{c.lr}" for c in checkpoints],
+        root / "digits.gradindex",
+        proj_dim=64,
+        progress=False,
+    )
+    (root / "results.json").write_text(
+        json.dumps({"self_influence": {"auc": 0.987654, "ap": 0.9}, "random": {"auc": 0.5}, "build_seconds": 1.25})
+    )
     return {"store": store, "task": task, "noise": noise, "checkpoints": checkpoints, "root": root}
 
 
@@ -106,13 +111,17 @@ def test_png_bytes_rejects_what_is_not_an_image():
 
 
 def test_to_pixels_scaling_and_downsampling():
-    np.testing.assert_array_equal(to_pixels(np.array([[0.0, 0.5], [1.0, 0.25]])), [[0, 128], [255, 64]])  # [0, 1]: absolute
+    np.testing.assert_array_equal(
+        to_pixels(np.array([[0.0, 0.5], [1.0, 0.25]])), [[0, 128], [255, 64]]
+    )  # [0, 1]: absolute
     np.testing.assert_array_equal(to_pixels(np.array([[-1.0, 0.0], [1.0, 0.5]])), [[0, 128], [255, 191]])  # [-1, 1]
     np.testing.assert_array_equal(to_pixels(np.array([[-3.0, 1.0], [5.0, 2.0]])), [[0, 128], [255, 159]])  # stretched
     big = np.arange(200 * 200, dtype=np.float64).reshape(200, 200) % 2  # 0/1 columns alternate
     small = to_pixels(big)
     assert small.shape == (66, 66)  # 3x3 block means: 200 // 3
-    expected = np.round(np.array([[1, 2, 1] * 22] * 66)[:, :66] / 3 * 255)  # block of columns [even, odd, even] -> 1/3 or 2/3
+    expected = np.round(
+        np.array([[1, 2, 1] * 22] * 66)[:, :66] / 3 * 255
+    )  # block of columns [even, odd, even] -> 1/3 or 2/3
     blocks = (np.arange(198).reshape(66, 3) % 2).mean(axis=1) * 255
     np.testing.assert_array_equal(small[0], np.round(blocks).astype(np.uint8))
     assert expected.shape == (66, 66)
@@ -137,7 +146,9 @@ def test_inputs_render_by_their_shape(value, kind, needle):
 
 
 def test_tokens_are_decoded_when_the_dataset_can():
-    snippet, kind = _render_input(torch.tensor([1, 2]), lambda ids: " ".join({1: "hello", 2: "<world>"}[i] for i in ids))
+    snippet, kind = _render_input(
+        torch.tensor([1, 2]), lambda ids: " ".join({1: "hello", 2: "<world>"}[i] for i in ids)
+    )
     assert kind == "text" and "hello &lt;world&gt;" in snippet
 
 
@@ -156,7 +167,7 @@ def test_histogram_counts_match_numpy():
 
 
 def test_report_shows_the_ranking_predictions_queries_and_quality(digits_store, tmp_path):
-    store, task, noise = digits_store["store"], digits_store["task"], digits_store["noise"]
+    store, task, _noise = digits_store["store"], digits_store["task"], digits_store["noise"]
     output = tmp_path / "report.html"
     summary = gradindex.report(store, output=output, queries=[0, 5], k=3, top=10, progress=False)
     page = _parse(output)
@@ -174,7 +185,11 @@ def test_report_shows_the_ranking_predictions_queries_and_quality(digits_store, 
     opponent_grids = [grid for kind, grid in zip(page.grid_kinds, page.grids) if kind == "opponents"]
     for position, query_id in enumerate([0, 5]):
         for grid, opponents in ((proponent_grids[position], False), (opponent_grids[position], True)):
-            expected = gradindex.query(store, split="test", samples=[query_id], k=3, opponents=opponents).column("row").to_pylist()
+            expected = (
+                gradindex.query(store, split="test", samples=[query_id], k=3, opponents=opponents)
+                .column("row")
+                .to_pylist()
+            )
             assert [int(card["data-row"]) for card in grid] == expected
 
     # one picture per card: 10 suspects + 2 queries + 2 x (3 proponents + 3 opponents)
@@ -206,7 +221,9 @@ def test_report_shows_the_ranking_predictions_queries_and_quality(digits_store, 
 def test_known_noise_splits_the_histogram_and_marks_cards(digits_store, tmp_path):
     store, noise = digits_store["store"], digits_store["noise"]
     output = tmp_path / "known.html"
-    summary = gradindex.report(store, output=output, queries="none", top=20, known_noisy=noise.flipped_rows, results={"note": "given"})
+    summary = gradindex.report(
+        store, output=output, queries="none", top=20, known_noisy=noise.flipped_rows, results={"note": "given"}
+    )
     page = _parse(output)
     counts = {0: 0, 1: 0}
     for bar in page.bars:
@@ -222,12 +239,18 @@ def test_known_noise_splits_the_histogram_and_marks_cards(digits_store, tmp_path
 def test_without_a_task_the_page_still_has_ranking_and_manifest(tmp_path, mlp_checkpoints):
     import tiny_tasks
 
-    store = gradindex.build(tiny_tasks.mlp_task(), mlp_checkpoints, tmp_path / "object.gradindex", proj_dim=16, progress=False)
+    store = gradindex.build(
+        tiny_tasks.mlp_task(), mlp_checkpoints, tmp_path / "object.gradindex", proj_dim=16, progress=False
+    )
     summary = gradindex.report(store, output=tmp_path / "r.html", top=5)
     assert summary["pictures"] == 0 and summary["predictions"] is False and summary["queries"] == []
-    assert summary["notes"] == ["the store does not record its task; pass --task SPEC to see inputs, predictions and queries"]
+    assert summary["notes"] == [
+        "the store does not record its task; pass --task SPEC to see inputs, predictions and queries"
+    ]
     page = _parse(tmp_path / "r.html")
-    assert [int(card["data-row"]) for card in page.grids[0]] == gradindex.self_influence(store, top=5).column("row").to_pylist()
+    assert [int(card["data-row"]) for card in page.grids[0]] == gradindex.self_influence(store, top=5).column(
+        "row"
+    ).to_pylist()
     with pytest.raises(gradindex.TaskSpecError, match="does not record its task; pass --task SPEC to query"):
         gradindex.report(store, output=tmp_path / "q.html", queries=[0])
     # with the task given, the 12-feature inputs (not a square, not an image) are drawn as sparklines
@@ -251,12 +274,31 @@ def test_report_rejects_bad_arguments(digits_store, tmp_path):
 def test_report_command(digits_store, tmp_path):
     runner = CliRunner()
     output = tmp_path / "cli.html"
-    result = runner.invoke(cli, ["-q", "report", str(digits_store["store"].path), "--queries", "1", "-k", "2", "--top", "3", "-o", str(output), "--format", "json"])
+    result = runner.invoke(
+        cli,
+        [
+            "-q",
+            "report",
+            str(digits_store["store"].path),
+            "--queries",
+            "1",
+            "-k",
+            "2",
+            "--top",
+            "3",
+            "-o",
+            str(output),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["output"] == str(output) and summary["queries"] == [1] and len(summary["suspects"]) == 3
     assert summary["pictures"] == 3 + 1 + 4 and output.stat().st_size == summary["bytes"]
-    text = runner.invoke(cli, ["-q", "report", str(digits_store["store"].path), "--queries", "none", "--top", "2", "-o", str(output)])
+    text = runner.invoke(
+        cli, ["-q", "report", str(digits_store["store"].path), "--queries", "none", "--top", "2", "-o", str(output)]
+    )
     assert text.exit_code == 0 and "wrote" in text.stderr and "2 suspects, 0 queries, 2 pictures" in text.stderr
     bad = runner.invoke(cli, ["report", str(digits_store["store"].path), "--queries", "1-x", "-o", str(output)])
     assert bad.exit_code == 1 and "--samples '1-x' must be indices and ranges" in bad.output
@@ -269,13 +311,24 @@ def test_report_command(digits_store, tmp_path):
 # ---- a real browser -----------------------------------------------------------------------------------
 
 CHROMIUM = os.environ.get("GRADINDEX_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _browser():
     if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        pytest.skip(f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` (as .ci/run does) or set GRADINDEX_CHROMIUM")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` (as .ci/run does) or set "
+            "GRADINDEX_CHROMIUM"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -292,13 +345,22 @@ def test_the_page_renders_in_headless_chromium_with_its_images(digits_store, tmp
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 900}, device_scale_factor=1)
-            page.on("console", lambda message: problems.append(f"console {message.type}: {message.text}") if message.type in ("error", "warning") else None)
+            page.on(
+                "console",
+                lambda message: (
+                    problems.append(f"console {message.type}: {message.text}")
+                    if message.type in ("error", "warning")
+                    else None
+                ),
+            )
             page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
             page.on("requestfailed", lambda request: problems.append(f"failed request: {request.url}"))
             page.on("request", lambda request: requests.append(request.url))
             page.goto(output.as_uri(), wait_until="load")
             assert page.evaluate("document.documentElement.getAttribute('data-ready')") == "1"  # the inline script ran
-            loaded = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+            loaded = page.evaluate(
+                "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+            )
             assert loaded == [[True, 8, 8]] * (8 + 1 + 6)
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)

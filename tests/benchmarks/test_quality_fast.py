@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 pytest.importorskip("scipy")
 
-import gradindex.methods  # noqa: E402
-from benchmarks.quality import run  # noqa: E402
+import gradindex.methods
+from benchmarks.quality import run
 
 HAS_IF = "if" in gradindex.methods.METHODS
 HAS_TRAK = "trak" in gradindex.methods.METHODS
@@ -25,7 +25,9 @@ def results(tmp_path_factory):
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny torch.func products (LiSSA): one thread avoids spin-waiting on a busy machine
+    torch.set_num_threads(
+        1
+    )  # thousands of tiny torch.func products (LiSSA): one thread avoids spin-waiting on a busy machine
     try:
         payload = run(fast=True, workdir=tmp_path_factory.mktemp("quality"))
     finally:
@@ -46,7 +48,10 @@ def _metric(table, key, metric, kind=None):
 def test_every_configuration_reports_a_status(results):
     payload, _ = results
     for record in payload["records"]:
-        assert record["status"] == "ok" or record["status"].startswith(("not run", "skipped:")), (record["method"], record["status"])
+        assert record["status"] == "ok" or record["status"].startswith(("not run", "skipped:")), (
+            record["method"],
+            record["status"],
+        )
     assert payload["load_average"]["start"] and payload["machine"]["cores"]
 
 
@@ -61,18 +66,20 @@ def test_leave_one_out_ground_truth_is_sound(results):
 def test_exact_influence_predicts_leave_one_out(results):
     _, table = results
     assert _metric(table, ("loo", "breast-cancer-lr", "if-exact", None), "pearson") >= 0.9  # measured 0.965
-    assert _metric(table, ("loo", "breast-cancer-lr", "if-cg", None), "pearson") >= 0.9    # measured 0.965
+    assert _metric(table, ("loo", "breast-cancer-lr", "if-cg", None), "pearson") >= 0.9  # measured 0.965
     assert _metric(table, ("lds", "breast-cancer-lr", "if-exact", None), "lds_margin") >= 0.85  # measured 0.933
-    assert _metric(table, ("loo", "breast-cancer-lr", "if-lissa", None), "pearson") >= 0.8   # measured 0.904 (depth 1000)
+    assert (
+        _metric(table, ("loo", "breast-cancer-lr", "if-lissa", None), "pearson") >= 0.8
+    )  # measured 0.904 (depth 1000)
 
 
 def test_tracin_quality(results):
     _, table = results
-    assert _metric(table, ("loo", "breast-cancer-lr", "tracin-1", None), "pearson") >= 0.6      # measured 0.82
-    assert _metric(table, ("lds", "breast-cancer-lr", "tracin-1", None), "lds_margin") >= 0.6   # measured 0.75
+    assert _metric(table, ("loo", "breast-cancer-lr", "tracin-1", None), "pearson") >= 0.6  # measured 0.82
+    assert _metric(table, ("lds", "breast-cancer-lr", "tracin-1", None), "lds_margin") >= 0.6  # measured 0.75
     assert abs(_metric(table, ("lds", "breast-cancer-lr", "random", None), "lds_margin")) < 0.2
     for method in ("tracin-1", "tracin-cp"):
-        assert _metric(table, ("mislabel", "digits-mlp-noisy", method, None), "auc") >= 0.9     # measured 0.994 / 0.997
+        assert _metric(table, ("mislabel", "digits-mlp-noisy", method, None), "auc") >= 0.9  # measured 0.994 / 0.997
     assert _metric(table, ("mislabel", "digits-mlp-noisy", "tracin-cp", None), "found_top20") >= 0.8
     assert 0.35 <= _metric(table, ("mislabel", "digits-mlp-noisy", "random", None), "auc") <= 0.65
 
@@ -80,16 +87,24 @@ def test_tracin_quality(results):
 @pytest.mark.skipif(not HAS_TRAK, reason="gradindex has no `trak` method yet")
 def test_trak_quality(results):
     _, table = results
-    assert _metric(table, ("mislabel", "digits-mlp-noisy", "trak", None), "auc") >= 0.9         # measured 0.998
-    assert _metric(table, ("lds", "breast-cancer-lr", "trak", None), "lds_margin") >= 0.45      # measured 0.60
+    assert _metric(table, ("mislabel", "digits-mlp-noisy", "trak", None), "auc") >= 0.9  # measured 0.998
+    assert _metric(table, ("lds", "breast-cancer-lr", "trak", None), "lds_margin") >= 0.45  # measured 0.60
 
 
 def test_projection_fidelity(results):
     payload, table = results
     # every projection the run measured: the default one (now kron) and dense Rademacher JL
     for kind in payload["projection_kinds"]:
-        rho = {k: _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", k), "spearman_vs_exact", kind) for k in (16, 128, 512)}
-        assert rho[512] >= 0.85 and rho[16] < rho[512], (kind, rho)  # measured: kron 0.48 / 0.61 / 0.99, rademacher 0.44 / 0.75 / 0.92
-        assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "recall_at_10", kind) >= 0.7  # kron 0.78, rademacher 0.89
-        assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "auc", kind) >= 0.9          # 0.994
+        rho = {
+            k: _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", k), "spearman_vs_exact", kind)
+            for k in (16, 128, 512)
+        }
+        assert rho[512] >= 0.85 and rho[16] < rho[512], (
+            kind,
+            rho,
+        )  # measured: kron 0.48 / 0.61 / 0.99, rademacher 0.44 / 0.75 / 0.92
+        assert (
+            _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "recall_at_10", kind) >= 0.7
+        )  # kron 0.78, rademacher 0.89
+        assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 512), "auc", kind) >= 0.9  # 0.994
     assert _metric(table, ("projection", "digits-mlp-noisy", "tracin-1", 2410), "spearman_vs_exact", "exact") > 0.999

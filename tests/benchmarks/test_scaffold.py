@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import build_throughput, query_throughput  # noqa: E402
+from benchmarks import build_throughput, query_throughput
 
 
 def test_build_throughput_tiny():

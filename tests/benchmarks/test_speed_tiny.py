@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.speed import _run  # noqa: E402
+from benchmarks.speed import _run
 
 PEERS = {"captum": "Captum", "trak": "TRAK", "dattri": "dattri"}
 
@@ -19,16 +19,30 @@ def test_speed_benchmark_tiny_runs_every_method_side_by_side():
     assert {row["model"] for row in rows} == {"mlp", "cnn", "transformer", "transformer-uniform"}
     # the uniform-token control: gradindex's own projections and the training step only
     assert {row["method"] for row in rows if row["model"] == "transformer-uniform"} == {
-        "training step (SGD, reference)", "gradindex kron", "gradindex kron (orthogonal sides)", "gradindex sjlt"}
+        "training step (SGD, reference)",
+        "gradindex kron",
+        "gradindex kron (orthogonal sides)",
+        "gradindex sjlt",
+    }
     for model in ("mlp", "cnn", "transformer"):
         mine = {row["method"]: row for row in rows if row["model"] == model}
-        for method in ("gradindex kron", "gradindex kron (orthogonal sides)", "gradindex sjlt", "training step (SGD, reference)"):
+        for method in (
+            "gradindex kron",
+            "gradindex kron (orthogonal sides)",
+            "gradindex sjlt",
+            "training step (SGD, reference)",
+        ):
             assert mine[method]["samples_per_s"] > 0, (model, method, mine[method])
         kron = mine["gradindex kron"]
         assert -1 <= kron["spearman"] <= 1 and kron["x_training_step"] > 0
         # the peer comparison counts only peers at least as accurate (flattened Spearman), or says there is none
-        at_quality = [row for row in mine.values() if row.get("spearman") is not None and row["spearman"] >= kron["spearman"]
-                      and not row["method"].startswith(("gradindex", "training"))]
+        at_quality = [
+            row
+            for row in mine.values()
+            if row.get("spearman") is not None
+            and row["spearman"] >= kron["spearman"]
+            and not row["method"].startswith(("gradindex", "training"))
+        ]
         if at_quality:
             best = max(at_quality, key=lambda row: row["samples_per_s"])
             assert kron["fastest_peer_at_quality"] == best["method"]

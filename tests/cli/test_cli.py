@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-
 from tiny_tasks import TINY
+
 from gradindex.cli import cli
 
 MLP = f"{TINY}:mlp_task"
@@ -64,7 +65,9 @@ def test_query_formats(runner, built, tmp_path):
     assert [row["rank"] for row in rows] == [1, 2] and all(row["query_id"] == 4 for row in rows)
     assert rows[0]["score"] >= rows[1]["score"]
     out = tmp_path / "q.parquet"
-    parquet = runner.invoke(cli, ["query", str(built), "--samples", "0-2", "-k", "4", "--format", "parquet", "-o", str(out)])
+    parquet = runner.invoke(
+        cli, ["query", str(built), "--samples", "0-2", "-k", "4", "--format", "parquet", "-o", str(out)]
+    )
     assert parquet.exit_code == 0, parquet.output
     assert pq.read_table(out).num_rows == 12
     csv = runner.invoke(cli, ["query", str(built), "--samples", "1", "-k", "2", "--opponents", "--format", "csv"])
@@ -77,7 +80,7 @@ def test_self_influence_info_verify(runner, built):
     ranking = runner.invoke(cli, ["self-influence", str(built), "--top", "5", "--format", "json"])
     rows = json.loads(ranking.output)
     assert [row["rank"] for row in rows] == [1, 2, 3, 4, 5]
-    assert all(a["score"] >= b["score"] for a, b in zip(rows, rows[1:]))
+    assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(rows))
     info = runner.invoke(cli, ["info", str(built), "--format", "json"])
     details = json.loads(info.output)
     assert details["state"] == "complete" and details["layout"]["n_samples"] == 120
@@ -101,18 +104,71 @@ def _assert_clean_error(result, pattern):
 
 
 def test_bad_inputs_exit_with_one_clear_sentence(runner, built, tmp_path, mlp_checkpoints):
-    _assert_clean_error(runner.invoke(cli, ["query", str(tmp_path / "missing.gradindex")]), r"Error: no gradindex store at .*missing.gradindex; build one")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", "no-such-task", "--checkpoint", "a.pt", "-o", str(tmp_path / "x")]), r"unknown task 'no-such-task'; give path/to/file.py:factory")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", f"{TINY}:nope", "--checkpoint", "a.pt", "-o", str(tmp_path / "x")]), r"has no attribute 'nope'")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", f"{TINY}:not_a_task", "--checkpoint", mlp_checkpoints[0], "-o", str(tmp_path / "x")]), r"returned int, not a gradindex.Task")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", MLP, "--checkpoint", "ckpt.pt:fast", "-o", str(tmp_path / "x")]), r"the weight after ':' must be a number")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", MLP, "--checkpoint", str(tmp_path / "gone.pt"), "-o", str(tmp_path / "x")]), r"gone.pt does not exist; check the --checkpoint path")
-    _assert_clean_error(runner.invoke(cli, ["query", str(built), "-k", "0"]), r"Invalid value for '-k': 0 is not in the range x>=1")
-    _assert_clean_error(runner.invoke(cli, ["query", str(built), "--task", f"{TINY}:wide_mlp_task", "--samples", "0"]), r"does not match this call: model\.parameters")
-    _assert_clean_error(runner.invoke(cli, ["query", str(built), "--samples", "0-x"]), r"--samples '0-x' must be indices and ranges")
-    _assert_clean_error(runner.invoke(cli, ["query", str(built), "--samples", "0", "--all"]), r"give --samples or --all, not both")
-    resume = ["build", "--task", MLP, "-o", str(built), "--proj-dim", "64", "--resume"] + sum((["--checkpoint", c] for c in mlp_checkpoints), [])
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(tmp_path / "missing.gradindex")]),
+        r"Error: no gradindex store at .*missing.gradindex; build one",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["build", "--task", "no-such-task", "--checkpoint", "a.pt", "-o", str(tmp_path / "x")]),
+        r"unknown task 'no-such-task'; give path/to/file.py:factory",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["build", "--task", f"{TINY}:nope", "--checkpoint", "a.pt", "-o", str(tmp_path / "x")]),
+        r"has no attribute 'nope'",
+    )
+    _assert_clean_error(
+        runner.invoke(
+            cli,
+            ["build", "--task", f"{TINY}:not_a_task", "--checkpoint", mlp_checkpoints[0], "-o", str(tmp_path / "x")],
+        ),
+        r"returned int, not a gradindex.Task",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["build", "--task", MLP, "--checkpoint", "ckpt.pt:fast", "-o", str(tmp_path / "x")]),
+        r"the weight after ':' must be a number",
+    )
+    _assert_clean_error(
+        runner.invoke(
+            cli, ["build", "--task", MLP, "--checkpoint", str(tmp_path / "gone.pt"), "-o", str(tmp_path / "x")]
+        ),
+        r"gone.pt does not exist; check the --checkpoint path",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "-k", "0"]), r"Invalid value for '-k': 0 is not in the range x>=1"
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--task", f"{TINY}:wide_mlp_task", "--samples", "0"]),
+        r"does not match this call: model\.parameters",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--samples", "0-x"]), r"--samples '0-x' must be indices and ranges"
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--samples", "0", "--all"]), r"give --samples or --all, not both"
+    )
+    resume = [
+        "build",
+        "--task",
+        MLP,
+        "-o",
+        str(built),
+        "--proj-dim",
+        "64",
+        "--resume",
+        *(arg for c in mlp_checkpoints for arg in ("--checkpoint", c)),
+    ]
     _assert_clean_error(runner.invoke(cli, resume), r"projection\.dim: store has 32, this call has 64")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", MLP, "--checkpoint", mlp_checkpoints[0], "-o", str(built)]), r"already exists; pass --resume to continue its build or --overwrite")
-    _assert_clean_error(runner.invoke(cli, ["build", "--task", MLP, "--checkpoint", mlp_checkpoints[0], "-o", str(tmp_path / "y"), "--shard", "3/2"]), r"needs 0 <= I < N")
-    _assert_clean_error(runner.invoke(cli, ["query", str(built), "--format", "parquet"]), r"--format parquet needs -o FILE")
+    _assert_clean_error(
+        runner.invoke(cli, ["build", "--task", MLP, "--checkpoint", mlp_checkpoints[0], "-o", str(built)]),
+        r"already exists; pass --resume to continue its build or --overwrite",
+    )
+    _assert_clean_error(
+        runner.invoke(
+            cli,
+            ["build", "--task", MLP, "--checkpoint", mlp_checkpoints[0], "-o", str(tmp_path / "y"), "--shard", "3/2"],
+        ),
+        r"needs 0 <= I < N",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--format", "parquet"]), r"--format parquet needs -o FILE"
+    )

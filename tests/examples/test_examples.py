@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
 import gradindex
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -45,6 +43,11 @@ def test_quickstart(tmp_path):
 def test_curate_and_retrain(tmp_path):
     result = _load("curate_and_retrain").main(tmp_path, quick=True, echo=lambda *parts: None)
     assert result["n_dropped"] == 135 and result["precision"] > 0.5
-    assert set(result["accuracies"]) == {"all samples", "random 90%", "gradindex: drop top 10% self-influence", "oracle: drop the flipped labels"}
+    assert set(result["accuracies"]) == {
+        "all samples",
+        "random 90%",
+        "gradindex: drop top 10% self-influence",
+        "oracle: drop the flipped labels",
+    }
     assert all(0.5 < accuracy <= 1.0 for accuracy in result["accuracies"].values())
     assert result["share_of_threes"] > 0.3  # chance is 0.1

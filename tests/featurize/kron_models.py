@@ -24,7 +24,9 @@ class Block(nn.Module):
     def forward(self, x):
         batch, length, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, dim))
+        x = x + self.proj(
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, length, dim)
+        )
         return x + self.down(F.gelu(self.up(self.norm2(x))))
 
 
@@ -57,12 +59,17 @@ def mlp():
 def cnn():
     """Conv2d with padding, stride and 'same' padding, then Conv1d over rows, then a Linear head."""
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding="same", dilation=2, bias=False), nn.ReLU(),
-        nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(),  # [12, 4, 4]
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding="same", dilation=2, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, stride=2, padding=1),
+        nn.ReLU(),  # [12, 4, 4]
         nn.Flatten(2),  # [12, 16]
-        nn.Conv1d(12, 16, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(16 * 16, 10),
+        nn.Conv1d(12, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 16, 10),
     )
 
 
@@ -100,8 +107,13 @@ def task(name: str, n_train: int = 160, n_test: int = 12) -> gradindex.Task:
     train = tokens(n_train, seed=1)
     test = tokens(n_test, seed=2)
     zeros = torch.zeros
-    return gradindex.Task(model=TinyLM, train=TensorDataset(train, zeros(n_train, dtype=torch.int64)),
-                          test=TensorDataset(test, zeros(n_test, dtype=torch.int64)), loss=lm_loss, name="kron-lm")
+    return gradindex.Task(
+        model=TinyLM,
+        train=TensorDataset(train, zeros(n_train, dtype=torch.int64)),
+        test=TensorDataset(test, zeros(n_test, dtype=torch.int64)),
+        loss=lm_loss,
+        name="kron-lm",
+    )
 
 
 def trained_checkpoint(task_: gradindex.Task, path, steps: int = 60, seed: int = 0) -> str:
@@ -142,8 +154,13 @@ def mnist_like_task(architecture: str, n_train: int = 300, n_test: int = 16) -> 
         x_train, x_test = x_train.reshape(n_train, -1), x_test.reshape(n_test, -1)
     else:
         model = lambda: nn.Sequential(  # noqa: E731
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(32 * 7 * 7, 10),
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 10),
         )
     return gradindex.Task(model=model, train=TensorDataset(x_train, y_train), test=TensorDataset(x_test, y_test))

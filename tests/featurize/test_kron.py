@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from featurize import kron_models
 from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 import gradindex
-from featurize import kron_models
 from gradindex import TaskSpecError
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import load_checkpoints
@@ -61,7 +61,9 @@ def test_full_rank_kron_equals_exact_inner_products(name, tmp_path):
         assert {entry["type"] for entry in factored} == {"conv", "linear"} and len(factored) == 5
     if name == "lm":
         assert {entry["type"] for entry in factored} == {"embedding", "linear"}
-        assert plan[-1]["type"] == "identity" and all("norm" in param for param in plan[-1]["params"])  # LayerNorms, from hooks
+        assert plan[-1]["type"] == "identity" and all(
+            "norm" in param for param in plan[-1]["params"]
+        )  # LayerNorms, from hooks
     train, test = task.train.tensors, task.test.tensors
     exact_train, kron_train = exact.featurize(train), kron.featurize(train)
     exact_test, kron_test = exact.featurize(test), kron.featurize(test)
@@ -86,7 +88,12 @@ def test_parameters_of_other_modules_fall_back_to_vmap(tmp_path):
     exact, kron = _featurizers(task, checkpoints, dim=10**6)
     assert kron.fingerprint()["projection"]["plan"][-1]["params"] == ["temperature"]
     train = task.train.tensors
-    torch.testing.assert_close(kron.featurize(train) @ kron.featurize(train).T, exact.featurize(train) @ exact.featurize(train).T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        kron.featurize(train) @ kron.featurize(train).T,
+        exact.featurize(train) @ exact.featurize(train).T,
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def _spearman(task, checkpoints, kind, dim, seed, *, sides=None, monkeypatch=None, calibration=None):
@@ -97,7 +104,9 @@ def _spearman(task, checkpoints, kind, dim, seed, *, sides=None, monkeypatch=Non
         monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_SAMPLES", calibration)
     loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
     exact = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="none"))
-    projected = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind=kind, dim=dim, seed=seed, kron_sides=sides))
+    projected = TracInFeaturizer(
+        task, loaded, projection=ProjectionSpec(kind=kind, dim=dim, seed=seed, kron_sides=sides)
+    )
     train, test = task.train.tensors, task.test.tensors
     if calibration is not None:
         train = tuple(tensor[calibration:] for tensor in train)
@@ -114,7 +123,10 @@ def test_kron_at_1024_tracks_exact_scores_on_the_cnn(tmp_path, monkeypatch):
     sides over seeds 0-4 0.976-0.99 (all 80 samples scored)."""
     task = kron_models.mnist_like_task("cnn", n_train=80, n_test=6)
     checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "cnn.pt", steps=40)]
-    kron = [_spearman(task, checkpoints, "kron", 1024, seed=seed, monkeypatch=monkeypatch, calibration=40) for seed in range(2)]
+    kron = [
+        _spearman(task, checkpoints, "kron", 1024, seed=seed, monkeypatch=monkeypatch, calibration=40)
+        for seed in range(2)
+    ]
     assert all(dim <= 1024 for _, _, dim in kron)
     assert min(min(flat, per_query) for flat, per_query, _ in kron) >= 0.95, kron
     orthogonal = _spearman(task, checkpoints, "kron", 1024, seed=0, sides="orthogonal")
@@ -127,7 +139,10 @@ def test_kron_at_1024_tracks_exact_scores_on_the_mlp(tmp_path, monkeypatch):
     0.958-0.98 flat, 0.964-0.99 per query (sjlt about 0.8-0.9)."""
     task = kron_models.mnist_like_task("mlp", n_train=120, n_test=8)
     checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "mlp.pt", steps=100)]
-    kron = [_spearman(task, checkpoints, "kron", 1024, seed=seed, monkeypatch=monkeypatch, calibration=60) for seed in range(2)]
+    kron = [
+        _spearman(task, checkpoints, "kron", 1024, seed=seed, monkeypatch=monkeypatch, calibration=60)
+        for seed in range(2)
+    ]
     dense = _spearman(task, checkpoints, "sjlt", 1024, seed=0)
     assert min(min(flat, per_query) for flat, per_query, _ in kron) >= 0.95, kron
     assert np.mean([per_query for _, per_query, _ in kron]) > dense[1], (kron, dense)
@@ -187,7 +202,9 @@ featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron
 vectors = featurizer.featurize(task.train.tensors)
 print(json.dumps({{"plan": featurizer.fingerprint()["projection"]["plan"], "vectors": vectors.double().tolist()}}))
 """
-    fresh = json.loads(subprocess.run([sys.executable, "-c", script, "1"], check=True, capture_output=True, text=True).stdout)
+    fresh = json.loads(
+        subprocess.run([sys.executable, "-c", script, "1"], check=True, capture_output=True, text=True).stdout
+    )
     torch.manual_seed(2)
     task = kron_models.task("lm", n_train=10, n_test=2)
     loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
@@ -198,7 +215,10 @@ print(json.dumps({{"plan": featurizer.fingerprint()["projection"]["plan"], "vect
 
 
 def test_plan_splits_proj_dim_deterministically():
-    layers = [KronLayer("0", "linear", ("0.weight", "0.bias"), 785, 256), KronLayer("2", "linear", ("2.weight", "2.bias"), 257, 10)]
+    layers = [
+        KronLayer("0", "linear", ("0.weight", "0.bias"), 785, 256),
+        KronLayer("2", "linear", ("2.weight", "2.bias"), 257, 10),
+    ]
     plan = plan_kron(1024, layers)
     assert plan == plan_kron(1024, list(layers))
     assert 0.95 * 1024 <= plan.dim <= 1024
@@ -221,7 +241,11 @@ def test_kron_spec_round_trips_and_is_not_a_flat_projector():
 def test_batchnorm_without_running_statistics_falls_back_to_vmap(tmp_path):
     """Such a BatchNorm mixes the samples of a batch even in eval mode: the summed-loss trick would be wrong."""
     make = lambda: nn.Sequential(  # noqa: E731
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 10),
     )
     base = kron_models.task("cnn", n_train=12, n_test=3)
     task = gradindex.Task(model=make, train=base.train, test=base.test)
@@ -265,7 +289,9 @@ class _Tied(nn.Module):
 
 def test_weights_used_outside_their_module_are_refused(tmp_path):
     tokens = kron_models.tokens(8, seed=0)
-    task = gradindex.Task(model=_Tied, train=TensorDataset(tokens, torch.zeros(8, dtype=torch.int64)), loss=kron_models.lm_loss)
+    task = gradindex.Task(
+        model=_Tied, train=TensorDataset(tokens, torch.zeros(8, dtype=torch.int64)), loss=kron_models.lm_loss
+    )
     _, kron = _featurizers(task, _random_checkpoints(_Tied, tmp_path, weights=(1.0,)), dim=128)
     with pytest.raises(TaskSpecError, match="cannot factor embed"):
         kron.featurize(task.train.tensors)
@@ -283,8 +309,12 @@ class _SharedPositions(nn.Module):
 
 def test_a_module_shared_by_all_samples_is_refused(tmp_path):
     tokens = kron_models.tokens(6, seed=0)
-    task = gradindex.Task(model=_SharedPositions, train=TensorDataset(tokens, torch.zeros(6, dtype=torch.int64)), loss=kron_models.lm_loss)
-    with pytest.raises(TaskSpecError, match="per-sample outputs, but module position"):  # found by the plan's calibration
+    task = gradindex.Task(
+        model=_SharedPositions, train=TensorDataset(tokens, torch.zeros(6, dtype=torch.int64)), loss=kron_models.lm_loss
+    )
+    with pytest.raises(
+        TaskSpecError, match="per-sample outputs, but module position"
+    ):  # found by the plan's calibration
         _featurizers(task, _random_checkpoints(_SharedPositions, tmp_path, weights=(1.0,)), dim=128)
 
 
@@ -297,7 +327,9 @@ def test_build_defaults_to_kron_and_its_queries_are_exact_at_full_rank(tmp_path)
 
     task = kron_models.task("cnn", n_train=40, n_test=6)
     checkpoints = _random_checkpoints(task.model, tmp_path)
-    store = gradindex.build(task, checkpoints, tmp_path / "k.gradindex", proj_dim=10**6, dtype="float32", rows_per_shard=16)
+    store = gradindex.build(
+        task, checkpoints, tmp_path / "k.gradindex", proj_dim=10**6, dtype="float32", rows_per_shard=16
+    )
     projection = store.fingerprint["projection"]
     assert projection["kind"] == "kron" and projection["dim"] == 10**6
     assert [entry["type"] for entry in projection["plan"]] == ["conv", "conv", "conv", "conv", "linear"]
@@ -309,11 +341,27 @@ def test_build_defaults_to_kron_and_its_queries_are_exact_at_full_rank(tmp_path)
     np.testing.assert_allclose(table.column("score").to_numpy().reshape(2, 5), expected_scores, rtol=1e-4, atol=1e-6)
     # the plan is part of what a query must reproduce: another split of the same dim is another store
     small = gradindex.build(task, checkpoints, tmp_path / "s.gradindex", proj_dim=64)
-    assert small.dim == 2 * sum(entry.get("k_in", 0) * entry.get("k_out", 0) for entry in small.fingerprint["projection"]["plan"])
+    assert small.dim == 2 * sum(
+        entry.get("k_in", 0) * entry.get("k_out", 0) for entry in small.fingerprint["projection"]["plan"]
+    )
     assert gradindex.query(small, task, samples=[1], k=3).num_rows == 3
     # the command line: --projection kron named, and the plan shown by info
-    result = CliRunner().invoke(cli, ["build", "--task", "digits", "--checkpoint", _digits_checkpoint(tmp_path), "-o",
-                                      str(tmp_path / "d.gradindex"), "--projection", "kron", "--proj-dim", "256"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "build",
+            "--task",
+            "digits",
+            "--checkpoint",
+            _digits_checkpoint(tmp_path),
+            "-o",
+            str(tmp_path / "d.gradindex"),
+            "--projection",
+            "kron",
+            "--proj-dim",
+            "256",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert gradindex.open_store(tmp_path / "d.gradindex").fingerprint["projection"]["plan"][0]["module"] == "0"
 

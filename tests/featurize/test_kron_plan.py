@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 import torch
+from featurize import kron_models
 
 import gradindex
-from featurize import kron_models
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import KronGradients, load_checkpoints
 from gradindex.methods import TracInFeaturizer
 from gradindex.pipeline import query_featurizer as _query_featurizer
+from gradindex.projection import (
+    PCA_MAX_WIDTH,
+    KronLayer,
+    KronPlan,
+    ProjectionSpec,
+    kron_side_matrix,
+    pca_side_matrix,
+    plan_kron,
+)
 from gradindex.store import write_manifest as _write_manifest
-from gradindex.projection import KronLayer, KronPlan, ProjectionSpec, kron_side_matrix, plan_kron
-from gradindex.projection import PCA_MAX_WIDTH, pca_side_matrix
 
-LAYERS = [KronLayer("0", "linear", ("0.weight", "0.bias"), 785, 256), KronLayer("2", "linear", ("2.weight", "2.bias"), 257, 10)]
+LAYERS = [
+    KronLayer("0", "linear", ("0.weight", "0.bias"), 785, 256),
+    KronLayer("2", "linear", ("2.weight", "2.bias"), 257, 10),
+]
 
 
 def test_energies_move_dimensions_to_where_the_gradient_is():
@@ -35,7 +46,9 @@ def test_energies_move_dimensions_to_where_the_gradient_is():
     with pytest.raises(ValueError, match="2 energies for 3 parameter groups"):
         plan_kron(1024, LAYERS, ("scale",), 1, energies=[1.0, 2.0])
     damaged = [dict(entries[0], k_in=10_000), entries[1]]  # wider than the layer
-    with pytest.raises(ValueError, match=r"recorded kron plan of 0 is invalid .*edited or damaged; rebuild the store with --overwrite"):
+    with pytest.raises(
+        ValueError, match=r"recorded kron plan of 0 is invalid .*edited or damaged; rebuild the store with --overwrite"
+    ):
         KronPlan.from_dict(damaged, LAYERS)
     with pytest.raises(ValueError, match="kron sides must be one of gaussian, orthogonal, pca, got 'random'"):
         plan_kron(1024, LAYERS, sides="random")
@@ -52,7 +65,9 @@ def test_energies_move_dimensions_to_where_the_gradient_is():
 
 def test_pca_side_matrices_are_the_top_eigenvectors_with_fixed_signs():
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(200, 6, generator=generator, dtype=torch.float64) * torch.tensor([5.0, 1.0, 3.0, 0.5, 2.0, 0.1], dtype=torch.float64)
+    x = torch.randn(200, 6, generator=generator, dtype=torch.float64) * torch.tensor(
+        [5.0, 1.0, 3.0, 0.5, 2.0, 0.1], dtype=torch.float64
+    )
     moment = x.T @ x
     side = pca_side_matrix(moment, 3)
     assert side.shape == (6, 3) and side.dtype == torch.float32
@@ -60,8 +75,9 @@ def test_pca_side_matrices_are_the_top_eigenvectors_with_fixed_signs():
     values = torch.linalg.eigvalsh(moment).flip(0)
     torch.testing.assert_close(torch.diagonal(side.double().T @ moment @ side.double()), values[:3], rtol=1e-5, atol=0)
     assert bool((side.gather(0, side.abs().argmax(0, keepdim=True)) > 0).all())  # each column's largest entry positive
-    assert torch.equal(pca_side_matrix(moment, 3), pca_side_matrix(-(-moment), 3))
-    # a diagonal moment (an embedding's per-token energies): the indicator columns of the k largest, ties to the lower index
+    assert torch.equal(pca_side_matrix(moment, 3), pca_side_matrix(moment.neg().neg(), 3))
+    # a diagonal moment (an embedding's per-token energies): the indicator columns of the k largest, ties to the lower
+    # index
     counts = pca_side_matrix(torch.tensor([0.0, 5.0, 1.0, 5.0, 2.0]), 3)
     assert counts.argmax(0).tolist() == [1, 3, 4] and counts.sum().item() == 3.0
 
@@ -81,9 +97,17 @@ def _skew_calibration(monkeypatch):
     def skewed_moments(self, batch, state, moments, *args):
         side_moments(self, batch, state, moments, *args)
         for key, value in moments.items():
-            moments[key] = value + torch.diag(torch.arange(value.shape[0], dtype=value.dtype, device=value.device)) * 1e3 if value.ndim == 2 else value.flip(0)
+            moments[key] = (
+                value + torch.diag(torch.arange(value.shape[0], dtype=value.dtype, device=value.device)) * 1e3
+                if value.ndim == 2
+                else value.flip(0)
+            )
 
-    monkeypatch.setattr(KronGradients, "energies", lambda self, *args: [value * (1e6 if group == 0 else 1.0) for group, value in enumerate(energies(self, *args))])
+    monkeypatch.setattr(
+        KronGradients,
+        "energies",
+        lambda self, *args: [value * (1e6 if group == 0 else 1.0) for group, value in enumerate(energies(self, *args))],
+    )
     monkeypatch.setattr(KronGradients, "side_moments", skewed_moments)
 
 
@@ -95,7 +119,9 @@ def _mlp_setup(tmp_path, n_train=40):
 
 def test_queries_read_the_plan_from_the_manifest(tmp_path, monkeypatch):
     task, checkpoints = _mlp_setup(tmp_path)
-    store = gradindex.build(task, checkpoints, tmp_path / "a.gradindex", proj_dim=256, dtype="float32", rows_per_shard=16)
+    store = gradindex.build(
+        task, checkpoints, tmp_path / "a.gradindex", proj_dim=256, dtype="float32", rows_per_shard=16
+    )
     recorded = store.fingerprint["projection"]["plan"]
     assert all(entry["sides"] == "pca" for entry in recorded if "module" in entry)
     assert "kron_sides" in store.transforms()
@@ -105,13 +131,19 @@ def test_queries_read_the_plan_from_the_manifest(tmp_path, monkeypatch):
     assert other.fingerprint["projection"]["plan"] != recorded
     # ... but a query never calibrates: it featurizes with the store's plan and sides and gets the stored vectors back
     monkeypatch.setattr(TracInFeaturizer, "_calibrate", lambda self, sides: pytest.fail("a query must not plan again"))
-    monkeypatch.setattr(TracInFeaturizer, "_calibrate_pca", lambda self: pytest.fail("a query must not compute pca sides"))
+    monkeypatch.setattr(
+        TracInFeaturizer, "_calibrate_pca", lambda self: pytest.fail("a query must not compute pca sides")
+    )
     featurizer, _ = _query_featurizer(store, task, None, torch.device("cpu"))
     assert featurizer.fingerprint()["projection"]["plan"] == recorded
-    with pytest.raises(RuntimeError, match=r"pca side matrices of 0 are not loaded: .* attach the featurizer to its store first"):
+    with pytest.raises(
+        RuntimeError, match=r"pca side matrices of 0 are not loaded: .* attach the featurizer to its store first"
+    ):
         featurizer.featurize(task.train.tensors)
     featurizer.attach(store)
-    np.testing.assert_allclose(featurizer.featurize(task.train.tensors).numpy(), store.read_features(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        featurizer.featurize(task.train.tensors).numpy(), store.read_features(), rtol=1e-5, atol=1e-7
+    )
     assert gradindex.query(store, task, samples=[0, 1], k=3).num_rows == 6
 
 
@@ -136,8 +168,13 @@ def test_a_plan_recorded_before_calibration_still_gives_its_vectors(tmp_path, mo
     """Stores from before the calibrated plan record a shape-only plan with Gaussian sides (no "sides" entry)."""
     task, checkpoints = _mlp_setup(tmp_path)
     loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
-    old_entries = plan_kron(256, [KronLayer("0", "linear", ("0.weight", "0.bias"), 65, 128),
-                                  KronLayer("2", "linear", ("2.weight", "2.bias"), 129, 10)]).to_dict()
+    old_entries = plan_kron(
+        256,
+        [
+            KronLayer("0", "linear", ("0.weight", "0.bias"), 65, 128),
+            KronLayer("2", "linear", ("2.weight", "2.bias"), 129, 10),
+        ],
+    ).to_dict()
     assert all("sides" not in entry for entry in old_entries)
     recorded = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=256, plan=tuple(old_entries)))
     assert recorded.fingerprint()["projection"]["plan"] == old_entries
@@ -159,7 +196,9 @@ def test_calibration_energies_equal_the_exact_per_sample_gradient_norms(name, tm
     vectors = exact.featurize(task.train.tensors).double()
     squared = {plan.name: vectors[:, plan.offset : plan.offset + plan.numel].square().sum() for plan in exact.plans}
     layers, rest, _ = kron.kron._groups
-    expected = [sum(squared[param] for param in layer.params) for layer in layers] + ([sum(squared[param] for param in rest)] if rest else [])
+    expected = [sum(squared[param] for param in layer.params) for layer in layers] + (
+        [sum(squared[param] for param in rest)] if rest else []
+    )
     found = kron.kron.energies(task.train.tensors, loaded[0].state)
     assert len(found) == len(expected) > 2
     np.testing.assert_allclose(found, [float(value) for value in expected], rtol=1e-4)
@@ -173,12 +212,16 @@ def test_squared_norms_agree_through_grams_and_through_the_gradient():
         a, g = torch.randn(5, length, in_dim, generator=generator), torch.randn(5, length, out_dim, generator=generator)
         explicit = (g.transpose(1, 2) @ a).square().sum((1, 2)).double()
         torch.testing.assert_close(_squared_norms("linear", a, g, in_dim), explicit, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(_squared_norms("linear", a, g, in_dim, elements=1), explicit, rtol=1e-5, atol=1e-6)  # chunked
+        torch.testing.assert_close(
+            _squared_norms("linear", a, g, in_dim, elements=1), explicit, rtol=1e-5, atol=1e-6
+        )  # chunked
     tokens = torch.tensor([[1, 2, 1, 3], [0, 0, 2, 2]])
     g = torch.randn(2, 4, 5, generator=generator)
     # the embedding's per-sample gradient: its rows, by token
     by_token = torch.stack([torch.zeros(4, 5).index_add_(0, tokens[b], g[b]) for b in range(2)])
-    torch.testing.assert_close(_squared_norms("embedding", tokens, g, 4), by_token.square().sum((1, 2)).double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        _squared_norms("embedding", tokens, g, 4), by_token.square().sum((1, 2)).double(), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_pca_side_moments_are_the_gradients_second_moments(tmp_path):
@@ -195,8 +238,13 @@ def test_pca_side_moments_are_the_gradients_second_moments(tmp_path):
     checked = 0
     for plan in kron.kron.plan.layers:
         weight, bias = (plans[name] for name in plan.layer.params)
-        grads = torch.cat([vectors[:, weight.offset : weight.offset + weight.numel].reshape(-1, *weight.shape),
-                           vectors[:, bias.offset : bias.offset + bias.numel].unsqueeze(2)], dim=2)  # [B, out, in]
+        grads = torch.cat(
+            [
+                vectors[:, weight.offset : weight.offset + weight.numel].reshape(-1, *weight.shape),
+                vectors[:, bias.offset : bias.offset + bias.numel].unsqueeze(2),
+            ],
+            dim=2,
+        )  # [B, out, in]
         expected = {"in": torch.einsum("boi,boj->ij", grads, grads), "out": torch.einsum("boi,bpi->op", grads, grads)}
         for side, _, _ in plan.narrow_sides():
             torch.testing.assert_close(moments[(plan.layer.name, side)], expected[side], rtol=1e-4, atol=1e-8)
@@ -210,12 +258,18 @@ def test_a_damaged_or_missing_kron_sides_transform_is_named(tmp_path):
     featurizer, _ = _query_featurizer(store, task, None, torch.device("cpu"))
     packed = store.read_transform("kron_sides")
     store.write_transform("kron_sides", packed[:-1])
-    with pytest.raises(gradindex.CorruptStoreError, match=r"kron_sides holds float32 \[\d+\], but its kron plan needs float32 \[\d+\]; rebuild it with --overwrite"):
+    with pytest.raises(
+        gradindex.CorruptStoreError,
+        match=r"kron_sides holds float32 \[\d+\], but its kron plan needs float32 \[\d+\]; rebuild it with --overwrite",
+    ):
         featurizer.attach(store)
     manifest = json.loads((store.path / "zarr.json").read_text())["attributes"]["gradindex"]
     del manifest["transforms"]["kron_sides"]  # the manifest lost the record (an edited or half-copied store)
     _write_manifest(store.path, manifest)
-    with pytest.raises(gradindex.CorruptStoreError, match="built with pca kron sides but holds no transforms/kron_sides; rebuild it with --overwrite"):
+    with pytest.raises(
+        gradindex.CorruptStoreError,
+        match="built with pca kron sides but holds no transforms/kron_sides; rebuild it with --overwrite",
+    ):
         featurizer.attach(gradindex.open_store(store.path))
 
 
@@ -223,8 +277,13 @@ def test_resuming_with_other_kron_sides_is_refused_and_appends_keep_the_sides(tm
     task, checkpoints = _mlp_setup(tmp_path, n_train=40)
     options = {"proj_dim": 256, "dtype": "float32", "rows_per_shard": 10}
     gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(0, 2), **options)
-    with pytest.raises(gradindex.IncompatibleStoreError, match="built with kron sides pca, not orthogonal; continue it with --kron-sides pca"):
-        gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(1, 2), kron_sides="orthogonal", **options)
+    with pytest.raises(
+        gradindex.IncompatibleStoreError,
+        match="built with kron sides pca, not orthogonal; continue it with --kron-sides pca",
+    ):
+        gradindex.build(
+            task, checkpoints, tmp_path / "split.gradindex", shard=(1, 2), kron_sides="orthogonal", **options
+        )
     whole = gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(1, 2), kron_sides="pca", **options)
     assert whole.complete
     # an append featurizes the new rows with the store's sides: the same vectors a build of the grown set gives
@@ -234,7 +293,9 @@ def test_resuming_with_other_kron_sides_is_refused_and_appends_keep_the_sides(tm
     assert appended.complete and appended.n_samples == 50
     featurizer, _ = _query_featurizer(appended, grown, None, torch.device("cpu"))
     featurizer.attach(appended)
-    np.testing.assert_allclose(featurizer.featurize(grown.train.tensors).numpy(), appended.read_features(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        featurizer.featurize(grown.train.tensors).numpy(), appended.read_features(), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_pca_moments_in_blocks_and_groups_match_one_pass(tmp_path):
@@ -254,7 +315,9 @@ def test_pca_moments_in_blocks_and_groups_match_one_pass(tmp_path):
     assert whole.kron.pca_groups(1 << 40) == [shapes] and whole.kron.pca_groups(1) == [[shape] for shape in shapes]
     for key in one:
         torch.testing.assert_close(blocked[key], one[key], rtol=1e-9, atol=1e-12)
-    grouped = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=128), chunk_bytes=1)  # one side per pass
+    grouped = TracInFeaturizer(
+        task, loaded, projection=ProjectionSpec(kind="kron", dim=128), chunk_bytes=1
+    )  # one side per pass
     assert grouped.fingerprint()["projection"]["plan"] == whole.fingerprint()["projection"]["plan"]
     inputs = task.train.tensors
     torch.testing.assert_close(grouped.featurize(inputs), whole.featurize(inputs), rtol=1e-4, atol=1e-6)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_tasks
 import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-import tiny_tasks
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import load_checkpoints
 from gradindex.methods import TracInFeaturizer
@@ -76,7 +76,9 @@ def test_layers_matching_nothing_is_a_clear_error(mlp_checkpoints):
     from gradindex import TaskSpecError
 
     with pytest.raises(TaskSpecError, match="matches no trainable parameter.*0.weight"):
-        _featurizer(tiny_tasks.mlp_task(), mlp_checkpoints, projection=ProjectionSpec(kind="none"), layers=["encoder.*"])
+        _featurizer(
+            tiny_tasks.mlp_task(), mlp_checkpoints, projection=ProjectionSpec(kind="none"), layers=["encoder.*"]
+        )
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sjlt"])
@@ -93,5 +95,8 @@ def test_projected_scores_track_exact_scores(kind, tmp_path):
     correlation = spearmanr(exact_scores.ravel(), projected_scores.ravel()).statistic
     assert correlation >= 0.95, correlation
     # and per query, the exact top-1 is near the top of the projected ranking
-    ranks = [np.argsort(-projected_scores[q]).tolist().index(int(np.argmax(exact_scores[q]))) for q in range(len(exact_scores))]
+    ranks = [
+        np.argsort(-projected_scores[q]).tolist().index(int(np.argmax(exact_scores[q])))
+        for q in range(len(exact_scores))
+    ]
     assert np.median(ranks) <= 2, ranks

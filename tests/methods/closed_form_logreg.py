@@ -22,8 +22,12 @@ from gradindex.tasks import breast_cancer
 N_CLASSES, N_FEATURES = 2, 30
 N_PARAMS = N_CLASSES * N_FEATURES + N_CLASSES
 # packed position k -> index in the [2, 31] (class, feature-or-bias) layout
-_PACKED = np.concatenate([np.arange(N_CLASSES * (N_FEATURES + 1)).reshape(N_CLASSES, N_FEATURES + 1)[:, :N_FEATURES].reshape(-1),
-                          np.arange(N_CLASSES) * (N_FEATURES + 1) + N_FEATURES])
+_PACKED = np.concatenate(
+    [
+        np.arange(N_CLASSES * (N_FEATURES + 1)).reshape(N_CLASSES, N_FEATURES + 1)[:, :N_FEATURES].reshape(-1),
+        np.arange(N_CLASSES) * (N_FEATURES + 1) + N_FEATURES,
+    ]
+)
 
 
 def augment(features: np.ndarray) -> np.ndarray:
@@ -116,8 +120,13 @@ def make(directory: Path, l2: float = 0.1) -> LogReg:
     matrix[_PACKED] = theta
     matrix = matrix.reshape(N_CLASSES, N_FEATURES + 1)
     path = Path(directory) / "theta.pt"
-    torch.save({"weight": torch.tensor(matrix[:, :N_FEATURES], dtype=torch.float32),
-                "bias": torch.tensor(matrix[:, N_FEATURES], dtype=torch.float32)}, path)
+    torch.save(
+        {
+            "weight": torch.tensor(matrix[:, :N_FEATURES], dtype=torch.float32),
+            "bias": torch.tensor(matrix[:, N_FEATURES], dtype=torch.float32),
+        },
+        path,
+    )
     # the model sees the float32 weights: evaluate the closed forms there too
     theta32 = theta.astype(np.float32).astype(np.float64)
     return LogReg(task, l2, theta32, str(path), train_inputs, train_labels, test_inputs, test_labels)

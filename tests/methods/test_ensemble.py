@@ -7,12 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import tiny_tasks
 import torch
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
-import tiny_tasks
-from tiny_tasks import TINY
 from gradindex.cli import cli
 from gradindex.ensemble import EnsembleConfig, EnsembleExistsError, load_ensemble, make_ensemble
 
@@ -98,23 +98,79 @@ def test_cli_ensemble_then_gex_and_tracin_over_its_members(tmp_path):
     runner = CliRunner()
     base = _base(tmp_path)
     task_spec = f"{TINY}:mlp_task"
-    result = runner.invoke(cli, ["ensemble", "--task", task_spec, "--checkpoint", base, "--members", "3", "--steps", "4",
-                                 "--lr", "0.05", "-o", str(tmp_path / "ge"), "--format", "json"])
+    result = runner.invoke(
+        cli,
+        [
+            "ensemble",
+            "--task",
+            task_spec,
+            "--checkpoint",
+            base,
+            "--members",
+            "3",
+            "--steps",
+            "4",
+            "--lr",
+            "0.05",
+            "-o",
+            str(tmp_path / "ge"),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     made = json.loads(result.output)
     assert len(made["members"]) == 3 and made["gex_checkpoints"][1:] == made["members"]
     assert made["gex_checkpoints"][0].endswith("ckpt-0.pt")
-    text = runner.invoke(cli, ["ensemble", "--task", task_spec, "--checkpoint", base, "--members", "2", "--steps", "2",
-                               "--lr", "0.05", "-o", str(tmp_path / "ge2")])
+    text = runner.invoke(
+        cli,
+        [
+            "ensemble",
+            "--task",
+            task_spec,
+            "--checkpoint",
+            base,
+            "--members",
+            "2",
+            "--steps",
+            "2",
+            "--lr",
+            "0.05",
+            "-o",
+            str(tmp_path / "ge2"),
+        ],
+    )
     assert text.exit_code == 0 and "--method gex --checkpoint" in text.output and "--method tracin" in text.output
 
-    gex = ["build", "--task", task_spec, "--method", "gex", "--tau", "0.1", "-o", str(tmp_path / "gex.gradindex"), "--dtype", "float32"]
+    gex = [
+        "build",
+        "--task",
+        task_spec,
+        "--method",
+        "gex",
+        "--tau",
+        "0.1",
+        "-o",
+        str(tmp_path / "gex.gradindex"),
+        "--dtype",
+        "float32",
+    ]
     for spec in made["gex_checkpoints"]:
         gex += ["--checkpoint", spec]
     assert runner.invoke(cli, gex).exit_code == 0
     assert gradindex.open_store(tmp_path / "gex.gradindex").dim == 3
 
-    tracin = ["build", "--task", task_spec, "-o", str(tmp_path / "t.gradindex"), "--projection", "none", "--dtype", "float32"]
+    tracin = [
+        "build",
+        "--task",
+        task_spec,
+        "-o",
+        str(tmp_path / "t.gradindex"),
+        "--projection",
+        "none",
+        "--dtype",
+        "float32",
+    ]
     for spec in made["tracin_checkpoints"]:
         tracin += ["--checkpoint", spec]
     assert runner.invoke(cli, tracin).exit_code == 0, "tracin build failed"

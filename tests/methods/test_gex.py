@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 import pytest
+import tiny_tasks
 import torch
 
 import gradindex
-import tiny_tasks
 from gradindex.checkpoints import parse_checkpoints
 
 
@@ -20,10 +20,12 @@ def _losses(task, checkpoint: str, split: str) -> np.ndarray:
     model.eval()
     dataset = task.split(split)
     with torch.no_grad():
-        return np.array([
-            float(torch.nn.functional.cross_entropy(model(dataset[i][0].unsqueeze(0)), dataset[i][1].unsqueeze(0)))
-            for i in range(len(dataset))
-        ])
+        return np.array(
+            [
+                float(torch.nn.functional.cross_entropy(model(dataset[i][0].unsqueeze(0)), dataset[i][1].unsqueeze(0)))
+                for i in range(len(dataset))
+            ]
+        )
 
 
 def _formula(task, checkpoints, split: str, tau: float) -> np.ndarray:
@@ -42,17 +44,24 @@ def test_gex_vectors_and_self_influence_equal_the_formula(tmp_path, ensemble):
     task = tiny_tasks.mlp_task(n_train=50, n_test=5)
     base_losses = _losses(task, ensemble[0], "train")
     tau = float(np.median(base_losses))  # half the samples are floored at τ
-    store = gradindex.build(task, ensemble, tmp_path / "g.gradindex", method="gex", dtype="float32", rows_per_shard=20,
-                            method_options={"tau": tau})
+    store = gradindex.build(
+        task,
+        ensemble,
+        tmp_path / "g.gradindex",
+        method="gex",
+        dtype="float32",
+        rows_per_shard=20,
+        method_options={"tau": tau},
+    )
     assert store.dim == 3
     assert store.fingerprint["method"] == {"name": "gex", "normalize": False, "tau": tau}
     phi = _formula(task, ensemble, "train", tau)
     np.testing.assert_allclose(store.read_features(), phi, rtol=1e-5, atol=1e-6)
-    rows, self_scores = store.self_influence()
+    _rows, self_scores = store.self_influence()
     # the mean squared deviation of the members' losses from max(ℓ(θ*), τ)
-    np.testing.assert_allclose(self_scores, (phi ** 2).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(self_scores, (phi**2).sum(axis=1), rtol=1e-5)
     members = phi * math.sqrt(3)
-    np.testing.assert_allclose(self_scores, (members ** 2).mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(self_scores, (members**2).mean(axis=1), rtol=1e-5)
     # queries: the same φ of the test samples, inner products over the store
     query = _formula(task, ensemble, "test", tau)[[0, 2]]
     table = gradindex.query(store, task, samples=[0, 2], k=50)

@@ -7,11 +7,11 @@ import warnings
 
 import numpy as np
 import pytest
+import tiny_tasks
+from methods import closed_form_logreg
 from scipy.stats import pearsonr, spearmanr
 
-from methods import closed_form_logreg
 import gradindex
-import tiny_tasks
 from gradindex import IncompatibleStoreError
 from gradindex.errors import GradIndexWarning
 from gradindex.search import brute_force_topk
@@ -29,7 +29,13 @@ def logreg(tmp_path_factory):
 def if_store(logreg, tmp_path_factory):
     path = tmp_path_factory.mktemp("if") / "if.gradindex"
     return gradindex.build(
-        logreg.task, [logreg.checkpoint], path, method="if", projection="none", dtype="float32", rows_per_shard=128,
+        logreg.task,
+        [logreg.checkpoint],
+        path,
+        method="if",
+        projection="none",
+        dtype="float32",
+        rows_per_shard=128,
         method_options={"solver": "exact", "damping": DAMPING},
     )
 
@@ -51,8 +57,17 @@ def _in_row_order(table, n_rows: int) -> np.ndarray:
 
 def test_exact_influence_equals_the_closed_form(logreg, if_store):
     assert if_store.fingerprint["method"] == {
-        "name": "if", "normalize": False, "solver": "exact", "damping": DAMPING, "hessian": "hessian", "cg_max_iter": 100,
-        "cg_tol": 1e-6, "lissa_depth": 1000, "lissa_scale": None, "lissa_repeats": 1, "lissa_batch_size": 64,
+        "name": "if",
+        "normalize": False,
+        "solver": "exact",
+        "damping": DAMPING,
+        "hessian": "hessian",
+        "cg_max_iter": 100,
+        "cg_tol": 1e-6,
+        "lissa_depth": 1000,
+        "lissa_scale": None,
+        "lissa_repeats": 1,
+        "lissa_batch_size": 64,
     }
     expected = logreg.influence(DAMPING, QUERIES)
     scores = _dense_scores(if_store, logreg.task, QUERIES)
@@ -64,8 +79,12 @@ def test_exact_influence_equals_the_closed_form(logreg, if_store):
 
 def test_query_time_damping_and_curvature_need_no_rebuild(logreg, if_store):
     expected = logreg.influence(0.05, QUERIES[:2])
-    np.testing.assert_allclose(_dense_scores(if_store, logreg.task, QUERIES[:2], damping=0.05), expected, rtol=1e-4,
-                               atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        _dense_scores(if_store, logreg.task, QUERIES[:2], damping=0.05),
+        expected,
+        rtol=1e-4,
+        atol=1e-5 * np.abs(expected).max(),
+    )
     # for a linear model the Gauss-Newton matrix is the Hessian
     ggn = _dense_scores(if_store, logreg.task, QUERIES[:2], method_options={"hessian": "ggn"})
     np.testing.assert_allclose(ggn, logreg.influence(DAMPING, QUERIES[:2]), rtol=1e-4, atol=1e-5 * np.abs(ggn).max())
@@ -77,8 +96,13 @@ def test_query_time_damping_and_curvature_need_no_rebuild(logreg, if_store):
 def test_cg_and_lissa_agree_with_the_exact_solve(logreg, if_store):
     exact = logreg.influence(DAMPING, QUERIES)
     cg = _dense_scores(if_store, logreg.task, QUERIES, solver="cg")
-    lissa = _dense_scores(if_store, logreg.task, QUERIES, solver="lissa",
-                          method_options={"lissa_depth": 100, "lissa_repeats": 3, "lissa_batch_size": 128})
+    lissa = _dense_scores(
+        if_store,
+        logreg.task,
+        QUERIES,
+        solver="lissa",
+        method_options={"lissa_depth": 100, "lissa_repeats": 3, "lissa_batch_size": 128},
+    )
     cg_pearson = [pearsonr(cg[i], exact[i])[0] for i in range(len(QUERIES))]
     lissa_pearson = [pearsonr(lissa[i], exact[i])[0] for i in range(len(QUERIES))]
     print(f"CG Pearson {np.round(cg_pearson, 5)}; LiSSA Pearson {np.round(lissa_pearson, 4)}")
@@ -90,25 +114,41 @@ def test_lissa_warns_when_it_has_not_converged_and_names_the_knobs(logreg, if_st
     exact = logreg.influence(DAMPING, QUERIES[:2])
     # a scale below half the largest eigenvalue (≈ 0.85 here): the recursion grows, not yet past the hard limit
     with pytest.warns(GradIndexWarning, match=r"LiSSA did not converge \(scale 0.3.*is growing: raise --lissa-scale"):
-        _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 20, "lissa_scale": 0.3})
+        _dense_scores(
+            if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 20, "lissa_scale": 0.3}
+        )
     # far too few iterations for the smallest eigenvalues: converging, not converged
     with pytest.warns(GradIndexWarning, match=r"raise --lissa-depth, or raise --damping"):
         _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 5})
     # far below the scale, it blows past any sensible magnitude: an error naming the same knobs
     with pytest.raises(ValueError, match=r"LiSSA diverged \(scale 0.05.*raise --lissa-scale"):
-        _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 100, "lissa_scale": 0.05})
+        _dense_scores(
+            if_store, logreg.task, QUERIES[:2], solver="lissa", method_options={"lissa_depth": 100, "lissa_scale": 0.05}
+        )
     # a good setting: no warning, and the answer is right
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradIndexWarning)
-        good = _dense_scores(if_store, logreg.task, QUERIES[:2], solver="lissa",
-                             method_options={"lissa_depth": 300, "lissa_batch_size": 256})
+        good = _dense_scores(
+            if_store,
+            logreg.task,
+            QUERIES[:2],
+            solver="lissa",
+            method_options={"lissa_depth": 300, "lissa_batch_size": 256},
+        )
     assert min(pearsonr(good[i], exact[i])[0] for i in range(2)) >= 0.99
 
 
 def test_a_lissa_build_records_its_convergence_in_the_store(logreg, tmp_path):
     with pytest.warns(GradIndexWarning, match="LiSSA did not converge"):
-        store = gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "l.gradindex", method="if", projection="none",
-                                rows_per_shard=256, method_options={"solver": "lissa", "lissa_depth": 5, "damping": DAMPING})
+        store = gradindex.build(
+            logreg.task,
+            [logreg.checkpoint],
+            tmp_path / "l.gradindex",
+            method="if",
+            projection="none",
+            rows_per_shard=256,
+            method_options={"solver": "lissa", "lissa_depth": 5, "damping": DAMPING},
+        )
     changes = store.read_transform("lissa_relative_change")
     assert changes.shape == (store.n_shards,) and (changes > 0.05).all()
 
@@ -124,7 +164,9 @@ def test_influence_predicts_leave_one_out_retraining(logreg, if_store):
         actual = []
         for row in top:
             keep = np.arange(logreg.n_train) != row
-            refit = closed_form_logreg.fit(logreg.train_inputs[keep], logreg.train_labels[keep], logreg.l2, start=logreg.theta)
+            refit = closed_form_logreg.fit(
+                logreg.train_inputs[keep], logreg.train_labels[keep], logreg.l2, start=logreg.theta
+            )
             loss = closed_form_logreg.losses(refit, logreg.test_inputs[[query]], logreg.test_labels[[query]])[0]
             actual.append(loss - test_loss[query])  # > 0: leaving z out raised q's loss, so z was a proponent
         results.append((pearsonr(predicted[position, top], actual)[0], spearmanr(predicted[position, top], actual)[0]))
@@ -134,13 +176,21 @@ def test_influence_predicts_leave_one_out_retraining(logreg, if_store):
 
 def test_asymmetric_topk_through_faiss_equals_dense_scoring(logreg, tmp_path):
     store = gradindex.build(
-        logreg.task, [logreg.checkpoint], tmp_path / "p.gradindex", method="if", proj_dim=48, dtype="float32",
-        rows_per_shard=100, method_options={"solver": "exact", "damping": DAMPING},
+        logreg.task,
+        [logreg.checkpoint],
+        tmp_path / "p.gradindex",
+        method="if",
+        proj_dim=48,
+        dtype="float32",
+        rows_per_shard=100,
+        method_options={"solver": "exact", "damping": DAMPING},
     )
     from gradindex.methods import as_method_featurizer
     from gradindex.pipeline import query_featurizer as _query_featurizer
 
-    featurizer = as_method_featurizer(_query_featurizer(store, logreg.task, None, gradindex.featurize.resolve_device("cpu"))[0])
+    featurizer = as_method_featurizer(
+        _query_featurizer(store, logreg.task, None, gradindex.featurize.resolve_device("cpu"))[0]
+    )
     featurizer.configure_query({})
     batch = tuple(tensor[QUERIES] for tensor in logreg.task.test.tensors)
     queries = featurizer.query_vectors(batch).detach().numpy()
@@ -149,33 +199,55 @@ def test_asymmetric_topk_through_faiss_equals_dense_scoring(logreg, tmp_path):
         expected_scores, expected_rows = brute_force_topk(rows, -queries if opponents else queries, 15)
         table = gradindex.query(store, logreg.task, samples=QUERIES, k=15, opponents=opponents)
         np.testing.assert_array_equal(table.column("row").to_numpy().reshape(len(QUERIES), 15), expected_rows)
-        np.testing.assert_allclose(table.column("score").to_numpy().reshape(len(QUERIES), 15),
-                                   -expected_scores if opponents else expected_scores, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            table.column("score").to_numpy().reshape(len(QUERIES), 15),
+            -expected_scores if opponents else expected_scores,
+            rtol=1e-4,
+            atol=1e-6,
+        )
 
 
 def test_arnoldi_with_full_rank_equals_exact_influence(logreg, tmp_path):
     p = closed_form_logreg.N_PARAMS
-    store = gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "a.gradindex", method="arnoldi", dtype="float32",
-                            method_options={"rank": p, "damping": DAMPING})
+    store = gradindex.build(
+        logreg.task,
+        [logreg.checkpoint],
+        tmp_path / "a.gradindex",
+        method="arnoldi",
+        dtype="float32",
+        method_options={"rank": p, "damping": DAMPING},
+    )
     assert store.dim == p and "arnoldi_eigenbasis" in store.transforms()
     expected = logreg.influence(DAMPING, QUERIES)
-    np.testing.assert_allclose(_dense_scores(store, logreg.task, QUERIES), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        _dense_scores(store, logreg.task, QUERIES), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()
+    )
     self_scores = _in_row_order(gradindex.self_influence(store), store.n_samples)
     np.testing.assert_allclose(self_scores, logreg.self_influence(DAMPING), rtol=1e-3, atol=1e-5)
 
 
 def test_arnoldi_low_rank_is_the_truncated_eigendecomposition(logreg, tmp_path):
     rank = 6
-    store = gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "a.gradindex", method="arnoldi", dtype="float32",
-                            method_options={"rank": rank, "iterations": 40})
+    store = gradindex.build(
+        logreg.task,
+        [logreg.checkpoint],
+        tmp_path / "a.gradindex",
+        method="arnoldi",
+        dtype="float32",
+        method_options={"rank": rank, "iterations": 40},
+    )
     values, vectors = np.linalg.eigh(logreg.hessian())
     top_values, top_vectors = values[::-1][:rank], vectors[:, ::-1][:, :rank]
     packed = store.read_transform("arnoldi_eigenbasis")
     np.testing.assert_allclose(packed[0], top_values, rtol=1e-5)
     # eigenvectors up to sign
     np.testing.assert_allclose(np.abs(np.sum(packed[1:] * top_vectors, axis=0)), 1.0, atol=1e-4)
-    expected = (logreg.test_gradients()[QUERIES] @ top_vectors / top_values) @ (top_vectors.T @ logreg.train_gradients().T)
-    np.testing.assert_allclose(_dense_scores(store, logreg.task, QUERIES), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max())
+    expected = (logreg.test_gradients()[QUERIES] @ top_vectors / top_values) @ (
+        top_vectors.T @ logreg.train_gradients().T
+    )
+    np.testing.assert_allclose(
+        _dense_scores(store, logreg.task, QUERIES), expected, rtol=1e-3, atol=1e-4 * np.abs(expected).max()
+    )
     # a query asking for other build-time settings is refused, naming the option
     with pytest.raises(IncompatibleStoreError, match=r"rank=6; this query asks for rank=3"):
         gradindex.query(store, logreg.task, samples=[0], method_options={"rank": 3})
@@ -192,37 +264,73 @@ def test_options_of_another_method_are_refused(logreg, if_store, tmp_path, mlp_c
     with pytest.raises(ValueError, match="damping applies to stores built with --method if / arnoldi / trak"):
         gradindex.query(tracin, tiny_tasks.mlp_task(), samples=[0], damping=0.1)
     with pytest.raises(ValueError, match="rank does not apply to --method if; it belongs to --method arnoldi"):
-        gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "x.gradindex", method="if", method_options={"rank": 3})
+        gradindex.build(
+            logreg.task, [logreg.checkpoint], tmp_path / "x.gradindex", method="if", method_options={"rank": 3}
+        )
     with pytest.raises(ValueError, match="uses one trained checkpoint"):
         gradindex.build(logreg.task, [logreg.checkpoint, logreg.checkpoint], tmp_path / "y.gradindex", method="if")
     with pytest.raises(ValueError, match="--projection sjlt --proj-dim 64 does not apply to --method arnoldi"):
-        gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "z.gradindex", method="arnoldi", projection="sjlt", proj_dim=64)
+        gradindex.build(
+            logreg.task, [logreg.checkpoint], tmp_path / "z.gradindex", method="arnoldi", projection="sjlt", proj_dim=64
+        )
     with pytest.raises(ValueError, match="damping must be a non-negative number, got -1"):
-        gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "w.gradindex", method="if", method_options={"damping": -1})
+        gradindex.build(
+            logreg.task, [logreg.checkpoint], tmp_path / "w.gradindex", method="if", method_options={"damping": -1}
+        )
 
 
 def test_an_indefinite_hessian_is_refused_with_the_damping_that_fixes_it(tmp_path, mlp_checkpoints):
     """A randomly initialised MLP has negative curvature: the exact solve and CG say to raise --damping."""
     task = tiny_tasks.mlp_task(n_train=40, n_test=4)
     with pytest.raises(ValueError, match=r"not positive definite: its smallest eigenvalue is .* Raise --damping above"):
-        gradindex.build(task, mlp_checkpoints[:1], tmp_path / "e.gradindex", method="if", proj_dim=8,
-                        method_options={"solver": "exact", "damping": 0.0})
+        gradindex.build(
+            task,
+            mlp_checkpoints[:1],
+            tmp_path / "e.gradindex",
+            method="if",
+            proj_dim=8,
+            method_options={"solver": "exact", "damping": 0.0},
+        )
     assert not (tmp_path / "e.gradindex" / "features" / "c").exists()  # nothing was written
     with pytest.raises(ValueError, match="conjugate gradients met a direction of non-positive curvature"):
-        gradindex.build(task, mlp_checkpoints[:1], tmp_path / "c.gradindex", method="if", proj_dim=8,
-                        method_options={"solver": "cg", "damping": 0.0})
+        gradindex.build(
+            task,
+            mlp_checkpoints[:1],
+            tmp_path / "c.gradindex",
+            method="if",
+            proj_dim=8,
+            method_options={"solver": "cg", "damping": 0.0},
+        )
     # enough damping makes it a well-posed (damped) influence
-    store = gradindex.build(task, mlp_checkpoints[:1], tmp_path / "ok.gradindex", method="if", proj_dim=8,
-                            method_options={"solver": "exact", "damping": 10.0})
+    store = gradindex.build(
+        task,
+        mlp_checkpoints[:1],
+        tmp_path / "ok.gradindex",
+        method="if",
+        proj_dim=8,
+        method_options={"solver": "exact", "damping": 10.0},
+    )
     assert store.complete
 
 
 def test_normalized_influence_is_the_cosine_of_the_two_sides(logreg, tmp_path):
-    store = gradindex.build(logreg.task, [logreg.checkpoint], tmp_path / "n.gradindex", method="if", projection="none",
-                            normalize=True, dtype="float32", method_options={"solver": "exact", "damping": DAMPING})
+    store = gradindex.build(
+        logreg.task,
+        [logreg.checkpoint],
+        tmp_path / "n.gradindex",
+        method="if",
+        projection="none",
+        normalize=True,
+        dtype="float32",
+        method_options={"solver": "exact", "damping": DAMPING},
+    )
     train = logreg.train_gradients()
-    transformed = np.linalg.solve(logreg.hessian() + DAMPING * np.eye(closed_form_logreg.N_PARAMS), logreg.test_gradients()[QUERIES].T).T
-    expected = (transformed / np.linalg.norm(transformed, axis=1, keepdims=True)) @ (train / np.linalg.norm(train, axis=1, keepdims=True)).T
+    transformed = np.linalg.solve(
+        logreg.hessian() + DAMPING * np.eye(closed_form_logreg.N_PARAMS), logreg.test_gradients()[QUERIES].T
+    ).T
+    expected = (transformed / np.linalg.norm(transformed, axis=1, keepdims=True)) @ (
+        train / np.linalg.norm(train, axis=1, keepdims=True)
+    ).T
     # a sample the model fits to 1e-8 has a float32 gradient too cancelled (p − 1) to give a reliable direction
     reliable = np.linalg.norm(train, axis=1) > 1e-5
     assert reliable.sum() >= 0.95 * len(train)
@@ -251,17 +359,21 @@ def test_arnoldi_workers_share_one_eigenbasis(logreg, tmp_path, monkeypatch):
 
 
 def test_dense_gauss_newton_and_both_cg_operators_match_curvature_products():
-    """G from per-sample output Jacobians equals G from products with the identity (an MLP with a regulariser); CG through
+    """G from per-sample output Jacobians equals G from products with the identity (an MLP with a regulariser); CG
+    through
     per-iteration data passes (few right-hand sides) and through the formed matrix (many) both reach the exact solve."""
     import torch
 
-    from gradindex.methods import Curvature
-    from gradindex.methods import CGSolver, ExactSolver
+    from gradindex.methods import CGSolver, Curvature, ExactSolver
     from gradindex.projection import ParamPlan
 
     base = tiny_tasks.mlp_task(n_train=50, n_test=4)
-    task = gradindex.Task(model=tiny_tasks.mlp, train=base.train, test=base.test,
-                          regularization=lambda model: 0.05 * sum((p ** 2).sum() for p in model.parameters()))
+    task = gradindex.Task(
+        model=tiny_tasks.mlp,
+        train=base.train,
+        test=base.test,
+        regularization=lambda model: 0.05 * sum((p**2).sum() for p in model.parameters()),
+    )
     torch.manual_seed(3)
     model = tiny_tasks.mlp()
     state = {f"model.{name}": value.detach() for name, value in model.state_dict().items()}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny_tasks
 import torch
 
 import gradindex
-import tiny_tasks
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import select_parameters
 from gradindex.projection import ParamPlan, ProjectionSpec, make_projector
@@ -77,8 +77,16 @@ def trak_setup(tmp_path_factory):
     directory = tmp_path_factory.mktemp("trak")
     checkpoints = tiny_tasks.save_checkpoints(tiny_tasks.mlp, directory, weights=(1.0, 1.0))
     task = tiny_tasks.mlp_task(n_train=60, n_test=6)
-    store = gradindex.build(task, checkpoints, directory / "trak.gradindex", method="trak", proj_dim=PROJ_DIM, dtype="float32",
-                            rows_per_shard=16, method_options={"damping": BUILD_DAMPING})
+    store = gradindex.build(
+        task,
+        checkpoints,
+        directory / "trak.gradindex",
+        method="trak",
+        proj_dim=PROJ_DIM,
+        dtype="float32",
+        rows_per_shard=16,
+        method_options={"damping": BUILD_DAMPING},
+    )
     return task, checkpoints, store
 
 
@@ -90,17 +98,25 @@ def test_trak_scores_equal_the_dense_formula_at_any_damping(trak_setup):
     scores, self_scores, grams = _dense_trak(task, checkpoints, projection, BUILD_DAMPING)
     # the Gram matrices, summed over the four shards' parts
     np.testing.assert_allclose(store.read_transform("trak_gram"), grams, rtol=1e-5, atol=1e-6 * np.abs(grams).max())
-    np.testing.assert_allclose(_all_scores(store, task, QUERIES), scores[QUERIES], rtol=1e-4, atol=1e-5 * np.abs(scores).max())
+    np.testing.assert_allclose(
+        _all_scores(store, task, QUERIES), scores[QUERIES], rtol=1e-4, atol=1e-5 * np.abs(scores).max()
+    )
     np.testing.assert_allclose(_self_scores(gradindex.self_influence(store), store.n_samples), self_scores, rtol=1e-4)
     # one index, another λ: only the query side changes
     other, other_self, _ = _dense_trak(task, checkpoints, projection, 0.02)
-    np.testing.assert_allclose(_all_scores(store, task, QUERIES, damping=0.02), other[QUERIES], rtol=1e-4, atol=1e-5 * np.abs(other).max())
-    np.testing.assert_allclose(_self_scores(gradindex.self_influence(store, damping=0.02), store.n_samples), other_self, rtol=1e-4)
+    np.testing.assert_allclose(
+        _all_scores(store, task, QUERIES, damping=0.02), other[QUERIES], rtol=1e-4, atol=1e-5 * np.abs(other).max()
+    )
+    np.testing.assert_allclose(
+        _self_scores(gradindex.self_influence(store, damping=0.02), store.n_samples), other_self, rtol=1e-4
+    )
 
 
 def test_trak_topk_through_faiss_equals_dense_scoring(trak_setup):
     task, checkpoints, store = trak_setup
-    scores, _, _ = _dense_trak(task, checkpoints, ProjectionSpec(kind="rademacher", dim=PROJ_DIM, seed=0), BUILD_DAMPING)
+    scores, _, _ = _dense_trak(
+        task, checkpoints, ProjectionSpec(kind="rademacher", dim=PROJ_DIM, seed=0), BUILD_DAMPING
+    )
     for opponents in (False, True):
         table = gradindex.query(store, task, samples=QUERIES, k=7, opponents=opponents)
         signed = -scores[QUERIES] if opponents else scores[QUERIES]
@@ -111,7 +127,9 @@ def test_trak_topk_through_faiss_equals_dense_scoring(trak_setup):
 def test_trak_workers_build_the_same_store(trak_setup, tmp_path):
     task, checkpoints, store = trak_setup
     path = tmp_path / "w.gradindex"
-    options = dict(method="trak", proj_dim=PROJ_DIM, dtype="float32", rows_per_shard=16, method_options={"damping": BUILD_DAMPING})
+    options = dict(
+        method="trak", proj_dim=PROJ_DIM, dtype="float32", rows_per_shard=16, method_options={"damping": BUILD_DAMPING}
+    )
     first = gradindex.build(task, checkpoints, path, shard=(0, 2), **options)
     assert not first.complete
     with pytest.raises(gradindex.IncompleteStoreError, match="ΦᵀΦ"):
@@ -126,28 +144,39 @@ def test_trak_workers_build_the_same_store(trak_setup, tmp_path):
 def test_trak_normalized_and_without_out_to_loss(tmp_path):
     checkpoints = tiny_tasks.save_checkpoints(tiny_tasks.mlp, tmp_path, weights=(1.0,))
     task = tiny_tasks.mlp_task(n_train=40, n_test=4)
-    store = gradindex.build(task, checkpoints, tmp_path / "n.gradindex", method="trak", projection="none", normalize=True,
-                            dtype="float32", method_options={"damping": 0.1, "out_to_loss": False})
+    store = gradindex.build(
+        task,
+        checkpoints,
+        tmp_path / "n.gradindex",
+        method="trak",
+        projection="none",
+        normalize=True,
+        dtype="float32",
+        method_options={"damping": 0.1, "out_to_loss": False},
+    )
     assert store.fingerprint["method"] == {"name": "trak", "normalize": True, "damping": 0.1, "out_to_loss": False}
     model = task.model()
     n_params = sum(param.numel() for param in model.parameters())
-    scores, self_scores, _ = _dense_trak(task, checkpoints, ProjectionSpec(kind="none", dim=n_params), 0.1, normalize=True)
+    scores, self_scores, _ = _dense_trak(
+        task, checkpoints, ProjectionSpec(kind="none", dim=n_params), 0.1, normalize=True
+    )
     # without the out-to-loss weights: divide the dense formula's back out
     model.load_state_dict(torch.load(parse_checkpoints(checkpoints)[0].path))
     _, margins = _margin_gradients(model, task.train, select_parameters(model, None))
     weights = 1 / (1 + np.exp(margins))
     np.testing.assert_allclose(_all_scores(store, task, [0, 1]), scores[:2] / weights, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(store.read_features(), axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(_self_scores(gradindex.self_influence(store), store.n_samples), self_scores / weights, rtol=1e-4)
+    np.testing.assert_allclose(
+        _self_scores(gradindex.self_influence(store), store.n_samples), self_scores / weights, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("policy", ["skip", "zero"])
 def test_nonfinite_rows_stay_out_of_the_gram_matrix(tmp_path, policy):
     """A NaN gradient (NaN inputs) stored as a zero / skipped row must not make ΦᵀΦ NaN: the Gram matrix equals
     the one built without those samples, and self-influence and queries stay finite."""
-    from torch.utils.data import TensorDataset
-
     from reliability import rel_tasks
+    from torch.utils.data import TensorDataset
 
     nan_task = rel_tasks.nan_task()
     checkpoints = rel_tasks.save_checkpoints(tmp_path, count=2)
@@ -155,7 +184,9 @@ def test_nonfinite_rows_stay_out_of_the_gram_matrix(tmp_path, policy):
     store = gradindex.build(nan_task, checkpoints, tmp_path / f"{policy}.gradindex", nonfinite=policy, **options)
     keep = np.setdiff1d(np.arange(len(nan_task.train)), rel_tasks.nan_rows())
     x, y = nan_task.train.tensors
-    clean = gradindex.Task(model=nan_task.model, train=TensorDataset(x[keep], y[keep]), test=nan_task.test, name="clean")
+    clean = gradindex.Task(
+        model=nan_task.model, train=TensorDataset(x[keep], y[keep]), test=nan_task.test, name="clean"
+    )
     reference = gradindex.build(clean, checkpoints, tmp_path / "clean.gradindex", **options)
     gram = store.read_transform("trak_gram")
     assert np.isfinite(gram).all()

@@ -13,14 +13,18 @@ from gradindex.store import StoreLayout, create_store, open_store
 
 @pytest.fixture
 def store(tmp_path):
-    return create_store(tmp_path / "s.gradindex", StoreLayout.auto(10, 4, rows_per_shard=5), {"method": {"name": "test"}})
+    return create_store(
+        tmp_path / "s.gradindex", StoreLayout.auto(10, 4, rows_per_shard=5), {"method": {"name": "test"}}
+    )
 
 
 def test_round_trip_recorded_in_the_manifest(store):
     gram = np.arange(18, dtype=np.float64).reshape(2, 3, 3)
     assert store.write_transform("trak_gram", gram)
     again = open_store(store.path)
-    assert again.transforms()["trak_gram"]["shape"] == [2, 3, 3] and again.transforms()["trak_gram"]["dtype"] == "float64"
+    assert (
+        again.transforms()["trak_gram"]["shape"] == [2, 3, 3] and again.transforms()["trak_gram"]["dtype"] == "float64"
+    )
     manifest = json.loads((store.path / "zarr.json").read_text())["attributes"]["gradindex"]
     assert manifest["transforms"]["trak_gram"]["file"] == "transforms/trak_gram.npy"
     np.testing.assert_array_equal(again.read_transform("trak_gram"), gram)

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tiny_tasks
 import torch
+from tiny_tasks import TINY
 
 import gradindex
-import tiny_tasks
-from tiny_tasks import TINY
 from gradindex import CheckpointError, IncompatibleStoreError, IncompleteStoreError, StoreExistsError
 from gradindex.search import brute_force_topk
 
@@ -23,6 +23,7 @@ MLP = f"{TINY}:mlp_task"
 def _exact_vectors(task, checkpoints, split):
     """φ by a loop of backward() calls, for the trusted reference scores."""
     from featurize.test_tracin import _loop_reference
+
     from gradindex.checkpoints import parse_checkpoints
 
     dataset = task.split(split)
@@ -32,7 +33,9 @@ def _exact_vectors(task, checkpoints, split):
 
 
 def test_query_scores_equal_exact_tracin(tmp_path, mlp_checkpoints):
-    store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", projection="none", dtype="float32", rows_per_shard=32)
+    store = gradindex.build(
+        MLP, mlp_checkpoints, tmp_path / "s.gradindex", projection="none", dtype="float32", rows_per_shard=32
+    )
     assert store.complete and store.n_shards == 4
     table = gradindex.query(store, split="test", samples=[0, 3, 5], k=7)
     assert table.column_names == ["query", "query_id", "rank", "row", "sample_id", "score"]
@@ -48,7 +51,9 @@ def test_query_scores_equal_exact_tracin(tmp_path, mlp_checkpoints):
     assert table.column("sample_id").to_pylist() == table.column("row").to_pylist()
     # self-influence is |φ|², highest first
     ranking = gradindex.self_influence(store)
-    np.testing.assert_allclose(ranking.column("score").to_numpy(), np.sort((train.astype(np.float64) ** 2).sum(1))[::-1], rtol=1e-4)
+    np.testing.assert_allclose(
+        ranking.column("score").to_numpy(), np.sort((train.astype(np.float64) ** 2).sum(1))[::-1], rtol=1e-4
+    )
     assert ranking.column("rank").to_pylist() == list(range(1, len(train) + 1))
 
 
@@ -88,7 +93,11 @@ def _store_bytes(path: Path) -> dict[str, bytes]:
     """Every data file of a store (the manifest minus its timestamps)."""
     import json
 
-    files = {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file() and p.name != "zarr.json"}
+    files = {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    }
     manifest = json.loads((path / "zarr.json").read_text())["attributes"]["gradindex"]
     for key in ("created_at", "completed_at"):
         manifest.pop(key)
@@ -122,14 +131,24 @@ def test_resume_with_other_settings_names_the_field(tmp_path, mlp_checkpoints):
     with pytest.raises(IncompatibleStoreError, match="projection.dim: store has 32, this call has 64.*--overwrite"):
         gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=64, resume=True)
     with pytest.raises(IncompatibleStoreError, match=r"checkpoints\[1\].weight"):
-        gradindex.build(MLP, [mlp_checkpoints[0], mlp_checkpoints[1].rsplit(":", 1)[0] + ":9", mlp_checkpoints[2]], tmp_path / "s.gradindex", proj_dim=32, resume=True)
+        gradindex.build(
+            MLP,
+            [mlp_checkpoints[0], mlp_checkpoints[1].rsplit(":", 1)[0] + ":9", mlp_checkpoints[2]],
+            tmp_path / "s.gradindex",
+            proj_dim=32,
+            resume=True,
+        )
     with pytest.raises(IncompatibleStoreError, match="dataset.probe_sha256"):
-        gradindex.build(f"{TINY}:mlp_task_other_data", mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=32, resume=True)
+        gradindex.build(
+            f"{TINY}:mlp_task_other_data", mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=32, resume=True
+        )
 
 
 def test_query_mismatches_are_clear(tmp_path, mlp_checkpoints):
     store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=32)
-    with pytest.raises(IncompatibleStoreError, match=r"model\.parameters.*Query with the task the store was built from"):
+    with pytest.raises(
+        IncompatibleStoreError, match=r"model\.parameters.*Query with the task the store was built from"
+    ):
         gradindex.query(store, f"{TINY}:wide_mlp_task", samples=[0])
     with pytest.raises(IncompatibleStoreError, match="dataset"):
         gradindex.query(store, f"{TINY}:mlp_task_other_data", samples=[0])
@@ -193,11 +212,17 @@ def test_sliced_and_item_by_item_loading_give_the_same_store(tmp_path, mlp_check
     sliced = gradindex.build(task, mlp_checkpoints, tmp_path / "sliced.gradindex", **options)
     items = gradindex.Task(model=task.model, train=_ItemByItem(task.train.tensors), name=task.name)
     loaded = gradindex.build(items, mlp_checkpoints, tmp_path / "items.gradindex", **{**options, "batch_size": 13})
-    assert [record["content_sha256"] for record in sliced.manifest["shards"]] == [record["content_sha256"] for record in loaded.manifest["shards"]]
+    assert [record["content_sha256"] for record in sliced.manifest["shards"]] == [
+        record["content_sha256"] for record in loaded.manifest["shards"]
+    ]
     np.testing.assert_array_equal(sliced.read_features(), loaded.read_features())
     # and an edited sample changes its shard's hash on the sliced path too
-    edited = gradindex.Task(model=task.model, train=torch.utils.data.TensorDataset(task.train.tensors[0].clone(), task.train.tensors[1]))
+    edited = gradindex.Task(
+        model=task.model, train=torch.utils.data.TensorDataset(task.train.tensors[0].clone(), task.train.tensors[1])
+    )
     edited.train.tensors[0][50, 0] += 1.0
     other = gradindex.build(edited, mlp_checkpoints, tmp_path / "edited.gradindex", **options)
-    changed = [a["content_sha256"] != b["content_sha256"] for a, b in zip(sliced.manifest["shards"], other.manifest["shards"])]
+    changed = [
+        a["content_sha256"] != b["content_sha256"] for a, b in zip(sliced.manifest["shards"], other.manifest["shards"])
+    ]
     assert changed == [False, True, False]

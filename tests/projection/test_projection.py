@@ -46,7 +46,9 @@ def test_blockwise_generation_equals_one_block(projector_type):
     torch.testing.assert_close(cached.project(grads, 0), uncached.project(grads, 0))
     torch.testing.assert_close(cached.project(grads, 0), cached.project(grads, 0))
     twice = cached.project(2 * grads[:2] + grads[2:4], 0)
-    torch.testing.assert_close(twice, 2 * cached.project(grads[:2], 0) + cached.project(grads[2:4], 0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        twice, 2 * cached.project(grads[:2], 0) + cached.project(grads[2:4], 0), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_dense_projection_matches_explicit_matrix():
@@ -85,7 +87,11 @@ def test_wrong_gradient_width_is_an_error():
 
 @pytest.mark.parametrize(
     "options, message",
-    [({"kind": "fourier"}, "projection kind must be one of"), ({"dim": 0}, "dim must be positive"), ({"seed": -1}, "seed must be non-negative")],
+    [
+        ({"kind": "fourier"}, "projection kind must be one of"),
+        ({"dim": 0}, "dim must be positive"),
+        ({"seed": -1}, "seed must be non-negative"),
+    ],
 )
 def test_spec_validation(options, message):
     with pytest.raises(ValueError, match=message):

@@ -21,8 +21,9 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,19 @@ def context() -> Any:
         if str(HERE.parent) not in sys.path:  # the forkserver imports this module as reliability.harness
             sys.path.insert(0, str(HERE.parent))
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "torch._dynamo", "torch.func", "zarr", "faiss", "gradindex", "gradindex.pipeline", "reliability.harness", "reliability.rel_tasks"])
+        _CONTEXT.set_forkserver_preload(
+            [
+                "torch",
+                "torch._dynamo",
+                "torch.func",
+                "zarr",
+                "faiss",
+                "gradindex",
+                "gradindex.pipeline",
+                "reliability.harness",
+                "reliability.rel_tasks",
+            ]
+        )
     return _CONTEXT
 
 
@@ -95,7 +108,9 @@ def write_shard(store: Any, shard: int, vectors: np.ndarray, owner: str) -> None
     import pyarrow as pa
 
     start, stop = store.layout.shard_rows(shard)
-    samples = pa.table({"row": np.arange(start, stop, dtype=np.int64), "sample_id": [f"z{row}" for row in range(start, stop)]})
+    samples = pa.table(
+        {"row": np.arange(start, stop, dtype=np.int64), "sample_id": [f"z{row}" for row in range(start, stop)]}
+    )
     store.claim_shard(shard, owner=owner)
     store.write_shard(shard, vectors, (vectors.astype(np.float64) ** 2).sum(1).astype(np.float32), samples)
 
@@ -137,7 +152,9 @@ def child_index(store: str, name: str, factory: str, site: str) -> None:
     gradindex.build_index(store, factory, name=name, overwrite=True, progress=False)
 
 
-def child_build(spec: str, checkpoints: list[str], output: str, options: dict, crash_at: str | None = None, **kwargs: Any) -> None:
+def child_build(
+    spec: str, checkpoints: list[str], output: str, options: dict, crash_at: str | None = None, **kwargs: Any
+) -> None:
     """A build in a child process; ``crash_at`` names a crash point (the child exits 137 there)."""
     child_setup()
     if crash_at:
@@ -153,7 +170,9 @@ def child_build(spec: str, checkpoints: list[str], output: str, options: dict, c
         os._exit(3)
 
 
-def run_child(target: Callable, *args: Any, kill_after: float | None = None, timeout: float = 300.0) -> tuple[int | None, float]:
+def run_child(
+    target: Callable, *args: Any, kill_after: float | None = None, timeout: float = 300.0
+) -> tuple[int | None, float]:
     """Run ``target(*args)`` in a forked child; SIGKILL it after ``kill_after`` seconds. ``(exit code, seconds)``.
 
     The child is always reaped (a zombie would still count as a live writer for the claims)."""
@@ -172,6 +191,7 @@ def run_child(target: Callable, *args: Any, kill_after: float | None = None, tim
 
 
 # ---- looking at stores --------------------------------------------------------------------------
+
 
 def snapshot(path: Path) -> dict[str, bytes]:
     """Every file of a store by relative path; the manifest without its timestamps and checksum."""
@@ -247,8 +267,19 @@ def diff_names(left: dict[str, bytes], right: dict[str, bytes]) -> list[str]:
 
 # ---- kill sweep ----------------------------------------------------------------------------------
 
-def kill_sweep(workdir: Path, spec: str, checkpoints: list[str], options: dict, reference: dict[str, bytes], *,
-               n_random: int, sites: Iterable[str], seed: int = 0, rows_per_shard: int) -> dict:
+
+def kill_sweep(
+    workdir: Path,
+    spec: str,
+    checkpoints: list[str],
+    options: dict,
+    reference: dict[str, bytes],
+    *,
+    n_random: int,
+    sites: Iterable[str],
+    seed: int = 0,
+    rows_per_shard: int,
+) -> dict:
     """Kill a child build at ``n_random`` random moments and at each named crash ``site``; resume each in
     this process and compare with ``reference``. Returns the figures (and the failures, if any)."""
     import gradindex
@@ -257,7 +288,9 @@ def kill_sweep(workdir: Path, spec: str, checkpoints: list[str], options: dict, 
     run_child(child_setup)  # start the forkserver first: the timed build below is then a build only
     _, full = run_child(child_build, spec, checkpoints, str(workdir / "timing.gradindex"), options)
     shutil.rmtree(workdir / "timing.gradindex", ignore_errors=True)
-    points = [("random", None, rng.uniform(0.0, full)) for _ in range(n_random)] + [("site", site, None) for site in sites]
+    points = [("random", None, rng.uniform(0.0, full)) for _ in range(n_random)] + [
+        ("site", site, None) for site in sites
+    ]
     figures = Counter()
     failures = []
     for number, (kind, site, when) in enumerate(points):
@@ -272,7 +305,7 @@ def kill_sweep(workdir: Path, spec: str, checkpoints: list[str], options: dict, 
             if output.exists():
                 gradindex.open_store(output)  # reopens cleanly, complete or not
             store = gradindex.build(spec, checkpoints, output, resume=True, **options)
-        except Exception as error:  # noqa: BLE001 - a failed resume is a finding, recorded
+        except Exception as error:
             failures.append(f"{kind} {site or f'{when:.3f}s'}: resume failed: {type(error).__name__}: {error}")
             continue
         figures["resumed"] += store.complete
@@ -284,15 +317,27 @@ def kill_sweep(workdir: Path, spec: str, checkpoints: list[str], options: dict, 
         differing = diff_names(snapshot(output), reference)
         figures["mismatches"] += bool(differing)
         if lost or left or differing:
-            failures.append(f"{kind} {site or f'{when:.3f}s'}: lost shards {lost}, orphans {left}, differing files {differing[:5]}")
+            failures.append(
+                f"{kind} {site or f'{when:.3f}s'}: lost shards {lost}, orphans {left}, differing files {differing[:5]}"
+            )
         shutil.rmtree(output, ignore_errors=True)
     return {"figures": dict(figures), "failures": failures, "build_seconds": round(full, 2)}
 
 
 # ---- I/O errors ------------------------------------------------------------------------------------
 
-def io_error_sweep(workdir: Path, spec: str, checkpoints: list[str], options: dict, reference: dict[str, bytes], *,
-                   codes: Iterable[int] = (errno_codes.EIO, errno_codes.ENOSPC), every: int = 1, sticky: bool = False) -> dict:
+
+def io_error_sweep(
+    workdir: Path,
+    spec: str,
+    checkpoints: list[str],
+    options: dict,
+    reference: dict[str, bytes],
+    *,
+    codes: Iterable[int] = (errno_codes.EIO, errno_codes.ENOSPC),
+    every: int = 1,
+    sticky: bool = False,
+) -> dict:
     """Fail the Nth disk-changing step of a build for every N (every ``every``-th N), with each errno in ``codes``.
 
     Each failure must be a StoreWriteError carrying that errno (or, for a best-effort step, the build
@@ -323,7 +368,7 @@ def io_error_sweep(workdir: Path, spec: str, checkpoints: list[str], options: di
                     figures["typed errors"] += 1
                 else:
                     failures.append(f"errno {code} at step {fail_at}: error lacks its errno or fix: {error}")
-            except Exception as error:  # noqa: BLE001 - an untyped error is a finding
+            except Exception as error:
                 failures.append(f"errno {code} at step {fail_at} ({faults.failed}): {type(error).__name__}: {error}")
                 figures["untyped errors"] += 1
             try:
@@ -332,20 +377,26 @@ def io_error_sweep(workdir: Path, spec: str, checkpoints: list[str], options: di
                 figures["reopened"] += 1
                 store = gradindex.build(spec, checkpoints, output, resume=True, **options)
                 figures["resumed"] += store.complete
-            except Exception as error:  # noqa: BLE001
-                failures.append(f"errno {code} at step {fail_at} ({faults.failed}): reopen/resume failed: {type(error).__name__}: {error}")
+            except Exception as error:
+                failures.append(
+                    f"errno {code} at step {fail_at} ({faults.failed}): reopen/resume failed: {type(error).__name__}: "
+                    f"{error}"
+                )
                 continue
             left = orphans(output)
             differing = diff_names(snapshot(output), reference)
             figures["orphans"] += len(left)
             figures["mismatches"] += bool(differing)
             if left or differing:
-                failures.append(f"errno {code} at step {fail_at} ({faults.failed}): orphans {left}, differing {differing[:5]}")
+                failures.append(
+                    f"errno {code} at step {fail_at} ({faults.failed}): orphans {left}, differing {differing[:5]}"
+                )
             shutil.rmtree(output, ignore_errors=True)
     return {"figures": dict(figures), "failures": failures, "steps": steps, "step_kinds": dict(step_kinds)}
 
 
 # ---- concurrency ------------------------------------------------------------------------------------
+
 
 def child_reader(output: str, reference_path: str, deadline: float, result_path: str) -> None:
     """Poll a store being built: every shard it shows as done must equal the reference; "complete" must
@@ -390,14 +441,16 @@ def child_reader(output: str, reference_path: str, deadline: float, result_path:
     Path(result_path).write_text(json.dumps({"counts": counts, "problems": problems[:10]}))
 
 
-def child_worker(spec: str, checkpoints: list[str], output: str, options: dict, shard: tuple[int, int], result_path: str) -> None:
+def child_worker(
+    spec: str, checkpoints: list[str], output: str, options: dict, shard: tuple[int, int], result_path: str
+) -> None:
     import gradindex
 
     child_setup()
     try:
         store = gradindex.build(spec, checkpoints, output, shard=shard, **options)
         outcome = {"ok": True, "complete": store.complete}
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         outcome = {"ok": False, "error": f"{type(error).__name__}: {error}"}
     Path(result_path).write_text(json.dumps(outcome))
 
@@ -415,8 +468,16 @@ def child_intruder(output: str, shard: int, result_path: str) -> None:
     Path(result_path).write_text(json.dumps(outcome))
 
 
-def concurrency_run(workdir: Path, spec: str, checkpoints: list[str], options: dict, reference_path: Path, *,
-                    n_workers: int, n_readers: int) -> dict:
+def concurrency_run(
+    workdir: Path,
+    spec: str,
+    checkpoints: list[str],
+    options: dict,
+    reference_path: Path,
+    *,
+    n_workers: int,
+    n_readers: int,
+) -> dict:
     """``n_workers`` processes build disjoint shards of one store while ``n_readers`` poll it; then a
     misaligned worker (other rows per shard) and an intruder (claiming a held shard) must be rejected."""
     import gradindex
@@ -433,7 +494,9 @@ def concurrency_run(workdir: Path, spec: str, checkpoints: list[str], options: d
     workers = []
     for number in range(n_workers):
         result = workdir / f"worker-{number}.json"
-        process = ctx.Process(target=child_worker, args=(spec, checkpoints, str(output), options, (number, n_workers), str(result)))
+        process = ctx.Process(
+            target=child_worker, args=(spec, checkpoints, str(output), options, (number, n_workers), str(result))
+        )
         process.start()
         workers.append((process, result))
     # a worker cutting other shards, once the store exists: rejected (it must not write anything)
@@ -463,15 +526,22 @@ def concurrency_run(workdir: Path, spec: str, checkpoints: list[str], options: d
         figures.update(outcome["counts"])
     figures["workers ok"] = sum(result["ok"] for result in worker_results)
     figures["completed by a worker"] = sum(result.get("complete", False) for result in worker_results)
-    figures["misaligned rejected"] = int(not misaligned_result["ok"] and "layout.rows_per_shard" in misaligned_result["error"])
+    figures["misaligned rejected"] = int(
+        not misaligned_result["ok"] and "layout.rows_per_shard" in misaligned_result["error"]
+    )
     figures["intruder rejected"] = int(intruder_result["rejected"])
     differing = diff_names(snapshot(output), snapshot(reference_path))
     figures["mismatches"] = int(bool(differing))
     figures["orphans"] = len(orphans(output))
     problems = [problem for outcome in reader_results for problem in outcome["problems"]]
     problems += [result["error"] for result in worker_results if not result["ok"]]
-    return {"figures": dict(figures), "problems": problems, "misaligned": misaligned_result, "intruder": intruder_result,
-            "differing": differing[:5]}
+    return {
+        "figures": dict(figures),
+        "problems": problems,
+        "misaligned": misaligned_result,
+        "intruder": intruder_result,
+        "differing": differing[:5],
+    }
 
 
 def child_raw_zarr_writer(path: str, start_event: Any, parity: int, n_rows: int, rows_per_write: int) -> None:
@@ -485,7 +555,9 @@ def child_raw_zarr_writer(path: str, start_event: Any, parity: int, n_rows: int,
         array[first:stop] = np.full((stop - first, array.shape[1]), 1.0 + first, dtype=np.float32)
 
 
-def raw_zarr_control(workdir: Path, *, n_rows: int = 200_000, dim: int = 4, rows_per_write: int = 4000, attempts: int = 3) -> dict:
+def raw_zarr_control(
+    workdir: Path, *, n_rows: int = 200_000, dim: int = 4, rows_per_write: int = 4000, attempts: int = 3
+) -> dict:
     """The control: two plain-zarr writers on disjoint rows of one shared shard. Rows silently lost, both exit 0."""
     import zarr
 
@@ -493,16 +565,30 @@ def raw_zarr_control(workdir: Path, *, n_rows: int = 200_000, dim: int = 4, rows
     results = []
     for attempt in range(attempts):
         path = workdir / f"raw-{attempt}.zarr"
-        zarr.create_array(str(path), shape=(n_rows, dim), chunks=(rows_per_write, dim), shards=(n_rows, dim), dtype="float32", fill_value=0)
+        zarr.create_array(
+            str(path),
+            shape=(n_rows, dim),
+            chunks=(rows_per_write, dim),
+            shards=(n_rows, dim),
+            dtype="float32",
+            fill_value=0,
+        )
         start = ctx.Event()
-        writers = [ctx.Process(target=child_raw_zarr_writer, args=(str(path), start, parity, n_rows, rows_per_write)) for parity in (0, 1)]
+        writers = [
+            ctx.Process(target=child_raw_zarr_writer, args=(str(path), start, parity, n_rows, rows_per_write))
+            for parity in (0, 1)
+        ]
         for process in writers:
             process.start()
         start.set()
         for process in writers:
             process.join(240)
         values = np.asarray(zarr.open_array(str(path), mode="r")[:])
-        expected = np.repeat(1.0 + (np.arange(n_rows) // rows_per_write) * rows_per_write, dim).reshape(n_rows, dim).astype(np.float32)
+        expected = (
+            np.repeat(1.0 + (np.arange(n_rows) // rows_per_write) * rows_per_write, dim)
+            .reshape(n_rows, dim)
+            .astype(np.float32)
+        )
         lost = int((~(values == expected).all(axis=1)).sum())
         results.append({"rows": n_rows, "lost": lost, "exit codes": [process.exitcode for process in writers]})
         shutil.rmtree(path, ignore_errors=True)
@@ -587,23 +673,43 @@ def observe(path: Path, queries: np.ndarray, k: int, *, complete: bool, index_na
             answers[name] = ("ok", call())
         except GradIndexError as error:
             answers[name] = ("error", f"{type(error).__name__}: {error}")
-        except Exception as error:  # noqa: BLE001 - anything else is a crash
+        except Exception as error:
             answers[name] = ("crash", f"{type(error).__name__}: {error}")
 
     allow = not complete
     attempt("open", lambda: gradindex.open_store(path).complete)
     attempt("progress", lambda: tuple(gradindex.open_store(path).done_shards()))
     attempt("verify", lambda: tuple(gradindex.verify(path)))
-    attempt("search", lambda: tuple(np.round(part, 3).tolist() for part in gradindex.search_store(path, queries, k, allow_incomplete=allow)))
-    attempt("opponents", lambda: tuple(np.round(part, 3).tolist() for part in gradindex.search_store(path, queries, k, opponents=True, memory_budget=1, allow_incomplete=allow)))
+    attempt(
+        "search",
+        lambda: tuple(
+            np.round(part, 3).tolist() for part in gradindex.search_store(path, queries, k, allow_incomplete=allow)
+        ),
+    )
+    attempt(
+        "opponents",
+        lambda: tuple(
+            np.round(part, 3).tolist()
+            for part in gradindex.search_store(
+                path, queries, k, opponents=True, memory_budget=1, allow_incomplete=allow
+            )
+        ),
+    )
     attempt("self-influence", lambda: gradindex.self_influence(path, allow_incomplete=allow).to_pylist())
     attempt("samples", lambda: gradindex.open_store(path).samples(allow_incomplete=allow).to_pylist())
     if index_name is not None:
-        attempt("index search", lambda: tuple(np.round(part, 3).tolist() for part in gradindex.search_store(path, queries, k, index=index_name)))
+        attempt(
+            "index search",
+            lambda: tuple(
+                np.round(part, 3).tolist() for part in gradindex.search_store(path, queries, k, index=index_name)
+            ),
+        )
     return answers
 
 
-def classify(answers: dict[str, Any], reference: dict[str, Any], declared: Callable[[tuple], dict] | None = None) -> str:
+def classify(
+    answers: dict[str, Any], reference: dict[str, Any], declared: Callable[[tuple], dict] | None = None
+) -> str:
     """One outcome per mutation: crash, silently wrong, clean error (someone reported it) or harmless.
 
     ``declared(done_shards)`` gives the pristine answers over fewer finished shards: a store being built
@@ -614,8 +720,17 @@ def classify(answers: dict[str, Any], reference: dict[str, Any], declared: Calla
     # an answer that differs from the pristine store's, given without an error, is silently wrong --
     # unless it is verify's (reporting problems is its job)
     skip = ("verify", "progress")
-    wrong = [name for name, (status, value) in answers.items() if status == "ok" and name not in skip and value != reference[name][1]]
-    if wrong and declared is not None and answers["progress"][0] == "ok" and answers["progress"][1] != reference["progress"][1]:
+    wrong = [
+        name
+        for name, (status, value) in answers.items()
+        if status == "ok" and name not in skip and value != reference[name][1]
+    ]
+    if (
+        wrong
+        and declared is not None
+        and answers["progress"][0] == "ok"
+        and answers["progress"][1] != reference["progress"][1]
+    ):
         fewer = declared(answers["progress"][1])
         if all(status != "ok" or name in skip or value == fewer[name][1] for name, (status, value) in answers.items()):
             return "record lost"
@@ -628,10 +743,20 @@ def classify(answers: dict[str, Any], reference: dict[str, Any], declared: Calla
     return "harmless"
 
 
-def corruption_matrix(pristine: Path, workdir: Path, queries: np.ndarray, k: int, *, mutations: Iterable[str] = MUTATIONS,
-                      flips_per_file: int = 1, seed: int = 0, index_name: str | None = None,
-                      repair: Callable[[Path], None] | None = None, repaired_bytes: dict[str, bytes] | None = None,
-                      select: Callable[[str], bool] | None = None) -> dict:
+def corruption_matrix(
+    pristine: Path,
+    workdir: Path,
+    queries: np.ndarray,
+    k: int,
+    *,
+    mutations: Iterable[str] = MUTATIONS,
+    flips_per_file: int = 1,
+    seed: int = 0,
+    index_name: str | None = None,
+    repair: Callable[[Path], None] | None = None,
+    repaired_bytes: dict[str, bytes] | None = None,
+    select: Callable[[str], bool] | None = None,
+) -> dict:
     """Damage every file of ``pristine`` (a copy each time) with every mutation; classify what users see.
 
     With ``repair`` (a function running ``build --resume --repair`` on a path), also count the damaged
@@ -678,8 +803,14 @@ def corruption_matrix(pristine: Path, workdir: Path, queries: np.ndarray, k: int
                 kind = file_kind(name)
                 by_kind.setdefault(kind, Counter())[outcome] += 1
                 if outcome in ("crash", "silently wrong"):
-                    findings.append({"file": name, "mutation": what, "outcome": outcome,
-                                     "answers": {key: value[0] + ": " + str(value[1])[:200] for key, value in answers.items()}})
+                    findings.append(
+                        {
+                            "file": name,
+                            "mutation": what,
+                            "outcome": outcome,
+                            "answers": {key: value[0] + ": " + str(value[1])[:200] for key, value in answers.items()},
+                        }
+                    )
                 if repair is not None and outcome == "clean error" and kind not in ("index data", "index meta"):
                     try:
                         repair(target)
@@ -690,7 +821,11 @@ def corruption_matrix(pristine: Path, workdir: Path, queries: np.ndarray, k: int
                     figures["repaired"] += restored
                     by_kind[kind]["repaired"] += restored
                 shutil.rmtree(target, ignore_errors=True)
-    return {"figures": dict(figures), "by_kind": {kind: dict(counts) for kind, counts in by_kind.items()}, "findings": findings}
+    return {
+        "figures": dict(figures),
+        "by_kind": {kind: dict(counts) for kind, counts in by_kind.items()},
+        "findings": findings,
+    }
 
 
 def report(capsys: Any, line: str) -> None:

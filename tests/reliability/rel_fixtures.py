@@ -10,19 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from reliability import harness, rel_tasks
 
 import gradindex
-from reliability import harness
-from reliability import rel_tasks
 
 
 @dataclass
 class Env:
-    root: Path                 # scratch space for the sweeps (tmpfs when there is one: faults, not the disk, are tested)
-    checkpoints: list[str]     # one checkpoint of rel_tasks.mlp
-    big: Path                  # an uninterrupted build of harness.BIG
+    root: Path  # scratch space for the sweeps (tmpfs when there is one: faults, not the disk, are tested)
+    checkpoints: list[str]  # one checkpoint of rel_tasks.mlp
+    big: Path  # an uninterrupted build of harness.BIG
     big_bytes: dict
-    small: Path                # an uninterrupted build of harness.SMALL
+    small: Path  # an uninterrupted build of harness.SMALL
     small_bytes: dict
 
     def fresh(self, name: str) -> Path:

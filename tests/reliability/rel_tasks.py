@@ -57,7 +57,8 @@ def _sum_of_logits(model: nn.Module, batch) -> torch.Tensor:
 
 
 def huge_task() -> gradindex.Task:
-    """small_task with one row scaled so its gradient passes float16's 65504 (ReLU and a linear loss, so it does not saturate)."""
+    """small_task with one row scaled so its gradient passes float16's 65504 (ReLU and a linear loss, so it does not
+    saturate)."""
     x, y = _data(600, seed=1)
     x[450] *= 1e6
     task = _task(x, y, name="reliability-huge")
@@ -76,7 +77,9 @@ def wide_task() -> gradindex.Task:
     """small_task's data with a wider model."""
     x, y = _data(600, seed=1)
     task = _task(x, y, name="reliability-600")
-    return gradindex.Task(model=lambda: nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4)), train=task.train, test=task.test)
+    return gradindex.Task(
+        model=lambda: nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 4)), train=task.train, test=task.test
+    )
 
 
 def save_checkpoints(directory, count: int = 2, make_model=mlp) -> list[str]:

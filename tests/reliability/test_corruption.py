@@ -16,11 +16,10 @@ import socket
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from reliability import harness
 
 import gradindex
 from gradindex.cli import cli
-from reliability import harness
-
 
 K = 10
 
@@ -30,33 +29,58 @@ def _queries(dim: int) -> np.ndarray:
 
 
 def _repair(env):
-    return lambda path: gradindex.build(harness.SMALL, env.checkpoints, path, resume=True, repair=True, **harness.SMALL_OPTIONS)
+    return lambda path: gradindex.build(
+        harness.SMALL, env.checkpoints, path, resume=True, repair=True, **harness.SMALL_OPTIONS
+    )
 
 
 def test_complete_store_corruption_matrix(env, capsys):
     work = env.fresh("corrupt-complete")
     pristine = work / "pristine.gradindex"
     shutil.copytree(env.small, pristine)
-    result = harness.corruption_matrix(pristine, work, _queries(gradindex.open_store(pristine).dim), K, seed=1, repair=_repair(env))
+    result = harness.corruption_matrix(
+        pristine, work, _queries(gradindex.open_store(pristine).dim), K, seed=1, repair=_repair(env)
+    )
     figures = result["figures"]
     unrepairable = result["by_kind"]["manifest"]["clean error"]
-    harness.report(capsys, harness.summary("corruption matrix, complete store (6 mutations x every file)", figures | {
-        "repairable": figures.get("repair tried", 0) - unrepairable, "crashes": figures.get("crash", 0),
-        "silently wrong answers": figures.get("silently wrong", 0)}, ["mutations", "clean error", "harmless", "crashes",
-                                                                    "silently wrong answers", "repairable", "repaired"]))
+    harness.report(
+        capsys,
+        harness.summary(
+            "corruption matrix, complete store (6 mutations x every file)",
+            figures
+            | {
+                "repairable": figures.get("repair tried", 0) - unrepairable,
+                "crashes": figures.get("crash", 0),
+                "silently wrong answers": figures.get("silently wrong", 0),
+            },
+            ["mutations", "clean error", "harmless", "crashes", "silently wrong answers", "repairable", "repaired"],
+        ),
+    )
     assert result["findings"] == []
     assert figures.get("crash", 0) == figures.get("silently wrong", 0) == 0
-    assert set(result["by_kind"]) == {"manifest", "array metadata", "feature shard", "self-influence chunk", "samples.parquet"}
+    assert set(result["by_kind"]) == {
+        "manifest",
+        "array metadata",
+        "feature shard",
+        "self-influence chunk",
+        "samples.parquet",
+    }
     assert figures["clean error"] == figures["mutations"]  # every byte of a store is checked
-    assert figures["repaired"] == figures["repair tried"] - unrepairable  # all but the manifest come back byte-identical
+    assert (
+        figures["repaired"] == figures["repair tried"] - unrepairable
+    )  # all but the manifest come back byte-identical
 
 
 def _incomplete_store(env, work):
     """A store stopped after 3 of its 6 shards, with the claim of a writer that died on the 4th."""
     path = work / "pristine.gradindex"
-    code, _ = harness.run_child(harness.child_build, harness.SMALL, env.checkpoints, str(path), harness.SMALL_OPTIONS, "shard-after-record:3")
+    code, _ = harness.run_child(
+        harness.child_build, harness.SMALL, env.checkpoints, str(path), harness.SMALL_OPTIONS, "shard-after-record:3"
+    )
     assert code == 137
-    (path / "_shards" / "000003.claim").write_text(json.dumps({"owner": "dead", "host": socket.gethostname(), "pid": 2**22 + 4321, "time": 0}))
+    (path / "_shards" / "000003.claim").write_text(
+        json.dumps({"owner": "dead", "host": socket.gethostname(), "pid": 2**22 + 4321, "time": 0})
+    )
     return path
 
 
@@ -64,15 +88,40 @@ def test_incomplete_store_corruption_matrix(env, capsys):
     work = env.fresh("corrupt-incomplete")
     pristine = _incomplete_store(env, work)
     assert gradindex.open_store(pristine).done_shards() == [0, 1, 2]
-    result = harness.corruption_matrix(pristine, work, _queries(gradindex.open_store(pristine).dim), K, seed=2,
-                                       repair=_repair(env), repaired_bytes=env.small_bytes)
+    result = harness.corruption_matrix(
+        pristine,
+        work,
+        _queries(gradindex.open_store(pristine).dim),
+        K,
+        seed=2,
+        repair=_repair(env),
+        repaired_bytes=env.small_bytes,
+    )
     figures = result["figures"]
     by_kind = result["by_kind"]
     unrepairable = by_kind["manifest"]["clean error"]
-    harness.report(capsys, harness.summary("corruption matrix, store being built (records, parts, claims too)", figures | {
-        "crashes": figures.get("crash", 0), "silently wrong answers": figures.get("silently wrong", 0),
-        "repairable": figures.get("repair tried", 0) - unrepairable}, ["mutations", "clean error", "record lost", "harmless", "crashes",
-                                                                      "silently wrong answers", "repairable", "repaired"]))
+    harness.report(
+        capsys,
+        harness.summary(
+            "corruption matrix, store being built (records, parts, claims too)",
+            figures
+            | {
+                "crashes": figures.get("crash", 0),
+                "silently wrong answers": figures.get("silently wrong", 0),
+                "repairable": figures.get("repair tried", 0) - unrepairable,
+            },
+            [
+                "mutations",
+                "clean error",
+                "record lost",
+                "harmless",
+                "crashes",
+                "silently wrong answers",
+                "repairable",
+                "repaired",
+            ],
+        ),
+    )
     assert result["findings"] == []
     assert figures.get("crash", 0) == figures.get("silently wrong", 0) == 0
     assert {"shard record", "sample part", "claim"} <= set(by_kind)
@@ -90,12 +139,24 @@ def test_damaged_index_files_never_crash(env, capsys):
     pristine = work / "pristine.gradindex"
     shutil.copytree(env.small, pristine)
     gradindex.build_index(pristine, "IVF4,Flat", name="ivf", progress=False)
-    result = harness.corruption_matrix(pristine, work, _queries(gradindex.open_store(pristine).dim), K, seed=3, index_name="ivf",
-                                       select=lambda name: name.startswith("indexes/"))
+    result = harness.corruption_matrix(
+        pristine,
+        work,
+        _queries(gradindex.open_store(pristine).dim),
+        K,
+        seed=3,
+        index_name="ivf",
+        select=lambda name: name.startswith("indexes/"),
+    )
     figures = result["figures"]
-    harness.report(capsys, harness.summary("corruption matrix, persisted index files", figures | {
-        "crashes": figures.get("crash", 0), "silently wrong answers": figures.get("silently wrong", 0)},
-        ["mutations", "clean error", "harmless", "crashes", "silently wrong answers"]))
+    harness.report(
+        capsys,
+        harness.summary(
+            "corruption matrix, persisted index files",
+            figures | {"crashes": figures.get("crash", 0), "silently wrong answers": figures.get("silently wrong", 0)},
+            ["mutations", "clean error", "harmless", "crashes", "silently wrong answers"],
+        ),
+    )
     assert figures.get("crash", 0) == 0
     assert [finding for finding in result["findings"] if finding["outcome"] == "crash"] == []
 
@@ -141,16 +202,34 @@ def test_verify_names_bad_shards_and_repair_recomputes_only_those(env, tmp_path,
     with pytest.raises(gradindex.CorruptStoreError, match=r"shard 2 .* fails its checksum.*--repair"):
         gradindex.search_store(store, _queries(gradindex.open_store(store).dim), K)
     kept = {shard: os.stat(store / "features" / "c" / str(shard) / "0").st_ino for shard in (0, 1, 3, 5)}
-    args = ["build", "--task", harness.SMALL, "-o", str(store), "--resume", "--repair", "--projection", "none",
-            "--rows-per-shard", "100", "--batch-size", "100", "--checkpoint", env.checkpoints[0]]
+    args = [
+        "build",
+        "--task",
+        harness.SMALL,
+        "-o",
+        str(store),
+        "--resume",
+        "--repair",
+        "--projection",
+        "none",
+        "--rows-per-shard",
+        "100",
+        "--batch-size",
+        "100",
+        "--checkpoint",
+        env.checkpoints[0],
+    ]
     repaired = runner.invoke(cli, args)
     assert repaired.exit_code == 0, repaired.output
     assert "recomputing shard(s) [2, 4]" in repaired.output
     assert runner.invoke(cli, ["verify", str(store)]).exit_code == 0
     assert {shard: os.stat(store / "features" / "c" / str(shard) / "0").st_ino for shard in kept} == kept
     assert harness.diff_names(harness.snapshot(store), env.small_bytes) == []
-    harness.report(capsys, "verify + build --resume --repair (CLI): damaged shards named [2, 4], recomputed [2, 4], "
-                           f"other shards' files untouched {len(kept)}/{len(kept)}, byte mismatches after repair 0")
+    harness.report(
+        capsys,
+        "verify + build --resume --repair (CLI): damaged shards named [2, 4], recomputed [2, 4], "
+        f"other shards' files untouched {len(kept)}/{len(kept)}, byte mismatches after repair 0",
+    )
     with pytest.raises(ValueError, match="--repair needs --resume"):
         gradindex.build(harness.SMALL, env.checkpoints, store, repair=True, **harness.SMALL_OPTIONS)
 

@@ -7,15 +7,13 @@ torn file), and building it again works and leaves no temporary file."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
-
-import gradindex
 from reliability import harness
 
+import gradindex
 
 K = 10
 # where the child stops: after writing the index under its temporary name; halfway through writing
@@ -32,8 +30,11 @@ def _index_files(store):
     metas = [json.loads(path.read_text()) for path in folder.glob("*.json")]
     referenced = {meta["file"] for meta in metas} | {meta.get("ivfdata") for meta in metas if meta.get("ivfdata")}
     temporaries = [path.name for path in folder.iterdir() if ".gi-idx-tmp-" in path.name or ".gi-tmp-" in path.name]
-    unreferenced = [path.name for path in folder.iterdir() if path.is_file() and path.suffix != ".json" and path.name not in referenced
-                    and path.name not in temporaries]
+    unreferenced = [
+        path.name
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix != ".json" and path.name not in referenced and path.name not in temporaries
+    ]
     return temporaries, unreferenced
 
 
@@ -44,8 +45,15 @@ def test_index_write_interrupted_at_each_step(env, capsys):
     shutil.copytree(env.small, reference)
     gradindex.build_index(reference, "IVF4,Flat", name="ivf", progress=False)
     expected = _search(reference, queries, "ivf")
-    figures = {"tried": 0, "old index intact": 0, "clean errors": 0, "torn reads": 0, "rebuilt": 0, "temporaries left": 0,
-               "unreferenced files left": 0}
+    figures = {
+        "tried": 0,
+        "old index intact": 0,
+        "clean errors": 0,
+        "torn reads": 0,
+        "rebuilt": 0,
+        "temporaries left": 0,
+        "unreferenced files left": 0,
+    }
     for replacing in (False, True):
         for site in SITES:
             store = work / f"{site}-{'replace' if replacing else 'new'}.gradindex"
@@ -99,9 +107,13 @@ def test_index_checked_against_the_store_on_load(env, tmp_path, capsys):
     harness.report(capsys, "index load checks: wrong ntotal, wrong dim, unreadable file: refused as SearchError 3/3")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a write stopped after the index file is renamed into place but before its meta leaves NAME.<token>.faiss "
-    "that no meta names; gradindex/index/_approx.py (owned by the index work) never removes it"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "a write stopped after the index file is renamed into place but before its meta leaves NAME.<token>.faiss "
+        "that no meta names; gradindex/index/_approx.py (owned by the index work) never removes it"
+    ),
+)
 def test_an_interrupted_index_write_leaves_no_unreferenced_file(env):
     work = env.fresh("index-unreferenced")
     store = work / "s.gradindex"

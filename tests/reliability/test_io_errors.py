@@ -9,26 +9,32 @@ from __future__ import annotations
 import errno
 
 import pytest
+from reliability import harness
 
 import gradindex
 from gradindex.store import StoreWriteError
 from gradindex.store.faults import inject_io_errors
-from reliability import harness
 
 
 def test_every_write_step_fails_cleanly(env, capsys):
     work = env.fresh("io")
     reference = gradindex.build(harness.IO, env.checkpoints, work / "reference.gradindex", **harness.IO_OPTIONS)
-    result = harness.io_error_sweep(work, harness.IO, env.checkpoints, harness.IO_OPTIONS, harness.snapshot(reference.path))
+    result = harness.io_error_sweep(
+        work, harness.IO, env.checkpoints, harness.IO_OPTIONS, harness.snapshot(reference.path)
+    )
     figures = result["figures"]
     injected = figures["injected"]
-    harness.report(capsys, (
-        f"I/O errors (EIO and ENOSPC at each of the {result['steps']} disk steps of a 3-shard build): injected {injected}, "
-        f"clean typed errors {figures.get('typed errors', 0)}/{injected - figures.get('completed anyway', 0)} "
-        f"(+{figures.get('completed anyway', 0)} in best-effort cleanup, build complete), "
-        f"reopen {figures.get('reopened', 0)}/{injected}, resume {figures.get('resumed', 0)}/{injected}, "
-        f"mismatches {figures.get('mismatches', 0)}, orphans {figures.get('orphans', 0)}"
-    ))
+    harness.report(
+        capsys,
+        (
+            f"I/O errors (EIO and ENOSPC at each of the {result['steps']} disk steps of a 3-shard build): injected "
+            f"{injected}, "
+            f"clean typed errors {figures.get('typed errors', 0)}/{injected - figures.get('completed anyway', 0)} "
+            f"(+{figures.get('completed anyway', 0)} in best-effort cleanup, build complete), "
+            f"reopen {figures.get('reopened', 0)}/{injected}, resume {figures.get('resumed', 0)}/{injected}, "
+            f"mismatches {figures.get('mismatches', 0)}, orphans {figures.get('orphans', 0)}"
+        ),
+    )
     assert result["failures"] == []
     assert figures.get("untyped errors", 0) == 0
     assert figures["typed errors"] + figures.get("completed anyway", 0) == injected == 2 * result["steps"]
@@ -43,9 +49,16 @@ def test_a_full_disk_stops_the_build_with_the_fix(env, capsys):
     work = env.fresh("io-full")
     with inject_io_errors() as steps:
         gradindex.build(harness.IO, env.checkpoints, work / "count.gradindex", **harness.IO_OPTIONS)
-    first_record = next(number for number, (step, path) in enumerate(steps.steps, 1) if step == "rename" and path.endswith("000000.json"))
+    first_record = next(
+        number
+        for number, (step, path) in enumerate(steps.steps, 1)
+        if step == "rename" and path.endswith("000000.json")
+    )
     output = work / "full.gradindex"
-    with inject_io_errors(first_record + 5, errno.ENOSPC, sticky=True), pytest.raises(StoreWriteError, match=r"\[Errno 28\] No space left on device.*--resume") as raised:
+    with (
+        inject_io_errors(first_record + 5, errno.ENOSPC, sticky=True),
+        pytest.raises(StoreWriteError, match=r"\[Errno 28\] No space left on device.*--resume") as raised,
+    ):
         gradindex.build(harness.IO, env.checkpoints, output, **harness.IO_OPTIONS)
     assert raised.value.errno == errno.ENOSPC and isinstance(raised.value, OSError)
     store = gradindex.open_store(output)
@@ -53,8 +66,11 @@ def test_a_full_disk_stops_the_build_with_the_fix(env, capsys):
     assert not store.complete and kept == [0]  # the shard finished before the disk filled is there
     store = gradindex.build(harness.IO, env.checkpoints, output, resume=True, **harness.IO_OPTIONS)
     assert store.complete and harness.orphans(output) == []
-    harness.report(capsys, f"disk full from step {first_record + 5} on: typed error 1/1 (errno {raised.value.errno}), "
-                           f"finished shards kept {kept}, resumed 1/1, orphans 0")
+    harness.report(
+        capsys,
+        f"disk full from step {first_record + 5} on: typed error 1/1 (errno {raised.value.errno}), "
+        f"finished shards kept {kept}, resumed 1/1, orphans 0",
+    )
 
 
 def test_writes_are_temporary_name_fsync_rename_fsync_dir(env, capsys):
@@ -78,5 +94,8 @@ def test_writes_are_temporary_name_fsync_rename_fsync_dir(env, capsys):
             assert [entry[0] for entry in log[position - 3 : position]] == ["open", "write", "fsync"]
     assert renames >= 3 * 4  # features, self-influence, samples part and record of each shard
     links = sum(step == "link" for step, _ in log)
-    harness.report(capsys, f"write protocol: final files {renames}, each open+write+fsync of a temporary, rename, fsync of the folder: "
-                           f"{renames}/{renames}; claims written then linked {links}; final paths opened for writing 0")
+    harness.report(
+        capsys,
+        f"write protocol: final files {renames}, each open+write+fsync of a temporary, rename, fsync of the folder: "
+        f"{renames}/{renames}; claims written then linked {links}; final paths opened for writing 0",
+    )

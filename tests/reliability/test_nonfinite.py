@@ -8,12 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from reliability import harness, rel_tasks
 
 import gradindex
 from gradindex.cli import cli
 from gradindex.search import brute_force_topk
-from reliability import harness, rel_tasks
-
 
 NAN = f"{harness.TASKS}:nan_task"
 K = 650  # more than the store holds: every row's place is checked
@@ -25,16 +24,21 @@ def _queries(dim: int) -> np.ndarray:
 
 @pytest.mark.parametrize("policy", ["skip", "zero"])
 def test_nonfinite_rows_are_recorded_and_searched_as_documented(env, tmp_path, policy, capsys):
-    store = gradindex.build(NAN, env.checkpoints, tmp_path / f"{policy}.gradindex", nonfinite=policy, **harness.SMALL_OPTIONS)
+    store = gradindex.build(
+        NAN, env.checkpoints, tmp_path / f"{policy}.gradindex", nonfinite=policy, **harness.SMALL_OPTIONS
+    )
     bad = rel_tasks.nan_rows()
     kind = "skipped" if policy == "skip" else "zeroed"
-    assert store.complete and store.nonfinite_rows() == {"skipped": bad if policy == "skip" else [], "zeroed": bad if policy == "zero" else []}
+    assert store.complete and store.nonfinite_rows() == {
+        "skipped": bad if policy == "skip" else [],
+        "zeroed": bad if policy == "zero" else [],
+    }
     assert store.manifest["nonfinite"][kind] == bad
     vectors = store.read_features().astype(np.float32)
     assert not vectors[bad].any()  # stored as zero vectors
     queries = _queries(store.dim)
     scores, rows = gradindex.search_store(store, queries, K)
-    streamed_scores, streamed_rows = gradindex.search_store(store, queries, K, memory_budget=1)
+    _streamed_scores, streamed_rows = gradindex.search_store(store, queries, K, memory_budget=1)
     np.testing.assert_array_equal(rows, streamed_rows)
     keep = np.setdiff1d(np.arange(store.n_samples), bad) if policy == "skip" else np.arange(store.n_samples)
     expected_scores, expected_positions = brute_force_topk(vectors[keep], queries, K)
@@ -54,31 +58,74 @@ def test_nonfinite_rows_are_recorded_and_searched_as_documented(env, tmp_path, p
     assert gradindex.info(store)["nonfinite"][kind] == bad
     info = CliRunner().invoke(cli, ["info", str(store.path)])
     assert f"nonfinite   4 row(s) {kind}: 5, 37, 38, 410" in info.output
-    harness.report(capsys, f"nonfinite {policy}: rows {bad} recorded as {kind}; search results checked against brute force over "
-                           f"{len(keep)} rows; returned skipped rows {int(np.isin(rows, bad).sum()) if policy == 'skip' else 'n/a'}")
+    harness.report(
+        capsys,
+        f"nonfinite {policy}: rows {bad} recorded as {kind}; search results checked against brute force over "
+        f"{len(keep)} rows; returned skipped rows {int(np.isin(rows, bad).sum()) if policy == 'skip' else 'n/a'}",
+    )
 
 
 def test_error_stops_then_resume_with_skip_finishes(env, tmp_path, capsys):
     path = tmp_path / "s.gradindex"
-    with pytest.raises(gradindex.NonFiniteError, match=r"vectors of shard 0 are NaN or infinite \(rows \[5, 37, 38\], sample ids \[5, 37, 38\]\)"):
+    with pytest.raises(
+        gradindex.NonFiniteError,
+        match=r"vectors of shard 0 are NaN or infinite \(rows \[5, 37, 38\], sample ids \[5, 37, 38\]\)",
+    ):
         gradindex.build(NAN, env.checkpoints, path, **harness.SMALL_OPTIONS)
     store = gradindex.open_store(path)
-    assert store.done_shards() == [] and harness.orphans(path) == []  # nothing written for the shard, its claim released
+    assert (
+        store.done_shards() == [] and harness.orphans(path) == []
+    )  # nothing written for the shard, its claim released
     runner = CliRunner()
-    result = runner.invoke(cli, ["build", "--task", NAN, "--checkpoint", env.checkpoints[0], "-o", str(path), "--resume", "--nonfinite", "skip",
-                                 "--projection", "none", "--rows-per-shard", "100", "--batch-size", "100"])
+    result = runner.invoke(
+        cli,
+        [
+            "build",
+            "--task",
+            NAN,
+            "--checkpoint",
+            env.checkpoints[0],
+            "-o",
+            str(path),
+            "--resume",
+            "--nonfinite",
+            "skip",
+            "--projection",
+            "none",
+            "--rows-per-shard",
+            "100",
+            "--batch-size",
+            "100",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert "4 row(s) had NaN/inf vectors and were skipped (zero vectors, listed in the manifest): 5, 37, 38, 410" in result.output
+    assert (
+        "4 row(s) had NaN/inf vectors and were skipped (zero vectors, listed in the manifest): 5, 37, 38, 410"
+        in result.output
+    )
     # the same bytes as a build that skipped from the start
-    direct = gradindex.build(NAN, env.checkpoints, tmp_path / "direct.gradindex", nonfinite="skip", **harness.SMALL_OPTIONS)
+    direct = gradindex.build(
+        NAN, env.checkpoints, tmp_path / "direct.gradindex", nonfinite="skip", **harness.SMALL_OPTIONS
+    )
     assert harness.diff_names(harness.snapshot(path), harness.snapshot(direct.path)) == []
-    harness.report(capsys, "nonfinite error, then --resume --nonfinite skip: stopped at shard 0 with nothing written 1/1, "
-                           "resumed 1/1, byte mismatches vs a skip build 0")
+    harness.report(
+        capsys,
+        "nonfinite error, then --resume --nonfinite skip: stopped at shard 0 with nothing written 1/1, "
+        "resumed 1/1, byte mismatches vs a skip build 0",
+    )
 
 
 def test_float16_overflow_names_float32(env, tmp_path, capsys):
     with pytest.raises(gradindex.NonFiniteError, match="past float16's maximum 65504; build with --dtype float32"):
-        gradindex.build(f"{harness.TASKS}:huge_task", env.checkpoints, tmp_path / "h.gradindex", **harness.SMALL_OPTIONS)
-    store = gradindex.build(f"{harness.TASKS}:huge_task", env.checkpoints, tmp_path / "h32.gradindex", dtype="float32", **harness.SMALL_OPTIONS)
+        gradindex.build(
+            f"{harness.TASKS}:huge_task", env.checkpoints, tmp_path / "h.gradindex", **harness.SMALL_OPTIONS
+        )
+    store = gradindex.build(
+        f"{harness.TASKS}:huge_task",
+        env.checkpoints,
+        tmp_path / "h32.gradindex",
+        dtype="float32",
+        **harness.SMALL_OPTIONS,
+    )
     assert store.complete and store.nonfinite_rows() == {"skipped": [], "zeroed": []}
     harness.report(capsys, "float16 overflow (row 450): refused naming --dtype float32 1/1; float32 build complete 1/1")

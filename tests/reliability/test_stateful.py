@@ -20,13 +20,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from reliability import harness
 
 import gradindex
 from gradindex import CorruptStoreError, IncompleteStoreError, ShardOwnershipError
 from gradindex.search import brute_force_topk
 from gradindex.store import StoreLayout, create_store, open_store
-from reliability import harness
-
 
 N_ROWS, DIM, ROWS_PER_SHARD = 37, 3, 8
 N_SHARDS = -(-N_ROWS // ROWS_PER_SHARD)
@@ -46,7 +45,9 @@ class StoreMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="gi-stateful-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
         self.path = self.root / "s.gradindex"
-        self.store = create_store(self.path, StoreLayout.auto(N_ROWS, DIM, "float32", rows_per_shard=ROWS_PER_SHARD), {"model": "stateful"})
+        self.store = create_store(
+            self.path, StoreLayout.auto(N_ROWS, DIM, "float32", rows_per_shard=ROWS_PER_SHARD), {"model": "stateful"}
+        )
         self.committed: set[int] = set()
         self.damaged: set[int] = set()
         self.complete = False
@@ -102,7 +103,17 @@ class StoreMachine(RuleBasedStateMachine):
         before = harness.tree_hash(self.path)
         start, stop = self.store.layout.shard_rows(shard)
         with pytest.raises(ValueError, match="exactly those rows"):
-            self.store.write_shard(shard, VECTORS[start:stop], np.zeros(stop - start, np.float32), pa.table({"row": np.arange(start + 1, stop + 1, dtype=np.int64), "sample_id": [f"z{row}" for row in range(start + 1, stop + 1)]}))
+            self.store.write_shard(
+                shard,
+                VECTORS[start:stop],
+                np.zeros(stop - start, np.float32),
+                pa.table(
+                    {
+                        "row": np.arange(start + 1, stop + 1, dtype=np.int64),
+                        "sample_id": [f"z{row}" for row in range(start + 1, stop + 1)],
+                    }
+                ),
+            )
         assert harness.tree_hash(self.path) == before
 
     @rule()
@@ -171,10 +182,16 @@ class StoreMachine(RuleBasedStateMachine):
             with pytest.raises(CorruptStoreError, match=r"shard \d+ .*(fails its checksum|is missing)"):
                 gradindex.search_store(store, QUERIES, 5, allow_incomplete=True)
             return
-        rows = np.concatenate([np.arange(*store.layout.shard_rows(shard)) for shard in sorted(self.committed)]) if self.committed else np.zeros(0, int)
+        rows = (
+            np.concatenate([np.arange(*store.layout.shard_rows(shard)) for shard in sorted(self.committed)])
+            if self.committed
+            else np.zeros(0, int)
+        )
         for k in (5, N_ROWS):
             for memory_budget in (None, 1):
-                scores, found = gradindex.search_store(store, QUERIES, k, allow_incomplete=True, memory_budget=memory_budget)
+                scores, found = gradindex.search_store(
+                    store, QUERIES, k, allow_incomplete=True, memory_budget=memory_budget
+                )
                 FIGURES["searches checked against brute force"] += 1
                 if rows.size == 0:
                     assert found.shape == (3, 0)
@@ -186,12 +203,33 @@ class StoreMachine(RuleBasedStateMachine):
 
 def test_store_state_machine(env, capsys):  # env: the session's forkserver is stopped (and reaped) with it
     FIGURES.clear()
-    run_state_machine_as_test(StoreMachine, settings=settings(
-        max_examples=int(os.environ.get("GRADINDEX_STATEFUL_EXAMPLES", "10")),
-        stateful_step_count=int(os.environ.get("GRADINDEX_STATEFUL_STEPS", "15")),
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    ))
-    harness.report(capsys, harness.summary("stateful store machine", FIGURES, [
-        "examples", "write steps", "misaligned writes rejected", "writers killed", "resume steps", "reopen steps", "finalize steps", "completed",
-        "corrupt steps", "shards repaired", "searches checked against brute force"]) + ", complete too early 0, wrong answers 0")
+    run_state_machine_as_test(
+        StoreMachine,
+        settings=settings(
+            max_examples=int(os.environ.get("GRADINDEX_STATEFUL_EXAMPLES", "10")),
+            stateful_step_count=int(os.environ.get("GRADINDEX_STATEFUL_STEPS", "15")),
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
+    harness.report(
+        capsys,
+        harness.summary(
+            "stateful store machine",
+            FIGURES,
+            [
+                "examples",
+                "write steps",
+                "misaligned writes rejected",
+                "writers killed",
+                "resume steps",
+                "reopen steps",
+                "finalize steps",
+                "completed",
+                "corrupt steps",
+                "shards repaired",
+                "searches checked against brute force",
+            ],
+        )
+        + ", complete too early 0, wrong answers 0",
+    )

@@ -1,4 +1,5 @@
-"""Comparing two stores byte for byte: every data file, and the manifest less what differs by when or how it was made."""
+"""Comparing two stores byte for byte: every data file, and the manifest less what differs by when or how it was
+made."""
 
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from tiny_tasks import mlp
 from torch.utils.data import TensorDataset
 
 import gradindex
-from tiny_tasks import mlp
 
 
 def _data(n_samples: int, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,7 +18,9 @@ def _data(n_samples: int, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _task(n_samples: int, seed: int = 11) -> gradindex.Task:
     x_test, y_test = _data(10, seed=5)
-    return gradindex.Task(model=mlp, train=TensorDataset(*_data(n_samples, seed)), test=TensorDataset(x_test, y_test), name="grow")
+    return gradindex.Task(
+        model=mlp, train=TensorDataset(*_data(n_samples, seed)), test=TensorDataset(x_test, y_test), name="grow"
+    )
 
 
 def first_70() -> gradindex.Task:

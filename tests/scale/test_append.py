@@ -12,7 +12,7 @@ import gradindex
 from gradindex import IncompatibleStoreError
 
 sys.path.insert(0, str(Path(__file__).parent))  # this folder's helpers (_compare, grow_tasks)
-from _compare import assert_same_store  # noqa: E402
+from _compare import assert_same_store
 
 GROW = str(Path(__file__).with_name("grow_tasks.py"))
 OPTIONS = {"proj_dim": 16, "rows_per_shard": 32}
@@ -73,8 +73,10 @@ def test_an_append_stopped_midway_resumes(tmp_path, mlp_checkpoints):
     import subprocess
 
     store = gradindex.build(f"{GROW}:first_70", mlp_checkpoints, tmp_path / "s.gradindex", **OPTIONS)
-    code = (f"import gradindex; gradindex.build({GROW + ':first_120'!r}, {mlp_checkpoints!r}, {str(store.path)!r}, "
-            f"append=True, proj_dim=16, rows_per_shard=32)")
+    code = (
+        f"import gradindex; gradindex.build({GROW + ':first_120'!r}, {mlp_checkpoints!r}, {str(store.path)!r}, "
+        f"append=True, proj_dim=16, rows_per_shard=32)"
+    )
     env = {**os.environ, "GRADINDEX_CRASH_AT": "shard-after-record", "PYTHONPATH": os.pathsep.join(sys.path)}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 137
     stopped = gradindex.open_store(store.path)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks import scale  # noqa: E402
+from benchmarks import scale
 
 
 def test_scale_benchmark_tiny():

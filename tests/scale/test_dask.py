@@ -9,9 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
-from tiny_tasks import TINY
 from gradindex.cli import cli
 from gradindex.search import brute_force_topk
 from gradindex.store import StoreLayout, create_store
@@ -43,7 +43,9 @@ def _store(path: Path, n_rows: int = 2000, dim: int = 16, rows_per_shard: int = 
         start, stop = layout.shard_rows(shard)
         ids = np.arange(start, stop, dtype=np.int64)
         store.claim_shard(shard, owner="test")
-        store.write_shard(shard, vectors[start:stop], (vectors[start:stop] ** 2).sum(1), pa.table({"row": ids, "sample_id": ids}))
+        store.write_shard(
+            shard, vectors[start:stop], (vectors[start:stop] ** 2).sum(1), pa.table({"row": ids, "sample_id": ids})
+        )
     store.finalize()
     return gradindex.open_store(path), vectors
 
@@ -84,7 +86,9 @@ def test_query_and_cli_with_a_scheduler_address(client, tmp_path, mlp_checkpoint
     exact = gradindex.query(store, samples="0-5", k=6)
     assert gradindex.query(store, samples="0-5", k=6, dask=client).column("row").equals(exact.column("row"))
     address = client.scheduler.address
-    result = CliRunner().invoke(cli, ["query", str(store.path), "--samples", "0-5", "-k", "6", "--format", "jsonl", "--dask", address])
+    result = CliRunner().invoke(
+        cli, ["query", str(store.path), "--samples", "0-5", "-k", "6", "--format", "jsonl", "--dask", address]
+    )
     assert result.exit_code == 0, result.output
     assert [json.loads(line)["row"] for line in result.output.splitlines()] == exact.column("row").to_pylist()
     bad = CliRunner().invoke(cli, ["query", str(store.path), "--samples", "0", "--dask", "local:0"])

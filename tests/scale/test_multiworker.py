@@ -13,21 +13,37 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
-from tiny_tasks import TINY
 from gradindex import IncompleteStoreError
 from gradindex.cli import cli
 
 sys.path.insert(0, str(Path(__file__).parent))  # this folder's helpers (_compare, grow_tasks)
-from _compare import assert_same_store  # noqa: E402
+from _compare import assert_same_store
 
 MLP = f"{TINY}:mlp_task"
 
 
 def _build_command(store, checkpoints, *extra):
-    command = [sys.executable, "-c", "from gradindex.cli import main; main()", "-q", "build", "--task", MLP, "-o", str(store),
-               "--proj-dim", "16", "--rows-per-shard", "20", "--format", "json", *extra]
+    command = [
+        sys.executable,
+        "-c",
+        "from gradindex.cli import main; main()",
+        "-q",
+        "build",
+        "--task",
+        MLP,
+        "-o",
+        str(store),
+        "--proj-dim",
+        "16",
+        "--rows-per-shard",
+        "20",
+        "--format",
+        "json",
+        *extra,
+    ]
     for checkpoint in checkpoints:
         command += ["--checkpoint", checkpoint]
     return command
@@ -42,8 +58,15 @@ def test_two_processes_build_the_same_bytes_as_one(tmp_path, mlp_checkpoints):
     target = tmp_path / "two.gradindex"
     # one worker told by --shard, the other by torchrun's variables, both at once
     workers = [
-        subprocess.Popen(_build_command(target, mlp_checkpoints, "--shard", "0/2"), env=_env(), stdout=subprocess.PIPE, text=True),
-        subprocess.Popen(_build_command(target, mlp_checkpoints), env=_env(RANK="1", WORLD_SIZE="2"), stdout=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            _build_command(target, mlp_checkpoints, "--shard", "0/2"), env=_env(), stdout=subprocess.PIPE, text=True
+        ),
+        subprocess.Popen(
+            _build_command(target, mlp_checkpoints),
+            env=_env(RANK="1", WORLD_SIZE="2"),
+            stdout=subprocess.PIPE,
+            text=True,
+        ),
     ]
     single = gradindex.build(MLP, mlp_checkpoints, tmp_path / "one.gradindex", proj_dim=16, rows_per_shard=20)
     outputs = [json.loads(process.communicate(timeout=240)[0]) for process in workers]
@@ -72,7 +95,10 @@ def test_finalize_merges_the_records_of_workers_that_did_not(tmp_path, mlp_check
     with pytest.raises(IncompleteStoreError, match=r"\(2, 5\)"):
         gradindex.finalize(target)
     # the third worker's shards, written by a process that is stopped before it can finalize
-    code = f"import gradindex, sys; gradindex.build({MLP!r}, {mlp_checkpoints!r}, {str(target)!r}, proj_dim=16, rows_per_shard=20, shard=(2, 3))"
+    code = (
+        f"import gradindex, sys; gradindex.build({MLP!r}, {mlp_checkpoints!r}, {str(target)!r}, "
+        "proj_dim=16, rows_per_shard=20, shard=(2, 3))"
+    )
     env = _env(GRADINDEX_CRASH_AT="finalize-before-manifest")
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 137
     assert not gradindex.open_store(target).complete

@@ -9,17 +9,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
-from tiny_tasks import TINY
 from gradindex import IncompleteStoreError, SearchError, StoreExistsError
 from gradindex.cli import cli
-from gradindex.search import brute_force_topk, gpu_count
 from gradindex.search import (
     ApproxIndex,
     OnDiskListsWriter,
+    brute_force_topk,
     default_index_name,
     default_nlist,
+    gpu_count,
     index_names,
     load_index,
     recall_at_k,
@@ -40,14 +41,18 @@ def clustered(seed: int, n_rows: int, dim: int, n_centres: int = 20) -> np.ndarr
 
 def synthetic_store(path, vectors: np.ndarray, rows_per_shard: int, dtype: str = "float32"):
     n_rows, dim = vectors.shape
-    layout = StoreLayout(n_samples=n_rows, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_shard // 4)
+    layout = StoreLayout(
+        n_samples=n_rows, dim=dim, dtype=dtype, rows_per_shard=rows_per_shard, rows_per_chunk=rows_per_shard // 4
+    )
     store = create_store(path, layout, {"test": "approx"})
     for shard in range(layout.n_shards):
         start, stop = layout.shard_rows(shard)
         block = vectors[start:stop]
         ids = np.arange(start, stop, dtype=np.int64)
         store.claim_shard(shard, owner="test")
-        store.write_shard(shard, block, (block.astype(np.float64) ** 2).sum(1), pa.table({"row": ids, "sample_id": ids}))
+        store.write_shard(
+            shard, block, (block.astype(np.float64) ** 2).sum(1), pa.table({"row": ids, "sample_id": ids})
+        )
     assert store.finalize()
     return gradindex.open_store(path)
 
@@ -134,7 +139,9 @@ def test_save_and_load_check_the_manifest(tmp_path, vectors):
     # the file disagreeing with its meta is caught too
     (tmp_path / "ivf.json").write_text(json.dumps({**unsummed, "file": meta2["file"], "ntotal": 5}))
     save_index(index.cpu_index(), tmp_path / "other", "x", {})
-    (tmp_path / meta2["file"]).write_bytes((tmp_path / "other" / json.loads((tmp_path / "other" / "x.json").read_text())["file"]).read_bytes())
+    (tmp_path / meta2["file"]).write_bytes(
+        (tmp_path / "other" / json.loads((tmp_path / "other" / "x.json").read_text())["file"]).read_bytes()
+    )
     with pytest.raises(SearchError, match="file holds ntotal=3000 but its meta says 5"):
         load_index(tmp_path, "ivf")
     with pytest.raises(ValueError, match="index name"):
@@ -154,7 +161,9 @@ def test_on_disk_lists_answer_as_the_in_memory_index(tmp_path, vectors):
     index = writer.finish(tmp_path / "lists.ivfdata")
     on_disk = ApproxIndex(index, "IVF16,Flat", use_gpu=False)
     for nprobe in (1, 4, 16):
-        np.testing.assert_array_equal(on_disk.search(queries, 7, param=nprobe)[1], memory.search(queries, 7, param=nprobe)[1])
+        np.testing.assert_array_equal(
+            on_disk.search(queries, 7, param=nprobe)[1], memory.search(queries, 7, param=nprobe)[1]
+        )
     with pytest.raises(ValueError, match="needs an IVF factory"):
         OnDiskListsWriter(faiss.index_factory(24, "HNSW8", faiss.METRIC_INNER_PRODUCT), tmp_path)
 
@@ -203,7 +212,9 @@ def test_build_index_measures_recall_against_brute_force(store, vectors, factory
     # the curve climbs to the target (or ends at the largest setting) and the default is where it got there
     curve = meta["curve"]
     assert [point["value"] for point in curve] == sorted(point["value"] for point in curve)
-    assert curve[-1]["recall"] >= 0.9 or curve[-1]["value"] == max(ApproxIndex.create(factory, 24, 3000).parameter_values())
+    assert curve[-1]["recall"] >= 0.9 or curve[-1]["value"] == max(
+        ApproxIndex.create(factory, 24, 3000).parameter_values()
+    )
     assert meta["nprobe"] == curve[-1]["value"] and meta["recall"] == curve[-1]["recall"]
     # shown by info
     (listed,) = gradindex.info(store)["indexes"]
@@ -219,7 +230,9 @@ def test_build_index_adds_the_store_one_shard_at_a_time(store, monkeypatch):
         original(self, block)
 
     monkeypatch.setattr(ApproxIndex, "add", spy)
-    monkeypatch.setattr(type(store), "read_features", lambda *a, **k: pytest.fail("the whole store was read into memory"))
+    monkeypatch.setattr(
+        type(store), "read_features", lambda *a, **k: pytest.fail("the whole store was read into memory")
+    )
     gradindex.build_index(store, "IVF16,Flat", recall_queries=20)
     assert sum(added) == 3000 and max(added) <= 512  # never more than one shard at a time
 
@@ -270,7 +283,7 @@ def test_on_disk_index_of_a_store(store):
     queries = clustered(6, 5, 24)
     meta = gradindex.build_index(store, "IVF16,Flat", name="disk", on_disk=True, recall_queries=30)
     assert meta["on_disk"] and meta["ivfdata"] and (store.path / "indexes" / meta["ivfdata"]).stat().st_size > 0
-    scores, rows = gradindex.search_store(store, queries, 6, index="disk", nprobe=16)
+    _scores, rows = gradindex.search_store(store, queries, 6, index="disk", nprobe=16)
     np.testing.assert_array_equal(rows, gradindex.search_store(store, queries, 6)[1])
     leftovers = [path.name for path in (store.path / "indexes").iterdir() if "tmp" in path.name]
     assert leftovers == []
@@ -286,14 +299,32 @@ def test_cli_index_info_and_query_with_the_index(tmp_path, mlp_checkpoints):
     for checkpoint in mlp_checkpoints:
         args += ["--checkpoint", checkpoint]
     assert runner.invoke(cli, args).exit_code == 0
-    made = runner.invoke(cli, ["index", str(store), "--factory", "IVF2,Flat", "--recall-queries", "12", "-k", "5", "--format", "json"])
+    made = runner.invoke(
+        cli, ["index", str(store), "--factory", "IVF2,Flat", "--recall-queries", "12", "-k", "5", "--format", "json"]
+    )
     assert made.exit_code == 0, made.output
     meta = json.loads(made.output)
     assert meta["name"] == "ivf2-flat" and meta["k"] == 5 and 0 <= meta["recall"] <= 1
     shown = runner.invoke(cli, ["info", str(store)])
     assert shown.exit_code == 0 and "index       ivf2-flat: IVF2,Flat (120 rows), recall@5=" in shown.output
     exact = runner.invoke(cli, ["query", str(store), "--samples", "0-3", "-k", "4", "--format", "jsonl"])
-    approx = runner.invoke(cli, ["query", str(store), "--samples", "0-3", "-k", "4", "--format", "jsonl", "--index", "ivf2-flat", "--nprobe", "2"])
+    approx = runner.invoke(
+        cli,
+        [
+            "query",
+            str(store),
+            "--samples",
+            "0-3",
+            "-k",
+            "4",
+            "--format",
+            "jsonl",
+            "--index",
+            "ivf2-flat",
+            "--nprobe",
+            "2",
+        ],
+    )
     assert approx.exit_code == 0, approx.output
     exact_rows = [json.loads(line)["row"] for line in exact.output.splitlines()]
     approx_rows = [json.loads(line)["row"] for line in approx.output.splitlines()]
@@ -301,6 +332,8 @@ def test_cli_index_info_and_query_with_the_index(tmp_path, mlp_checkpoints):
     again = runner.invoke(cli, ["index", str(store), "--factory", "IVF2,Flat"])
     assert again.exit_code == 1 and "already exists in" in again.output and "pass --overwrite" in again.output
     missing = runner.invoke(cli, ["query", str(store), "--samples", "0", "--nprobe", "3"])
-    assert missing.exit_code == 1 and "--nprobe applies to an approximate index; pass --index NAME too" in missing.output
+    assert (
+        missing.exit_code == 1 and "--nprobe applies to an approximate index; pass --index NAME too" in missing.output
+    )
     bad = runner.invoke(cli, ["index", str(store), "--factory", "IVF,PQ1000"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "faiss cannot make an index" in bad.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import faiss
 import numpy as np
 import pytest
@@ -57,7 +59,7 @@ def assert_topk(scores, rows, vectors, queries, k, row_ids=None) -> None:
 def split_blocks(n_rows: int, cuts, seed: int) -> list[tuple[int, int]]:
     """``(start, stop)`` ranges covering ``range(n_rows)``, cut at ``cuts``, in shuffled order."""
     edges = sorted({0, n_rows, *(c for c in cuts if 0 < c < n_rows)})
-    ranges = list(zip(edges[:-1], edges[1:]))
+    ranges = list(itertools.pairwise(edges))
     order = np.random.default_rng(seed).permutation(len(ranges))
     return [ranges[i] for i in order]
 
@@ -271,7 +273,9 @@ def test_faiss_runtime_errors_become_search_errors(monkeypatch):
     index.add(gaussian(26, 3, 4))
     with pytest.raises(SearchError, match="faiss failed while searching 2 queries .*: Error in faiss.*out of memory"):
         index.search(gaussian(27, 2, 4), 2)
-    with pytest.raises(SearchError, match="faiss failed while searching 2 queries .*: Error in faiss::knn.*out of memory"):
+    with pytest.raises(
+        SearchError, match="faiss failed while searching 2 queries .*: Error in faiss::knn.*out of memory"
+    ):
         search_blocks([(0, gaussian(26, 3, 4))], gaussian(27, 2, 4), 2)
 
 
@@ -380,7 +384,7 @@ def test_gpu_results_equal_cpu_results():
         index.add(vectors[:5000])
         index.add(vectors[5000:])
     assert gpu.on_gpu
-    cpu_scores, cpu_rows = cpu.search(queries, 100)
+    cpu_scores, _cpu_rows = cpu.search(queries, 100)
     gpu_scores, gpu_rows = gpu.search(queries, 100)
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-4, atol=1e-3)
     assert_topk(gpu_scores, gpu_rows, vectors, queries, 100)

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from tiny_tasks import TINY
 
 import gradindex
 from gradindex import SearchError, ShardOwnershipError, StoreNotFoundError
 from gradindex.cli import cli
 from gradindex.store import StorageError, StoreLayout, StoreWriteError, create_store, store_path
-from tiny_tasks import TINY
 
 MLP = f"{TINY}:mlp_task"
 # 120 rows in 6 shards; a dense projection keeps these tests about storage, not featurization
@@ -42,7 +42,9 @@ def snapshot(location) -> dict[str, bytes]:
             continue
         if name == "zarr.json":
             manifest = json.loads(item.read_bytes())["attributes"]["gradindex"]
-            files[name] = json.dumps({key: value for key, value in manifest.items() if key not in VOLATILE}, sort_keys=True).encode()
+            files[name] = json.dumps(
+                {key: value for key, value in manifest.items() if key not in VOLATILE}, sort_keys=True
+            ).encode()
         else:
             files[name] = item.read_bytes()
     return files
@@ -76,8 +78,12 @@ def s3():
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_ENDPOINT_URL": endpoint}.items():
+        for key, value in {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }.items():
             patch.setenv(key, value)
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "FSSPEC_S3_ENDPOINT_URL"):
             patch.delenv(key, raising=False)
@@ -99,6 +105,7 @@ def _query(store):
 
 
 # ---- memory:// ------------------------------------------------------------------------------------
+
 
 def test_memory_store_equals_local(local_store):
     local, checkpoints = local_store
@@ -130,10 +137,14 @@ def test_kron_pca_sides_travel_with_a_remote_store(local_store, tmp_path):
 
 def test_remote_claims_expire_and_name_their_owner(monkeypatch):
     url = f"memory://gradindex-{uuid.uuid4().hex[:8]}/claims.gradindex"
-    store = create_store(url, StoreLayout(n_samples=40, dim=4, rows_per_shard=20, rows_per_chunk=20), {"fingerprint": 1})
+    store = create_store(
+        url, StoreLayout(n_samples=40, dim=4, rows_per_shard=20, rows_per_chunk=20), {"fingerprint": 1}
+    )
     claim = store.path / "_shards" / "000000.claim"
     # another machine claimed shard 0 a minute ago: it is owned
-    claim.fs.pipe_file(claim.fs_path, json.dumps({"owner": "w", "host": "elsewhere", "pid": 1, "time": time.time() - 60}).encode())
+    claim.fs.pipe_file(
+        claim.fs_path, json.dumps({"owner": "w", "host": "elsewhere", "pid": 1, "time": time.time() - 60}).encode()
+    )
     with pytest.raises(ShardOwnershipError, match="pid 1 on elsewhere"):
         store.claim_shard(0, owner="me")
     # older than the claim timeout: taken over
@@ -150,11 +161,21 @@ def test_remote_claims_expire_and_name_their_owner(monkeypatch):
 
 # ---- S3 (moto) ------------------------------------------------------------------------------------
 
+
 def test_s3_build_query_verify_equal_local(s3, local_store):
     local, checkpoints = local_store
     url = _url("a.gradindex")
-    built = _cli("build", "--task", MLP, *sum((["--checkpoint", c] for c in checkpoints), []), "-o", url,
-                 *BUILD_FLAGS, "--format", "json")
+    built = _cli(
+        "build",
+        "--task",
+        MLP,
+        *(arg for c in checkpoints for arg in ("--checkpoint", c)),
+        "-o",
+        url,
+        *BUILD_FLAGS,
+        "--format",
+        "json",
+    )
     assert built.exit_code == 0, built.output
     assert json.loads(built.output)["store"] == url and json.loads(built.output)["complete"]
     assert_same_store(local.path, url)
@@ -177,7 +198,18 @@ def test_s3_build_query_verify_equal_local(s3, local_store):
 def test_s3_killed_build_resumes_to_the_same_bytes(s3, local_store, tmp_path):
     local, checkpoints = local_store
     url = _url("killed.gradindex")
-    command = [sys.executable, "-c", "from gradindex.cli import main; main()", "-q", "build", "--task", MLP, "-o", url, *BUILD_FLAGS]
+    command = [
+        sys.executable,
+        "-c",
+        "from gradindex.cli import main; main()",
+        "-q",
+        "build",
+        "--task",
+        MLP,
+        "-o",
+        url,
+        *BUILD_FLAGS,
+    ]
     for checkpoint in checkpoints:
         command += ["--checkpoint", checkpoint]
     # killed after writing the 3rd shard's data, before its record: its claim and data are left behind
@@ -196,8 +228,17 @@ def test_s3_killed_build_resumes_to_the_same_bytes(s3, local_store, tmp_path):
 def test_s3_sharded_workers_and_finalize_equal_one_process(s3, local_store):
     local, checkpoints = local_store
     url = _url("sharded.gradindex")
-    common = ["build", "--task", MLP, *sum((["--checkpoint", c] for c in checkpoints), []), "-o", url, *BUILD_FLAGS,
-              "--format", "json"]
+    common = [
+        "build",
+        "--task",
+        MLP,
+        *(arg for c in checkpoints for arg in ("--checkpoint", c)),
+        "-o",
+        url,
+        *BUILD_FLAGS,
+        "--format",
+        "json",
+    ]
     first = _cli(*common, "--shard", "0/2")
     assert first.exit_code == 0, first.output
     assert json.loads(first.output)["progress"] == "3/6 shards (60/120 rows)"
@@ -285,10 +326,13 @@ def test_s3_store_searched_by_dask_workers_equals_one_process(s3, local_store):
     queries = local.read_rows([1, 4, 50])
     expected_scores, expected_rows = gradindex.search_store(local, queries, 7)
     # worker processes read the store from S3 themselves (the AWS_* variables reach them)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        with distributed.Client(cluster) as client, DaskSearch(url, client) as search:
-            assert len(search.parts) == 2
-            scores, rows = search.search(queries, 7)
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+        DaskSearch(url, client) as search,
+    ):
+        assert len(search.parts) == 2
+        scores, rows = search.search(queries, 7)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_allclose(scores, expected_scores)
 
@@ -306,7 +350,11 @@ def test_refused_credentials_are_one_sentence(local_store, monkeypatch):
         gradindex.build(MLP, checkpoints, url, progress=False, **OPTIONS)
     monkeypatch.setattr(fs, "exists", refuse)
     result = _cli("info", url)
-    assert result.exit_code == 1 and f"reading {url} was refused" in result.output and "check the credentials" in result.output
+    assert (
+        result.exit_code == 1
+        and f"reading {url} was refused" in result.output
+        and "check the credentials" in result.output
+    )
 
 
 def test_a_bad_claim_timeout_names_the_variable_and_what_it_takes(monkeypatch):

@@ -10,12 +10,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gradindex import CorruptStoreError, IncompleteStoreError, NonFiniteError, ShardOwnershipError, StoreExistsError, StoreNotFoundError
+from gradindex import (
+    CorruptStoreError,
+    IncompleteStoreError,
+    NonFiniteError,
+    ShardOwnershipError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
 from gradindex.store import StoreLayout, create_store, fingerprint_differences, open_store
 
 
 def _samples(start: int, stop: int) -> pa.Table:
-    return pa.table({"row": np.arange(start, stop, dtype=np.int64), "sample_id": [f"s{row}" for row in range(start, stop)], "label": np.arange(start, stop) % 3})
+    return pa.table(
+        {
+            "row": np.arange(start, stop, dtype=np.int64),
+            "sample_id": [f"s{row}" for row in range(start, stop)],
+            "label": np.arange(start, stop) % 3,
+        }
+    )
 
 
 def _fill(store, features: np.ndarray, shards=None) -> None:
@@ -23,7 +36,9 @@ def _fill(store, features: np.ndarray, shards=None) -> None:
         start, stop = store.layout.shard_rows(shard)
         store.claim_shard(shard, owner="test")
         block = features[start:stop]
-        store.write_shard(shard, block, (block.astype(np.float64) ** 2).sum(1).astype(np.float32), _samples(start, stop))
+        store.write_shard(
+            shard, block, (block.astype(np.float64) ** 2).sum(1).astype(np.float32), _samples(start, stop)
+        )
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -46,7 +61,7 @@ def test_round_trip(tmp_path_factory, n_samples, dim, rows_per_shard, dtype, see
     expected = features.astype(dtype)
     assert np.array_equal(reopened.read_features(), expected)
     assert np.array_equal(np.concatenate([block for _, block in reopened.iter_blocks()]), expected)
-    rows, scores = reopened.self_influence()
+    _rows, scores = reopened.self_influence()
     np.testing.assert_allclose(scores, (features.astype(np.float64) ** 2).sum(1), rtol=1e-6)
     assert reopened.samples().column("sample_id").to_pylist() == [f"s{row}" for row in range(n_samples)]
     picked = np.random.default_rng(seed).integers(0, n_samples, size=5)
@@ -99,7 +114,9 @@ def test_float16_storage_casts_exactly_as_numpy():
     """Stores cast float32 to float16 through torch (faster); the bytes must be numpy's, edge cases included."""
     from gradindex.store import cast_vectors as _cast
 
-    values = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32) * 10.0 ** np.arange(-9, 24, dtype=np.float32)[None, :].clip(max=1e4)
+    values = np.random.default_rng(0).standard_normal((64, 33)).astype(np.float32) * 10.0 ** np.arange(
+        -9, 24, dtype=np.float32
+    )[None, :].clip(max=1e4)
     values[0, :9] = [65504, 65519, 65520, 2.0**-24, 2.0**-25, 3 * 2.0**-26, -0.0, 1e-8, -6.1e-5]
     with np.errstate(over="ignore"):
         assert _cast(values, "float16").view(np.uint16).tobytes() == values.astype(np.float16).view(np.uint16).tobytes()
@@ -158,7 +175,9 @@ def test_bad_values_are_rejected_before_writing(tmp_path):
     store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(4, 2, "float16", rows_per_shard=4), {})
     store.claim_shard(0, owner="t")
     with pytest.raises(NonFiniteError, match=r"rows \[2\] have non-finite features"):
-        store.write_shard(0, np.array([[0, 1], [1, 1], [np.nan, 0], [0, 0]], np.float32), np.zeros(4, np.float32), _samples(0, 4))
+        store.write_shard(
+            0, np.array([[0, 1], [1, 1], [np.nan, 0], [0, 0]], np.float32), np.zeros(4, np.float32), _samples(0, 4)
+        )
     with pytest.raises(NonFiniteError, match="past float16's maximum 65504; build with --dtype float32"):
         store.write_shard(0, np.full((4, 2), 7e4, np.float32), np.zeros(4, np.float32), _samples(0, 4))
     with pytest.raises(ValueError, match=r"shape \(4, 2\)"):
@@ -183,13 +202,24 @@ def test_opening_errors(tmp_path):
 
 def test_fingerprint_differences_name_the_field():
     base = {"projection": {"kind": "sjlt", "dim": 1024, "seed": 0}, "checkpoints": [{"sha256": "a"}, {"sha256": "b"}]}
-    changed = {"projection": {"kind": "sjlt", "dim": 4096, "seed": 0}, "checkpoints": [{"sha256": "a"}, {"sha256": "c"}]}
+    changed = {
+        "projection": {"kind": "sjlt", "dim": 4096, "seed": 0},
+        "checkpoints": [{"sha256": "a"}, {"sha256": "c"}],
+    }
     assert fingerprint_differences(base, changed) == ["checkpoints[1].sha256", "projection.dim"]
     assert fingerprint_differences(base, base) == []
     assert fingerprint_differences(base, {**base, "extra": 1}) == ["extra"]
 
 
-@pytest.mark.parametrize("options, message", [({"n_samples": 0}, "at least one sample"), ({"dim": 0}, "dimension must be positive"), ({"dtype": "int8"}, "float16 or float32"), ({"rows_per_shard": 10, "rows_per_chunk": 3}, "multiple of")])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"n_samples": 0}, "at least one sample"),
+        ({"dim": 0}, "dimension must be positive"),
+        ({"dtype": "int8"}, "float16 or float32"),
+        ({"rows_per_shard": 10, "rows_per_chunk": 3}, "multiple of"),
+    ],
+)
 def test_layout_validation(options, message):
     with pytest.raises(ValueError, match=message):
         StoreLayout(**{"n_samples": 10, "dim": 4, **options})

@@ -22,9 +22,9 @@ from gradindex.tasks import (
     digits,
     digits_cnn,
     digits_with_info,
+    flip_labels,
     mnist1d_with_info,
 )
-from gradindex.tasks import flip_labels
 
 HAS_MNIST1D = importlib.util.find_spec("mnist1d") is not None
 needs_mnist1d = pytest.mark.skipif(not HAS_MNIST1D, reason="the optional mnist1d package is not installed")
@@ -73,7 +73,7 @@ def test_builtin_loads_by_name(name):
 def test_digits_pixels_are_scaled_and_split_is_stratified():
     task = digits()
     x_train, y_train = task.train.tensors
-    x_test, y_test = task.test.tensors
+    _x_test, y_test = task.test.tensors
     assert float(x_train.min()) == 0.0 and float(x_train.max()) == 1.0
     train_share = torch.bincount(y_train, minlength=10) / len(y_train)
     test_share = torch.bincount(y_test, minlength=10) / len(y_test)
@@ -140,7 +140,7 @@ def test_flip_fraction_flips_exactly_the_reported_rows():
 
 def test_flip_is_deterministic_and_digits_returns_the_same_task():
     task, noise = digits_with_info(flip_fraction=0.2, seed=9)
-    again, noise_again = digits_with_info(flip_fraction=0.2, seed=9)
+    _again, noise_again = digits_with_info(flip_fraction=0.2, seed=9)
     assert np.array_equal(noise.flipped_rows, noise_again.flipped_rows)
     assert np.array_equal(noise.noisy_labels, noise_again.noisy_labels)
     assert torch.equal(digits(flip_fraction=0.2, seed=9).train.tensors[1], task.train.tensors[1])
@@ -238,10 +238,13 @@ def test_default_margin_is_true_logit_minus_logsumexp_of_the_others_and_runs_und
     model = torch.nn.Linear(5, 4)
     inputs, targets = torch.randn(7, 5), torch.tensor([0, 1, 2, 3, 1, 0, 2])
     logits = model(inputs).detach().double()
-    expected = torch.tensor([
-        logits[i, targets[i]] - torch.logsumexp(torch.cat([logits[i, : targets[i]], logits[i, targets[i] + 1 :]]), dim=0)
-        for i in range(len(targets))
-    ])
+    expected = torch.tensor(
+        [
+            logits[i, targets[i]]
+            - torch.logsumexp(torch.cat([logits[i, : targets[i]], logits[i, targets[i] + 1 :]]), dim=0)
+            for i in range(len(targets))
+        ]
+    )
     assert torch.allclose(default_margin(model, (inputs, targets)).double(), expected, atol=1e-5)
     # per sample under vmap (how TRAK calls it) equals the batched call
     per_sample = torch.vmap(lambda x, y: default_margin(model, (x[None], y[None]))[0])(inputs, targets)
