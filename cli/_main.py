@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -12,222 +11,24 @@ from pathlib import Path
 import click
 
 import gradindex
-from gradindex import CheckpointSpec, GradIndexError
+from gradindex import BuildConfig, EnsembleConfig
+from gradindex.cli._options import (
+    STORE,
+    checkpoint_option,
+    handle_errors,
+    method_build_options,
+    method_query_options,
+    output_options,
+    parse_bytes,
+    parse_shard,
+    setting_option,
+    storage_options_option,
+    summary_format_option,
+)
+from gradindex.pipeline import QueryConfig
+from gradindex.search import IndexConfig
 
 __all__ = ["cli", "main"]
-
-FORMATS = ("table", "jsonl", "json", "csv", "parquet")
-
-
-def _handle_errors(command):
-    """User mistakes become one sentence on stderr and a non-zero exit, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (GradIndexError, ValueError) as error:
-            if os.environ.get("GRADINDEX_DEBUG"):
-                raise
-            raise click.ClickException(str(error)) from error
-
-    return wrapper
-
-
-def _parse_checkpoint(ctx, param, values):
-    specs = []
-    for value in values:
-        try:
-            specs.append(CheckpointSpec.parse(value))
-        except GradIndexError as error:
-            raise click.BadParameter(str(error), ctx=ctx, param=param) from None
-    return tuple(specs)
-
-
-def _parse_shard(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        index, count = (int(part) for part in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(
-            f"{value!r} must look like I/N, e.g. 0/4 for the first of 4 workers", ctx=ctx, param=param
-        ) from None
-    if count <= 0 or not 0 <= index < count:
-        raise click.BadParameter(f"{value!r} needs 0 <= I < N", ctx=ctx, param=param)
-    return index, count
-
-
-def _parse_bytes(ctx, param, value):
-    if value is None:
-        return None
-    text = value.strip().upper()
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if text[-1:] == "B":
-            text = text[:-1]
-        if text[-1:] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} must be a size such as 512M or 4G", ctx=ctx, param=param) from None
-
-
-def output_options(command):
-    command = click.option(
-        "-o",
-        "--output",
-        "output",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="Write results to FILE instead of stdout.",
-    )(command)
-    command = click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(FORMATS),
-        default="table",
-        show_default=True,
-        help="Output format (parquet needs -o).",
-    )(command)
-    return command
-
-
-def summary_format_option(command):
-    """``--format text|json`` for commands whose output is a summary (json: one object on stdout, for scripts)."""
-    return click.option(
-        "--format",
-        "summary_format",
-        type=click.Choice(["text", "json"]),
-        default="text",
-        show_default=True,
-        help="Summary as text, or as one JSON object on stdout.",
-    )(command)
-
-
-def _parse_storage_options(ctx, param, values):
-    try:
-        return gradindex.store.parse_storage_options(values) or None
-    except GradIndexError as error:
-        raise click.BadParameter(str(error)) from None
-
-
-def storage_options_option(command):
-    """``--storage-option KEY=VALUE`` (repeatable): options of the fsspec filesystem of a store URL."""
-    return click.option(
-        "--storage-option",
-        "storage_options",
-        multiple=True,
-        metavar="KEY=VALUE",
-        callback=_parse_storage_options,
-        help="For a store URL (s3://, gs://, ...): an fsspec storage option, repeatable, e.g. endpoint_url=http://localhost:9000 "
-        "(credentials and endpoint otherwise come from the environment, e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).",
-    )(command)
-
-
-# a store is a local folder or an fsspec URL: kept as typed (a Path would fold s3://b into s3:/b)
-STORE = click.Path(path_type=str)
-
-
-def _parse_method_option(ctx, param, values):
-    options = {}
-    for value in values:
-        key, sep, text = value.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{value!r} must look like KEY=VALUE, e.g. cg_tol=1e-8", ctx=ctx, param=param)
-        options[key.strip().replace("-", "_")] = text.strip()
-    return options
-
-
-_METHOD_OPTION = click.option(
-    "--method-option",
-    "method_option",
-    multiple=True,
-    callback=_parse_method_option,
-    metavar="KEY=VALUE",
-    help="Any other method option, repeatable (e.g. cg_tol=1e-8, iterations=60, out_to_loss=false, hvp_batch_size=64).",
-)
-_DAMPING_HELP = "λ: if (H+λI)^-1 and trak (ΦᵀΦ+λI)^-1, also at query time; arnoldi adds it to the eigenvalues."
-_SOLVER = ["auto", "exact", "cg", "lissa"]
-
-
-def _gathered(names, command):
-    """Wrap ``command`` so the options ``names`` arrive as one ``method_options`` dict (``None`` = not given)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        options = dict(kwargs.pop("method_option", None) or {})
-        for name in names:
-            value = kwargs.pop(name, None)
-            if value is not None:
-                options[name] = value
-        return command(*args, method_options=options, **kwargs)
-
-    return wrapper
-
-
-def method_build_options(command):
-    """The options of --method gex / if / arnoldi / trak, gathered into ``method_options``."""
-    names = ("tau", "rank", "solver", "damping", "hessian", "lissa_depth", "lissa_scale", "lissa_repeats")
-    command = _gathered(names, command)
-    for option in reversed(
-        [
-            click.option("--tau", type=click.FloatRange(min=0), help="gex: floor on θ*'s loss (default 0.05)."),
-            click.option("--rank", type=click.IntRange(min=1), help="arnoldi: eigenpairs kept (default 20)."),
-            click.option(
-                "--solver",
-                type=click.Choice(_SOLVER),
-                help="if: inverse-HVP solver (default auto: exact up to 4096 parameters, else cg).",
-            ),
-            click.option(
-                "--damping",
-                type=click.FloatRange(min=0),
-                help=_DAMPING_HELP + " Defaults: if 0.001, arnoldi 0, trak 0.01.",
-            ),
-            click.option(
-                "--hessian",
-                type=click.Choice(["hessian", "ggn"]),
-                help="if/arnoldi: the Hessian (default) or the Gauss-Newton matrix.",
-            ),
-            click.option(
-                "--lissa-depth", type=click.IntRange(min=1), help="if --solver lissa: recursion steps (default 1000)."
-            ),
-            click.option(
-                "--lissa-scale",
-                type=click.FloatRange(min=0, min_open=True),
-                help="if --solver lissa: scale (default: 1.5x the top eigenvalue).",
-            ),
-            click.option(
-                "--lissa-repeats",
-                type=click.IntRange(min=1),
-                help="if --solver lissa: independent runs averaged (default 1).",
-            ),
-            _METHOD_OPTION,
-        ]
-    ):
-        command = option(command)
-    return command
-
-
-def method_query_options(command):
-    """The query-side options of asymmetric stores: --damping, --solver, --method-option."""
-    command = _gathered(("damping", "solver"), command)
-    for option in reversed(
-        [
-            click.option(
-                "--damping",
-                type=click.FloatRange(min=0),
-                help="if/trak stores: λ for this query (default: the store's).",
-            ),
-            click.option(
-                "--solver",
-                type=click.Choice(_SOLVER),
-                help="if stores: inverse-HVP solver for this query (default: the store's).",
-            ),
-            _METHOD_OPTION,
-        ]
-    ):
-        command = option(command)
-    return command
 
 
 def _emit(table, fmt: str, output: Path | None) -> None:
@@ -328,81 +129,41 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @cli.command()
 @click.option(
     "--task",
-    "task_spec",
-    help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). Required unless --finalize.",
+    "task",
+    help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). "
+    "Required unless --finalize.",
 )
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    multiple=True,
-    callback=_parse_checkpoint,
-    help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. Required unless --finalize.",
-)
+@checkpoint_option
 @click.option(
     "-o",
     "--output",
+    "output",
     required=True,
     type=STORE,
     help="Where to write the store: a directory, or a URL such as s3://bucket/runs/a.gradindex.",
 )
-@click.option(
-    "--method",
-    default="tracin",
-    show_default=True,
-    type=click.Choice(list(gradindex.methods.METHODS)),
-    help="How vectors are made.",
-)
-@click.option(
-    "--proj-dim",
-    default=1024,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Projected dimension per checkpoint.",
-)
-@click.option(
-    "--projection",
-    default=None,
-    type=click.Choice(["kron", "none", "rademacher", "gaussian", "sjlt"]),
-    help="Projection kind [default: kron for tracin (factored per layer, no per-sample gradient formed), rademacher otherwise].",
-)
-@click.option(
-    "--kron-sides",
-    type=click.Choice(["pca", "orthogonal", "gaussian"]),
-    help="How kron projects each narrow layer side [default: pca: the top directions of 256 calibration samples' gradients, kept in the store; orthogonal/gaussian: seeded random].",
-)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Projection seed.")
-@click.option("--layers", multiple=True, help="Only parameters whose names match this glob (repeatable), e.g. 'fc2.*'.")
-@click.option("--normalize", is_flag=True, help="Unit-normalise each checkpoint's vector (cosine scores).")
-@click.option(
-    "--dtype",
-    default="float16",
-    show_default=True,
-    type=click.Choice(["float16", "float32"]),
-    help="Stored vector dtype.",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    help="Samples per batch [default: as many as fit --featurize-memory (kron), else 256].",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option(
-    "--featurize-memory",
-    callback=_parse_bytes,
-    help="Working memory of one featurization chunk, e.g. 1G [default: 512M].",
-)
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the kron projection kernels.")
-@click.option(
-    "--autocast", is_flag=True, help="On CUDA: forward/backward in bfloat16 (projections stay float32); ignored on CPU."
-)
-@click.option("--rows-per-shard", type=click.IntRange(min=1), help="Rows per shard (default: about 64 MiB of vectors).")
-@click.option("--shard", callback=_parse_shard, help="I/N: compute only this worker's shards (job arrays).")
+@setting_option(BuildConfig, "method")
+@setting_option(BuildConfig, "proj_dim")
+@setting_option(BuildConfig, "projection")
+@setting_option(BuildConfig, "kron_sides")
+@setting_option(BuildConfig, "seed")
+@setting_option(BuildConfig, "layers", multiple=True, help="Only parameters whose names match this glob (repeatable).")
+@setting_option(BuildConfig, "normalize")
+@setting_option(BuildConfig, "dtype")
+@setting_option(BuildConfig, "batch_size")
+@setting_option(BuildConfig, "device")
+@setting_option(BuildConfig, "featurize_memory", callback=parse_bytes, metavar="SIZE")
+@setting_option(BuildConfig, "compile")
+@setting_option(BuildConfig, "autocast")
+@setting_option(BuildConfig, "rows_per_shard")
+@click.option("--shard", callback=parse_shard, help="I/N: compute only this worker's shards (job arrays).")
 @click.option("--resume", is_flag=True, help="Continue a stopped build of the same store.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @click.option(
     "--append",
     is_flag=True,
-    help="Add the task's new training samples (after the store's rows) to a complete store; its indexes are updated or marked stale.",
+    help="Add the task's new training samples (after the store's rows) to a complete store; "
+    "its indexes are updated or marked stale.",
 )
 @click.option(
     "--finalize",
@@ -413,54 +174,35 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 @click.option(
     "--repair", is_flag=True, help="With --resume: first recompute exactly the shards `gradindex verify` finds damaged."
 )
-@click.option(
-    "--nonfinite",
-    default="error",
-    show_default=True,
-    type=click.Choice(["error", "skip", "zero"]),
-    help="A NaN/inf vector: stop (error), or store it as zeros and list its row in the manifest, left out of search (skip) or kept (zero).",
-)
+@setting_option(BuildConfig, "nonfinite")
 @click.option(
     "--claim-timeout",
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
-    help="Remote stores: take over a shard another machine claimed this long ago without finishing it [default: 21600, or GRADINDEX_CLAIM_TIMEOUT].",
+    help="Remote stores: take over a shard another machine claimed this long ago without finishing it "
+    "[default: 21600, or GRADINDEX_CLAIM_TIMEOUT].",
 )
 @storage_options_option
 @method_build_options
 @summary_format_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def build(
     ctx,
-    task_spec,
+    task,
     checkpoints,
     output,
-    method,
-    proj_dim,
-    projection,
-    kron_sides,
-    seed,
-    layers,
-    normalize,
-    dtype,
-    batch_size,
-    device,
-    featurize_memory,
-    compile_,
-    autocast,
-    rows_per_shard,
     shard,
     resume,
     overwrite,
     append,
     finalize_only,
     repair,
-    nonfinite,
     claim_timeout,
     storage_options,
     summary_format,
     method_options,
+    **config,
 ):
     """Featurize the training set at each checkpoint and write a store.
 
@@ -484,11 +226,11 @@ def build(
           -o gex.gradindex --method gex
     """
     if finalize_only:
-        if task_spec or checkpoints or resume or overwrite or append or shard or repair:
+        if task or checkpoints or resume or overwrite or append or shard or repair:
             raise click.UsageError("--finalize takes only -o STORE: it merges what the workers wrote")
         store = gradindex.finalize(output, storage_options=storage_options)
     else:
-        if not task_spec or not checkpoints:
+        if not task or not checkpoints:
             raise click.UsageError("build needs --task and at least one --checkpoint (or --finalize -o STORE)")
         if repair and resume and gradindex.store.store_path(output, storage_options).exists():
             bad = gradindex.open_store(output, storage_options=storage_options).bad_shards()
@@ -498,34 +240,21 @@ def build(
                 else f"repair: every finished shard of {output} matches its checksum",
                 err=True,
             )
+        given = {name: value for name, value in config.items() if value is not None}  # None: the setting's default
+        given["layers"] = tuple(config["layers"]) or None
         store = gradindex.build(
-            task_spec,
+            task,
             list(checkpoints),
             output,
-            method=method,
-            proj_dim=proj_dim,
-            projection=projection,
-            kron_sides=kron_sides,
-            seed=seed,
-            layers=tuple(layers) or None,
-            normalize=normalize,
-            dtype=dtype,
-            batch_size=batch_size,
-            device=device,
-            rows_per_shard=rows_per_shard,
+            BuildConfig(method_options=method_options, **given),
             shard=shard,
             resume=resume,
             overwrite=overwrite,
             progress=ctx.obj["progress"],
             append=append,
             repair=repair,
-            nonfinite=nonfinite,
-            method_options=method_options,
             storage_options=storage_options,
             claim_timeout=claim_timeout,
-            compile=compile_,
-            autocast=autocast,
-            **({"featurize_memory": featurize_memory} if featurize_memory else {}),
         )
     state = "complete" if store.complete else f"incomplete ({store.progress()})"
     nonfinite_rows = store.nonfinite_rows(allow_incomplete=True)
@@ -557,68 +286,32 @@ def build(
 
 @cli.command()
 @click.argument("store", type=STORE)
-@click.option("--task", "task_spec", help="Task SPEC (default: the one recorded in the store).")
-@click.option("--split", default="test", show_default=True, help="Query split of the task.")
+@click.option("--task", "task", help="Task SPEC (default: the one recorded in the store).")
+@setting_option(QueryConfig, "split")
 @click.option("--samples", help="Indices in the split: 0,3,10-19.")
 @click.option(
     "--all", "all_samples", is_flag=True, help="Query every sample of the split (the default when --samples is absent)."
 )
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="Results per query.")
-@click.option("--opponents", is_flag=True, help="Most negative influence instead of most positive.")
+@setting_option(QueryConfig, "k", "-k")
+@setting_option(QueryConfig, "opponents")
 @click.option(
     "--checkpoint",
     "checkpoints",
     multiple=True,
     help="Checkpoint paths if they moved since the build (same files, same order).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option(
-    "--memory-budget",
-    callback=_parse_bytes,
-    help="Bytes in-memory search may use (e.g. 4G); larger stores are streamed.",
-)
-@click.option("--allow-incomplete", is_flag=True, help="Search the finished part of an incomplete store.")
-@click.option(
-    "--index",
-    "index_name",
-    help="Search the persisted approximate index NAME (gradindex index) instead of exact search.",
-)
-@click.option(
-    "--nprobe",
-    type=click.IntRange(min=1),
-    help="With --index: IVF lists probed (HNSW: efSearch); default: the value reaching the index's target recall.",
-)
-@click.option(
-    "--dask",
-    "dask_cluster",
-    help="Spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N.",
-)
+@setting_option(QueryConfig, "device")
+@setting_option(QueryConfig, "memory_budget", callback=parse_bytes)
+@setting_option(QueryConfig, "allow_incomplete")
+@setting_option(QueryConfig, "index")
+@setting_option(QueryConfig, "nprobe")
+@setting_option(QueryConfig, "dask")
 @storage_options_option
 @method_query_options
 @output_options
 @click.pass_context
-@_handle_errors
-def query(
-    ctx,
-    store,
-    task_spec,
-    split,
-    samples,
-    all_samples,
-    k,
-    opponents,
-    checkpoints,
-    device,
-    memory_budget,
-    allow_incomplete,
-    index_name,
-    nprobe,
-    dask_cluster,
-    storage_options,
-    fmt,
-    output,
-    method_options,
-):
+@handle_errors
+def query(ctx, store, task, samples, all_samples, checkpoints, storage_options, fmt, output, method_options, **config):
     """The k most influential training samples for query samples.
 
     Rows: query, query_id, rank, row, sample_id, score (positive = proponent).
@@ -635,21 +328,13 @@ def query(
         raise click.UsageError("give --samples or --all, not both")
     table = gradindex.query(
         store,
-        task_spec,
-        split=split,
+        task,
         samples=samples,
-        k=k,
-        opponents=opponents,
         checkpoints=list(checkpoints) or None,
-        device=device,
-        memory_budget=memory_budget,
-        allow_incomplete=allow_incomplete,
         progress=ctx.obj["progress"],
-        index=index_name,
-        nprobe=nprobe,
-        dask=dask_cluster,
         method_options=method_options,
         storage_options=storage_options,
+        **config,
     )
     _emit(table, fmt, output)
 
@@ -658,7 +343,7 @@ def query(
 @click.argument("store", type=STORE)
 @click.option("--top", type=click.IntRange(min=1), help="Only the N highest.")
 @click.option("--allow-incomplete", is_flag=True, help="Rank the finished part of an incomplete store.")
-@click.option("--task", "task_spec", help="With --damping/--solver on an if store: task SPEC (default: the store's).")
+@click.option("--task", "task", help="With --damping/--solver on an if store: task SPEC (default: the store's).")
 @click.option(
     "--checkpoint",
     "checkpoints",
@@ -675,9 +360,9 @@ def query(
 @method_query_options
 @output_options
 @click.pass_context
-@_handle_errors
+@handle_errors
 def self_influence(
-    ctx, store, top, allow_incomplete, task_spec, checkpoints, device, storage_options, fmt, output, method_options
+    ctx, store, top, allow_incomplete, task, checkpoints, device, storage_options, fmt, output, method_options
 ):
     """Training samples ranked by self-influence (suspected mislabeled or atypical first).
 
@@ -694,7 +379,7 @@ def self_influence(
         top=top,
         allow_incomplete=allow_incomplete,
         method_options=method_options,
-        task=task_spec,
+        task=task,
         checkpoints=list(checkpoints) or None,
         device=device,
         progress=ctx.obj["progress"],
@@ -707,7 +392,7 @@ def self_influence(
 @click.argument("store", type=STORE)
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @storage_options_option
-@_handle_errors
+@handle_errors
 def info(store, fmt, storage_options):
     """Show a store's manifest and build progress.
 
@@ -764,80 +449,27 @@ def _index_line(meta: dict) -> str:
 
 @cli.command("index")
 @click.argument("store", type=STORE)
-@click.option(
-    "--factory",
-    required=True,
-    help="A faiss index_factory string: IVF4096,SQfp16 | IVF,PQ64 | HNSW32 ('IVF' alone picks a list count).",
-)
-@click.option("--name", help="Name to query it by (default: from the factory, e.g. ivf4096-sqfp16).")
-@click.option(
-    "-k",
-    "k",
-    default=10,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="The k of the recall@k measured at build time.",
-)
-@click.option(
-    "--recall-queries",
-    default=200,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Held-out store rows whose exact top-k the index is measured against.",
-)
-@click.option(
-    "--target-recall",
-    default=0.95,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
-    help="The default nprobe/efSearch is the smallest reaching this recall.",
-)
-@click.option(
-    "--train-size",
-    type=click.IntRange(min=1),
-    help="Rows sampled to train the index (default: 50 per IVF list, at least 10000).",
-)
-@click.option(
-    "--on-disk",
-    is_flag=True,
-    help="Keep the IVF lists in a file beside the index (faiss contrib.ondisk), not in memory.",
-)
+@setting_option(IndexConfig, "factory")
+@setting_option(IndexConfig, "name")
+@setting_option(IndexConfig, "k", "-k")
+@setting_option(IndexConfig, "recall_queries")
+@setting_option(IndexConfig, "target_recall")
+@setting_option(IndexConfig, "train_size")
+@setting_option(IndexConfig, "on_disk")
 @click.option(
     "--gpu/--cpu",
     "use_gpu",
     default=None,
     help="Train and search IVF on all GPUs (default: when faiss has GPUs) or on CPU.",
 )
-@click.option("--memory-budget", callback=_parse_bytes, help="Bytes the training sample may use (half of it), e.g. 4G.")
-@click.option("--overwrite", is_flag=True, help="Replace an index of the same name.")
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=click.IntRange(min=0),
-    help="Seed of the training and held-out samples.",
-)
+@setting_option(IndexConfig, "memory_budget", callback=parse_bytes)
+@setting_option(IndexConfig, "overwrite")
+@setting_option(IndexConfig, "seed")
 @storage_options_option
 @summary_format_option
 @click.pass_context
-@_handle_errors
-def index(
-    ctx,
-    store,
-    factory,
-    name,
-    k,
-    recall_queries,
-    target_recall,
-    train_size,
-    on_disk,
-    use_gpu,
-    memory_budget,
-    overwrite,
-    seed,
-    storage_options,
-    summary_format,
-):
+@handle_errors
+def index(ctx, store, storage_options, summary_format, **config):
     """Build an approximate index of a store and measure its recall against exact search.
 
     Trains on a sample of the store, adds it shard by shard, and stores the index under the
@@ -851,19 +483,7 @@ def index(
       gradindex query big.gradindex --samples 0-9 --index ivf4096-sqfp16
     """
     meta = gradindex.build_index(
-        gradindex.open_store(store, storage_options=storage_options),
-        factory,
-        name=name,
-        k=k,
-        recall_queries=recall_queries,
-        target_recall=target_recall,
-        train_size=train_size,
-        on_disk=on_disk,
-        use_gpu=use_gpu,
-        memory_budget=memory_budget,
-        overwrite=overwrite,
-        seed=seed,
-        progress=ctx.obj["progress"],
+        gradindex.open_store(store, storage_options=storage_options), progress=ctx.obj["progress"], **config
     )
     if summary_format == "json":
         click.echo(json.dumps(meta))
@@ -880,7 +500,7 @@ def index(
 @click.argument("store", type=STORE)
 @storage_options_option
 @summary_format_option
-@_handle_errors
+@handle_errors
 def verify(store, storage_options, summary_format):
     """Re-hash every shard against its recorded checksum; exit 1 naming the bad ones.
 
@@ -917,7 +537,7 @@ def verify(store, storage_options, summary_format):
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.pass_context
-@_handle_errors
+@handle_errors
 def demo(ctx, output_dir, seed):
     """The embedded default, end to end: digits with 10% flipped labels.
 
@@ -938,7 +558,7 @@ def demo(ctx, output_dir, seed):
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
     "--task",
-    "task_spec",
+    "task",
     help="Task SPEC (default: the one recorded in the store); needed for pictures, predictions and queries.",
 )
 @click.option(
@@ -979,8 +599,8 @@ def demo(ctx, output_dir, seed):
 )
 @summary_format_option
 @click.pass_context
-@_handle_errors
-def report(ctx, store, task_spec, queries, split, k, top, results, checkpoints, device, output, summary_format):
+@handle_errors
+def report(ctx, store, task, queries, split, k, top, results, checkpoints, device, output, summary_format):
     """Write one self-contained HTML page to look at a store in a browser.
 
     The self-influence histogram, the top suspected mislabeled samples (thumbnails for images,
@@ -994,7 +614,7 @@ def report(ctx, store, task_spec, queries, split, k, top, results, checkpoints, 
     """
     summary = gradindex.report(
         store,
-        task_spec,
+        task,
         output=output,
         queries=queries,
         split=split,
@@ -1054,14 +674,14 @@ def _write_table(table, output: Path) -> None:
 @click.option(
     "--select", help="Keep the N or P% training samples with the highest summed influence on the --samples of --split."
 )
-@click.option("--task", "task_spec", help="Task SPEC for --select (default: the one recorded in the store).")
+@click.option("--task", "task", help="Task SPEC for --select (default: the one recorded in the store).")
 @click.option("--split", default="test", show_default=True, help="Split of the target queries (--select).")
 @click.option("--samples", help="Target queries in --split: 0,3,10-19 [default: the whole split] (--select).")
 @click.option(
     "--checkpoint", "checkpoints", multiple=True, help="Checkpoint paths if they moved since the build (--select)."
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--memory-budget", callback=_parse_bytes, help="Bytes in-memory search may use (e.g. 4G) (--select).")
+@click.option("--memory-budget", callback=parse_bytes, help="Bytes in-memory search may use (e.g. 4G) (--select).")
 @click.option(
     "-o",
     "--output",
@@ -1071,7 +691,7 @@ def _write_table(table, output: Path) -> None:
 )
 @summary_format_option
 @click.pass_context
-@_handle_errors
+@handle_errors
 def curate(
     ctx,
     store,
@@ -1079,7 +699,7 @@ def curate(
     by,
     for_queries,
     select,
-    task_spec,
+    task,
     split,
     samples,
     checkpoints,
@@ -1108,7 +728,7 @@ def curate(
         raise click.UsageError(
             "give --drop-top N|P% (drop the most suspicious) or --for-queries --select N|P% (keep the most helpful)"
         )
-    if drop_top is not None and (samples is not None or task_spec is not None or checkpoints):
+    if drop_top is not None and (samples is not None or task is not None or checkpoints):
         raise click.UsageError(
             "--samples, --task and --checkpoint pick target queries for --select; --drop-top needs none of them"
         )
@@ -1119,7 +739,7 @@ def curate(
         drop_top=drop_top,
         by=by,
         select=select,
-        task=task_spec,
+        task=task,
         split=split,
         samples=samples,
         checkpoints=list(checkpoints) or None,
@@ -1142,32 +762,22 @@ def curate(
 
 
 @cli.command()
-@click.option("--task", "task_spec", required=True, help="Task SPEC, as for build.")
+@click.option("--task", "task", required=True, help="Task SPEC, as for build.")
 @click.option(
     "--checkpoint",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
     help="The trained checkpoint θ* to ensemble around.",
 )
-@click.option(
-    "--members", required=True, type=click.IntRange(min=1), help="M: members to make, one per learning-rate cycle."
-)
-@click.option("--steps", required=True, type=click.IntRange(min=1), help="Optimizer steps per cycle.")
-@click.option("--lr", required=True, type=click.FloatRange(min=0, min_open=True), help="Peak learning rate of a cycle.")
-@click.option("--lr-min", type=click.FloatRange(min=0), help="Lowest learning rate of a cycle (default lr/100).")
-@click.option(
-    "--schedule",
-    default="cosine",
-    show_default=True,
-    type=click.Choice(["cosine", "triangular", "constant"]),
-    help="cosine restarts (saved at each cycle's end), FGE's triangular (saved mid-cycle), or constant.",
-)
-@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(min=0, max=1, max_open=True))
-@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option(
-    "--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sets the batches and any dropout."
-)
+@setting_option(EnsembleConfig, "members", required=True, default=None, show_default=False)
+@setting_option(EnsembleConfig, "steps", required=True, default=None, show_default=False)
+@setting_option(EnsembleConfig, "lr", required=True, default=None, show_default=False)
+@setting_option(EnsembleConfig, "lr_min")
+@setting_option(EnsembleConfig, "schedule")
+@setting_option(EnsembleConfig, "momentum")
+@setting_option(EnsembleConfig, "weight_decay")
+@setting_option(EnsembleConfig, "batch_size")
+@setting_option(EnsembleConfig, "seed")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option(
     "-o",
@@ -1179,25 +789,8 @@ def curate(
 @click.option("--overwrite", is_flag=True, help="Replace an ensemble already in the folder.")
 @summary_format_option
 @click.pass_context
-@_handle_errors
-def ensemble(
-    ctx,
-    task_spec,
-    checkpoint,
-    members,
-    steps,
-    lr,
-    lr_min,
-    schedule,
-    momentum,
-    weight_decay,
-    batch_size,
-    seed,
-    device,
-    output,
-    overwrite,
-    summary_format,
-):
+@handle_errors
+def ensemble(ctx, task, checkpoint, device, output, overwrite, summary_format, **config):
     """Make a fast geometric ensemble around a trained checkpoint (for --method gex, or tracin over members).
 
     Fine-tunes from the checkpoint for M learning-rate cycles of S steps (the task's train_step, or
@@ -1209,21 +802,11 @@ def ensemble(
       gradindex build --task digits --method gex --checkpoint runs/ckpt-030.pt \\
           --checkpoint runs/ge/member-001.pt ... --checkpoint runs/ge/member-008.pt -o gex.gradindex
     """
-    from gradindex.ensemble import make_ensemble
-
-    made = make_ensemble(
-        task_spec,
+    made = gradindex.make_ensemble(
+        task,
         checkpoint,
         output,
-        members=members,
-        steps=steps,
-        lr=lr,
-        lr_min=lr_min,
-        schedule=schedule,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        seed=seed,
+        EnsembleConfig(**{name: value for name, value in config.items() if value is not None}),
         overwrite=overwrite,
         device=device,
         progress=ctx.obj["progress"],
@@ -1243,8 +826,8 @@ def ensemble(
     click.echo(f"wrote {len(made.members)} members to {output}", err=True)
     gex = " ".join(f"--checkpoint {spec}" for spec in made.gex_checkpoints())
     tracin = " ".join(f"--checkpoint {spec}" for spec in made.tracin_checkpoints())
-    click.echo(f"gradindex build --task {task_spec} --method gex {gex} -o gex.gradindex")
-    click.echo(f"gradindex build --task {task_spec} --method tracin {tracin} -o ensemble-tracin.gradindex")
+    click.echo(f"gradindex build --task {task} --method gex {gex} -o gex.gradindex")
+    click.echo(f"gradindex build --task {task} --method tracin {tracin} -o ensemble-tracin.gradindex")
 
 
 def main() -> None:

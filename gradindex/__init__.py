@@ -30,9 +30,9 @@ from gradindex.errors import (
     StoreWriteError,
     TaskSpecError,
 )
-from gradindex.pipeline import BuildConfig, build, finalize, info, query, self_influence, verify
+from gradindex.pipeline import BuildConfig, QueryConfig, build, finalize, info, query, self_influence, verify
 from gradindex.projection import ProjectionSpec
-from gradindex.search import build_index, drop_index, list_indexes, search_store
+from gradindex.search import IndexConfig, build_index, drop_index, list_indexes, search_store
 from gradindex.store import GradientStore, open_store
 from gradindex.task import Task, load_task
 from gradindex.version import __version__
@@ -49,8 +49,10 @@ __all__ = [
     "GradientStore",
     "IncompatibleStoreError",
     "IncompleteStoreError",
+    "IndexConfig",
     "NonFiniteError",
     "ProjectionSpec",
+    "QueryConfig",
     "SearchError",
     "ShardOwnershipError",
     "StorageError",

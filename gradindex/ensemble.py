@@ -34,14 +34,13 @@ from torch import nn
 from torch.utils.data import TensorDataset, default_collate
 
 from gradindex.checkpoints import checkpoint_sha256, load_into
-from gradindex.errors import CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
+from gradindex.errors import ArgumentError, CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
 from gradindex.featurize import resolve_device
 from gradindex.task import Task, load_task, to_device
-from gradindex.utils import progress_bar
+from gradindex.utils import check_settings, progress_bar, setting
 
 __all__ = ["Ensemble", "EnsembleConfig", "EnsembleExistsError", "load_ensemble", "make_ensemble"]
 
-SCHEDULES = ("cosine", "triangular", "constant")
 _MANIFEST = "ensemble.json"
 
 
@@ -49,66 +48,38 @@ class EnsembleExistsError(GradIndexError, FileExistsError):
     """The output folder already holds an ensemble."""
 
 
-def _positive_number(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+# the learning-rate schedules of a cycle
+SCHEDULES: dict[str, str] = {
+    "cosine": "cosine restarts, a member saved at each cycle's end",
+    "triangular": "FGE's triangular cycle, a member saved mid-cycle",
+    "constant": "a constant rate, a member saved at each cycle's end",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
 class EnsembleConfig:
-    """How the members are made.
+    """How the members are made: ``make_ensemble(task, checkpoint, out_dir, **options)`` takes these as keywords."""
 
-    members:      M, the number of members (one per learning-rate cycle).
-    steps:        optimizer steps per cycle.
-    lr:           the peak learning rate of a cycle.
-    lr_min:       the lowest learning rate of a cycle (default lr / 100; unused by ``constant``).
-    schedule:     ``cosine``, ``triangular`` or ``constant``.
-    momentum:     SGD momentum.
-    weight_decay: SGD's coupled L2 weight decay, on top of the task's regularisation.
-    batch_size:   samples per step.
-    seed:         sets the batches and any dropout.
-    """
-
-    members: int = 5
-    steps: int = 100
-    lr: float = 0.01
-    lr_min: float | None = None
-    schedule: Literal["cosine", "triangular", "constant"] = "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    seed: int = 0
+    members: int = setting(5, "M: members to make, one per learning-rate cycle", minimum=1, integer=True)
+    steps: int = setting(100, "optimizer steps per cycle", minimum=1, integer=True)
+    lr: float = setting(0.01, "peak learning rate of a cycle", above=0)
+    lr_min: float | None = setting(
+        None, "lowest learning rate of a cycle (unused by constant)", minimum=0, optional=True, default_text="lr/100"
+    )
+    schedule: Literal["cosine", "triangular", "constant"] = setting("cosine", "the cycle's schedule", choices=SCHEDULES)
+    momentum: float = setting(0.9, "SGD momentum", minimum=0, below=1)
+    weight_decay: float = setting(0.0, "SGD's coupled L2 weight decay, on top of the task's regularisation", minimum=0)
+    batch_size: int = setting(64, "samples per step", minimum=1, integer=True)
+    seed: int = setting(0, "sets the batches and any dropout", minimum=0, integer=True)
 
     def __post_init__(self) -> None:
-        _positive_int("members", self.members)
-        _positive_int("steps", self.steps)
-        _positive_int("batch_size", self.batch_size)
-        _positive_number("lr", self.lr)
-        if self.lr_min is not None and (
-            isinstance(self.lr_min, bool)
-            or not isinstance(self.lr_min, (int, float))
-            or not 0 <= self.lr_min <= self.lr
-        ):
-            raise ValueError(f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check_settings(self)
+        if self.lr_min is not None and self.lr_min > self.lr:
+            raise ArgumentError("lr_min", f"lr_min must be between 0 and lr ({self.lr}), got {self.lr_min!r}")
         if self.schedule == "triangular" and self.steps < 2:
-            raise ValueError("the triangular schedule needs at least 2 steps per cycle (down, then up); raise --steps")
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if (
-            isinstance(self.weight_decay, bool)
-            or not isinstance(self.weight_decay, (int, float))
-            or not 0 <= self.weight_decay < math.inf
-        ):
-            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise ArgumentError(
+                "steps", "steps must be at least 2 for the triangular schedule (a cycle goes down, then up)"
+            )
 
     @property
     def low(self) -> float:
@@ -216,7 +187,8 @@ def make_ensemble(
     existing = sorted(out_dir.glob("member-*.pt")) + ([out_dir / _MANIFEST] if (out_dir / _MANIFEST).exists() else [])
     if existing and not overwrite:
         raise EnsembleExistsError(
-            f"{out_dir} already holds an ensemble ({existing[0].name}, ...); pass --overwrite to replace it or choose "
+            f"{out_dir} already holds an ensemble ({existing[0].name}, ...); pass overwrite=True to replace it or "
+            "choose "
             "another -o"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +255,9 @@ def load_ensemble(out_dir: str | os.PathLike) -> Ensemble:
             f"{out_dir} holds no {_MANIFEST}; make one with `gradindex ensemble ... -o {out_dir}`"
         ) from None
     except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error}); make the ensemble again with --overwrite") from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({error}); make the ensemble again with overwrite=True"
+        ) from None
     return Ensemble(
         base=Path(manifest["base"]),
         members=tuple(Path(item) for item in manifest["members"]),

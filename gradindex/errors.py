@@ -7,6 +7,9 @@ the command line shows the same message with the argument's flag in its place (`
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
+
 __all__ = [
     "ArgumentError",
     "CheckpointError",
@@ -31,11 +34,32 @@ class GradIndexError(Exception):
 
 
 class ArgumentError(GradIndexError, ValueError):
-    """A bad value for a Python argument (or a setting); ``argument`` is its name, and the message starts with it."""
+    """A bad value for a Python argument (or a setting): ``argument`` is its name, and the message starts with it
+    (``top must be a positive integer, got 0``); other arguments it names are written ``name=value``, and listed in
+    ``arguments``. ``with_flags`` says the same with the command line's flags (``--top``, ``--overwrite``)."""
 
-    def __init__(self, argument: str, message: str):
+    def __init__(self, argument: str, message: str, *, also: Sequence[str] = ()):
         super().__init__(message)
         self.argument = argument
+        self.arguments = (argument, *also)
+
+    def with_flags(self, flags: Mapping[str, str]) -> str:
+        """The message said with ``flags`` (Python name -> flag): see ``with_flags``."""
+        return with_flags(str(self), {name: flags[name] for name in self.arguments if name in flags}, self.argument)
+
+
+def with_flags(message: str, flags: Mapping[str, str], subject: str | None = None) -> str:
+    """``message`` with the arguments it names said as flags: the leading ``subject`` (``top must be`` -> ``--top must
+    be``) and every ``name=value`` of a name in ``flags`` (``proj_dim=4`` -> ``--proj-dim 4``, ``overwrite=True`` ->
+    ``--overwrite``). Other words are left alone, so prose may use the same words."""
+    lead = flags.get(subject or "")
+    if lead and re.match(rf"{re.escape(subject)}\b(?!=)", message):
+        message = lead + message[len(subject) :]
+    for name in sorted(flags, key=len, reverse=True):
+        flag = flags[name]
+        message = re.sub(rf"(?<![\w.@/-]){re.escape(name)}=True\b", flag, message)
+        message = re.sub(rf"(?<![\w.@/-]){re.escape(name)}=(?=[\w'\"./({{\[-])", f"{flag} ", message)
+    return message
 
 
 class TaskSpecError(GradIndexError, ValueError):

@@ -19,66 +19,48 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
-from gradindex.errors import CheckpointError, NonFiniteError, TaskSpecError
+from gradindex.errors import ArgumentError, CheckpointError, NonFiniteError, TaskSpecError
 from gradindex.task import Task
-from gradindex.utils import progress_bar
+from gradindex.utils import check_settings, progress_bar, setting
 
 __all__ = ["SavedCheckpoint", "TrainConfig", "evaluate", "train"]
 
-_OPTIMIZERS = ("sgd", "adam")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# the optimizers ``train`` fits with
+OPTIMIZERS: dict[str, str] = {"sgd": "SGD with momentum", "adam": "Adam (momentum is its first beta)"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """How ``train`` fits a task's model: mini-batch SGD (or Adam) at a constant learning rate.
+    """How ``train`` fits a task's model: mini-batch SGD (or Adam) at a constant learning rate."""
 
-    epochs:        passes over the training set.
-    lr:            the constant learning rate; recorded on every checkpoint as its TracIn weight.
-    batch_size:    samples per step; the last batch of an epoch may be smaller.
-    momentum:      SGD momentum; for Adam, its first beta.
-    weight_decay:  the optimizer's (coupled) L2 weight decay, on top of ``task.regularization``.
-    n_checkpoints: checkpoints saved, evenly spaced over the epochs, the last at the final epoch.
-    seed:          sets the initial weights, the shuffling and any dropout.
-    optimizer:     ``"sgd"`` or ``"adam"``.
-    """
-
-    epochs: int = 30
-    lr: float = 0.1
-    batch_size: int = 64
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    n_checkpoints: int = 3
-    seed: int = 0
-    optimizer: Literal["sgd", "adam"] = "sgd"
+    epochs: int = setting(30, "passes over the training set", minimum=1, integer=True)
+    lr: float = setting(0.1, "the constant learning rate; recorded on every checkpoint as its TracIn weight", above=0)
+    batch_size: int = setting(
+        64, "samples per step; the last batch of an epoch may be smaller", minimum=1, integer=True
+    )
+    momentum: float = setting(0.9, "SGD momentum; for Adam, its first beta", minimum=0, below=1)
+    weight_decay: float = setting(
+        0.0, "the optimizer's (coupled) L2 weight decay, on top of task.regularization", minimum=0
+    )
+    n_checkpoints: int = setting(
+        3, "checkpoints saved, evenly spaced over the epochs, the last at the final epoch", minimum=1, integer=True
+    )
+    seed: int = setting(0, "sets the initial weights, the shuffling and any dropout", minimum=0, integer=True)
+    optimizer: Literal["sgd", "adam"] = setting("sgd", "the optimizer", choices=OPTIMIZERS)
 
     def __post_init__(self) -> None:
-        if not _is_int(self.epochs) or self.epochs <= 0:
-            raise ValueError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not _is_int(self.batch_size) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not _is_int(self.n_checkpoints) or not 1 <= self.n_checkpoints <= self.epochs:
-            raise ValueError(
-                f"n_checkpoints must be an integer between 1 and epochs ({self.epochs}), got {self.n_checkpoints!r}; "
-                "lower n_checkpoints or train for more epochs"
-            )
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr < math.inf):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if (
-            isinstance(self.weight_decay, bool)
-            or not isinstance(self.weight_decay, (int, float))
-            or not 0 <= self.weight_decay < math.inf
-        ):
-            raise ValueError(f"weight_decay must be a non-negative number, got {self.weight_decay!r}")
-        if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if isinstance(self.n_checkpoints, int) and not isinstance(self.n_checkpoints, bool) and self.n_checkpoints < 1:
+            self._too_many_checkpoints()
+        check_settings(self)
+        if self.n_checkpoints > self.epochs:
+            self._too_many_checkpoints()
+
+    def _too_many_checkpoints(self) -> None:
+        raise ArgumentError(
+            "n_checkpoints",
+            f"n_checkpoints must be an integer between 1 and epochs ({self.epochs}), got {self.n_checkpoints!r}; "
+            "lower n_checkpoints or train for more epochs",
+        )
 
     def checkpoint_epochs(self) -> tuple[int, ...]:
         """The epochs after which a checkpoint is saved: ``ceil(k * epochs / n_checkpoints)``, k = 1..n."""

@@ -4,8 +4,10 @@ the CLI does (exit codes, --format json, NO_COLOR, progress), and the library ne
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,34 +51,121 @@ def test_the_docs_check_says_how_to_regenerate(tmp_path, capsys):
     assert docs_main(["-o", str(stale)]) == 0 and docs_main(["--check", str(stale)]) == 0
 
 
-def test_readme_keeps_its_setup_commands_first_and_documents_the_conventions():
+def test_readme_keeps_its_setup_commands_first():
     readme = (ROOT / "README.md").read_text()
     lines = readme.splitlines()
     assert lines[2] == "```bash"
     assert lines[3].startswith("pip install torch==2.13.0 && pip install -e . && gradindex demo")
     assert lines[4].startswith('pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q')
-    for heading in (
-        "## Concepts",
-        "## Command-line reference",
-        "## Scripting: formats, exit codes, colour, progress",
-        "## The store format",
-        "## Worked example",
-        "## Reports",
-        "## Curation",
-        "## Examples",
-    ):
-        assert heading in readme, heading
-    assert "docs/cli.md" in readme and REGENERATE in readme
+
+
+# ---- the documentation site ----------------------------------------------------------------------
+
+DOCS = ROOT / "docs"
+GENERATED = {"cli.md"}  # written by `python -m gradindex.cli.docs`, never by hand
+
+
+def _nav_pages(entry) -> list[str]:
+    """The pages a mkdocs nav entry names, in order: a page, a {title: page or list} mapping, or a list."""
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, dict):
+        return [page for value in entry.values() for page in _nav_pages(value)]
+    if isinstance(entry, list):
+        return [page for item in entry for page in _nav_pages(item)]
+    raise AssertionError(f"unexpected nav entry in mkdocs.yml: {entry!r}")
+
+
+def _mkdocs_config() -> dict:
+    import yaml  # mkdocs's own dependency (and dask's)
+
+    return yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+
+
+def _page(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def test_readme_is_short_and_links_to_docs_pages_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme) < 8000, f"the README is {len(readme)} characters; move reference material into docs/"
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    local = [target.split("#")[0] for target in targets if "://" not in target and not target.startswith("#")]
+    assert local, "the README links to no docs page"
+    for target in local:
+        assert (ROOT / target).exists(), f"the README links to {target}, which does not exist"
+    for page in _nav_pages(_mkdocs_config()["nav"]):
+        assert f"docs/{page}" in local, f"the README does not link to docs/{page}"
+
+
+def test_every_docs_page_is_in_the_nav_and_every_nav_page_exists():
+    config = _mkdocs_config()
+    assert config["site_name"] == "gradindex" and config["docs_dir"] == "docs"
+    pages = _nav_pages(config["nav"])
+    assert len(pages) == len(set(pages)), f"a page is listed twice in the nav: {pages}"
+    for page in pages:
+        assert (DOCS / page).is_file(), f"mkdocs.yml lists {page}, which is not in docs/"
+    on_disk = {path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")}
+    assert on_disk - set(pages) == set(), f"pages missing from mkdocs.yml's nav: {sorted(on_disk - set(pages))}"
+
+
+def test_the_exit_codes_are_documented():
+    scripting = _page("scripting.md")
     for code, meaning in (("0", "success"), ("1", "error"), ("2", "usage")):
-        assert re.search(rf"`{code}`\s*\|\s*{meaning}", readme), f"exit code {code} is not documented"
-    for method in ("tracin", "gex", "arnoldi", "if", "trak"):
-        assert f"`{method}`" in readme
+        assert re.search(rf"`{code}`\s*\|\s*{meaning}", scripting), f"exit code {code} is not documented"
+
+
+def test_every_method_is_documented():
+    from gradindex.methods import METHODS
+
+    methods = _page("methods.md")
+    for method in {"tracin", "gex", "if", "arnoldi", "trak"} | set(METHODS):
+        assert f"`{method}`" in methods, f"method {method} is missing from docs/methods.md"
 
 
 def test_every_example_script_is_documented():
-    readme = (ROOT / "README.md").read_text()
-    for script in sorted((ROOT / "examples").glob("*.py")):
-        assert f"examples/{script.name}" in readme, script.name
+    examples = _page("examples.md")
+    scripts = sorted((ROOT / "examples").glob("*.py"))
+    assert scripts
+    for script in scripts:
+        assert f"examples/{script.name}" in examples, script.name
+
+
+def test_the_docs_say_how_to_regenerate_the_cli_reference():
+    written = [path for path in sorted(DOCS.glob("*.md")) if path.name not in GENERATED]
+    telling = [path.name for path in written if REGENERATE in path.read_text() and "docs/cli.md" in path.read_text()]
+    assert telling, f"no hand-written docs page names docs/cli.md and `{REGENERATE}`"
+
+
+def test_the_docs_site_builds_strictly(tmp_path):
+    missing = [name for name in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python") if not _importable(name)]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed; pip install -e '.[docs]' to build the site")
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(ROOT / "mkdocs.yml"), "-d", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    for page in _nav_pages(_mkdocs_config()["nav"]):
+        assert (site / page.removesuffix(".md").replace("index", "") / "index.html").is_file(), page
+    api = next(site.rglob("api/index.html")).read_text()
+    for name in gradindex.__all__:
+        if name == "__version__":
+            continue
+        assert f'id="gradindex.{name}"' in api or f'id="gradindex.errors.{name}"' in api, (
+            f"gradindex.{name} is not in the API reference (docs/api.md)"
+        )
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 # ---- conventions --------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from gradindex.training import SavedCheckpoint, TrainConfig, evaluate, train
         ({"momentum": 1.0}, r"momentum must be in \[0, 1\)"),
         ({"weight_decay": -0.1}, "weight_decay must be a non-negative number"),
         ({"seed": -1}, "seed must be a non-negative integer"),
-        ({"optimizer": "rmsprop"}, "optimizer must be 'sgd' or 'adam', got 'rmsprop'"),
+        ({"optimizer": "rmsprop"}, "optimizer must be one of sgd, adam, got 'rmsprop'"),
     ],
 )
 def test_config_rejects_bad_values(options, message):

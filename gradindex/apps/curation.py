@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from gradindex.errors import IncompleteStoreError
+from gradindex.errors import ArgumentError, IncompleteStoreError
 from gradindex.pipeline import parse_samples, query, task_for_store
 from gradindex.store import GradientStore, open_store
 from gradindex.task import Task
@@ -41,27 +41,29 @@ CURATE_BY = ("self-influence",)
 _SCORES_PER_CHUNK = 16_000_000
 
 
-def parse_amount(value: int | float | str, n_samples: int, *, option: str = "--drop-top") -> int:
+def parse_amount(value: int | float | str, n_samples: int, *, option: str = "drop_top") -> int:
     """How many samples an amount means: ``"5%"`` (rounded to the nearest count), ``"20"`` or ``20`` (a count),
     or a float fraction in ``[0, 1]`` (Python API only)."""
     if isinstance(value, bool):
-        raise ValueError(f"{option} must be a count such as 20 or a percentage such as 5%, got {value!r}")
+        raise ArgumentError(option, f"{option} must be a count such as 20 or a percentage such as 5%, got {value!r}")
     if isinstance(value, str):
         text = value.strip()
         match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text)
         if match:
             percent = float(match.group(1))
             if percent > 100:
-                raise ValueError(f"{option} {value} is more than 100%; give a percentage between 0% and 100%")
+                raise ArgumentError(
+                    option, f"{option} {value} is more than 100%; give a percentage between 0% and 100%"
+                )
             return int(math.floor(percent / 100.0 * n_samples + 0.5))
         if re.fullmatch(r"\d+", text):
             value = int(text)
         else:
-            raise ValueError(f"{option} {value!r} must be a count such as 20 or a percentage such as 5%")
+            raise ArgumentError(option, f"{option} {value!r} must be a count such as 20 or a percentage such as 5%")
     if isinstance(value, (int, np.integer)):
         count = int(value)
         if count < 0:
-            raise ValueError(f"{option} must not be negative, got {count}")
+            raise ArgumentError(option, f"{option} must not be negative, got {count}")
         if count > n_samples:
             raise ValueError(
                 f"{option} {count} is more than the store's {n_samples} samples; give at most {n_samples} or a "
@@ -75,7 +77,7 @@ def parse_amount(value: int | float | str, n_samples: int, *, option: str = "--d
                 "'5%'"
             )
         return int(math.floor(value * n_samples + 0.5))
-    raise ValueError(f"{option} must be a count such as 20 or a percentage such as 5%, got {value!r}")
+    raise ArgumentError(option, f"{option} must be a count such as 20 or a percentage such as 5%, got {value!r}")
 
 
 def curate(
@@ -115,8 +117,8 @@ def curate(
     n_samples = store.n_samples
     if drop_top is not None:
         if by not in CURATE_BY:
-            raise ValueError(f"unknown --by {by!r}; choose one of {', '.join(CURATE_BY)}")
-        count = parse_amount(drop_top, n_samples, option="--drop-top")
+            raise ArgumentError("by", f"by must be one of {', '.join(CURATE_BY)}, got {by!r}")
+        count = parse_amount(drop_top, n_samples, option="drop_top")
         rows, stored = store.self_influence()
         scores = np.empty(n_samples, dtype=np.float64)
         scores[rows] = stored
@@ -130,7 +132,7 @@ def curate(
             "kept": int(n_samples - count),
         }
     else:
-        count = parse_amount(select, n_samples, option="--select")
+        count = parse_amount(select, n_samples, option="select")
         scores, picked, split_name = _summed_influence(
             store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress
         )

@@ -32,11 +32,12 @@ import numpy as np
 import torch
 
 from gradindex.checkpoints import checkpoint_sha256, load_into, parse_checkpoints
-from gradindex.errors import GradIndexError, TaskSpecError
+from gradindex.errors import ArgumentError, GradIndexError, TaskSpecError
 from gradindex.featurize import resolve_device
 from gradindex.pipeline import parse_samples, query
 from gradindex.store import GradientStore, open_store
 from gradindex.task import Task, iter_batches, load_task
+from gradindex.utils import check_positive_int
 from gradindex.version import __version__
 
 __all__ = ["PREDICT_ALL_LIMIT", "histogram_counts", "png_bytes", "report", "to_pixels"]
@@ -152,7 +153,7 @@ def _model_input(item: Any) -> Any:
     return item
 
 
-def _render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
+def render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
     """``(html, kind)``: an inline picture, a sparkline, or text; ``kind`` is image, signal, text or none."""
     if isinstance(value, str):
         return f'<div class="text">{html.escape(value[:400])}</div>', "text"
@@ -468,7 +469,7 @@ class _Cards:
         for position, row in enumerate(rows):
             picture, kind = ("", "none")
             if dataset is not None:
-                picture, kind = _render_input(_model_input(dataset[int(row)]), decode)
+                picture, kind = render_input(_model_input(dataset[int(row)]), decode)
             if kind in ("image", "signal"):
                 self.pictures += 1
             given_value = given[position] if given is not None else None
@@ -551,7 +552,8 @@ def _parse_queries(queries: Sequence[int] | str | None, n_available: int) -> lis
 
 
 _CSS = """
-:root{--fg:#1d2330;--muted:#5b6475;--bg:#fff;--panel:#f4f6f9;--line:#d9dee7;--accent:#2f6fdf;--warn:#d9480f;--ok:#2b8a3e}
+:root{--fg:#1d2330;--muted:#5b6475;--bg:#fff;--panel:#f4f6f9;--line:#d9dee7;
+--accent:#2f6fdf;--warn:#d9480f;--ok:#2b8a3e}
 *{box-sizing:border-box}
 body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg)}
 header{padding:20px 28px;border-bottom:1px solid var(--line);background:var(--panel)}h1{margin:0 0 4px;font-size:22px}
@@ -638,10 +640,8 @@ def report(
     """
     started = time.perf_counter()
     store = store if isinstance(store, GradientStore) else open_store(store)
-    if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top <= 0:
-        raise ValueError(f"--top must be a positive integer, got {top!r}")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    top = check_positive_int("top", top)
+    k = check_positive_int("k", k)
     output = Path(output)
     if output.exists() and output.is_dir():
         raise ValueError(f"-o {output} is a directory; give a file name such as {output / 'report.html'}")
@@ -785,7 +785,9 @@ def report(
                 break
         else:
             if results is not None:
-                raise FileNotFoundError(f"--results {results} does not exist; give the JSON file of quality figures")
+                raise ArgumentError(
+                    "results", f"results {results} does not exist; give the JSON file of quality figures"
+                )
 
     details = store.describe()
     fingerprint = store.fingerprint

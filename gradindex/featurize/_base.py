@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, load_into
+from gradindex.errors import ArgumentError
 from gradindex.task import Task
 
 __all__ = ["Featurizer", "LoadedCheckpoint", "load_checkpoints", "model_fingerprint", "resolve_device"]
@@ -24,11 +25,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but torch sees no CUDA device; use --device cpu or auto")
+        raise ArgumentError(
+            "device", f"device={device} asked for, but torch sees no CUDA device; use device=cpu or auto"
+        )
     try:
         return torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"unknown --device {device!r}; use auto, cpu or cuda[:N]") from error
+        raise ArgumentError("device", f"device must be auto, cpu or cuda[:N], got {device!r}") from error
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from gradindex.errors import TaskSpecError
+from gradindex.errors import ArgumentError
 
 __all__ = ["LossModule", "PerSampleGradients", "select_parameters"]
 
@@ -30,9 +30,10 @@ def select_parameters(model: nn.Module, layers: Sequence[str] | None) -> list[st
             )
         ]
     if not selected:
-        raise TaskSpecError(
-            f"--layers {' '.join(layers or [])} matches no trainable parameter; the model has {', '.join(names[:8])}"
-            + (" ..." if len(names) > 8 else "")
+        raise ArgumentError(
+            "layers",
+            f"layers {' '.join(layers or [])} match no trainable parameter; the model has {', '.join(names[:8])}"
+            + (" ..." if len(names) > 8 else ""),
         )
     return selected
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradindex.errors import ArgumentError
 from gradindex.featurize import LoadedCheckpoint
 from gradindex.methods._base import _GradientMethod, check_projection, single_checkpoint, unit_blocks
 from gradindex.methods._options import recorded_options
@@ -57,15 +58,16 @@ class ArnoldiFeaturizer(_GradientMethod):
         self.seed = projection.seed
         rank = self.options["rank"]
         if rank > self.n_params:
-            raise ValueError(
-                f"--rank {rank} exceeds the {self.n_params} parameters indexed; use --rank {self.n_params} or less"
+            raise ArgumentError(
+                "rank", f"rank={rank} exceeds the {self.n_params} parameters indexed; use rank={self.n_params} or less"
             )
         if self.options["iterations"] is None:
             self.options["iterations"] = min(self.n_params, max(2 * rank, rank + 20))
         if not rank <= self.options["iterations"] <= self.n_params:
-            raise ValueError(
-                f"iterations must be between --rank ({rank}) and the parameter count ({self.n_params}), got "
-                f"{self.options['iterations']}"
+            raise ArgumentError(
+                "iterations",
+                f"iterations must be between the rank ({rank}) and the parameter count ({self.n_params}), got "
+                f"{self.options['iterations']}",
             )
         self.dim = rank
         self._eigenvalues: Tensor | None = None
@@ -102,8 +104,8 @@ class ArnoldiFeaturizer(_GradientMethod):
             raise ValueError(
                 f"only {kept} of the top {self.dim} eigenvalues of the "
                 + ("Hessian" if self.options["hessian"] == "hessian" else "Gauss-Newton matrix")
-                + f" plus damping are positive (smallest {float(values.min()):.3g}); use --rank {max(kept, 1)}, "
-                "--hessian ggn, or raise --damping"
+                + f" plus damping are positive (smallest {float(values.min()):.3g}); use rank={max(kept, 1)}, "
+                "hessian=ggn, or a larger damping"
             )
         self._eigenvalues = values.to(self.device, torch.float64)
         self._eigenvectors = vectors.to(self.device, torch.float64)
@@ -121,7 +123,7 @@ class ArnoldiFeaturizer(_GradientMethod):
         if packed.shape != (self.n_params + 1, self.dim):
             raise ValueError(
                 f"{store.path}'s {EIGENBASIS} has shape {list(packed.shape)}, expected "
-                f"{[self.n_params + 1, self.dim]}; rebuild with --overwrite"
+                f"{[self.n_params + 1, self.dim]}; rebuild with overwrite=True"
             )
         tensor = torch.from_numpy(np.ascontiguousarray(packed))
         self._use(tensor[0], tensor[1:])

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from gradindex.errors import ArgumentError
 from gradindex.featurize import Featurizer, LoadedCheckpoint, PerSampleGradients, model_fingerprint, select_parameters
 from gradindex.methods._curvature import Curvature
 from gradindex.methods._options import METHOD_OPTIONS, query_overrides, recorded_options, resolve_options
@@ -63,7 +64,7 @@ class MethodFeaturizer(Featurizer):
             asked = sorted(name for name, value in (options or {}).items() if value is not None)
             if asked:
                 raise ValueError(
-                    f"store {store_path} was built with --method {self.method}, which takes no options (got "
+                    f"store {store_path} was built with method={self.method}, which takes no options (got "
                     f"{', '.join(asked)})"
                 )
             overrides = {}
@@ -213,9 +214,10 @@ def chunk_rows(n_params: int, chunk_bytes: int = 256 << 20) -> int:
 
 def single_checkpoint(method: str, checkpoints: Sequence[LoadedCheckpoint]) -> LoadedCheckpoint:
     if len(checkpoints) != 1:
-        raise ValueError(
-            f"--method {method} uses one trained checkpoint θ* (the final one); got {len(checkpoints)}. "
-            "Pass only the final --checkpoint (use --method tracin or trak to combine checkpoints)"
+        raise ArgumentError(
+            "checkpoints",
+            f"method={method} uses one trained checkpoint θ* (the final one); got {len(checkpoints)}. "
+            "Pass only the final checkpoint (use method=tracin or trak to combine checkpoints)",
         )
     return checkpoints[0]
 
@@ -224,21 +226,21 @@ def check_projection(method: str, projection: ProjectionSpec) -> None:
     """Methods whose vectors are not projected gradients accept only ``none`` or the untouched default."""
     if projection.kind == "none" or projection == ProjectionSpec(seed=projection.seed):
         return
-    raise ValueError(
-        f"--projection {projection.kind} --proj-dim {projection.dim} does not apply to --method {method}: its vectors "
-        + (
-            "are per-member losses"
-            if method == "gex"
-            else "are coordinates in the top-r eigenbasis (set their number with --rank)"
-        )
-        + "; leave --projection and --proj-dim at their defaults, or pass --projection none"
+    raise ArgumentError(
+        "projection",
+        f"projection={projection.kind} proj_dim={projection.dim} does not apply to method={method}: its vectors "
+        + ("are per-member losses" if method == "gex" else "are coordinates in the top-r eigenbasis (set r by rank=R)")
+        + "; leave projection and proj_dim at their defaults, or pass projection=none",
+        also=["proj_dim", "method", "rank"],
     )
 
 
 def check_gradient_projection(method: str, projection: ProjectionSpec) -> None:
     if projection.kind == "kron":
-        raise ValueError(
-            f"--projection kron is not available for --method {method} yet; use rademacher, gaussian, sjlt or none"
+        raise ArgumentError(
+            "projection",
+            f"projection=kron is not available for method={method} yet; use rademacher, gaussian, sjlt or none",
+            also=["method"],
         )
 
 
@@ -249,10 +251,12 @@ def unit_blocks(vectors: Tensor, block_dim: int) -> Tensor:
     return nn.functional.normalize(blocks, dim=2).reshape(shape)
 
 
-def damping_error(what: str, smallest: float, damping: float, option: str = "--damping") -> ValueError:
+def damping_error(what: str, smallest: float, damping: float, option: str = "damping") -> ArgumentError:
     needed = max(-smallest, 0.0)
-    return ValueError(
+    return ArgumentError(
+        option,
         f"{what} + λI is not positive definite: its smallest eigenvalue is {smallest + damping:.3g} at λ={damping:g}. "
-        f"Raise {option} above {needed:.3g} (e.g. {max(needed * 1.5, 1e-3):.3g})"
-        + (" or use --hessian ggn (positive semi-definite)" if "Hessian" in what else "")
+        f"Raise {option} above {needed:.3g}, e.g. {option}={max(needed * 1.5, 1e-3):.3g}"
+        + (" or use hessian=ggn (positive semi-definite)" if "Hessian" in what else ""),
+        also=["hessian"],
     )

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
-from gradindex.errors import TaskSpecError
+from gradindex.errors import ArgumentError, TaskSpecError
 from gradindex.featurize import LossModule
 from gradindex.projection import ParamPlan
 from gradindex.task import Task, cross_entropy_loss, gather_batch
@@ -69,10 +69,10 @@ class Curvature:
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be hessian or ggn, got {kind!r}")
         if kind == "ggn" and task.loss is not cross_entropy_loss:
-            raise TaskSpecError(
-                "--hessian ggn needs the task's default cross-entropy loss (its output Hessian is known in closed "
-                "form); "
-                "this task has its own loss: use --hessian hessian"
+            raise ArgumentError(
+                "hessian",
+                "hessian=ggn needs the task's default cross-entropy loss (its output Hessian is known in closed form); "
+                "this task has its own loss: use hessian=hessian",
             )
         self.task = task
         self.kind = kind

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from gradindex.errors import ArgumentError
 from gradindex.featurize import LoadedCheckpoint, LossModule
 from gradindex.methods._base import _BuiltinMethod, check_projection
 from gradindex.methods._options import recorded_options
@@ -49,13 +50,17 @@ class GexFeaturizer(_BuiltinMethod):
     ):
         check_projection("gex", projection)
         if normalize:
-            raise ValueError(
-                "--normalize does not apply to --method gex: its vectors are loss deviations, not gradients; leave it "
-                "out"
+            raise ArgumentError(
+                "normalize",
+                "normalize=True does not apply to method=gex: its vectors are loss deviations, not gradients; "
+                "leave it out",
+                also=["method"],
             )
         if layers:
-            raise ValueError(
-                "--layers does not apply to --method gex: its vectors are losses of whole models; leave it out"
+            raise ArgumentError(
+                "layers",
+                "layers do not apply to method=gex: its vectors are losses of whole models; leave them out",
+                also=["method"],
             )
         if len(checkpoints) < 2:
             raise ValueError(

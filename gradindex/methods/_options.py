@@ -7,13 +7,12 @@ for a different value of any other is an ``IncompatibleStoreError`` that names t
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gradindex.errors import IncompatibleStoreError
-from gradindex.utils import check_choice, check_flag, check_non_negative, check_positive, check_positive_int
+from gradindex.errors import ArgumentError, IncompatibleStoreError
+from gradindex.utils import Setting
 
 __all__ = [
     "CURVATURES",
@@ -27,117 +26,103 @@ __all__ = [
 ]
 
 
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """``parse``, with None, "auto", "none" and "" meaning the default (None)."""
-
-    def wrapped(value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value.lower() in ("auto", "none", "")):
-            return None
-        return parse(value)
-
-    return wrapped
-
-
-def _checked(check: Callable[..., Any], name: str, *args: Any) -> Callable[[Any], Any]:
-    """The parser of one option: the one argument checker (``gradindex.utils``) with the option's name."""
-    return functools.partial(check, name, *args) if not args else lambda value: check(name, value, *args)
-
-
 @dataclass(frozen=True)
 class OptionSpec:
-    """One method option: its default, its parser (strings from the command line are accepted),
-    whether a query may change it, and whether it is recorded (performance knobs are not)."""
+    """One method option: its default, what it accepts (a ``Setting``: help, choices, bounds; strings from the command
+    line are accepted), whether a query may change it, and whether it is recorded (performance knobs are not)."""
 
     default: Any
-    parse: Callable[[Any], Any]
+    accepts: Setting
     query_time: bool = False
     recorded: bool = True
-    help: str = ""
+
+    @property
+    def help(self) -> str:
+        return self.accepts.help
+
+    def parse(self, name: str, value: Any) -> Any:
+        """``value`` checked and converted (``"1e-3"`` -> 0.001); ``auto`` and ``none`` mean the default (None)."""
+        if self.accepts.optional and isinstance(value, str) and value.lower() in ("auto", "none", ""):
+            return None
+        return self.accepts.check(name, value)
 
 
 # the inverse-HVP solvers of influence functions, and the curvatures of if and arnoldi
-SOLVERS = ("auto", "exact", "cg", "lissa")
-CURVATURES = ("hessian", "ggn")
+SOLVERS: dict[str, str] = {
+    "auto": "exact up to 4096 parameters, else cg",
+    "exact": "a Cholesky factor of H + λI (small models)",
+    "cg": "conjugate gradients on Hessian-vector products",
+    "lissa": "LiSSA's stochastic recursion",
+}
+CURVATURES: dict[str, str] = {
+    "hessian": "the Hessian of the training objective",
+    "ggn": "the Gauss-Newton matrix (positive semi-definite; the default cross-entropy loss only)",
+}
 
-_HESSIAN_HELP = "curvature: the Hessian, or the Gauss-Newton matrix (default cross-entropy loss only)"
+_HESSIAN = Setting(help="the curvature", choices=CURVATURES)
 _HVP_BATCH = OptionSpec(
     256,
-    _checked(check_positive_int, "hvp_batch_size"),
+    Setting(help="training samples per Hessian-vector product batch", minimum=1, integer=True),
     query_time=True,
     recorded=False,
-    help="training samples per Hessian-vector product batch",
 )
 
 METHOD_OPTIONS: dict[str, dict[str, OptionSpec]] = {
     "tracin": {},
     "gex": {
         "tau": OptionSpec(
-            0.05,
-            _checked(check_non_negative, "tau"),
-            help="floor on the trained model's loss: φ_m = ℓ(θ_m) − max(ℓ(θ*), τ)",
+            0.05, Setting(help="floor on the trained model's loss: φ_m = ℓ(θ_m) − max(ℓ(θ*), τ)", minimum=0)
         ),
     },
     "if": {
-        "solver": OptionSpec(
-            "auto",
-            _checked(check_choice, "solver", SOLVERS),
-            query_time=True,
-            help="exact (small models), cg, lissa; auto = exact up to 4096 parameters, else cg",
-        ),
-        "damping": OptionSpec(0.001, _checked(check_non_negative, "damping"), query_time=True, help="λ in (H + λI)^-1"),
-        "hessian": OptionSpec(
-            "hessian", _checked(check_choice, "hessian", CURVATURES), query_time=True, help=_HESSIAN_HELP
-        ),
+        "solver": OptionSpec("auto", Setting(help="the inverse-HVP solver", choices=SOLVERS), query_time=True),
+        "damping": OptionSpec(0.001, Setting(help="λ in (H + λI)^-1", minimum=0), query_time=True),
+        "hessian": OptionSpec("hessian", _HESSIAN, query_time=True),
         "cg_max_iter": OptionSpec(
-            100,
-            _checked(check_positive_int, "cg_max_iter"),
-            query_time=True,
-            help="conjugate-gradient iterations at most",
+            100, Setting(help="conjugate-gradient iterations at most", minimum=1, integer=True), query_time=True
         ),
-        "cg_tol": OptionSpec(
-            1e-6, _checked(check_positive, "cg_tol"), query_time=True, help="stop when ||r|| <= cg_tol * ||b||"
-        ),
+        "cg_tol": OptionSpec(1e-6, Setting(help="stop when ||r|| <= cg_tol * ||b||", above=0), query_time=True),
         "lissa_depth": OptionSpec(
-            1000, _checked(check_positive_int, "lissa_depth"), query_time=True, help="LiSSA recursion steps"
+            1000, Setting(help="LiSSA recursion steps", minimum=1, integer=True), query_time=True
         ),
         "lissa_scale": OptionSpec(
             None,
-            _optional(_checked(check_positive, "lissa_scale")),
+            Setting(
+                help="LiSSA scale (> the largest eigenvalue of H + λI)",
+                above=0,
+                optional=True,
+                default_text="1.5x a power-iteration estimate",
+            ),
             query_time=True,
-            help="LiSSA scale (> largest eigenvalue of H + λI); auto: 1.5x a power-iteration estimate",
         ),
         "lissa_repeats": OptionSpec(
-            1, _checked(check_positive_int, "lissa_repeats"), query_time=True, help="independent LiSSA runs averaged"
+            1, Setting(help="independent LiSSA runs averaged", minimum=1, integer=True), query_time=True
         ),
         "lissa_batch_size": OptionSpec(
-            64,
-            _checked(check_positive_int, "lissa_batch_size"),
-            query_time=True,
-            help="training samples per LiSSA Hessian estimate",
+            64, Setting(help="training samples per LiSSA Hessian estimate", minimum=1, integer=True), query_time=True
         ),
         "hvp_batch_size": _HVP_BATCH,
     },
     "arnoldi": {
-        "rank": OptionSpec(20, _checked(check_positive_int, "rank"), help="eigenpairs kept (r)"),
-        "damping": OptionSpec(
-            0.0, _checked(check_non_negative, "damping"), help="λ added to the kept eigenvalues: φ = (Λ + λ)^-1/2 Uᵀ∇ℓ"
-        ),
+        "rank": OptionSpec(20, Setting(help="eigenpairs kept (r)", minimum=1, integer=True)),
+        "damping": OptionSpec(0.0, Setting(help="λ added to the kept eigenvalues: φ = (Λ + λ)^-1/2 Uᵀ∇ℓ", minimum=0)),
         "iterations": OptionSpec(
             None,
-            _optional(_checked(check_positive_int, "iterations")),
-            help="Arnoldi iterations (default max(2r, r + 20), at most the parameter count)",
+            Setting(
+                help="Arnoldi iterations",
+                minimum=1,
+                integer=True,
+                optional=True,
+                default_text="max(2r, r + 20), at most the parameter count",
+            ),
         ),
-        "hessian": OptionSpec("hessian", _checked(check_choice, "hessian", CURVATURES), help=_HESSIAN_HELP),
+        "hessian": OptionSpec("hessian", _HESSIAN),
         "hvp_batch_size": _HVP_BATCH,
     },
     "trak": {
-        "damping": OptionSpec(
-            0.01, _checked(check_non_negative, "damping"), query_time=True, help="λ in (ΦᵀΦ + λI)^-1"
-        ),
+        "damping": OptionSpec(0.01, Setting(help="λ in (ΦᵀΦ + λI)^-1", minimum=0), query_time=True),
         "out_to_loss": OptionSpec(
-            True,
-            _checked(check_flag, "out_to_loss"),
-            help="weight training samples by 1 − p(correct class), averaged over checkpoints",
+            True, Setting(help="weight training samples by 1 − p(correct class), averaged over checkpoints", flag=True)
         ),
     },
 }
@@ -157,10 +142,10 @@ def _unknown(method: str, name: str) -> ValueError:
     known = ", ".join(METHOD_OPTIONS[method]) or "none"
     if owners:
         return ValueError(
-            f"option {name} does not apply to --method {method}; it belongs to --method {' / '.join(owners)} (options "
+            f"option {name} does not apply to method={method}; it belongs to method={' / '.join(owners)} (options "
             f"of {method}: {known})"
         )
-    return ValueError(f"unknown option {name!r} for --method {method}; its options are: {known}")
+    return ArgumentError("method_options", f"unknown option {name!r} for method={method}; its options are: {known}")
 
 
 def resolve_options(method: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -173,7 +158,7 @@ def resolve_options(method: str, given: Mapping[str, Any] | None) -> dict[str, A
         if name not in specs:
             raise _unknown(method, name)
         if value is not None:
-            resolved[name] = specs[name].parse(value)
+            resolved[name] = specs[name].parse(name, value)
     return resolved
 
 
@@ -204,16 +189,16 @@ def query_overrides(
             if option_owner(name):
                 owners = " / ".join(option_owner(name))
                 raise ValueError(
-                    f"{name} applies to stores built with --method {owners}; store {store_path} was built with "
-                    f"--method {method}"
+                    f"{name} applies to stores built with method={owners}; store {store_path} was built with "
+                    f"method={method}"
                 )
             raise _unknown(method, name)
-        parsed = specs[name].parse(value)
+        parsed = specs[name].parse(name, value)
         if specs[name].query_time:
             overrides[name] = parsed
         elif name in recorded and recorded[name] != parsed:
             raise IncompatibleStoreError(
-                f"store {store_path} was built with --method {method} {name}={recorded[name]!r}; this query asks for "
-                f"{name}={parsed!r}. Query with the store's settings or rebuild with --overwrite and the new {name}."
+                f"store {store_path} was built with method={method} {name}={recorded[name]!r}; this query asks for "
+                f"{name}={parsed!r}. Query with the store's settings or rebuild with overwrite=True and the new {name}."
             )
     return overrides

@@ -47,7 +47,7 @@ def stored_self_influence(store: GradientStore, asked: Mapping[str, Any] | None)
     if name not in METHOD_OPTIONS:
         if asked:
             raise ValueError(
-                f"store {store.path} was built with --method {name}, which takes no options (got "
+                f"store {store.path} was built with method={name}, which takes no options (got "
                 f"{', '.join(sorted(asked))})"
             )
         return store.self_influence()[1]

@@ -170,7 +170,7 @@ class TracInFeaturizer(Featurizer):
             if store.complete:
                 raise CorruptStoreError(
                     f"store {store.path} was built with pca kron sides but holds no transforms/{KRON_SIDES_TRANSFORM}; "
-                    "rebuild it with --overwrite"
+                    "rebuild it with overwrite=True"
                 )
             if any(self.kron.pca_matrix(c, name, side) is None for c, name, side, _, _ in layout):
                 self._calibrate_pca()
@@ -184,7 +184,7 @@ class TracInFeaturizer(Featurizer):
             raise CorruptStoreError(
                 f"store {store.path}'s transforms/{KRON_SIDES_TRANSFORM} holds {packed.dtype} {list(packed.shape)}, "
                 "but its kron plan "
-                f"needs float32 [{expected}]; rebuild it with --overwrite"
+                f"needs float32 [{expected}]; rebuild it with overwrite=True"
             )
         offset = 0
         for c, name, side, width, k in layout:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from gradindex.errors import IncompleteStoreError
+from gradindex.errors import ArgumentError, IncompleteStoreError
 from gradindex.featurize import LoadedCheckpoint, LossModule
 from gradindex.methods._base import _BuiltinMethod, check_gradient_projection, row_dots
 from gradindex.projection import ProjectionSpec
@@ -58,7 +58,7 @@ class GramInverse:
                 rank = int((self.values[position] > floor).sum())
                 raise ValueError(
                     f"ΦᵀΦ of checkpoint {position} is singular at λ={damping:g} (rank {rank} of {shifted.shape[1]}): "
-                    "query with --damping > 0, or rebuild with a smaller --proj-dim"
+                    "query with a positive damping (e.g. damping=0.01), or rebuild with a smaller proj_dim"
                 )
         return (self.vectors / shifted.unsqueeze(1)) @ self.vectors.transpose(1, 2)
 
@@ -90,14 +90,14 @@ def finish_trak(store: GradientStore, damping: float) -> None:
     if missing:
         raise IncompleteStoreError(
             f"store {store.path} lacks the ΦᵀΦ parts of shards {missing[:10]}; rebuild them with "
-            "`gradindex build ... --resume --repair` or rebuild the store with --overwrite"
+            "`gradindex build ... --resume --repair` or rebuild the store with overwrite=True"
         )
     gram = sum(grams[shard].astype(np.float64) for shard in range(store.n_shards))
     out_to_loss = np.concatenate([weights[shard] for shard in range(store.n_shards)]).astype(np.float32)
     if out_to_loss.shape != (store.n_samples,):
         raise IncompleteStoreError(
             f"store {store.path} has {out_to_loss.shape[0]} out-to-loss weights for {store.n_samples} rows; rebuild "
-            "with --overwrite"
+            "with overwrite=True"
         )
     self_scores = trak_self_influence(store, damping, gram=gram, out_to_loss=out_to_loss)
     store.write_transform(GRAM, gram)
@@ -124,7 +124,7 @@ class TrakFeaturizer(_BuiltinMethod):
     ):
         check_gradient_projection("trak", projection)
         if not checkpoints:
-            raise ValueError("--method trak needs at least one checkpoint")
+            raise ArgumentError("checkpoints", "method=trak needs at least one checkpoint", also=["method"])
         model = self._setup("trak", task, layers=layers, normalize=normalize, device=device, options=options)
         self.checkpoints = list(checkpoints)
         margin = task.margin
@@ -211,7 +211,7 @@ class TrakFeaturizer(_BuiltinMethod):
         """collated batch of B queries -> [B, C·k]: (1/C)[(Φ_cᵀΦ_c + λI)^{-1} φ_c(q)]_c."""
         if self._inverse is None:
             raise IncompleteStoreError(
-                "TRAK queries need the store's ΦᵀΦ, written when its build completes; finish it with --resume"
+                "TRAK queries need the store's ΦᵀΦ, written when its build completes; finish it with resume=True"
             )
         inverses = self._inverse.matrices(self.query_settings["damping"]).to(self.device)
         phi, _ = self.features(batch)

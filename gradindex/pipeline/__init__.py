@@ -6,11 +6,19 @@ featurizer; ``info`` and ``verify`` look at it.
 
 from gradindex.pipeline._build import NONFINITE_POLICIES, BuildConfig, build, finalize
 from gradindex.pipeline._inspect import info, verify
-from gradindex.pipeline._query import parse_samples, query, query_featurizer, self_influence, task_for_store
+from gradindex.pipeline._query import (
+    QueryConfig,
+    parse_samples,
+    query,
+    query_featurizer,
+    self_influence,
+    task_for_store,
+)
 
 __all__ = [
     "NONFINITE_POLICIES",
     "BuildConfig",
+    "QueryConfig",
     "build",
     "finalize",
     "info",

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 
 from gradindex.checkpoints import CheckpointSpec, parse_checkpoints
 from gradindex.errors import (
+    ArgumentError,
     GradIndexError,
     IncompatibleStoreError,
     IncompleteStoreError,
@@ -43,9 +44,10 @@ from gradindex.pipeline._fingerprint import (
     fingerprint_of,
     mismatch_message,
 )
-from gradindex.projection import ProjectionSpec
+from gradindex.projection import KRON_SIDES, PROJECTION_KINDS, ProjectionSpec
 from gradindex.search import update_indexes
 from gradindex.store import (
+    STORE_DTYPES,
     GradientStore,
     StoreLayout,
     as_store,
@@ -56,7 +58,7 @@ from gradindex.store import (
     sweep_orphans,
 )
 from gradindex.task import Task, iter_batches, labels_of, load_task, tensor_rows
-from gradindex.utils import progress_bar
+from gradindex.utils import check_settings, progress_bar, setting
 from gradindex.version import __version__
 
 __all__ = ["NONFINITE_POLICIES", "BuildConfig", "build", "finalize"]
@@ -64,56 +66,70 @@ __all__ = ["NONFINITE_POLICIES", "BuildConfig", "build", "finalize"]
 log = logging.getLogger("gradindex")
 
 
+# What a build does with a sample whose vector is NaN or infinite.
+NONFINITE_POLICIES: dict[str, str] = {
+    "error": "stop; nothing is written for its shard (finished shards are kept)",
+    "skip": "store a zero vector, list the row in the manifest and leave it out of search and self-influence",
+    "zero": "store a zero vector, list the row in the manifest and keep it in search",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class BuildConfig:
-    """What a build computes (fingerprinted) and how (batching, device, layout)."""
+    """What a build computes (fingerprinted: method, projection, layers, normalize, dtype) and how (batching, device,
+    layout, working memory). Every field is checked on construction; ``build(**options)`` takes these as keywords."""
 
-    method: str = "tracin"
-    projection: str | None = (
-        None  # None: kron for tracin (the factored fast path), the ProjectionSpec default otherwise
+    method: str = setting("tracin", "how vectors are made", choices=METHODS)
+    projection: str | None = setting(
+        None,
+        "projection kind",
+        choices=PROJECTION_KINDS,
+        optional=True,
+        default_text="kron for tracin, rademacher otherwise",
     )
-    proj_dim: int = 1024
-    kron_sides: str | None = None  # kron: pca (None: the default), orthogonal or gaussian; the recorded plan keeps it
-    seed: int = 0
-    layers: tuple[str, ...] | None = None
-    normalize: bool = False
-    dtype: str = "float16"
-    batch_size: int | None = None  # None: as many samples as fit featurize_memory (kron), else 256
-    device: str = "auto"
-    rows_per_shard: int | None = None
-    method_options: dict = field(default_factory=dict)
-    nonfinite: str = "error"
+    proj_dim: int = setting(1024, "projected dimension per checkpoint", minimum=1, integer=True)
+    kron_sides: str | None = setting(
+        None, "how kron projects each narrow layer side", choices=KRON_SIDES, optional=True, default_text="pca"
+    )
+    seed: int = setting(0, "projection seed", minimum=0, integer=True)
+    layers: tuple[str, ...] | None = setting(
+        None, "only parameters whose names match one of these globs, e.g. 'fc2.*'", optional=True, metavar="GLOB"
+    )
+    normalize: bool = setting(False, "unit-normalise each checkpoint's vector (cosine scores)")
+    dtype: str = setting("float16", "stored vector dtype", choices=STORE_DTYPES)
+    batch_size: int | None = setting(
+        None,
+        "samples per batch",
+        minimum=1,
+        integer=True,
+        optional=True,
+        default_text="as many as fit the featurization memory (kron), else 256",
+    )
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    rows_per_shard: int | None = setting(
+        None, "rows per shard", minimum=1, integer=True, optional=True, default_text="about 64 MiB of vectors"
+    )
+    method_options: dict = setting(
+        default_factory=dict, help="options of the method (gradindex.methods.METHOD_OPTIONS)", cli=False
+    )
+    nonfinite: str = setting("error", "what to do with a NaN/inf vector", choices=NONFINITE_POLICIES)
     # how featurization runs (not fingerprinted): working memory per chunk, torch.compile, CUDA bfloat16 autocast
-    featurize_memory: int = 512 << 20
-    compile: bool = False
-    autocast: bool = False
+    featurize_memory: int = setting(
+        512 << 20, "working memory of one featurization chunk, in bytes", minimum=1, integer=True, default_text="512M"
+    )
+    compile: bool = setting(False, "torch.compile the kron projection kernels")
+    autocast: bool = setting(False, "on CUDA: forward/backward in bfloat16 (projections stay float32); ignored on CPU")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.batch_size is not None and self.batch_size <= 0:
-            raise ValueError(f"batch size must be positive, got {self.batch_size}")
-        if self.featurize_memory <= 0:
-            raise ValueError(f"featurize memory must be positive, got {self.featurize_memory}")
+        if self.layers is not None and not isinstance(self.layers, tuple):
+            object.__setattr__(self, "layers", tuple([self.layers] if isinstance(self.layers, str) else self.layers))
+        check_settings(self)
         if self.projection is None:
             object.__setattr__(self, "projection", "kron" if self.method == "tracin" else ProjectionSpec().kind)
-        if self.rows_per_shard is not None and self.rows_per_shard <= 0:
-            raise ValueError(f"rows per shard must be positive, got {self.rows_per_shard}")
-        if self.nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"--nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got {self.nonfinite!r}")
-        if self.layers is not None and not isinstance(self.layers, tuple):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        self.projection_spec()  # validates kind, dim, seed
+        self.projection_spec()  # checks what belongs together (kron_sides with kron)
 
     def projection_spec(self) -> ProjectionSpec:
-        return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed, kron_sides=self.kron_sides)  # type: ignore[arg-type]
-
-
-# What a build does with a sample whose vector is NaN or infinite: stop (nothing written for its
-# shard), or record it and continue with a zero vector, left out of search (skip) or kept in it (zero).
-NONFINITE_POLICIES = ("error", "skip", "zero")
+        return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed, kron_sides=self.kron_sides)
 
 
 def _loader_batch_size(config: BuildConfig, featurizer: Any) -> int:
@@ -141,7 +157,7 @@ def _shard_assignment(shard: tuple[int, int] | None) -> tuple[int, int]:
     else:
         return 0, 1
     if count <= 0 or not 0 <= index < count:
-        raise ValueError(f"--shard I/N needs 0 <= I < N, got {index}/{count}")
+        raise ArgumentError("shard", f"shard (I, N) needs 0 <= I < N, got {index}/{count}")
     return index, count
 
 
@@ -187,13 +203,23 @@ def build(
     elif options:
         config = BuildConfig(**{**asdict(config), **options})
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: resume continues a build, overwrite replaces it")
+        raise ArgumentError(
+            "resume",
+            "resume=True and overwrite=True exclude each other: resume continues a build, overwrite replaces it",
+            also=["overwrite"],
+        )
     if repair and not resume:
-        raise ValueError("--repair needs --resume: it recomputes the damaged shards of an existing store")
+        raise ArgumentError(
+            "repair", "repair needs resume=True: it recomputes the damaged shards of an existing store", also=["resume"]
+        )
     if claim_timeout is not None and not claim_timeout > 0:
-        raise ValueError(f"--claim-timeout must be a positive number of seconds, got {claim_timeout}")
+        raise ArgumentError("claim_timeout", f"claim_timeout must be a positive number of seconds, got {claim_timeout}")
     if append and overwrite:
-        raise ValueError("--append and --overwrite exclude each other: append grows a store, overwrite replaces it")
+        raise ArgumentError(
+            "append",
+            "append=True and overwrite=True exclude each other: append grows a store, overwrite replaces it",
+            also=["overwrite"],
+        )
     task_spec = _absolute_spec(task) if isinstance(task, str) else None
     task = load_task(task)
     specs = parse_checkpoints(checkpoints)
@@ -250,7 +276,7 @@ def build(
     else:
         if output.exists() and not overwrite:
             raise StoreExistsError(
-                f"{output} already exists; pass --resume to continue its build or --overwrite to replace it"
+                f"{output} already exists; pass resume=True to continue its build or overwrite=True to replace it"
             )
         layout = StoreLayout.auto(n_samples, featurizer.dim, config.dtype, rows_per_shard=config.rows_per_shard)
         extra = {
@@ -331,7 +357,7 @@ def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | 
     if asked.kron_sides is not None and built is not None and asked.kron_sides != built:
         raise IncompatibleStoreError(
             f"store {output} was built with kron sides {built}, not {asked.kron_sides}; "
-            f"continue it with --kron-sides {built} (or without --kron-sides), or rebuild with --overwrite"
+            f"continue it with kron_sides={built} (or without kron_sides), or rebuild with overwrite=True"
         )
     return recorded
 
@@ -350,7 +376,7 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
                 diffs,
                 store.fingerprint,
                 fingerprint,
-                "Append with the store's settings, or rebuild with --overwrite.",
+                "Append with the store's settings, or rebuild with overwrite=True.",
             )
         )
     from_rows = sorted(
@@ -359,12 +385,12 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
     if from_rows:
         raise IncompatibleStoreError(
             f"store {output} holds query-side transforms ({', '.join(from_rows)}) computed from every row; "
-            "appending would invalidate them. Rebuild with --overwrite."
+            "appending would invalidate them. Rebuild with overwrite=True."
         )
     appended_from = store.manifest.get("appended_from") if not store.complete else store.n_samples
     if appended_from is None:
         raise IncompatibleStoreError(
-            f"store {output} is incomplete ({store.progress()}); finish it with --resume before appending"
+            f"store {output} is incomplete ({store.progress()}); finish it with resume=True before appending"
         )
     if store.complete and n_samples == store.n_samples:
         raise ValueError(
@@ -375,7 +401,7 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
         raise IncompatibleStoreError(
             f"the task's training set has {n_samples} samples but store {output} holds {appended_from}; append only "
             "adds samples. "
-            "Rebuild with --overwrite."
+            "Rebuild with overwrite=True."
         )
     # the store's rows must still be the task's first rows: their probe hash, taken as at the store's build
     # (an append that stopped midway already holds the grown data set's fingerprint)
@@ -390,7 +416,7 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
         raise IncompatibleStoreError(
             f"the first {appended_from} training samples differ from those store {output} was built from; append "
             "needs the old "
-            "samples unchanged and in the same order, with new ones after them. Rebuild with --overwrite."
+            "samples unchanged and in the same order, with new ones after them. Rebuild with overwrite=True."
         )
     store.sweep_temporaries()
     store.reopen_for_append(n_samples, fingerprint, extra=extra)
@@ -495,8 +521,8 @@ def _compute_shard(
                 f"{len(bad)} of the {stop - start} vectors of shard {index} are NaN or infinite (rows {rows[:10]}"
                 f"{' ...' if len(rows) > 10 else ''}, sample ids {ids}); nothing was written for this shard and "
                 "finished shards are kept. "
-                "Fix the data or the model, or resume with --nonfinite skip (leave those samples out of search) "
-                "or --nonfinite zero (keep them with zero vectors)"
+                "Fix the data or the model, or resume with nonfinite=skip (leave those samples out of search) "
+                "or nonfinite=zero (keep them with zero vectors)"
             )
         features[bad] = 0.0
         self_scores[bad] = 0.0
@@ -538,16 +564,15 @@ def _check_joinable(store: GradientStore, fingerprint: dict, config: BuildConfig
                 diffs,
                 store.fingerprint,
                 fingerprint,
-                "Resume with the store's settings, or rebuild with --overwrite.",
+                "Resume with the store's settings, or rebuild with overwrite=True.",
             )
         )
     if config.rows_per_shard is not None and config.rows_per_shard != store.layout.rows_per_shard:
         raise IncompatibleStoreError(
             f"store {store.path} does not match this call: layout.rows_per_shard: store has "
             f"{store.layout.rows_per_shard}, "
-            f"this call has {config.rows_per_shard}. Every writer must cut the same shards: leave out "
-            "--rows-per-shard or pass "
-            f"{store.layout.rows_per_shard}."
+            f"this call has {config.rows_per_shard}. Every writer must cut the same shards: leave rows_per_shard out "
+            f"or pass rows_per_shard={store.layout.rows_per_shard}."
         )
 
 

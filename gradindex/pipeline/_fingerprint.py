@@ -151,5 +151,5 @@ def content_message(store: GradientStore, shard: int, expected: str, actual: str
         f"{start}..{stop - 1}): "
         f"store has {expected[:12]}…, this call has {actual[:12]}…. The training set changed since those rows were "
         "written "
-        "(or its items are not deterministic); resume with the same data, or rebuild with --overwrite."
+        "(or its items are not deterministic); resume with the same data, or rebuild with overwrite=True."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +12,63 @@ import pyarrow as pa
 import torch
 
 from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, parse_checkpoints
-from gradindex.errors import CheckpointError, IncompatibleStoreError, TaskSpecError
+from gradindex.errors import ArgumentError, CheckpointError, IncompatibleStoreError, TaskSpecError
 from gradindex.featurize import Featurizer, load_checkpoints, model_fingerprint, resolve_device
 from gradindex.methods import as_method_featurizer, make_featurizer, recompute_self_influence, stored_self_influence
 from gradindex.pipeline._fingerprint import dataset_probe, mismatch_message
 from gradindex.projection import ProjectionSpec
-from gradindex.search import search_store
+from gradindex.search import check_search_options, search_store
 from gradindex.store import GradientStore, as_store, fingerprint_differences
 from gradindex.task import Task, iter_batches, load_task
-from gradindex.utils import check_positive_int, progress_bar
+from gradindex.utils import check_positive_int, check_settings, progress_bar, setting
 
-__all__ = ["parse_samples", "query", "query_featurizer", "self_influence", "task_for_store"]
+__all__ = ["QueryConfig", "parse_samples", "query", "query_featurizer", "self_influence", "task_for_store"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryConfig:
+    """How a query is answered: which samples of which split, how many results, and how the store is searched.
+    ``query(**options)`` takes these as keywords and checks them here."""
+
+    split: str = setting("test", "query split of the task (train, test or a key of Task.queries)")
+    k: int = setting(10, "results per query", minimum=1, integer=True)
+    opponents: bool = setting(False, "the most negative influence instead of the most positive")
+    device: str = setting("auto", "auto, cpu or cuda[:N]")
+    batch_size: int = setting(256, "query samples featurized per batch", minimum=1, integer=True)
+    memory_budget: int | None = setting(
+        None,
+        "bytes in-memory search may use; larger stores are streamed shard by shard",
+        minimum=0,
+        integer=True,
+        optional=True,
+        default_text="a quarter of memory, at most 8G",
+        metavar="SIZE",
+    )
+    allow_incomplete: bool = setting(False, "search the finished part of an incomplete store")
+    index: str | None = setting(
+        None,
+        "search the persisted approximate index NAME (gradindex index) instead of exact search",
+        optional=True,
+        metavar="NAME",
+    )
+    nprobe: int | None = setting(
+        None,
+        "with index: IVF lists probed (HNSW: efSearch)",
+        minimum=1,
+        integer=True,
+        optional=True,
+        default_text="the value reaching the index's target recall",
+    )
+    dask: Any = setting(
+        None,
+        "spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N",
+        optional=True,
+        metavar="ADDRESS",
+    )
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        check_search_options(self.index, self.nprobe, self.dask)
 
 
 def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torch.device) -> tuple[Featurizer, list]:
@@ -46,7 +93,7 @@ def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torc
         if checkpoint_sha256(spec.path) != expected["sha256"]:
             raise IncompatibleStoreError(
                 f"checkpoints[{position}].sha256: {spec.path} is not the file store {store.path} was built from. "
-                "Query with the store's checkpoints or rebuild with --overwrite."
+                "Query with the store's checkpoints or rebuild with overwrite=True."
             )
     specs = [
         CheckpointSpec(path=spec.path, weight=expected["weight"])
@@ -124,11 +171,13 @@ def parse_samples(samples: Sequence[int] | str | None, n_available: int) -> list
                 else:
                     picked.append(int(part))
             except ValueError:
-                raise ValueError(f"--samples {samples!r} must be indices and ranges like 0,5,10-19") from None
+                raise ArgumentError(
+                    "samples", f"samples {samples!r} must be indices and ranges like 0,5,10-19"
+                ) from None
         samples = picked
     picked = [int(value) for value in samples]
     if not picked:
-        raise ValueError("no query samples given; pass --samples 0,1,2 or --all")
+        raise ArgumentError("samples", "no query samples given; pass samples (e.g. 0,1,2), or leave them out for all")
     bad = [value for value in picked if not 0 <= value < n_available]
     if bad:
         raise ValueError(
@@ -160,16 +209,53 @@ def query(
     method_options: dict | None = None,
     storage_options: dict | None = None,
 ) -> pa.Table:
-    """The k most influential training samples for each query sample.
+    """The k most influential training samples for each query sample, as an Arrow table.
 
-    Returns a table ``query, query_id, rank, row, sample_id, score``: ``query`` numbers the query
-    samples in the order given, ``query_id`` is the sample's index in ``split``, ``row`` the store row,
-    ``score`` ⟨φ(q), φ(z)⟩ (positive = proponent; with ``opponents=True`` the most negative).
-    ``index``, ``nprobe`` and ``dask`` are as in ``search_store``. ``damping``, ``solver`` and
-    ``method_options`` change the query side of asymmetric methods (IF: damping, solver and its settings;
-    TRAK: damping) without a rebuild; asking for another value of a build-time option is an error.
-    ``store`` is a path, an fsspec URL (``storage_options`` go to its filesystem) or an opened store.
+    Returns a table ``query, query_id, rank, row, sample_id, score``: ``query`` numbers the query samples in the order
+    given, ``query_id`` is the sample's index in ``split``, ``row`` the store row, ``score`` ⟨φ(q), φ(z)⟩ (positive =
+    proponent; with ``opponents=True`` the most negative first). The query samples are featurized exactly as the
+    store's rows were (the store's checkpoints, projection and method, checked against their fingerprint).
+
+    Args:
+        store: the store: a path, an fsspec URL (``s3://...``) or an opened ``GradientStore``.
+        task: a ``Task`` or task spec; default: the spec the store recorded at build.
+        split: the query split of the task (``train``, ``test`` or a key of ``Task.queries``).
+        samples: indices into ``split``: a sequence, or text like ``"0,5,10-19"``; default: the whole split.
+        k: results per query sample.
+        opponents: the k most negative scores instead of the k most positive.
+        checkpoints: the checkpoint paths, if they moved since the build (same files, same order).
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` for featurizing the queries.
+        batch_size: query samples featurized per batch.
+        memory_budget: bytes in-memory search may use; a larger store is streamed shard by shard (same answers).
+        allow_incomplete: search the finished shards of a store whose build has not completed.
+        use_gpu: search with faiss on GPUs (default: when faiss has them).
+        progress: show progress bars (default: when stderr is a terminal).
+        index: search the persisted approximate index of this name (``build_index``) instead of exact search.
+        nprobe: with ``index``, IVF lists probed (HNSW: efSearch); default: the index's own, for its target recall.
+        dask: spread exact search over Dask workers: a scheduler address, ``"local:N"`` or a ``distributed.Client``.
+        damping: asymmetric stores (if, trak): λ for this query instead of the store's, without a rebuild.
+        solver: if stores: the inverse-HVP solver for this query (``exact``, ``cg``, ``lissa``).
+        method_options: other query-side method options (``gradindex.methods.METHOD_OPTIONS``); asking for another
+            value of a build-time option is an ``IncompatibleStoreError``.
+        storage_options: options of the fsspec filesystem of a store URL (credentials, endpoint).
+
+    Raises:
+        IncompatibleStoreError: the task, checkpoints or settings are not the store's (the field is named).
+        IncompleteStoreError: the store's build has not finished and ``allow_incomplete`` is not set.
+        ArgumentError: a bad argument (the message names it).
     """
+    QueryConfig(
+        split=split,
+        k=k,
+        opponents=opponents,
+        device=device,
+        batch_size=batch_size,
+        memory_budget=memory_budget,
+        allow_incomplete=allow_incomplete,
+        index=index,
+        nprobe=nprobe,
+        dask=dask,
+    )
     store = as_store(store, storage_options)
     k = check_positive_int("k", k)
     store._require_readable(allow_incomplete)
@@ -263,12 +349,25 @@ def self_influence(
     progress: bool | None = None,
     storage_options: dict | None = None,
 ) -> pa.Table:
-    """Training samples ranked by self-influence, highest first: ``rank, row, sample_id, score``.
+    """Training samples ranked by self-influence, highest first: a table ``rank, row, sample_id, score``.
 
-    Self-influence is ⟨φ(z), φ(z)⟩, or ⟨T φ(z), φ(z)⟩ for asymmetric methods, as stored at build. With
-    ``damping``/``solver``/``method_options`` it is recomputed at those query-side settings: from the
-    store alone for TRAK, through the task's gradients for influence functions (``task``, ``checkpoints``
-    and ``device`` as in ``query``).
+    Self-influence is ⟨φ(z), φ(z)⟩, or ⟨T φ(z), φ(z)⟩ for asymmetric methods, as stored at build: high for mislabeled,
+    duplicated and atypical samples. With ``damping``/``solver``/``method_options`` it is recomputed at those query-side
+    settings: from the store alone for TRAK, through the task's gradients for influence functions.
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``.
+        top: only the ``top`` highest; default: every row.
+        allow_incomplete: rank the finished shards of a store whose build has not completed.
+        damping: asymmetric stores (if, trak): recompute at this λ instead of the store's.
+        solver: if stores: recompute with this inverse-HVP solver.
+        method_options: other query-side method options to recompute with.
+        task: if stores recomputed at other settings: the task (default: the store's recorded spec).
+        checkpoints: with ``task``: the checkpoint paths, if they moved since the build.
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` for a recomputation.
+        batch_size: training samples per batch of a recomputation.
+        progress: show progress bars (default: when stderr is a terminal).
+        storage_options: options of the fsspec filesystem of a store URL.
     """
     store = as_store(store, storage_options)
     if top is not None:

@@ -150,7 +150,7 @@ class KronPlan:
                 f"the recorded kron plan does not fit this model: it factors {[entry[0] for entry in wanted]} "
                 f"(the model has {[entry[0] for entry in found]}) and projects {[rest['params'] for rest in rests]} "
                 "with sjlt "
-                f"(the model: {list(rest_params)}); use the model (task) and --layers the store was built with"
+                f"(the model: {list(rest_params)}); use the model (task) and the layers the store was built with"
             )
         plans = []
         for layer, entry in zip(layers, recorded):
@@ -159,7 +159,7 @@ class KronPlan:
                 raise ValueError(
                     f"the recorded kron plan of {layer.name} is invalid ({entry}): the store's manifest was edited or "
                     "damaged; "
-                    "rebuild the store with --overwrite"
+                    "rebuild the store with overwrite=True"
                 )
             plans.append(KronLayerPlan(layer, k_in, k_out, sides=sides))
         rest = rests[0] if rests else None
@@ -268,8 +268,8 @@ def plan_kron(
         raise ValueError("the kron projection has no parameters to project")
     if dim < len(sizes):
         raise ValueError(
-            f"--proj-dim {dim} is smaller than the {len(sizes)} parameter groups the kron projection splits it over; "
-            f"use --proj-dim {len(sizes)} or more, or --layers to index fewer layers"
+            f"proj_dim={dim} is smaller than the {len(sizes)} parameter groups the kron projection splits it over; "
+            f"use proj_dim={len(sizes)} or more, or fewer layers (layers=GLOB)"
         )
     weights = None
     if energies is not None:

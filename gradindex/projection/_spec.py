@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from gradindex.errors import ArgumentError
+
 __all__ = ["KRON_SIDES", "PROJECTION_KINDS", "ParamPlan", "ProjectionSpec", "derive_seed"]
 
 ProjectionKind = Literal["none", "rademacher", "gaussian", "sjlt", "kron"]
@@ -64,7 +66,9 @@ class ProjectionSpec:
             if self.kron_sides not in KRON_SIDES:
                 raise ValueError(f"kron sides must be one of {', '.join(sorted(KRON_SIDES))}, got {self.kron_sides!r}")
             if self.kind != "kron":
-                raise ValueError(f"--kron-sides applies to --projection kron only, not {self.kind}")
+                raise ArgumentError(
+                    "kron_sides", f"kron_sides applies to projection=kron only, not projection={self.kind}"
+                )
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "dim": self.dim, "seed": self.seed, "sjlt_nnz": self.sjlt_nnz}

@@ -32,7 +32,9 @@ from gradindex.search._dask import DaskSearch, merge_topk, search_store_dask
 from gradindex.search._exact import ExactIndex, search_blocks
 from gradindex.search._faiss import configure_faiss, gpu_count
 from gradindex.search._persisted import (
+    IndexConfig,
     build_index,
+    clear_index_cache,
     drop_index,
     list_indexes,
     loaded_index,
@@ -40,15 +42,18 @@ from gradindex.search._persisted import (
     store_content_id,
     update_indexes,
 )
-from gradindex.search._store_search import search_store
+from gradindex.search._store_search import check_search_options, search_store
 
 __all__ = [
     "ApproxIndex",
     "DaskSearch",
     "ExactIndex",
+    "IndexConfig",
     "OnDiskListsWriter",
     "brute_force_topk",
     "build_index",
+    "check_search_options",
+    "clear_index_cache",
     "configure_faiss",
     "default_index_name",
     "default_nlist",

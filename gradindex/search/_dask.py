@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.errors import GradIndexError, IncompatibleStoreError
+from gradindex.errors import ArgumentError, GradIndexError, IncompatibleStoreError
 from gradindex.search._arrays import without_rows
 from gradindex.search._exact import ExactIndex, search_blocks
 from gradindex.store import GradientStore, is_remote, open_store
@@ -48,7 +48,9 @@ def _parse_local(spec: str) -> int | None:
         return None
     count = spec.partition(":")[2]
     if not count.isdigit() or int(count) <= 0:
-        raise ValueError(f"--dask {spec!r} must be local:N with N a positive number of worker processes, e.g. local:4")
+        raise ArgumentError(
+            "dask", f"dask={spec} must be local:N with N a positive number of worker processes, e.g. dask=local:4"
+        )
     return int(count)
 
 

@@ -20,11 +20,12 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from gradindex.errors import IncompleteStoreError, SearchError, StoreExistsError
+from gradindex.errors import ArgumentError, IncompleteStoreError, SearchError, StoreExistsError
 from gradindex.search._approx import (
     META_SUFFIX,
     TMP_MARK,
@@ -48,16 +49,19 @@ from gradindex.search._arrays import without_rows
 from gradindex.search._exact import search_blocks
 from gradindex.store import GradientStore, RemotePath, is_remote, open_store, remove_file, write_bytes_atomic
 from gradindex.utils import (
-    check_positive_int,
+    check_settings,
     default_memory_budget,
     progress_bar,
+    setting,
     sha256_bytes,
     sha256_file,
     sha256_json,
 )
 
 __all__ = [
+    "IndexConfig",
     "build_index",
+    "clear_index_cache",
     "drop_index",
     "list_indexes",
     "loaded_index",
@@ -170,6 +174,53 @@ def _progress(total: int, desc: str, enabled: bool | None):
     return progress_bar(total, desc, enabled=enabled, unit="row")
 
 
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """How an approximate index is built and how its recall is measured. ``build_index(store, factory, **options)``
+    takes these as keywords and checks them here."""
+
+    factory: str = setting(
+        help='a faiss index_factory string, e.g. "IVF4096,SQfp16", "IVF,PQ64" or "HNSW32" (IVF alone: nlist ≈ 4√N)',
+        metavar="FACTORY",
+    )
+    name: str | None = setting(
+        None, "the index's name", optional=True, default_text="from the factory, e.g. ivf4096-sqfp16", metavar="NAME"
+    )
+    k: int = setting(10, "the k of the recall@k measured", minimum=1, integer=True)
+    recall_queries: int = setting(200, "held-out store rows recall is measured on", minimum=1, integer=True)
+    target_recall: float = setting(0.95, "recall the default nprobe (HNSW: efSearch) must reach", above=0, maximum=1)
+    train_size: int | None = setting(
+        None,
+        "rows the index is trained on",
+        minimum=1,
+        integer=True,
+        optional=True,
+        default_text="what the factory wants, within half the memory budget",
+    )
+    on_disk: bool = setting(
+        False, "keep the IVF lists in a file beside the index (faiss contrib.ondisk), not in memory"
+    )
+    use_gpu: bool | None = setting(
+        None, "train and search on all GPUs", flag=True, optional=True, default_text="when faiss has GPUs", cli=False
+    )
+    memory_budget: int | None = setting(
+        None,
+        "bytes the training sample may use (half of it)",
+        minimum=1,
+        integer=True,
+        optional=True,
+        default_text="a quarter of memory, at most 8G",
+        metavar="SIZE",
+    )
+    overwrite: bool = setting(False, "replace an index of the same name")
+    seed: int = setting(0, "seed of the training and held-out samples", minimum=0, integer=True)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.name is not None:
+            check_index_name(self.name)
+
+
 def build_index(
     store: GradientStore | str | Path,
     factory: str,
@@ -188,23 +239,50 @@ def build_index(
 ) -> dict:
     """Build an approximate index of a complete store from a faiss ``index_factory`` string and persist it.
 
-    Trains on ``train_size`` random rows (default: what the factory wants, within half the memory
-    budget), adds the store one shard at a time, and measures recall@``k`` against exact search on
-    ``recall_queries`` held-out rows. IVF indexes search with the smallest nprobe reaching
-    ``target_recall`` by default (HNSW: efSearch). ``on_disk=True`` keeps the IVF lists in a file
-    (faiss ``contrib.ondisk``) instead of memory. Returns the index's meta (also in ``info``).
+    Trains on a random sample of the store's rows, adds the store one shard at a time (the store is never held in
+    memory whole), and measures recall@``k`` against exact search on held-out rows; IVF indexes search with the
+    smallest nprobe reaching ``target_recall`` by default (HNSW: efSearch). The index is written under the store's
+    ``indexes/`` atomically; query it with ``query(..., index=name)`` or ``search_store(..., index=name)``.
+
+    Args:
+        store: a complete store: a path, an fsspec URL or an opened ``GradientStore``.
+        factory: a faiss ``index_factory`` string (``"IVF4096,SQfp16"``, ``"IVF,PQ64"``, ``"HNSW32"``).
+        name: the index's name; default: made from the factory (``ivf4096-sqfp16``).
+        k: the k of the recall@k measured.
+        recall_queries: held-out store rows the recall is measured on.
+        target_recall: the recall the default nprobe (efSearch) must reach, in (0, 1].
+        train_size: rows the index is trained on; default: what the factory wants, within half the memory budget.
+        on_disk: keep the IVF lists in a file beside the index (faiss ``contrib.ondisk``) instead of memory.
+        use_gpu: train and search on all GPUs (default: when faiss has them).
+        memory_budget: bytes the training sample may use (half of it).
+        overwrite: replace an index of the same name.
+        seed: seed of the training and held-out samples.
+        progress: show progress bars (default: when stderr is a terminal).
+
+    Returns:
+        The index's meta (also listed by ``info``): its recall curve, nprobe, factory, files and build time.
     """
+    config = IndexConfig(
+        factory=factory,
+        name=name,
+        k=k,
+        recall_queries=recall_queries,
+        target_recall=target_recall,
+        train_size=train_size,
+        on_disk=on_disk,
+        use_gpu=use_gpu,
+        memory_budget=memory_budget,
+        overwrite=overwrite,
+        seed=seed,
+    )
+    k, recall_queries, train_size, seed = config.k, config.recall_queries, config.train_size, config.seed
     store = _open(store)
     _require_complete(store, "indexing it")
     name = check_index_name(name if name is not None else default_index_name(factory))
-    k = check_positive_int("k", k)
-    if not 0 < target_recall <= 1:
-        raise ValueError(f"target recall must be in (0, 1], got {target_recall}")
-    recall_queries = check_positive_int("recall_queries", recall_queries)
     directory = index_dir(store)
     if name in index_names(directory) and not overwrite:
         raise StoreExistsError(
-            f"index {name!r} already exists in {store.path}; pass --overwrite to rebuild it or choose another --name"
+            f"index {name!r} already exists in {store.path}; pass overwrite=True to rebuild it or choose another name"
         )
     sweep_index_temporaries(directory)
     started = time.perf_counter()
@@ -395,6 +473,11 @@ def drop_index(store: GradientStore | str | Path, name: str) -> None:
     _forget(directory, name)
 
 
+def clear_index_cache() -> None:
+    """Forget every index this process loaded (the next search reads its files again)."""
+    _LOADED.clear()
+
+
 def _forget(directory: Path, name: str) -> None:
     for key in [key for key in _LOADED if key[0] == str(directory) and key[1] == name]:
         del _LOADED[key]
@@ -444,7 +527,9 @@ def search_index(
     approx, meta = loaded_index(store, name, use_gpu)
     param = nprobe if nprobe is not None else meta.get("nprobe")
     if nprobe is not None and approx.search_parameter is None:
-        raise ValueError(f"index {name} ({meta.get('factory')}) has no nprobe/efSearch to set; leave out --nprobe")
+        raise ArgumentError(
+            "nprobe", f"nprobe does not apply to index {name} ({meta.get('factory')}): it has no nprobe or efSearch"
+        )
     searched = -np.asarray(queries, dtype=np.float32) if opponents else queries
     skipped = _skipped_rows(store)
     scores, rows = approx.search(searched, k + len(skipped), param=param)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.errors import IncompatibleStoreError, IncompleteStoreError
+from gradindex.errors import ArgumentError, IncompatibleStoreError, IncompleteStoreError
 from gradindex.search._dask import search_store_dask
 from gradindex.search._exact import ExactIndex, search_blocks
 from gradindex.search._persisted import search_index
@@ -17,7 +17,7 @@ from gradindex.search._prefetch import prefetch_blocks, prefetch_depth, to_float
 from gradindex.store import GradientStore, as_store
 from gradindex.utils import check_positive_int, default_memory_budget, track
 
-__all__ = ["search_store"]
+__all__ = ["check_search_options", "search_store"]
 
 
 def search_store(
@@ -34,13 +34,28 @@ def search_store(
     nprobe: int | None = None,
     dask: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner-product search of ``queries [q, D]`` over the store: ``(scores [q, k'], rows [q, k'])``.
+    """Top-k inner-product search of ``queries [q, D]`` over the store: ``(scores [q, k'], rows [q, k'])``.
 
-    Opponents are the top-k of the negated queries; their scores are reported as the true (negative) influence.
-    The store is searched in memory when it fits ``memory_budget`` bytes (as float32), else streamed shard by shard.
-    ``index=NAME`` searches a persisted approximate index instead (``build_index``; ``nprobe`` overrides its
-    default nprobe/efSearch; rows not found are -1). ``dask`` (a scheduler address, ``"local:N"`` or a
-    ``distributed.Client``) spreads the exact search over Dask workers, each holding some of the shards.
+    Exact by default: in memory when the store fits ``memory_budget`` bytes (as float32), else streamed shard by shard
+    with the same answers. Opponents are the top-k of the negated queries; their scores are reported as the true
+    (negative) influence. Rows the build left out (``nonfinite="skip"``) are never returned.
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``.
+        queries: ``[q, D]`` query vectors (``D`` the store's dimension), e.g. from the store's featurizer.
+        k: results per query.
+        opponents: the k most negative scores instead of the k most positive.
+        memory_budget: bytes in-memory search may use; default a quarter of memory, at most 8 GiB.
+        allow_incomplete: search the finished shards of a store whose build has not completed.
+        use_gpu: search with faiss on GPUs (default: when faiss has them).
+        progress: show progress bars (default: when stderr is a terminal).
+        index: search the persisted approximate index of this name (``build_index``) instead; rows not found are -1.
+        nprobe: with ``index``, IVF lists probed (HNSW: efSearch); default: the index's own.
+        dask: spread the exact search over Dask workers: a scheduler address, ``"local:N"`` or a
+            ``distributed.Client``, each worker holding some of the shards.
+
+    Returns:
+        ``(scores [q, k'], rows [q, k'])``, best first; ``k' = min(k, rows searched)``.
     """
     store = as_store(store)
     k = check_positive_int("k", k)
@@ -49,10 +64,7 @@ def search_store(
         raise IncompatibleStoreError(
             f"queries have shape {list(queries.shape)} but store {store.path} holds vectors of dimension {store.dim}"
         )
-    if index is not None and dask is not None:
-        raise ValueError("--index and --dask exclude each other: Dask search is exact")
-    if nprobe is not None and index is None:
-        raise ValueError("--nprobe applies to an approximate index; pass --index NAME too")
+    check_search_options(index, nprobe, dask)
     if index is not None:
         return _dropping_skipped(
             store,
@@ -95,6 +107,18 @@ def search_store(
     else:
         return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
     return (-scores if opponents else scores), _store_rows(rows, skipped)
+
+
+def check_search_options(index: str | None, nprobe: int | None, dask: Any) -> None:
+    """The ways to search that go together: an index is approximate and Dask search exact; nprobe needs an index."""
+    if index is not None and dask is not None:
+        raise ArgumentError(
+            "index", "index=NAME and dask=ADDRESS exclude each other: Dask search is exact", also=["dask"]
+        )
+    if nprobe is not None and index is None:
+        raise ArgumentError(
+            "nprobe", "nprobe applies to a search through a persisted index; give index=NAME too", also=["index"]
+        )
 
 
 def _dropping_skipped(

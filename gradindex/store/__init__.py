@@ -17,6 +17,7 @@ from gradindex.store._remote import (
 )
 from gradindex.store._store import (
     FORMAT,
+    STORE_DTYPES,
     GradientStore,
     StoreLayout,
     as_store,
@@ -30,6 +31,7 @@ from gradindex.store._store import (
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
     "FORMAT",
+    "STORE_DTYPES",
     "GradientStore",
     "RemotePath",
     "StorageError",

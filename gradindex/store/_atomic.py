@@ -22,8 +22,8 @@ import threading
 import uuid
 from pathlib import Path
 
+import gradindex.store._remote as _remote
 from gradindex.errors import StoreWriteError
-from gradindex.store import _remote
 from gradindex.store._remote import is_remote
 from gradindex.store.faults import crash_point, step
 from gradindex.utils import HOST_TAG, pid_alive

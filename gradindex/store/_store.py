@@ -41,6 +41,7 @@ import zarr
 import zarr.storage
 from zarr.core.buffer import default_buffer_prototype
 
+import gradindex.store._transforms as _transforms
 from gradindex.errors import (
     CorruptStoreError,
     GradIndexError,
@@ -52,7 +53,6 @@ from gradindex.errors import (
     StoreNotFoundError,
     StoreWriteError,
 )
-from gradindex.store import _transforms
 from gradindex.store._atomic import (
     TMP_MARK,
     create_exclusive,
@@ -75,6 +75,7 @@ from gradindex.utils import pid_alive, sha256_bytes, sha256_file
 
 __all__ = [
     "FORMAT",
+    "STORE_DTYPES",
     "GradientStore",
     "StoreLayout",
     "as_store",
@@ -86,6 +87,11 @@ __all__ = [
 ]
 
 FORMAT = "gradindex/1"
+# the dtypes a store keeps its vectors in
+STORE_DTYPES: dict[str, str] = {
+    "float16": "half the bytes; a value beyond float16's ±65504 is refused (build with float32 then)",
+    "float32": "exact",
+}
 FLOAT16_MAX = 65504.0
 _SHARD_DIR = "_shards"
 _ARRAYS = ("features", "self_influence")
@@ -107,7 +113,7 @@ class StoreLayout:
             raise ValueError(f"a store needs at least one sample, got n_samples={self.n_samples}")
         if self.dim <= 0:
             raise ValueError(f"vector dimension must be positive, got {self.dim}")
-        if self.dtype not in ("float16", "float32"):
+        if self.dtype not in STORE_DTYPES:
             raise ValueError(f"store dtype must be float16 or float32, got {self.dtype!r}")
         if self.rows_per_shard <= 0 or self.rows_per_chunk <= 0:
             raise ValueError("rows_per_shard and rows_per_chunk must be positive")
@@ -730,7 +736,7 @@ class GradientStore:
             peak = max(float(features.max()), -float(features.min())) if features.size else 0.0
             if peak > FLOAT16_MAX:
                 raise NonFiniteError(
-                    f"feature values reach {peak:.3g}, past float16's maximum 65504; build with --dtype float32 "
+                    f"feature values reach {peak:.3g}, past float16's maximum 65504; build with dtype=float32 "
                     f"(nothing was written for shard {shard})"
                 )
         stored = cast_vectors(features, self.dtype)
@@ -993,7 +999,7 @@ class GradientStore:
         if not self.complete:
             if self.manifest.get("appended_from") is None or self.layout != layout:
                 raise IncompleteStoreError(
-                    f"store {self.path} is incomplete ({self.progress()}); finish it with --resume before appending"
+                    f"store {self.path} is incomplete ({self.progress()}); finish it with resume=True before appending"
                 )
         elif n_samples <= self.n_samples:
             raise ValueError(
@@ -1056,7 +1062,7 @@ class GradientStore:
         if sha256_bytes(data) != record["samples_sha256"]:
             raise IncompatibleStoreError(
                 f"the sample ids and labels of shard {shard} differ from those recorded in {self.path}; "
-                "the training set changed since the build: rebuild with --overwrite"
+                "the training set changed since the build: rebuild with overwrite=True"
             )
         write_bytes_atomic(self._samples_part_path(shard), data)
 
@@ -1072,7 +1078,7 @@ class GradientStore:
             if sha256_bytes(data) != expected.get(name):
                 raise CorruptStoreError(
                     f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; "
-                    "rebuild with --overwrite"
+                    "rebuild with overwrite=True"
                 )
             write_bytes_atomic(self.path / name / "zarr.json", data)
 
@@ -1129,7 +1135,7 @@ def create_store(
     if path.exists():
         if not overwrite:
             raise StoreExistsError(
-                f"{path} already exists; pass --resume to continue its build or --overwrite to replace it"
+                f"{path} already exists; pass resume=True to continue its build or overwrite=True to replace it"
             )
         if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
             raise StoreExistsError(
@@ -1151,7 +1157,7 @@ def create_store(
         _remove_quietly(staging)
         forget(staging)
         raise StoreExistsError(
-            f"{path} was created by another writer meanwhile; pass --resume to continue its build"
+            f"{path} was created by another writer meanwhile; pass resume=True to continue its build"
         ) from None
     except StoreWriteError:
         _remove_quietly(staging)
@@ -1194,7 +1200,7 @@ def _create_remote_store(
     if meta.exists():
         if not overwrite:
             raise StoreExistsError(
-                f"{path} already exists; pass --resume to continue its build or --overwrite to replace it"
+                f"{path} already exists; pass resume=True to continue its build or overwrite=True to replace it"
             )
         remove_tree(path)
     elif path.exists():
@@ -1211,7 +1217,9 @@ def _create_remote_store(
         write_bytes_atomic(path / name / "zarr.json", data)
     crash_point("create-before-rename")
     if not create_exclusive(meta, manifest_bytes(manifest)):
-        raise StoreExistsError(f"{path} was created by another writer meanwhile; pass --resume to continue its build")
+        raise StoreExistsError(
+            f"{path} was created by another writer meanwhile; pass resume=True to continue its build"
+        )
     return GradientStore(path, manifest)
 
 
@@ -1235,10 +1243,10 @@ def open_store(path: str | Path | RemotePath, *, storage_options: dict | None = 
         recorded_seal = attributes.get(SEAL_KEY)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise CorruptStoreError(
-            f"{meta} holds no readable gradindex manifest ({type(error).__name__}); rebuild with --overwrite"
+            f"{meta} holds no readable gradindex manifest ({type(error).__name__}); rebuild with overwrite=True"
         ) from error
     if not isinstance(manifest, dict):
-        raise CorruptStoreError(f"{meta} holds no readable gradindex manifest; rebuild with --overwrite")
+        raise CorruptStoreError(f"{meta} holds no readable gradindex manifest; rebuild with overwrite=True")
     if recorded_seal != seal(manifest):
         raise CorruptStoreError(
             f"the manifest in {meta} fails its checksum (damaged, or written by another program); rebuild with "
@@ -1252,4 +1260,4 @@ def open_store(path: str | Path | RemotePath, *, storage_options: dict | None = 
     try:
         return GradientStore(path, manifest)
     except (KeyError, TypeError, ValueError) as error:
-        raise CorruptStoreError(f"the manifest of {path} is damaged ({error}); rebuild with --overwrite") from error
+        raise CorruptStoreError(f"the manifest of {path} is damaged ({error}); rebuild with overwrite=True") from error

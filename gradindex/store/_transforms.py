@@ -73,7 +73,7 @@ def _decode(data: bytes, path: Path) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as error:  # numpy raises several kinds on damaged bytes
         raise CorruptStoreError(
-            f"{path} cannot be read as a numpy array ({type(error).__name__}); rebuild the store with --overwrite"
+            f"{path} cannot be read as a numpy array ({type(error).__name__}); rebuild the store with overwrite=True"
         ) from error
 
 
@@ -152,9 +152,9 @@ def read_transform(store: GradientStore, name: str) -> np.ndarray:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CorruptStoreError(f"{path} is missing; rebuild the store with --overwrite") from None
+        raise CorruptStoreError(f"{path} is missing; rebuild the store with overwrite=True") from None
     if sha256_bytes(data) != record["sha256"]:
-        raise CorruptStoreError(f"{path} fails its checksum; rebuild the store with --overwrite")
+        raise CorruptStoreError(f"{path} fails its checksum; rebuild the store with overwrite=True")
     return _decode(data, path)
 
 

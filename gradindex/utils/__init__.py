@@ -1,4 +1,5 @@
-"""Small helpers every stage shares, each defined once: hashing, argument checks, processes, progress, memory.
+"""Small helpers every stage shares, each defined once: hashing, argument checks, settings, processes, progress,
+memory.
 
 Nothing here imports torch, FAISS or Zarr.
 """
@@ -18,9 +19,11 @@ from gradindex.utils._hashing import sha256_bytes, sha256_file, sha256_json
 from gradindex.utils._memory import default_memory_budget
 from gradindex.utils._processes import HOST_TAG, pid_alive
 from gradindex.utils._progress import progress_bar, progress_enabled, track
+from gradindex.utils._settings import Setting, check_settings, setting, setting_of, settings_of
 
 __all__ = [
     "HOST_TAG",
+    "Setting",
     "check_choice",
     "check_flag",
     "check_fraction",
@@ -30,10 +33,14 @@ __all__ = [
     "check_number",
     "check_positive",
     "check_positive_int",
+    "check_settings",
     "default_memory_budget",
     "pid_alive",
     "progress_bar",
     "progress_enabled",
+    "setting",
+    "setting_of",
+    "settings_of",
     "sha256_bytes",
     "sha256_file",
     "sha256_json",

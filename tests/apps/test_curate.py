@@ -63,11 +63,11 @@ def test_amounts(value, expected):
 @pytest.mark.parametrize(
     "value, message",
     [
-        ("120%", r"--drop-top 120% is more than 100%"),
-        ("5x", r"--drop-top '5x' must be a count such as 20 or a percentage such as 5%"),
+        ("120%", r"drop_top 120% is more than 100%"),
+        ("5x", r"drop_top '5x' must be a count such as 20 or a percentage such as 5%"),
         ("-3", r"must be a count such as 20"),
-        (121, r"--drop-top 121 is more than the store's 120 samples"),
-        (-1, r"--drop-top must not be negative, got -1"),
+        (121, r"drop_top 121 is more than the store's 120 samples"),
+        (-1, r"drop_top must not be negative, got -1"),
         (1.5, r"as a float is a fraction in \[0, 1\], got 1.5"),
         (True, r"must be a count such as 20 or a percentage such as 5%, got True"),
     ],
@@ -135,7 +135,7 @@ def test_curate_needs_exactly_one_way_and_a_complete_store(exact_store):
         gradindex.curate(exact_store)
     with pytest.raises(ValueError, match="give exactly one of drop_top"):
         gradindex.curate(exact_store, drop_top=1, select=1)
-    with pytest.raises(ValueError, match="unknown --by 'loss'; choose one of self-influence"):
+    with pytest.raises(ValueError, match="by must be one of self-influence, got 'loss'"):
         gradindex.curate(exact_store, drop_top=1, by="loss")
     with pytest.raises(gradindex.TaskSpecError, match="has no split 'val'"):
         gradindex.curate(exact_store, select=1, split="val")

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import gradindex
-from gradindex.apps.html_report import _render_input, histogram_counts, png_bytes, to_pixels
+from gradindex.apps.html_report import histogram_counts, png_bytes, render_input, to_pixels
 from gradindex.checkpoints import load_into
 from gradindex.cli import cli
 from gradindex.tasks import digits_with_info
@@ -141,14 +141,12 @@ def test_to_pixels_scaling_and_downsampling():
     ],
 )
 def test_inputs_render_by_their_shape(value, kind, needle):
-    snippet, found = _render_input(value, None)
+    snippet, found = render_input(value, None)
     assert found == kind and needle in snippet, snippet[:200]
 
 
 def test_tokens_are_decoded_when_the_dataset_can():
-    snippet, kind = _render_input(
-        torch.tensor([1, 2]), lambda ids: " ".join({1: "hello", 2: "<world>"}[i] for i in ids)
-    )
+    snippet, kind = render_input(torch.tensor([1, 2]), lambda ids: " ".join({1: "hello", 2: "<world>"}[i] for i in ids))
     assert kind == "text" and "hello &lt;world&gt;" in snippet
 
 
@@ -261,11 +259,11 @@ def test_without_a_task_the_page_still_has_ranking_and_manifest(tmp_path, mlp_ch
 
 def test_report_rejects_bad_arguments(digits_store, tmp_path):
     store = digits_store["store"]
-    with pytest.raises(ValueError, match="--top must be a positive integer, got 0"):
+    with pytest.raises(ValueError, match="top must be a positive integer, got 0"):
         gradindex.report(store, output=tmp_path / "x.html", top=0)
     with pytest.raises(ValueError, match=r"query samples \[9999\] are out of range"):
         gradindex.report(store, output=tmp_path / "x.html", queries=[9999])
-    with pytest.raises(FileNotFoundError, match="--results .*nope.json does not exist"):
+    with pytest.raises(gradindex.ArgumentError, match="results .*nope.json does not exist"):
         gradindex.report(store, output=tmp_path / "x.html", queries="none", results=tmp_path / "nope.json")
     with pytest.raises(ValueError, match="is a directory; give a file name"):
         gradindex.report(store, output=tmp_path, queries="none")

@@ -227,7 +227,7 @@ def test_plan_splits_proj_dim_deterministically():
     assert plan_kron(4096, layers).layers[1].k_out == 10
     full = plan_kron(10**6, layers, ("scale",), 1)
     assert [(entry.k_in, entry.k_out) for entry in full.layers] == [(785, 256), (257, 10)] and full.rest_dim == 1
-    with pytest.raises(ValueError, match="--proj-dim 2 is smaller than the 3 parameter groups"):
+    with pytest.raises(ValueError, match="proj_dim=2 is smaller than the 3 parameter groups"):
         plan_kron(2, layers, ("scale",), 1)
 
 

@@ -47,12 +47,12 @@ def test_energies_move_dimensions_to_where_the_gradient_is():
         plan_kron(1024, LAYERS, ("scale",), 1, energies=[1.0, 2.0])
     damaged = [dict(entries[0], k_in=10_000), entries[1]]  # wider than the layer
     with pytest.raises(
-        ValueError, match=r"recorded kron plan of 0 is invalid .*edited or damaged; rebuild the store with --overwrite"
+        ValueError, match=r"recorded kron plan of 0 is invalid .*edited or damaged; rebuild the store with overwrite"
     ):
         KronPlan.from_dict(damaged, LAYERS)
     with pytest.raises(ValueError, match="kron sides must be one of gaussian, orthogonal, pca, got 'random'"):
         plan_kron(1024, LAYERS, sides="random")
-    with pytest.raises(ValueError, match="--kron-sides applies to --projection kron only, not sjlt"):
+    with pytest.raises(ValueError, match="kron_sides applies to projection=kron only, not projection=sjlt"):
         ProjectionSpec(kind="sjlt", kron_sides="pca")
     # pca sides: recorded per layer; a layer with a side too wide to decompose draws orthogonal sides instead
     wide = KronLayer("head", "linear", ("head.weight",), 64, PCA_MAX_WIDTH + 1)
@@ -260,7 +260,7 @@ def test_a_damaged_or_missing_kron_sides_transform_is_named(tmp_path):
     store.write_transform("kron_sides", packed[:-1])
     with pytest.raises(
         gradindex.CorruptStoreError,
-        match=r"kron_sides holds float32 \[\d+\], but its kron plan needs float32 \[\d+\]; rebuild it with --overwrite",
+        match=r"kron_sides holds float32 \[\d+\], but its kron plan needs float32 \[\d+\]; rebuild it with overwrite",
     ):
         featurizer.attach(store)
     manifest = json.loads((store.path / "zarr.json").read_text())["attributes"]["gradindex"]
@@ -268,7 +268,7 @@ def test_a_damaged_or_missing_kron_sides_transform_is_named(tmp_path):
     _write_manifest(store.path, manifest)
     with pytest.raises(
         gradindex.CorruptStoreError,
-        match="built with pca kron sides but holds no transforms/kron_sides; rebuild it with --overwrite",
+        match="built with pca kron sides but holds no transforms/kron_sides; rebuild it with overwrite=True",
     ):
         featurizer.attach(gradindex.open_store(store.path))
 
@@ -279,7 +279,7 @@ def test_resuming_with_other_kron_sides_is_refused_and_appends_keep_the_sides(tm
     gradindex.build(task, checkpoints, tmp_path / "split.gradindex", shard=(0, 2), **options)
     with pytest.raises(
         gradindex.IncompatibleStoreError,
-        match="built with kron sides pca, not orthogonal; continue it with --kron-sides pca",
+        match="built with kron sides pca, not orthogonal; continue it with kron_sides=pca",
     ):
         gradindex.build(
             task, checkpoints, tmp_path / "split.gradindex", shard=(1, 2), kron_sides="orthogonal", **options

@@ -9,6 +9,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+import gradindex
 from gradindex.checkpoints import parse_checkpoints
 from gradindex.featurize import load_checkpoints
 from gradindex.methods import TracInFeaturizer
@@ -73,9 +74,8 @@ def test_layers_restrict_the_gradient(mlp_checkpoints):
 
 
 def test_layers_matching_nothing_is_a_clear_error(mlp_checkpoints):
-    from gradindex import TaskSpecError
 
-    with pytest.raises(TaskSpecError, match="matches no trainable parameter.*0.weight"):
+    with pytest.raises(gradindex.ArgumentError, match="layers encoder.* match no trainable parameter.*0.weight"):
         _featurizer(
             tiny_tasks.mlp_task(), mlp_checkpoints, projection=ProjectionSpec(kind="none"), layers=["encoder.*"]
         )

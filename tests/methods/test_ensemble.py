@@ -57,7 +57,7 @@ def test_members_are_deterministic_checkpoints_around_the_base(tmp_path):
     assert load_ensemble(tmp_path / "ge") == made
     assert made.gex_checkpoints() == [str(made.base), *map(str, made.members)]
     assert made.tracin_checkpoints() == [f"{path}:{1 / 3!r}" for path in made.members]
-    with pytest.raises(EnsembleExistsError, match="pass --overwrite"):
+    with pytest.raises(EnsembleExistsError, match="pass overwrite=True"):
         make_ensemble(task, base, tmp_path / "ge", members=2, steps=2, lr=0.05)
     assert len(make_ensemble(task, base, tmp_path / "ge", members=2, steps=2, lr=0.05, overwrite=True).members) == 2
     assert sorted(path.name for path in (tmp_path / "ge").glob("member-*.pt")) == ["member-001.pt", "member-002.pt"]

@@ -77,9 +77,9 @@ def test_gex_default_tau_and_build_errors(tmp_path, ensemble):
     np.testing.assert_allclose(store.read_features(), _formula(task, ensemble[:3], "train", 0.05), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="θ\\* first and then the ensemble members"):
         gradindex.build(task, ensemble[:1], tmp_path / "a.gradindex", method="gex")
-    with pytest.raises(ValueError, match="--normalize does not apply to --method gex"):
+    with pytest.raises(ValueError, match="normalize=True does not apply to method=gex"):
         gradindex.build(task, ensemble, tmp_path / "b.gradindex", method="gex", normalize=True)
-    with pytest.raises(ValueError, match="--layers does not apply to --method gex"):
+    with pytest.raises(ValueError, match="layers do not apply to method=gex"):
         gradindex.build(task, ensemble, tmp_path / "c.gradindex", method="gex", layers=("0.*",))
     with pytest.raises(ValueError, match="tau must be a non-negative number, got -1"):
         gradindex.build(task, ensemble, tmp_path / "e.gradindex", method="gex", method_options={"tau": -1})

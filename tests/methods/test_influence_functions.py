@@ -256,20 +256,20 @@ def test_arnoldi_low_rank_is_the_truncated_eigendecomposition(logreg, tmp_path):
 
 
 def test_options_of_another_method_are_refused(logreg, if_store, tmp_path, mlp_checkpoints):
-    with pytest.raises(ValueError, match="tau applies to stores built with --method gex"):
+    with pytest.raises(ValueError, match="tau applies to stores built with method=gex"):
         gradindex.query(if_store, logreg.task, samples=[0], method_options={"tau": 0.1})
     with pytest.raises(ValueError, match="unknown option 'cg_tolerance'"):
         gradindex.query(if_store, logreg.task, samples=[0], method_options={"cg_tolerance": 0.1})
     tracin = gradindex.build(tiny_tasks.mlp_task(), mlp_checkpoints, tmp_path / "t.gradindex", proj_dim=8)
-    with pytest.raises(ValueError, match="damping applies to stores built with --method if / arnoldi / trak"):
+    with pytest.raises(ValueError, match="damping applies to stores built with method=if / arnoldi / trak"):
         gradindex.query(tracin, tiny_tasks.mlp_task(), samples=[0], damping=0.1)
-    with pytest.raises(ValueError, match="rank does not apply to --method if; it belongs to --method arnoldi"):
+    with pytest.raises(ValueError, match="rank does not apply to method=if; it belongs to method=arnoldi"):
         gradindex.build(
             logreg.task, [logreg.checkpoint], tmp_path / "x.gradindex", method="if", method_options={"rank": 3}
         )
     with pytest.raises(ValueError, match="uses one trained checkpoint"):
         gradindex.build(logreg.task, [logreg.checkpoint, logreg.checkpoint], tmp_path / "y.gradindex", method="if")
-    with pytest.raises(ValueError, match="--projection sjlt --proj-dim 64 does not apply to --method arnoldi"):
+    with pytest.raises(ValueError, match="projection=sjlt proj_dim=64 does not apply to method=arnoldi"):
         gradindex.build(
             logreg.task, [logreg.checkpoint], tmp_path / "z.gradindex", method="arnoldi", projection="sjlt", proj_dim=64
         )
@@ -282,7 +282,7 @@ def test_options_of_another_method_are_refused(logreg, if_store, tmp_path, mlp_c
 def test_an_indefinite_hessian_is_refused_with_the_damping_that_fixes_it(tmp_path, mlp_checkpoints):
     """A randomly initialised MLP has negative curvature: the exact solve and CG say to raise --damping."""
     task = tiny_tasks.mlp_task(n_train=40, n_test=4)
-    with pytest.raises(ValueError, match=r"not positive definite: its smallest eigenvalue is .* Raise --damping above"):
+    with pytest.raises(ValueError, match=r"not positive definite: its smallest eigenvalue is .* Raise damping above"):
         gradindex.build(
             task,
             mlp_checkpoints[:1],

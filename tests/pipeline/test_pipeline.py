@@ -119,7 +119,7 @@ def test_resume_after_a_killed_build_gives_the_same_bytes(tmp_path, mlp_checkpoi
     assert not partial.complete and partial.done_shards() == [0]
     with pytest.raises(IncompleteStoreError, match="1/6 shards"):
         gradindex.query(partial, samples=[0])
-    with pytest.raises(StoreExistsError, match="--resume"):
+    with pytest.raises(StoreExistsError, match="resume=True"):
         gradindex.build(MLP, mlp_checkpoints, target, proj_dim=32, rows_per_shard=20)
     resumed = gradindex.build(MLP, mlp_checkpoints, target, proj_dim=32, rows_per_shard=20, resume=True)
     assert resumed.complete
@@ -128,7 +128,7 @@ def test_resume_after_a_killed_build_gives_the_same_bytes(tmp_path, mlp_checkpoi
 
 def test_resume_with_other_settings_names_the_field(tmp_path, mlp_checkpoints):
     gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=32)
-    with pytest.raises(IncompatibleStoreError, match="projection.dim: store has 32, this call has 64.*--overwrite"):
+    with pytest.raises(IncompatibleStoreError, match="projection.dim: store has 32, this call has 64.*overwrite=True"):
         gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=64, resume=True)
     with pytest.raises(IncompatibleStoreError, match=r"checkpoints\[1\].weight"):
         gradindex.build(

@@ -62,7 +62,8 @@ def huge_task() -> gradindex.Task:
     x, y = _data(600, seed=1)
     x[450] *= 1e6
     task = _task(x, y, name="reliability-huge")
-    relu = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))  # noqa: E731 - the same parameters as mlp
+    # the same parameters as mlp
+    relu = lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))  # noqa: E731
     return gradindex.Task(model=relu, train=task.train, test=task.test, loss=_sum_of_logits, name="reliability-huge")
 
 

@@ -230,7 +230,7 @@ def test_verify_names_bad_shards_and_repair_recomputes_only_those(env, tmp_path,
         "verify + build --resume --repair (CLI): damaged shards named [2, 4], recomputed [2, 4], "
         f"other shards' files untouched {len(kept)}/{len(kept)}, byte mismatches after repair 0",
     )
-    with pytest.raises(ValueError, match="--repair needs --resume"):
+    with pytest.raises(ValueError, match="repair needs resume=True"):
         gradindex.build(harness.SMALL, env.checkpoints, store, repair=True, **harness.SMALL_OPTIONS)
 
 

@@ -116,7 +116,7 @@ def test_error_stops_then_resume_with_skip_finishes(env, tmp_path, capsys):
 
 
 def test_float16_overflow_names_float32(env, tmp_path, capsys):
-    with pytest.raises(gradindex.NonFiniteError, match="past float16's maximum 65504; build with --dtype float32"):
+    with pytest.raises(gradindex.NonFiniteError, match="past float16's maximum 65504; build with dtype=float32"):
         gradindex.build(
             f"{harness.TASKS}:huge_task", env.checkpoints, tmp_path / "h.gradindex", **harness.SMALL_OPTIONS
         )

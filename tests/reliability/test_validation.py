@@ -144,7 +144,7 @@ def _cases(env, stores):
             "claimed",
             _write(stores["claimed"], ones * 7e4),
             NonFiniteError,
-            "past float16's maximum 65504; build with --dtype float32",
+            "past float16's maximum 65504; build with dtype=float32",
         ),
         (
             "skipped rows that are not zero",
@@ -166,14 +166,14 @@ def _cases(env, stores):
             "nan",
             lambda: _build(f"{T}:nan_task", env, stores["nan"], resume=True),
             NonFiniteError,
-            r"3 of the 100 vectors of shard 0 are NaN or infinite \(rows \[5, 37, 38\].*--nonfinite skip",
+            r"3 of the 100 vectors of shard 0 are NaN or infinite \(rows \[5, 37, 38\].*nonfinite=skip",
         ),
         (
             "±inf gradients",
             "inf",
             lambda: _build(f"{T}:inf_task", env, stores["inf"], resume=True),
             NonFiniteError,
-            r"rows \[7\].*--nonfinite zero",
+            r"rows \[7\].*nonfinite=zero",
         ),
         (
             "float16 overflow in a build",
@@ -376,7 +376,7 @@ def _cases(env, stores):
             "complete",
             lambda: _build(harness.SMALL, env, stores["complete"]),
             gradindex.StoreExistsError,
-            "already exists; pass --resume .* or --overwrite",
+            "already exists; pass resume=True .* or overwrite=True",
         ),
     ]
 

@@ -62,7 +62,7 @@ def test_append_refuses_what_it_cannot_do(tmp_path, mlp_checkpoints):
         gradindex.build(f"{GROW}:first_70", mlp_checkpoints, store.path, append=True, **OPTIONS)
     with pytest.raises(IncompatibleStoreError, match="projection.dim: store has 16, this call has 8"):
         gradindex.build(f"{GROW}:first_120", mlp_checkpoints, store.path, append=True, proj_dim=8, rows_per_shard=32)
-    with pytest.raises(ValueError, match="--append and --overwrite exclude each other"):
+    with pytest.raises(ValueError, match="append=True and overwrite=True exclude each other"):
         gradindex.build(f"{GROW}:first_120", mlp_checkpoints, store.path, append=True, overwrite=True, **OPTIONS)
     # nothing was changed by the refusals
     assert gradindex.open_store(store.path).complete and gradindex.open_store(store.path).n_samples == 70

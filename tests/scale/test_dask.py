@@ -94,7 +94,7 @@ def test_query_and_cli_with_a_scheduler_address(client, tmp_path, mlp_checkpoint
     bad = CliRunner().invoke(cli, ["query", str(store.path), "--samples", "0", "--dask", "local:0"])
     assert bad.exit_code == 1 and "must be local:N with N a positive number of worker processes" in bad.output
     both = CliRunner().invoke(cli, ["query", str(store.path), "--samples", "0", "--dask", address, "--index", "x"])
-    assert both.exit_code == 1 and "--index and --dask exclude each other" in both.output
+    assert both.exit_code == 1 and "--index NAME and --dask ADDRESS exclude each other" in both.output
 
 
 def test_merge_topk_orders_ties_by_row():

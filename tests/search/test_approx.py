@@ -253,12 +253,12 @@ def test_index_answers_with_every_list_probed_equal_exact_search_and_opponents(s
 
 def test_index_errors_name_the_fix(store, tmp_path):
     gradindex.build_index(store, "IVF16,Flat", name="a", recall_queries=10)
-    with pytest.raises(StoreExistsError, match="index 'a' already exists.*--overwrite"):
+    with pytest.raises(StoreExistsError, match="index .a. already exists.*overwrite=True"):
         gradindex.build_index(store, "IVF16,Flat", name="a")
     assert gradindex.build_index(store, "IVF16,Flat", name="a", overwrite=True, recall_queries=10)["name"] == "a"
     with pytest.raises(SearchError, match="no index named 'b'.*it has a"):
         gradindex.search_store(store, np.zeros((1, 24), np.float32), 3, index="b")
-    with pytest.raises(ValueError, match="--nprobe applies to an approximate index"):
+    with pytest.raises(ValueError, match="nprobe applies to a search through a persisted index; give index=NAME too"):
         gradindex.search_store(store, np.zeros((1, 24), np.float32), 3, nprobe=4)
     with pytest.raises(ValueError, match="on-disk index needs an IVF factory"):
         gradindex.build_index(store, "HNSW16", on_disk=True)
@@ -333,7 +333,8 @@ def test_cli_index_info_and_query_with_the_index(tmp_path, mlp_checkpoints):
     assert again.exit_code == 1 and "already exists in" in again.output and "pass --overwrite" in again.output
     missing = runner.invoke(cli, ["query", str(store), "--samples", "0", "--nprobe", "3"])
     assert (
-        missing.exit_code == 1 and "--nprobe applies to an approximate index; pass --index NAME too" in missing.output
+        missing.exit_code == 1
+        and "--nprobe applies to a search through a persisted index; give --index NAME too" in missing.output
     )
     bad = runner.invoke(cli, ["index", str(store), "--factory", "IVF,PQ1000"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "faiss cannot make an index" in bad.output

@@ -250,7 +250,7 @@ def test_s3_sharded_workers_and_finalize_equal_one_process(s3, local_store):
 
 
 def test_s3_persisted_index_round_trips_with_its_checksum(s3, local_store, tmp_path, monkeypatch):
-    import gradindex.search._persisted as indexes
+    import gradindex.search as indexes
 
     local, checkpoints = local_store
     monkeypatch.setenv("GRADINDEX_CACHE", str(tmp_path / "cache"))
@@ -264,7 +264,7 @@ def test_s3_persisted_index_round_trips_with_its_checksum(s3, local_store, tmp_p
     assert [listed["name"] for listed in gradindex.info(url)["indexes"]] == ["ivf"]
     # read back in a fresh cache: the file comes from S3 and answers as an index built locally does
     monkeypatch.setenv("GRADINDEX_CACHE", str(tmp_path / "cache2"))
-    indexes._LOADED.clear()
+    indexes.clear_index_cache()
     queries = local.read_rows([0, 5, 9])
     remote_scores, remote_rows = indexes.search_index(url, queries, 5, "ivf")
     indexes.build_index(local, "IVF2,Flat", name="ivf", recall_queries=10, progress=False)
@@ -277,7 +277,7 @@ def test_s3_persisted_index_round_trips_with_its_checksum(s3, local_store, tmp_p
     data[-8] ^= 0xFF
     damaged.fs.pipe_file(damaged.fs_path, bytes(data))
     monkeypatch.setenv("GRADINDEX_CACHE", str(tmp_path / "cache3"))
-    indexes._LOADED.clear()
+    indexes.clear_index_cache()
     with pytest.raises(SearchError, match="fails its checksum"):
         indexes.search_index(url, queries, 5, "ivf")
     indexes.drop_index(url, "ivf")
@@ -374,6 +374,6 @@ def test_a_bad_claim_timeout_names_the_variable_and_what_it_takes(monkeypatch):
 
 def test_a_claim_timeout_that_is_not_positive_is_refused_before_any_work(tmp_path):
     out = tmp_path / "a.gradindex"
-    with pytest.raises(ValueError, match="--claim-timeout must be a positive number of seconds, got 0"):
+    with pytest.raises(ValueError, match="claim_timeout must be a positive number of seconds, got 0"):
         gradindex.build(MLP, [], out, claim_timeout=0, **OPTIONS)
     assert not out.exists()

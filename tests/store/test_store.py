@@ -178,7 +178,7 @@ def test_bad_values_are_rejected_before_writing(tmp_path):
         store.write_shard(
             0, np.array([[0, 1], [1, 1], [np.nan, 0], [0, 0]], np.float32), np.zeros(4, np.float32), _samples(0, 4)
         )
-    with pytest.raises(NonFiniteError, match="past float16's maximum 65504; build with --dtype float32"):
+    with pytest.raises(NonFiniteError, match="past float16's maximum 65504; build with dtype=float32"):
         store.write_shard(0, np.full((4, 2), 7e4, np.float32), np.zeros(4, np.float32), _samples(0, 4))
     with pytest.raises(ValueError, match=r"shape \(4, 2\)"):
         store.write_shard(0, np.zeros((3, 2), np.float32), np.zeros(4, np.float32), _samples(0, 4))
@@ -196,7 +196,7 @@ def test_opening_errors(tmp_path):
     with pytest.raises(CorruptStoreError, match="no readable gradindex manifest"):
         open_store(tmp_path / "plain")
     create_store(tmp_path / "s.gradindex", StoreLayout.auto(4, 2), {})
-    with pytest.raises(StoreExistsError, match="--resume .* or --overwrite"):
+    with pytest.raises(StoreExistsError, match="resume=True .* or overwrite=True"):
         create_store(tmp_path / "s.gradindex", StoreLayout.auto(4, 2), {})
 
 
