@@ -51,6 +51,12 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _option_names(text: str) -> str:
+    """An option's flags and metavar for a table cell: choices as ``[a, b]`` (a ``|`` inside code would end the cell
+    in some Markdown renderers and show its escape in others)."""
+    return text.replace("|", ", ").replace("\n", " ")
+
+
 def _command_section(command: click.Command, ctx: click.Context, heading: str) -> list[str]:
     out = [f"{heading} `{ctx.command_path}`", ""]
     out += ["```text", command.get_usage(ctx).strip(), "```", ""]
@@ -65,7 +71,7 @@ def _command_section(command: click.Command, ctx: click.Context, heading: str) -
     options = [record for param, record in records if record is not None]
     if options:
         out += ["| option | description |", "|---|---|"]
-        out += [f"| `{_escape(names)}` | {_escape(description)} |" for names, description in options]
+        out += [f"| `{_option_names(names)}` | {_escape(description)} |" for names, description in options]
         out.append("")
     return out
 

@@ -169,9 +169,21 @@ def make_ensemble(
     progress: bool | None = None,
     **options: Any,
 ) -> Ensemble:
-    """Fine-tune from ``checkpoint`` in ``config.members`` cycles, saving one member per cycle in ``out_dir``.
+    """Fine-tune from ``checkpoint`` in ``config.members`` learning-rate cycles, saving one member per cycle.
 
-    ``options`` are EnsembleConfig fields (``members=8, steps=50, lr=0.05``, ...).
+    Args:
+        task: a ``Task`` or task spec whose model the checkpoint fits.
+        checkpoint: the trained checkpoint θ* to ensemble around.
+        out_dir: the folder for ``member-001.pt``, ... and ``ensemble.json``.
+        config: how the members are made (``EnsembleConfig``); default: ``EnsembleConfig(**options)``.
+        overwrite: replace an ensemble already in ``out_dir``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` for the fine-tuning.
+        progress: show a progress bar (default: when stderr is a terminal).
+        **options: ``EnsembleConfig`` fields, over ``config``'s (``members=8, steps=50, lr=0.05``, ...).
+
+    Returns:
+        The ensemble: its base and members, and the checkpoint lists to build with (``gex_checkpoints()`` for
+        ``method="gex"``, ``tracin_checkpoints()`` for TracIn over the members).
     """
     if config is None:
         config = EnsembleConfig(**options)

@@ -309,3 +309,35 @@ def test_build_and_query_report_progress_unless_quiet(tmp_path, mlp_checkpoints,
         cli, ["-q", "query", str(store.path), "--samples", "0", "-k", "1", "--memory-budget", "1"]
     )
     assert result.exit_code == 0 and "row/s" not in result.stderr and "sample/s" not in result.stderr
+
+
+# ---- docstrings ----------------------------------------------------------------------------------------------------
+
+ENTRY_POINTS = (
+    "build", "query", "self_influence", "search_store", "build_index", "curate", "report", "make_ensemble", "Task",
+    "info", "verify", "finalize", "list_indexes", "drop_index", "open_store", "load_task",
+)  # fmt: skip
+
+
+def _documented(docstring: str) -> set[str]:
+    """The parameter names of a Google-style ``Args:`` section (``name:`` and ``**name:`` lines)."""
+    section = docstring.split("Args:", 1)[1] if "Args:" in docstring else ""
+    section = re.split(r"\n\s*(Returns|Raises|Yields|Example|Examples):", section)[0]
+    return set(re.findall(r"^\s{4,8}\**(\w+):", section, flags=re.M))
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_public_entry_point_documents_each_parameter(name):
+    import inspect
+
+    entry = getattr(gradindex, name)
+    parameters = [p for p in inspect.signature(entry).parameters if p not in ("self",)]
+    documented = _documented(inspect.getdoc(entry) or "")
+    missing = [p for p in parameters if p not in documented]
+    assert not missing, f"gradindex.{name} does not document {missing} in its Args: section"
+    assert not documented - set(parameters), f"gradindex.{name} documents parameters it does not have"
+
+
+def test_the_docstring_check_reads_an_args_section():
+    text = "Summary.\n\nArgs:\n    a: one.\n    **b: two,\n        continued.\n\nReturns:\n    x: not a parameter.\n"
+    assert _documented(text) == {"a", "b"}

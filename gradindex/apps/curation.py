@@ -95,14 +95,27 @@ def curate(
     memory_budget: int | None = None,
     progress: bool | None = None,
 ) -> pa.Table:
-    """Which training samples to keep: ``row, sample_id, [label,] score, rank, keep``, one row per sample in row order.
+    """Which training samples to keep: a table ``row, sample_id, [label,] score, rank, keep``, one row per training
+    sample in row order, to join on ``sample_id``. Give exactly one of ``drop_top`` and ``select``.
 
-    Give exactly one of
+    Args:
+        store: a complete store: a path, an fsspec URL or an opened ``GradientStore``.
+        drop_top: drop the N (``20``) or P% (``"5%"``) highest-scoring samples by ``by``; a float in [0, 1] is a
+            fraction.
+        by: the score ``drop_top`` ranks by (``"self-influence"``).
+        select: keep the N or P% training samples with the highest summed influence on the target queries
+            (LESS-style data selection).
+        task: for ``select``: the task (default: the one the store records).
+        split: for ``select``: the split of the target queries.
+        samples: for ``select``: the target queries in ``split`` (``"0-99"``, a list; default: the whole split).
+        checkpoints: for ``select``: the checkpoint paths, if they moved since the build.
+        device: for ``select``: ``auto``, ``cpu`` or ``cuda[:N]``.
+        batch_size: for ``select``: query samples featurized per batch.
+        memory_budget: for ``select``: bytes in-memory search may use.
+        progress: show progress bars (default: when stderr is a terminal).
 
-    * ``drop_top``: drop the N (``20``) or P% (``"5%"``) highest-scoring samples by ``by`` (self-influence);
-    * ``select``: keep the N or P% training samples with the highest summed influence on the target queries
-      ``samples`` of ``split`` (``"0-99"``, a list, or None for the whole split), LESS-style. Needs the task
-      (default: the one the store records) and its checkpoints.
+    Returns:
+        The table; its schema metadata ``gradindex.curate`` records the mode, the amount and the counts (``summary``).
     """
     store = store if isinstance(store, GradientStore) else open_store(store)
     if (drop_top is None) == (select is None):

@@ -624,19 +624,33 @@ def report(
     progress: bool | None = None,
     allow_incomplete: bool = False,
 ) -> dict:
-    """Write one self-contained HTML report about ``store`` to ``output``; returns a summary dict.
+    """Write one self-contained HTML page about ``store`` to ``output`` (nothing is fetched when it is viewed).
 
-    task:        the task (or SPEC) the store was built from; default the one its manifest records.
-                 Without a loadable task the page still has the histogram, the ranking and the manifest.
-    queries:     indices in ``split`` whose ``k`` proponents and opponents are shown; default the first 3;
-                 ``[]`` or ``"none"`` for none. A string takes the ``--samples`` syntax (``0,5,10-12``).
-    top:         how many of the highest self-influence samples are shown.
-    checkpoints: the store's checkpoint paths if they moved since the build.
-    results:     quality figures (a dict or a JSON file); default ``results.json`` beside the store, if any.
-    known_noisy: training rows known to be mislabeled (benchmarks): the histogram then splits on them
-                 instead of on the model's disagreement with the given label.
+    The page shows the self-influence histogram, the top suspected mislabeled samples (thumbnails for images,
+    sparklines for signals, text for tokens) with given and predicted labels, the proponents and opponents of chosen
+    queries, quality figures and the manifest. Without a loadable task it still has the histogram, the ranking and
+    the manifest.
 
-    The summary: ``output, bytes, store, n_samples, suspects, queries, pictures, predictions, quality, notes``.
+    Args:
+        store: the store: a path or an opened ``GradientStore``.
+        task: the task (or spec) the store was built from; default: the one its manifest records.
+        output: the HTML file to write.
+        queries: indices in ``split`` whose ``k`` proponents and opponents are shown (default: the first 3);
+            ``[]`` or ``"none"`` for none; a string like ``"0,5,10-12"``.
+        split: the split ``queries`` come from.
+        k: proponents and opponents shown per query.
+        top: how many of the highest self-influence samples are shown.
+        checkpoints: the store's checkpoint paths, if they moved since the build.
+        results: quality figures (a dict or a JSON file); default: ``results.json`` beside the store, if any.
+        known_noisy: training rows known to be mislabeled (benchmarks): the histogram splits on them instead of on
+            the model's disagreement with the given label.
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` for predictions and queries.
+        batch_size: samples per batch for predictions and queries.
+        progress: show progress bars (default: when stderr is a terminal).
+        allow_incomplete: report on the finished shards of a store whose build has not completed.
+
+    Returns:
+        A summary: ``output, bytes, store, n_samples, suspects, queries, pictures, predictions, quality, notes``.
     """
     started = time.perf_counter()
     store = store if isinstance(store, GradientStore) else open_store(store)
@@ -644,7 +658,9 @@ def report(
     k = check_positive_int("k", k)
     output = Path(output)
     if output.exists() and output.is_dir():
-        raise ValueError(f"-o {output} is a directory; give a file name such as {output / 'report.html'}")
+        raise ArgumentError(
+            "output", f"output {output} is a directory; give a file name such as {output / 'report.html'}"
+        )
     notes: list[str] = []
     rows, scores = store.self_influence(allow_incomplete=allow_incomplete)
     samples = _RowLookup(store.samples(allow_incomplete=allow_incomplete), store.n_samples)

@@ -179,24 +179,40 @@ def build(
 ) -> GradientStore:
     """Featurize the task's training set at the checkpoints and write a store at ``output``.
 
-    ``options`` are BuildConfig fields (``proj_dim=512, projection="sjlt", dtype="float32"``, ...).
-    ``shard=(I, N)`` computes only shards I, I+N, I+2N, ...; the worker that finishes the last one
-    completes the store (or ``finalize(output)`` does). Returns the opened store (complete unless other
-    workers still run). ``append=True`` adds the training samples beyond the store's rows to a complete
-    store built with the same settings (the task's train set grew; its first rows must be unchanged),
-    then updates the store's persisted indexes (or marks them stale).
+    Every training sample becomes one vector (the method's φ), written shard by shard: each shard is durable and
+    checksummed before it counts as done, so a stopped build continues with ``resume=True`` and loses at most the
+    shards in flight. Several workers can build one store (``shard=(I, N)``, or torchrun's RANK/WORLD_SIZE); the
+    worker that finishes the last shard completes it (or ``finalize(output)`` does).
 
-    ``nonfinite`` (a BuildConfig field) says what to do with a sample whose vector is NaN or infinite:
-    ``"error"`` (stop; nothing is written for its shard), ``"skip"`` or ``"zero"`` (store a zero vector,
-    list the row in the manifest; skipped rows are left out of search and self-influence). On
-    ``resume`` the training samples of the finished shards are hashed again and must match the
-    hashes recorded with them; ``repair=True`` (with ``resume``) first recomputes exactly the shards
-    ``verify`` finds damaged.
+    Args:
+        task: a ``Task``, or a spec: ``path/to/file.py:factory``, ``package.module:factory`` or a built-in name.
+        checkpoints: the checkpoints, in training order: ``"PATH"`` or ``"PATH:WEIGHT"`` strings (WEIGHT: the
+            learning rate before it, TracIn's η), ``(path, weight)`` pairs or ``CheckpointSpec``s.
+        output: where the store goes: a local folder or an fsspec URL (``s3://bucket/a.gradindex``, ``memory://...``).
+        config: what to compute and how (``BuildConfig``); default: ``BuildConfig(**options)``.
+        resume: continue the stopped build of the same store; the training samples of finished shards are hashed
+            again and must match what was recorded.
+        overwrite: replace the store at ``output``.
+        shard: ``(I, N)``: compute only shards I, I+N, I+2N, ... (one of N workers).
+        progress: show progress bars (default: when stderr is a terminal).
+        append: add the training samples beyond the store's rows to a complete store built with the same settings
+            (the first rows must be unchanged); its persisted indexes are updated or marked stale.
+        repair: with ``resume``, first recompute exactly the shards ``verify`` finds damaged.
+        storage_options: options of the fsspec filesystem of a store URL (credentials and endpoint otherwise come
+            from the environment).
+        claim_timeout: seconds after which another machine's unfinished claim on a shard of a remote store is taken
+            over (default ``GRADINDEX_CLAIM_TIMEOUT``, else 6 hours).
+        **options: ``BuildConfig`` fields, over ``config``'s (``proj_dim=512``, ``method="trak"``,
+            ``nonfinite="skip"``, ...).
 
-    ``output`` is a local folder or an fsspec URL (``s3://bucket/a.gradindex``, ``gs://...``, ``memory://...``);
-    ``storage_options`` go to its filesystem (credentials and endpoint otherwise come from the environment).
-    ``claim_timeout`` (seconds) is how old another machine's claim on a shard of a remote store must be
-    before this build takes the shard over (default ``GRADINDEX_CLAIM_TIMEOUT``, else 6 hours).
+    Returns:
+        The opened store: complete, unless other workers are still writing their shards.
+
+    Raises:
+        StoreExistsError: ``output`` holds a store and neither ``resume``, ``overwrite`` nor ``append`` was given.
+        IncompatibleStoreError: a resume or append whose task, checkpoints or settings differ from the store's.
+        NonFiniteError: a NaN or infinite vector with ``nonfinite="error"`` (finished shards are kept).
+        ArgumentError: a bad argument or setting (the message names it).
     """
     if config is None:
         config = BuildConfig(**options)
@@ -424,8 +440,19 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
 
 
 def finalize(output: GradientStore | str | Path, *, storage_options: dict | None = None) -> GradientStore:
-    """Complete a store whose shards were all written by workers (``--shard I/N``): merge their records
-    into the manifest. IncompleteStoreError naming the missing shards if some are not written."""
+    """Complete a store whose shards were all written by workers (``shard=(I, N)``): merge their records into the
+    manifest (and compute what needs every shard, as TRAK's ΦᵀΦ).
+
+    Args:
+        output: the store: a path, an fsspec URL or an opened ``GradientStore``.
+        storage_options: options of the fsspec filesystem of a store URL.
+
+    Returns:
+        The complete store.
+
+    Raises:
+        IncompleteStoreError: some shards are not written yet (they are named).
+    """
     store = as_store(output, storage_options)
     if not store.complete and all(store.shard_record(shard) is not None for shard in range(store.n_shards)):
         finish_store(store)  # transforms that need every shard (TRAK's ΦᵀΦ), before the store says complete

@@ -11,7 +11,16 @@ __all__ = ["info", "verify"]
 
 
 def info(store: GradientStore | str | Path, *, storage_options: dict | None = None) -> dict:
-    """The store's manifest and build progress, and its persisted indexes (``indexes``: recall, factory, ...)."""
+    """The store's manifest, build progress and persisted indexes, as a dict.
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``.
+        storage_options: options of the fsspec filesystem of a store URL.
+
+    Returns:
+        The manifest (format, fingerprint, layout, checkpoints, task, ...) with ``path``, ``progress`` and
+        ``indexes`` (each persisted index's meta: factory, recall, nprobe, stale).
+    """
     store = as_store(store, storage_options)
     details = store.describe()
     details["indexes"] = list_indexes(store)
@@ -19,5 +28,13 @@ def info(store: GradientStore | str | Path, *, storage_options: dict | None = No
 
 
 def verify(store: GradientStore | str | Path, *, storage_options: dict | None = None) -> list[str]:
-    """Every shard re-hashed against its recorded checksum; the problems found (empty when sound)."""
+    """Re-hash every file of the store against its recorded checksum.
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``.
+        storage_options: options of the fsspec filesystem of a store URL.
+
+    Returns:
+        The problems found, one sentence each naming the shard or file (empty when the store is sound).
+    """
     return as_store(store, storage_options).verify()

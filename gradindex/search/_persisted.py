@@ -438,7 +438,15 @@ def _remeasure(store: GradientStore, approx: ApproxIndex, meta: dict) -> dict:
 
 
 def list_indexes(store: GradientStore | str | Path) -> list[dict]:
-    """The metas of the store's persisted indexes (recall, factory, nprobe, stale...), by name."""
+    """The metas of the store's persisted indexes, by name.
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``.
+
+    Returns:
+        One dict per index: its name, factory, recall curve and default nprobe, files, and ``stale`` (why it no longer
+        matches the store, or None).
+    """
     store = _open(store)
     directory = index_dir(store)
     metas = []
@@ -461,7 +469,12 @@ def _with_staleness(store: GradientStore, meta: dict) -> dict:
 
 
 def drop_index(store: GradientStore | str | Path, name: str) -> None:
-    """Delete a persisted index."""
+    """Delete a persisted index (its meta first, so readers stop finding it, then its files).
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``.
+        name: the index's name.
+    """
     store = _open(store)
     directory = index_dir(store)
     meta = read_index_meta(directory, name)

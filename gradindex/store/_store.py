@@ -1229,8 +1229,17 @@ def as_store(store: GradientStore | str | Path | RemotePath, storage_options: di
 
 
 def open_store(path: str | Path | RemotePath, *, storage_options: dict | None = None) -> GradientStore:
-    """Open an existing store (complete or not) at a local path or an fsspec URL (``s3://bucket/a.gradindex``);
-    raises StoreNotFoundError / CorruptStoreError. ``storage_options`` go to the URL's fsspec filesystem."""
+    """Open an existing store, complete or not; cheap (shards are read on demand, each checked against its checksum).
+
+    Args:
+        path: a local folder or an fsspec URL (``s3://bucket/a.gradindex``).
+        storage_options: options of the URL's fsspec filesystem (credentials, endpoint).
+
+    Raises:
+        StoreNotFoundError: no store there.
+        CorruptStoreError: its manifest is unreadable or fails its checksum.
+        IncompatibleStoreError: it has another format version.
+    """
     path = store_path(path, storage_options)
     meta = path / "zarr.json"
     if not path.exists():

@@ -57,20 +57,25 @@ def default_margin(model: nn.Module, batch: Sequence[Tensor]) -> Tensor:
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
-    """What gradindex needs to know about a model and its data.
+    """What gradindex needs to know about a model and its data: a task file's factory returns one.
 
-    model:  a zero-argument callable building the architecture (weights come from checkpoints).
-    train:  the map-style training set; ``train[i]`` is ``(input, target, ...)``; row i of the store.
-    test:   the default query split (optional); more splits go in ``queries``.
-    queries: further named query splits, e.g. ``{"val": val_ds}``.
-    loss:   ``loss(model, batch) -> Tensor[B]``, per-sample loss of a collated batch;
-            default per-sample cross-entropy on ``(input, target)``.
-    margin: ``margin(model, batch) -> Tensor[B]``, the output function TRAK uses (default: classification margin).
-    sample_ids: one id per training sample (default: the row number); any str/int sequence.
-    train_step: optional ``train_step(model, batch, optimizer) -> loss``, used by ``gradindex ensemble``.
-    regularization: optional ``regularization(model) -> scalar`` added to the training objective (influence functions).
-    collate: optional collate function for batches (default: torch's ``default_collate``).
-    name:   a display name recorded in the manifest.
+    Args:
+        model: a zero-argument callable building the architecture (a class, a lambda); the weights come from
+            the checkpoints.
+        train: the map-style training set; ``train[i]`` is ``(input, target, ...)`` and becomes row i of the store.
+        test: the default query split (optional); more splits go in ``queries``.
+        queries: further named query splits, e.g. ``{"val": val_ds}``.
+        loss: ``loss(model, batch) -> Tensor[B]``, the per-sample loss of a collated batch; default: per-sample
+            cross-entropy of ``model(batch[0])`` against ``batch[1]``.
+        margin: ``margin(model, batch) -> Tensor[B]``, the output function TRAK uses; default: the classification
+            margin (logit of the true class minus logsumexp of the others).
+        sample_ids: one id per training sample (str or int); default: the row number.
+        train_step: ``train_step(model, batch, optimizer) -> loss``, used by ``make_ensemble`` (default: SGD on
+            ``loss``).
+        regularization: ``regularization(model) -> scalar`` added to the training objective (influence functions'
+            curvature).
+        collate: the collate function of batches; default: torch's ``default_collate``.
+        name: a display name recorded in the manifest.
     """
 
     model: Callable[[], nn.Module]
@@ -165,7 +170,16 @@ def _load_factory(spec: str) -> Callable[[], Any]:
 
 
 def load_task(spec: str | Task, **options: Any) -> Task:
-    """A Task from a spec string (``file.py:factory``, ``module:factory``, built-in name) or a Task itself."""
+    """A Task from a spec string, or the Task itself.
+
+    Args:
+        spec: ``path/to/file.py:factory``, ``package.module:factory``, a built-in name (``BUILTIN_TASKS``), or a
+            ``Task``.
+        **options: keyword arguments for the factory (``flip_fraction=0.1`` for ``digits``).
+
+    Raises:
+        TaskSpecError: the spec cannot be loaded, its factory fails, or it returns something else than a Task.
+    """
     if isinstance(spec, Task):
         return spec
     if not isinstance(spec, str) or not spec:

@@ -265,7 +265,7 @@ def test_report_rejects_bad_arguments(digits_store, tmp_path):
         gradindex.report(store, output=tmp_path / "x.html", queries=[9999])
     with pytest.raises(gradindex.ArgumentError, match="results .*nope.json does not exist"):
         gradindex.report(store, output=tmp_path / "x.html", queries="none", results=tmp_path / "nope.json")
-    with pytest.raises(ValueError, match="is a directory; give a file name"):
+    with pytest.raises(ValueError, match="output .* is a directory; give a file name"):
         gradindex.report(store, output=tmp_path, queries="none")
 
 
