@@ -12,6 +12,7 @@ import click
 
 import gradindex
 from gradindex import BuildConfig, EnsembleConfig
+from gradindex.apps.curation import CURATE_BY
 from gradindex.cli._options import (
     STORE,
     checkpoint_option,
@@ -663,7 +664,7 @@ def _write_table(table, output: Path) -> None:
     "--by",
     default="self-influence",
     show_default=True,
-    type=click.Choice(["self-influence"]),
+    type=click.Choice(list(CURATE_BY)),
     help="Score that --drop-top ranks by.",
 )
 @click.option(

@@ -3,9 +3,9 @@
     python examples/quickstart.py [--workdir runs/quickstart] [--quick]
 
 sklearn's digits with 10% of the training labels flipped (``gradindex.tasks.digits_with_info`` says
-which), a small MLP trained with 4 checkpoints (2 with ``--quick``), a TracIn-CP store, then: how many of the 10% highest
-self-influence samples are truly mislabeled, the proponents of one test digit, an HTML report, and
-a kept/dropped table.
+which), a small MLP trained with 4 checkpoints (2 with ``--quick``), a TracIn-CP store, then: how many
+of the 10% highest self-influence samples are truly mislabeled, the proponents of one test digit, an
+HTML report, and a kept/dropped table.
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def test_index_checked_against_the_store_on_load(env, tmp_path, capsys):
     strict=True,
     reason=(
         "a write stopped after the index file is renamed into place but before its meta leaves NAME.<token>.faiss "
-        "that no meta names; gradindex/search/_approx.py never removes it (issue 14: an atomic publish with orphan cleanup)"
+        "that no meta names; gradindex/search/_approx.py never removes it (an atomic publish with orphan cleanup is "
+        "issue 14's)"
     ),
 )
 def test_an_interrupted_index_write_leaves_no_unreferenced_file(env):
