@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from gradindex.projection._spec import KRON_SIDES, derive_seed
+from gradindex.utils import check_positive_int
 
 __all__ = [
     "PCA_MAX_WIDTH",
@@ -259,8 +260,7 @@ def plan_kron(
     0.961/0.969/0.961, tests' CNN 0.991/0.990/0.999, tests' MLP 1.000 each, benchmark LM 0.791/0.835/0.811, benchmark
     CNN 0.998/0.994/0.999 (measured once while choosing the rule; issue 5's closing note has them).
     """
-    if dim <= 0:
-        raise ValueError(f"projection dim must be positive, got {dim}")
+    dim = check_positive_int("dim", dim)
     if sides not in SIDES:
         raise ValueError(f"kron sides must be one of {', '.join(SIDES)}, got {sides!r}")
     sizes = [layer.numel for layer in layers] + ([rest_numel] if rest_params else [])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from gradindex.errors import ArgumentError
+from gradindex.utils import check_settings, setting
 
 __all__ = ["KRON_SIDES", "PROJECTION_KINDS", "ParamPlan", "ProjectionSpec", "derive_seed"]
 
@@ -42,10 +43,10 @@ class ProjectionSpec:
     the featurizer builds it rather than ``make_projector``; its per-layer plan is recorded beside the spec.
     """
 
-    kind: ProjectionKind = "rademacher"
-    dim: int = 1024
-    seed: int = 0
-    sjlt_nnz: int = 4  # buckets per coordinate for sjlt
+    kind: ProjectionKind = setting("rademacher", "projection kind", choices=PROJECTION_KINDS)
+    dim: int = setting(1024, "output dimension per checkpoint", minimum=1, integer=True)
+    seed: int = setting(0, "seed of every random matrix", minimum=0, integer=True)
+    sjlt_nnz: int = setting(4, "sjlt: buckets per coordinate", minimum=1, integer=True)
     # kron only: the per-layer plan a manifest recorded (its "plan" entries), used as is instead of being computed
     # again from calibration data. Not part of what was asked for: two specs differing only here compare equal.
     plan: tuple | None = field(default=None, compare=False)
@@ -54,14 +55,7 @@ class ProjectionSpec:
     kron_sides: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in PROJECTION_KINDS:
-            raise ValueError(f"projection kind must be one of {', '.join(PROJECTION_KINDS)}, got {self.kind!r}")
-        if self.dim <= 0:
-            raise ValueError(f"projection dim must be positive, got {self.dim}")
-        if self.seed < 0:
-            raise ValueError(f"projection seed must be non-negative, got {self.seed}")
-        if self.sjlt_nnz <= 0:
-            raise ValueError(f"sjlt_nnz must be positive, got {self.sjlt_nnz}")
+        check_settings(self)
         if self.kron_sides is not None:
             if self.kron_sides not in KRON_SIDES:
                 raise ValueError(f"kron sides must be one of {', '.join(sorted(KRON_SIDES))}, got {self.kron_sides!r}")

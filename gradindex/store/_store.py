@@ -71,7 +71,7 @@ from gradindex.store._atomic import (
 from gradindex.store._manifest import MANIFEST_KEY, SEAL_KEY, manifest_bytes, seal, write_manifest
 from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
 from gradindex.store.faults import crash_point
-from gradindex.utils import pid_alive, sha256_bytes, sha256_file
+from gradindex.utils import check_settings, pid_alive, setting, sha256_bytes, sha256_file
 
 __all__ = [
     "FORMAT",
@@ -102,21 +102,14 @@ _REPAIR = "run `gradindex verify STORE` to list the damage and `gradindex build 
 class StoreLayout:
     """How rows are cut into shards (the unit of writing) and chunks (the unit of reading)."""
 
-    n_samples: int
-    dim: int
-    dtype: str = "float16"
-    rows_per_shard: int = 8192
-    rows_per_chunk: int = 1024
+    n_samples: int = setting(help="rows: one vector per training sample", minimum=1, integer=True)
+    dim: int = setting(help="the vectors' dimension", minimum=1, integer=True)
+    dtype: str = setting("float16", "the vectors' dtype", choices=STORE_DTYPES)
+    rows_per_shard: int = setting(8192, "rows per shard: the unit of writing", minimum=1, integer=True)
+    rows_per_chunk: int = setting(1024, "rows per chunk: the unit of reading", minimum=1, integer=True)
 
     def __post_init__(self) -> None:
-        if self.n_samples <= 0:
-            raise ValueError(f"a store needs at least one sample, got n_samples={self.n_samples}")
-        if self.dim <= 0:
-            raise ValueError(f"vector dimension must be positive, got {self.dim}")
-        if self.dtype not in STORE_DTYPES:
-            raise ValueError(f"store dtype must be float16 or float32, got {self.dtype!r}")
-        if self.rows_per_shard <= 0 or self.rows_per_chunk <= 0:
-            raise ValueError("rows_per_shard and rows_per_chunk must be positive")
+        check_settings(self)
         if self.rows_per_shard % self.rows_per_chunk:
             raise ValueError(
                 f"rows_per_shard={self.rows_per_shard} must be a multiple of rows_per_chunk={self.rows_per_chunk}"

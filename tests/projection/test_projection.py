@@ -88,9 +88,9 @@ def test_wrong_gradient_width_is_an_error():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"kind": "fourier"}, "projection kind must be one of"),
-        ({"dim": 0}, "dim must be positive"),
-        ({"seed": -1}, "seed must be non-negative"),
+        ({"kind": "fourier"}, "kind must be one of kron, none"),
+        ({"dim": 0}, "dim must be a positive integer, got 0"),
+        ({"seed": -1}, "seed must be a non-negative integer, got -1"),
     ],
 )
 def test_spec_validation(options, message):

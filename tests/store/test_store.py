@@ -214,9 +214,9 @@ def test_fingerprint_differences_name_the_field():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"n_samples": 0}, "at least one sample"),
-        ({"dim": 0}, "dimension must be positive"),
-        ({"dtype": "int8"}, "float16 or float32"),
+        ({"n_samples": 0}, "n_samples must be a positive integer, got 0"),
+        ({"dim": 0}, "dim must be a positive integer, got 0"),
+        ({"dtype": "int8"}, "dtype must be one of float16, float32"),
         ({"rows_per_shard": 10, "rows_per_chunk": 3}, "multiple of"),
     ],
 )
