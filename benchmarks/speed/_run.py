@@ -208,7 +208,9 @@ def _compare(rows: list[dict], model: str, train_rate: float) -> None:
         if fastest:
             row["x_fastest_peer"] = row["samples_per_s"] / fastest["samples_per_s"]
             row["fastest_peer"] = fastest["method"]
-        if peers and row["method"].startswith("gradindex") and row.get("spearman") is not None:
+        if not peers and row["method"].startswith("gradindex"):
+            row["fastest_peer_at_quality"] = "no peer ran"  # none installed (pip install -e ".[bench]")
+        elif row["method"].startswith("gradindex") and row.get("spearman") is not None:
             equal = [peer for peer in peers if peer.get("spearman") is not None and peer["spearman"] >= row["spearman"]]
             if equal:
                 best = max(equal, key=lambda peer: peer["samples_per_s"])

@@ -47,8 +47,13 @@ def test_speed_benchmark_tiny_runs_every_method_side_by_side():
             best = max(at_quality, key=lambda row: row["samples_per_s"])
             assert kron["fastest_peer_at_quality"] == best["method"]
             assert abs(kron["x_fastest_peer_at_quality"] - kron["samples_per_s"] / best["samples_per_s"]) < 1e-9
-        else:
+        elif any(
+            row.get("samples_per_s") and not row["method"].startswith(("gradindex", "training"))
+            for row in mine.values()
+        ):
             assert kron["fastest_peer_at_quality"] == "none as accurate"
+        else:  # no peer ran (they are the bench extra's, not installed): the table says so
+            assert kron["fastest_peer_at_quality"] == "no peer ran"
     # a peer either ran (with a rate and a Spearman) or says why not; one that is not installed is skipped, not faked
     for module, label in PEERS.items():
         peer_rows = [row for row in rows if label in row["method"] or row["method"].startswith(module)]
