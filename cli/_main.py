@@ -180,8 +180,8 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
     "--claim-timeout",
     type=click.FloatRange(min=0, min_open=True),
     metavar="SECONDS",
-    help="Remote stores: take over a shard another machine claimed this long ago without finishing it "
-    "[default: 21600, or GRADINDEX_CLAIM_TIMEOUT].",
+    help="Take over a shard another machine (sharing the file system or the object store) claimed this long ago "
+    "without finishing it [default: 21600, or GRADINDEX_CLAIM_TIMEOUT].",
 )
 @storage_options_option
 @method_build_options
@@ -406,34 +406,50 @@ def info(store, fmt, storage_options):
     if fmt == "json":
         click.echo(json.dumps(details, indent=1, default=str))
         return
-    fingerprint = details["fingerprint"]
-    layout = details["layout"]
+    click.echo("\n".join(_info_lines(details)))
+
+
+def _info_lines(details: dict) -> list[str]:
+    """The text of ``gradindex info``: every field read with a fallback, so a store whose manifest lacks one (made by
+    another version, or edited) is still shown."""
+
+    def field(tree: object, *keys: object, default: object = "?") -> object:
+        for key in keys:
+            try:
+                tree = tree[key]  # type: ignore[index]
+            except (KeyError, IndexError, TypeError):
+                return default
+        return tree
+
+    fingerprint, layout = details.get("fingerprint") or {}, details.get("layout") or {}
+    params = field(fingerprint, "params", default=[])
     lines = [
-        f"store       {details['path']}",
-        f"state       {details['state']} — {details['progress']}",
-        f"vectors     {layout['n_samples']} x {layout['dim']} {layout['dtype']} ({layout['rows_per_shard']} rows per "
-        "shard)",
-        f"method      {json.dumps(fingerprint['method'])}",
-        f"projection  {json.dumps(fingerprint['projection'])}",
-        f"model       {fingerprint['model']['class']} ({len(fingerprint['params'])} parameter tensors indexed)",
-        f"task        {json.dumps(details.get('task'))}",
+        f"store       {details.get('path')}",
+        f"state       {details.get('state')} — {details.get('progress')}",
+        f"vectors     {field(layout, 'n_samples')} x {field(layout, 'dim')} {field(layout, 'dtype')} "
+        f"({field(layout, 'rows_per_shard')} rows per shard)",
+        f"method      {json.dumps(field(fingerprint, 'method'), default=str)}",
+        f"projection  {json.dumps(field(fingerprint, 'projection'), default=str)}",
+        f"model       {field(fingerprint, 'model', 'class')} "
+        f"({len(params) if isinstance(params, list) else '?'} parameter tensors indexed)",
+        f"task        {json.dumps(details.get('task'), default=str)}",
     ]
-    for position, ckpt in enumerate(details.get("checkpoints", [])):
-        lines.append(
-            f"checkpoint  [{position}] {ckpt['path']} weight={ckpt['weight']} "
-            f"sha256={fingerprint['checkpoints'][position]['sha256'][:12]}"
-        )
-    for meta in details.get("indexes", []):
+    for position, ckpt in enumerate(details.get("checkpoints") or []):
+        sha = str(field(fingerprint, "checkpoints", position, "sha256"))[:12]
+        lines.append(f"checkpoint  [{position}] {field(ckpt, 'path')} weight={field(ckpt, 'weight')} sha256={sha}")
+    for meta in details.get("indexes") or []:
         lines.append(f"index       {_index_line(meta)}")
     if details.get("dataset_sha256"):
-        lines.append(f"dataset     {layout['n_samples']} samples, content sha256={details['dataset_sha256'][:12]}")
+        lines.append(
+            f"dataset     {field(layout, 'n_samples')} samples, content sha256={details['dataset_sha256'][:12]}"
+        )
     for kind, rows in (details.get("nonfinite") or {}).items():
         if rows:
             lines.append(
                 f"nonfinite   {len(rows)} row(s) {kind}: "
                 f"{', '.join(map(str, rows[:20]))}{' ...' if len(rows) > 20 else ''}"
             )
-    click.echo("\n".join(lines))
+    return lines
 
 
 def _index_line(meta: dict) -> str:

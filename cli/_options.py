@@ -70,16 +70,32 @@ def handle_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (GradIndexError, ValueError) as error:
+        except click.ClickException:
+            raise
+        except Exception as error:
             if os.environ.get("GRADINDEX_DEBUG"):
                 raise
-            context = click.get_current_context(silent=True)
-            flags = _flags_of(context.command if context is not None else None)
-            subject = error.argument if isinstance(error, ArgumentError) else None
-            message = with_flags(str(error), flags, subject)
-            raise click.ClickException(message) from error
+            raise click.ClickException(_one_sentence(error)) from error
 
     return wrapper
+
+
+def _one_sentence(error: Exception) -> str:
+    """What the user sees of an error: ours and ValueErrors as they are (with flags for Python names), a file system's
+    refusal with its path, and anything else as the bug it is, with how to see its traceback."""
+    if isinstance(error, (GradIndexError, ValueError)):
+        context = click.get_current_context(silent=True)
+        flags = _flags_of(context.command if context is not None else None)
+        subject = error.argument if isinstance(error, ArgumentError) else None
+        return with_flags(" ".join(str(error).split()), flags, subject)
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}; check the path, its permissions and the free space"
+    text = " ".join(str(error).split())[:300]
+    return (
+        f"unexpected {type(error).__name__}: {text}; this is a gradindex bug: run again with GRADINDEX_DEBUG=1 to "
+        "see the traceback, and report it"
+    )
 
 
 # ---- options from settings -----------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class CheckpointSpec:
         """``ckpt.pt`` or ``ckpt.pt:0.1``; a colon whose suffix is not a number must be part of the path only if the
         file exists."""
         if not text:
-            raise CheckpointError("empty --checkpoint; give PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
+            raise CheckpointError("an empty checkpoint; give PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
         path, sep, weight_text = text.rpartition(":")
         if not sep or Path(text).exists():
             return CheckpointSpec(path=text)
@@ -40,10 +40,10 @@ class CheckpointSpec:
             weight = float(weight_text)
         except ValueError:
             raise CheckpointError(
-                f"bad --checkpoint {text!r}: the weight after ':' must be a number, e.g. {path or 'ckpt.pt'}:0.1"
+                f"bad checkpoint {text!r}: the weight after ':' must be a number, e.g. {path or 'ckpt.pt'}:0.1"
             ) from None
         if not path:
-            raise CheckpointError(f"bad --checkpoint {text!r}: give PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
+            raise CheckpointError(f"bad checkpoint {text!r}: give PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
         return CheckpointSpec(path=path, weight=weight)
 
     def to_dict(self) -> dict:
@@ -63,24 +63,34 @@ def parse_checkpoints(items: Sequence[str | CheckpointSpec | tuple]) -> list[Che
         else:
             raise CheckpointError(f"cannot read a checkpoint from {item!r}; give 'PATH' or 'PATH:WEIGHT'")
     if not specs:
-        raise CheckpointError("at least one checkpoint is needed; pass --checkpoint PATH[:WEIGHT]")
+        raise CheckpointError("at least one checkpoint is needed: PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
     return specs
 
 
 def checkpoint_sha256(path: str | Path) -> str:
-    """The sha256 of a checkpoint file (what a store records of it), or a CheckpointError when it is not there."""
+    """The sha256 of a checkpoint file (what a store records of it), or a CheckpointError when it is not one."""
+    _require_file(Path(path))
     try:
         return sha256_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path") from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error.strerror or error}); check its path") from None
+
+
+def _require_file(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; give the checkpoint file in it (a torch.save state dict, .pt or .bin, "
+            "or a .safetensors file)"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check its path")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a ``torch.save`` file (a bare state dict, or one under 'state_dict'/'model') or a safetensors
     file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the --checkpoint path")
+    _require_file(path)
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -88,7 +98,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(
                 f"{path} is a safetensors file; install safetensors (pip install safetensors)"
             ) from None
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError on a damaged or foreign file
+            raise CheckpointError(
+                f"checkpoint {path} is not a readable safetensors file ({type(error).__name__}: {error}); "
+                "check the file, or save it again with safetensors.torch.save_file"
+            ) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -127,7 +143,14 @@ def load_into(model: nn.Module, path: str | Path) -> nn.Module:
         if mismatched:
             parts.append(f"shape mismatch {', '.join(mismatched[:5])}")
         raise CheckpointError(
-            f"checkpoint {path} does not fit the task's model ({'; '.join(parts)}); check --task and --checkpoint"
+            f"checkpoint {path} does not fit the task's model ({'; '.join(parts)}); check the task and the checkpoint"
         )
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            count = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(
+                f"checkpoint {path} holds NaN or infinite values in {key} ({count} of {value.numel()}): the training "
+                "run had diverged when it was saved; use an earlier checkpoint"
+            )
     model.load_state_dict(state)
     return model

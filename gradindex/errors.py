@@ -19,6 +19,7 @@ __all__ = [
     "IncompatibleStoreError",
     "IncompleteStoreError",
     "NonFiniteError",
+    "ResourceLimitError",
     "SearchError",
     "ShardOwnershipError",
     "StorageError",
@@ -26,6 +27,7 @@ __all__ = [
     "StoreNotFoundError",
     "StoreWriteError",
     "TaskSpecError",
+    "with_flags",
 ]
 
 
@@ -112,6 +114,11 @@ class StoreWriteError(GradIndexError, OSError):
 
 class StorageError(GradIndexError, ValueError):
     """A store location that cannot be used: unknown protocol, missing package, bad storage option."""
+
+
+class ResourceLimitError(GradIndexError, MemoryError):
+    """Settings whose working memory cannot fit, refused before anything is allocated (the estimate and the limit are
+    in the message, with the setting that lowers it)."""
 
 
 class GradIndexWarning(UserWarning):

@@ -8,7 +8,11 @@ Runs the same harness as the tests (``tests/reliability/harness.py``): kill -9 a
 at every named crash point (first, middle and last shard) of a 20k-row build, every disk step failed
 with four errnos and with a disk that stays full, three rounds of 8 workers with 4 polling readers plus
 the raw-zarr control, the corruption matrix with 8 bit-flips and 8 zero-fills per file of a complete
-store, a store being built and a persisted index, and the hypothesis state machine with 60 examples.
+store, a store being built and a persisted index, and the hypothesis state machine with 60 examples; then the
+hostile-world sweeps (issue 14): the crafted-store matrix (path traversal, symlinks, oversized shapes, wrong dtypes,
+truncated and swapped files; nothing outside the store touched), appends killed at every step and at random moments,
+failing at every disk step, over a changed history, read while they run, overwrites of what is not a store, and the
+mistake matrix of the command line (one sentence, no traceback).
 Writes ``benchmarks/results/reliability.json`` and the ``reliability`` section of ``benchmarks/RESULTS.md``.
 """
 
@@ -31,7 +35,7 @@ from benchmarks._report import machine, markdown_table, save_json, update_sectio
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reliability import harness, rel_tasks  # noqa: E402
+from reliability import appends, crafted, harness, mistakes, rel_tasks  # noqa: E402
 
 # every named crash point, at the first, a middle and the last shard of the 20-shard build
 SWEEP_SITES = (
@@ -283,6 +287,60 @@ def run(quick: bool, workdir: Path) -> dict:
         ),
         flush=True,
     )
+    # 6. the crafted-store matrix -------------------------------------------------------------------
+    started = time.perf_counter()
+    crafted_small = gradindex.build(
+        harness.SMALL, checkpoints, workdir / "crafted-pristine.gradindex", **harness.SMALL_OPTIONS
+    ).path
+    results["crafted"] = crafted.sweep(workdir / "crafted", crafted_small)
+    results["crafted"]["seconds"] = round(time.perf_counter() - started, 1)
+    print(
+        _line(
+            "crafted stores",
+            results["crafted"]["figures"],
+            [
+                "cases",
+                "cases refused",
+                "cases harmless",
+                "cases crash",
+                "victims touched",
+                "children died",
+                "operations",
+                "operations error",
+                "operations ok",
+                "operations crash",
+                "operations wrong",
+            ],
+        ),
+        flush=True,
+    )
+
+    # 7. appends --------------------------------------------------------------------------------------
+    started = time.perf_counter()
+    append_kill = appends.append_kill_sweep(workdir / "append-kill", checkpoints, n_random=4 if quick else 16, seed=8)
+    append_io = appends.append_io_error_sweep(
+        workdir / "append-io",
+        checkpoints,
+        codes=(errno.EIO,) if quick else (errno.EIO, errno.ENOSPC),
+        every=5 if quick else 1,
+    )
+    results["append"] = {
+        "kill": append_kill,
+        "io": append_io,
+        "history": appends.history_refusals(workdir / "append-history", checkpoints),
+        "readers": appends.append_reader_run(workdir / "append-readers", checkpoints, n_readers=2 if quick else 4),
+        "overwrite": appends.overwrite_refusals(workdir / "overwrite", checkpoints),
+    }
+    results["append"]["seconds"] = round(time.perf_counter() - started, 1)
+    for name, part in results["append"].items():
+        if isinstance(part, dict):
+            print(_line(f"append: {name}", part.get("figures", {}), sorted(part.get("figures", {}))), flush=True)
+
+    # 8. the mistake matrix ---------------------------------------------------------------------------
+    started = time.perf_counter()
+    figures, failures = mistakes.run(mistakes.make_world(workdir / "mistakes"))
+    results["mistakes"] = {"figures": figures, "failures": failures, "seconds": round(time.perf_counter() - started, 1)}
+    print(_line("mistake matrix", figures, ["mistakes", "answered in one sentence", "tracebacks"]), flush=True)
     harness.stop_children()
     return results
 
@@ -375,17 +433,67 @@ def _markdown(results: dict, command: str, info: dict, seconds: float) -> str:
         f"{fig.get('shards repaired', 0)}, "
         f"searches checked against numpy brute force {fig.get('searches checked against brute force', 0)}, failures 0 |"
     )
+    fig = results["crafted"]["figures"]
+    kinds = ", ".join(
+        f"{kind} {counts.get('cases', 0)}" for kind, counts in sorted(results["crafted"]["by_kind"].items())
+    )
+    lines.append(
+        f"| crafted stores | {fig.get('cases', 0)} stores with their checksums recomputed as an attacker would "
+        f"({kinds}), each put through {fig.get('operations', 0) // max(1, fig.get('cases', 1))} operations of the API "
+        "and the CLI "
+        f"| refused {fig.get('cases refused', 0)}, harmless {fig.get('cases harmless', 0)}, crashes "
+        f"{fig.get('cases crash', 0)}, files outside the store touched {fig.get('victims touched', 0)}, children "
+        f"died {fig.get('children died', 0)}, wrong answers {fig.get('operations wrong', 0)} of "
+        f"{fig.get('operations', 0)} operations |"
+    )
+    append = results["append"]
+    fig = append["kill"]["figures"]
+    lines.append(
+        f"| append killed | an append (1,050 -> 1,300 rows) stopped at every crash point and by random SIGKILLs | "
+        f"tried {fig.get('tried', 0)}, complete after {fig.get('complete', 0)}, answering as before "
+        f"{fig.get('queries as before', 0)} (as grown, after the swap, {fig.get('queries as grown', 0)}), "
+        f"byte-identical after the sweep {fig.get('byte-identical after the sweep', 0)}, reruns equal a fresh build "
+        f"{fig.get('reruns equal a fresh build', 0)}, orphans {fig.get('orphans', 0)}, failures "
+        f"{len(append['kill'].get('failures', []))} |"
+    )
+    fig = append["io"]["figures"]
+    lines.append(
+        f"| append, disk errors | every disk step of an append failed | injected {fig.get('injected', 0)}, typed "
+        f"errors {fig.get('typed errors', 0)} (+{fig.get('completed anyway', 0)} completed), byte-identical after the "
+        f"sweep {fig.get('byte-identical after the sweep', 0)}, reruns equal "
+        f"{fig.get('reruns equal a fresh build', 0)} |"
+    )
+    fig = append["history"]["figures"]
+    lines.append(
+        f"| append, changed history | a changed, a reordered sample, changed ids, ids of another type | tried "
+        f"{fig.get('tried', 0)}, refused naming the row {fig.get('refused, naming the row', 0)}, store byte-identical "
+        f"{fig.get('byte-identical', 0)} |"
+    )
+    fig = append["readers"]["figures"]
+    lines.append(
+        f"| append, readers | processes polling the store while an append runs | polls {fig.get('polls', 0)}, errors "
+        f"{fig.get('errors', 0)}, wrong answers {fig.get('wrong answers', 0)}, stores opened before still right "
+        f"{fig.get('held readers answering as before', 0)}/{fig.get('held readers', 0)} |"
+    )
+    fig = append["overwrite"]["figures"]
+    lines.append(
+        f"| overwrite | over a file, a folder, links, a foreign Zarr group (local and memory://) | refused and intact "
+        f"{fig.get('left intact', 0)}/{fig.get('tried', 0)}, real stores replaced {fig.get('stores replaced', 0)}/"
+        f"{fig.get('stores tried', 0)} |"
+    )
+    fig = results["mistakes"]["figures"]
+    lines.append(
+        f"| mistake matrix | what a careless user types at the command line | mistakes {fig['mistakes']}, answered in "
+        f"one sentence {fig['answered in one sentence']}, tracebacks {fig['tracebacks']} |"
+    )
     lines += [
         "",
         "Repairs that do not come back: a damaged manifest (`zarr.json`) holds the checksums, so it needs "
         "`--overwrite`. "
         '"Record lost": a deleted shard record of a store being built makes it declare that shard unfinished; its '
         "answers are "
-        "then exactly those over the shards it declares, and a resume redoes the shard. Index files carry no checksum "
-        "yet "
-        "(`gradindex/index/_approx.py`), so damage inside the index data can load and answer differently: the "
-        "silently wrong "
-        "answers in the index row come from there (see the strict xfail in `tests/reliability/test_corruption.py`).",
+        "then exactly those over the shards it declares, and a resume redoes the shard. An index's meta is sealed and "
+        "its files carry sha256 checksums checked before faiss reads them.",
         "",
         "By kind of file (corruption, complete store):",
         "",

@@ -106,15 +106,17 @@ def make_featurizer(
 ) -> Featurizer:
     """The featurizer for ``method``; the same call at build and at query time gives the same vectors.
 
-    :param method: one of ``METHODS``.
-    :param task: the task whose model and loss are featurized.
-    :param checkpoints: the loaded checkpoints (``gradindex.featurize.load_checkpoints``), in order.
-    :param projection: the projection of each checkpoint's gradient.
-    :param layers: parameter-name globs to featurize (None: every trainable parameter).
-    :param normalize: unit-normalise each checkpoint's block (cosine scores).
-    :param device: where featurization runs.
-    :param options: the method's options (``METHOD_OPTIONS[method]``); recorded in the fingerprint.
-    :param runtime: how, not what (not fingerprinted): ``chunk_bytes``, ``compile``, ``autocast`` for tracin.
+    Args:
+        method: one of ``METHODS``.
+        task: the task whose model and loss are featurized.
+        checkpoints: the loaded checkpoints (``gradindex.featurize.load_checkpoints``), in order.
+        projection: the projection of each checkpoint's gradient.
+        layers: parameter-name globs to featurize (None: every trainable parameter).
+        normalize: unit-normalise each checkpoint's block (cosine scores).
+        device: where featurization runs.
+        options: the method's options (``METHOD_OPTIONS[method]``); recorded in the fingerprint.
+        runtime: how, not what (not fingerprinted): ``chunk_bytes``, ``compile``, ``autocast`` and ``nonfinite`` for
+            tracin.
     """
     if method == "tracin":
         if options:

@@ -24,6 +24,7 @@ from gradindex.methods._curvature import Curvature
 from gradindex.methods._options import METHOD_OPTIONS, query_overrides, recorded_options, resolve_options
 from gradindex.projection import ParamPlan, ProjectionSpec, make_projector
 from gradindex.task import Task, batch_size, slice_batch, to_device
+from gradindex.utils import check_fits
 
 if TYPE_CHECKING:
     from gradindex.store import GradientStore
@@ -115,6 +116,14 @@ class _BuiltinMethod(MethodFeaturizer):
         self.projection = projection
         self.projector = make_projector(projection, self.plans)
         self.block_dim = self.projector.out_dim
+        matrix = 4 * self.block_dim if projection.kind in ("rademacher", "gaussian") else 0
+        check_fits(
+            f"featurizing one sample ({self.n_params:,} parameters, proj_dim={projection.dim})",
+            4 * (3 * self.n_params + self.block_dim) + matrix,
+            CHUNK_BYTES,
+            "the featurization memory of a method",
+            "lower proj_dim or featurize fewer layers (layers=GLOB)",
+        )
 
     def _projected_fingerprint(self) -> dict:
         """The fingerprint of a method whose rows are projected gradients (``if``, ``trak``)."""
@@ -207,7 +216,11 @@ def row_dots(left: Tensor, right: Tensor) -> Tensor:
     return (left.double() * right.double()).sum(dim=1).float()
 
 
-def chunk_rows(n_params: int, chunk_bytes: int = 256 << 20) -> int:
+# the working memory of one chunk of samples of the methods other than TracIn
+CHUNK_BYTES = 256 << 20
+
+
+def chunk_rows(n_params: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Samples per chunk so that a few ``[chunk, p]`` float32 buffers stay within ``chunk_bytes``."""
     return max(1, chunk_bytes // (4 * 3 * max(1, n_params)))
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradindex.errors import CorruptStoreError
+from gradindex.errors import CorruptStoreError, NonFiniteError
 from gradindex.featurize import (
     Featurizer,
     KronGradients,
@@ -27,6 +27,7 @@ from gradindex.featurize import (
 )
 from gradindex.projection import ParamPlan, ProjectionSpec, make_projector, pca_side_matrix
 from gradindex.task import Task, batch_size, iter_batches, slice_batch, to_device
+from gradindex.utils import check_fits
 
 __all__ = ["CALIBRATION_SAMPLES", "KRON_SIDES_TRANSFORM", "TracInFeaturizer"]
 
@@ -37,6 +38,8 @@ KRON_SIDES = "pca"
 KRON_SIDES_TRANSFORM = "kron_sides"
 # kron sizes its chunks on this many first training samples (the same in every process)
 _PROBE_SAMPLES = 8
+# calibration samples per forward/backward
+_CALIBRATION_BATCH = 32
 
 
 class TracInFeaturizer(Featurizer):
@@ -54,10 +57,13 @@ class TracInFeaturizer(Featurizer):
         chunk_bytes: int = 256 << 20,
         autocast: bool = False,
         compile: bool = False,
+        nonfinite: str = "error",
     ):
         """``chunk_bytes`` bounds the working memory of one chunk of samples (the batch is cut into chunks);
         ``autocast`` runs forward/backward in bfloat16 on CUDA (ignored on CPU; projections stay float32);
-        ``compile`` applies ``torch.compile`` to the kron projection kernels."""
+        ``compile`` applies ``torch.compile`` to the kron projection kernels; ``nonfinite`` says what the kron
+        calibration does with a sample whose gradient is NaN or infinite (``error`` stops, ``skip``/``zero`` leave
+        it out of the calibration)."""
         self.task = task
         self.checkpoints = list(checkpoints)
         self.device = device
@@ -71,6 +77,8 @@ class TracInFeaturizer(Featurizer):
         self.n_params = sum(plan.numel for plan in self.plans)
         self.projection = projection
         self.chunk_bytes = chunk_bytes
+        self.nonfinite = nonfinite  # calibration samples with NaN/inf gradients: stop (error), or leave them out
+        self._calibration: list[int] | None = None
         self._scales = [math.sqrt(ckpt.spec.weight) for ckpt in self.checkpoints]
         if projection.kind == "kron":
             # per-sample gradients are never formed: a batched forward/backward per chunk, sized on the first one
@@ -95,8 +103,19 @@ class TracInFeaturizer(Featurizer):
             self.projector = make_projector(projection, self.plans)
             self.block_dim = self.projector.out_dim
             self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
-            # bound the [chunk, p] gradient buffer (vmap holds a few of them)
-            self.chunk_size = max(1, chunk_bytes // (4 * 3 * max(1, self.n_params)))
+            # one sample: vmap holds about three [p] gradient buffers, its [k] output per checkpoint and the
+            # projection's own block (at least one [k] row of a dense matrix)
+            per_sample = 4 * (3 * self.n_params + self.block_dim * len(self.checkpoints))
+            matrix = 4 * self.block_dim if projection.kind in ("rademacher", "gaussian") else 0
+            check_fits(
+                f"featurizing one sample ({self.n_params:,} parameters, proj_dim={projection.dim})",
+                per_sample + matrix,
+                chunk_bytes,
+                "the featurization memory",
+                "lower proj_dim, featurize fewer layers (layers=GLOB), use projection=kron, or raise "
+                "featurize_memory=SIZE",
+            )
+            self.chunk_size = max(1, chunk_bytes // per_sample)
         self.dim = self.block_dim * len(self.checkpoints)
 
     def _calibrate(self, sides: str) -> None:
@@ -112,15 +131,24 @@ class TracInFeaturizer(Featurizer):
         reads them from there (``attach``).
         """
         rows = self._calibration_rows()
-        if not len(rows):
+        if not rows:
             return
         contributions = []
-        for (params, _), ckpt in zip(self._states, self.checkpoints):
-            sums = None
-            for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
-                found = self.kron.energies(to_device(batch, self.device), params)
+        for position, ((params, _), ckpt) in enumerate(zip(self._states, self.checkpoints)):
+            sums, counted = None, 0
+            for start in range(0, len(rows), _CALIBRATION_BATCH):
+                chunk = self._finite_energies(rows[start : start + _CALIBRATION_BATCH], params, position)
+                if chunk is None:
+                    continue
+                found, size = chunk
                 sums = found if sums is None else [a + b for a, b in zip(sums, found)]
-            energies = [value / len(rows) for value in sums]
+                counted += size
+            if sums is None:
+                raise NonFiniteError(
+                    f"every calibration sample's gradient is NaN or infinite at checkpoint {position}; "
+                    "fix the data or the checkpoint"
+                )
+            energies = [value / counted for value in sums]
             total = sum(energies) if self.normalize else 1.0
             contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
         self.kron.replan(
@@ -129,8 +157,42 @@ class TracInFeaturizer(Featurizer):
         )
         self._calibrate_pca()
 
-    def _calibration_rows(self) -> range:
-        return range(min(CALIBRATION_SAMPLES, len(self.task.train)))
+    def _calibration_rows(self) -> list[int]:
+        """The training rows the plan is calibrated on: the first ``CALIBRATION_SAMPLES``, less any whose gradients
+        were found NaN or infinite (``nonfinite`` skip or zero; with error they stop the build)."""
+        if self._calibration is None:
+            self._calibration = list(range(min(CALIBRATION_SAMPLES, len(self.task.train))))
+        return self._calibration
+
+    def _calibration_batch(self, rows: Sequence[int]) -> Any:
+        """The collated batch of training ``rows`` on the featurizer's device (consecutive rows are sliced)."""
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        wanted = range(rows[0], rows[0] + len(rows)) if consecutive else list(rows)
+        batch = next(iter(iter_batches(self.task.train, wanted, len(rows), self.task.collate, prefetch=0)))
+        return to_device(batch, self.device)
+
+    def _finite_energies(self, rows: list[int], params: dict, checkpoint: int) -> tuple[list[float], int] | None:
+        """The summed group energies of calibration ``rows`` and how many rows they count; rows whose gradients are
+        NaN or infinite are found one by one and left out of the calibration, or stop the build (``nonfinite``)."""
+        found = self.kron.energies(self._calibration_batch(rows), params)
+        if all(math.isfinite(value) for value in found):
+            return found, len(rows)
+        bad = [
+            row
+            for row in rows
+            if not all(math.isfinite(value) for value in self.kron.energies(self._calibration_batch([row]), params))
+        ]
+        if self.nonfinite == "error":
+            ids = self.task.train_sample_ids()
+            raise NonFiniteError(
+                f"the gradients of training rows {bad[:10]} (sample ids {[ids[row] for row in bad[:10]]}) are NaN or "
+                f"infinite at checkpoint {checkpoint}, among the samples the kron projection is calibrated on; fix "
+                "the data or the model, or build with nonfinite=skip (leave such samples out of search) or "
+                "nonfinite=zero (keep them as zero vectors)"
+            )
+        self._calibration = [row for row in self._calibration if row not in set(bad)]
+        good = [row for row in rows if row not in set(bad)]
+        return (self.kron.energies(self._calibration_batch(good), params), len(good)) if good else None
 
     def _calibrate_pca(self) -> None:
         """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples. The float64
@@ -142,8 +204,9 @@ class TracInFeaturizer(Featurizer):
             for group in groups:
                 moments: dict = {}
                 keys = {(name, side) for name, side, _, _ in group}
-                for batch in iter_batches(self.task.train, rows, 32, self.task.collate, prefetch=0):
-                    self.kron.side_moments(to_device(batch, self.device), params, moments, keys)
+                for start in range(0, len(rows), _CALIBRATION_BATCH):
+                    batch = self._calibration_batch(rows[start : start + _CALIBRATION_BATCH])
+                    self.kron.side_moments(batch, params, moments, keys)
                 for name, side, width, k in group:
                     moment = moments.get((name, side))  # None: the module never ran
                     self.kron.set_pca_matrix(

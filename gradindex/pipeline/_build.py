@@ -57,7 +57,17 @@ from gradindex.store import (
     store_path,
     sweep_orphans,
 )
-from gradindex.task import Task, iter_batches, labels_of, load_task, tensor_rows
+from gradindex.task import (
+    Task,
+    batch_size,
+    iter_batches,
+    labels_of,
+    load_task,
+    running_user_code,
+    slice_batch,
+    tensor_rows,
+    user_code_error,
+)
 from gradindex.utils import check_settings, progress_bar, setting
 from gradindex.version import __version__
 
@@ -192,16 +202,19 @@ def build(
         config: what to compute and how (``BuildConfig``); default: ``BuildConfig(**options)``.
         resume: continue the stopped build of the same store; the training samples of finished shards are hashed
             again and must match what was recorded.
-        overwrite: replace the store at ``output``.
+        overwrite: replace the store at ``output`` (only a gradindex store: a file, a link or a folder holding
+            anything else is refused and left as it is).
         shard: ``(I, N)``: compute only shards I, I+N, I+2N, ... (one of N workers).
         progress: show progress bars (default: when stderr is a terminal).
-        append: add the training samples beyond the store's rows to a complete store built with the same settings
-            (the first rows must be unchanged); its persisted indexes are updated or marked stale.
+        append: add the training samples beyond the store's rows to a complete store built with the same settings;
+            the first rows must be unchanged (their sample ids and each shard's content hash are checked before
+            anything is written), and readers see the old store until the append completes (a stopped append is
+            continued by running it again); its persisted indexes are updated or marked stale.
         repair: with ``resume``, first recompute exactly the shards ``verify`` finds damaged.
         storage_options: options of the fsspec filesystem of a store URL (credentials and endpoint otherwise come
             from the environment).
-        claim_timeout: seconds after which another machine's unfinished claim on a shard of a remote store is taken
-            over (default ``GRADINDEX_CLAIM_TIMEOUT``, else 6 hours).
+        claim_timeout: seconds after which another machine's unfinished claim on a shard is taken over (a store on a
+            shared file system or at a URL; default ``GRADINDEX_CLAIM_TIMEOUT``, else 6 hours).
         **options: ``BuildConfig`` fields, over ``config``'s (``proj_dim=512``, ``method="trak"``,
             ``nonfinite="skip"``, ...).
 
@@ -209,8 +222,10 @@ def build(
         The opened store: complete, unless other workers are still writing their shards.
 
     Raises:
-        StoreExistsError: ``output`` holds a store and neither ``resume``, ``overwrite`` nor ``append`` was given.
-        IncompatibleStoreError: a resume or append whose task, checkpoints or settings differ from the store's.
+        StoreExistsError: ``output`` holds a store and neither ``resume``, ``overwrite`` nor ``append`` was given, or
+            holds something that is not a store.
+        IncompatibleStoreError: a resume or append whose task, checkpoints or settings differ from the store's, or an
+            append whose old rows changed (the shard and rows, or the row and sample id, are named).
         NonFiniteError: a NaN or infinite vector with ``nonfinite="error"`` (finished shards are kept).
         ArgumentError: a bad argument or setting (the message names it).
     """
@@ -246,6 +261,10 @@ def build(
     loaded = load_checkpoints(task, specs, device)
 
     def featurizer_for(projection: ProjectionSpec) -> MethodFeaturizer:
+        with running_user_code("the model's construction and the first training samples (the featurizer's set-up)"):
+            return _featurizer_for(projection)
+
+    def _featurizer_for(projection: ProjectionSpec) -> MethodFeaturizer:
         return as_method_featurizer(
             make_featurizer(
                 config.method,
@@ -260,6 +279,7 @@ def build(
                     "chunk_bytes": config.featurize_memory,
                     "compile": config.compile,
                     "autocast": config.autocast,
+                    "nonfinite": config.nonfinite,
                 },
             )
         )
@@ -276,24 +296,32 @@ def build(
     sweep_orphans(output)  # what killed writers left beside the store
     expected_content: dict[int, str] = {}
     appended_from = None
+    sample_ids = _uniform_ids(task.train_sample_ids())
     if append:
         store, appended_from = _open_for_append(
-            output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}}
+            output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}}, config, sample_ids
         )
+        if store.complete:  # an earlier append completed these rows (stopped before updating the indexes, maybe)
+            _update_indexes(store, appended_from, progress)
+            return store
     elif output.exists() and (resume or (shard_count > 1 and not overwrite)):
         store = open_store(output)
         _check_joinable(store, fingerprint, config)
-        store.sweep_temporaries()
+        store.sweep_temporaries(keep_stopped_append=True)
         if repair:
             expected_content = _reopen_for_repair(store)
         if store.complete:
+            stopped = store.pending_append()
+            if stopped is not None:
+                log.info(
+                    "store %s is complete; an append to %d rows stopped at %s: continue it with append=True",
+                    output,
+                    stopped.n_samples,
+                    stopped.progress(),
+                )
             log.info("store %s is already complete", output)
             return store
     else:
-        if output.exists() and not overwrite:
-            raise StoreExistsError(
-                f"{output} already exists; pass resume=True to continue its build or overwrite=True to replace it"
-            )
         layout = StoreLayout.auto(n_samples, featurizer.dim, config.dtype, rows_per_shard=config.rows_per_shard)
         extra = {
             "gradindex_version": __version__,
@@ -316,39 +344,50 @@ def build(
             else:
                 raise
 
-    store.claim_timeout = claim_timeout
-    featurizer.attach(store)  # e.g. Arnoldi's eigenbasis: computed once, shared by every worker through the store
-    mine = [index for index in range(store.n_shards) if index % shard_count == shard_index]
-    sample_ids = task.train_sample_ids()
-    if resume and not append:
-        # each worker re-hashes the samples of its own finished shards (a repair: of all of them)
-        _check_finished_shards(store, task, config, None if repair else mine, sample_ids=sample_ids)
-    todo = [index for index in mine if store.shard_record(index) is None]
-    owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
-    total_rows = sum(store.layout.shard_rows(index)[1] - store.layout.shard_rows(index)[0] for index in todo)
-    bar = progress_bar(total_rows, f"featurize {output.name} ({len(loaded)} checkpoints)", enabled=progress)
-    started = time.perf_counter()
     try:
-        for position, index in enumerate(todo):
-            bar.set_postfix_str(f"shard {position + 1}/{len(todo)}", refresh=False)
-            _build_shard(store, index, task, featurizer, sample_ids, config, owner, bar, expected_content.get(index))
-            log.debug("wrote shard %d of %s (%d/%d of this worker's shards)", index, output, position + 1, len(todo))
+        store.claim_timeout = claim_timeout
+        featurizer.attach(store)  # e.g. Arnoldi's eigenbasis: computed once, shared by every worker through the store
+        mine = [index for index in range(store.n_shards) if index % shard_count == shard_index]
+        if resume and not append:
+            # each worker re-hashes the samples of its own finished shards (a repair: of all of them)
+            _check_finished_shards(store, task, config, None if repair else mine, sample_ids=sample_ids)
+        todo = [index for index in mine if store.shard_record(index) is None]
+        owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
+        total_rows = sum(store.layout.shard_rows(index)[1] - store.layout.shard_rows(index)[0] for index in todo)
+        bar = progress_bar(total_rows, f"featurize {output.name} ({len(loaded)} checkpoints)", enabled=progress)
+        started = time.perf_counter()
+        try:
+            for position, index in enumerate(todo):
+                bar.set_postfix_str(f"shard {position + 1}/{len(todo)}", refresh=False)
+                _build_shard(
+                    store, index, task, featurizer, sample_ids, config, owner, bar, expected_content.get(index)
+                )
+                log.debug(
+                    "wrote shard %d of %s (%d/%d of this worker's shards)", index, output, position + 1, len(todo)
+                )
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - started
+        if total_rows:
+            log.info(
+                "featurized %d samples in %.1fs (%.0f samples/s)", total_rows, elapsed, total_rows / max(elapsed, 1e-9)
+            )
+        if all(store.shard_record(index) is not None for index in range(store.n_shards)):
+            featurizer.finish(
+                store
+            )  # transforms that need every shard (TRAK's ΦᵀΦ), written before the store says complete
+            store.finalize()
     finally:
-        bar.close()
-    elapsed = time.perf_counter() - started
-    if total_rows:
-        log.info(
-            "featurized %d samples in %.1fs (%.0f samples/s)", total_rows, elapsed, total_rows / max(elapsed, 1e-9)
-        )
-    if all(store.shard_record(index) is not None for index in range(store.n_shards)):
-        featurizer.finish(
-            store
-        )  # transforms that need every shard (TRAK's ΦᵀΦ), written before the store says complete
-        store.finalize()
+        if appended_from is not None:
+            store.release_append()  # (what it staged stays, for a rerun to continue)
     if appended_from is not None and store.complete:
-        for name, outcome in update_indexes(store, appended_from, progress=progress).items():
-            log.info("index %s of %s: %s", name, output, outcome)
+        _update_indexes(store, appended_from, progress)
     return store
+
+
+def _update_indexes(store: GradientStore, appended_from: int, progress: bool | None) -> None:
+    for name, outcome in update_indexes(store, appended_from, progress=progress).items():
+        log.info("index %s of %s: %s", name, store.path, outcome)
 
 
 def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | None:
@@ -378,9 +417,18 @@ def _recorded_projection(output: Path, config: BuildConfig) -> ProjectionSpec | 
     return recorded
 
 
-def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -> tuple[GradientStore, int]:
-    """Open a complete store and grow it to the task's training set; returns it and its old row count."""
+def _open_for_append(
+    output: Path, task: Task, fingerprint: dict, extra: dict, config: BuildConfig, sample_ids: list
+) -> tuple[GradientStore, int]:
+    """Stage the growth of the complete store at ``output`` to the task's training set (``GradientStore.begin_append``)
+    once its rows are checked to be the task's first rows; returns the staging store (the store itself when an
+    earlier append already completed this growth) and the old row count. Nothing is written before the checks pass.
+    """
     store = open_store(output)
+    if not store.complete:
+        raise IncompleteStoreError(
+            f"store {output} is incomplete ({store.progress()}); finish it with resume=True before appending"
+        )
     n_samples = fingerprint["dataset"]["n_samples"]
     diffs = [
         diff for diff in fingerprint_differences(store.fingerprint, fingerprint) if not diff.startswith("dataset.")
@@ -403,40 +451,90 @@ def _open_for_append(output: Path, task: Task, fingerprint: dict, extra: dict) -
             f"store {output} holds query-side transforms ({', '.join(from_rows)}) computed from every row; "
             "appending would invalidate them. Rebuild with overwrite=True."
         )
-    appended_from = store.manifest.get("appended_from") if not store.complete else store.n_samples
-    if appended_from is None:
+    if n_samples < store.n_samples:
         raise IncompatibleStoreError(
-            f"store {output} is incomplete ({store.progress()}); finish it with resume=True before appending"
+            f"the task's training set has {n_samples} samples but store {output} holds {store.n_samples}; append only "
+            "adds samples, so rebuild with overwrite=True"
         )
-    if store.complete and n_samples == store.n_samples:
-        raise ValueError(
-            f"the task's training set has {n_samples} samples and store {output} holds them all; there is nothing to "
-            "append"
-        )
-    if n_samples < appended_from:
+    if n_samples == store.n_samples:
+        if store.manifest.get("appended_from") is None:
+            raise ValueError(
+                f"the task's training set has {n_samples} samples and store {output} holds them all; there is nothing "
+                "to append"
+            )
+        log.info("store %s already holds all %d samples (an append completed them)", output, n_samples)
+        store.sweep_temporaries()  # what that append may have left staged
+        return store, store.manifest["appended_from"]
+    _check_history(store, task, config)
+    store.sweep_temporaries(keep_stopped_append=True)  # what dead writers left; a stopped append is continued
+    staging = store.begin_append(n_samples, fingerprint, extra=extra)
+    try:
+        # a stopped append of the same rows is continued: the samples of the shards it finished are hashed again
+        again = [shard for shard in staging.done_shards() if shard >= store.n_samples // store.layout.rows_per_shard]
+        _check_finished_shards(staging, task, config, again, sample_ids=sample_ids)
+    except BaseException:
+        staging.release_append()
+        raise
+    return staging, store.n_samples
+
+
+def _check_history(store: GradientStore, task: Task, config: BuildConfig) -> None:
+    """An append's check, before it writes anything, that the store's rows are still the task's first rows: each old
+    row keeps its sample id (and the new ids are of the same type), and each shard's training samples hash as recorded
+    when it was built (the build's own ContentHash). Shards built before content hashes were recorded are checked by
+    the 32-sample probe of the fingerprint instead (a warning says so)."""
+    fix = "append needs the store's samples unchanged and in order (new ones after them): rebuild with overwrite=True"
+    stored = store.samples().column("sample_id")
+    kinds = {pa.int64(): "integer", pa.string(): "string"}
+    old_kind = kinds.get(stored.type, str(stored.type))
+    sample_ids = task.train_sample_ids()
+    typed = _id_array(sample_ids)
+    if typed.type != stored.type:
+        want = int if stored.type == pa.int64() else str
+        row = next((row for row, value in enumerate(sample_ids) if not _is_id_of(value, want)), 0)
         raise IncompatibleStoreError(
-            f"the task's training set has {n_samples} samples but store {output} holds {appended_from}; append only "
-            "adds samples. "
-            "Rebuild with overwrite=True."
+            f"store {store.path} holds {old_kind} sample ids but the task's are now {kinds.get(typed.type, 'other')} "
+            f"(row {row} has sample id {sample_ids[row]!r}); give every sample an id of the store's type, or rebuild "
+            "with overwrite=True"
         )
-    # the store's rows must still be the task's first rows: their probe hash, taken as at the store's build
-    # (an append that stopped midway already holds the grown data set's fingerprint)
-    if store.complete:
-        changed = (
-            dataset_probe(torch.utils.data.Subset(task.train, range(appended_from)))
-            != store.fingerprint["dataset"]["probe_sha256"]
-        )
-    else:
-        changed = store.fingerprint["dataset"] != fingerprint["dataset"]
-    if changed:
+    new_ids = typed.slice(0, store.n_samples)
+    differing = np.flatnonzero(stored.to_numpy(zero_copy_only=False) != new_ids.to_numpy(zero_copy_only=False))
+    if differing.size:
+        row = int(differing[0])
         raise IncompatibleStoreError(
-            f"the first {appended_from} training samples differ from those store {output} was built from; append "
-            "needs the old "
-            "samples unchanged and in the same order, with new ones after them. Rebuild with overwrite=True."
+            f"row {row} of store {store.path} has sample id {stored[row].as_py()!r} but the task's training set now "
+            f"has {new_ids[row].as_py()!r} there; {fix}"
         )
-    store.sweep_temporaries()
-    store.reopen_for_append(n_samples, fingerprint, extra=extra)
-    return store, appended_from
+    unhashed = []
+    for shard, record in enumerate(store.manifest["shards"]):
+        expected = record.get("content_sha256")
+        if expected is None:
+            unhashed.append(shard)
+            continue
+        start, stop = store.layout.shard_rows(shard)
+        if _hash_rows(task, start, stop, config.batch_size or 256)[0] != expected:
+            raise IncompatibleStoreError(
+                f"the training samples of shard {shard} of store {store.path} (rows {start}..{stop - 1}, sample ids "
+                f"{stored[start].as_py()!r}..{stored[stop - 1].as_py()!r}) differ from those it was built from; {fix}"
+            )
+    if unhashed:
+        log.warning(
+            "store %s has no content hash for %d shard(s) (built by an older gradindex): their samples were checked "
+            "by their sample ids and a 32-sample probe only; rebuild with overwrite=True to have every sample checked",
+            store.path,
+            len(unhashed),
+        )
+        probe = dataset_probe(torch.utils.data.Subset(task.train, range(store.n_samples)))
+        if probe != store.fingerprint["dataset"]["probe_sha256"]:
+            raise IncompatibleStoreError(
+                f"the first {store.n_samples} training samples differ from those store {store.path} was built from "
+                f"(its 32-sample probe); {fix}"
+            )
+
+
+def _is_id_of(value: Any, kind: type) -> bool:
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    return is_int if kind is int else not is_int
 
 
 def finalize(output: GradientStore | str | Path, *, storage_options: dict | None = None) -> GradientStore:
@@ -454,15 +552,21 @@ def finalize(output: GradientStore | str | Path, *, storage_options: dict | None
         IncompleteStoreError: some shards are not written yet (they are named).
     """
     store = as_store(output, storage_options)
+    # an append whose workers wrote every shard but none completed it (it is staged beside the complete store)
+    appending = store.pending_append()
+    if appending is not None:
+        store = appending
     if not store.complete and all(store.shard_record(shard) is not None for shard in range(store.n_shards)):
         finish_store(store)  # transforms that need every shard (TRAK's ΦᵀΦ), before the store says complete
     if store.finalize():
         return store
     missing = [shard for shard in range(store.n_shards) if store.shard_record(shard) is None]
     shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+    what = f"the append to store {store.path}" if appending is not None else f"store {store.path}"
+    again = "append=True" if appending is not None else "resume=True"
     raise IncompleteStoreError(
-        f"store {store.path} cannot be finalized: {len(missing)} of {store.n_shards} shards are not written ({shown}); "
-        "run the workers for them (gradindex build ... --shard I/N) or finish with --resume"
+        f"{what} cannot be finalized: {len(missing)} of {store.n_shards} shards are not written ({shown}); "
+        f"run the workers for them (gradindex build ... --shard I/N) or finish with {again}"
     )
 
 
@@ -509,12 +613,12 @@ def _compute_shard(
     # a TensorDataset with the default collate is sliced, not loaded item by item (hashed from the slices, same digest)
     sliced = task.collate is None and tensor_rows(task.train, range(start, stop)) is not None
     with torch.inference_mode(False), torch.enable_grad():
-        for batch in iter_batches(
-            task.train, range(start, stop), _loader_batch_size(config, featurizer), None if sliced else content
-        ):
+        with running_user_code("the first training samples (sizing the featurization's chunks)"):
+            loader_batch = _loader_batch_size(config, featurizer)
+        for batch in iter_batches(task.train, range(start, stop), loader_batch, None if sliced else content):
             if sliced:
                 content.observe_columns(batch)
-            vectors, scores = featurizer.featurize_train(batch)
+            vectors, scores = _featurize_rows(featurizer, batch, start + position, sample_ids)
             vectors = vectors.detach().cpu().numpy()
             if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
                 raise ValueError(
@@ -572,6 +676,28 @@ def _compute_shard(
         content_sha256=content.hexdigest(),
         nonfinite=nonfinite,
     )
+
+
+def _featurize_rows(featurizer: MethodFeaturizer, batch: Any, first_row: int, sample_ids: list) -> tuple:
+    """``featurizer.featurize_train(batch)``; when the task's own code fails on it, the first row that fails alone is
+    named in the error (or the batch's rows, when none does)."""
+    try:
+        return featurizer.featurize_train(batch)
+    except GradIndexError:
+        raise
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as error:
+        size = batch_size(batch)
+        for offset in range(size):
+            try:
+                featurizer.featurize_train(slice_batch(batch, offset, offset + 1))
+            except GradIndexError:
+                raise
+            except Exception as alone:
+                row = first_row + offset
+                raise user_code_error(f"training row {row} (sample id {sample_ids[row]!r})", alone) from alone
+        raise user_code_error(f"training rows {first_row}..{first_row + size - 1}", error) from error
 
 
 def _samples_table(start: int, stop: int, sample_ids: list, labels: list[np.ndarray]) -> pa.Table:
@@ -642,17 +768,35 @@ def _check_finished_shards(
         if expected is None and shard not in missing_parts:
             continue
         start, stop = store.layout.shard_rows(shard)
-        content = ContentHash(task.collate)
-        labels = []
-        # no gradients here: any batch size hashes the same
-        for batch in iter_batches(task.train, range(start, stop), config.batch_size or 256, content):
-            batch_labels = labels_of(batch)
-            if batch_labels is not None:
-                labels.append(batch_labels)
-        if expected is not None and content.hexdigest() != expected:
-            raise IncompatibleStoreError(content_message(store, shard, expected, content.hexdigest()))
+        digest, labels = _hash_rows(task, start, stop, config.batch_size or 256)
+        if expected is not None and digest != expected:
+            raise IncompatibleStoreError(content_message(store, shard, expected, digest))
         if shard in missing_parts:
             store.restore_samples_part(shard, _samples_table(start, stop, sample_ids, labels))
+
+
+def _hash_rows(task: Task, start: int, stop: int, batch_size: int) -> tuple[str, list[np.ndarray]]:
+    """The content hash of training rows ``start..stop`` as a build takes it (no gradients here: any batch size hashes
+    the same), and their labels."""
+    content = ContentHash(task.collate)
+    labels = []
+    # a TensorDataset with the default collate is sliced, not loaded item by item (hashed from the slices, same digest)
+    sliced = task.collate is None and tensor_rows(task.train, range(start, stop)) is not None
+    for batch in iter_batches(task.train, range(start, stop), batch_size, None if sliced else content):
+        if sliced:
+            content.observe_columns(batch)
+        batch_labels = labels_of(batch)
+        if batch_labels is not None:
+            labels.append(batch_labels)
+    return content.hexdigest(), labels
+
+
+def _uniform_ids(ids: list) -> list:
+    """The sample ids as one type for the whole training set (integers when all are, else strings), so that every
+    shard's sample table agrees with the others and with the rows a later append adds."""
+    if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in ids):
+        return ids
+    return [str(value) for value in ids]
 
 
 def _id_array(ids: Sequence) -> pa.Array:

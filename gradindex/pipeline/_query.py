@@ -18,8 +18,8 @@ from gradindex.methods import as_method_featurizer, make_featurizer, recompute_s
 from gradindex.pipeline._fingerprint import dataset_probe, mismatch_message
 from gradindex.projection import ProjectionSpec
 from gradindex.search import check_search_options, search_store
-from gradindex.store import GradientStore, as_store, fingerprint_differences
-from gradindex.task import Task, iter_batches, load_task
+from gradindex.store import GradientStore, as_store, fingerprint_differences, is_inside, is_remote
+from gradindex.task import Task, iter_batches, load_task, running_user_code
 from gradindex.utils import check_positive_int, check_settings, progress_bar, setting
 
 __all__ = ["QueryConfig", "parse_samples", "query", "query_featurizer", "self_influence", "task_for_store"]
@@ -145,14 +145,24 @@ def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torc
 
 
 def task_for_store(store: GradientStore, task: Task | str | None) -> Task:
-    if task is None:
-        spec = (store.manifest.get("task") or {}).get("spec")
-        if not spec:
-            raise TaskSpecError(
-                f"store {store.path} does not record its task (it was built from a Python object); pass --task SPEC"
-            )
-        return load_task(spec)
-    return load_task(task)
+    """``task`` loaded, or when it is None the task the store recorded at build (its spec: a built-in name, a module,
+    or a task file by absolute path). A recorded task file that lies inside the store is refused: a store is shared
+    data, and running code it brings along would let whoever made it run anything."""
+    if task is not None:
+        return load_task(task)
+    spec = (store.manifest.get("task") or {}).get("spec")
+    if not isinstance(spec, str) or not spec:
+        raise TaskSpecError(
+            f"store {store.path} does not record its task (it was built from a Python object); pass task=SPEC"
+        )
+    target, colon, _ = spec.rpartition(":")
+    is_file = colon and (target.endswith(".py") or "/" in target)
+    if is_file and not is_remote(store.path) and is_inside(store.path, Path(target)):
+        raise TaskSpecError(
+            f"store {store.path} records a task file inside itself ({target}); code that comes with a store is "
+            "not run: pass task=SPEC naming a task file you trust"
+        )
+    return load_task(spec)
 
 
 def parse_samples(samples: Sequence[int] | str | None, n_available: int) -> list[int]:
@@ -263,14 +273,15 @@ def query(
     dataset = task.split(split)
     picked = parse_samples(samples, len(dataset))
     device_ = resolve_device(device)
-    featurizer, _ = query_featurizer(store, task, checkpoints, device_)
+    with running_user_code("the model's construction (the query's featurizer)"):
+        featurizer, _ = query_featurizer(store, task, checkpoints, device_)
     featurizer = as_method_featurizer(featurizer)
     featurizer.configure_query(_method_query_options(damping, solver, method_options), store.path)
     featurizer.attach(store)
     vectors = np.empty((len(picked), featurizer.dim), dtype=np.float32)
     position = 0
     bar = progress_bar(len(picked), "featurize queries", enabled=progress)
-    with torch.enable_grad():
+    with torch.enable_grad(), running_user_code(f"the query samples of split {split!r}"):
         for batch in iter_batches(dataset, picked, batch_size, task.collate):
             block = featurizer.query_vectors(batch).detach().cpu().numpy()
             vectors[position : position + len(block)] = block

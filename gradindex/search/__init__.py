@@ -21,11 +21,14 @@ from gradindex.search._approx import (
     OnDiskListsWriter,
     default_index_name,
     default_nlist,
+    index_files,
     index_names,
     load_index,
+    read_index_meta,
     recall_at_k,
     resolve_factory,
     save_index,
+    write_index_meta,
 )
 from gradindex.search._brute import brute_force_topk
 from gradindex.search._dask import DaskSearch, merge_topk, search_store_dask
@@ -59,11 +62,13 @@ __all__ = [
     "default_nlist",
     "drop_index",
     "gpu_count",
+    "index_files",
     "index_names",
     "list_indexes",
     "load_index",
     "loaded_index",
     "merge_topk",
+    "read_index_meta",
     "recall_at_k",
     "resolve_factory",
     "save_index",
@@ -73,4 +78,5 @@ __all__ = [
     "search_store_dask",
     "store_content_id",
     "update_indexes",
+    "write_index_meta",
 ]

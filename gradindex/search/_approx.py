@@ -25,6 +25,8 @@ import math
 import os
 import re
 import shutil
+import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -38,20 +40,25 @@ from gradindex.errors import SearchError
 from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite, row_chunks
 from gradindex.search._exact import as_queries
 from gradindex.search._faiss import ensure_configured, faiss_errors, gpu_resources, resolve_gpus
+from gradindex.store import check_file_name, is_inside
 from gradindex.store.faults import crash_point
-from gradindex.utils import HOST_TAG, check_positive_int, pid_alive, sha256_file
+from gradindex.utils import HOST_TAG, check_positive_int, pid_alive, sha256_file, sha256_json
 
 __all__ = [
     "ApproxIndex",
     "OnDiskListsWriter",
     "default_index_name",
+    "index_files",
+    "index_lock",
     "index_names",
+    "is_index_file",
     "load_index",
     "read_index_meta",
     "recall_at_k",
     "remove_index",
     "resolve_factory",
     "save_index",
+    "sweep_index_orphans",
     "sweep_index_temporaries",
     "write_index_meta",
 ]
@@ -66,6 +73,21 @@ _IVF_WITHOUT_NLIST = re.compile(r"^IVF(?=[,_])")
 
 
 # ---- factory strings --------------------------------------------------------------------------
+
+
+def memory_per_row(index: Any) -> int:
+    """Bytes an index holds in memory per row it is given: its code (HNSW: the stored vector and its level-0 links)
+    and the row's id."""
+    index = faiss.downcast_index(index)
+    try:
+        code = int(index.sa_code_size())
+    except RuntimeError:
+        storage = getattr(index, "storage", None)
+        code = int(faiss.downcast_index(storage).sa_code_size()) if storage is not None else 4 * int(index.d)
+        hnsw = getattr(index, "hnsw", None)
+        if hnsw is not None:
+            code += 4 * int(hnsw.nb_neighbors(0))
+    return code + 8
 
 
 def default_nlist(n_rows: int) -> int:
@@ -402,13 +424,54 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 # ---- persistence ------------------------------------------------------------------------------
 #
-# An index NAME in a directory is NAME.json (its meta, written last) naming NAME.<token>.faiss and,
-# for on-disk lists, NAME.<token>.ivfdata. Files get a fresh token on every save, so a reader always
-# sees one whole version: the old files until the meta is replaced, the new ones after.
+# An index NAME in a directory is NAME.json (its meta, written last, sealed with the sha256 of its canonical JSON)
+# naming NAME.<token>.faiss and, for on-disk lists, NAME.<token>.ivfdata. Files get a fresh token on every save,
+# so a reader always sees one whole version: the old files until the meta is replaced, the new ones after.
+#
+# Writers of one NAME take turns through NAME.lock (created exclusively, naming pid and host; a dead writer's
+# lock on this host is taken over): everything a writer makes before its turn carries a temporary name with its
+# pid (swept once that pid is dead); in its turn it renames its files into place, writes the meta, and deletes
+# every NAME.<token>.* file the new meta does not name. A writer killed in its turn leaves its lock to the next
+# writer, who sweeps what it left. No file name is ever taken from a meta to delete it: only names matching
+# NAME.<token>.faiss / .ivfdata, found by listing the folder, are removed.
+
+META_SEAL = "meta_sha256"
+LOCK_SUFFIX = ".lock"
+# how long a writer waits for another live writer's turn on the same index (a turn is a few renames)
+LOCK_WAIT_S = 120.0
+_TOKEN = "[0-9a-f]{12}"
+_INDEX_FILE = re.compile(
+    rf"^(?P<name>[A-Za-z0-9][A-Za-z0-9_.-]{{0,99}})\.(?P<token>{_TOKEN})\.(?P<kind>faiss|ivfdata)$"
+)
+_SHA = re.compile("[0-9a-f]{64}")
+
+
+def _rebuild(name: str, factory: Any = None) -> str:
+    shown = repr(factory) if isinstance(factory, str) else "..."
+    return f"rebuild it with `gradindex index STORE --factory {shown} --name {name} --overwrite`"
 
 
 def _meta_path(directory: Path, name: str) -> Path:
     return Path(directory) / f"{check_index_name(name)}{META_SUFFIX}"
+
+
+def _file_pattern(name: str, kind: str) -> re.Pattern:
+    return re.compile(rf"{re.escape(name)}\.{_TOKEN}\.{kind}")
+
+
+def is_index_file(file_name: str, name: str) -> bool:
+    """Whether ``file_name`` is one of index ``name``'s files: ``NAME.<token>.faiss`` or ``NAME.<token>.ivfdata``."""
+    match = _INDEX_FILE.match(file_name)
+    return match is not None and match["name"] == name
+
+
+def index_files(directory: str | Path, name: str) -> list[str]:
+    """The names of every ``NAME.<token>.faiss`` / ``.ivfdata`` file of index ``name`` in ``directory``, referenced
+    by its meta or not (found by listing, never by reading a meta)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(path.name for path in directory.iterdir() if is_index_file(path.name, name))
 
 
 def _tmp_name(name: str) -> str:
@@ -427,7 +490,7 @@ def sweep_index_temporaries(directory: str | Path) -> int:
             continue
         if not rest.startswith(HOST_TAG) and pid.isdigit():
             continue  # another host's writer: it may be alive
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        _remove_entry(path)
         removed += 1
     return removed
 
@@ -455,91 +518,273 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ---- the writers' lock ------------------------------------------------------------------------------------------
+
+
+def _lock_holder(path: Path) -> dict | None:
+    """The lock's ``{"pid", "host"}``; None once it is gone, ``{}`` when it cannot be read (or is a link)."""
+    if path.is_symlink():
+        return {}
+    try:
+        holder = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else {}
+
+
+def _lock_is_stale(path: Path, holder: dict) -> bool:
+    """A lock of a dead writer on this host, or one that is unreadable (never written whole by gradindex) and old."""
+    if not holder:
+        try:
+            return time.time() - path.lstat().st_mtime > 60
+        except FileNotFoundError:
+            return False
+    return holder.get("host") == HOST_TAG and not pid_alive(holder["pid"])
+
+
+_RETRY: dict = {"retry": True}
+
+
+def _try_lock(path: Path) -> dict | None:
+    """Take the lock (written whole, then hard-linked into place: one of several racers wins). None once held,
+    ``_RETRY`` when it was just released or taken from a dead writer, else the holder (``{}`` if unreadable)."""
+    tmp = path.with_name(_tmp_name(path.name))
+    payload = {"pid": os.getpid(), "host": HOST_TAG, "hostname": socket.gethostname(), "time": time.time()}
+    tmp.write_bytes(json.dumps(payload).encode())
+    try:
+        os.link(tmp, path)
+        return None
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    holder = _lock_holder(path)
+    if holder is None:
+        return _RETRY
+    if _lock_is_stale(path, holder):
+        aside = path.with_name(_tmp_name(path.name))
+        try:
+            os.rename(path, aside)  # one of several takers wins the rename
+        except FileNotFoundError:
+            return _RETRY
+        _remove_entry(aside)
+        return _RETRY
+    return holder
+
+
+@contextlib.contextmanager
+def index_lock(directory: str | Path, name: str, *, wait_s: float | None = LOCK_WAIT_S) -> Iterator[bool]:
+    """Hold ``directory/NAME.lock`` for a write of index ``name``; yields True once held.
+
+    A live writer's lock is waited for up to ``wait_s`` seconds (then a SearchError naming it); with ``wait_s=None``
+    the context yields False at once instead. A dead writer's lock (its pid gone, on this host) is taken over.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{check_index_name(name)}{LOCK_SUFFIX}"
+    started = time.monotonic()
+    delay = 0.01
+    while True:
+        holder = _try_lock(path)
+        if holder is None:
+            break
+        if holder is not _RETRY:
+            if wait_s is None:
+                yield False
+                return
+            if time.monotonic() - started > wait_s:
+                raise SearchError(
+                    f"index {name} in {directory} is being written by pid {holder.get('pid')} on "
+                    f"{holder.get('hostname', 'another host')}; wait for that writer to finish, or delete {path} if "
+                    "it is gone"
+                )
+        time.sleep(delay)
+        delay = min(0.2, delay * 2)
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _remove_entry(path: Path) -> None:
+    """Remove a file, a link (never what it points at) or a folder (never following a link inside it)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _sweep_unreferenced(directory: Path, name: str, keep: set[str]) -> int:
+    """Under the lock of ``name``: delete its ``NAME.<token>.*`` files that are not in ``keep``."""
+    removed = 0
+    for file in index_files(directory, name):
+        if file not in keep:
+            _remove_entry(directory / file)
+            removed += 1
+    return removed
+
+
+def sweep_index_orphans(directory: str | Path) -> int:
+    """Remove index files (``NAME.<token>.faiss`` / ``.ivfdata``) that no meta names: what writers killed in their
+    turn left. An index whose lock a live writer holds, or whose meta cannot be checked, is left alone."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    names = {match["name"] for match in map(_INDEX_FILE.match, (path.name for path in directory.iterdir())) if match}
+    removed = 0
+    for name in sorted(names):
+        if not _NAME.match(name):
+            continue
+        with index_lock(directory, name, wait_s=None) as held:
+            if not held:
+                continue
+            meta_path = _meta_path(directory, name)
+            if meta_path.exists() or meta_path.is_symlink():
+                try:
+                    meta = _read_meta_file(meta_path, name, directory)
+                except SearchError:
+                    continue  # a meta we cannot check: its files stay until it is dropped or rebuilt
+                keep = {meta["file"], meta.get("ivfdata")}
+            else:
+                keep = set()
+            removed += _sweep_unreferenced(directory, name, keep)
+    return removed
+
+
+# ---- saving and loading -----------------------------------------------------------------------------------------
+
+
 def new_ivfdata_path(directory: Path, name: str) -> Path:
-    """A fresh file name for the on-disk lists of index ``name``, to pass to ``OnDiskListsWriter.finish``."""
+    """A fresh temporary file for the on-disk lists of index ``name``, to pass to ``OnDiskListsWriter.finish`` and
+    then to ``save_index``, which renames it to ``NAME.<token>.ivfdata``."""
     Path(directory).mkdir(parents=True, exist_ok=True)
-    return Path(directory) / f"{check_index_name(name)}.{uuid.uuid4().hex[:12]}.ivfdata"
+    return Path(directory) / _tmp_name(f"{check_index_name(name)}.{uuid.uuid4().hex[:12]}.ivfdata")
+
+
+def _ondisk_lists(index: Any) -> Any:
+    """The on-disk inverted lists of an IVF index (``OnDiskInvertedLists``), or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
 def save_index(index: Any, directory: str | Path, name: str, meta: dict, *, ivfdata: Path | None = None) -> dict:
-    """Persist a faiss index as ``directory/NAME``: the index file under a temporary name, fsynced and renamed,
-    then its meta (``meta`` plus ntotal, dim, metric, file names), also atomically. Returns the meta written.
+    """Persist a faiss index as ``directory/NAME``: the index file written under a temporary name and fsynced, then,
+    holding the index's lock, renamed into place with its on-disk lists, its sealed meta (``meta`` plus ntotal, dim,
+    metric, file names and their sha256) written atomically, and every older file of the index deleted. Returns the
+    meta written (without its seal).
 
-    ``ivfdata`` is the on-disk lists file the index reads (from ``new_ivfdata_path``), already in ``directory``.
-    The previous version's files are removed once the new meta is in place.
+    ``ivfdata`` is the on-disk lists file the index reads, from ``new_ivfdata_path``.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = _meta_path(directory, name)
-    previous = _read_meta_file(meta_path) if meta_path.exists() else None
-    if ivfdata is not None and Path(ivfdata).parent.resolve() != directory.resolve():
-        raise ValueError(f"the on-disk lists {ivfdata} must be in the index directory {directory}")
-    token = Path(ivfdata).name.split(".")[-2] if ivfdata is not None else uuid.uuid4().hex[:12]
+    ivfdata_name = None
+    if ivfdata is not None:
+        ivfdata = Path(ivfdata)
+        ivfdata_name = ivfdata.name.partition(TMP_MARK)[0]
+        if ivfdata.parent.resolve() != directory.resolve() or not _file_pattern(name, "ivfdata").fullmatch(
+            ivfdata_name
+        ):
+            raise ValueError(f"the on-disk lists {ivfdata} must come from new_ivfdata_path({directory}, {name!r})")
+    token = ivfdata_name.split(".")[-2] if ivfdata_name is not None else uuid.uuid4().hex[:12]
     file_name = f"{name}.{token}.faiss"
+    lists = _ondisk_lists(index)
+    if lists is not None and ivfdata_name is not None:
+        lists.filename = str(directory / ivfdata_name)  # the name it is read back by (faiss keeps it in the file)
     tmp = directory / _tmp_name(file_name)
     try:
         with faiss_errors(f"writing index {name} to {directory}"):
             faiss.write_index(index, str(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, directory / file_name)
+        written = {
+            **meta,
+            "name": name,
+            "file": file_name,
+            "ivfdata": ivfdata_name,
+            "ntotal": int(index.ntotal),
+            "dim": int(index.d),
+            "metric": METRIC,
+            # checked before faiss reads the files: damaged list data would otherwise load and answer differently
+            "sha256": sha256_file(tmp),
+            "ivfdata_sha256": sha256_file(ivfdata) if ivfdata is not None else None,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with index_lock(directory, name):
+            if ivfdata is not None:
+                os.replace(ivfdata, directory / ivfdata_name)
+            os.replace(tmp, directory / file_name)
+            _fsync_dir(directory)
+            crash_point("index-before-meta")
+            _write_atomic(meta_path, _sealed_bytes(written))
+            _sweep_unreferenced(directory, name, {file_name, ivfdata_name})
     finally:
         tmp.unlink(missing_ok=True)
-    written = {
-        **meta,
-        "name": name,
-        "file": file_name,
-        "ivfdata": Path(ivfdata).name if ivfdata is not None else None,
-        "ntotal": int(index.ntotal),
-        "dim": int(index.d),
-        "metric": METRIC,
-        # checked before faiss reads the file: damaged list data would otherwise load and answer differently
-        "sha256": sha256_file(directory / file_name),
-        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    crash_point("index-before-meta")
-    _write_atomic(meta_path, json.dumps(written, indent=1, sort_keys=True).encode())
-    if previous is not None:
-        for old in (previous.get("file"), previous.get("ivfdata")):
-            if old and old not in (written["file"], written["ivfdata"]):
-                (directory / old).unlink(missing_ok=True)
     return written
+
+
+def _sealed_bytes(meta: dict) -> bytes:
+    body = {key: value for key, value in meta.items() if key != META_SEAL}
+    return json.dumps({**body, META_SEAL: sha256_json(body)}, indent=1, sort_keys=True).encode()
 
 
 def load_index(directory: str | Path, name: str, *, expect: dict | None = None, mmap: bool = False) -> tuple[Any, dict]:
     """Read index ``name`` back: ``(faiss index, meta)``.
 
-    Checks the file against its meta (ntotal, dim, inner-product metric) and against ``expect``
-    (the caller's manifest: ``{"ntotal": ..., "dim": ...}``); a mismatch, a missing or unreadable
-    file is a SearchError that says how to rebuild. ``mmap`` maps the lists instead of reading them.
+    Checks the meta's seal and file names, the files' sha256 before faiss reads them, the file against its meta
+    (ntotal, dim, inner-product metric) and against ``expect`` (the caller's manifest: ``{"ntotal": ..., "dim":
+    ...}``); a mismatch, a missing or unreadable file is a SearchError that says how to rebuild. ``mmap`` maps the
+    lists instead of reading them. faiss reads the files through links in a private folder, so that the on-disk lists
+    file named inside the index file can only be the one the meta names.
     """
     directory = Path(directory)
     meta = read_index_meta(directory, name)
-    factory = meta.get("factory", "FACTORY")
-    rebuild = f"rebuild it with `gradindex index STORE --factory {factory!r} --name {name} --overwrite`"
+    rebuild = _rebuild(name, meta.get("factory"))
     for key, value in (expect or {}).items():
         if meta.get(key) != value:
             raise SearchError(
                 f"index {name} was built for {key}={meta.get(key)} but the store has {key}={value}; {rebuild}"
             )
-    path = directory / meta["file"]
-    if not path.is_file():
-        raise SearchError(f"index {name} is missing its file {path}; {rebuild}")
-    if meta.get("ivfdata") and not (directory / meta["ivfdata"]).is_file():
-        raise SearchError(f"index {name} is missing its on-disk lists {directory / meta['ivfdata']}; {rebuild}")
-    if meta.get("sha256") and sha256_file(path) != meta["sha256"]:
-        raise SearchError(
-            f"index {name}'s file {path} fails its checksum (it was damaged after it was written); {rebuild}"
-        )
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if meta.get("ivfdata") else 0
-    if mmap:
-        flags |= faiss.IO_FLAG_MMAP
+    files = {"file": meta["file"], "ivfdata": meta.get("ivfdata")}
+    for key, checksum in (("file", "sha256"), ("ivfdata", "ivfdata_sha256")):
+        if files[key] is None:
+            continue
+        path = directory / files[key]
+        what = "file" if key == "file" else "on-disk lists"
+        if not path.is_file():
+            raise SearchError(f"index {name} is missing its {what} {path}; {rebuild}")
+        if sha256_file(path) != meta[checksum]:
+            raise SearchError(
+                f"index {name}'s {what} {path} fails its checksum (it was damaged after it was written); {rebuild}"
+            )
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR | (faiss.IO_FLAG_MMAP if mmap else 0)
+    private = Path(tempfile.mkdtemp(prefix="gradindex-load-"))
     try:
-        with _stdout_to_stderr():
-            index = faiss.read_index(str(path), flags)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())[-200:]
-        raise SearchError(f"index {name} cannot be read from {path} ({detail}); {rebuild}") from err
+        for file in files.values():
+            if file is not None:
+                os.symlink(os.path.realpath(directory / file), private / file)
+        try:
+            with _stdout_to_stderr():
+                index = faiss.read_index(str(private / files["file"]), flags)
+        except (RuntimeError, MemoryError) as err:
+            detail = " ".join(str(err).split())[-200:]
+            raise SearchError(
+                f"index {name} cannot be read from {directory / files['file']} ({detail}); {rebuild}"
+            ) from err
+        lists = _ondisk_lists(index)
+        read_from = Path(lists.filename).name if lists is not None else None
+        if read_from != files["ivfdata"]:
+            raise SearchError(
+                f"index {name}'s file {directory / files['file']} reads its lists from {read_from!r}, not the "
+                f"{files['ivfdata']!r} its meta names; {rebuild}"
+            )
+    finally:
+        shutil.rmtree(private, ignore_errors=True)  # the lists stay mapped: faiss holds them open
     found = {
         "ntotal": int(index.ntotal),
         "dim": int(index.d),
@@ -551,23 +796,59 @@ def load_index(directory: str | Path, name: str, *, expect: dict | None = None, 
     return index, meta
 
 
-def _read_meta_file(path: Path) -> dict:
+def _read_meta_file(path: Path, name: str, directory: Path) -> dict:
+    """The meta at ``path``, checked: inside ``directory``, its seal, its file names (inside ``directory`` too),
+    ntotal, dim, metric and checksums. Returned without its seal."""
+    rebuild = f"drop it with drop_index or {_rebuild(name)}"
+    if not is_inside(directory, path):
+        raise SearchError(f"index meta {path} is a link to {os.path.realpath(path)}, outside {directory}; {rebuild}")
     try:
-        meta = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as err:
-        raise SearchError(f"index meta {path} is unreadable ({err}); delete it and rebuild the index") from err
-    if not isinstance(meta, dict) or "file" not in meta:
-        raise SearchError(f"index meta {path} is not a gradindex index meta; delete it and rebuild the index")
+        raise SearchError(f"index meta {path} is unreadable ({type(err).__name__}); {rebuild}") from err
+    if not isinstance(raw, dict) or "file" not in raw:
+        raise SearchError(f"index meta {path} is not a gradindex index meta; {rebuild}")
+    rebuild = f"drop it with drop_index or {_rebuild(name, raw.get('factory'))}"
+    meta = {key: value for key, value in raw.items() if key != META_SEAL}
+    if raw.get(META_SEAL) != sha256_json(meta):
+        if META_SEAL in raw:
+            why = "fails its seal (it was changed after it was written)"
+        else:
+            why = "has no seal (it was written before gradindex sealed index metas)"
+        raise SearchError(f"index meta {path} {why}; {rebuild}")
+    check = {"error": SearchError, "fix": rebuild, "where": directory}
+    for key, kind in (("file", "faiss"), ("ivfdata", "ivfdata")):
+        if key == "file" or meta.get(key) is not None:
+            pattern, form = _file_pattern(name, kind), f"{name}.<token>.{kind}"
+            check_file_name(meta[key], what=f"index {name}'s {key}", pattern=pattern, form=form, **check)
+    for key in ("file", "ivfdata"):
+        if meta.get(key) is not None and not is_inside(directory, directory / meta[key]):
+            raise SearchError(f"index {name}'s {key} {meta[key]!r} is a link out of {directory}; {rebuild}")
+    sound = (
+        meta.get("name") == name
+        and meta.get("metric") == METRIC
+        and all(isinstance(meta.get(key), int) and meta[key] >= low for key, low in (("ntotal", 0), ("dim", 1)))
+        and isinstance(meta.get("sha256"), str)
+        and _SHA.fullmatch(meta["sha256"]) is not None
+        and (
+            meta.get("ivfdata") is None
+            or (isinstance(meta.get("ivfdata_sha256"), str) and _SHA.fullmatch(meta["ivfdata_sha256"]) is not None)
+        )
+    )
+    if not sound:
+        raise SearchError(f"index meta {path} lacks a sound name, ntotal, dim, metric or sha256; {rebuild}")
     return meta
 
 
 def read_index_meta(directory: str | Path, name: str) -> dict:
-    """The meta of index ``name`` (recall, factory, ...); SearchError naming the indexes there if absent."""
-    path = _meta_path(Path(directory), name)
+    """The meta of index ``name`` (recall, factory, ...), checked (seal, file names); SearchError naming the indexes
+    there if absent."""
+    directory = Path(directory)
+    path = _meta_path(directory, name)
     try:
-        return _read_meta_file(path)
+        return _read_meta_file(path, name, directory)
     except FileNotFoundError:
         names = index_names(directory)
         have = f"it has {', '.join(names)}" if names else "it has none"
@@ -578,28 +859,40 @@ def read_index_meta(directory: str | Path, name: str) -> dict:
 
 
 def write_index_meta(directory: str | Path, name: str, meta: dict) -> None:
-    """Replace the meta of an existing index (e.g. to mark it stale), atomically."""
-    _write_atomic(_meta_path(Path(directory), name), json.dumps(meta, indent=1, sort_keys=True).encode())
+    """Replace the meta of an existing index (e.g. to mark it stale), sealed, atomically, holding the index's lock;
+    its file names must be the ones the current meta names."""
+    directory = Path(directory)
+    with index_lock(directory, name):
+        current = read_index_meta(directory, name)
+        if (meta.get("file"), meta.get("ivfdata")) != (current["file"], current.get("ivfdata")):
+            raise ValueError(f"write_index_meta keeps index {name}'s files; save_index writes new ones")
+        _write_atomic(_meta_path(directory, name), _sealed_bytes({**meta, "name": name}))
 
 
 def index_names(directory: str | Path) -> list[str]:
-    """Names of the indexes persisted in ``directory``, sorted."""
+    """Names of the indexes persisted in ``directory`` (their metas, sound or not), sorted."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     return sorted(
-        path.name[: -len(META_SUFFIX)] for path in directory.glob(f"*{META_SUFFIX}") if TMP_MARK not in path.name
+        path.name[: -len(META_SUFFIX)]
+        for path in directory.glob(f"*{META_SUFFIX}")
+        if TMP_MARK not in path.name and _NAME.match(path.name[: -len(META_SUFFIX)])
     )
 
 
 def remove_index(directory: str | Path, name: str) -> None:
-    """Delete index ``name``: its meta first (so it disappears at once), then its files."""
+    """Delete index ``name``: its meta first (so it disappears at once), then its files; also an index whose meta
+    is damaged or unsealed. Only ``NAME.<token>.faiss`` / ``.ivfdata`` files found in ``directory`` are deleted,
+    never a name read from the meta."""
     directory = Path(directory)
-    meta = read_index_meta(directory, name)
-    _meta_path(directory, name).unlink()
-    for file in (meta.get("file"), meta.get("ivfdata")):
-        if file:
-            (directory / file).unlink(missing_ok=True)
+    meta_path = _meta_path(directory, name)
+    with index_lock(directory, name):
+        if not (meta_path.exists() or meta_path.is_symlink()):
+            read_index_meta(directory, name)  # the "no index named" error
+        _remove_entry(meta_path)
+        _fsync_dir(directory)
+        _sweep_unreferenced(directory, name, set())
 
 
 def scratch_dir(directory: str | Path) -> Path:

@@ -14,7 +14,6 @@ efSearch values, the smallest reaching ``target_recall`` becoming the index's de
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -34,7 +33,9 @@ from gradindex.search._approx import (
     check_index_name,
     default_index_name,
     index_names,
+    is_index_file,
     load_index,
+    memory_per_row,
     new_ivfdata_path,
     read_index_meta,
     recall_at_k,
@@ -42,13 +43,24 @@ from gradindex.search._approx import (
     remove_scratch,
     save_index,
     scratch_dir,
+    sweep_index_orphans,
     sweep_index_temporaries,
     write_index_meta,
 )
 from gradindex.search._arrays import without_rows
 from gradindex.search._exact import search_blocks
-from gradindex.store import GradientStore, RemotePath, is_remote, open_store, remove_file, write_bytes_atomic
+from gradindex.store import (
+    GradientStore,
+    RemotePath,
+    contained_path,
+    is_remote,
+    open_store,
+    remove_file,
+    write_bytes_atomic,
+)
 from gradindex.utils import (
+    available_memory,
+    check_fits,
     check_settings,
     default_memory_budget,
     progress_bar,
@@ -87,7 +99,13 @@ def index_dir(store: GradientStore) -> Path:
     when saved (``_push``), since faiss reads and writes local files only."""
     if is_remote(store.path):
         return _mirror(store.path / INDEX_DIR)
-    return Path(store.path) / INDEX_DIR
+    return contained_path(
+        Path(store.path),
+        INDEX_DIR,
+        what="the index folder",
+        error=SearchError,
+        fix=f"replace it with a folder and rebuild the indexes with `gradindex index {store.path} --factory ...`",
+    )
 
 
 def _cache_root() -> Path:
@@ -98,7 +116,11 @@ def _mirror(remote: RemotePath) -> Path:
     """A local folder holding copies of the metas under ``remote`` (and, once fetched, their files)."""
     local = _cache_root() / "indexes" / sha256_bytes(str(remote).encode())[:24]
     local.mkdir(parents=True, exist_ok=True)
-    metas = {item.name: item for item in remote.glob(f"*{META_SUFFIX}") if TMP_MARK not in item.name}
+    metas = {
+        item.name: item
+        for item in remote.glob(f"*{META_SUFFIX}")
+        if TMP_MARK not in item.name and _is_index_name(item.name[: -len(META_SUFFIX)])
+    }
     for stale in local.glob(f"*{META_SUFFIX}"):
         if stale.name not in metas:
             stale.unlink(missing_ok=True)
@@ -109,21 +131,29 @@ def _mirror(remote: RemotePath) -> Path:
     return local
 
 
+def _is_index_name(name: str) -> bool:
+    try:
+        check_index_name(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _meta_files(meta: dict) -> list[str]:
+    """The files a checked meta (``read_index_meta``) names: their names are NAME.<token>.faiss / .ivfdata."""
     return [file for file in (meta.get("file"), meta.get("ivfdata")) if file]
 
 
 def _fetch(store: GradientStore, directory: Path, meta: dict) -> None:
     """Download a remote store's index files into its mirror unless a sound copy is there (load_index checks the
-    sha256)."""
+    sha256). ``meta`` is checked (``read_index_meta``): its file names stay inside the folder."""
     if not is_remote(store.path):
         return
     remote = store.path / INDEX_DIR
+    checksums = {meta.get("file"): meta.get("sha256"), meta.get("ivfdata"): meta.get("ivfdata_sha256")}
     for file in _meta_files(meta):
         local = directory / file
-        sound = local.is_file() and (
-            file != meta.get("file") or not meta.get("sha256") or sha256_file(local) == meta["sha256"]
-        )
+        sound = local.is_file() and not local.is_symlink() and sha256_file(local) == checksums[file]
         if not sound:
             try:
                 write_bytes_atomic(local, (remote / file).read_bytes())
@@ -138,14 +168,15 @@ def _push(store: GradientStore, directory: Path, name: str) -> None:
         return
     remote = store.path / INDEX_DIR
     meta_name = f"{name}{META_SUFFIX}"
-    meta = json.loads((directory / meta_name).read_bytes())
+    meta = read_index_meta(directory, name)
     keep = set(_meta_files(meta))
     for file in keep:
         if not (remote / file).exists():
             write_bytes_atomic(remote / file, (directory / file).read_bytes())
     write_bytes_atomic(remote / meta_name, (directory / meta_name).read_bytes())
     for item in remote.glob(f"{name}.*"):
-        if item.name != meta_name and item.name not in keep and TMP_MARK not in item.name:
+        # only NAME.<token>.* objects of this index (not those of an index named "NAME.x"), never a name from a meta
+        if is_index_file(item.name, name) and item.name not in keep:
             remove_file(item)
 
 
@@ -285,10 +316,20 @@ def build_index(
             f"index {name!r} already exists in {store.path}; pass overwrite=True to rebuild it or choose another name"
         )
     sweep_index_temporaries(directory)
+    sweep_index_orphans(directory)  # what writers killed while publishing left (never a live writer's)
     started = time.perf_counter()
     n_rows, dim = store.n_samples, store.dim
+    store.read_shard(0)  # the declared dimension is trusted once a shard's bytes back it (faiss allocates by it)
     approx = ApproxIndex.create(factory, dim, n_rows, use_gpu=use_gpu, float16=store.dtype == "float16")
     budget = default_memory_budget() if memory_budget is None else memory_budget
+    if not on_disk:  # the whole index lives in memory: refuse one that cannot, before training it
+        check_fits(
+            f"the in-memory index {approx.factory} of {n_rows:,} rows",
+            n_rows * memory_per_row(approx.cpu_index()),
+            available_memory(),
+            "the memory this machine has available",
+            "keep the IVF lists on disk (on_disk=True) or use a compressing factory such as IVF,PQ64",
+        )
 
     rng = np.random.default_rng(seed)
     n_eval = int(min(recall_queries, max(1, n_rows // 10)))
@@ -299,10 +340,8 @@ def build_index(
         raise ValueError(
             f"store {store.path} has {n_rows} rows, too few to train {factory!r} and keep {n_eval} for measuring recall"
         )
-    order = rng.permutation(n_rows)
     skipped = _skipped_rows(store)
-    if len(skipped):  # zero rows left by --nonfinite skip: neither queries nor training points
-        order = order[~np.isin(order, skipped)]
+    order = _random_rows(rng, n_rows, n_eval + n_train, skipped)
     eval_rows = np.sort(order[:n_eval])
     train_rows = np.sort(order[n_eval : n_eval + n_train])
     del order
@@ -366,6 +405,19 @@ def build_index(
         "index %s: recall@%d=%.3f at %s=%s", name, k, chosen["recall"], approx.search_parameter, chosen.get("value")
     )
     return written
+
+
+def _random_rows(rng: np.random.Generator, n_rows: int, count: int, skipped: np.ndarray) -> np.ndarray:
+    """``count`` distinct random rows of ``n_rows`` (fewer if there are not that many), none of ``skipped`` (zero rows
+    left by --nonfinite skip: neither queries nor training points). Memory grows with ``count``, not ``n_rows``, past
+    16M rows: a store's declared size is only trusted once its shards are read."""
+    if n_rows <= 1 << 24:
+        order = rng.permutation(n_rows)
+    else:
+        order = rng.choice(n_rows, size=min(n_rows, count + len(skipped)), replace=False)
+    if len(skipped):
+        order = order[~np.isin(order, skipped)]
+    return order[:count]
 
 
 def _sample_rows(
@@ -452,11 +504,39 @@ def list_indexes(store: GradientStore | str | Path) -> list[dict]:
     metas = []
     for name in index_names(directory):
         try:
-            meta = read_index_meta(directory, name)
+            meta = _read_built_meta(directory, name)
         except SearchError as error:
             meta = {"name": name, "error": str(error)}
         metas.append(_with_staleness(store, meta))
     return metas
+
+
+# what build_index writes into a meta beside save_index's keys, with the types readers rely on
+_BUILT_FIELDS: dict[str, tuple[type, ...]] = {
+    "factory": (str,),
+    "factory_resolved": (str,),
+    "k": (int,),
+    "recall": (int, float),
+    "recall_queries": (int,),
+    "search_parameter": (str, type(None)),
+    "nprobe": (int, type(None)),
+    "on_disk": (bool,),
+    "stale": (str, type(None)),
+    "curve": (list,),
+    "store": (dict,),
+}
+
+
+def _read_built_meta(directory: Path, name: str) -> dict:
+    """A checked meta (``read_index_meta``) of an index ``build_index`` made: its fields of the right types."""
+    meta = read_index_meta(directory, name)
+    wrong = [key for key, types in _BUILT_FIELDS.items() if not isinstance(meta.get(key), types)]
+    if wrong or isinstance(meta["k"], bool) or not isinstance(meta["store"].get("content_sha256", ""), str):
+        raise SearchError(
+            f"index {name}'s meta in {directory} has no sound {(wrong or ['store'])[0]}; rebuild it with "
+            f"`gradindex index STORE --factory ... --name {name} --overwrite`"
+        )
+    return meta
 
 
 def _with_staleness(store: GradientStore, meta: dict) -> dict:
@@ -477,12 +557,16 @@ def drop_index(store: GradientStore | str | Path, name: str) -> None:
     """
     store = _open(store)
     directory = index_dir(store)
-    meta = read_index_meta(directory, name)
-    if is_remote(store.path):  # the meta first, so the index disappears at once; then its files
+    check_index_name(name)
+    if name not in index_names(directory):
+        read_index_meta(directory, name)  # the "no index named" error
+    if is_remote(store.path):  # the meta first, so the index disappears at once; then its files (listed, not read)
         remote = store.path / INDEX_DIR
-        for file in [f"{name}{META_SUFFIX}", *_meta_files(meta)]:
-            remove_file(remote / file)
-    remove_index(directory, name)
+        remove_file(remote / f"{name}{META_SUFFIX}")
+        for item in remote.glob(f"{name}.*"):
+            if is_index_file(item.name, name):
+                remove_file(item)
+    remove_index(directory, name)  # also a damaged or unsealed meta: only NAME.<token>.* files go
     _forget(directory, name)
 
 
@@ -498,7 +582,7 @@ def _forget(directory: Path, name: str) -> None:
 
 def loaded_index(store: GradientStore, name: str, use_gpu: bool | None) -> tuple[ApproxIndex, dict]:
     directory = index_dir(store)
-    meta = _with_staleness(store, read_index_meta(directory, name))
+    meta = _with_staleness(store, _read_built_meta(directory, name))
     if meta.get("stale"):
         raise SearchError(
             f"index {name} of {store.path} is stale ({meta['stale']}); rebuild it with "
@@ -560,12 +644,20 @@ def update_indexes(
     store: GradientStore | str | Path, first_new_row: int, *, progress: bool | None = None
 ) -> dict[str, str]:
     """After rows ``first_new_row ..`` were appended to a store, add them to its in-memory indexes
-    (re-measuring recall at the index's nprobe) and mark on-disk ones stale. Returns ``{name: "updated" | "stale"}``."""
+    (re-measuring recall at the index's nprobe) and mark on-disk ones stale. Returns ``{name: "updated" | "stale"}``
+    (``"current"`` for one that holds every row already)."""
     store = _open(store)
     directory = index_dir(store)
     outcome: dict[str, str] = {}
     for name in index_names(directory):
-        meta = read_index_meta(directory, name)
+        try:
+            meta = _read_built_meta(directory, name)
+        except SearchError:
+            outcome[name] = "stale"  # damaged or unsealed: left as it is, unusable until rebuilt
+            continue
+        if (meta.get("store") or {}).get("content_sha256") == store_content_id(store) and not meta.get("stale"):
+            outcome[name] = "current"  # already holds every row (an append run again after it completed)
+            continue
         if meta.get("on_disk") or meta.get("stale") or meta.get("ntotal") != first_new_row:
             reason = (
                 meta.get("stale") or f"the store grew from {meta.get('ntotal')} to {store.n_samples} rows; rebuild it"

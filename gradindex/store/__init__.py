@@ -5,8 +5,9 @@ verified, a manifest that says what the vectors mean. ``gradindex.store.faults``
 """
 
 from gradindex.errors import StorageError, StoreWriteError
-from gradindex.store._atomic import remove_file, write_bytes_atomic
+from gradindex.store._atomic import remove_file, write_bytes_atomic, write_failure
 from gradindex.store._manifest import write_manifest
+from gradindex.store._paths import REBUILD_STORE, check_file_name, contained_path, is_inside
 from gradindex.store._remote import (
     DEFAULT_CLAIM_TIMEOUT,
     RemotePath,
@@ -31,6 +32,7 @@ from gradindex.store._store import (
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
     "FORMAT",
+    "REBUILD_STORE",
     "STORE_DTYPES",
     "GradientStore",
     "RemotePath",
@@ -39,9 +41,12 @@ __all__ = [
     "StoreWriteError",
     "as_store",
     "cast_vectors",
+    "check_file_name",
     "claim_timeout",
+    "contained_path",
     "create_store",
     "fingerprint_differences",
+    "is_inside",
     "is_remote",
     "open_store",
     "parse_storage_options",
@@ -49,5 +54,6 @@ __all__ = [
     "store_path",
     "sweep_orphans",
     "write_bytes_atomic",
+    "write_failure",
     "write_manifest",
 ]

@@ -37,12 +37,14 @@ __all__ = [
     "in_use",
     "is_orphan",
     "make_dir",
+    "move_file",
     "remove_file",
     "remove_tree",
     "rename_aside",
     "rename_into_place",
     "tmp_path",
     "write_bytes_atomic",
+    "write_failure",
 ]
 
 # Every temporary file gradindex writes carries this mark, so a resume can sweep orphans.
@@ -98,14 +100,27 @@ def is_orphan(path: Path) -> bool:
     return not pid_alive(int(pid))
 
 
-def _fail(doing: str, path: Path, error: OSError) -> StoreWriteError:
+# what to do about a failed write, by errno (others: the disk itself)
+_WRITE_FIXES = {
+    errno.EROFS: "the file system is read-only: write the store on a writable one (another output), or remount it "
+    "read-write",
+    errno.EACCES: "permission denied: write where you may (another output), or change the folder's permissions",
+    errno.EPERM: "not permitted: write where you may (another output), or change the folder's permissions",
+    errno.ENOSPC: "no space is left: free some and run the command again (a build keeps its finished shards: "
+    "continue it with resume=True)",
+    errno.EDQUOT: "the disk quota is used up: free some and run the command again (a build keeps its finished shards: "
+    "continue it with resume=True)",
+}
+
+
+def write_failure(doing: str, path: Path, error: OSError) -> StoreWriteError:
+    """The one-sentence StoreWriteError for a failed local write: what failed, where, and what to do for its errno."""
     reason = error.strerror or str(error)
     code = f"[Errno {error.errno}] " if error.errno else ""
-    return StoreWriteError(
-        f"{doing} {path} failed: {code}{reason}; finished shards are kept, so fix the disk (free space, "
-        "check the device) and continue with `gradindex build ... --resume`",
-        error.errno,
+    fix = _WRITE_FIXES.get(
+        error.errno, "check the device and run the command again (a build keeps its finished shards: resume=True)"
     )
+    return StoreWriteError(f"{doing} {path} failed: {code}{reason}; {fix}", error.errno)
 
 
 def fsync_dir(path: Path) -> None:
@@ -151,7 +166,7 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str 
         step("mkdir", path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise _fail("creating the folder of", path, error) from error
+        raise write_failure("creating the folder of", path, error) from error
     tmp = tmp_path(path)
     try:
         _write_durable(tmp, data)
@@ -161,13 +176,13 @@ def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str 
         os.replace(tmp, path)
     except OSError as error:
         _discard(tmp)
-        raise _fail("writing", path, error) from error
+        raise write_failure("writing", path, error) from error
     finally:
         forget(tmp)
     try:
         fsync_dir(path.parent)
     except OSError as error:
-        raise _fail("flushing the folder entry of", path, error) from error
+        raise write_failure("flushing the folder entry of", path, error) from error
 
 
 def _discard(path: Path) -> None:
@@ -199,14 +214,14 @@ def create_exclusive(path: Path, data: bytes) -> bool:
             _discard(tmp)
     except OSError as error:
         _discard(tmp)
-        raise _fail("creating", path, error) from error
+        raise write_failure("creating", path, error) from error
     finally:
         forget(tmp)
     try:
         fsync_dir(path.parent)
     except OSError as error:
         _discard(path)  # not durable: take it back rather than leave a file nobody will remove
-        raise _fail("flushing the folder entry of", path, error) from error
+        raise write_failure("flushing the folder entry of", path, error) from error
     return True
 
 
@@ -220,7 +235,7 @@ def remove_file(path: Path) -> bool:
     except FileNotFoundError:
         return False
     except OSError as error:
-        raise _fail("removing", path, error) from error
+        raise write_failure("removing", path, error) from error
     return True
 
 
@@ -237,14 +252,20 @@ def rename_aside(path: Path, tag: str = "") -> Path | None:
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise _fail("moving aside", path, error) from error
+        raise write_failure("moving aside", path, error) from error
     return aside
 
 
 def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
-    """Remove a folder and everything in it, file by file (a crash leaves a part, never a problem)."""
+    """Remove a folder and everything in it, file by file (a crash leaves a part, never a problem).
+
+    Symlinks are removed, never followed: a link (``path`` itself or one inside it) to a folder elsewhere
+    loses the link only, whatever it points at stays."""
     if is_remote(path):
         return _remote.remove_tree(path, crash_site=crash_site)
+    if Path(path).is_symlink():
+        remove_file(path)
+        return
     if not path.exists():
         return
     for position, item in enumerate(sorted(path.rglob("*"), reverse=True)):
@@ -259,14 +280,14 @@ def remove_tree(path: Path, *, crash_site: str | None = None) -> None:
         except FileNotFoundError:
             pass
         except OSError as error:
-            raise _fail("removing", item, error) from error
+            raise write_failure("removing", item, error) from error
     try:
         step("unlink", path)
         os.rmdir(path)
     except FileNotFoundError:
         pass
     except OSError as error:
-        raise _fail("removing", path, error) from error
+        raise write_failure("removing", path, error) from error
 
 
 def make_dir(path: Path) -> None:
@@ -280,7 +301,29 @@ def make_dir(path: Path) -> None:
         step("mkdir", path)
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise _fail("creating the folder", path, error) from error
+        raise write_failure("creating the folder", path, error) from error
+
+
+def move_file(src: Path, dst: Path) -> bool:
+    """Move a finished file to ``dst`` (replacing what is there); False if ``src`` was not there.
+
+    Readers see the old ``dst`` or the new one whole; locally one rename, at a remote path a PUT of the bytes at
+    ``dst`` and then the delete of ``src`` (a reader that misses ``src`` finds the same bytes at ``dst``)."""
+    if is_remote(src):
+        return _remote.move_file(src, dst)
+    make_dir(Path(dst).parent)
+    try:
+        step("rename", dst)
+        os.replace(src, dst)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise write_failure("moving into place", dst, error) from error
+    try:
+        fsync_dir(Path(dst).parent)
+    except OSError as error:
+        raise write_failure("flushing the folder entry of", dst, error) from error
+    return True
 
 
 def rename_into_place(src: Path, dst: Path) -> None:
@@ -293,8 +336,8 @@ def rename_into_place(src: Path, dst: Path) -> None:
             error, FileExistsError
         ):
             raise FileExistsError(error.errno, error.strerror, str(dst)) from error
-        raise _fail("renaming into place", dst, error) from error
+        raise write_failure("renaming into place", dst, error) from error
     try:
         fsync_dir(dst.parent)
     except OSError as error:
-        raise _fail("flushing the folder entry of", dst, error) from error
+        raise write_failure("flushing the folder entry of", dst, error) from error

@@ -220,7 +220,8 @@ class RemotePath:
     def exists(self) -> bool:
         """Whether anything is at this path; refused credentials or an unreachable endpoint are a StorageError."""
         try:
-            return bool(self.fs.exists(self.fs_path))
+            with _reading("reading", self):
+                return bool(self.fs.exists(self.fs_path))
         except PermissionError as error:
             raise StorageError(
                 f"reading {self} was refused ({error}); check the credentials (AWS_ACCESS_KEY_ID / AWS_PROFILE, "
@@ -232,17 +233,20 @@ class RemotePath:
             ) from None
 
     def is_dir(self) -> bool:
-        return bool(self.fs.isdir(self.fs_path))
+        with _reading("reading", self):
+            return bool(self.fs.isdir(self.fs_path))
 
     def is_file(self) -> bool:
-        return bool(self.fs.isfile(self.fs_path))
+        with _reading("reading", self):
+            return bool(self.fs.isfile(self.fs_path))
 
     def is_symlink(self) -> bool:
         return False
 
     def read_bytes(self) -> bytes:
         try:
-            return self.fs.cat_file(self.fs_path)
+            with _reading("reading", self):
+                return self.fs.cat_file(self.fs_path)
         except IsADirectoryError:
             raise
         except FileNotFoundError:
@@ -252,11 +256,13 @@ class RemotePath:
         return self.read_bytes().decode(encoding)
 
     def open(self, mode: str = "rb") -> Any:
-        return self.fs.open(self.fs_path, mode)
+        with _reading("opening", self):
+            return self.fs.open(self.fs_path, mode)
 
     def iterdir(self) -> Iterator[RemotePath]:
         try:
-            entries = self.fs.ls(self.fs_path, detail=False)
+            with _reading("listing", self):
+                entries = self.fs.ls(self.fs_path, detail=False)
         except FileNotFoundError:
             return
         for entry in sorted(entries):
@@ -272,7 +278,8 @@ class RemotePath:
     def rglob(self, pattern: str) -> Iterator[RemotePath]:
         """Files (and the folders that hold them) below this path whose name matches ``pattern``."""
         try:
-            found = self.fs.find(self.fs_path, withdirs=True)
+            with _reading("listing", self):
+                found = self.fs.find(self.fs_path, withdirs=True)
         except FileNotFoundError:
             return
         base = self.fs_path.rstrip("/") + "/"
@@ -293,11 +300,57 @@ class RemotePath:
         return zarr.storage.FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=True)
 
 
+# ---- what a storage client raises ------------------------------------------------------------------
+
+# the errors of the clients behind fsspec (botocore, google-auth, azure, aiohttp), by class name: none is imported here
+_CREDENTIAL_ERRORS = {
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoAuthTokenError",
+    "DefaultCredentialsError", "RefreshError", "ClientAuthenticationError",
+}  # fmt: skip
+_CONNECTION_ERRORS = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+    "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError", "TimeoutError",
+}  # fmt: skip
+_CREDENTIALS_FIX = (
+    "set credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, "
+    "GOOGLE_APPLICATION_CREDENTIALS for gs://) or pass them as storage_options"
+)
+
+
+def client_failure(doing: str, path: Any, error: BaseException) -> StorageError | None:
+    """The one-sentence StorageError for a storage client's credential or connection error, else None."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    text = " ".join(str(error).split())[:200] or type(error).__name__
+    if names & _CREDENTIAL_ERRORS:
+        return StorageError(f"{doing} {path} failed: no usable credentials ({text}); {_CREDENTIALS_FIX}")
+    if names & _CONNECTION_ERRORS:
+        return StorageError(
+            f"{doing} {path} failed: the storage cannot be reached ({text}); check the URL, the endpoint (the "
+            "endpoint_url storage option) and the network, then run again (a build continues with resume=True)"
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _reading(doing: str, path: Any) -> Iterator[None]:
+    """Turn a client's credential or connection error while reading into a StorageError; others pass."""
+    try:
+        yield
+    except Exception as error:
+        mapped = client_failure(doing, path, error)
+        if mapped is None:
+            raise
+        raise mapped from error
+
+
 # ---- writing (called by ``_atomic`` for remote paths) -----------------------------------------------
 
 
 def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
-    """The one-sentence StoreWriteError for a failed remote write: bucket missing, permission, or other."""
+    """The one-sentence error for a failed remote write: credentials, connection, bucket missing, permission, other."""
+    mapped = client_failure(doing, path, error)
+    if mapped is not None:
+        return mapped
     text = str(error) or type(error).__name__
     code = getattr(error, "errno", None)
     if isinstance(error, FileNotFoundError) and "bucket" in text.lower():
@@ -310,8 +363,8 @@ def _fail(doing: str, path: RemotePath, error: Exception) -> Exception:
     if isinstance(error, PermissionError):
         return StoreWriteError(
             f"{doing} {path} failed: permission denied ({text}); check the credentials (AWS_ACCESS_KEY_ID / "
-            "AWS_PROFILE, "
-            "GOOGLE_APPLICATION_CREDENTIALS, --storage-option) and the bucket's policy, then resume with --resume",
+            "AWS_PROFILE, GOOGLE_APPLICATION_CREDENTIALS, storage_options) and the bucket's policy, then run again "
+            "(a build continues with resume=True)",
             code,
         )
     return StoreWriteError(
@@ -328,10 +381,15 @@ def _guarded(doing: str, path: RemotePath):
     def guard() -> Iterator[None]:
         try:
             yield
-        except StoreWriteError:
+        except (StoreWriteError, StorageError):
             raise
         except (OSError, RuntimeError, ValueError) as error:
             raise _fail(doing, path, error) from error
+        except Exception as error:  # a client's own errors (botocore's credential and connection errors)
+            mapped = client_failure(doing, path, error)
+            if mapped is None:
+                raise
+            raise mapped from error
 
     return guard()
 
@@ -389,6 +447,23 @@ def move(path: RemotePath, aside: RemotePath) -> RemotePath | None:
         except FileNotFoundError:
             pass
     return aside
+
+
+def move_file(src: RemotePath, dst: RemotePath) -> bool:
+    """PUT ``src``'s bytes at ``dst``, then delete ``src``: False if ``src`` was not there."""
+    with _guarded("moving into place", dst):
+        try:
+            data = src.fs.cat_file(src.fs_path)
+        except FileNotFoundError:
+            return False
+        step("put", dst)
+        dst.fs.pipe_file(dst.fs_path, data)
+        step("unlink", src)
+        try:
+            src.fs.rm_file(src.fs_path)
+        except FileNotFoundError:
+            pass
+    return True
 
 
 def remove_tree(path: RemotePath, *, crash_site: str | None = None) -> None:

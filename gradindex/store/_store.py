@@ -8,6 +8,7 @@ Layout (format ``gradindex/1``)::
       self_influence/      (N,) float32, one chunk per shard
       samples.parquet      row, sample_id, label (written when the build completes)
       _shards/             per-shard records (checksums), sample parts and writer claims
+      _append/             what an append stages (its manifest, records, the files it rewrites) until one swap
       transforms/          optional query-side arrays of asymmetric methods, recorded in the manifest (_transforms.py)
 
 A shard's bytes are encoded in memory with the very array metadata of the store, then written to
@@ -26,6 +27,7 @@ import glob
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -61,6 +63,7 @@ from gradindex.store._atomic import (
     in_use,
     is_orphan,
     make_dir,
+    move_file,
     remove_file,
     remove_tree,
     rename_aside,
@@ -69,6 +72,7 @@ from gradindex.store._atomic import (
     write_bytes_atomic,
 )
 from gradindex.store._manifest import MANIFEST_KEY, SEAL_KEY, manifest_bytes, seal, write_manifest
+from gradindex.store._paths import REBUILD_STORE, contained_path, is_inside
 from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
 from gradindex.store.faults import crash_point
 from gradindex.utils import check_settings, pid_alive, setting, sha256_bytes, sha256_file
@@ -93,8 +97,20 @@ STORE_DTYPES: dict[str, str] = {
     "float32": "exact",
 }
 FLOAT16_MAX = 65504.0
+# the most shards a layout may have: every loop over a store's shards stays bounded, whatever a manifest declares
+MAX_SHARDS = 1 << 22
 _SHARD_DIR = "_shards"
 _ARRAYS = ("features", "self_influence")
+# An append stages what it writes under _append/ (its manifest, build files, writers' marks, and the files it
+# changes); readers see none of it until one manifest swap, after which the staged files are moved into place.
+_APPEND_DIR = "_append"
+_APPEND_MANIFEST = "manifest.json"
+_APPEND_WRITERS = "writers"
+# the files an append changes besides the shard files from its first changed shard on
+_STAGED_FILES = ("samples.parquet", "features/zarr.json", "self_influence/zarr.json")
+_SHARD_FILE = re.compile(r"features/c/(\d+)/0|self_influence/c/(\d+)")
+# what a gradindex store holds at its top level (besides its writers' temporaries): overwrite=True replaces only that
+_STORE_ENTRIES = frozenset({"zarr.json", *_ARRAYS, "samples.parquet", _SHARD_DIR, "transforms", "indexes", _APPEND_DIR})
 _REPAIR = "run `gradindex verify STORE` to list the damage and `gradindex build ... --resume --repair` to recompute it"
 
 
@@ -113,6 +129,11 @@ class StoreLayout:
         if self.rows_per_shard % self.rows_per_chunk:
             raise ValueError(
                 f"rows_per_shard={self.rows_per_shard} must be a multiple of rows_per_chunk={self.rows_per_chunk}"
+            )
+        if self.n_shards > MAX_SHARDS:
+            raise ValueError(
+                f"n_samples={self.n_samples} in shards of rows_per_shard={self.rows_per_shard} makes {self.n_shards} "
+                f"shards, more than {MAX_SHARDS}; use a larger rows_per_shard"
             )
 
     @staticmethod
@@ -203,6 +224,52 @@ def _is_sha(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(char in "0123456789abcdef" for char in value)
 
 
+def _sample_table(data: bytes, path: Any, start: int, stop: int) -> pa.Table:
+    """A sample table read from (checksummed) bytes; it must hold a ``sample_id`` column and a ``row`` column that
+    is exactly ``start .. stop - 1``, else a CorruptStoreError (a crafted table cannot map rows to other samples)."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except Exception as error:  # pyarrow raises several kinds on damaged bytes
+        raise CorruptStoreError(
+            f"{path} cannot be read as a sample table ({type(error).__name__}); {_REPAIR}"
+        ) from error
+    sound = table.num_rows == stop - start and {"row", "sample_id"} <= set(table.column_names)
+    if sound:
+        offset = start
+        for chunk in table.column("row").chunks:  # chunk by chunk: no second copy of a billion rows
+            values = chunk.to_numpy(zero_copy_only=False)
+            if not np.array_equal(values, np.arange(offset, offset + len(values))):
+                sound = False
+                break
+            offset += len(values)
+    if not sound:
+        raise CorruptStoreError(f"{path} does not hold the rows {start}..{stop - 1} with their sample ids; {_REPAIR}")
+    return table
+
+
+def _check_manifest(path: Any, manifest: dict, layout: StoreLayout) -> None:
+    """What readers index with must agree with the layout: a complete store has one record per shard, and its
+    non-finite rows are rows of the store; the records themselves are checked when read."""
+    problem = None
+    if manifest.get("state") == "complete":
+        shards = manifest.get("shards")
+        nonfinite = manifest.get("nonfinite") or {}
+        if not isinstance(shards, list) or len(shards) != layout.n_shards:
+            problem = f"does not hold one record for each of its {layout.n_shards} shards"
+        elif not isinstance(nonfinite, dict) or not all(
+            isinstance(rows, list)
+            and all(isinstance(row, int) and 0 <= row < layout.n_samples for row in rows)
+            and rows == sorted(set(rows))
+            for rows in nonfinite.values()
+        ):
+            problem = "lists non-finite rows that are not rows of the store"
+    transforms = manifest.get("transforms")
+    if transforms is not None and not isinstance(transforms, dict):
+        problem = "holds a damaged transforms table"
+    if problem is not None:
+        raise CorruptStoreError(f"the manifest of {path} {problem}; {REBUILD_STORE}")
+
+
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -249,6 +316,7 @@ class GradientStore:
         self._metadata: dict[str, bytes] = {}
         self._decoders: dict[tuple[str, bytes], tuple[dict, zarr.Array]] = {}
         self._decode_lock = threading.Lock()
+        self._writer_mark: Path | None = None  # this process's mark in the _append/ of an append it is writing
 
     # ---- metadata -------------------------------------------------------------------------
     @property
@@ -275,17 +343,59 @@ class GradientStore:
     def fingerprint(self) -> dict:
         return self.manifest["fingerprint"]
 
+    def _at(self, relative: str) -> Path:
+        """``self.path / relative``, checked to stay inside the store (no ``..``, no symlink out of it): every file
+        the store reads, writes or deletes is reached through here."""
+        return contained_path(self.path, relative, what="file")
+
+    def _staged_from(self) -> int | None:
+        """The first shard an append rewrites, while this manifest is an append's (being staged, or committed and
+        its files not all moved into place yet); None otherwise."""
+        staging = self.manifest.get("append_staging")
+        shard = staging.get("from_shard") if isinstance(staging, dict) else None
+        return shard if isinstance(shard, int) and 0 <= shard <= self.n_shards else None
+
+    def _location(self, key: str) -> Path:
+        """Where store file ``key`` is read and written: under ``_append/`` when an append stages it (its shard files
+        from the first changed shard on, the arrays' metadata, samples.parquet), else in its place."""
+        staged_from = self._staged_from()
+        if staged_from is not None:
+            match = _SHARD_FILE.fullmatch(key)
+            if key in _STAGED_FILES or (match is not None and int(match.group(1) or match.group(2)) >= staged_from):
+                return self._at(f"{_APPEND_DIR}/{key}")
+        return self._at(key)
+
+    def _read(self, key: str) -> tuple[Path, bytes]:
+        """``(path, bytes)`` of store file ``key``; a committed append's staged file that was moved into place
+        meanwhile is read there."""
+        path = self._location(key)
+        try:
+            return path, path.read_bytes()
+        except FileNotFoundError:
+            if not self.complete or path == self._at(key):
+                raise
+        path = self._at(key)
+        return path, path.read_bytes()
+
+    def _located(self, key: str) -> Path:
+        """Where store file ``key`` is now (for checks that look before reading)."""
+        path = self._location(key)
+        return path if not self.complete or path.exists() else self._at(key)
+
+    def _build_dir(self) -> str:
+        return f"{_APPEND_DIR}/{_SHARD_DIR}" if self._staged_from() is not None else _SHARD_DIR
+
     def _shard_dir(self) -> Path:
-        return self.path / _SHARD_DIR
+        return self._at(self._build_dir())
 
     def _record_path(self, shard: int) -> Path:
-        return self._shard_dir() / f"{shard:06d}.json"
+        return self._at(f"{self._build_dir()}/{shard:06d}.json")
 
     def _samples_part_path(self, shard: int) -> Path:
-        return self._shard_dir() / f"{shard:06d}.parquet"
+        return self._at(f"{self._build_dir()}/{shard:06d}.parquet")
 
     def _claim_path(self, shard: int) -> Path:
-        return self._shard_dir() / f"{shard:06d}.claim"
+        return self._at(f"{self._build_dir()}/{shard:06d}.claim")
 
     def shard_record(self, shard: int) -> dict | None:
         """The record of a finished shard (checksums, rows), or None while it is not done."""
@@ -337,7 +447,13 @@ class GradientStore:
         """Shards whose data and record are durable."""
         if self.complete:
             return list(range(self.n_shards))
-        return [shard for shard in range(self.n_shards) if self._record_path(shard).exists()]
+        # the records there, listed (not one look per shard: a layout may declare millions of shards)
+        done = set()
+        for item in self._shard_dir().glob("*.json"):
+            stem = item.name[: -len(".json")]
+            if stem.isdigit() and stem == f"{int(stem):06d}" and int(stem) < self.n_shards:
+                done.add(int(stem))
+        return sorted(done)
 
     def progress(self) -> str:
         done = self.done_shards()
@@ -368,23 +484,49 @@ class GradientStore:
     def _array_metadata(self, name: str) -> bytes:
         """An array's ``zarr.json``, checked against the checksum the manifest holds for it."""
         if name not in self._metadata:
-            path = self.path / name / "zarr.json"
+            path = self._location(f"{name}/zarr.json")
             try:
-                data = path.read_bytes()
+                path, data = self._read(f"{name}/zarr.json")
             except OSError as error:
                 raise CorruptStoreError(
                     f"{path} is {'missing' if isinstance(error, FileNotFoundError) else 'unreadable'}; {_REPAIR}"
                 ) from error
             expected = (self.manifest.get("arrays") or {}).get(name)
             if expected is not None and sha256_bytes(data) != expected:
+                grown = self._grown()
+                if grown is not None:  # an append grew the store since we opened it: its metadata serves our rows
+                    self._metadata[name] = grown._array_metadata(name)
+                    return self._metadata[name]
                 raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
+            self._check_array_metadata(name, data, path)
             self._metadata[name] = data
         return self._metadata[name]
 
-    def _verified(self, shard: int, key: str, expected: str, what: str) -> bytes:
-        path = self.path / key
+    def _check_array_metadata(self, name: str, data: bytes, path: Path) -> None:
+        """An array's metadata must describe the manifest's layout (shape, dtype, one chunk per shard, zero fill):
+        what is decoded is then never larger than the layout says, whatever a crafted ``zarr.json`` declares."""
+        layout = self.layout
+        width = [layout.dim] if name == "features" else []
+        shape, dtype = [layout.n_samples, *width], layout.dtype if name == "features" else "float32"
         try:
-            data = path.read_bytes()
+            meta = json.loads(data)
+            sound = (
+                meta["shape"] == shape
+                and meta["data_type"] == dtype
+                and meta["chunk_grid"]["configuration"]["chunk_shape"] == [layout.rows_per_shard, *width]
+                and meta.get("fill_value") == 0
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            sound = False
+        if not sound:
+            raise CorruptStoreError(
+                f"{path} does not describe the manifest's {dtype} array of shape {shape}; {_REPAIR}"
+            )
+
+    def _verified(self, shard: int, key: str, expected: str, what: str) -> bytes:
+        path = self._location(key)
+        try:
+            path, data = self._read(key)
         except FileNotFoundError:
             if not self.complete and self._reload_complete():
                 return self._verified(shard, key, expected, what)
@@ -392,13 +534,50 @@ class GradientStore:
         except OSError as error:
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) cannot be read ({error}); {_REPAIR}") from error
         if sha256_bytes(data) != expected:
+            grown = self._grown()
+            records = grown.manifest["shards"] if grown is not None else []
+            if shard < len(records) and records[shard].get("files", {}).get(key) == sha256_bytes(data):
+                return data  # the shard as an append grew it since we opened the store: our rows in it are unchanged
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) fails its checksum; {_REPAIR}")
         return data
+
+    def _grown(self) -> GradientStore | None:
+        """The store as an append completed it after this object read its manifest, or None. Its first rows are ours,
+        unchanged (an append checks them before it writes anything), in shards cut the same way, so the files it
+        rewrote (the arrays' metadata, our partial last shard, samples.parquet) still serve our rows."""
+        if not self.complete:
+            return None
+        try:
+            fresh = open_store(self.path)
+        except GradIndexError:
+            return None
+        old, new = self.layout, fresh.layout
+        kept = self.n_samples // old.rows_per_shard  # our full shards: the append kept their files
+        grown = (
+            fresh.complete
+            and fresh.manifest.get("appended_from") is not None
+            and new.n_samples > old.n_samples
+            and (new.dim, new.dtype, new.rows_per_shard, new.rows_per_chunk)
+            == (old.dim, old.dtype, old.rows_per_shard, old.rows_per_chunk)
+            and not [
+                d for d in fingerprint_differences(self.fingerprint, fresh.fingerprint) if d.split(".")[0] != "dataset"
+            ]
+            and fresh.manifest["shards"][:kept] == self.manifest["shards"][:kept]
+        )
+        return fresh if grown else None
 
     def _decode(self, name: str, key: str, data: bytes, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of array ``name`` from one verified shard file, decoded in memory."""
         prototype = default_buffer_prototype().buffer
         metadata = self._array_metadata(name)
+        # shard files are written uncompressed, every chunk present: fewer bytes than the rows need is damage (or a
+        # crafted layout), refused before zarr allocates what the layout declares
+        needed = (stop - start) * (self.dim if name == "features" else 1) * np.dtype(self._dtype_of(name)).itemsize
+        if len(data) < needed:
+            raise CorruptStoreError(
+                f"{key} of {self.path} holds {len(data)} bytes, fewer than the {needed} its {stop - start} rows need; "
+                f"{_REPAIR}"
+            )
         try:
             with (
                 self._decode_lock
@@ -419,6 +598,9 @@ class GradientStore:
             raise CorruptStoreError(
                 f"{key} of {self.path} cannot be decoded ({type(error).__name__}: {error}); {_REPAIR}"
             ) from error
+
+    def _dtype_of(self, name: str) -> str:
+        return self.dtype if name == "features" else "float32"
 
     def _record_for_read(self, shard: int) -> dict:
         record = self.shard_record(shard)
@@ -467,11 +649,13 @@ class GradientStore:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if rows.size and (rows.min() < 0 or rows.max() >= self.n_samples):
             raise IndexError(f"rows must be in [0, {self.n_samples}), got {rows.min()}..{rows.max()}")
-        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        out = np.empty((rows.size, self.dim), dtype=np.float32) if not rows.size else None
         shards = rows // self.layout.rows_per_shard
         for shard in np.unique(shards):
             picked = np.flatnonzero(shards == shard)
             block = self.read_shard(int(shard), allow_incomplete=allow_incomplete)
+            if out is None:  # allocated once a shard's bytes back the declared dimension
+                out = np.empty((rows.size, self.dim), dtype=np.float32)
             out[picked] = block[rows[picked] - self.layout.shard_rows(int(shard))[0]]
         return out
 
@@ -482,8 +666,13 @@ class GradientStore:
         (methods whose self-influence needs every row, e.g. TRAK's ΦᵀΦ, write it when the build completes).
         """
         if self.complete and "self_influence" in self.transforms():
-            rows = np.arange(self.n_samples, dtype=np.int64)
             scores = np.asarray(self.read_transform("self_influence"), dtype=np.float32)
+            if scores.shape != (self.n_samples,):
+                raise CorruptStoreError(
+                    f"transforms/self_influence of {self.path} has shape {list(scores.shape)}, not the store's "
+                    f"[{self.n_samples}]; {REBUILD_STORE}"
+                )
+            rows = np.arange(self.n_samples, dtype=np.int64)
             keep = ~np.isin(rows, self.skipped_rows())
             return rows[keep], scores[keep]
         row_blocks, score_blocks = [], []
@@ -527,16 +716,19 @@ class GradientStore:
     def samples(self, *, allow_incomplete: bool = False) -> pa.Table:
         """``row, sample_id, label`` of every readable row, in row order (checked against their checksums)."""
         if self.complete:
-            path = self.path / "samples.parquet"
+            path = self._location("samples.parquet")
             try:
-                data = path.read_bytes()
+                path, data = self._read("samples.parquet")
             except FileNotFoundError as error:
                 raise CorruptStoreError(f"{path} is missing from a complete store; {_REPAIR}") from error
             except OSError as error:
                 raise CorruptStoreError(f"{path} cannot be read ({error}); {_REPAIR}") from error
             if sha256_bytes(data) != self.manifest.get("samples_sha256"):
+                grown = self._grown()
+                if grown is not None:  # an append grew the store since we opened it: our rows come first
+                    return grown.samples().slice(0, self.n_samples)
                 raise CorruptStoreError(f"{path} fails its checksum; {_REPAIR}")
-            return pq.read_table(pa.BufferReader(data))
+            return _sample_table(data, path, 0, self.n_samples)
         parts = []
         readable = self._require_readable(allow_incomplete)
         for shard in readable:
@@ -544,11 +736,8 @@ class GradientStore:
                 record = self._record_for_read(shard)
                 if not self.complete:
                     key = str(self._samples_part_path(shard).relative_to(self.path))
-                    parts.append(
-                        pq.read_table(
-                            pa.BufferReader(self._verified(shard, key, record["samples_sha256"], "the sample table"))
-                        )
-                    )
+                    data = self._verified(shard, key, record["samples_sha256"], "the sample table")
+                    parts.append(_sample_table(data, key, *self.layout.shard_rows(shard)))
             except CorruptStoreError:
                 if not self.complete:
                     raise
@@ -577,6 +766,8 @@ class GradientStore:
         """Take ownership of a shard, or fail if a live writer (or a finished record) has it."""
         if self.complete or self._record_path(shard).exists():
             raise ShardOwnershipError(f"shard {shard} of {self.path} is already finished")
+        if self._writer_mark is not None and is_remote(self.path):
+            self._mark_writer()  # a remote append's writer shows it is alive (no pid check across machines)
         path = self._claim_path(shard)
         payload = json.dumps(
             {"owner": owner, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
@@ -620,8 +811,10 @@ class GradientStore:
         raise ShardOwnershipError(f"could not claim shard {shard} of {self.path}: another writer raced for it")
 
     def _claim_expired(self, holder: dict) -> bool:
-        """A remote claim older than the claim timeout: its writer (on a machine we cannot look at) is taken as gone."""
-        if not is_remote(self.path):
+        """A claim older than the claim timeout made on another machine (a shared file system or an object store, where
+        its writer's process cannot be looked at): its writer is taken as gone. A claim of this host is judged by its
+        pid instead."""
+        if not is_remote(self.path) and holder.get("host") == socket.gethostname():
             return False
         timeout = self.claim_timeout if self.claim_timeout is not None else claim_timeout()
         stamp = holder.get("time")
@@ -706,6 +899,8 @@ class GradientStore:
                 f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with "
                 "exactly those rows"
             )
+        if "sample_id" not in samples.column_names:
+            raise ValueError(f"shard {shard}'s sample table must have a 'sample_id' column")
         if content_sha256 is not None and not _is_sha(content_sha256):
             raise ValueError(f"content_sha256 must be a sha256 hex digest, got {content_sha256!r}")
         listed = {kind: sorted(int(row) for row in rows) for kind, rows in (nonfinite or {}).items() if len(rows)}
@@ -738,9 +933,9 @@ class GradientStore:
             "self_influence", start, self_influence.astype(np.float32, copy=False)
         )
         samples_bytes = _parquet_bytes(samples)
-        write_bytes_atomic(self.path / feature_key, feature_bytes, crash_site="shard-before-rename")
+        write_bytes_atomic(self._location(feature_key), feature_bytes, crash_site="shard-before-rename")
         crash_point("shard-after-features")
-        write_bytes_atomic(self.path / influence_key, influence_bytes)
+        write_bytes_atomic(self._location(influence_key), influence_bytes)
         write_bytes_atomic(self._samples_part_path(shard), samples_bytes)
         crash_point("shard-before-record")
         record = {
@@ -778,15 +973,15 @@ class GradientStore:
             records.append(record)
         try:
             parts = [
-                pq.read_table(
-                    pa.BufferReader(
-                        self._verified(
-                            shard,
-                            str(self._samples_part_path(shard).relative_to(self.path)),
-                            record["samples_sha256"],
-                            "the sample table",
-                        )
-                    )
+                _sample_table(
+                    self._verified(
+                        shard,
+                        str(self._samples_part_path(shard).relative_to(self.path)),
+                        record["samples_sha256"],
+                        "the sample table",
+                    ),
+                    self._samples_part_path(shard),
+                    *self.layout.shard_rows(shard),
                 )
                 for shard, record in enumerate(records)
             ]
@@ -797,8 +992,10 @@ class GradientStore:
         if self.complete:  # another worker completed it while we read the parts
             return True
         samples_bytes = _parquet_bytes(pa.concat_tables(parts, promote_options="default"))
-        write_bytes_atomic(self.path / "samples.parquet", samples_bytes)
+        write_bytes_atomic(self._location("samples.parquet"), samples_bytes)
         crash_point("finalize-before-manifest")
+        if self._staged_from() is not None:
+            crash_point("append-before-manifest")  # everything staged: the next write is the swap
         manifest = dict(self.manifest)
         # transforms another worker recorded after this one opened the store (kron's pca sides, Arnoldi's eigenbasis)
         transforms = _transforms.transform_records(self)
@@ -829,17 +1026,29 @@ class GradientStore:
             fresh = open_store(self.path)
         except GradIndexError:
             return False
-        if not fresh.complete:
+        if not fresh.complete or fresh.layout != self.layout:  # (an append's old store is not its completion)
             return False
         self.manifest = fresh.manifest
         return True
 
     def _remove_build_files(self) -> None:
-        """Delete ``_shards/`` of a complete store; best effort (what is left is removed on the next open for
-        writing)."""
-        if self._shard_dir().exists():
+        """Delete ``_shards/`` of a complete store, or finish a committed append (``_promote_append``); best effort
+        (what is left is done on the next open for writing)."""
+        if self._staged_from() is not None:
             try:
-                remove_tree(self._shard_dir(), crash_site="finalize-cleanup")
+                self._promote_append()
+            except StoreWriteError as error:
+                logging.getLogger("gradindex").warning(
+                    "store %s is complete; moving its append's files out of _append/ failed (%s) and is finished by "
+                    "the next writer (readers find them there meanwhile)",
+                    self.path,
+                    error.__cause__ or error,
+                )
+            return
+        build_files = self.path / _SHARD_DIR  # not _at: a link there is removed (never followed) like any file
+        if build_files.exists() or build_files.is_symlink():
+            try:
+                remove_tree(build_files, crash_site="finalize-cleanup")
             except StoreWriteError as error:
                 logging.getLogger("gradindex").warning(
                     "store %s is complete; its build folder _shards/ could not be removed (%s) and goes on the next "
@@ -847,9 +1056,26 @@ class GradientStore:
                     self.path,
                     error.__cause__ or error,
                 )
+        staged = self._staged_manifest()
+        if staged is not None and staged.get("appended_from") != self.n_samples:
+            # what a committed append left (stopped while removing its staging): no longer this store's append
+            try:
+                remove_tree(self._at(_APPEND_DIR), crash_site="append-cleanup")
+            except StoreWriteError as error:
+                logging.getLogger("gradindex").warning(
+                    "store %s is complete; what its append staged in _append/ could not be removed (%s) and goes "
+                    "on the next write",
+                    self.path,
+                    error.__cause__ or error,
+                )
 
-    def sweep_temporaries(self) -> int:
-        """Remove temporary files that dead writers left (never a live writer's); returns how many."""
+    def sweep_temporaries(self, *, keep_stopped_append: bool = False) -> int:
+        """Remove temporary files that dead writers left (never a live writer's); returns how many.
+
+        A complete store also loses its build folder, gets a committed append's files moved into place, and, unless
+        ``keep_stopped_append``, loses what a stopped append staged (``_append/`` with no live writer): the store is
+        then byte-identical to what it was before that append.
+        """
         removed = 0
         for path in sorted(self.path.rglob(f"*{TMP_MARK}*"), reverse=True):
             if is_orphan(path):
@@ -860,6 +1086,15 @@ class GradientStore:
                 removed += 1
         if self.complete:
             self._remove_build_files()
+            if not keep_stopped_append and self._at(_APPEND_DIR).exists() and not self._append_writers():
+                log_stopped = self.pending_append()
+                remove_tree(self._at(_APPEND_DIR))
+                logging.getLogger("gradindex").info(
+                    "store %s: removed what a stopped append had staged (%s)",
+                    self.path,
+                    log_stopped.progress() if log_stopped is not None else "no shards",
+                )
+                removed += 1
         return removed
 
     # ---- transforms (query-side arrays of asymmetric methods; see _transforms.py) ------------
@@ -870,6 +1105,7 @@ class GradientStore:
     def write_transform(self, name: str, array: np.ndarray, *, exclusive: bool = False) -> bool:
         """Write ``transforms/NAME.npy`` durably and record it; with ``exclusive`` only if absent (returns whether
         written)."""
+        self._refuse_transforms_while_staged()
         return _transforms.write_transform(self, name, array, exclusive=exclusive)
 
     def read_transform(self, name: str) -> np.ndarray:
@@ -878,7 +1114,16 @@ class GradientStore:
 
     def write_transform_part(self, name: str, shard: int, array: np.ndarray) -> None:
         """One shard's share of a transform (write it before the shard's record)."""
+        self._refuse_transforms_while_staged()
         _transforms.write_transform_part(self, name, shard, array)
+
+    def _refuse_transforms_while_staged(self) -> None:
+        # transforms live in the store's manifest and transforms/ directly: an append writing one would show before
+        # its swap (appending is refused for stores whose transforms come from every row)
+        if self._staged_from() is not None:
+            raise IncompatibleStoreError(
+                f"an append to store {self.path} cannot write transforms; rebuild with overwrite=True"
+            )
 
     def read_transform_parts(self, name: str) -> dict[int, np.ndarray]:
         """``{shard: array}`` of the shards' shares of a transform found on disk."""
@@ -904,7 +1149,10 @@ class GradientStore:
                 problems.append(f"shard {shard}: not written")
                 continue
             for key, expected in record["files"].items():
-                path = self.path / key
+                if not is_inside(self.path, self.path / key):
+                    problems.append(f"shard {shard}: {key} is a link outside the store")
+                    continue
+                path = self._located(key)  # (a committed append's file may still be staged)
                 if not path.exists():
                     problems.append(f"shard {shard}: {key} is missing")
                 elif sha256_file(path) != expected:
@@ -915,7 +1163,11 @@ class GradientStore:
                     problems.append(f"shard {shard}: samples part is missing or fails its checksum")
         if self.complete:
             samples = self.path / "samples.parquet"
-            if not samples.exists():
+            if self._staged_from() is not None and is_inside(self.path, samples):
+                samples = self._located("samples.parquet")
+            if not is_inside(self.path, samples):
+                problems.append("samples.parquet is a link outside the store")
+            elif not samples.exists():
                 problems.append("samples.parquet is missing")
             elif sha256_file(samples) != self.manifest.get("samples_sha256"):
                 problems.append("samples.parquet fails its checksum")
@@ -933,9 +1185,13 @@ class GradientStore:
                 continue
             if record is None:
                 continue
-            paths = [(self.path / key, expected) for key, expected in record["files"].items()]
-            if not self.complete:
-                paths.append((self._samples_part_path(shard), record["samples_sha256"]))
+            try:
+                paths = [(self._located(key), expected) for key, expected in record["files"].items()]
+                if not self.complete:
+                    paths.append((self._samples_part_path(shard), record["samples_sha256"]))
+            except CorruptStoreError:
+                bad.append(shard)  # a link out of the store: recomputing the shard writes real files there
+                continue
             if any(not path.exists() or sha256_file(path) != expected for path, expected in paths):
                 bad.append(shard)
         return bad
@@ -980,61 +1236,172 @@ class GradientStore:
                 remove_file(self._record_path(shard))
                 remove_file(self._samples_part_path(shard))
 
-    def reopen_for_append(self, n_samples: int, fingerprint: dict, *, extra: dict | None = None) -> list[int]:
-        """Grow a complete store to ``n_samples`` rows (same rows per shard) for a build to fill; returns the
-        shards left to write (the old last shard when it was partial, and the new ones).
+    # ---- appending: staged under _append/, shown by one manifest swap -------------------------
+    def begin_append(self, n_samples: int, fingerprint: dict, *, extra: dict | None = None) -> GradientStore:
+        """Stage the growth of this complete store to ``n_samples`` rows (same rows per shard) under ``_append/``.
 
-        Full shards stay done (their records move back to ``_shards/``). The manifest, written before
-        the arrays' metadata, takes the new layout, ``fingerprint`` and ``extra`` keys; calling this again on the
-        half-grown store (after a crash) finishes the job.
+        Returns the staging store a build fills: its full old shards are done already, the old partial last shard
+        and the new ones are left to write, and its ``finalize`` swaps the manifest, the one moment the new rows
+        appear. Until then this store and every reader see the old rows only; a stopped or failed append changes
+        nothing they read, and ``sweep_temporaries`` removes what it staged. Staging already there for the same
+        growth (a stopped append) is continued, its finished shards kept; staging for another growth is replaced,
+        unless a live writer is at it (``ShardOwnershipError``). Call ``release_append`` on the returned store when
+        this process stops writing it.
+
+        Args:
+            n_samples: the grown row count (more than the store holds).
+            fingerprint: the grown data set's fingerprint (its ``dataset`` entry is the grown one).
+            extra: manifest keys to set (the task that grew it).
         """
-        layout = StoreLayout(**{**self.layout.to_dict(), "n_samples": int(n_samples)})
         if not self.complete:
-            if self.manifest.get("appended_from") is None or self.layout != layout:
-                raise IncompleteStoreError(
-                    f"store {self.path} is incomplete ({self.progress()}); finish it with resume=True before appending"
-                )
-        elif n_samples <= self.n_samples:
+            raise IncompleteStoreError(
+                f"store {self.path} is incomplete ({self.progress()}); finish it with resume=True before appending"
+            )
+        if n_samples <= self.n_samples:
             raise ValueError(
                 f"store {self.path} holds {self.n_samples} rows; appending needs more than that, got {n_samples}"
             )
-        else:
-            old = self.layout
-            kept = [shard for shard in range(old.n_shards) if old.shard_rows(shard) == layout.shard_rows(shard)]
-            table = self.samples()
-            rows = table.column("row").to_numpy()
-            make_dir(self._shard_dir())
-            for shard in kept:
-                record = self.manifest["shards"][shard]
-                start, stop = old.shard_rows(shard)
-                write_bytes_atomic(
-                    self._samples_part_path(shard),
-                    _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop)))),
-                )
-                write_bytes_atomic(self._record_path(shard), json.dumps(record).encode())
-            metadata = _array_metadata(layout)
-            manifest = {
-                key: value
-                for key, value in self.manifest.items()
-                if key not in ("shards", "samples_sha256", "completed_at", "nonfinite", "dataset_sha256")
-            }
-            manifest.update(extra or {})
-            manifest.update(
-                state="building",
-                layout=layout.to_dict(),
-                fingerprint=fingerprint,
-                appended_from=old.n_samples,
-                arrays={name: sha256_bytes(data) for name, data in metadata.items()},
+        self._remove_build_files()  # (an earlier append committed but not yet moved into place is finished first)
+        old = self.layout
+        layout = StoreLayout(**{**old.to_dict(), "n_samples": int(n_samples)})
+        kept = old.n_samples // old.rows_per_shard  # full shards keep their files; a partial last one is rewritten
+        metadata = _array_metadata(layout)
+        manifest = {
+            key: value
+            for key, value in self.manifest.items()
+            if key not in ("shards", "samples_sha256", "completed_at", "nonfinite", "dataset_sha256")
+        }
+        manifest.update(extra or {})
+        manifest.update(
+            state="building",
+            layout=layout.to_dict(),
+            fingerprint=fingerprint,
+            appended_from=old.n_samples,
+            arrays={name: sha256_bytes(data) for name, data in metadata.items()},
+            append_staging={"from_shard": kept},
+        )
+        staging = GradientStore(self.path, manifest)
+        staging.claim_timeout = self.claim_timeout
+        staging._mark_writer()  # first: a sweep leaves staging that has a live writer alone
+        try:
+            found = staging._staged_manifest()
+            if found is not None and seal(found) != seal(manifest):
+                staging._refuse_if_appended_by_others()
+                for item in list(self._at(_APPEND_DIR).iterdir()):  # a stopped append of other rows: start over
+                    if item.name != _APPEND_WRITERS:
+                        remove_tree(item) if item.is_dir() and not item.is_symlink() else remove_file(item)
+                found = None
+            if found is None:
+                table = self.samples()
+                rows = table.column("row").to_numpy()
+                for shard in range(kept):
+                    start, stop = old.shard_rows(shard)
+                    part = _parquet_bytes(table.filter(pa.array((rows >= start) & (rows < stop))))
+                    write_bytes_atomic(staging._samples_part_path(shard), part)
+                    record = json.dumps(self.manifest["shards"][shard]).encode()
+                    write_bytes_atomic(staging._record_path(shard), record)
+                for name, data in metadata.items():
+                    write_bytes_atomic(staging._location(f"{name}/zarr.json"), data)
+                if not create_exclusive(staging._at(f"{_APPEND_DIR}/{_APPEND_MANIFEST}"), manifest_bytes(manifest)):
+                    found = staging._staged_manifest()  # another worker of an append staged it meanwhile
+                    if found is None or seal(found) != seal(manifest):
+                        staging._refuse_if_appended_by_others(racing=True)
+                crash_point("append-after-staging")
+        except BaseException:
+            staging.release_append()
+            raise
+        return staging
+
+    def pending_append(self) -> GradientStore | None:
+        """The append staged in this complete store's ``_append/`` and not committed (running, or stopped), as the
+        store being built; None when there is none."""
+        manifest = self._staged_manifest() if self.complete else None
+        if manifest is None or manifest.get("state") != "building" or manifest.get("appended_from") != self.n_samples:
+            return None
+        try:
+            staging = GradientStore(self.path, manifest)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return staging if staging._staged_from() is not None else None
+
+    def release_append(self) -> None:
+        """This process stops writing this append: its writer's mark goes; what it staged stays (to be continued)."""
+        mark, self._writer_mark = self._writer_mark, None
+        if mark is not None:
+            forget(mark)
+            try:
+                remove_file(mark)
+            except StoreWriteError:
+                pass  # a dead writer's mark: the next sweep or append sees it as such
+
+    def _mark_writer(self) -> None:
+        """Say in ``_append/writers/`` that this process writes this append (rewritten to refresh its time)."""
+        mark = self._at(f"{_APPEND_DIR}/{_APPEND_WRITERS}/{socket.gethostname()}-{os.getpid()}.json")
+        payload = {"owner": "append", "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        hold(mark)
+        write_bytes_atomic(mark, json.dumps(payload).encode())
+        self._writer_mark = mark
+
+    def _append_writers(self) -> list[dict]:
+        """The live writers of what ``_append/`` stages, this object's own mark left out (a mark whose process is
+        dead on this host, or, at a URL, older than the claim timeout, is not one)."""
+        live = []
+        for item in self._at(f"{_APPEND_DIR}/{_APPEND_WRITERS}").glob("*.json"):
+            holder = self._read_claim(item)
+            if item == self._writer_mark or not holder:
+                continue
+            if holder.get("host") == socket.gethostname():
+                pid = holder.get("pid", -1)
+                alive = in_use(item) if pid == os.getpid() else pid_alive(int(pid))
+            else:
+                alive = not self._claim_expired(holder)
+            if alive:
+                live.append(holder)
+        return live
+
+    def _refuse_if_appended_by_others(self, *, racing: bool = False) -> None:
+        others = self._append_writers()
+        if others or racing:
+            who = f" (pid {others[0].get('pid')} on {others[0].get('host')})" if others else ""
+            raise ShardOwnershipError(
+                f"store {self.path} is being appended to by another writer{who} with other data; wait for it to "
+                "finish (or stop it) and run this append again"
             )
-            write_manifest(self.path, manifest)
-            self.manifest = manifest
-            self.layout = layout
-        for name, data in _array_metadata(layout).items():
-            if (self.path / name / "zarr.json").read_bytes() != data:
-                write_bytes_atomic(self.path / name / "zarr.json", data)
-        self._metadata.clear()
-        self._features = self._self_influence = None
-        return [shard for shard in range(self.n_shards) if self.shard_record(shard) is None]
+
+    def _staged_manifest(self) -> dict | None:
+        """The manifest of the append staged in ``_append/`` (None when there is none, or it fails its seal)."""
+        try:
+            attributes = json.loads(self._at(f"{_APPEND_DIR}/{_APPEND_MANIFEST}").read_bytes())["attributes"]
+            manifest = attributes[MANIFEST_KEY]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return manifest if isinstance(manifest, dict) and attributes.get(SEAL_KEY) == seal(manifest) else None
+
+    def _promote_append(self) -> None:
+        """After an append's manifest swap: move its staged files into place (the shard files, samples.parquet, then
+        the arrays' metadata, so plain Zarr readers see the new shape last), drop the staging from the manifest and
+        remove ``_append/``. Readers find each file staged or in place meanwhile; a writer finding this half done
+        (the appender was stopped) finishes it."""
+        crash_point("append-after-manifest")
+        try:
+            current = open_store(self.path).manifest
+        except GradIndexError:
+            current = None
+        if current is not None and seal(current) != seal(self.manifest):
+            # another writer finished this meanwhile (and _append/ may already stage the next append: not ours)
+            if current.get("state") == "complete" and current.get("layout") == self.manifest.get("layout"):
+                self.manifest = current
+            return
+        keys = [key for shard in range(self._staged_from(), self.n_shards) for key in self._keys(shard)]
+        for position, key in enumerate([*keys, *_STAGED_FILES]):
+            if position == 1:
+                crash_point("append-promote")
+            move_file(self._at(f"{_APPEND_DIR}/{key}"), self._at(key))
+        manifest = {key: value for key, value in self.manifest.items() if key != "append_staging"}
+        write_manifest(self.path, manifest)
+        self.manifest = manifest
+        crash_point("append-before-cleanup")
+        remove_tree(self._at(_APPEND_DIR), crash_site="append-cleanup")
 
     def missing_samples_parts(self) -> list[int]:
         """Finished shards (of a store being built) whose sample table is missing or fails its checksum."""
@@ -1073,7 +1440,7 @@ class GradientStore:
                     f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; "
                     "rebuild with overwrite=True"
                 )
-            write_bytes_atomic(self.path / name / "zarr.json", data)
+            write_bytes_atomic(self._at(f"{name}/zarr.json"), data)
 
     def describe(self) -> dict:
         """The manifest plus the build's progress, for ``gradindex info``."""
@@ -1105,6 +1472,37 @@ def sweep_orphans(path: str | Path) -> int:
     return removed
 
 
+def _not_a_store(path: Path | RemotePath) -> str | None:
+    """Why what is at ``path`` is not a gradindex store that overwrite=True may replace, or None when it is one: a
+    folder holding only what a store holds (complete or not, its manifest even damaged), or what a stopped creator
+    left."""
+    if not is_remote(path) and path.is_symlink():
+        return f"is a symbolic link (to {os.readlink(path)})"
+    if not path.is_dir():
+        return "is a file"
+    foreign = sorted(
+        item.name for item in path.iterdir() if item.name not in _STORE_ENTRIES and TMP_MARK not in item.name
+    )
+    if foreign:
+        return f"is a folder holding {foreign[0]}"
+    try:
+        group = json.loads((path / "zarr.json").read_bytes())
+    except (OSError, ValueError):
+        return None  # no manifest yet (a stopped creator's), or a damaged one: still a store
+    if isinstance(group, dict) and MANIFEST_KEY not in (group.get("attributes") or {}):
+        return "is a Zarr group without a gradindex manifest"
+    return None
+
+
+def _refuse_unless_store(path: Path | RemotePath) -> None:
+    reason = _not_a_store(path)
+    if reason is not None:
+        raise StoreExistsError(
+            f"{path} {reason}, not a gradindex store; overwrite=True replaces only a store, so choose another output "
+            "path (or move it away yourself)"
+        )
+
+
 def create_store(
     path: str | Path | RemotePath,
     layout: StoreLayout,
@@ -1117,22 +1515,20 @@ def create_store(
     """Create an empty store (state ``building``) with the given layout and fingerprint.
 
     The store is made whole under a temporary name and renamed into place, so it appears complete
-    or not at all. With ``overwrite`` the old store is first moved aside (atomically), then deleted.
-    At a remote URL (no folder renames there) the store is made in place and its manifest, created
-    exclusively, is written last: until then it does not open as a store.
+    or not at all. With ``overwrite`` the old store is first moved aside (atomically), then deleted;
+    only a gradindex store is replaced: a file, a link, or a folder holding anything else is refused
+    (``StoreExistsError``) and left as it is. At a remote URL (no folder renames there) the store is made
+    in place and its manifest, created exclusively, is written last: until then it does not open as a store.
     """
     path = store_path(path, storage_options)
     if is_remote(path):
         return _create_remote_store(path, layout, fingerprint, extra=extra, overwrite=overwrite)
     replaced = None
-    if path.exists():
+    if path.exists() or path.is_symlink():
+        _refuse_unless_store(path)
         if not overwrite:
             raise StoreExistsError(
                 f"{path} already exists; pass resume=True to continue its build or overwrite=True to replace it"
-            )
-        if path.is_dir() and not (path / "zarr.json").exists() and any(path.iterdir()):
-            raise StoreExistsError(
-                f"{path} exists and is not a gradindex store; refusing to delete it, choose another -o path"
             )
         replaced = rename_aside(path, "old-")
     staging = tmp_path(path, "new-")
@@ -1190,20 +1586,13 @@ def _create_remote_store(
     folder atomically): stopped in between, the old store is gone and the new one not there yet.
     """
     meta = path / "zarr.json"
-    if meta.exists():
-        if not overwrite:
+    if path.exists():
+        _refuse_unless_store(path)
+        if meta.exists() and not overwrite:
             raise StoreExistsError(
                 f"{path} already exists; pass resume=True to continue its build or overwrite=True to replace it"
             )
-        remove_tree(path)
-    elif path.exists():
-        foreign = sorted({item.name for item in path.iterdir()} - {*_ARRAYS, _SHARD_DIR})
-        if foreign:
-            raise StoreExistsError(
-                f"{path} exists and is not a gradindex store (it holds {foreign[0]}); refusing to delete it, choose "
-                "another -o path"
-            )
-        remove_tree(path)  # what a creator stopped before its manifest left: never a store
+        remove_tree(path)  # a store, or what a creator stopped before its manifest left (never opened as a store)
     metadata = _array_metadata(layout)
     manifest = _new_manifest(layout, fingerprint, metadata, extra)
     for name, data in metadata.items():
@@ -1214,6 +1603,25 @@ def _create_remote_store(
             f"{path} was created by another writer meanwhile; pass resume=True to continue its build"
         )
     return GradientStore(path, manifest)
+
+
+def _format_version(format_name: Any) -> int | None:
+    """The N of ``gradindex/N``, else None."""
+    name, _, version = str(format_name).partition("/")
+    return int(version) if name == "gradindex" and version.isdigit() else None
+
+
+def _format_message(path: Any, found: Any) -> str:
+    """Which side to upgrade when a store's format is not the one this gradindex reads."""
+    ours, theirs = _format_version(FORMAT), _format_version(found)
+    if theirs is not None and ours is not None and theirs > ours:
+        return (
+            f"{path} has format {found!r}, newer than this gradindex reads ({FORMAT!r}); upgrade gradindex "
+            "(pip install -U gradindex) to read it"
+        )
+    return (
+        f"{path} has format {found!r}, which this gradindex does not read ({FORMAT!r}); rebuild it with overwrite=True"
+    )
 
 
 def as_store(store: GradientStore | str | Path | RemotePath, storage_options: dict | None = None) -> GradientStore:
@@ -1239,6 +1647,7 @@ def open_store(path: str | Path | RemotePath, *, storage_options: dict | None = 
         raise StoreNotFoundError(f"no gradindex store at {path}; build one with `gradindex build ... -o {path}`")
     if not meta.exists():
         raise StoreNotFoundError(f"{path} is not a gradindex store (no zarr.json); check the path or build one there")
+    meta = contained_path(path, "zarr.json", what="the manifest")
     try:
         attributes = json.loads(meta.read_bytes())["attributes"]
         manifest = attributes[MANIFEST_KEY]
@@ -1255,11 +1664,10 @@ def open_store(path: str | Path | RemotePath, *, storage_options: dict | None = 
             "--overwrite"
         )
     if manifest.get("format") != FORMAT:
-        raise IncompatibleStoreError(
-            f"{path} has format {manifest.get('format')!r}, this gradindex reads {FORMAT!r}; rebuild it with "
-            "--overwrite"
-        )
+        raise IncompatibleStoreError(_format_message(path, manifest.get("format")))
     try:
-        return GradientStore(path, manifest)
+        store = GradientStore(path, manifest)
     except (KeyError, TypeError, ValueError) as error:
         raise CorruptStoreError(f"the manifest of {path} is damaged ({error}); rebuild with overwrite=True") from error
+    _check_manifest(path, manifest, store.layout)
+    return store

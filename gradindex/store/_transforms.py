@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ import numpy as np
 
 from gradindex.errors import CorruptStoreError, IncompleteStoreError
 from gradindex.store._atomic import create_exclusive, make_dir, write_bytes_atomic
-from gradindex.store._manifest import write_manifest
+from gradindex.store._manifest import MANIFEST_KEY, SEAL_KEY, seal, write_manifest
+from gradindex.store._paths import REBUILD_STORE, contained_path
 from gradindex.utils import sha256_bytes, sha256_file
 
 # the functions here take the open store (a ``GradientStore``, which calls them) as ``store``
@@ -68,18 +70,57 @@ def _encode(array: np.ndarray) -> bytes:
     return sink.getvalue()
 
 
-def _decode(data: bytes, path: Path) -> np.ndarray:
+def _decode(data: bytes, path: Path, record: dict | None = None) -> np.ndarray:
+    """The array in ``.npy`` bytes. Its header is read first: a numeric dtype, a shape whose bytes are exactly
+    what follows the header, and (given a ``record``) the record's shape and dtype, or a CorruptStoreError before
+    anything the header declares is allocated."""
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, _fortran, dtype = read_header[version](stream, max_header_size=1 << 16)
+        size = math.prod(shape) * dtype.itemsize
+        if dtype.kind not in "biufc" or dtype.hasobject or len(data) - stream.tell() != size:
+            problem = f"declares a {dtype} array of shape {list(shape)} that its {len(data)} bytes do not hold"
+        elif record is not None and ([int(n) for n in shape] != record["shape"] or str(dtype) != record["dtype"]):
+            problem = f"holds {dtype} {list(shape)}, not the {record['dtype']} {record['shape']} its record says"
+        else:
+            return np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as error:  # numpy raises several kinds on damaged bytes
         raise CorruptStoreError(
             f"{path} cannot be read as a numpy array ({type(error).__name__}); rebuild the store with overwrite=True"
         ) from error
+    raise CorruptStoreError(f"{path} {problem}; {REBUILD_STORE}")
 
 
 def _disk_manifest(store: GradientStore) -> dict:
-    group = json.loads((store.path / "zarr.json").read_text())
-    return group["attributes"]["gradindex"]
+    group = json.loads(contained_path(store.path, "zarr.json", what="the manifest").read_text())
+    attributes = group["attributes"]
+    if attributes.get(SEAL_KEY) != seal(attributes[MANIFEST_KEY]):  # never merge into (and re-seal) a damaged one
+        raise CorruptStoreError(f"the manifest of {store.path} fails its checksum; {REBUILD_STORE}")
+    return attributes[MANIFEST_KEY]
+
+
+def _checked_record(store: GradientStore, name: Any, record: Any) -> dict:
+    """A transform's record, checked before its file is touched: its file is ``transforms/NAME.npy`` (inside the
+    store, no link out of it), its sha256, shape and dtype well formed."""
+    try:
+        check_transform_name(name)
+        sound = (
+            isinstance(record, dict)
+            and record.get("file") == f"{TRANSFORMS_DIR}/{name}.npy"
+            and isinstance(record.get("sha256"), str)
+            and len(record["sha256"]) == 64
+            and isinstance(record.get("shape"), list)
+            and all(isinstance(n, int) and n >= 0 for n in record["shape"])
+            and isinstance(record.get("dtype"), str)
+        )
+    except ValueError:
+        sound = False
+    if not sound:
+        raise CorruptStoreError(f"the record of transform {name!r} in {store.path} is damaged; {REBUILD_STORE}")
+    contained_path(store.path, record["file"], what=f"transform {name}'s file")
+    return record
 
 
 def transform_records(store: GradientStore) -> dict[str, dict]:
@@ -112,7 +153,7 @@ def write_transform(store: GradientStore, name: str, array: np.ndarray, *, exclu
     """
     check_transform_name(name)
     data = _encode(array)
-    path = store.path / TRANSFORMS_DIR / f"{name}.npy"
+    path = contained_path(store.path, f"{TRANSFORMS_DIR}/{name}.npy", what=f"transform {name}'s file")
     if exclusive:
         make_dir(path.parent)
         if not create_exclusive(path, data):
@@ -147,19 +188,22 @@ def read_transform(store: GradientStore, name: str) -> np.ndarray:
             "--resume` "
             "with the same settings to complete it"
         )
-    record = records[name]
+    record = _checked_record(store, name, records[name])
     path = store.path / record["file"]
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise CorruptStoreError(f"{path} is missing; rebuild the store with overwrite=True") from None
+    except OSError as error:
+        raise CorruptStoreError(f"{path} cannot be read ({error}); rebuild the store with overwrite=True") from error
     if sha256_bytes(data) != record["sha256"]:
         raise CorruptStoreError(f"{path} fails its checksum; rebuild the store with overwrite=True")
-    return _decode(data, path)
+    return _decode(data, path, record)
 
 
 def _part_path(store: GradientStore, name: str, shard: int) -> Path:
-    return store.path / TRANSFORMS_DIR / _PARTS_DIR / name / f"{shard:06d}.npy"
+    relative = f"{TRANSFORMS_DIR}/{_PARTS_DIR}/{check_transform_name(name)}/{shard:06d}.npy"
+    return contained_path(store.path, relative, what=f"transform {name}'s part")
 
 
 def write_transform_part(store: GradientStore, name: str, shard: int, array: np.ndarray) -> None:
@@ -186,7 +230,12 @@ def read_transform_parts(store: GradientStore, name: str) -> dict[int, np.ndarra
 def verify_transforms(store: GradientStore) -> list[str]:
     """Problems with the recorded transforms: missing files or failed checksums."""
     problems = []
-    for name, record in sorted(transform_records(store).items()):
+    for name, record in sorted(transform_records(store).items(), key=lambda item: str(item[0])):
+        try:
+            record = _checked_record(store, name, record)
+        except CorruptStoreError as error:
+            problems.append(f"transform {name}: {error}")
+            continue
         path = store.path / record["file"]
         if not path.exists():
             problems.append(f"transform {name}: {record['file']} is missing")

@@ -6,6 +6,7 @@ featurizer, method and pipeline step uses, so a two-input model or a dict batch 
 """
 
 from gradindex.task._batches import batch_size, gather_batch, labels_of, slice_batch, to_device
+from gradindex.task._failures import running_user_code, user_code_error
 from gradindex.task._loading import iter_batches, tensor_rows
 from gradindex.task._task import BUILTIN_TASKS, Task, cross_entropy_loss, default_margin, load_task
 
@@ -19,7 +20,9 @@ __all__ = [
     "iter_batches",
     "labels_of",
     "load_task",
+    "running_user_code",
     "slice_batch",
     "tensor_rows",
     "to_device",
+    "user_code_error",
 ]

@@ -16,7 +16,7 @@ from gradindex.utils._checks import (
     check_positive_int,
 )
 from gradindex.utils._hashing import sha256_bytes, sha256_file, sha256_json
-from gradindex.utils._memory import default_memory_budget
+from gradindex.utils._memory import available_memory, check_fits, default_memory_budget, format_bytes
 from gradindex.utils._processes import HOST_TAG, pid_alive
 from gradindex.utils._progress import progress_bar, progress_enabled, track
 from gradindex.utils._settings import Setting, check_settings, setting, setting_of, settings_of
@@ -24,7 +24,9 @@ from gradindex.utils._settings import Setting, check_settings, setting, setting_
 __all__ = [
     "HOST_TAG",
     "Setting",
+    "available_memory",
     "check_choice",
+    "check_fits",
     "check_flag",
     "check_fraction",
     "check_int_at_least",
@@ -35,6 +37,7 @@ __all__ = [
     "check_positive_int",
     "check_settings",
     "default_memory_budget",
+    "format_bytes",
     "pid_alive",
     "progress_bar",
     "progress_enabled",

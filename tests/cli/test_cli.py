@@ -131,7 +131,7 @@ def test_bad_inputs_exit_with_one_clear_sentence(runner, built, tmp_path, mlp_ch
         runner.invoke(
             cli, ["build", "--task", MLP, "--checkpoint", str(tmp_path / "gone.pt"), "-o", str(tmp_path / "x")]
         ),
-        r"gone.pt does not exist; check the --checkpoint path",
+        r"gone.pt does not exist; check its path",
     )
     _assert_clean_error(
         runner.invoke(cli, ["query", str(built), "-k", "0"]), r"Invalid value for '-k': 0 is not in the range x>=1"

@@ -57,8 +57,13 @@ def test_identity_tracin_equals_backward_loop(task_name, mlp_checkpoints, cnn_ch
 def test_chunking_does_not_change_vectors(mlp_checkpoints):
     task = tiny_tasks.mlp_task()
     whole, _ = _featurizer(task, mlp_checkpoints, projection=ProjectionSpec(kind="sjlt", dim=64))
-    chunked, _ = _featurizer(task, mlp_checkpoints, projection=ProjectionSpec(kind="sjlt", dim=64), chunk_bytes=1)
+    one_sample = 4 * (3 * whole.n_params + 64 * len(mlp_checkpoints))  # its gradient buffers and output: one per chunk
+    chunked, _ = _featurizer(
+        task, mlp_checkpoints, projection=ProjectionSpec(kind="sjlt", dim=64), chunk_bytes=one_sample
+    )
     assert chunked.chunk_size == 1
+    with pytest.raises(gradindex.ResourceLimitError, match="needs 4.0 KiB, more than the featurization memory"):
+        _featurizer(task, mlp_checkpoints, projection=ProjectionSpec(kind="sjlt", dim=64), chunk_bytes=one_sample - 1)
     batch = task.train.tensors
     torch.testing.assert_close(whole.featurize(batch), chunked.featurize(batch))
 

@@ -226,3 +226,23 @@ def test_sliced_and_item_by_item_loading_give_the_same_store(tmp_path, mlp_check
         a["content_sha256"] != b["content_sha256"] for a, b in zip(sliced.manifest["shards"], other.manifest["shards"])
     ]
     assert changed == [False, True, False]
+
+
+def test_a_task_file_shipped_inside_a_store_is_never_run(tmp_path, mlp_checkpoints):
+    """A store is shared data: a manifest that names a task file inside the store (code it brings along) is refused
+    before anything is imported; naming the task explicitly works."""
+    import json
+
+    from gradindex.store import write_manifest
+
+    store = gradindex.build(tiny_tasks.mlp_task(), mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=16)
+    planted = store.path / "evil.py"
+    marker = tmp_path / "ran"
+    planted.write_text(f"open({str(marker)!r}, 'w').close()\n\ndef task():\n    raise SystemExit(3)\n")
+    manifest = json.loads((store.path / "zarr.json").read_text())["attributes"]["gradindex"]
+    manifest["task"] = {"spec": f"{planted}:task", "name": "evil"}
+    write_manifest(store.path, manifest)
+    with pytest.raises(gradindex.TaskSpecError, match="records a task file inside itself.*pass task=SPEC"):
+        gradindex.query(store.path, samples=[0], k=2)
+    assert not marker.exists()
+    assert gradindex.query(store.path, tiny_tasks.mlp_task(), samples=[0], k=2).num_rows == 2

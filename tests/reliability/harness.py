@@ -364,7 +364,7 @@ def io_error_sweep(
                     gradindex.build(spec, checkpoints, output, **options)
                 figures["completed anyway"] += 1  # the fault hit a best-effort step (cleanup)
             except StoreWriteError as error:
-                if error.errno == code and str(code) in str(error) and "--resume" in str(error):
+                if error.errno == code and str(code) in str(error) and "resume=True" in str(error):
                     figures["typed errors"] += 1
                 else:
                     failures.append(f"errno {code} at step {fail_at}: error lacks its errno or fix: {error}")

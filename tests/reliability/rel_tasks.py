@@ -96,3 +96,60 @@ def save_checkpoints(directory, count: int = 2, make_model=mlp) -> list[str]:
 def io_task() -> gradindex.Task:
     """250 rows (3 shards of 100, the last partial): every disk step of its build is failed in turn."""
     return _task(*_data(250, seed=1), name="reliability-250")
+
+
+# ---- a growing training set (build --append): 1050 rows in shards of 100 (the last partial), grown to 1300 ---------
+APPEND_OLD, APPEND_NEW = 1050, 1300
+
+
+def _grown(n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_samples`` of one 1300-row set: every size shares its first rows."""
+    x, y = _data(APPEND_NEW, seed=3)
+    return x[:n_samples].clone(), y[:n_samples].clone()
+
+
+def _append_task(x: torch.Tensor, y: torch.Tensor, sample_ids: list | None = None) -> gradindex.Task:
+    task = _task(x, y, name="reliability-append")
+    return gradindex.Task(model=mlp, train=task.train, test=task.test, sample_ids=sample_ids, name=task.name)
+
+
+def append_old_task() -> gradindex.Task:
+    """The store's rows: 1050 samples (11 shards of 100, the last one half full)."""
+    return _append_task(*_grown(APPEND_OLD))
+
+
+def append_new_task() -> gradindex.Task:
+    """The grown set: the 1050 old samples, unchanged and in order, then 250 new ones."""
+    return _append_task(*_grown(APPEND_NEW))
+
+
+def append_changed_sample_task() -> gradindex.Task:
+    """The grown set with old sample 550 changed (a row the 32-sample probe does not look at)."""
+    x, y = _grown(APPEND_NEW)
+    x[550, 0] += 1.0
+    return _append_task(x, y)
+
+
+def append_reordered_task() -> gradindex.Task:
+    """The grown set with old samples 700 and 701 swapped."""
+    x, y = _grown(APPEND_NEW)
+    x[[700, 701]], y[[700, 701]] = x[[701, 700]].clone(), y[[701, 700]].clone()
+    return _append_task(x, y)
+
+
+def append_changed_ids_task() -> gradindex.Task:
+    """The grown set whose old row 300 has another sample id."""
+    ids = list(range(APPEND_NEW))
+    ids[300] = 10_000
+    return _append_task(*_grown(APPEND_NEW), sample_ids=ids)
+
+
+def append_string_ids_task() -> gradindex.Task:
+    """The grown set with every sample id a string ("0", "1", ...) where the store's are integers."""
+    return _append_task(*_grown(APPEND_NEW), sample_ids=[str(row) for row in range(APPEND_NEW)])
+
+
+def append_string_new_ids_task() -> gradindex.Task:
+    """The grown set whose old ids are unchanged integers and whose new ids are strings."""
+    ids = list(range(APPEND_OLD)) + [f"new-{row}" for row in range(APPEND_OLD, APPEND_NEW)]
+    return _append_task(*_grown(APPEND_NEW), sample_ids=ids)

@@ -14,6 +14,7 @@ import pytest
 from reliability import harness
 
 import gradindex
+from gradindex.search import clear_index_cache, read_index_meta, write_index_meta
 
 K = 10
 # where the child stops: after writing the index under its temporary name; halfway through writing
@@ -90,15 +91,15 @@ def test_index_checked_against_the_store_on_load(env, tmp_path, capsys):
     shutil.copytree(env.small, store)
     meta = gradindex.build_index(store, "IVF4,Flat", name="ivf", progress=False)
     queries = np.zeros((1, gradindex.open_store(store).dim), np.float32)
-    path = store / "indexes" / "ivf.json"
-    recorded = json.loads(path.read_text())
-    path.write_text(json.dumps({**recorded, "ntotal": recorded["ntotal"] + 1}))
+    folder = store / "indexes"
+    recorded = read_index_meta(folder, "ivf")
+    write_index_meta(folder, "ivf", {**recorded, "ntotal": recorded["ntotal"] + 1})  # sealed, as if built so
     with pytest.raises(gradindex.SearchError, match="ntotal"):
         gradindex.search_store(store, queries, K, index="ivf")
-    path.write_text(json.dumps({**recorded, "dim": recorded["dim"] + 1}))
+    write_index_meta(folder, "ivf", {**recorded, "dim": recorded["dim"] + 1})
     with pytest.raises(gradindex.SearchError, match="dim"):
         gradindex.search_store(store, queries, K, index="ivf")
-    path.write_text(json.dumps(recorded))
+    write_index_meta(folder, "ivf", recorded)
     (store / "indexes" / meta["file"]).write_bytes(b"not a faiss index")
     other = tmp_path / "other.gradindex"  # a fresh path: nothing cached from the sound file
     shutil.copytree(store, other)
@@ -107,15 +108,9 @@ def test_index_checked_against_the_store_on_load(env, tmp_path, capsys):
     harness.report(capsys, "index load checks: wrong ntotal, wrong dim, unreadable file: refused as SearchError 3/3")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a write stopped after the index file is renamed into place but before its meta leaves NAME.<token>.faiss "
-        "that no meta names; gradindex/search/_approx.py never removes it (an atomic publish with orphan cleanup is "
-        "issue 14's)"
-    ),
-)
 def test_an_interrupted_index_write_leaves_no_unreferenced_file(env):
+    """A write stopped after its file is renamed into place, before its meta, leaves NAME.<token>.faiss that no meta
+    names (and its lock): the next writer takes the dead writer's lock over and sweeps the file."""
     work = env.fresh("index-unreferenced")
     store = work / "s.gradindex"
     shutil.copytree(env.small, store)
@@ -123,3 +118,36 @@ def test_an_interrupted_index_write_leaves_no_unreferenced_file(env):
     assert code == 137
     gradindex.build_index(store, "IVF4,Flat", name="ivf", overwrite=True, progress=False)
     assert _index_files(store) == ([], [])
+    assert not (store / "indexes" / "ivf.lock").exists()
+
+
+def test_concurrent_writers_of_one_index_leave_one_consistent_index(env, capsys):
+    """Two ``build_index(name="same", overwrite=True)`` at once, several rounds: both finish, and the index left is
+    whole (its meta names files that are there and load) with no unreferenced file beside it."""
+    work = env.fresh("index-concurrent")
+    store = work / "s.gradindex"
+    shutil.copytree(env.small, store)
+    queries = np.random.default_rng(6).standard_normal((3, gradindex.open_store(store).dim)).astype(np.float32)
+    figures = {"rounds": 0, "writers ok": 0, "whole indexes": 0, "unreferenced files left": 0, "temporaries left": 0}
+    harness.run_child(harness.child_setup)  # start the forkserver first, so that both writers start together
+    for _ in range(3):
+        writers = [
+            harness.context().Process(target=harness.child_index, args=(str(store), "same", "IVF4,Flat", "none"))
+            for _ in range(2)
+        ]
+        for process in writers:
+            process.start()
+        for process in writers:
+            process.join(300)
+        figures["rounds"] += 1
+        figures["writers ok"] += sum(process.exitcode == 0 for process in writers)
+        clear_index_cache()
+        found = _search(store, queries, "same")
+        figures["whole indexes"] += len(found[1]) == len(queries)
+        temporaries, unreferenced = _index_files(store)
+        figures["unreferenced files left"] += len(unreferenced)
+        figures["temporaries left"] += len(temporaries)
+    harness.report(capsys, harness.summary("two writers of one index at once", figures, list(figures)))
+    assert figures["writers ok"] == 2 * figures["rounds"]
+    assert figures["whole indexes"] == figures["rounds"]
+    assert figures["unreferenced files left"] == figures["temporaries left"] == 0

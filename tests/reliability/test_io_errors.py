@@ -57,7 +57,7 @@ def test_a_full_disk_stops_the_build_with_the_fix(env, capsys):
     output = work / "full.gradindex"
     with (
         inject_io_errors(first_record + 5, errno.ENOSPC, sticky=True),
-        pytest.raises(StoreWriteError, match=r"\[Errno 28\] No space left on device.*--resume") as raised,
+        pytest.raises(StoreWriteError, match=r"\[Errno 28\] No space left on device.*resume=True") as raised,
     ):
         gradindex.build(harness.IO, env.checkpoints, output, **harness.IO_OPTIONS)
     assert raised.value.errno == errno.ENOSPC and isinstance(raised.value, OSError)

@@ -34,3 +34,35 @@ def first_120() -> gradindex.Task:
 def other_120() -> gradindex.Task:
     """120 samples whose first 70 are not those of first_70."""
     return _task(120, seed=12)
+
+
+def _changed(change) -> gradindex.Task:
+    """first_120 with its old rows changed by ``change(inputs, targets, ids)``."""
+    inputs, targets = _data(120)
+    ids = list(range(120))
+    change(inputs, targets, ids)
+    x_test, y_test = _data(10, seed=5)
+    return gradindex.Task(
+        model=mlp, train=TensorDataset(inputs, targets), test=TensorDataset(x_test, y_test), sample_ids=ids, name="grow"
+    )
+
+
+def changed_41() -> gradindex.Task:
+    """Old sample 41 changed (a row the 32-sample probe of 70 rows does not look at)."""
+    return _changed(lambda inputs, targets, ids: inputs[41].add_(1.0))
+
+
+def swapped_10_11() -> gradindex.Task:
+    def swap(inputs, targets, ids):
+        inputs[[10, 11]] = inputs[[11, 10]].clone()
+        targets[[10, 11]] = targets[[11, 10]].clone()
+
+    return _changed(swap)
+
+
+def renamed_id_5() -> gradindex.Task:
+    return _changed(lambda inputs, targets, ids: ids.__setitem__(5, 99))
+
+
+def string_ids() -> gradindex.Task:
+    return _changed(lambda inputs, targets, ids: ids.__setitem__(slice(None), [str(row) for row in ids]))

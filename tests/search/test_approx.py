@@ -23,9 +23,11 @@ from gradindex.search import (
     gpu_count,
     index_names,
     load_index,
+    read_index_meta,
     recall_at_k,
     resolve_factory,
     save_index,
+    write_index_meta,
 )
 from gradindex.store import StoreLayout, create_store
 
@@ -131,17 +133,19 @@ def test_save_and_load_check_the_manifest(tmp_path, vectors):
     (tmp_path / meta2["file"]).write_bytes(b"not an index")
     with pytest.raises(SearchError, match="fails its checksum.*--overwrite"):
         load_index(tmp_path, "ivf")
-    # without a recorded checksum (older metas), faiss' own read error is wrapped just the same
-    unsummed = {key: value for key, value in meta2.items() if key != "sha256"}
-    (tmp_path / "ivf.json").write_text(json.dumps(unsummed))
-    with pytest.raises(SearchError, match="cannot be read.*--overwrite"):
+    # a meta without its seal (written before metas were sealed) or changed after it was written is refused
+    unsealed = {key: value for key, value in meta2.items() if key != "sha256"}
+    (tmp_path / "ivf.json").write_text(json.dumps(unsealed))
+    with pytest.raises(SearchError, match="has no seal.*drop_index.*--name ivf --overwrite"):
         load_index(tmp_path, "ivf")
-    # the file disagreeing with its meta is caught too
-    (tmp_path / "ivf.json").write_text(json.dumps({**unsummed, "file": meta2["file"], "ntotal": 5}))
-    save_index(index.cpu_index(), tmp_path / "other", "x", {})
-    (tmp_path / meta2["file"]).write_bytes(
-        (tmp_path / "other" / json.loads((tmp_path / "other" / "x.json").read_text())["file"]).read_bytes()
-    )
+    meta3 = save_index(index.cpu_index(), tmp_path, "ivf", {"factory": "IVF16,Flat"})
+    sealed = json.loads((tmp_path / "ivf.json").read_text())
+    (tmp_path / "ivf.json").write_text(json.dumps({**sealed, "ntotal": 5}))
+    with pytest.raises(SearchError, match="fails its seal.*--overwrite"):
+        load_index(tmp_path, "ivf")
+    # the file disagreeing with its (sealed) meta is caught too
+    (tmp_path / "ivf.json").write_text(json.dumps(sealed))
+    write_index_meta(tmp_path, "ivf", {**meta3, "ntotal": 5})
     with pytest.raises(SearchError, match="file holds ntotal=3000 but its meta says 5"):
         load_index(tmp_path, "ivf")
     with pytest.raises(ValueError, match="index name"):
@@ -263,9 +267,8 @@ def test_index_errors_name_the_fix(store, tmp_path):
     with pytest.raises(ValueError, match="on-disk index needs an IVF factory"):
         gradindex.build_index(store, "HNSW16", on_disk=True)
     # a store that changed since the index was built: the index is stale, and says how to rebuild
-    path = store.path / "indexes" / "a.json"
-    meta = json.loads(path.read_text())
-    path.write_text(json.dumps({**meta, "store": {**meta["store"], "content_sha256": "0" * 64}}))
+    meta = read_index_meta(store.path / "indexes", "a")
+    write_index_meta(store.path / "indexes", "a", {**meta, "store": {**meta["store"], "content_sha256": "0" * 64}})
     (listed,) = gradindex.list_indexes(store)
     assert listed["stale"] == "the store changed since the index was built"
     with pytest.raises(SearchError, match="index a of .* is stale.*--overwrite"):
@@ -338,3 +341,32 @@ def test_cli_index_info_and_query_with_the_index(tmp_path, mlp_checkpoints):
     )
     bad = runner.invoke(cli, ["index", str(store), "--factory", "IVF,PQ1000"])
     assert bad.exit_code == 1 and "Traceback" not in bad.output and "faiss cannot make an index" in bad.output
+
+
+def test_an_in_memory_index_that_cannot_fit_is_refused_before_training(store, monkeypatch):
+    """An IVF,Flat index holds 3000 x (24 floats, a list number and an id) in memory; on a machine with less available
+    memory it is refused with both numbers and the fix, and nothing is written; on disk it is not held in memory."""
+    monkeypatch.setattr("gradindex.utils._memory.available_memory", lambda: 100_000)
+    monkeypatch.setattr("gradindex.search._persisted.available_memory", lambda: 100_000)
+    with pytest.raises(
+        gradindex.ResourceLimitError,
+        match=r"IVF\d+,Flat of 3,000 rows needs 307.6 KiB, more than the "
+        r"memory this machine has available \(97.7 KiB\); keep the IVF lists on disk \(on_disk=True\)",
+    ):
+        gradindex.build_index(store, "IVF16,Flat", name="big")
+    assert gradindex.list_indexes(store) == []
+    assert gradindex.build_index(store, "IVF16,Flat", name="disk", on_disk=True, recall_queries=20)["on_disk"]
+
+
+def test_check_fits_reports_the_estimate_the_limit_and_the_fix(monkeypatch):
+    from gradindex.utils import check_fits, format_bytes
+
+    monkeypatch.setattr("gradindex.utils._memory.available_memory", lambda: 1 << 40)
+    check_fits("a step", 1 << 20, 1 << 21, "its budget", "lower it")
+    with pytest.raises(gradindex.ResourceLimitError, match=r"^a step needs 3.0 MiB, more than its budget \(2.0 MiB\); "
+                       r"lower it$"):  # fmt: skip
+        check_fits("a step", 3 << 20, 2 << 20, "its budget", "lower it")
+    monkeypatch.setattr("gradindex.utils._memory.available_memory", lambda: 1 << 20)
+    with pytest.raises(gradindex.ResourceLimitError, match="more than the memory this machine has available"):
+        check_fits("a step", 2 << 20, 1 << 30, "its budget", "lower it")
+    assert format_bytes(1536) == "1.5 KiB" and format_bytes(12) == "12 B"

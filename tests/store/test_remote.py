@@ -377,3 +377,30 @@ def test_a_claim_timeout_that_is_not_positive_is_refused_before_any_work(tmp_pat
     with pytest.raises(ValueError, match="claim_timeout must be a positive number of seconds, got 0"):
         gradindex.build(MLP, [], out, claim_timeout=0, **OPTIONS)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("trouble", ["no credentials", "no endpoint"])
+def test_missing_credentials_and_an_unreachable_endpoint_are_one_sentence(
+    trouble, tmp_path, monkeypatch, mlp_checkpoints
+):
+    """botocore's own errors (NoCredentialsError, EndpointConnectionError) become a StorageError naming the fix."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    if trouble == "no endpoint":
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    arguments = ["build", "--task", MLP, "--checkpoint", mlp_checkpoints[0], "-o", "s3://bucket/a.gradindex"]
+    options = ["--storage-option", "endpoint_url=http://127.0.0.1:1", "--storage-option", "skip_instance_cache=true"]
+    result = CliRunner().invoke(cli, [*arguments, *options])  # (fsspec would reuse another case's client)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    expected = (
+        ("no usable credentials", "AWS_ACCESS_KEY_ID")
+        if trouble == "no credentials"
+        else ("the storage cannot be reached", "endpoint_url storage option")
+    )
+    assert all(words in result.output for words in expected), result.output

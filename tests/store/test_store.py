@@ -223,3 +223,21 @@ def test_fingerprint_differences_name_the_field():
 def test_layout_validation(options, message):
     with pytest.raises(ValueError, match=message):
         StoreLayout(**{"n_samples": 10, "dim": 4, **options})
+
+
+def test_a_claim_from_another_host_on_a_shared_disk_expires(tmp_path):
+    """On a shared file system the pid of another machine's writer cannot be looked at: its claim is taken over once it
+    is older than the claim timeout, and respected before."""
+    import time
+
+    store = create_store(tmp_path / "s.gradindex", StoreLayout.auto(8, 2, rows_per_shard=4), {"model": "m"})
+    claim = store.path / "_shards" / "000000.claim"  # the claim file of shard 0 (docs/store-format.md)
+    for stamp, expected in ((time.time(), "owned by writer far-away"), (time.time() - 7200, None)):
+        claim.write_text(json.dumps({"owner": "far-away", "host": "another-host", "pid": 1, "time": stamp}))
+        store.claim_timeout = 3600.0
+        if expected:
+            with pytest.raises(ShardOwnershipError, match=expected):
+                store.claim_shard(0, owner="here")
+        else:
+            store.claim_shard(0, owner="here")
+            assert json.loads(claim.read_text())["owner"] == "here"
