@@ -67,6 +67,7 @@ BAD_TASKS = textwrap.dedent(
 def make_world(root: Path) -> dict:
     """A built store, its checkpoints, and the files the mistakes point at, under ``root``."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "ckpts").mkdir()
     torch.manual_seed(0)
     from tiny_tasks import mlp
