@@ -103,9 +103,11 @@ def is_orphan(path: Path) -> bool:
 # what to do about a failed write, by errno (others: the disk itself)
 _WRITE_FIXES = {
     errno.EROFS: "the file system is read-only: write the store on a writable one (another output), or remount it "
-    "read-write",
-    errno.EACCES: "permission denied: write where you may (another output), or change the folder's permissions",
-    errno.EPERM: "not permitted: write where you may (another output), or change the folder's permissions",
+    "read-write and continue a build with resume=True",
+    errno.EACCES: "permission denied: write where you may (another output), or change the folder's permissions and "
+    "continue a build with resume=True",
+    errno.EPERM: "not permitted: write where you may (another output), or change the folder's permissions and "
+    "continue a build with resume=True",
     errno.ENOSPC: "no space is left: free some and run the command again (a build keeps its finished shards: "
     "continue it with resume=True)",
     errno.EDQUOT: "the disk quota is used up: free some and run the command again (a build keeps its finished shards: "
