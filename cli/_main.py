@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import click
 import gradindex
 from gradindex import BuildConfig, EnsembleConfig
 from gradindex.apps.curation import CURATE_BY
+from gradindex.apps.demo import DEMOS
 from gradindex.cli._options import (
     STORE,
     checkpoint_option,
@@ -25,6 +27,7 @@ from gradindex.cli._options import (
     setting_option,
     storage_options_option,
     summary_format_option,
+    task_args_option,
 )
 from gradindex.pipeline import QueryConfig
 from gradindex.search import IndexConfig
@@ -134,6 +137,7 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
     help="path/to/file.py:factory, package.module:factory, or a built-in name (digits, ...). "
     "Required unless --finalize.",
 )
+@task_args_option
 @checkpoint_option
 @click.option(
     "-o",
@@ -191,6 +195,7 @@ def cli(ctx, verbose: int, quiet: bool) -> None:
 def build(
     ctx,
     task,
+    task_options,
     checkpoints,
     output,
     shard,
@@ -225,9 +230,11 @@ def build(
       gradindex build --task digits --checkpoint a.pt --checkpoint b.pt -o trak.gradindex --method trak --proj-dim 2048
       gradindex build --task digits --checkpoint final.pt --checkpoint ge/member-001.pt ... \\
           -o gex.gradindex --method gex
+      gradindex build --task hf-causal-lm --task-arg model=runs/gpt2 --task-arg train=train.jsonl \\
+          --checkpoint runs/gpt2/checkpoint-10:0.1 -o lm.gradindex
     """
     if finalize_only:
-        if task or checkpoints or resume or overwrite or append or shard or repair:
+        if task or task_options or checkpoints or resume or overwrite or append or shard or repair:
             raise click.UsageError("--finalize takes only -o STORE: it merges what the workers wrote")
         store = gradindex.finalize(output, storage_options=storage_options)
     else:
@@ -256,6 +263,7 @@ def build(
             repair=repair,
             storage_options=storage_options,
             claim_timeout=claim_timeout,
+            task_options=task_options,
         )
     state = "complete" if store.complete else f"incomplete ({store.progress()})"
     nonfinite_rows = store.nonfinite_rows(allow_incomplete=True)
@@ -288,6 +296,7 @@ def build(
 @cli.command()
 @click.argument("store", type=STORE)
 @click.option("--task", "task", help="Task SPEC (default: the one recorded in the store).")
+@task_args_option
 @setting_option(QueryConfig, "split")
 @click.option("--samples", help="Indices in the split: 0,3,10-19.")
 @click.option(
@@ -312,7 +321,20 @@ def build(
 @output_options
 @click.pass_context
 @handle_errors
-def query(ctx, store, task, samples, all_samples, checkpoints, storage_options, fmt, output, method_options, **config):
+def query(
+    ctx,
+    store,
+    task,
+    task_options,
+    samples,
+    all_samples,
+    checkpoints,
+    storage_options,
+    fmt,
+    output,
+    method_options,
+    **config,
+):
     """The k most influential training samples for query samples.
 
     Rows: query, query_id, rank, row, sample_id, score (positive = proponent).
@@ -324,6 +346,7 @@ def query(ctx, store, task, samples, all_samples, checkpoints, storage_options, 
       gradindex query big.gradindex --samples 0-99 --index ivf4096-sqfp16 --nprobe 64
       gradindex query big.gradindex --samples 0-99 --dask local:4
       gradindex query bc-if.gradindex --samples 0-4 --damping 0.1 --solver lissa
+      gradindex query lm.gradindex --task-arg test=more_prompts.jsonl --samples 0-9
     """
     if samples and all_samples:
         raise click.UsageError("give --samples or --all, not both")
@@ -335,6 +358,7 @@ def query(ctx, store, task, samples, all_samples, checkpoints, storage_options, 
         progress=ctx.obj["progress"],
         method_options=method_options,
         storage_options=storage_options,
+        task_options=task_options,
         **config,
     )
     _emit(table, fmt, output)
@@ -345,6 +369,7 @@ def query(ctx, store, task, samples, all_samples, checkpoints, storage_options, 
 @click.option("--top", type=click.IntRange(min=1), help="Only the N highest.")
 @click.option("--allow-incomplete", is_flag=True, help="Rank the finished part of an incomplete store.")
 @click.option("--task", "task", help="With --damping/--solver on an if store: task SPEC (default: the store's).")
+@task_args_option
 @click.option(
     "--checkpoint",
     "checkpoints",
@@ -363,7 +388,18 @@ def query(ctx, store, task, samples, all_samples, checkpoints, storage_options, 
 @click.pass_context
 @handle_errors
 def self_influence(
-    ctx, store, top, allow_incomplete, task, checkpoints, device, storage_options, fmt, output, method_options
+    ctx,
+    store,
+    top,
+    allow_incomplete,
+    task,
+    task_options,
+    checkpoints,
+    device,
+    storage_options,
+    fmt,
+    output,
+    method_options,
 ):
     """Training samples ranked by self-influence (suspected mislabeled or atypical first).
 
@@ -385,6 +421,7 @@ def self_influence(
         device=device,
         progress=ctx.obj["progress"],
         storage_options=storage_options,
+        task_options=task_options,
     )
     _emit(table, fmt, output)
 
@@ -395,7 +432,7 @@ def self_influence(
 @storage_options_option
 @handle_errors
 def info(store, fmt, storage_options):
-    """Show a store's manifest and build progress.
+    """Show a store's manifest, build progress and, for kron, which path each parameter took and why.
 
     \b
     Example:
@@ -429,11 +466,13 @@ def _info_lines(details: dict) -> list[str]:
         f"vectors     {field(layout, 'n_samples')} x {field(layout, 'dim')} {field(layout, 'dtype')} "
         f"({field(layout, 'rows_per_shard')} rows per shard)",
         f"method      {json.dumps(field(fingerprint, 'method'), default=str)}",
-        f"projection  {json.dumps(field(fingerprint, 'projection'), default=str)}",
+        f"projection  {json.dumps(_without_plan(field(fingerprint, 'projection')), default=str)}",
         f"model       {field(fingerprint, 'model', 'class')} "
         f"({len(params) if isinstance(params, list) else '?'} parameter tensors indexed)",
         f"task        {json.dumps(details.get('task'), default=str)}",
     ]
+    for row in details.get("projection_plan") or []:  # kron: which path each parameter took, and why
+        lines.append(f"kron        {row['param']}: {row['path']}, {row['type']}, {row['projection']} — {row['why']}")
     for position, ckpt in enumerate(details.get("checkpoints") or []):
         sha = str(field(fingerprint, "checkpoints", position, "sha256"))[:12]
         lines.append(f"checkpoint  [{position}] {field(ckpt, 'path')} weight={field(ckpt, 'weight')} sha256={sha}")
@@ -450,6 +489,13 @@ def _info_lines(details: dict) -> list[str]:
                 f"{', '.join(map(str, rows[:20]))}{' ...' if len(rows) > 20 else ''}"
             )
     return lines
+
+
+def _without_plan(projection: object) -> object:
+    """The projection spec without a kron plan that the ``kron`` lines list parameter by parameter."""
+    if isinstance(projection, dict) and isinstance(projection.get("plan"), list):
+        return {key: value for key, value in projection.items() if key != "plan"}
+    return projection
 
 
 def _index_line(meta: dict) -> str:
@@ -543,32 +589,41 @@ def verify(store, storage_options, summary_format):
 
 
 @cli.command()
+@click.argument("name", required=False, default="digits", type=click.Choice(list(DEMOS)), metavar="[NAME]")
 @click.option(
     "-o",
     "--output",
     "output_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("gradindex-demo"),
-    show_default=True,
-    help="Folder for checkpoints, store and results.",
+    help="Folder for checkpoints, store and results [default: gradindex-demo, gradindex-demo-gpt2 for gpt2].",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.pass_context
 @handle_errors
-def demo(ctx, output_dir, seed):
+def demo(ctx, name, output_dir, seed):
     """The embedded default, end to end: digits with 10% flipped labels.
 
     Trains a small MLP with checkpoints, builds a TracIn-CP store, ranks training samples by
     self-influence (mislabeled-detection AUC against training-loss and random rankings) and
     shows the proponents and opponents of a few test digits.
 
+    NAME picks another demo: gpt2 trains a tiny GPT-2 on procedural text with 10% corrupted
+    (shuffled or noise) sentences, builds its store through the hf-causal-lm task with
+    --task-arg options (the command is printed), ranks the corrupted sentences by self-influence
+    and shows proponents and opponents as decoded text (needs pip install "gradindex[hf]").
+
     \b
     Example:
       gradindex demo -o /tmp/gradindex-demo
+      gradindex demo gpt2 -o /tmp/gradindex-demo-gpt2
     """
-    from gradindex.apps import run_demo
+    from gradindex.apps import run_demo, run_gpt2_demo
 
-    run_demo(output_dir, seed=seed, progress=ctx.obj["progress"], echo=click.echo)
+    if name == "gpt2":
+        folder = output_dir or Path("gradindex-demo-gpt2")
+        run_gpt2_demo(folder, seed=seed, progress=ctx.obj["progress"], echo=click.echo)
+    else:
+        run_demo(output_dir or Path("gradindex-demo"), seed=seed, progress=ctx.obj["progress"], echo=click.echo)
 
 
 @cli.command()
@@ -578,6 +633,7 @@ def demo(ctx, output_dir, seed):
     "task",
     help="Task SPEC (default: the one recorded in the store); needed for pictures, predictions and queries.",
 )
+@task_args_option
 @click.option(
     "--queries",
     help="Indices in --split whose proponents and opponents are shown: 0,3,10-12 [default: 0-2; 'none' for none].",
@@ -617,7 +673,9 @@ def demo(ctx, output_dir, seed):
 @summary_format_option
 @click.pass_context
 @handle_errors
-def report(ctx, store, task, queries, split, k, top, results, checkpoints, device, output, summary_format):
+def report(
+    ctx, store, task, task_options, queries, split, k, top, results, checkpoints, device, output, summary_format
+):
     """Write one self-contained HTML page to look at a store in a browser.
 
     The self-influence histogram, the top suspected mislabeled samples (thumbnails for images,
@@ -641,6 +699,7 @@ def report(ctx, store, task, queries, split, k, top, results, checkpoints, devic
         checkpoints=list(checkpoints) or None,
         device=device,
         progress=ctx.obj["progress"],
+        task_options=task_options,
     )
     if summary_format == "json":
         click.echo(json.dumps(summary))
@@ -692,6 +751,7 @@ def _write_table(table, output: Path) -> None:
     "--select", help="Keep the N or P% training samples with the highest summed influence on the --samples of --split."
 )
 @click.option("--task", "task", help="Task SPEC for --select (default: the one recorded in the store).")
+@task_args_option
 @click.option("--split", default="test", show_default=True, help="Split of the target queries (--select).")
 @click.option("--samples", help="Target queries in --split: 0,3,10-19 [default: the whole split] (--select).")
 @click.option(
@@ -717,6 +777,7 @@ def curate(
     for_queries,
     select,
     task,
+    task_options,
     split,
     samples,
     checkpoints,
@@ -745,9 +806,10 @@ def curate(
         raise click.UsageError(
             "give --drop-top N|P% (drop the most suspicious) or --for-queries --select N|P% (keep the most helpful)"
         )
-    if drop_top is not None and (samples is not None or task is not None or checkpoints):
+    if drop_top is not None and (samples is not None or task is not None or task_options or checkpoints):
         raise click.UsageError(
-            "--samples, --task and --checkpoint pick target queries for --select; --drop-top needs none of them"
+            "--samples, --task, --task-arg and --checkpoint pick target queries for --select; --drop-top needs none "
+            "of them"
         )
     if output.suffix.lower() not in (".parquet", ".csv", ".jsonl", ".json"):
         raise click.UsageError(f"-o {output}: give a .parquet, .csv, .jsonl or .json file name")
@@ -763,6 +825,7 @@ def curate(
         device=device,
         memory_budget=memory_budget,
         progress=ctx.obj["progress"],
+        task_options=task_options,
     )
     _write_table(table, output)
     from gradindex.apps.curation import summary as curate_summary
@@ -780,11 +843,12 @@ def curate(
 
 @cli.command()
 @click.option("--task", "task", required=True, help="Task SPEC, as for build.")
+@task_args_option
 @click.option(
     "--checkpoint",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The trained checkpoint θ* to ensemble around.",
+    type=click.Path(path_type=Path),
+    help="The trained checkpoint θ* to ensemble around (a file, or a save_pretrained folder).",
 )
 @setting_option(EnsembleConfig, "members", required=True, default=None, show_default=False)
 @setting_option(EnsembleConfig, "steps", required=True, default=None, show_default=False)
@@ -807,7 +871,7 @@ def curate(
 @summary_format_option
 @click.pass_context
 @handle_errors
-def ensemble(ctx, task, checkpoint, device, output, overwrite, summary_format, **config):
+def ensemble(ctx, task, task_options, checkpoint, device, output, overwrite, summary_format, **config):
     """Make a fast geometric ensemble around a trained checkpoint (for --method gex, or tracin over members).
 
     Fine-tunes from the checkpoint for M learning-rate cycles of S steps (the task's train_step, or
@@ -820,7 +884,7 @@ def ensemble(ctx, task, checkpoint, device, output, overwrite, summary_format, *
           --checkpoint runs/ge/member-001.pt ... --checkpoint runs/ge/member-008.pt -o gex.gradindex
     """
     made = gradindex.make_ensemble(
-        task,
+        gradindex.load_task(task, **task_options),
         checkpoint,
         output,
         EnsembleConfig(**{name: value for name, value in config.items() if value is not None}),
@@ -841,10 +905,11 @@ def ensemble(ctx, task, checkpoint, device, output, overwrite, summary_format, *
         )
         return
     click.echo(f"wrote {len(made.members)} members to {output}", err=True)
+    task_args = "".join(f" --task-arg {shlex.quote(f'{key}={value}')}" for key, value in task_options.items())
     gex = " ".join(f"--checkpoint {spec}" for spec in made.gex_checkpoints())
     tracin = " ".join(f"--checkpoint {spec}" for spec in made.tracin_checkpoints())
-    click.echo(f"gradindex build --task {task} --method gex {gex} -o gex.gradindex")
-    click.echo(f"gradindex build --task {task} --method tracin {tracin} -o ensemble-tracin.gradindex")
+    click.echo(f"gradindex build --task {task}{task_args} --method gex {gex} -o gex.gradindex")
+    click.echo(f"gradindex build --task {task}{task_args} --method tracin {tracin} -o ensemble-tracin.gradindex")
 
 
 def main() -> None:

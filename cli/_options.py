@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ __all__ = [
     "setting_option",
     "storage_options_option",
     "summary_format_option",
+    "task_arg_value",
+    "task_args_option",
 ]
 
 FORMATS = ("table", "jsonl", "json", "csv", "parquet")
@@ -243,6 +246,57 @@ def method_query_options(command):
     for option in reversed([*(_method_option_flag(name, True) for name in _QUERY_FLAGS), _METHOD_OPTION]):
         command = option(command)
     return command
+
+
+# ---- task options --------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def task_arg_value(text: str) -> Any:
+    """A ``--task-arg`` value as the factory gets it: ``true``/``false`` as booleans, ``12`` as an int, ``0.1`` or
+    ``1e-3`` as a float, anything else as the string it is."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if _NUMBER.fullmatch(text):
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+    return text
+
+
+def _parse_task_args(ctx, param, values):
+    options: dict[str, Any] = {}
+    for value in values:
+        key, sep, text = value.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise click.BadParameter(
+                f"{value!r} must look like KEY=VALUE, e.g. flip_fraction=0.1 or model=runs/gpt2", ctx=ctx, param=param
+            )
+        if not key.isidentifier():
+            raise click.BadParameter(
+                f"{key!r} is not a keyword the task factory can take; name one of its arguments", ctx=ctx, param=param
+            )
+        if key in options:
+            raise click.BadParameter(f"{key} is given twice; give each task option once", ctx=ctx, param=param)
+        options[key] = task_arg_value(text.strip())
+    return options
+
+
+def task_args_option(command):
+    """``--task-arg KEY=VALUE`` (repeatable): keyword arguments of the task factory, gathered in ``task_options``."""
+    return click.option(
+        "--task-arg",
+        "task_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        callback=_parse_task_args,
+        help="A keyword argument of the task factory, repeatable (e.g. flip_fraction=0.1, model=runs/gpt2, "
+        "train=train.jsonl); numbers and true/false are typed. A build records them beside --task; later commands "
+        "without --task reuse them, updated by any given.",
+    )(command)
 
 
 # ---- the rest ------------------------------------------------------------------------------------------------------

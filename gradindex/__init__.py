@@ -10,6 +10,12 @@ training samples most influenced a prediction (FAISS inner-product search) and w
     gradindex.self_influence(store, top=20)                        # -> pyarrow.Table
 """
 
+import os
+
+# pyarrow's default memory pool (mimalloc) sometimes aborts the process at exit beside torch ("terminate called without
+# an active exception", exit 134, after the output is written): the system allocator does not. Set before pyarrow loads.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
 from gradindex.apps import curate, report
 from gradindex.checkpoints import CheckpointSpec
 from gradindex.ensemble import EnsembleConfig, make_ensemble
@@ -35,7 +41,17 @@ from gradindex.pipeline import BuildConfig, QueryConfig, build, finalize, info, 
 from gradindex.projection import ProjectionSpec
 from gradindex.search import IndexConfig, build_index, drop_index, list_indexes, search_store
 from gradindex.store import GradientStore, open_store
-from gradindex.task import Task, load_task
+from gradindex.task import (
+    TableDataset,
+    Task,
+    causal_lm_loss,
+    causal_lm_margin,
+    collate_samples,
+    cross_entropy_loss,
+    default_loss,
+    default_margin,
+    load_task,
+)
 from gradindex.version import __version__
 
 __all__ = [
@@ -61,12 +77,19 @@ __all__ = [
     "StoreExistsError",
     "StoreNotFoundError",
     "StoreWriteError",
+    "TableDataset",
     "Task",
     "TaskSpecError",
     "__version__",
     "build",
     "build_index",
+    "causal_lm_loss",
+    "causal_lm_margin",
+    "collate_samples",
+    "cross_entropy_loss",
     "curate",
+    "default_loss",
+    "default_margin",
     "drop_index",
     "finalize",
     "info",

@@ -1,19 +1,62 @@
-"""Checkpoints: ``PATH[:WEIGHT]`` specs, content hashes and state-dict loading."""
+"""Checkpoints: ``PATH[:WEIGHT]`` specs, content hashes and state-dict loading.
+
+A checkpoint is a file or a folder the way training code saves one:
+
+* a ``torch.save`` file (a bare state dict, or one under ``state_dict``/``model``/``model_state_dict``/``module``, as
+  Lightning and most training loops save it) or a ``.safetensors`` file;
+* a Hugging Face ``save_pretrained`` folder or a Trainer/Accelerate ``checkpoint-N`` folder: its ``model.safetensors``,
+  ``model.safetensors.index.json`` with its shards, ``pytorch_model.bin`` or ``pytorch_model.bin.index.json`` with its
+  shards (the first one present, in that order); optimizer, scheduler and RNG files beside them are never read;
+* any other folder holding exactly one weight file (``.safetensors``, ``.bin``, ``.pt``, ``.pth``, ``.ckpt``).
+
+Keys are matched to the model's own names: a prefix wrapped around every name (DDP's ``module.``, a LightningModule's
+attribute such as ``model.``) and torch.compile's ``_orig_mod.`` are removed when the names then fit the model; names
+the model ties to another (GPT-2's ``lm_head.weight``) may be absent, and must hold the same values when present.
+
+A checkpoint's sha256 (what a store records and a later query verifies) is that of the file; for a folder, the sha256
+of the ``sha256sum``-style listing of the files the weights are read from (``checkpoint_files``), by relative name.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from gradindex.errors import CheckpointError
-from gradindex.utils import sha256_file
+from gradindex.errors import CheckpointError, GradIndexWarning
+from gradindex.utils import sha256_bytes, sha256_file
 
-__all__ = ["CheckpointSpec", "checkpoint_sha256", "load_into", "load_state_dict", "parse_checkpoints"]
+__all__ = [
+    "HF_WEIGHT_FILES",
+    "CheckpointSpec",
+    "checkpoint_files",
+    "checkpoint_sha256",
+    "load_into",
+    "load_state_dict",
+    "parse_checkpoints",
+    "tied_aliases",
+]
+
+# the weight files of a save_pretrained or Trainer/Accelerate folder, in the order Hugging Face looks for them
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# what a folder's only weight file may be called, and the training-state files beside weights that are never read
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_TRAINING_STATE = ("optimizer", "scheduler", "rng_state", "random_states", "scaler", "training_args", "trainer_state")
+# keys a torch.save file may hold its state dict under (Lightning: state_dict; DeepSpeed: module)
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_ORIG_MOD = re.compile(r"(^|\.)_orig_mod\.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,8 +72,8 @@ class CheckpointSpec:
 
     @staticmethod
     def parse(text: str) -> CheckpointSpec:
-        """``ckpt.pt`` or ``ckpt.pt:0.1``; a colon whose suffix is not a number must be part of the path only if the
-        file exists."""
+        """``PATH`` or ``PATH:WEIGHT``, PATH a checkpoint file or folder (``ckpt.pt:0.1``, ``runs/checkpoint-500:0.1``);
+        a PATH that exists is never split, so a file or folder whose name holds a colon is named as it is."""
         if not text:
             raise CheckpointError("an empty checkpoint; give PATH or PATH:WEIGHT, e.g. runs/ckpt-010.pt:0.1")
         path, sep, weight_text = text.rpartition(":")
@@ -67,30 +110,153 @@ def parse_checkpoints(items: Sequence[str | CheckpointSpec | tuple]) -> list[Che
     return specs
 
 
-def checkpoint_sha256(path: str | Path) -> str:
-    """The sha256 of a checkpoint file (what a store records of it), or a CheckpointError when it is not one."""
-    _require_file(Path(path))
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The files a checkpoint's weights are read from: the file itself, or those of a folder (see the module
+    docstring): a sharded index first, then its shards in name order.
+
+    Args:
+        path: a checkpoint file or folder.
+
+    Returns:
+        The weight files, each under ``path``.
+
+    Raises:
+        CheckpointError: ``path`` does not exist, or is a folder that holds no weights, several candidate weight
+            files, only Trainer ``checkpoint-N`` folders, or a sharded index naming a shard that is not there.
+    """
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist; check its path")
+    for name in HF_WEIGHT_FILES:
+        if (path / name).is_file():
+            return [path / name, *_shards(path / name)] if name.endswith(".index.json") else [path / name]
+    entries = sorted(path.iterdir())
+    files = [
+        entry
+        for entry in entries
+        if entry.is_file() and entry.suffix in _WEIGHT_SUFFIXES and not entry.name.startswith((".", *_TRAINING_STATE))
+    ]
+    if len(files) == 1:
+        return files
+    if files:
+        raise CheckpointError(
+            f"checkpoint {path} is a folder holding several weight files ({', '.join(f.name for f in files[:6])}); "
+            f"give the one to load, e.g. {files[0]}"
+        )
+    runs = sorted(
+        (entry for entry in entries if entry.is_dir() and re.fullmatch(r"checkpoint-\d+", entry.name)),
+        key=lambda entry: int(entry.name.split("-")[1]),
+    )
+    if runs:
+        raise CheckpointError(
+            f"checkpoint {path} is a Trainer output folder holding {', '.join(run.name for run in runs[:8])}"
+            + (" ..." if len(runs) > 8 else "")
+            + f" and no weights of its own; give one of them, e.g. {runs[-1]}"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} is a folder holding no model weights; give a save_pretrained or Trainer checkpoint folder "
+        f"({', '.join(HF_WEIGHT_FILES)}) or the checkpoint file itself (a torch.save state dict, .pt or .bin, or a "
+        ".safetensors file)"
+    )
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names (each once, in name order)."""
+    weight_map = _weight_map(index)
+    folder = index.parent
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(
+                f"checkpoint {folder}'s {index.name} names the shard {name!r} outside its folder; save the model "
+                "again with save_pretrained"
+            )
+        if not shard.is_file():
+            raise CheckpointError(
+                f"checkpoint {folder}'s {index.name} names the shard {name}, which is not there; copy the whole "
+                "folder, every shard with it"
+            )
+        shards.append(shard)
+    return shards
+
+
+def _weight_map(index: Path) -> dict[str, str]:
     try:
-        return sha256_file(path)
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as error:
+        raise CheckpointError(
+            f"checkpoint index {index} is not readable JSON with a weight_map ({type(error).__name__}: {error}); "
+            "save the model again with save_pretrained"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(value, str) for value in weight_map.values()):
+        raise CheckpointError(
+            f"checkpoint index {index} holds no weight_map of tensor names to shard files; save the model again "
+            "with save_pretrained"
+        )
+    return weight_map
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """What a store records of a checkpoint: the sha256 of a file; of a folder, the sha256 of the listing
+    ``"<sha256 of file>  <name relative to the folder>\\n"`` of its weight files (``checkpoint_files``) in name order,
+    i.e. ``cd FOLDER && sha256sum FILE... | sha256sum`` with the files sorted. Other files of a folder (config,
+    optimizer and scheduler state, RNG state) do not count.
+
+    Args:
+        path: a checkpoint file or folder.
+
+    Returns:
+        The hex digest.
+
+    Raises:
+        CheckpointError: ``path`` is not a checkpoint (see ``checkpoint_files``) or cannot be read.
+    """
+    path = Path(path)
+    files = checkpoint_files(path)
+    try:
+        if path.is_file():
+            return sha256_file(path)
+        named = sorted((file.relative_to(path).as_posix(), file) for file in files)
+        return sha256_bytes("".join(f"{sha256_file(file)}  {name}\n" for name, file in named).encode())
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({error.strerror or error}); check its path") from None
 
 
-def _require_file(path: Path) -> None:
-    if path.is_dir():
+def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a checkpoint file or folder, under the names they were saved with (a sharded checkpoint's shards
+    merged; a torch.save file's state dict taken from under ``state_dict``/``model``/``model_state_dict``/``module``
+    when it is wrapped).
+
+    Args:
+        path: a checkpoint file or folder (see the module docstring).
+
+    Returns:
+        Name -> tensor, on the CPU.
+
+    Raises:
+        CheckpointError: not a checkpoint, an unreadable file, or a file that holds no state dict of tensors.
+    """
+    files = checkpoint_files(path)
+    if not files[0].name.endswith(".index.json"):
+        return _read_weights(files[0])
+    weight_map = _weight_map(files[0])
+    state: dict[str, Tensor] = {}
+    for shard in files[1:]:
+        state.update(_read_weights(shard))
+    absent = [name for name in weight_map if name not in state]
+    if absent:
         raise CheckpointError(
-            f"checkpoint {path} is a folder; give the checkpoint file in it (a torch.save state dict, .pt or .bin, "
-            "or a .safetensors file)"
+            f"checkpoint {path}: {files[0].name} names {', '.join(absent[:5])} but no shard holds "
+            f"{'it' if len(absent) == 1 else 'them'}; save the model again with save_pretrained"
         )
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check its path")
+    return state
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from a ``torch.save`` file (a bare state dict, or one under 'state_dict'/'model') or a safetensors
-    file."""
-    path = Path(path)
-    _require_file(path)
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """The state dict of one torch.save or safetensors file."""
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -108,49 +274,166 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
+        foreign = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if foreign:  # e.g. a Lightning file whose hyper-parameters are an argparse.Namespace
+            raise CheckpointError(
+                f"cannot load checkpoint {path} with torch.load(weights_only=True): it pickles a {foreign.group(1)} "
+                "beside its tensors, and gradindex never runs code from a checkpoint; if you trust the file, save its "
+                "weights alone, e.g. torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt')"
+            ) from error
         raise CheckpointError(
             f"cannot load checkpoint {path} with torch.load ({type(error).__name__}: {error})"
         ) from error
-    if isinstance(state, dict) and not all(isinstance(value, torch.Tensor) for value in state.values()):
-        for key in ("state_dict", "model", "model_state_dict"):
+    if isinstance(state, dict) and not all(isinstance(value, Tensor) for value in state.values()):
+        for key in _WRAPPER_KEYS:
             if isinstance(state.get(key), dict):
                 state = state[key]
                 break
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
         raise CheckpointError(
             f"checkpoint {path} holds no state dict of tensors; save it with torch.save(model.state_dict(), path)"
         )
-    return state
+    return dict(state)
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """The second and later names of each parameter or buffer registered under several names (tied weights, a module
+    used in two places), each mapped to its first name: the one ``named_parameters()`` and ``named_buffers()`` give.
+
+    Args:
+        model: any module.
+
+    Returns:
+        Alias -> first name (empty when nothing is tied).
+    """
+    first: dict[int, str] = {}
+    aliases = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
 
 
 def load_into(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint into a model, with a clear error naming missing/unexpected keys or shape mismatches."""
-    state = load_state_dict(path)
+    """Load a checkpoint into a model: the names fitted to the model's (see the module docstring), tied names
+    restored from the one saved, with a clear error naming missing/unexpected keys, shape mismatches, tied names
+    saved with different values, or NaN weights.
+
+    Args:
+        model: the task's model.
+        path: a checkpoint file or folder.
+
+    Returns:
+        ``model``, holding the checkpoint's weights.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be read, does not fit the model, or holds NaN or infinite weights.
+    """
+    state = _fit(model, load_state_dict(path), path)
+    model.load_state_dict(state)
+    return model
+
+
+def _fit(model: nn.Module, state: dict[str, Tensor], path: str | Path) -> dict[str, Tensor]:
+    """The checkpoint's tensors under every name of the model's state dict (see ``load_into``)."""
     own = model.state_dict()
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
-    mismatched = [
-        f"{key} {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-        for key in own
-        if key in state and state[key].shape != own[key].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}")
-        if mismatched:
-            parts.append(f"shape mismatch {', '.join(mismatched[:5])}")
+    aliases = {alias: name for alias, name in tied_aliases(model).items() if alias in own and name in own}
+    groups: dict[str, list[str]] = {}
+    for alias, name in aliases.items():
+        groups.setdefault(name, [name]).append(alias)
+    # (what was removed from the names, the prefix, the names read, the tensors under the model's names, why they do not
+    # fit): the names as saved, and only when they do not fit, every reading with a prefix or _orig_mod. removed
+    candidates = [("", "", state, state, _problems(state, own, aliases, groups))]
+    if candidates[0][4]:
+        views = [("", state)]
+        if any(_ORIG_MOD.search(key) for key in state):
+            views.append(("'_orig_mod.'", {_ORIG_MOD.sub(r"\1", key): value for key, value in state.items()}))
+        for removed, view in views:
+            for prefix in _prefixes(view, own):
+                if prefix or removed:
+                    sub = {key[len(prefix) :]: value for key, value in view.items() if key.startswith(prefix)}
+                    how = " and ".join(part for part in (f"'{prefix}'" if prefix else "", removed) if part)
+                    candidates.append((how, prefix, view, sub, _problems(sub, own, aliases, groups)))
+    # two readings that give the same tensors the same names are one (DDP's 'module.' removed, or '_orig_mod.' removed
+    # either way)
+    fitting = list({frozenset((k, id(v)) for k, v in c[3].items()): c for c in candidates if not c[4]}.values())
+    if len(fitting) > 1:
         raise CheckpointError(
-            f"checkpoint {path} does not fit the task's model ({'; '.join(parts)}); check the task and the checkpoint"
+            f"checkpoint {path} holds the model under several prefixes ({', '.join(c[0] for c in fitting[:5])}); "
+            "save the weights of the one model alone, e.g. torch.save(lightning_module.model.state_dict(), path)"
         )
-    for key, value in state.items():
+    if not fitting:
+        how, _, _, sub, problems = max(candidates, key=lambda candidate: len(own.keys() & candidate[3].keys()))
+        read = f" (read with {how} removed from its names)" if how else ""
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the task's model ({'; '.join(problems)}){read}; check the task and the "
+            "checkpoint"
+        )
+    how, prefix, view, sub, _ = fitting[0]
+    if len(sub) < len(view):
+        left_out = [key for key in view if not key.startswith(prefix)][:3]
+        warnings.warn(
+            f"checkpoint {path}: the model's weights were read from the names under {how}; {len(view) - len(sub)} "
+            f"other tensors ({', '.join(left_out)}{', ...' if len(view) - len(sub) > 3 else ''}) were left out",
+            GradIndexWarning,
+            stacklevel=3,
+        )
+    for names in groups.values():
+        present = [key for key in names if key in sub]
+        for other in present[1:]:
+            if not torch.equal(sub[present[0]], sub[other]):
+                raise CheckpointError(
+                    f"checkpoint {path} holds different values for {present[0]} and {other}, which the task's model "
+                    "ties (one tensor); load it into a model that does not tie them (e.g. tie_word_embeddings=False), "
+                    "or save it from the tied model"
+                )
+    for key, value in sub.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             count = int((~torch.isfinite(value)).sum())
             raise CheckpointError(
                 f"checkpoint {path} holds NaN or infinite values in {key} ({count} of {value.numel()}): the training "
                 "run had diverged when it was saved; use an earlier checkpoint"
             )
-    model.load_state_dict(state)
-    return model
+    saved = {name: next(sub[key] for key in names if key in sub) for name, names in groups.items()}
+    return {key: sub[key] if key in sub else saved[aliases.get(key, key)] for key in own}
+
+
+def _prefixes(state: dict[str, Tensor], own: dict[str, Tensor]) -> list[str]:
+    """The prefixes that turn some saved name into one of the model's, most frequent first; always ``""`` first."""
+    counts: dict[str, int] = {}
+    for key in state:
+        for start in [0] + [match.end() for match in re.finditer(r"\.", key)]:
+            if key[start:] in own and start:
+                counts[key[:start]] = counts.get(key[:start], 0) + 1
+    return ["", *sorted(counts, key=lambda prefix: (-counts[prefix], prefix))]
+
+
+def _problems(
+    sub: dict[str, Tensor], own: dict[str, Tensor], aliases: dict[str, str], groups: dict[str, list[str]]
+) -> list[str]:
+    """Why ``sub`` does not fit the model's state dict: missing, unexpected and mismatched names (empty: it fits)."""
+    missing = [
+        key for key in own if key not in sub and not any(name in sub for name in groups.get(aliases.get(key, key), ()))
+    ]
+    unexpected = [key for key in sub if key not in own]
+    mismatched = [
+        f"{key} {tuple(sub[key].shape)} vs model {tuple(own[key].shape)}"
+        for key in own
+        if key in sub and sub[key].shape != own[key].shape
+    ]
+    parts = []
+    if missing:
+        parts.append(
+            f"missing {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    if unexpected:
+        parts.append(
+            f"unexpected {', '.join(unexpected[:5])}"
+            + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+    if mismatched:
+        parts.append(f"shape mismatch {', '.join(mismatched[:5])}")
+    return parts

@@ -31,12 +31,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import TensorDataset
 
 from gradindex.checkpoints import checkpoint_sha256, load_into
 from gradindex.errors import ArgumentError, CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
 from gradindex.featurize import resolve_device
-from gradindex.task import Task, load_task, to_device
+from gradindex.task import Task, collate_samples, load_task, to_device
 from gradindex.utils import check_settings, progress_bar, setting
 
 __all__ = ["Ensemble", "EnsembleConfig", "EnsembleExistsError", "load_ensemble", "make_ensemble"]
@@ -133,7 +133,7 @@ class Ensemble:
 def _batch(dataset: Any, rows: torch.Tensor, collate: Any) -> Any:
     if collate is None and isinstance(dataset, TensorDataset):
         return tuple(tensor[rows] for tensor in dataset.tensors)
-    return (collate or default_collate)([dataset[int(row)] for row in rows])
+    return (collate or collate_samples)([dataset[int(row)] for row in rows])
 
 
 def _save(model: nn.Module, path: Path) -> None:
@@ -191,7 +191,7 @@ def make_ensemble(
         config = EnsembleConfig(**{**config.to_dict(), **options})
     task = load_task(task)
     base = Path(checkpoint)
-    if not base.is_file():
+    if not base.exists():
         raise CheckpointError(f"checkpoint {base} does not exist; give the trained checkpoint to ensemble around")
     if len(task.train) == 0:
         raise TaskSpecError(f"task {task.name!r} has an empty training set; an ensemble needs training samples")

@@ -3,6 +3,13 @@
     checkpoints = train(task, TrainConfig(epochs=30, n_checkpoints=3), "runs/digits")
     evaluate(task, checkpoints[-1])   # {"accuracy": 0.97..., "loss": 0.1...}
 
+Any task trains: batches are made the one way every stage makes them (``gather_batch``: tensors sliced, tuples, dicts
+and HF rows collated and padded by the task's collate), and the step minimises ``task.loss`` — for a Hugging Face
+model its default loss (``model(**inputs)``, ``.logits``, the causal LM loss). A ``transformers`` model's checkpoints
+are ``save_pretrained`` folders ``checkpoint-STEP/`` (as HF's Trainer writes them, with the task's tokenizer beside
+the weights), any other model's ``torch.save(state_dict)`` files ``ckpt-EPOCH.pt`` (``TrainConfig.checkpoint_format``
+chooses). Both load with ``gradindex.checkpoints`` and ``gradindex build --checkpoint PATH:LR``.
+
 Training is deterministic given ``TrainConfig.seed`` and leaves the caller's global torch RNG as it found it.
 """
 
@@ -10,6 +17,8 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -17,16 +26,22 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset, default_collate
 
+from gradindex.checkpoints import load_into
 from gradindex.errors import ArgumentError, CheckpointError, NonFiniteError, TaskSpecError
-from gradindex.task import Task
+from gradindex.task import Task, gather_batch
 from gradindex.utils import check_settings, progress_bar, setting
 
 __all__ = ["SavedCheckpoint", "TrainConfig", "evaluate", "train"]
 
 # the optimizers ``train`` fits with
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD with momentum", "adam": "Adam (momentum is its first beta)"}
+# how ``train`` saves checkpoints
+CHECKPOINT_FORMATS: dict[str, str] = {
+    "auto": "hf for a transformers model, pt for any other",
+    "pt": "torch.save(state_dict) files ckpt-EPOCH.pt",
+    "hf": "save_pretrained folders checkpoint-STEP/ (transformers models only), with the task's tokenizer",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +62,9 @@ class TrainConfig:
     )
     seed: int = setting(0, "sets the initial weights, the shuffling and any dropout", minimum=0, integer=True)
     optimizer: Literal["sgd", "adam"] = setting("sgd", "the optimizer", choices=OPTIMIZERS)
+    checkpoint_format: Literal["auto", "pt", "hf"] = setting(
+        "auto", "how checkpoints are saved", choices=CHECKPOINT_FORMATS
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.n_checkpoints, int) and not isinstance(self.n_checkpoints, bool) and self.n_checkpoints < 1:
@@ -82,39 +100,20 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    """A ``torch.save(state_dict)`` file written by ``train``.
+    """A checkpoint written by ``train``: a ``torch.save(state_dict)`` file or a ``save_pretrained`` folder.
 
     lr: the learning rate in effect during the epochs leading to this checkpoint (its TracIn weight).
+    step: the optimizer steps taken when it was saved.
     """
 
     path: Path
     epoch: int
     lr: float
+    step: int | None = None
 
     def cli_spec(self) -> str:
         """``PATH:WEIGHT`` as ``gradindex build --checkpoint`` takes it."""
         return f"{self.path}:{self.lr!r}"
-
-
-def _batch(dataset: Any, rows: Tensor, collate: Any) -> Any:
-    """The collated batch of ``dataset`` at ``rows``; TensorDatasets are sliced without a per-item loop."""
-    if collate is None and isinstance(dataset, TensorDataset):
-        return tuple(tensor[rows] for tensor in dataset.tensors)
-    return (collate or default_collate)([dataset[int(row)] for row in rows])
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if device.type == "cpu":
-        return batch
-    if isinstance(batch, Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {key: _to_device(value, device) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple takes its fields positionally
-        return type(batch)(*(_to_device(value, device) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(value, device) for value in batch)
-    return batch
 
 
 def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -130,6 +129,34 @@ def _save_state_dict(model: nn.Module, path: Path) -> None:
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _is_pretrained(model: nn.Module) -> bool:
+    """A ``transformers`` model (a ``PreTrainedModel``, the user's subclasses included), which ``save_pretrained``
+    writes as HF tools read it. Such a model was built by transformers, so it is imported when there is one."""
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _save_pretrained(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    """A ``save_pretrained`` folder (safetensors; tied weights once, as transformers saves them), the tokenizer beside
+    it; written under a temporary name and renamed, so a killed run never leaves half a folder."""
+    from transformers.utils import logging as hf_logging  # a transformers model: transformers is there
+
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Writing model shards" bar, once per checkpoint, inside ours
+    try:
+        model.save_pretrained(temporary, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    if callable(getattr(tokenizer, "save_pretrained", None)):
+        tokenizer.save_pretrained(temporary)
+    if path.exists():
+        shutil.rmtree(path)
     os.replace(temporary, path)
 
 
@@ -154,7 +181,23 @@ def train(
 
     Each step minimises ``mean(task.loss(model, batch)) + task.regularization(model)`` in train mode,
     or calls ``task.train_step(model, batch, optimizer)`` when the task has one. Checkpoints are
-    ``out_dir/ckpt-{epoch:03d}.pt`` (``torch.save`` of a CPU state dict), returned in epoch order.
+    ``out_dir/ckpt-{epoch:03d}.pt`` (``torch.save`` of a CPU state dict) or, for a ``transformers`` model,
+    ``out_dir/checkpoint-{step}/`` (``save_pretrained``, with ``task.tokenizer``), returned in epoch order.
+
+    Args:
+        task: the task; its model, training set, loss, collate and regularization.
+        config: how to train (``TrainConfig``).
+        out_dir: the folder the checkpoints go to (made if missing).
+        progress: show a progress bar.
+        device: where to train (``cpu``, ``cuda[:N]``).
+
+    Returns:
+        The checkpoints, in epoch order (``SavedCheckpoint.cli_spec()`` is the ``--checkpoint`` argument).
+
+    Raises:
+        TaskSpecError: an empty training set, or ``checkpoint_format="hf"`` for a model that is not a transformers
+            model.
+        NonFiniteError: the training loss became NaN or infinite.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -180,6 +223,14 @@ def train(
         model = task.model().to(device)
         model.train()
         optimizer = _make_optimizer(model, config)
+        pretrained = _is_pretrained(model)
+        if config.checkpoint_format == "hf" and not pretrained:
+            raise TaskSpecError(
+                f"checkpoint_format='hf' saves transformers models, but task {task.name!r} builds a "
+                f"{type(model).__name__}; use checkpoint_format='pt' (or 'auto')"
+            )
+        as_folders = pretrained and config.checkpoint_format != "pt"
+        steps = 0
 
         bar = progress_bar(config.epochs, f"train {task.name}", enabled=progress, unit="epoch")
         for epoch in range(1, config.epochs + 1):
@@ -188,7 +239,7 @@ def train(
             weighed = 0
             for start in range(0, n_samples, config.batch_size):
                 rows = order[start : start + config.batch_size]
-                batch = _to_device(_batch(task.train, rows, task.collate), device)
+                batch = gather_batch(task.train, rows, task.collate, device)
                 if task.train_step is not None:
                     value = _loss_value(task.train_step(model, batch, optimizer))
                 else:
@@ -199,6 +250,7 @@ def train(
                     objective.backward()
                     optimizer.step()
                     value = objective.detach()
+                steps += 1
                 if value is not None:
                     total = total + value.to(total.device) * len(rows)
                     weighed += len(rows)
@@ -211,9 +263,13 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
             if epoch in save_at:
-                path = out_dir / f"ckpt-{epoch:03d}.pt"
-                _save_state_dict(model, path)
-                saved.append(SavedCheckpoint(path=path, epoch=epoch, lr=float(config.lr)))
+                if as_folders:
+                    path = out_dir / f"checkpoint-{steps}"
+                    _save_pretrained(model, task.tokenizer, path)
+                else:
+                    path = out_dir / f"ckpt-{epoch:03d}.pt"
+                    _save_state_dict(model, path)
+                saved.append(SavedCheckpoint(path=path, epoch=epoch, lr=float(config.lr), step=steps))
         bar.close()
     return saved
 
@@ -225,15 +281,13 @@ def _load_model(task: Task, source: Any) -> nn.Module:
         source = source.path
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise CheckpointError(f"checkpoint {path} does not exist; check the path or train the task first")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CheckpointError(
-                f"cannot read checkpoint {path} ({type(error).__name__}: {error}); give a torch.save(state_dict) file"
-            ) from error
-    elif isinstance(source, Mapping):
+            return load_into(task.model(), path)
+        except CheckpointError as error:
+            raise CheckpointError(f"checkpoint {path} does not fit task {task.name!r}'s model: {error}") from error
+    if isinstance(source, Mapping):
         state, path = source, "<state dict>"
     else:
         raise TypeError(f"expected a model, a checkpoint path or a state dict, got {type(source).__name__}")
@@ -259,7 +313,18 @@ def evaluate(
     """``{"accuracy": ..., "loss": ...}`` of a checkpoint (or model) on a split, in eval mode.
 
     loss is the mean of ``task.loss`` (without the regularization term); accuracy compares the argmax
-    of ``[B, C]`` model outputs with the targets, and is NaN when outputs are not ``[B, C]``.
+    of ``[B, C]`` logits (``task.logits_of``) with the per-sample labels, and is NaN when there are none (a
+    language model).
+
+    Args:
+        task: the task.
+        state_dict_path_or_model: a checkpoint (file, folder, ``SavedCheckpoint``), a state dict or a model.
+        split: the split to evaluate on.
+        batch_size: samples per batch.
+
+    Raises:
+        CheckpointError: the checkpoint is missing or does not fit the task's model.
+        TaskSpecError: the split is empty.
     """
     dataset = task.split(split)
     n_samples = len(dataset)
@@ -273,12 +338,13 @@ def evaluate(
     try:
         for start in range(0, n_samples, batch_size):
             rows = torch.arange(start, min(start + batch_size, n_samples))
-            batch = _to_device(_batch(dataset, rows, task.collate), device)
+            batch = gather_batch(dataset, rows, task.collate, device)
             loss_sum += float(task.loss(model, batch).sum())
             if classification:
-                outputs = model(batch[0])
-                if isinstance(outputs, Tensor) and outputs.ndim == 2:
-                    n_correct += int((outputs.argmax(dim=1) == batch[1].to(outputs.device)).sum())
+                labels = task.labels_of(batch)
+                logits = task.logits_of(model, batch) if labels is not None else None
+                if isinstance(logits, Tensor) and logits.ndim == 2 and logits.shape[1] >= 2:
+                    n_correct += int((logits.argmax(dim=1).cpu().numpy() == labels).sum())
                 else:
                     classification = False
     finally:

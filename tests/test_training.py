@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from gradindex.errors import CheckpointError, NonFiniteError
+from gradindex.errors import CheckpointError, NonFiniteError, TaskSpecError
 from gradindex.task import Task
 from gradindex.tasks import breast_cancer, digits, digits_cnn
 from gradindex.training import SavedCheckpoint, TrainConfig, evaluate, train
@@ -206,3 +206,77 @@ def test_evaluate_reports_missing_and_mismatched_checkpoints(tmp_path):
 def test_saved_checkpoint_cli_spec(tmp_path):
     checkpoint = SavedCheckpoint(path=tmp_path / "ckpt-010.pt", epoch=10, lr=0.05)
     assert checkpoint.cli_spec() == f"{tmp_path / 'ckpt-010.pt'}:0.05"
+
+
+# ---- Hugging Face models: dict batches, save_pretrained checkpoint folders ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_task(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from hf_folders import lm_folder
+
+    from gradindex.task import load_task
+
+    folders = lm_folder(tmp_path_factory.mktemp("lm"), n_train=32, n_test=8)
+    return load_task(
+        "hf-causal-lm", model=str(folders["model"]), train=str(folders["train"]), test=str(folders["test"])
+    )
+
+
+def test_a_transformers_model_trains_on_dict_batches_into_checkpoint_folders(lm_task, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gradindex.checkpoints import load_into
+
+    config = TrainConfig(epochs=4, n_checkpoints=2, lr=1e-2, optimizer="adam", batch_size=8)
+    checkpoints = train(lm_task, config, tmp_path)
+    assert [c.path.name for c in checkpoints] == ["checkpoint-8", "checkpoint-16"]  # 4 steps per epoch
+    assert [(c.epoch, c.step) for c in checkpoints] == [(2, 8), (4, 16)]
+    for checkpoint in checkpoints:
+        files = {path.name for path in checkpoint.path.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files  # the task's tokenizer beside it
+        own = AutoModelForCausalLM.from_pretrained(str(checkpoint.path)).state_dict()
+        ours = load_into(lm_task.model(), checkpoint.path).state_dict()
+        assert own.keys() == ours.keys() and all(torch.equal(own[name], ours[name]) for name in own)
+        assert torch.equal(ours["lm_head.weight"], ours["transformer.wte.weight"])  # tied, restored
+    losses = [evaluate(lm_task, c, split="train") for c in checkpoints]
+    assert math.isnan(losses[0]["accuracy"])  # a language model has no per-sample class
+    assert losses[-1]["loss"] < losses[0]["loss"] < math.log(len(lm_task.tokenizer))  # it learns
+    assert not list(tmp_path.glob(".*"))  # no temporary folder left behind
+
+
+def test_checkpoint_format_pt_and_hf(lm_task, tmp_path):
+    from gradindex.checkpoints import load_into
+
+    config = TrainConfig(epochs=1, n_checkpoints=1, lr=1e-2, optimizer="adam", checkpoint_format="pt")
+    (saved,) = train(lm_task, config, tmp_path / "pt")
+    assert saved.path.name == "ckpt-001.pt"
+    model = load_into(lm_task.model(), saved.path)
+    assert torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+    with pytest.raises(TaskSpecError, match="checkpoint_format='hf' saves transformers models, but task 'digits'"):
+        train(digits(), TrainConfig(epochs=1, n_checkpoints=1, checkpoint_format="hf"), tmp_path / "hf")
+    with pytest.raises(ValueError, match="checkpoint_format must be one of auto, pt, hf"):
+        TrainConfig(checkpoint_format="safetensors")
+
+
+def test_evaluate_reads_dict_batches_of_a_classifier(tmp_path):
+    pytest.importorskip("transformers")
+    from hf_folders import classifier_folder
+
+    from gradindex.checkpoints import load_into
+    from gradindex.task import collate_samples, load_task
+
+    folders = classifier_folder(tmp_path, n_train=32, n_test=8)
+    task = load_task(
+        "hf-classifier", model=str(folders["model"]), train=str(folders["train"]), test=str(folders["test"])
+    )
+    (saved,) = train(task, TrainConfig(epochs=3, n_checkpoints=1, lr=3e-3, optimizer="adam"), tmp_path / "run")
+    metrics = evaluate(task, saved, split="train")
+    model = load_into(task.model(), saved.path).eval()
+    batch = collate_samples([task.train[row] for row in range(len(task.train))])
+    with torch.no_grad():
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    expected = float((outputs.logits.argmax(1) == batch["labels"]).float().mean())
+    assert metrics["accuracy"] == pytest.approx(expected)
+    assert metrics["loss"] == pytest.approx(float(outputs.loss), rel=1e-5)  # the mean of the per-sample losses

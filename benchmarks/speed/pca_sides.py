@@ -50,8 +50,10 @@ def _unweighted_moments(self, batch, state, moments, keys=None) -> None:
     calls = self._forward_backward(batch, state)
     self._check_per_sample(calls, batch_size(batch))
     for plan in self.plan.layers:
-        for inputs, grad in calls.get(plan.layer.name, []) if plan.sides == "pca" else []:
-            a, g = layer_sides(plan.layer.kind, self.modules[plan.layer.name], inputs, grad, len(plan.layer.params) > 1)
+        for call in calls.get(plan.layer.name, []) if plan.sides == "pca" else []:
+            a, g = layer_sides(
+                plan.layer.kind, self.modules[plan.layer.name], call.inputs, call.grad, len(plan.layer.params) > 1
+            )
             for side, width, _ in plan.narrow_sides():
                 key = (plan.layer.name, side)
                 if keys is not None and key not in keys:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +94,7 @@ def curate(
     batch_size: int = 256,
     memory_budget: int | None = None,
     progress: bool | None = None,
+    task_options: Mapping[str, Any] | None = None,
 ) -> pa.Table:
     """Which training samples to keep: a table ``row, sample_id, [label,] score, rank, keep``, one row per training
     sample in row order, to join on ``sample_id``. Give exactly one of ``drop_top`` and ``select``.
@@ -113,6 +114,8 @@ def curate(
         batch_size: for ``select``: query samples featurized per batch.
         memory_budget: for ``select``: bytes in-memory search may use.
         progress: show progress bars (default: when stderr is a terminal).
+        task_options: for ``select``: keyword arguments of the task factory (with ``task``), or updates of the
+            options the store recorded (without).
 
     Returns:
         The table; its schema metadata ``gradindex.curate`` records the mode, the amount and the counts (``summary``).
@@ -147,7 +150,7 @@ def curate(
     else:
         count = parse_amount(select, n_samples, option="select")
         scores, picked, split_name = _summed_influence(
-            store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress
+            store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress, task_options
         )
         ranks = _ranks(scores)
         keep = ranks <= count
@@ -183,10 +186,10 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
 
 
 def _summed_influence(
-    store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress
+    store, task, split, samples, checkpoints, device, batch_size, memory_budget, progress, task_options
 ) -> tuple[np.ndarray, list[int], str]:
     """Σ_q ⟨φ(q), φ(z)⟩ for every training row z, float64 ``[N]``, through ``gradindex.query`` with k = N."""
-    task = task_for_store(store, task)
+    task = task_for_store(store, task, task_options)
     dataset = task.split(split)
     picked = parse_samples(samples, len(dataset))
     n_samples = store.n_samples

@@ -1,4 +1,7 @@
-"""``gradindex demo``: the embedded default, end to end on sklearn's digits with 10% flipped labels."""
+"""``gradindex demo``: the embedded default, end to end on sklearn's digits with 10% flipped labels; and
+``gradindex demo gpt2``: a tiny GPT-2 trained on procedural text with 10% corrupted sentences, indexed through the
+``hf-causal-lm`` built-in task exactly as a user without Python would (no download: the text, the tokenizer and the
+model are all made here)."""
 
 from __future__ import annotations
 
@@ -13,11 +16,19 @@ import pyarrow.parquet as pq
 import torch
 
 from gradindex.checkpoints import load_into
+from gradindex.errors import ArgumentError, TaskSpecError
 from gradindex.pipeline import build, query, self_influence
-from gradindex.tasks import digits_with_info
+from gradindex.task import Task, iter_batches, load_task
+from gradindex.tasks import CORRUPTIONS, digits_with_info, procedural_corpus, word_tokenizer
 from gradindex.training import TrainConfig, train
 
-__all__ = ["detection_metrics", "run_demo"]
+__all__ = ["DEMOS", "detection_metrics", "run_demo", "run_gpt2_demo"]
+
+# the demos ``gradindex demo NAME`` runs
+DEMOS: dict[str, str] = {
+    "digits": "an MLP on sklearn's digits with 10% flipped labels (the default)",
+    "gpt2": "a tiny GPT-2 on procedural text with 10% corrupted sentences, through the hf-causal-lm task",
+}
 
 _TASK_FILE = '''"""The demo's task: sklearn digits, 10% of training labels flipped (seed {seed})."""
 
@@ -46,11 +57,23 @@ def detection_metrics(scores: np.ndarray, flipped: np.ndarray) -> dict:
     }
 
 
-def _training_losses(task, checkpoint: Path) -> np.ndarray:
+def _training_losses(task: Task, checkpoint: Path) -> np.ndarray:
+    """Every training sample's loss at ``checkpoint``, float64 ``[N]`` (the ranking self-influence is compared with)."""
     model = load_into(task.model(), checkpoint).eval()
-    inputs, targets = task.train.tensors
+    losses = []
     with torch.no_grad():
-        return task.loss(model, (inputs, targets)).numpy()
+        for batch in iter_batches(task.train, range(len(task.train)), 512, task.collate):
+            losses.append(task.loss(model, batch).double().numpy())
+    return np.concatenate(losses)
+
+
+def _detection_table(results: dict, echo: Callable[[str], None]) -> None:
+    echo(f"  {'ranking':<16}{'AUC':>7}{'AP':>7}{'top 10%':>9}{'top 20%':>9}")
+    for name, figures in results.items():
+        echo(
+            f"  {name:<16}{figures['auc']:>7.3f}{figures['ap']:>7.3f}"
+            f"{figures['found_top10']:>9.1%}{figures['found_top20']:>9.1%}"
+        )
 
 
 def run_demo(
@@ -98,12 +121,7 @@ def run_demo(
         "random": detection_metrics(rng.random(store.n_samples), flipped),
     }
     echo("\nmislabeled detection (10% flipped labels; higher is better):")
-    echo(f"  {'ranking':<16}{'AUC':>7}{'AP':>7}{'top 10%':>9}{'top 20%':>9}")
-    for name, figures in results.items():
-        echo(
-            f"  {name:<16}{figures['auc']:>7.3f}{figures['ap']:>7.3f}"
-            f"{figures['found_top10']:>9.1%}{figures['found_top20']:>9.1%}"
-        )
+    _detection_table(results, echo)
 
     test_targets = task.test.tensors[1].numpy()
     train_labels = noise.noisy_labels
@@ -133,5 +151,191 @@ def run_demo(
         f"{output_dir / 'proponents.parquet'}"
     )
     echo(f"next: gradindex query {store_path} --samples 0-4 -k 5   |   gradindex self-influence {store_path} --top 20")
+    echo(f"done in {results['total_seconds']:.0f}s")
+    return results
+
+
+# ---- the GPT-2 demo -------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, prefix: str, sentences: list[str]) -> None:
+    with path.open("w", encoding="utf-8") as sink:
+        for row, sentence in enumerate(sentences):
+            sink.write(json.dumps({"id": f"{prefix}-{row:04d}", "text": sentence}) + "\n")
+
+
+def _gpt2_folder(folder: Path, tokenizer, n_positions: int, width: int, layers: int) -> None:
+    """A model folder as ``save_pretrained`` leaves it before training: the config (a tiny GPT-2 with tied input and
+    output embeddings, no dropout) and the tokenizer."""
+    try:
+        from transformers import GPT2Config
+    except ImportError:
+        raise TaskSpecError('the gpt2 demo needs transformers: pip install "gradindex[hf]"') from None
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _decoded(task: Task, split: str, row: int) -> str:
+    """A sample's text as the task's tokenizer decodes its token ids (the round trip a report makes)."""
+    ids = task.split(split)[row]["input_ids"].tolist()
+    return task.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def run_gpt2_demo(
+    output_dir: str | Path,
+    *,
+    seed: int = 0,
+    n_train: int = 800,
+    n_test: int = 100,
+    epochs: int = 8,
+    proj_dim: int = 1024,
+    progress: bool | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict:
+    """The text demo: procedural sentences (10% corrupted: shuffled or noise words) written as jsonl files, a
+    word-level tokenizer and a tiny GPT-2 trained here (``save_pretrained`` checkpoint folders), the store built by the
+    ``hf-causal-lm`` built-in task from those files and folders (the command it amounts to is printed), the
+    corrupted sentences ranked by self-influence against the training loss and a random ranking, and the
+    proponents and opponents of three test sentences as decoded text.
+
+    Args:
+        output_dir: the folder for the data, the model folder with its checkpoints, the store and the results.
+        seed: sets the sentences, the corruption, the initial weights and the projection.
+        n_train: training sentences.
+        n_test: test sentences.
+        epochs: training epochs (3 checkpoints, evenly spaced).
+        proj_dim: projected dimension per checkpoint.
+        progress: show progress bars (default: when stderr is a terminal).
+        echo: where the summary lines go.
+
+    Returns:
+        The figures (also saved as ``results.json``): detection metrics per ranking, timings, paths.
+
+    Raises:
+        TaskSpecError: transformers or tokenizers is not installed (``pip install "gradindex[hf]"``).
+        ArgumentError: fewer than 3 epochs.
+    """
+    if epochs < 3:
+        raise ArgumentError("epochs", f"epochs must be at least 3 (one per checkpoint), got {epochs}")
+    # A model this small gains nothing from intra-op threads; on a busy machine their synchronisation made the demo
+    # several times slower. One thread while it runs; the caller's setting comes back after.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _gpt2_demo(output_dir, seed, n_train, n_test, epochs, proj_dim, progress, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gpt2_demo(
+    output_dir: str | Path,
+    seed: int,
+    n_train: int,
+    n_test: int,
+    epochs: int,
+    proj_dim: int,
+    progress: bool | None,
+    echo: Callable[[str], None],
+) -> dict:
+    started = time.perf_counter()
+    output_dir = Path(output_dir).resolve()
+    data_dir, model_dir = output_dir / "data", output_dir / "gpt2"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    corpus = procedural_corpus(n_train=n_train, n_test=n_test, corrupt_fraction=0.1, seed=seed)
+    _write_jsonl(data_dir / "train.jsonl", "train", corpus.train)
+    _write_jsonl(data_dir / "test.jsonl", "test", corpus.test)
+    tokenizer = word_tokenizer(corpus.train, extra_words=corpus.vocabulary())
+    longest = max(len(sentence.split()) for sentence in corpus.train + corpus.test) + 2  # with <s> and </s>
+    _gpt2_folder(model_dir, tokenizer, n_positions=max(32, longest), width=32, layers=2)
+    kinds = ", ".join(f"{corpus.corruption.count(kind)} {kind}" for kind in CORRUPTIONS)
+    echo(
+        f"gpt2: {n_train} training sentences ({len(corpus.corrupted_rows)} corrupted: {kinds}), {n_test} test "
+        f"sentences, a vocabulary of {len(tokenizer)} words"
+    )
+
+    # the task a user without Python gets: --task hf-causal-lm with these --task-arg options
+    options = {
+        "model": str(model_dir),
+        "train": str(data_dir / "train.jsonl"),
+        "test": str(data_dir / "test.jsonl"),
+        "sample_id": "id",
+    }
+    task = load_task("hf-causal-lm", **options)
+    config = TrainConfig(
+        epochs=epochs, lr=3e-3, batch_size=32, optimizer="adam", momentum=0.9, n_checkpoints=3, seed=seed
+    )
+    show_training = sys.stderr.isatty() if progress is None else progress
+    checkpoints = train(task, config, model_dir, progress=show_training)
+    n_parameters = sum(parameter.numel() for parameter in task.model().parameters())
+    echo(
+        f"trained a GPT-2 (2 layers, width 32, tied embeddings, {n_parameters:,} parameters) for {epochs} epochs; "
+        f"checkpoints {', '.join(c.path.name for c in checkpoints)}"
+    )
+
+    store_path = output_dir / "gpt2.gradindex"
+    specs = [c.cli_spec() for c in checkpoints]
+    build_started = time.perf_counter()
+    store = build(
+        "hf-causal-lm", specs, store_path, task_options=options, proj_dim=proj_dim, seed=seed, overwrite=True,
+        progress=progress,
+    )  # fmt: skip
+    build_seconds = time.perf_counter() - build_started
+    command = " ".join(
+        ["gradindex build --task hf-causal-lm"]
+        + [f"--task-arg {key}={value}" for key, value in options.items()]
+        + [f"--checkpoint {spec}" for spec in specs]
+        + [f"-o {store_path} --proj-dim {proj_dim}"]
+    )
+    echo(f"built {store_path} ({store.n_samples} x {store.dim} {store.dtype}) in {build_seconds:.1f}s, as")
+    echo(f"  {command}")
+
+    ranking = self_influence(store)
+    self_scores = np.empty(store.n_samples, dtype=np.float64)
+    self_scores[ranking.column("row").to_numpy()] = ranking.column("score").to_numpy()
+    corrupted = corpus.corrupted_mask
+    rng = np.random.default_rng(seed)
+    results = {
+        "self_influence": detection_metrics(self_scores, corrupted),
+        "training_loss": detection_metrics(_training_losses(task, checkpoints[-1].path), corrupted),
+        "random": detection_metrics(rng.random(store.n_samples), corrupted),
+    }
+    echo("\ncorrupted-sentence detection (10% shuffled or noise words; higher is better):")
+    _detection_table(results, echo)
+
+    query_samples = list(range(min(3, n_test)))
+    proponents = query(store, split="test", samples=query_samples, k=3, progress=progress)
+    opponents = query(store, split="test", samples=query_samples, k=2, opponents=True, progress=progress)
+    echo("\ntop proponents (+) and opponents (-) of three test sentences, decoded by the task's tokenizer:")
+    for query_id in query_samples:
+        echo(f'  test #{query_id}: "{_decoded(task, "test", query_id)}"')
+        for sign, table in (("+", proponents), ("-", opponents)):
+            picked = table.filter(np.asarray(table.column("query_id").to_numpy() == query_id))
+            for row, score in zip(picked.column("row").to_pylist(), picked.column("score").to_pylist()):
+                kind = f" [{corpus.corruption[row]}]" if corrupted[row] else ""
+                echo(f'    {sign} row {row:<4} {score:+.3g}  "{_decoded(task, "train", row)}"{kind}')
+
+    results["build_seconds"] = build_seconds
+    results["total_seconds"] = time.perf_counter() - started
+    results["store"] = str(store_path)
+    results["task"] = {"spec": "hf-causal-lm", "options": options}
+    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    pq.write_table(ranking, output_dir / "self_influence.parquet")
+    pq.write_table(proponents, output_dir / "proponents.parquet")
+    echo(f"\nstore: {store_path}\nresults: {output_dir / 'results.json'}, {output_dir / 'self_influence.parquet'}")
+    echo(f"next: gradindex query {store_path} --samples 0-4 -k 5   |   gradindex report {store_path} -o report.html")
     echo(f"done in {results['total_seconds']:.0f}s")
     return results

@@ -7,7 +7,9 @@ plots as inline SVG, and a Content-Security-Policy that forbids every fetch):
   model at the last checkpoint disagrees with (or, when known, the truly mislabeled ones);
 * the top suspected mislabeled samples: thumbnails for image-like inputs (``[H, W]``, ``[C, H, W]``,
   ``[H, W, C]`` or flat vectors of a perfect-square length such as 8x8 digits), sparklines for 1-D
-  signals, text for token ids, with their given and predicted labels;
+  signals, text for token ids (decoded by the task's tokenizer, else compact ids), with their given and
+  predicted labels — found in tuple and dict batches alike (``Task.labels_of``, ``Task.logits_of``) — or, for
+  a language model, the sample's loss;
 * the proponents and opponents of chosen query samples with their scores;
 * quality figures (a ``results.json`` beside the store, as ``gradindex demo`` writes) and the manifest.
 
@@ -18,13 +20,14 @@ from __future__ import annotations
 
 import base64
 import html
+import inspect
 import json
 import logging
 import math
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +37,9 @@ import torch
 from gradindex.checkpoints import checkpoint_sha256, load_into, parse_checkpoints
 from gradindex.errors import ArgumentError, GradIndexError, TaskSpecError
 from gradindex.featurize import resolve_device
-from gradindex.pipeline import parse_samples, query
+from gradindex.pipeline import parse_samples, query, task_for_store
 from gradindex.store import GradientStore, open_store
-from gradindex.task import Task, iter_batches, load_task
+from gradindex.task import Task, iter_batches, to_device
 from gradindex.utils import check_positive_int
 from gradindex.version import __version__
 
@@ -153,8 +156,26 @@ def _model_input(item: Any) -> Any:
     return item
 
 
+# token ids shown without a tokenizer: the first and the last ones, with the count between
+_HEAD_TOKENS, _TAIL_TOKENS = 32, 8
+
+
+def _compact_ids(ids: list[int]) -> str:
+    """``5 9 2``, or for a long sequence ``5 9 2 ... 7 1 (600 tokens)``."""
+    if len(ids) <= _HEAD_TOKENS + _TAIL_TOKENS:
+        return " ".join(map(str, ids))
+    head = " ".join(map(str, ids[:_HEAD_TOKENS]))
+    tail = " ".join(map(str, ids[-_TAIL_TOKENS:]))
+    return f"{head} … {tail} ({len(ids)} tokens)"
+
+
 def render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
-    """``(html, kind)``: an inline picture, a sparkline, or text; ``kind`` is image, signal, text or none."""
+    """``(html, kind)``: an inline picture, a sparkline, or text; ``kind`` is image, signal, text or none.
+
+    Args:
+        value: a sample's input: a tensor or array (image, signal, token ids) or a string.
+        decode: ``decode(ids) -> str`` for token ids (a tokenizer's); without it the ids are shown, compactly.
+    """
     if isinstance(value, str):
         return f'<div class="text">{html.escape(value[:400])}</div>', "text"
     array = _as_array(value)
@@ -171,10 +192,10 @@ def render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
                 text = str(decode(ids))
             except Exception as error:  # a user's tokenizer: show the ids and say why
                 log.warning("decoding tokens failed (%s: %s); showing token ids", type(error).__name__, error)
-                text = " ".join(map(str, ids))
+                text = _compact_ids(ids)
         else:
-            text = " ".join(map(str, ids))
-        return f'<div class="text tokens">{html.escape(text[:400])}</div>', "text"
+            text = _compact_ids(ids)
+        return f'<div class="text tokens" title="{len(ids)} tokens">{html.escape(text[:400])}</div>', "text"
     image = _image_layout(array)
     if image is not None:
         encoded = base64.b64encode(png_bytes(to_pixels(image))).decode("ascii")
@@ -187,19 +208,31 @@ def render_input(value: Any, decode: Callable | None) -> tuple[str, str]:
     return f'<div class="text">tensor {html.escape(str(list(array.shape)))}</div>', "none"
 
 
-def _decoder(dataset: Any) -> Callable | None:
-    decode = getattr(dataset, "decode", None)
-    if callable(decode):
+def _decoder(task: Task | None, dataset: Any) -> Callable | None:
+    """How token ids become text: the task's tokenizer (special tokens left out), else the dataset's ``decode`` or
+    ``tokenizer``; None when there is none."""
+    tokenizer = getattr(task, "tokenizer", None) if task is not None else None
+    if tokenizer is None:
+        decode = getattr(dataset, "decode", None)
+        if callable(decode):
+            return decode
+        tokenizer = getattr(dataset, "tokenizer", None)
+    decode = getattr(tokenizer, "decode", None)
+    if not callable(decode):
+        return None
+    try:  # an HF tokenizer: <s>, </s> and padding are not text
+        inspect.signature(decode).bind([0], skip_special_tokens=True)
+    except (TypeError, ValueError):
         return decode
-    decode = getattr(getattr(dataset, "tokenizer", None), "decode", None)
-    return decode if callable(decode) else None
+    return lambda ids: decode(ids, skip_special_tokens=True)
 
 
 # ---- model predictions ----------------------------------------------------------------------------
 
 
 class _Predictor:
-    """The task's model at the store's last checkpoint: argmax class of chosen samples."""
+    """The task's model at the store's last checkpoint: the class it predicts for chosen samples (argmax of
+    ``[B, C]`` logits, read the way the default loss reads them) and their loss."""
 
     def __init__(self, task: Task, checkpoint: str, device: torch.device, batch_size: int):
         self.task = task
@@ -207,22 +240,44 @@ class _Predictor:
         self.device = device
         self.batch_size = batch_size
 
-    def predict(self, dataset: Any, rows: Sequence[int]) -> np.ndarray | None:
-        """int64 ``[len(rows)]`` predicted classes, or None when the model's output is not class scores."""
+    def predict(
+        self, dataset: Any, rows: Sequence[int], *, with_losses: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``(classes, losses)``: int64 ``[len(rows)]`` predicted classes (None when the outputs are not class scores,
+        as a language model's) and float64 ``[len(rows)]`` losses (``task.loss``; None without ``with_losses``)."""
         rows = [int(row) for row in rows]
         if not rows:
-            return np.zeros(0, dtype=np.int64)
-        out = []
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        classes: list[np.ndarray] | None = []
+        losses = []
         with torch.no_grad():
             for batch in iter_batches(dataset, rows, self.batch_size, self.task.collate):
-                if not isinstance(batch, (list, tuple)):
-                    return None
-                inputs = batch[0].to(self.device) if isinstance(batch[0], torch.Tensor) else batch[0]
-                logits = self.model(inputs)
-                if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] < 2:
-                    return None
-                out.append(logits.argmax(dim=1).cpu().numpy())
-        return np.concatenate(out).astype(np.int64)
+                batch = to_device(batch, self.device)
+                if with_losses:
+                    losses.append(self.task.loss(self.model, batch).double().cpu().numpy())
+                elif classes is None:
+                    break  # neither classes nor losses to find
+                if classes is not None:
+                    logits = self.task.logits_of(self.model, batch)
+                    if isinstance(logits, torch.Tensor) and logits.ndim == 2 and logits.shape[1] >= 2:
+                        classes.append(logits.argmax(dim=1).cpu().numpy())
+                    else:
+                        classes = None
+        predicted = np.concatenate(classes).astype(np.int64) if classes is not None else None
+        return predicted, np.concatenate(losses) if with_losses else None
+
+
+def _given_labels(task: Task, dataset: Any, rows: Sequence[int], batch_size: int) -> list[Any] | None:
+    """The per-sample labels of ``dataset[rows]`` where the default loss finds them (``Task.labels_of``: a tuple's
+    last element, a ``labels``/``label`` key, ``Task.label``); None when the samples have none (a language model)."""
+    rows = [int(row) for row in rows]
+    found = []
+    for batch in iter_batches(dataset, rows, batch_size, task.collate):
+        labels = task.labels_of(batch)
+        if labels is None:
+            return None
+        found += labels.tolist()
+    return found
 
 
 def _last_checkpoint(store: GradientStore, checkpoints: Sequence[str] | None) -> tuple[str | None, str | None]:
@@ -236,7 +291,7 @@ def _last_checkpoint(store: GradientStore, checkpoints: Sequence[str] | None) ->
         path = recorded[position]["path"]
     else:
         return None, "the store records no checkpoints, so there are no predicted labels"
-    if not Path(path).is_file():
+    if not Path(path).exists():
         return (
             None,
             f"the checkpoint {path} is not there (pass --checkpoint if it moved), so there are no predicted labels",
@@ -247,14 +302,17 @@ def _last_checkpoint(store: GradientStore, checkpoints: Sequence[str] | None) ->
     return path, None
 
 
-def _resolve_task(store: GradientStore, task: Task | str | None) -> tuple[Task | None, str | None]:
+def _resolve_task(
+    store: GradientStore, task: Task | str | None, task_options: Mapping[str, Any] | None
+) -> tuple[Task | None, str | None]:
+    """The task the page shows samples of (``task_for_store``: the same rules as a query), or a note saying why
+    there is none."""
     if task is not None:
-        return load_task(task), None
-    spec = (store.manifest.get("task") or {}).get("spec")
-    if not spec:
+        return task_for_store(store, task, task_options), None
+    if not (store.manifest.get("task") or {}).get("spec"):
         return None, "the store does not record its task; pass --task SPEC to see inputs, predictions and queries"
     try:
-        return load_task(spec), None
+        return task_for_store(store, None, task_options), None
     except GradIndexError as error:
         return (
             None,
@@ -434,18 +492,28 @@ class _Cards:
         self.predictor = predictor
         self.notes = notes
         self.pictures = 0
+        self.losses_only = False  # some card showed a loss for want of labels (a language model)
 
-    def _predict(self, dataset: Any, rows: Sequence[int]) -> np.ndarray | None:
+    def _predict(
+        self, dataset: Any, rows: Sequence[int], *, with_losses: bool = True
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         if self.predictor is None or dataset is None:
-            return None
+            return None, None
         try:
-            return self.predictor.predict(dataset, rows)
+            return self.predictor.predict(dataset, rows, with_losses=with_losses)
         except Exception as error:  # the user's model on the user's data: go on without predictions, say why
             self.notes.append(
                 f"the model at the last checkpoint failed on the data ({type(error).__name__}: {error}); no predicted "
                 "labels"
             )
             self.predictor = None
+            return None, None
+
+    def _given(self, dataset: Any, rows: Sequence[int]) -> list[Any] | None:
+        try:
+            return _given_labels(self.task, dataset, rows, 256)
+        except Exception as error:  # the user's data: go on without labels, say why
+            self.notes.append(f"the samples' labels could not be read ({type(error).__name__}: {error})")
             return None
 
     def cards(
@@ -460,11 +528,11 @@ class _Cards:
         caption: Callable[[int, int], str],
     ) -> list[str]:
         dataset = self.task.split(split) if self.task is not None else None
-        decode = _decoder(dataset) if dataset is not None else None
+        decode = _decoder(self.task, dataset) if dataset is not None else None
         classes = getattr(dataset, "classes", None) if dataset is not None else None
-        predicted = self._predict(dataset, rows)
-        if given is None and dataset is not None:
-            given = [_item_label(dataset[int(row)]) for row in rows]
+        predicted, losses = self._predict(dataset, rows)
+        if given is None and dataset is not None and len(rows):
+            given = self._given(dataset, rows)
         out = []
         for position, row in enumerate(rows):
             picture, kind = ("", "none")
@@ -475,11 +543,21 @@ class _Cards:
             given_value = given[position] if given is not None else None
             predicted_value = int(predicted[position]) if predicted is not None else None
             mismatch = predicted_value is not None and given_value is not None and predicted_value != given_value
-            labels = f'<div class="labels">given <b>{html.escape(_label_text(given_value, classes))}</b>'
-            if predicted_value is not None:
-                verdict = "mismatch" if mismatch else "match"
-                labels += f' · predicted <b class="{verdict}">{html.escape(_label_text(predicted_value, classes))}</b>'
-            labels += "</div>"
+            if given is None and predicted is None:  # no per-sample labels (a language model): its loss instead
+                self.losses_only = self.losses_only or losses is not None
+                labels = (
+                    f'<div class="labels">loss <b>{_fmt(float(losses[position]))}</b></div>'
+                    if losses is not None
+                    else ""
+                )
+            else:
+                labels = f'<div class="labels">given <b>{html.escape(_label_text(given_value, classes))}</b>'
+                if predicted_value is not None:
+                    verdict = "mismatch" if mismatch else "match"
+                    labels += (
+                        f' · predicted <b class="{verdict}">{html.escape(_label_text(predicted_value, classes))}</b>'
+                    )
+                labels += "</div>"
             score = f'<div class="score">{_fmt(float(scores[position]))}</div>' if scores is not None else ""
             badge = (
                 f'<div class="badge">{html.escape(extra[position])}</div>'
@@ -489,6 +567,7 @@ class _Cards:
             attributes = (
                 f'data-row="{int(row)}" data-given="{html.escape(str(given_value))}" '
                 f'data-predicted="{"" if predicted_value is None else predicted_value}"'
+                + (f' data-loss="{float(losses[position])!r}"' if losses is not None else "")
             )
             classes_attr = (
                 "card"
@@ -500,16 +579,6 @@ class _Cards:
                 f"{score}{labels}{badge}</figcaption></figure>"
             )
         return out
-
-
-def _item_label(item: Any) -> Any:
-    if isinstance(item, (list, tuple)) and len(item) > 1:
-        target = item[1]
-        if isinstance(target, torch.Tensor) and target.numel() == 1:
-            return target.item()
-        if isinstance(target, (int, np.integer)):
-            return int(target)
-    return None
 
 
 class _Column:
@@ -623,6 +692,7 @@ def report(
     batch_size: int = 256,
     progress: bool | None = None,
     allow_incomplete: bool = False,
+    task_options: Mapping[str, Any] | None = None,
 ) -> dict:
     """Write one self-contained HTML page about ``store`` to ``output`` (nothing is fetched when it is viewed).
 
@@ -648,6 +718,8 @@ def report(
         batch_size: samples per batch for predictions and queries.
         progress: show progress bars (default: when stderr is a terminal).
         allow_incomplete: report on the finished shards of a store whose build has not completed.
+        task_options: keyword arguments of the task factory (with ``task``), or updates of the options the store
+            recorded (without).
 
     Returns:
         A summary: ``output, bytes, store, n_samples, suspects, queries, pictures, predictions, quality, notes``.
@@ -672,7 +744,7 @@ def report(
         and not (isinstance(queries, str) and queries.strip().lower() in ("", "none"))
         and not (not isinstance(queries, str) and len(queries) == 0)
     )
-    loaded_task, note = _resolve_task(store, task)
+    loaded_task, note = _resolve_task(store, task, task_options)
     if note:
         if explicit_queries:
             raise TaskSpecError(note.replace("to see inputs, predictions and queries", "to query"))
@@ -701,7 +773,7 @@ def report(
         group_names = ["clean", "known mislabeled"]
     cards = _Cards(loaded_task, predictor, notes)
     if groups is None and predictor is not None and stored_labels is not None and len(rows) <= PREDICT_ALL_LIMIT:
-        predicted_all = cards._predict(loaded_task.train, rows)
+        predicted_all, _ = cards._predict(loaded_task.train, rows, with_losses=False)
         if predicted_all is not None:
             given = stored_labels.take(rows)
             groups = (predicted_all != given).astype(np.int64)
@@ -842,9 +914,13 @@ def report(
     )
     body.append(
         f'<section id="suspects"><h2>Top {len(shown)} suspected mislabeled or atypical samples</h2>'
-        "<p>Highest self-influence first, with the label the sample was given and the class the model predicts "
-        "at the last checkpoint (orange when they differ).</p>"
-        f'<div class="grid suspects">{"".join(suspect_cards)}</div></section>'
+        + (
+            "<p>Highest self-influence first, with the sample's loss at the last checkpoint.</p>"
+            if cards.losses_only
+            else "<p>Highest self-influence first, with the label the sample was given and the class the model "
+            "predicts at the last checkpoint (orange when they differ).</p>"
+        )
+        + f'<div class="grid suspects">{"".join(suspect_cards)}</div></section>'
     )
     if query_html:
         body.append(

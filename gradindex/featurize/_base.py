@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, load_into
+from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, load_into, tied_aliases
 from gradindex.errors import ArgumentError
-from gradindex.task import Task
+from gradindex.task import Task, model_class_name
 
 __all__ = ["Featurizer", "LoadedCheckpoint", "load_checkpoints", "model_fingerprint", "resolve_device"]
 
@@ -42,12 +42,33 @@ class LoadedCheckpoint:
 
 
 def load_checkpoints(task: Task, specs: Sequence[CheckpointSpec], device: torch.device) -> list[LoadedCheckpoint]:
-    """Load every checkpoint into the task's model (validating it fits) and keep its tensors on ``device``."""
+    """Load every checkpoint into the task's model (validating it fits) and keep its tensors on ``device``.
+
+    Each tensor is kept once, under its first name: a tied parameter (GPT-2's ``lm_head.weight`` is
+    ``transformer.wte.weight``) or a module used in two places is passed to ``functional_call`` under that name only,
+    which ties the other names to it, so its gradient is the sum over every use. Non-persistent buffers are not in a
+    state dict; ``functional_call`` keeps the module's own for those.
+
+    Args:
+        task: the task whose model the checkpoints are loaded into.
+        specs: the checkpoints (files or folders, see ``gradindex.checkpoints``).
+        device: where the tensors are kept.
+
+    Returns:
+        One ``LoadedCheckpoint`` per spec, its state under ``model.<name>`` keys.
+
+    Raises:
+        CheckpointError: a checkpoint that cannot be read or does not fit the model.
+    """
     loaded = []
     for spec in specs:
         model = load_into(task.model(), spec.path)
-        state = {f"model.{key}": value.detach().to(device) for key, value in model.state_dict(keep_vars=False).items()}
-        # state_dict omits non-persistent buffers; functional_call keeps the module's own for those
+        aliases = tied_aliases(model)
+        state = {
+            f"model.{key}": value.detach().to(device)
+            for key, value in model.state_dict(keep_vars=False).items()
+            if key not in aliases
+        }
         loaded.append(LoadedCheckpoint(spec=spec, sha256=checkpoint_sha256(spec.path), state=state))
     return loaded
 
@@ -56,7 +77,7 @@ def model_fingerprint(model: nn.Module) -> dict:
     """Class and parameter names/shapes: what must match between build and query."""
     cls = type(model)
     return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "class": model_class_name(cls),  # a task file's class: <file name>:<qualname>
         "parameters": [[name, list(param.shape)] for name, param in model.named_parameters()],
     }
 

@@ -10,22 +10,43 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from gradindex.checkpoints import tied_aliases
 from gradindex.errors import ArgumentError
 
 __all__ = ["LossModule", "PerSampleGradients", "select_parameters"]
 
 
 def select_parameters(model: nn.Module, layers: Sequence[str] | None) -> list[str]:
-    """Names of the trainable parameters matching any of the ``layers`` globs (all when None), in model order."""
+    """Names of the trainable parameters matching any of the ``layers`` globs (all when None), in model order.
+
+    A parameter registered under several names (tied weights, a shared module) is one parameter, named by its first
+    name (``named_parameters()``'s); a glob matching any of its names selects it, so ``lm_head`` selects GPT-2's tied
+    ``transformer.wte.weight``.
+
+    Args:
+        model: the task's model.
+        layers: globs over parameter names or their module's name (``"2.*"``, ``"fc"``, ``"*.attn.*"``); None: all.
+
+    Returns:
+        The selected names, each once.
+
+    Raises:
+        ArgumentError: no trainable parameter matches.
+    """
     names = [name for name, param in model.named_parameters() if param.requires_grad]
     if not layers:
         selected = names
     else:
+        every: dict[str, list[str]] = {name: [name] for name in names}
+        for alias, name in tied_aliases(model).items():
+            if name in every:
+                every[name].append(alias)
         selected = [
             name
             for name in names
             if any(
-                fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name.rsplit(".", 1)[0], pattern)
+                fnmatch.fnmatchcase(each, pattern) or fnmatch.fnmatchcase(each.rsplit(".", 1)[0], pattern)
+                for each in every[name]
                 for pattern in layers
             )
         ]

@@ -8,7 +8,8 @@ over the selected parameters (the others are held fixed). ``matvec`` gives H V f
 vectors V in one pass over the training set: forward-over-reverse, ``vmap(jvp(grad(J)))``. With
 ``kind="ggn"`` the data term is the generalised Gauss-Newton matrix Jᵀ ∇²_f ℓ J of the model outputs f
 (positive semi-definite; for the default softmax cross-entropy, ∇²_f ℓ = diag(p) − ppᵀ) and R keeps its
-exact Hessian. Every product runs the model in eval mode, like the per-sample gradients.
+exact Hessian. Every product runs the model in eval mode, like the per-sample gradients, and with torch's
+composite ("math") attention: the fused scaled-dot-product kernels have no forward-mode derivative.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradindex.errors import ArgumentError, TaskSpecError
 from gradindex.featurize import LossModule
 from gradindex.projection import ParamPlan
-from gradindex.task import Task, cross_entropy_loss, gather_batch
+from gradindex.task import Task, cross_entropy_loss, default_loss, gather_batch, logits_of, split_batch
 
 __all__ = ["Curvature"]
 
@@ -44,12 +46,13 @@ class _Regularizer(nn.Module):
 
 
 class _Outputs(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, label: str | int | None = None):
         super().__init__()
         self.model = model
+        self.label = label
 
     def forward(self, batch: Any) -> Tensor:
-        return self.model(batch[0])
+        return logits_of(self.model, batch, label=self.label)  # the model called as the default loss calls it
 
 
 class Curvature:
@@ -68,7 +71,7 @@ class Curvature:
     ):
         if kind not in ("hessian", "ggn"):
             raise ValueError(f"curvature must be hessian or ggn, got {kind!r}")
-        if kind == "ggn" and task.loss is not cross_entropy_loss:
+        if kind == "ggn" and getattr(task.loss, "func", task.loss) not in (cross_entropy_loss, default_loss):
             raise ArgumentError(
                 "hessian",
                 "hessian=ggn needs the task's default cross-entropy loss (its output Hessian is known in closed form); "
@@ -80,7 +83,7 @@ class Curvature:
         self.device = device
         model = task.model().to(device)
         self._loss = LossModule(model, task.loss).eval()
-        self._outputs = _Outputs(model).eval()
+        self._outputs = _Outputs(model, task.label).eval()
         self._regularizer = _Regularizer(model, task.regularization).eval() if task.regularization is not None else None
         self.plans = list(plans)
         wanted = [f"model.{name}" for name in param_names]
@@ -141,6 +144,7 @@ class Curvature:
             return functional_call(self._outputs, self._state(flat), (batch,))
 
         logits, pullback = vjp(outputs, self.theta)
+        self._check_classifier(logits, batch)
         probs = torch.softmax(logits.detach(), dim=-1)
 
         def one(v: Tensor) -> Tensor:
@@ -163,13 +167,15 @@ class Curvature:
         """H V for ``vectors [m, p]`` (float32): one pass over the training set."""
         vectors = vectors.to(self.device, torch.float32)
         out = torch.zeros_like(vectors)
-        for position, batch in enumerate(self.batches()):
-            out += self._products(batch, vectors, 1.0 / self.n_samples, regularize=position == 0)
+        with sdpa_kernel(SDPBackend.MATH):
+            for position, batch in enumerate(self.batches()):
+                out += self._products(batch, vectors, 1.0 / self.n_samples, regularize=position == 0)
         return out
 
     def matvec_on(self, batch: Any, n_batch: int, vectors: Tensor) -> Tensor:
         """The same product with the data term estimated on one mini-batch of ``n_batch`` samples (LiSSA)."""
-        return self._products(batch, vectors.to(self.device, torch.float32), 1.0 / n_batch, regularize=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._products(batch, vectors.to(self.device, torch.float32), 1.0 / n_batch, regularize=True)
 
     def dense(self, chunk: int = 64) -> Tensor:
         """The whole ``[p, p]`` matrix (float64).
@@ -181,7 +187,8 @@ class Curvature:
         """
         if self.kind == "ggn":
             try:
-                return self._dense_ggn()
+                with sdpa_kernel(SDPBackend.MATH):
+                    return self._dense_ggn()
             except (RuntimeError, ValueError, TypeError) as error:  # e.g. a model or batch vmap cannot split per sample
                 log.info("per-sample Jacobians failed (%s); assembling the Gauss-Newton matrix from products", error)
         return self._dense_from_products(torch.arange(self.n_params, device=self.device), chunk)
@@ -208,6 +215,18 @@ class Curvature:
         gradient = grad(penalty)
         return vmap(lambda v: jvp(gradient, (self.theta,), (v,))[1])(vectors)
 
+    def _check_classifier(self, logits: Tensor, batch: Any) -> None:
+        """The closed-form output Hessian is that of one softmax cross-entropy per sample: logits ``[B, C]`` against
+        integer labels ``[B]``; a causal LM's ``[B, T, V]`` or a regression would be curved wrongly: refused."""
+        labels = split_batch(batch, self.task.label)[1]
+        if logits.ndim != 2 or not isinstance(labels, Tensor) or labels.ndim != 1 or labels.is_floating_point():
+            shown = f"labels {tuple(labels.shape)}" if isinstance(labels, Tensor) else "no labels"
+            raise ArgumentError(
+                "hessian",
+                f"hessian=ggn is for classifiers (logits [B, C], integer labels [B]); this task's model gives logits "
+                f"{tuple(logits.shape)} and {shown}: use hessian=hessian",
+            )
+
     def _dense_ggn(self, chunk: int = 128) -> Tensor:
         p = self.n_params
         matrix = torch.zeros(p, p, dtype=torch.float64, device=self.device)
@@ -223,6 +242,7 @@ class Curvature:
             )
             with torch.no_grad():
                 logits = functional_call(self._outputs, self._state(self.theta), (batch,))
+            self._check_classifier(logits, batch)
             jac = jacobians(self.theta, batch)  # [B, C, p]
             probs = torch.softmax(logits, dim=-1).unsqueeze(-1)
             curved = probs * jac - probs * (probs * jac).sum(dim=1, keepdim=True)  # H_i J_i, H_i = diag(p) − ppᵀ

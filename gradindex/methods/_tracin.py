@@ -25,7 +25,16 @@ from gradindex.featurize import (
     model_fingerprint,
     select_parameters,
 )
-from gradindex.projection import ParamPlan, ProjectionSpec, make_projector, pca_side_matrix
+from gradindex.projection import (
+    REST_SIDE,
+    ParamPlan,
+    ProjectionSpec,
+    flat_spectrum,
+    make_projector,
+    mix_spectra,
+    pca_flat_matrix,
+    pca_side_matrix,
+)
 from gradindex.task import Task, batch_size, iter_batches, slice_batch, to_device
 from gradindex.utils import check_fits
 
@@ -40,6 +49,8 @@ KRON_SIDES_TRANSFORM = "kron_sides"
 _PROBE_SAMPLES = 8
 # calibration samples per forward/backward
 _CALIBRATION_BATCH = 32
+# the kron groups projected flat (their calibration vectors kept, not their moments): small layers, the rest
+_FLAT = ("flat", REST_SIDE[1])
 
 
 class TracInFeaturizer(Featurizer):
@@ -151,11 +162,62 @@ class TracInFeaturizer(Featurizer):
             energies = [value / counted for value in sums]
             total = sum(energies) if self.normalize else 1.0
             contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
-        self.kron.replan(
-            [math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))],
-            sides=sides,
+        energies = [math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))]
+        kept: dict[int, dict] = {}
+        spectra = self._spectra(contributions, kept) if sides == "pca" else None
+        self.kron.replan(energies, sides=sides, spectra=spectra)
+        self._calibrate_pca(kept)
+
+    def _spectra(self, contributions: list[list[float]], kept: dict[int, dict]) -> list:
+        """Each group's spectra for the pca plan (``plan_kron``): the eigenvalues of every side's calibration moment
+        at each checkpoint, mixed over the checkpoints by their share of the group's energy (``contributions``).
+        When every checkpoint's moments fit in ``chunk_bytes`` together they are kept (``kept``) for the pca sides,
+        instead of being gathered again."""
+        shapes = self.kron.spectrum_shapes(len(self._calibration_rows()))
+        groups = self.kron.moment_groups(shapes, self.chunk_bytes)
+        keep = (
+            len(groups) * len(self.checkpoints) <= 1
+            or sum(sum(8 * width * width for _, _, width in group) for group in groups) * len(self.checkpoints)
+            <= self.chunk_bytes
         )
-        self._calibrate_pca()
+        found: list[dict] = []
+        for position, (params, _) in enumerate(self._states):
+            eigenvalues: dict = {}
+            for group in groups:
+                moments = self._moments(params, {(name, side) for name, side, _ in group})
+                for key, moment in moments.items():
+                    eigenvalues[key] = (
+                        flat_spectrum(moment)
+                        if key[1] in _FLAT
+                        else moment
+                        if moment.ndim == 1
+                        else torch.linalg.eigvalsh(moment)
+                    ).tolist()
+                if keep:
+                    kept.setdefault(position, {}).update(moments)
+            found.append(eigenvalues)
+        layers, rest, _ = self.kron._groups
+        spectra: list = []
+        for group, layer in enumerate(layers):
+            weights = [row[group] for row in contributions]
+            sides = ("flat",) if any((layer.name, "flat") in eigen for eigen in found) else ("in", "out")
+            spectra.append(
+                {side: mix_spectra([eigen.get((layer.name, side)) for eigen in found], weights) for side in sides}
+            )
+        if rest:
+            weights = [row[-1] for row in contributions]
+            spectra.append({"flat": mix_spectra([eigen.get(REST_SIDE) for eigen in found], weights)})
+        return spectra
+
+    def _moments(self, params: dict, keys: set) -> dict:
+        """The calibration samples' moments of the sides in ``keys`` at one checkpoint (see ``side_moments``)."""
+        rows = self._calibration_rows()
+        moments: dict = {}
+        for start in range(0, len(rows), _CALIBRATION_BATCH):
+            self.kron.side_moments(
+                self._calibration_batch(rows[start : start + _CALIBRATION_BATCH]), params, moments, keys
+            )
+        return moments
 
     def _calibration_rows(self) -> list[int]:
         """The training rows the plan is calibrated on: the first ``CALIBRATION_SAMPLES``, less any whose gradients
@@ -194,27 +256,24 @@ class TracInFeaturizer(Featurizer):
         good = [row for row in rows if row not in set(bad)]
         return (self.kron.energies(self._calibration_batch(good), params), len(good)) if good else None
 
-    def _calibrate_pca(self) -> None:
-        """Each checkpoint's pca side matrices, for the plan in place, from the calibration samples. The float64
-        ``[width, width]`` moments are gathered a group of sides at a time, each group within ``chunk_bytes`` (one
-        more pass over the calibration samples per group), so wide models stay within the featurization budget."""
+    def _calibrate_pca(self, kept: dict[int, dict] | None = None) -> None:
+        """Each checkpoint's pca side matrices (and the rest's pca matrix), for the plan in place, from the calibration
+        samples. The float64 ``[width, width]`` moments are gathered a group of sides at a time, each group within
+        ``chunk_bytes`` (one more pass over the calibration samples per group), so wide models stay within the
+        featurization budget; moments the planning ``kept`` are used as they are."""
         groups = self.kron.pca_groups(self.chunk_bytes)
-        rows = self._calibration_rows()
         for position, (params, _) in enumerate(self._states):
             for group in groups:
-                moments: dict = {}
                 keys = {(name, side) for name, side, _, _ in group}
-                for start in range(0, len(rows), _CALIBRATION_BATCH):
-                    batch = self._calibration_batch(rows[start : start + _CALIBRATION_BATCH])
-                    self.kron.side_moments(batch, params, moments, keys)
+                ready = (kept or {}).get(position, {})
+                moments = ready if keys <= ready.keys() else self._moments(params, keys)
                 for name, side, width, k in group:
                     moment = moments.get((name, side))  # None: the module never ran
-                    self.kron.set_pca_matrix(
-                        position,
-                        name,
-                        side,
-                        pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k),
-                    )
+                    if side in _FLAT:
+                        matrix = pca_flat_matrix(torch.zeros(1, width) if moment is None else moment, k)
+                    else:
+                        matrix = pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k)
+                    self.kron.set_pca_matrix(position, name, side, matrix)
 
     def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
         """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs

@@ -5,7 +5,7 @@ featurizer; ``info`` and ``verify`` look at it.
 """
 
 from gradindex.pipeline._build import NONFINITE_POLICIES, BuildConfig, build, finalize
-from gradindex.pipeline._inspect import info, verify
+from gradindex.pipeline._inspect import info, plan_rows, verify
 from gradindex.pipeline._query import (
     QueryConfig,
     parse_samples,
@@ -23,6 +23,7 @@ __all__ = [
     "finalize",
     "info",
     "parse_samples",
+    "plan_rows",
     "query",
     "query_featurizer",
     "self_influence",

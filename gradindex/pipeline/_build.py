@@ -6,10 +6,11 @@ says; the one that finishes the last shard completes the store.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,6 @@ from gradindex.task import (
     Task,
     batch_size,
     iter_batches,
-    labels_of,
     load_task,
     running_user_code,
     slice_batch,
@@ -159,6 +159,55 @@ def _absolute_spec(spec: str) -> str:
     return spec
 
 
+def _recorded_task_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``task_options`` as a store records them: checked to be JSON values under string keys, with every string that
+    names an existing file or folder made absolute (as a task file's path is), so that a later command in any
+    directory loads the same task from the store alone."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ArgumentError(
+            "task_options", f"task_options must be a dict of factory keyword arguments, got {type(options).__name__}"
+        )
+    recorded: dict[str, Any] = {}
+    for key, value in options.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ArgumentError(
+                "task_options", f"task option name {key!r} must be a Python identifier (a keyword of the task factory)"
+            )
+        if (isinstance(value, str) and value and Path(value).exists()) or isinstance(value, os.PathLike):
+            value = str(Path(value).resolve())
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise ArgumentError(
+                "task_options",
+                f"task option {key}={value!r} cannot be recorded in the store's manifest; give strings, numbers, "
+                "booleans, None or lists of them",
+            ) from None
+        recorded[key] = value
+    return recorded
+
+
+def _load_build_task(task: Task | str, task_options: Mapping[str, Any] | None) -> tuple[Task, dict[str, Any]]:
+    """The task a build indexes and what its manifest records of it: ``{"spec", "name", "options"}``."""
+    options = _recorded_task_options(task_options)
+    if isinstance(task, Task):
+        if options:
+            raise ArgumentError(
+                "task_options",
+                "task_options are keyword arguments of a task spec's factory; a Task object takes none (give the "
+                "spec, or build the Task with them)",
+            )
+        return task, {"spec": None, "name": task.name}
+    spec = _absolute_spec(task) if isinstance(task, str) else None
+    loaded = load_task(task, **options)
+    record = {"spec": spec, "name": loaded.name}
+    if options:
+        record["options"] = options
+    return loaded, record
+
+
 def _shard_assignment(shard: tuple[int, int] | None) -> tuple[int, int]:
     if shard is not None:
         index, count = shard
@@ -185,6 +234,7 @@ def build(
     repair: bool = False,
     storage_options: dict | None = None,
     claim_timeout: float | None = None,
+    task_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> GradientStore:
     """Featurize the task's training set at the checkpoints and write a store at ``output``.
@@ -215,6 +265,10 @@ def build(
             from the environment).
         claim_timeout: seconds after which another machine's unfinished claim on a shard is taken over (a store on a
             shared file system or at a URL; default ``GRADINDEX_CLAIM_TIMEOUT``, else 6 hours).
+        task_options: keyword arguments of the task spec's factory (``{"flip_fraction": 0.1}``, or
+            ``{"model": "runs/gpt2", "train": "train.jsonl"}`` for ``hf-causal-lm``); recorded in the manifest beside
+            the spec (strings naming existing files or folders as absolute paths), so that ``query`` and the other
+            commands load the same task from the store alone.
         **options: ``BuildConfig`` fields, over ``config``'s (``proj_dim=512``, ``method="trak"``,
             ``nonfinite="skip"``, ...).
 
@@ -251,8 +305,7 @@ def build(
             "append=True and overwrite=True exclude each other: append grows a store, overwrite replaces it",
             also=["overwrite"],
         )
-    task_spec = _absolute_spec(task) if isinstance(task, str) else None
-    task = load_task(task)
+    task, task_record = _load_build_task(task, task_options)
     specs = parse_checkpoints(checkpoints)
     device = resolve_device(config.device)
     shard_index, shard_count = _shard_assignment(shard)
@@ -298,9 +351,7 @@ def build(
     appended_from = None
     sample_ids = _uniform_ids(task.train_sample_ids())
     if append:
-        store, appended_from = _open_for_append(
-            output, task, fingerprint, {"task": {"spec": task_spec, "name": task.name}}, config, sample_ids
-        )
+        store, appended_from = _open_for_append(output, task, fingerprint, {"task": task_record}, config, sample_ids)
         if store.complete:  # an earlier append completed these rows (stopped before updating the indexes, maybe)
             _update_indexes(store, appended_from, progress)
             return store
@@ -325,7 +376,7 @@ def build(
         layout = StoreLayout.auto(n_samples, featurizer.dim, config.dtype, rows_per_shard=config.rows_per_shard)
         extra = {
             "gradindex_version": __version__,
-            "task": {"spec": task_spec, "name": task.name},
+            "task": task_record,
             "checkpoints": [spec.to_dict() for spec in specs],
             "build": {"batch_size": config.batch_size, "device": str(device)},
         }
@@ -628,7 +679,7 @@ def _compute_shard(
                 )
             features[position : position + len(vectors)] = vectors
             self_scores[position : position + len(vectors)] = scores.detach().cpu().numpy()
-            batch_labels = labels_of(batch)
+            batch_labels = task.labels_of(batch)
             if batch_labels is not None:
                 labels.append(batch_labels)
             position += len(vectors)
@@ -785,7 +836,7 @@ def _hash_rows(task: Task, start: int, stop: int, batch_size: int) -> tuple[str,
     for batch in iter_batches(task.train, range(start, stop), batch_size, None if sliced else content):
         if sliced:
             content.observe_columns(batch)
-        batch_labels = labels_of(batch)
+        batch_labels = task.labels_of(batch)
         if batch_labels is not None:
             labels.append(batch_labels)
     return content.hexdigest(), labels

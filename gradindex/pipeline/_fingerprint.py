@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
 
 from gradindex.featurize import Featurizer
 from gradindex.store import GradientStore
-from gradindex.task import Task
+from gradindex.task import Task, collate_samples
 
 __all__ = ["ContentHash", "content_message", "dataset_probe", "fingerprint_of", "mismatch_message"]
 
@@ -39,7 +38,7 @@ class ContentHash:
     """
 
     def __init__(self, collate: Any) -> None:
-        self._collate = collate or default_collate
+        self._collate = collate or collate_samples
         self._digests: list[Any] = []
         self._signatures: set[str] = set()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +85,7 @@ def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torc
             "Query with the store's checkpoints."
         )
     for position, (spec, expected) in enumerate(zip(specs, fingerprint["checkpoints"])):
-        if not Path(spec.path).is_file():
+        if not Path(spec.path).exists():
             raise CheckpointError(
                 f"checkpoint {spec.path} (position {position} of store {store.path}) is not there; pass the moved "
                 "files with --checkpoint"
@@ -144,13 +144,29 @@ def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torc
     return featurizer, loaded
 
 
-def task_for_store(store: GradientStore, task: Task | str | None) -> Task:
-    """``task`` loaded, or when it is None the task the store recorded at build (its spec: a built-in name, a module,
-    or a task file by absolute path). A recorded task file that lies inside the store is refused: a store is shared
-    data, and running code it brings along would let whoever made it run anything."""
+def task_for_store(
+    store: GradientStore, task: Task | str | None, task_options: Mapping[str, Any] | None = None
+) -> Task:
+    """``task`` loaded with ``task_options``, or when it is None the task the store recorded at build (its spec: a
+    built-in name, a module, or a task file by absolute path, with the options it was built with, updated by
+    ``task_options``: ``{"test": "other.jsonl"}`` queries another file). A recorded task file that lies inside the
+    store is refused: a store is shared data, and running code it brings along would let whoever made it run anything.
+
+    Raises:
+        TaskSpecError: no task is given and the store records none, or it records a task file inside itself.
+        ArgumentError: ``task_options`` with a ``Task`` object.
+    """
     if task is not None:
-        return load_task(task)
-    spec = (store.manifest.get("task") or {}).get("spec")
+        if isinstance(task, Task):
+            if task_options:
+                raise ArgumentError(
+                    "task_options",
+                    "task_options are keyword arguments of a task spec's factory; a Task object takes none",
+                )
+            return task
+        return load_task(task, **dict(task_options or {}))
+    recorded = store.manifest.get("task") or {}
+    spec = recorded.get("spec")
     if not isinstance(spec, str) or not spec:
         raise TaskSpecError(
             f"store {store.path} does not record its task (it was built from a Python object); pass task=SPEC"
@@ -162,7 +178,8 @@ def task_for_store(store: GradientStore, task: Task | str | None) -> Task:
             f"store {store.path} records a task file inside itself ({target}); code that comes with a store is "
             "not run: pass task=SPEC naming a task file you trust"
         )
-    return load_task(spec)
+    options = {**(recorded.get("options") or {}), **dict(task_options or {})}
+    return load_task(spec, **options)
 
 
 def parse_samples(samples: Sequence[int] | str | None, n_available: int) -> list[int]:
@@ -218,6 +235,7 @@ def query(
     solver: str | None = None,
     method_options: dict | None = None,
     storage_options: dict | None = None,
+    task_options: Mapping[str, Any] | None = None,
 ) -> pa.Table:
     """The k most influential training samples for each query sample, as an Arrow table.
 
@@ -248,6 +266,8 @@ def query(
         method_options: other query-side method options (``gradindex.methods.METHOD_OPTIONS``); asking for another
             value of a build-time option is an ``IncompatibleStoreError``.
         storage_options: options of the fsspec filesystem of a store URL (credentials, endpoint).
+        task_options: keyword arguments of the task factory: with ``task``, all of them; without, they update the
+            options the store recorded (``{"test": "other.jsonl"}``).
 
     Raises:
         IncompatibleStoreError: the task, checkpoints or settings are not the store's (the field is named).
@@ -269,7 +289,7 @@ def query(
     store = as_store(store, storage_options)
     k = check_positive_int("k", k)
     store._require_readable(allow_incomplete)
-    task = task_for_store(store, task)
+    task = task_for_store(store, task, task_options)
     dataset = task.split(split)
     picked = parse_samples(samples, len(dataset))
     device_ = resolve_device(device)
@@ -359,6 +379,7 @@ def self_influence(
     batch_size: int = 256,
     progress: bool | None = None,
     storage_options: dict | None = None,
+    task_options: Mapping[str, Any] | None = None,
 ) -> pa.Table:
     """Training samples ranked by self-influence, highest first: a table ``rank, row, sample_id, score``.
 
@@ -379,6 +400,7 @@ def self_influence(
         batch_size: training samples per batch of a recomputation.
         progress: show progress bars (default: when stderr is a terminal).
         storage_options: options of the fsspec filesystem of a store URL.
+        task_options: with a recomputation: keyword arguments of the task factory (see ``query``).
     """
     store = as_store(store, storage_options)
     if top is not None:
@@ -388,7 +410,7 @@ def self_influence(
         store._require_readable(False)  # recomputed self-influence needs every row
         scores = stored_self_influence(store, asked)
         if scores is None:
-            task = task_for_store(store, task)
+            task = task_for_store(store, task, task_options)
             featurizer = as_method_featurizer(query_featurizer(store, task, checkpoints, resolve_device(device))[0])
             featurizer.configure_query(asked, store.path)
             featurizer.attach(store)

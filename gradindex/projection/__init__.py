@@ -7,10 +7,14 @@ and computed by ``gradindex.featurize``, which never forms the per-sample gradie
 
 from gradindex.projection._kron_plan import (
     PCA_MAX_WIDTH,
+    REST_SIDE,
     KronLayer,
     KronLayerPlan,
     KronPlan,
+    flat_spectrum,
     kron_side_matrix,
+    mix_spectra,
+    pca_flat_matrix,
     pca_side_matrix,
     plan_kron,
 )
@@ -21,6 +25,7 @@ __all__ = [
     "KRON_SIDES",
     "PCA_MAX_WIDTH",
     "PROJECTION_KINDS",
+    "REST_SIDE",
     "DenseProjector",
     "IdentityProjector",
     "KronLayer",
@@ -31,8 +36,11 @@ __all__ = [
     "Projector",
     "SJLTProjector",
     "derive_seed",
+    "flat_spectrum",
     "kron_side_matrix",
     "make_projector",
+    "mix_spectra",
+    "pca_flat_matrix",
     "pca_side_matrix",
     "plan_kron",
 ]

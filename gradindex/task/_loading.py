@@ -4,7 +4,8 @@ A ``TensorDataset`` (or a ``Subset`` of one, over consecutive rows) with the def
 directly: no per-item ``__getitem__`` and ``stack``, which at tens of thousands of samples per second
 would cost more than the featurization itself. Any other data set goes through a ``DataLoader``, and
 a background thread keeps ``prefetch`` batches ready, so the next batch is collated while the current
-one is featurized (torch ops release the GIL, so the two overlap even on one core pair).
+one is featurized (torch ops release the GIL, so the two overlap even on one core pair). The default collate is
+``collate_samples`` (tuples, dicts, HF rows, variable-length sequences padded).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Subset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+from gradindex.task._collate import collate_samples
 
 __all__ = ["iter_batches", "tensor_rows"]
 
@@ -45,7 +48,7 @@ def _loader_batches(
         Subset(dataset, rows),
         batch_size=batch_size,
         shuffle=False,
-        collate_fn=collate or default_collate,
+        collate_fn=collate or collate_samples,
         num_workers=num_workers,
         persistent_workers=False,
     )

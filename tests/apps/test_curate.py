@@ -186,7 +186,7 @@ def test_curate_command(exact_store, tmp_path):
         (
             ["--drop-top", "5%", "--samples", "0-3"],
             2,
-            "--samples, --task and --checkpoint pick target queries for --select",
+            "--samples, --task, --task-arg and --checkpoint pick target queries for --select",
         ),
         (["--drop-top", "5%", "-o", "keep.txt"], 2, r"-o keep.txt: give a .parquet, .csv, .jsonl or .json file name"),
         (["--drop-top", "150%"], 1, r"--drop-top 150% is more than 100%"),

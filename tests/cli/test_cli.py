@@ -172,3 +172,110 @@ def test_bad_inputs_exit_with_one_clear_sentence(runner, built, tmp_path, mlp_ch
     _assert_clean_error(
         runner.invoke(cli, ["query", str(built), "--format", "parquet"]), r"--format parquet needs -o FILE"
     )
+
+
+# ---- --task-arg ------------------------------------------------------------------------------------------------------
+
+
+TASK_ARGS = {
+    "3": 3,
+    "-2": -2,
+    "0.1": 0.1,
+    "1e-3": 1e-3,
+    ".5": 0.5,
+    "true": True,
+    "False": False,
+    "runs/gpt2": "runs/gpt2",
+    "train.jsonl": "train.jsonl",
+    "1.2.3": "1.2.3",
+    "nan": "nan",
+    "": "",
+}
+ECHO_TASK = """import json, sys
+sys.path.insert(0, {tests!r})
+import tiny_tasks
+
+def task(**options):
+    with open({out!r}, "w") as sink:
+        json.dump({{key: [type(value).__name__, value] for key, value in options.items()}}, sink)
+    return tiny_tasks.mlp_task()
+"""
+
+
+def test_task_arg_values_are_typed_when_they_look_like_numbers_or_booleans(runner, built, tmp_path):
+    from tiny_tasks import TINY
+
+    out = tmp_path / "options.json"
+    echo = tmp_path / "echo.py"
+    echo.write_text(ECHO_TASK.format(tests=str(TINY.rsplit("/", 1)[0]), out=str(out)))
+    args = ["query", str(built), "--task", f"{echo}:task", "--samples", "0", "-k", "1"]
+    for position, text in enumerate(TASK_ARGS):
+        args += ["--task-arg", f"option_{position}={text}"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    received = json.loads(out.read_text())
+    for position, value in enumerate(TASK_ARGS.values()):
+        assert received[f"option_{position}"] == [type(value).__name__, value]
+
+
+def test_task_args_are_recorded_and_reused_by_a_query_in_another_process(runner, tmp_path, mlp_checkpoints):
+    import os
+    import subprocess
+    import sys
+
+    import gradindex
+
+    store = tmp_path / "opts.gradindex"
+    args = ["-q", "build", "--task", MLP, "--task-arg", "n_train=60", "--task-arg", "n_test=7", "-o", str(store)]
+    args += ["--proj-dim", "16", *(arg for c in mlp_checkpoints for arg in ("--checkpoint", c))]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    opened = gradindex.open_store(store)
+    assert opened.n_samples == 60
+    assert opened.manifest["task"]["options"] == {"n_train": 60, "n_test": 7}
+    info = runner.invoke(cli, ["info", str(store)])
+    assert '"options": {"n_test": 7, "n_train": 60}' in info.output
+    # a fresh interpreter: no --task, the recorded spec and options (ARROW_DEFAULT_MEMORY_POOL=system: pyarrow's
+    # mimalloc pool and torch can abort the interpreter at exit after the output is written; the lead tracks it)
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    command = [sys.executable, "-c", "from gradindex.cli import main; main()", "query", str(store), "--all", "-k", "1"]
+    other = subprocess.run([*command, "--format", "json"], capture_output=True, text=True, env=env, timeout=300)
+    assert other.returncode == 0, other.stderr
+    rows = json.loads(other.stdout)
+    assert [row["query_id"] for row in rows] == list(range(7))  # the recorded n_test=7, not the factory's 20
+    assert [row["row"] for row in rows] == gradindex.query(store, k=1).column("row").to_pylist()
+    # a given option updates the recorded ones; with --task, only the given ones count
+    three = runner.invoke(cli, ["query", str(store), "--task-arg", "n_test=3", "-k", "1", "--format", "json"])
+    assert three.exit_code == 0, three.output
+    assert [row["query_id"] for row in json.loads(three.output)] == [0, 1, 2]
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(store), "--task", MLP, "-k", "1"]),
+        r"dataset.n_samples: store has 60, this call has 120",
+    )
+
+
+def test_bad_task_args_exit_with_one_clear_sentence(runner, built, tmp_path, mlp_checkpoints):
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--task-arg", "n_train"]),
+        r"Invalid value for '--task-arg': 'n_train' must look like KEY=VALUE, e.g. flip_fraction=0.1",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--task-arg", "2x=1"]),
+        r"'2x' is not a keyword the task factory can take",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--task-arg", "n_test=1", "--task-arg", "n_test=2"]),
+        r"n_test is given twice; give each task option once",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["build", "--finalize", "-o", str(built), "--task-arg", "n_test=2"]),
+        r"--finalize takes only -o STORE",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["curate", str(built), "--drop-top", "5", "--task-arg", "n_test=2", "-o", "k.csv"]),
+        r"--samples, --task, --task-arg and --checkpoint pick target queries for --select",
+    )
+    _assert_clean_error(
+        runner.invoke(cli, ["query", str(built), "--task-arg", "n_tset=2", "-k", "1"]),
+        r"n_tset",
+    )

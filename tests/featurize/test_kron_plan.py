@@ -97,11 +97,12 @@ def _skew_calibration(monkeypatch):
     def skewed_moments(self, batch, state, moments, *args):
         side_moments(self, batch, state, moments, *args)
         for key, value in moments.items():
-            moments[key] = (
-                value + torch.diag(torch.arange(value.shape[0], dtype=value.dtype, device=value.device)) * 1e3
-                if value.ndim == 2
-                else value.flip(0)
-            )
+            if key[1] in ("flat", "rest"):  # a flat group's calibration vectors, [samples, width]
+                moments[key] = value.flip(1)
+            elif value.ndim == 2:
+                moments[key] = value + torch.diag(torch.arange(value.shape[0], dtype=value.dtype)) * 1e3
+            else:
+                moments[key] = value.flip(0)
 
     monkeypatch.setattr(
         KronGradients,
@@ -180,7 +181,10 @@ def test_a_plan_recorded_before_calibration_still_gives_its_vectors(tmp_path, mo
     assert recorded.fingerprint()["projection"]["plan"] == old_entries
     monkeypatch.setattr(TracInFeaturizer, "_calibrate", lambda self, sides: None)  # the old behaviour: plan from shapes
     legacy = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=256))
-    assert legacy.fingerprint()["projection"]["plan"] == old_entries
+    # the same plan, now with each group's path and why
+    described = legacy.fingerprint()["projection"]["plan"]
+    assert [{key: entry[key] for key in old} for entry, old in zip(described, old_entries)] == old_entries
+    assert [entry["path"] for entry in described] == ["factored", "factored"]
     inputs = task.train.tensors
     assert torch.equal(recorded.featurize(inputs), legacy.featurize(inputs))
 
@@ -301,17 +305,20 @@ def test_resuming_with_other_kron_sides_is_refused_and_appends_keep_the_sides(tm
 def test_pca_moments_in_blocks_and_groups_match_one_pass(tmp_path):
     """Bounded memory: moments taken a few positions at a time, and sides gathered a group at a time under a small
     featurization budget, give the same moments and the same pca vectors as one pass over everything."""
-    task = kron_models.task("lm", n_train=20, n_test=2)
+    base = kron_models.task("lm", n_train=24, n_test=2)  # 24 samples: layers of up to 16 x 24 entries are flat
+    # a vocabulary of 160: an embedding too large to project flat (5,120 entries), so factored, its token side diagonal
+    task = gradindex.Task(model=lambda: kron_models.TinyLM(vocab=160), train=base.train, loss=base.loss)
     checkpoints = [kron_models.trained_checkpoint(task, tmp_path / "lm.pt", steps=5)]
     loaded = load_checkpoints(task, parse_checkpoints(checkpoints), torch.device("cpu"))
     whole = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=128))
     shapes = whole.kron.pca_shapes()
-    assert len(shapes) >= 4
+    assert len(shapes) >= 4 and {"in", "out", "flat", "rest"} <= {side for _, side, _, _ in shapes}
     one, blocked = {}, {}
     whole.kron.side_moments(task.train.tensors, loaded[0].state, one)
     whole.kron.side_moments(task.train.tensors, loaded[0].state, blocked, block=7)
     assert one.keys() == blocked.keys() == {(name, side) for name, side, _, _ in shapes}
-    assert any(moment.ndim == 1 for moment in one.values())  # the embedding's token side: a diagonal moment
+    assert one[("embed", "in")].ndim == 1  # the embedding's token side: a diagonal moment
+    assert all(one[(name, side)].shape == (24, width) for name, side, width, _ in shapes if side in ("flat", "rest"))
     assert whole.kron.pca_groups(1 << 40) == [shapes] and whole.kron.pca_groups(1) == [[shape] for shape in shapes]
     for key in one:
         torch.testing.assert_close(blocked[key], one[key], rtol=1e-9, atol=1e-12)

@@ -39,8 +39,12 @@ EXPECTED = {
 }
 
 
+# the built-ins that take a model folder and data files (tests/tasks/test_hf.py)
+HF_TASKS = {"hf-causal-lm", "hf-classifier"}
+
+
 def test_every_builtin_is_listed_and_expected():
-    assert set(BUILTIN_TASKS) == set(EXPECTED)
+    assert set(BUILTIN_TASKS) == set(EXPECTED) | HF_TASKS
 
 
 @pytest.mark.parametrize(
@@ -249,3 +253,28 @@ def test_default_margin_is_true_logit_minus_logsumexp_of_the_others_and_runs_und
     # per sample under vmap (how TRAK calls it) equals the batched call
     per_sample = torch.vmap(lambda x, y: default_margin(model, (x[None], y[None]))[0])(inputs, targets)
     assert torch.allclose(per_sample, default_margin(model, (inputs, targets)), atol=1e-6)
+
+
+def test_task_options_reach_the_factory_and_the_manifest(tmp_path):
+    """``task_options`` in Python, as ``--task-arg`` on the command line: given to the factory, recorded beside the
+    spec, reused by a query without a task; a Task object takes none; values must be recordable."""
+    import gradindex
+    from gradindex.training import TrainConfig, train
+
+    (saved,) = train(digits(hidden=8), TrainConfig(epochs=1, n_checkpoints=1), tmp_path / "run")
+    options = {"hidden": 8, "flip_fraction": 0.1}
+    store = gradindex.build(
+        "digits", [saved.cli_spec()], tmp_path / "s.gradindex", proj_dim=8, projection="sjlt", task_options=options
+    )
+    assert store.manifest["task"] == {"spec": "digits", "name": "digits", "options": options}
+    assert gradindex.query(store, samples=[0], k=1).num_rows == 1  # hidden=8 from the manifest, not the default 32
+    with pytest.raises(gradindex.IncompatibleStoreError, match=r"model\.parameters"):
+        gradindex.query(store, "digits", samples=[0], k=1)  # with a spec, only the options given count
+    with pytest.raises(gradindex.ArgumentError, match="a Task object takes none"):
+        gradindex.build(digits(), [saved.cli_spec()], tmp_path / "t.gradindex", task_options={"hidden": 8})
+    with pytest.raises(
+        gradindex.ArgumentError, match=r"task option hidden=.* cannot be recorded in the store's manifest"
+    ):
+        gradindex.build("digits", [saved.cli_spec()], tmp_path / "u.gradindex", task_options={"hidden": object()})
+    with pytest.raises(TaskSpecError, match="unexpected keyword argument 'hiden'"):
+        gradindex.build("digits", [saved.cli_spec()], tmp_path / "v.gradindex", task_options={"hiden": 8})
