@@ -105,6 +105,33 @@ def classifier_folder(root: Path, n_train: int = 24, n_test: int = 4, seed: int 
     return {"model": folder, **files, "corpus": text, "tokenizer": tokenizer}
 
 
+def llama_folder(root: Path, n_train: int = 24, n_test: int = 4, seed: int = 0) -> dict:
+    """A Llama-style causal LM folder (RMSNorm, rotary positions, SiLU-gated MLP, grouped key/value heads, untied
+    head) with its tokenizer, and train/test jsonl files of text."""
+    from transformers import LlamaConfig
+
+    root = Path(root)
+    text = corpus(n_train, n_test, seed)
+    tokenizer = word_tokenizer(text.train, extra_words=text.vocabulary())
+    folder = root / "llama"
+    LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=24,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    train_file = write_rows(root / "train.jsonl", [{"id": f"s{row}", "text": s} for row, s in enumerate(text.train)])
+    test_file = write_rows(root / "test.jsonl", [{"id": f"q{row}", "text": s} for row, s in enumerate(text.test)])
+    return {"model": folder, "train": train_file, "test": test_file, "corpus": text, "tokenizer": tokenizer}
+
+
 def checkpoints(spec: str, options: dict, out: Path, epochs: int = 2, lr: float = 1e-2) -> list[str]:
     """Train the task a few steps (HF checkpoint folders) and return the ``PATH:LR`` specs."""
     task = load_task(spec, **options)
