@@ -448,8 +448,16 @@ class GradientStore:
         if self.complete:
             return list(range(self.n_shards))
         # the records there, listed (not one look per shard: a layout may declare millions of shards)
+        try:
+            records = list(self._shard_dir().glob("*.json"))
+        except FileNotFoundError:
+            records = []
+        if not records and self._reload_complete():
+            # the build folder went away under us: another process finalized the store (its records now live in
+            # the manifest)
+            return list(range(self.n_shards))
         done = set()
-        for item in self._shard_dir().glob("*.json"):
+        for item in records:
             stem = item.name[: -len(".json")]
             if stem.isdigit() and stem == f"{int(stem):06d}" and int(stem) < self.n_shards:
                 done.add(int(stem))

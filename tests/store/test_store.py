@@ -83,6 +83,20 @@ def test_incomplete_store_reads_only_finished_shards(tmp_path):
     assert reopened.samples(allow_incomplete=True).column("row").to_pylist() == [*range(5), *range(10, 15)]
 
 
+def test_a_reader_of_a_store_finalized_under_it_sees_it_complete(tmp_path):
+    # a reader opened while the store was being built lists _shards/ after another process finalized it and
+    # removed that folder: the reader adopts the completed manifest instead of failing with FileNotFoundError
+    features = np.arange(40, dtype=np.float32).reshape(20, 2)
+    writer = create_store(tmp_path / "s.gradindex", StoreLayout.auto(20, 2, "float32", rows_per_shard=5), {})
+    _fill(writer, features, shards=[0, 1, 2])
+    reader = open_store(tmp_path / "s.gradindex")
+    assert reader.done_shards() == [0, 1, 2]
+    _fill(writer, features, shards=[3])
+    assert writer.finalize() and not (tmp_path / "s.gradindex" / "_shards").exists()
+    assert reader.done_shards() == [0, 1, 2, 3] and reader.complete
+    np.testing.assert_array_equal(reader.read_shard(3, allow_incomplete=True), features[15:20])
+
+
 def test_shard_bytes_do_not_depend_on_write_order(tmp_path):
     features = np.random.default_rng(0).standard_normal((33, 4)).astype(np.float32)
     layout = StoreLayout.auto(33, 4, "float16", rows_per_shard=8)
