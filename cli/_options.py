@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 import gradindex
-from gradindex import ArgumentError, CheckpointSpec, GradIndexError
+from gradindex import ArgumentError, GradIndexError
 from gradindex.errors import with_flags
 from gradindex.methods import METHOD_OPTIONS
 from gradindex.utils import Setting, setting_of
@@ -147,12 +147,13 @@ def _click_type(accepts: Setting) -> Any:
     return None
 
 
-def setting_option(config: type, name: str, *decls: str, **overrides: Any):
+def setting_option(config: type, name: str, *decls: str, help_suffix: str = "", **overrides: Any):
     """The click option of the setting ``name`` of a settings dataclass: its flag (``--proj-dim`` for proj_dim unless
-    ``decls`` say otherwise), type, choices, default and help, all from the setting; ``overrides`` go to click."""
+    ``decls`` say otherwise), type, choices, default and help (then ``help_suffix``), all from the setting;
+    ``overrides`` go to click."""
     item, accepts = setting_of(config, name)
     default = None if item.default is dataclasses.MISSING else item.default
-    options: dict[str, Any] = {"help": _help(accepts, default)}
+    options: dict[str, Any] = {"help": _help(accepts, default) + help_suffix}
     if accepts.flag:
         options.update(is_flag=True, default=bool(default))
     else:
@@ -184,7 +185,7 @@ def _parse_method_option(ctx, param, values):
 
 def _method_option_flag(name: str, query_time: bool):
     """One method option as a flag: help, type and choices from METHOD_OPTIONS, with the methods that take it and their
-    defaults (``--damping``: if 0.001, arnoldi 0, trak 0.01)."""
+    defaults (``--damping``: if 0.001, arnoldi 0, trak auto)."""
     owners = {method: specs[name] for method, specs in METHOD_OPTIONS.items() if name in specs}
     if query_time:
         owners = {method: spec for method, spec in owners.items() if spec.query_time}
@@ -213,7 +214,18 @@ _METHOD_OPTION = click.option(
     help="Any other method option, repeatable (e.g. cg_tol=1e-8, iterations=60, out_to_loss=false, hvp_batch_size=64).",
 )
 # the method options offered as flags of their own (every option is also reachable through --method-option)
-_BUILD_FLAGS = ("tau", "rank", "solver", "damping", "hessian", "lissa_depth", "lissa_scale", "lissa_repeats")
+_BUILD_FLAGS = (
+    "precondition",
+    "precondition_side",
+    "tau",
+    "rank",
+    "solver",
+    "damping",
+    "hessian",
+    "lissa_depth",
+    "lissa_scale",
+    "lissa_repeats",
+)
 _QUERY_FLAGS = ("damping", "solver")
 
 
@@ -233,7 +245,7 @@ def _gathered(names, command):
 
 
 def method_build_options(command):
-    """The options of --method gex / if / arnoldi / trak, gathered into ``method_options``."""
+    """The options of --method tracin (--precondition) / gex / if / arnoldi / trak, gathered into ``method_options``."""
     command = _gathered(_BUILD_FLAGS, command)
     for option in reversed([*(_method_option_flag(name, False) for name in _BUILD_FLAGS), _METHOD_OPTION]):
         command = option(command)
@@ -303,13 +315,33 @@ def task_args_option(command):
 
 
 def _parse_checkpoint(ctx, param, values):
+    from gradindex import CheckpointSpec  # loads torch: only when a command is given checkpoints
+
     specs = []
     for value in values:
         try:
-            specs.append(CheckpointSpec.parse(value))
+            spec = CheckpointSpec.parse(value)
         except GradIndexError as error:
             raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+        specs += _expanded(spec, ctx, param)
     return tuple(specs)
+
+
+def _expanded(spec, ctx, param) -> list:
+    """A quoted glob (``'runs/seed-*/final.pt'``: the final checkpoints of independently trained runs, TRAK's models)
+    as one spec per match, in sorted order, each with the pattern's weight; any other path as it is."""
+    import glob
+
+    if Path(spec.path).exists() or not glob.has_magic(spec.path):
+        return [spec]
+    matches = sorted(glob.glob(spec.path))
+    if not matches:
+        raise click.BadParameter(
+            f"no checkpoint matches {spec.path!r}; check the pattern (quote it so the shell leaves it to gradindex)",
+            ctx=ctx,
+            param=param,
+        )
+    return [type(spec)(path=match, weight=spec.weight) for match in matches]
 
 
 def checkpoint_option(command):
@@ -319,7 +351,8 @@ def checkpoint_option(command):
         "checkpoints",
         multiple=True,
         callback=_parse_checkpoint,
-        help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. Required unless --finalize.",
+        help="PATH[:WEIGHT], repeatable; WEIGHT is the learning rate before it. A quoted glob ('runs/seed-*/final.pt') "
+        "gives every match, sorted. Required unless --finalize.",
     )(command)
 
 

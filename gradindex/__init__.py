@@ -11,14 +11,12 @@ training samples most influenced a prediction (FAISS inner-product search) and w
 """
 
 import os
+from typing import TYPE_CHECKING
 
 # pyarrow's default memory pool (mimalloc) sometimes aborts the process at exit beside torch ("terminate called without
 # an active exception", exit 134, after the output is written): the system allocator does not. Set before pyarrow loads.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
-from gradindex.apps import curate, report
-from gradindex.checkpoints import CheckpointSpec
-from gradindex.ensemble import EnsembleConfig, make_ensemble
 from gradindex.errors import (
     ArgumentError,
     CheckpointError,
@@ -37,21 +35,7 @@ from gradindex.errors import (
     StoreWriteError,
     TaskSpecError,
 )
-from gradindex.pipeline import BuildConfig, QueryConfig, build, finalize, info, query, self_influence, verify
-from gradindex.projection import ProjectionSpec
-from gradindex.search import IndexConfig, build_index, drop_index, list_indexes, search_store
-from gradindex.store import GradientStore, open_store
-from gradindex.task import (
-    TableDataset,
-    Task,
-    causal_lm_loss,
-    causal_lm_margin,
-    collate_samples,
-    cross_entropy_loss,
-    default_loss,
-    default_margin,
-    load_task,
-)
+from gradindex.utils import lazy_exports
 from gradindex.version import __version__
 
 __all__ = [
@@ -103,3 +87,27 @@ __all__ = [
     "self_influence",
     "verify",
 ]
+
+# Everything else loads with its first use (PEP 562): importing gradindex imports neither torch nor faiss, so a client
+# that only reads stores, and the command line's --help, info and verify, start without them.
+if TYPE_CHECKING:  # loaded on first use (lazy_exports)
+    from gradindex.apps import curate, report
+    from gradindex.checkpoints import CheckpointSpec
+    from gradindex.ensemble import EnsembleConfig, make_ensemble
+    from gradindex.pipeline import BuildConfig, QueryConfig, build, finalize, info, query, self_influence, verify
+    from gradindex.projection import ProjectionSpec
+    from gradindex.search import IndexConfig, build_index, drop_index, list_indexes, search_store
+    from gradindex.store import GradientStore, open_store
+    from gradindex.task import (
+        TableDataset,
+        Task,
+        causal_lm_loss,
+        causal_lm_margin,
+        collate_samples,
+        cross_entropy_loss,
+        default_loss,
+        default_margin,
+        load_task,
+    )
+
+__getattr__, __dir__ = lazy_exports(__name__)

@@ -4,7 +4,7 @@ Starting from the trained weights θ*, the model is fine-tuned for ``members`` l
 ``steps`` optimizer steps each, and one member is saved per cycle where the learning rate is lowest
 (Garipov et al. 2018, "fast geometric ensembling"; Kim et al. 2023 use such members for GEX)::
 
-    ensemble = make_ensemble(task, "runs/ckpt-030.pt", "runs/ge", members=8, steps=50, lr=0.05)
+    ensemble = make_ensemble(task, "runs/ckpt-030.pt", "runs/ge", members=8, steps=800, lr=0.05)  # the paper's recipe
     gradindex.build(task, ensemble.gex_checkpoints(), "ge.gradindex", method="gex")        # θ*, then members
     gradindex.build(task, ensemble.tracin_checkpoints(), "ge-tracin.gradindex")             # members, weight 1/M
 
@@ -15,8 +15,18 @@ Schedules, with t the position in a cycle:
 * ``constant``: lr throughout; saved at the end of every cycle (SWAG-like samples).
 
 Each step is the task's ``train_step(model, batch, optimizer)`` when it has one, else plain SGD (with
-momentum) on ``mean(task.loss) + task.regularization``. Members are ordinary ``torch.save(state_dict)``
-checkpoints, ``DIR/member-001.pt`` …, described by ``DIR/ensemble.json``.
+momentum) on ``mean(task.loss) + task.regularization``. The optimizer (and its momentum) starts afresh every
+cycle, as in the GEX authors' code. Members are ordinary ``torch.save(state_dict)`` checkpoints,
+``DIR/member-001.pt`` …, described by ``DIR/ensemble.json`` (with each member's distance from θ*).
+
+Members must leave θ*'s basin. A model that fits its training labels has (nearly) zero gradients at θ*,
+so fine-tuning on the same data alone does not move it, and GEX's loss deviations are then noise. Kim et
+al. fine-tune with the pre-training weight decay and data augmentation; without augmentation the default
+weight decay here is ``auto``: λ = (1 − momentum)·DECAY_PER_CYCLE / Σ_cycle lr_t, the decay that alone
+would shrink the weights by e^-3 over one cycle (0.015 for the paper's 800 steps at lr 0.05, cosine).
+The data's gradients hold what generalises; memorised labels (flipped ones, atypical samples) are
+forgotten by the members, and their losses rise. An ensemble whose members all stay within
+``DEGENERATE_DISTANCE`` (relative parameter distance) of θ* gets a ``GradIndexWarning``.
 """
 
 from __future__ import annotations
@@ -24,24 +34,46 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
-from torch.utils.data import TensorDataset
-
-from gradindex.checkpoints import checkpoint_sha256, load_into
-from gradindex.errors import ArgumentError, CheckpointError, GradIndexError, NonFiniteError, TaskSpecError
-from gradindex.featurize import resolve_device
-from gradindex.task import Task, collate_samples, load_task, to_device
+from gradindex.errors import (
+    ArgumentError,
+    CheckpointError,
+    GradIndexError,
+    GradIndexWarning,
+    NonFiniteError,
+    TaskSpecError,
+)
 from gradindex.utils import check_settings, progress_bar, setting
 
-__all__ = ["Ensemble", "EnsembleConfig", "EnsembleExistsError", "load_ensemble", "make_ensemble"]
+# torch and the task load with make_ensemble: EnsembleConfig (the command line's options) stays light
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from gradindex.task import Task
+
+__all__ = [
+    "DECAY_PER_CYCLE",
+    "DEGENERATE_DISTANCE",
+    "Ensemble",
+    "EnsembleConfig",
+    "EnsembleExistsError",
+    "load_ensemble",
+    "make_ensemble",
+    "relative_distance",
+]
 
 _MANIFEST = "ensemble.json"
+
+# weight_decay="auto": the decay that alone would shrink the weights by e^-DECAY_PER_CYCLE over one cycle
+DECAY_PER_CYCLE = 3.0
+# members all closer to θ* than this (‖θ_m − θ*‖ / ‖θ*‖) make a degenerate ensemble: a GradIndexWarning
+DEGENERATE_DISTANCE = 0.1
 
 
 class EnsembleExistsError(GradIndexError, FileExistsError):
@@ -68,7 +100,13 @@ class EnsembleConfig:
     )
     schedule: Literal["cosine", "triangular", "constant"] = setting("cosine", "the cycle's schedule", choices=SCHEDULES)
     momentum: float = setting(0.9, "SGD momentum", minimum=0, below=1)
-    weight_decay: float = setting(0.0, "SGD's coupled L2 weight decay, on top of the task's regularisation", minimum=0)
+    weight_decay: float | None = setting(
+        None,
+        "SGD's coupled L2 weight decay, on top of the task's regularisation; it moves members out of θ*'s basin",
+        minimum=0,
+        optional=True,
+        default_text="auto: (1 − momentum)·3 / Σ lr over a cycle, a shrink of e^-3 per cycle from decay alone",
+    )
     batch_size: int = setting(64, "samples per step", minimum=1, integer=True)
     seed: int = setting(0, "sets the batches and any dropout", minimum=0, integer=True)
 
@@ -84,6 +122,15 @@ class EnsembleConfig:
     @property
     def low(self) -> float:
         return self.lr / 100 if self.lr_min is None else float(self.lr_min)
+
+    @property
+    def decay(self) -> float:
+        """The weight decay used: ``weight_decay``, or for ``auto`` (None) (1 − momentum)·DECAY_PER_CYCLE / Σ lr_t
+        over one cycle (momentum SGD moves by lr/(1 − momentum) per unit gradient)."""
+        if self.weight_decay is not None:
+            return float(self.weight_decay)
+        total = sum(self.learning_rate(step) for step in range(self.steps))
+        return (1 - self.momentum) * DECAY_PER_CYCLE / total
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of global step ``step`` (0-based)."""
@@ -119,6 +166,7 @@ class Ensemble:
     base: Path
     members: tuple[Path, ...]
     config: EnsembleConfig
+    distances: tuple[float, ...] = ()  # each member's ‖θ_m − θ*‖ / ‖θ*‖ (empty for ensembles made before it was kept)
 
     def gex_checkpoints(self) -> list[str]:
         """``--method gex`` checkpoints: θ* first, then the members."""
@@ -131,6 +179,10 @@ class Ensemble:
 
 
 def _batch(dataset: Any, rows: torch.Tensor, collate: Any) -> Any:
+    from torch.utils.data import TensorDataset
+
+    from gradindex.task import collate_samples
+
     if collate is None and isinstance(dataset, TensorDataset):
         return tuple(tensor[rows] for tensor in dataset.tensors)
     return (collate or collate_samples)([dataset[int(row)] for row in rows])
@@ -138,12 +190,16 @@ def _batch(dataset: Any, rows: torch.Tensor, collate: Any) -> Any:
 
 def _save(model: nn.Module, path: Path) -> None:
     state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    import torch
+
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(state, temporary)
     os.replace(temporary, path)
 
 
 def _step(task: Task, model: nn.Module, batch: Any, optimizer: torch.optim.Optimizer) -> float | None:
+    import torch
+
     if task.train_step is not None:
         value = task.train_step(model, batch, optimizer)
         if value is None:
@@ -183,8 +239,19 @@ def make_ensemble(
 
     Returns:
         The ensemble: its base and members, and the checkpoint lists to build with (``gex_checkpoints()`` for
-        ``method="gex"``, ``tracin_checkpoints()`` for TracIn over the members).
+        ``method="gex"``, ``tracin_checkpoints()`` for TracIn over the members), and each member's relative
+        distance from θ* (``distances``, also in ``ensemble.json`` with the weight decay used).
+
+    Warns:
+        GradIndexWarning: every member stayed within ``DEGENERATE_DISTANCE`` (10%) of θ*'s weights: GEX would see
+            only noise; the message names the fix (the default weight decay, a higher lr, more steps).
     """
+    import torch
+
+    from gradindex.checkpoints import checkpoint_sha256, load_into
+    from gradindex.featurize import resolve_device
+    from gradindex.task import load_task, to_device
+
     if config is None:
         config = EnsembleConfig(**options)
     elif options:
@@ -211,14 +278,14 @@ def make_ensemble(
     save_at = {step: position for position, step in enumerate(config.save_steps())}
     total_steps = config.save_steps()[-1] + 1
     members: list[Path] = []
+    distances: list[float] = []
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(config.seed)
         model = load_into(task.model(), base).to(device)
         model.train()
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+        start = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        decay = config.decay
         shuffle = torch.Generator().manual_seed(config.seed + 0x9E3779B9)
         order = torch.randperm(n_samples, generator=shuffle)
         cursor = 0
@@ -228,6 +295,10 @@ def make_ensemble(
                     order, cursor = torch.randperm(n_samples, generator=shuffle), 0
                 rows = order[cursor : cursor + config.batch_size]
                 cursor += len(rows)
+                if step % config.steps == 0:  # a fresh optimizer (no momentum carried over) every cycle
+                    optimizer = torch.optim.SGD(
+                        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=decay
+                    )
                 for group in optimizer.param_groups:
                     group["lr"] = config.learning_rate(step)
                 loss = _step(task, model, to_device(_batch(task.train, rows, task.collate), device), optimizer)
@@ -243,18 +314,49 @@ def make_ensemble(
                     path = out_dir / f"member-{save_at[step] + 1:03d}.pt"
                     _save(model, path)
                     members.append(path)
-    ensemble = Ensemble(base=base.resolve(), members=tuple(path.resolve() for path in members), config=config)
+                    distances.append(relative_distance(model.state_dict(), start))
+    ensemble = Ensemble(
+        base=base.resolve(),
+        members=tuple(path.resolve() for path in members),
+        config=config,
+        distances=tuple(distances),
+    )
     manifest = {
         "base": str(ensemble.base),
         "base_sha256": checkpoint_sha256(base),
         "members": [str(path) for path in ensemble.members],
         "config": config.to_dict(),
+        "weight_decay": decay,
+        "distances": list(ensemble.distances),
         "task": task.name,
     }
     temporary = out_dir / f".{_MANIFEST}.tmp-{os.getpid()}"
     temporary.write_text(json.dumps(manifest, indent=1))
     os.replace(temporary, out_dir / _MANIFEST)
+    farthest = max(distances)
+    if farthest < DEGENERATE_DISTANCE:
+        warnings.warn(
+            f"every ensemble member stayed within {farthest:.2%} of θ*'s weights (relative distance), so GEX sees "
+            f"only noise: make members that leave θ*'s basin with more weight decay (--weight-decay, now {decay:.3g}; "
+            "auto is the default), a higher --lr or more --steps",
+            GradIndexWarning,
+            stacklevel=2,
+        )
     return ensemble
+
+
+def relative_distance(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
+    """‖θ − θ_ref‖ / ‖θ_ref‖ over the floating-point tensors of two state dicts with the same keys."""
+    import torch
+
+    moved, norm = 0.0, 0.0
+    for name, value in reference.items():
+        if not torch.is_floating_point(value):
+            continue
+        value = value.detach().double().cpu()
+        moved += float((state[name].detach().double().cpu() - value).pow(2).sum())
+        norm += float(value.pow(2).sum())
+    return math.sqrt(moved / norm) if norm > 0 else math.sqrt(moved)
 
 
 def load_ensemble(out_dir: str | os.PathLike) -> Ensemble:
@@ -274,4 +376,5 @@ def load_ensemble(out_dir: str | os.PathLike) -> Ensemble:
         base=Path(manifest["base"]),
         members=tuple(Path(item) for item in manifest["members"]),
         config=EnsembleConfig.from_dict(manifest["config"]),
+        distances=tuple(manifest.get("distances", ())),
     )

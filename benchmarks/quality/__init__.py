@@ -15,6 +15,11 @@
 4. projection and retrieval fidelity: k ∈ {16, 128, 512, 2048}: Spearman of projected against exact
    scores, recall@10 of the projected top 10, and LDS / AUC as k moves.
 
+Language-model tasks (LDS on a tiny GPT-2 fine-tune, mislabel detection on a tiny BERT, with Bergson and
+kronfluence on the same models) are ``python -m benchmarks.quality._lm`` (its own JSON, plot and RESULTS.md
+section). ``python -m benchmarks.quality --replace RERUN.json`` puts a rerun's records (e.g. some methods after a
+library change) in place of the saved ones and redraws.
+
 Methods are the rows of ``benchmarks.quality._methods.METHOD_CONFIGS``; those whose gradindex method is
 missing are reported as not run. Results: ``benchmarks/results/quality.json``, the ``quality`` section
 of ``benchmarks/RESULTS.md`` and ``benchmarks/results/quality_*.png``.
@@ -73,6 +78,7 @@ def run(
     """Run the chosen experiments and return the JSON payload (records, aggregates, machine, timings)."""
     import gradindex
     from benchmarks._report import machine
+    from benchmarks.quality._ekfac_rows import EKFAC_CONFIGS  # noqa: F401 (registers the EK-FAC rows)
     from benchmarks.quality._experiments import PROJECTION_DIMS, run_lds, run_loo, run_mislabel, run_projection
     from benchmarks.quality._methods import METHOD_CONFIGS, available, cleanup
     from benchmarks.quality._output import aggregate

@@ -29,18 +29,50 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-markdown", action="store_true", help="do not update benchmarks/RESULTS.md")
     parser.add_argument(
+        "--only",
+        choices=["gex-regime"],
+        help="run one side study instead: gex-regime (GEX on models that fit their flipped labels, _gex_regime.py)",
+    )
+    parser.add_argument(
         "--render",
         metavar="JSON[,JSON...]",
         help="run nothing: redraw the plots and the RESULTS.md section from saved payloads "
         "(several: runs over disjoint seeds, merged)",
     )
+    parser.add_argument(
+        "--replace",
+        metavar="JSON[,JSON...]",
+        help="run nothing: the records of these payloads (e.g. a rerun of some methods) replace those of the saved "
+        "quality.json with the same experiment, setting, method and seed; then redraw as --render does",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+
+    if args.only == "gex-regime":
+        from benchmarks.quality import _gex_regime
+
+        seeds = [int(s) for s in _names(args.seeds)] if args.seeds else None
+        return _gex_regime.main(
+            fast=args.fast, seeds=seeds, settings=_names(args.settings), workdir=args.workdir,
+            markdown_out=not args.no_markdown, render=args.render,
+        )  # fmt: skip
 
     from benchmarks._report import RESULTS_DIR, save_json, update_section
     from benchmarks.quality import run
     from benchmarks.quality._output import markdown, plots
 
+    if args.replace:
+        from benchmarks.quality._output import replace_records
+
+        saved = json.loads((RESULTS_DIR / "quality.json").read_text())
+        payload = replace_records(saved, [json.loads(Path(name).read_text()) for name in _names(args.replace)])
+        path = save_json("quality", payload)
+        written = plots(payload, path.parent)
+        text = markdown(payload)
+        if not args.no_markdown:
+            update_section("quality", text)
+        print(text + f"\n\nwrote {path}" + "".join(f", {p}" for p in written))
+        return 0
     if args.render:
         from benchmarks.quality._output import merge
 

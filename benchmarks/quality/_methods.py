@@ -31,7 +31,8 @@ __all__ = ["BASELINES", "METHOD_CONFIGS", "MethodConfig", "NotRun", "available",
 # Hessian for logistic regression; positive semi-definite for networks, so CG and LiSSA are well posed).
 DAMPING_NETWORKS = 1e-3
 EXACT_MAX_PARAMS = 16_384  # below this many parameters stores hold exact gradients (projection "none")
-TRAK_PROJ_DIM = 2048  # TRAK's Gram matrix lives in a k-dim space: projected above this many parameters
+# TRAK's Gram matrix lives in a k-dim space: projected above this many parameters, to dattri's MNIST proj_dim (512)
+TRAK_PROJ_DIM = 512
 
 
 # Self-influence with an iterative solver is one inverse-HVP per training sample. Measured here (2 shared cores,
@@ -66,6 +67,8 @@ class MethodConfig:
     self_build: dict | None = None  # build options for self-influence (mislabel) when they differ from ``build``
     max_self_cost: float | None = None  # self-influence: skip above this many training samples x parameters²
     self_cost_note: str = ""  # the measured cost that sets max_self_cost, quoted when a setting is skipped
+    projection: tuple[str, int | None] | None = None  # its own (kind, proj_dim); None: the parameters, at most 4096
+    layers: tuple[str, ...] | None = None  # parameter / module globs to index (None: every parameter)
 
 
 METHOD_CONFIGS: dict[str, MethodConfig] = {
@@ -115,7 +118,16 @@ METHOD_CONFIGS: dict[str, MethodConfig] = {
     ),
     "trak": MethodConfig("trak", "final", note="TRAK at the final checkpoint (TRAK-1)"),
     "trak-5": MethodConfig(
-        "trak", "independent", experiments=("lds",), note="TRAK over 5 independently trained models"
+        "trak", "independent:5", experiments=("lds",), note="TRAK over 5 independently trained models"
+    ),
+    "trak-10": MethodConfig(
+        "trak", "independent", experiments=("lds",), note="TRAK over 10 independently trained models (TRAK-10)"
+    ),
+    "trak-10-half": MethodConfig(
+        "trak",
+        "independent-half",
+        experiments=("lds",),
+        note="TRAK over 10 models each trained on a random half of the training set (dattri's TRAK-10 models)",
     ),
 }
 
@@ -164,7 +176,7 @@ def check_runnable(
         raise NotRun(f"not run (CPU budget: {setting.n_params} parameters x {n_train} samples > {config.max_cost:.0e})")
     if projection is not None and projection[0] == "kron" and config.method in ("if", "trak"):
         raise NotRun(f"not run (--method {config.method} does not accept the kron projection)")
-    if setting.logreg is not None and config.checkpoints == "independent":
+    if setting.logreg is not None and config.checkpoints.startswith("independent"):
         raise NotRun("not run (logistic regression has one optimum; independent runs coincide)")
 
 
@@ -172,6 +184,9 @@ def _projection(config: MethodConfig, setting, projection: tuple[str, int] | Non
     if projection is not None:
         kind, dim = projection
         return {"projection": kind, "proj_dim": dim}
+    if config.projection is not None:
+        kind, dim = config.projection
+        return {"projection": kind, "proj_dim": dim or min(setting.n_params, 4096)}
     if config.method == "trak" and setting.n_params > TRAK_PROJ_DIM:
         return {"projection": "rademacher", "proj_dim": TRAK_PROJ_DIM}
     if setting.n_params <= EXACT_MAX_PARAMS:
@@ -209,6 +224,7 @@ def build_store(
             progress=False,
             device="cpu",
             method_options=method_options,
+            layers=list(config.layers) if config.layers else None,
             **options,
         )
     cache[tag] = (store, time.perf_counter() - started)

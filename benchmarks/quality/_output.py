@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ANCHORS", "aggregate", "markdown", "plots"]
+__all__ = ["ANCHORS", "aggregate", "markdown", "plots", "replace_records"]
 
 METRICS = {
     "loo": ["pearson", "spearman", "pooled_pearson", "pooled_spearman"],
     "lds": ["lds_margin", "lds_loss"],
     "mislabel": ["auc", "ap", "found_top10", "found_top20"],
     "projection": ["spearman_vs_exact", "recall_at_10", "lds_margin", "auc"],
+    "lm-lds": ["lds_loss", "lds_margin"],  # benchmarks.quality._lm
+    "lm-mislabel": ["auc", "ap", "found_top10", "found_top20"],
 }
 
 # (experiment, setting, method, metric) -> (value, source). Each echoes a published number on a similar,
@@ -30,6 +32,11 @@ ANCHORS: dict[tuple[str, str, str, str], tuple[float, str]] = {
     ("lds", "mnist-mlp", "tracin-ge", "lds_margin"): (0.15, "dattri MNIST-MLP, TracIn"),
     ("lds", "mnist-mlp", "trak", "lds_margin"): (0.33, "dattri MNIST-MLP, TRAK-10"),
     ("lds", "mnist-mlp", "trak-5", "lds_margin"): (0.33, "dattri MNIST-MLP, TRAK-10"),
+    ("lds", "mnist-mlp", "trak-10", "lds_margin"): (0.45, "dattri MNIST-MLP, TRAK-50 (issue 17: with ≤ 10 models)"),
+    ("lds", "mnist-mlp", "trak-10-half", "lds_margin"): (
+        0.45,
+        "dattri MNIST-MLP, TRAK-50 (issue 17: with ≤ 10 models)",
+    ),
     ("mislabel", "mnist-lr-noisy", "tracin-cp", "auc"): (0.98, "dattri MNIST-LR, TracIn"),
     ("mislabel", "mnist-lr-noisy", "tracin-1", "auc"): (0.98, "dattri MNIST-LR, TracIn"),
     ("mislabel", "digits-mlp-noisy", "tracin-1", "auc"): (0.86, "dattri MNIST-MLP, TracIn"),
@@ -59,7 +66,12 @@ NOTES = {
         "initialisation; "
         "Spearman over subsets between the summed scores and the retrained model's margin (−loss in the other "
         "column), averaged over 100 test points. dattri retrains on 50,000-image MNIST; TRAK-10 ensembles 10 models "
-        "(our `trak` is one model, `trak-5` five independently trained ones; for logistic regression they coincide)."
+        "(our `trak` is one model, `trak-5` / `trak-10` five / ten independently trained ones on the full training "
+        "set, `trak-10-half` ten each trained on its own random half, as dattri's TRAK models are; for logistic "
+        "regression "
+        "they coincide). TRAK rows: Rademacher k = 512 (dattri's MNIST proj_dim) above 512 parameters, the library's "
+        "default damping (auto: 0.1 × the mean eigenvalue of each model's ΦᵀΦ). Before this default the TRAK rows used "
+        "an absolute λ = 0.01 at k = 2048: MLP 0.100 (TRAK-1) and 0.155 (TRAK-5), MNIST-LR 0.595."
     ),
     "mislabel": (
         "Mislabeled detection: 10% of training labels flipped to a different class, uniformly; training rows ranked by "
@@ -103,18 +115,16 @@ NOTES = {
 SHORTFALLS = {
     ("lds", "mnist-lr", "trak"): (
         "TRAK on logistic regression is TRAK-1 (independently trained logistic regressions share one optimum, so an "
-        "ensemble adds nothing) with the library's default damping 0.01 and its 1 − p reweighting, which departs from "
-        "the exact influence (0.99 here) that a convex model admits."
+        "ensemble adds nothing), with its 1 − p reweighting and damping, which depart from the exact influence (0.99 "
+        "here) that a convex model admits."
     ),
-    ("lds", "mnist-mlp", "trak"): (
-        "TRAK-1 against dattri's TRAK-10, at k = 2048 for n = 4,000 training samples: the projection table below shows "
-        "TRAK's LDS peaking near k = 128 (0.25) and falling at k = 2048, where ΦᵀΦ is close to singular and damping "
-        "0.01 "
-        "dominates; k was fixed in advance, not chosen on these test points."
+    ("lds", "mnist-mlp", "trak"): ("TRAK-1: one model against an ensemble's anchor."),
+    ("lds", "mnist-mlp", "trak-5"): ("five models against an ensemble of ten."),
+    ("lds", "mnist-mlp", "trak-10"): (
+        "ten models trained on the full training set against dattri's fifty; its TRAK models are each trained on a "
+        "random half (`trak-10-half`), which decorrelates them."
     ),
-    ("lds", "mnist-mlp", "trak-5"): (
-        "five independently trained models instead of ten, and the k = 2048 / n = 4,000 effect above."
-    ),
+    ("lds", "mnist-mlp", "trak-10-half"): ("ten models against dattri's fifty."),
     ("mislabel", "mnist-lr-noisy", "tracin-1"): (
         "a 500-parameter logistic regression on 7x7-pooled digits confuses more classes than dattri's 784-pixel one, "
         "so "
@@ -455,5 +465,46 @@ def merge(payloads: list[dict]) -> dict:
     starts = [run["load_average"]["start"] for run in runs if run.get("load_average")]
     ends = [run["load_average"]["end"] for run in runs if run.get("load_average")]
     merged["load_average"] = {"start": starts[0], "end": ends[-1], "per_run": [run.get("load_average") for run in runs]}
+    merged["summary"] = aggregate(records)
+    return merged
+
+
+def replace_records(saved: dict, reruns: list[dict]) -> dict:
+    """``saved`` with the records of ``reruns`` in place of its records of the same (experiment, setting, method,
+    seed, kind, k), the reruns' method configurations and timings added and each rerun noted with its command line
+    (``rerun_note``) and wall time; summary recomputed."""
+    merged = dict(saved)
+    key = lambda r: (r["experiment"], r["setting"], r["method"], r["seed"], r.get("kind"), r.get("k"))  # noqa: E731
+    replaced = {key(record) for rerun in reruns for record in rerun["records"]}
+    records = [record for record in saved["records"] if key(record) not in replaced]
+    configs = dict(saved.get("method_configs", {}))
+    timings = dict(saved.get("timings", {}))
+    notes = [saved.get("note") or ""]
+    for rerun in reruns:
+        records += rerun["records"]
+        configs.update(rerun.get("method_configs", {}))
+        timings.update({f"rerun: {name}": value for name, value in rerun.get("timings", {}).items()})
+        if rerun.get("rerun_note"):
+            notes.append(rerun["rerun_note"])
+    # the tables keep their order: experiments and settings as saved, methods as configured, baselines last
+    first_seen: dict = {}
+    for record in saved["records"]:
+        first_seen.setdefault(record["experiment"], len(first_seen))
+        first_seen.setdefault((record["experiment"], record["setting"]), len(first_seen))
+    methods = [name for name in configs if not name.startswith("reference")]
+
+    def method_rank(name: str) -> int:
+        if name.startswith("reference"):
+            return -1
+        return methods.index(name) if name in methods else len(methods) + (name == "random")
+
+    records.sort(
+        key=lambda r: (
+            first_seen.get(r["experiment"], len(first_seen)),
+            first_seen.get((r["experiment"], r["setting"]), len(first_seen)),
+            method_rank(r["method"]),
+        )
+    )
+    merged.update(records=records, method_configs=configs, timings=timings, note=" ".join(n for n in notes if n))
     merged["summary"] = aggregate(records)
     return merged

@@ -73,7 +73,8 @@ class Setting:
 
     checkpoints: ``final`` (the trained model alone), ``trajectory`` (SGD checkpoints, weight = lr),
     ``ensemble`` / ``gex`` (geometric-ensemble members from ``gradindex.ensemble``, built lazily),
-    ``independent`` (the final checkpoints of independently seeded runs, built lazily).
+    ``independent`` (the final checkpoints of independently seeded runs, built lazily), ``independent-half`` (the
+    same, each run on a random half of the training set, as dattri's TRAK anchors); ``kind:N`` names the first N.
     """
 
     name: str
@@ -90,9 +91,11 @@ class Setting:
     lazy: dict[str, Callable[[], list[str]]] = field(default_factory=dict)
 
     def checkpoint_list(self, kind: str) -> list[str]:
+        """The checkpoints of ``kind``; ``kind:N`` is the first N of them (``independent:5``: five of the runs)."""
+        kind, _, count = kind.partition(":")
         if kind not in self.checkpoints and kind in self.lazy:
             self.checkpoints[kind] = self.lazy[kind]()
-        return self.checkpoints[kind]
+        return self.checkpoints[kind][: int(count)] if count else self.checkpoints[kind]
 
     @property
     def train_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +173,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 # geometric ensembles: 5 members, one epoch-ish cycle each, around the final checkpoint
 ENSEMBLE = dict(members=5, steps=40, schedule="cosine")
-N_INDEPENDENT = 5
+N_INDEPENDENT = 10  # TRAK-10 (dattri's MNIST anchor); trak-5 uses the first five
 
 
 def make_setting(name: str, seed: int, root: Path) -> Setting:
@@ -238,9 +241,34 @@ def make_setting(name: str, seed: int, root: Path) -> Setting:
             paths.append(f"{path}:1.0")
         return paths
 
+    def independent_half() -> list[str]:
+        """N_INDEPENDENT models by the same recipe, each on its own random half of the training set (dattri's
+        ``models_half``, the models its TRAK-10 / TRAK-50 anchors ensemble)."""
+        x, y = task.train.tensors
+        rng = np.random.default_rng([seed, 77])
+        rows = np.stack([np.sort(rng.choice(len(y), size=len(y) // 2, replace=False)) for _ in range(N_INDEPENDENT)])
+        ((params, _, _),) = train_many(
+            task.model,
+            x,
+            y,
+            rows,
+            seeds=np.arange(N_INDEPENDENT) + 1000 * (seed + 1) + 500,
+            epochs=config.epochs,
+            lr=config.lr,
+            batch_size=config.batch_size,
+            momentum=config.momentum,
+        )
+        paths = []
+        for position in range(N_INDEPENDENT):
+            path = workdir / f"independent-half-{position}.pt"
+            torch.save({name: value[position].clone() for name, value in params.items()}, path)
+            paths.append(f"{path}:1.0")
+        return paths
+
     setting.lazy = {
         "ensemble": lambda: ensemble("ensemble"),
         "gex": lambda: ensemble("gex"),
         "independent": independent,
+        "independent-half": independent_half,
     }
     return setting

@@ -7,6 +7,7 @@ something to learn), and, as one control row, i.i.d. uniform tokens (nothing to 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ __all__ = [
     "WORKLOADS",
     "Workload",
     "cnn_workload",
+    "deep_mlp_workload",
+    "llama_workload",
     "mlp_workload",
     "transformer_uniform_workload",
     "transformer_workload",
@@ -36,6 +39,12 @@ class Workload:
     loss: Callable[[nn.Module, tuple], Tensor]  # per-sample loss [B]
     final_layer: str  # the module name Captum's TracInCPFast uses
     batch_size: int
+    kind: str = ""  # "mlp", "cnn" or "lm": how peers feed the model (default: from the name)
+    peer_batch: int | None = None  # the batch size peers featurize with (default: batch_size)
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = {"mlp": "mlp", "cnn": "cnn"}.get(self.name.split("-")[0], "lm")
 
     def train_checkpoint(self, steps: int, lr: float, seed: int = 0) -> nn.Module:
         """A briefly trained model (TracIn on random weights would measure nothing useful)."""
@@ -56,13 +65,14 @@ def cross_entropy(model: nn.Module, batch) -> Tensor:
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
-def _digit_images(n_samples: int, seed: int) -> tuple[Tensor, Tensor]:
-    """``[n, 1, 28, 28]`` float32 in [0, 1] and labels: sklearn digits upsampled, shifted ±2 px, with pixel noise."""
+def _digit_images(n_samples: int, seed: int, side: int = 28) -> tuple[Tensor, Tensor]:
+    """``[n, 1, side, side]`` float32 in [0, 1] and labels: sklearn digits upsampled, shifted ±2 px, with pixel
+    noise."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     base = torch.from_numpy((bunch.data / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
-    base = F.interpolate(base, size=(24, 24), mode="bilinear", align_corners=False)
+    base = F.interpolate(base, size=(side - 4, side - 4), mode="bilinear", align_corners=False)
     base = F.pad(base, (2, 2, 2, 2))
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     generator = torch.Generator().manual_seed(seed)
@@ -203,11 +213,106 @@ def transformer_workload(
         loss=lm_loss,
         final_layer="head",
         batch_size=64,
+        kind="tinylm",
     )
 
 
 def transformer_uniform_workload(n_train: int, n_test: int, **options) -> Workload:
     return transformer_workload(n_train, n_test, text="uniform", **options)
+
+
+def deep_mlp_workload(n_train: int, n_test: int, widths: tuple[int, ...] = (512, 512), side: int = 28) -> Workload:
+    """An MLP ``side²-widths-10`` on the digit images (28×28: 784 inputs; 32×32: 1024)."""
+    x_train, y_train = _digit_images(n_train, seed=0, side=side)
+    x_test, y_test = _digit_images(n_test, seed=1, side=side)
+    sizes = [side * side, *widths]
+
+    def make_model() -> nn.Module:
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in itertools.pairwise(sizes):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(sizes[-1], 10))
+
+    params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in itertools.pairwise([*sizes, 10]))
+    return Workload(
+        name="mlp-" + "-".join(str(size) for size in [*sizes, 10]),
+        make_model=make_model,
+        train=TensorDataset(x_train.reshape(n_train, -1), y_train),
+        test=TensorDataset(x_test.reshape(n_test, -1), y_test),
+        loss=cross_entropy,
+        final_layer=str(2 * len(widths)),
+        batch_size=256,
+        kind="mlp",
+        peer_batch=max(1, min(256, 2**30 // (4 * params))),  # peers holding per-sample gradients: 1 GiB of them
+    )
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM that returns its logits (so every peer sees a plain ``tokens -> [B, T, V]`` model);
+    ``hf`` is the ``PreTrainedModel`` itself (what Bergson's ``collect_gradients`` takes)."""
+
+    def __init__(self, hf: nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.hf(input_ids=tokens).logits
+
+
+def llama_config(vocab: int = 4096, dim: int = 512, layers: int = 6, length: int = 128):
+    """A Llama configuration (every matmul an nn.Linear, as kronfluence and Bergson's hooks need), built here."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=(8 * dim // 3 + 63) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, dim // 64),
+        num_key_value_heads=max(1, dim // 64),
+        max_position_embeddings=length,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
+
+
+def llama_workload(
+    n_train: int, n_test: int, length: int = 128, vocab: int = 4096, dim: int = 512, layers: int = 6
+) -> Workload:
+    """A Llama-style causal LM from a transformers config (default 23M parameters), context ``length``, on the
+    structured synthetic text; its loss is the mean next-token cross-entropy per sequence."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(vocab=vocab, dim=dim, layers=layers, length=length)
+    train = _motif_text(n_train, length, vocab, seed=0)
+    test = _motif_text(n_test, length, vocab, seed=1)
+    zeros = lambda n: torch.zeros(n, dtype=torch.int64)  # noqa: E731 - a dummy target keeps (input, target) batches
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(0)
+        return CausalLM(LlamaForCausalLM(config))
+
+    return Workload(
+        name=f"llama-lm-{layers}x{dim}-ctx{length}",
+        make_model=make_model,
+        train=TensorDataset(train, zeros(n_train)),
+        test=TensorDataset(test, zeros(n_test)),
+        loss=causal_lm_loss,
+        final_layer="hf.lm_head",
+        batch_size=32,
+        kind="lm",
+        peer_batch=8,
+    )
+
+
+def causal_lm_loss(model: nn.Module, batch) -> Tensor:
+    """Mean next-token cross-entropy per sequence over the whole context (``model(tokens)`` are logits): ``[B]``."""
+    tokens = batch[0]
+    logits = model(tokens)[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none").mean(1)
 
 
 WORKLOADS = {

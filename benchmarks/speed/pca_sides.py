@@ -1,6 +1,7 @@
 """Experiment behind the default ``--kron-sides pca``: Spearman of kron-projected vs exact TracIn scores at k = 1024
 with seeded orthogonal sides, pca sides (the shipped ones: gradient-energy-weighted second moments of each side over
-the 256 calibration samples) and unweighted pca sides (plain Σ a aᵀ, Σ g gᵀ).
+the 256 calibration samples; wide sides from a seeded sketch, see ``gradindex.projection``' ``SideSketch``) and
+unweighted pca sides (plain Σ a aᵀ, Σ g gᵀ).
 
     python -m benchmarks.speed.pca_sides                 # test-suite models and benchmark workloads, 3 seeds
     python -m benchmarks.speed.pca_sides --only bench    # only the benchmark workloads
@@ -25,10 +26,9 @@ from scipy.stats import spearmanr
 import gradindex
 from benchmarks.speed._models import WORKLOADS
 from gradindex.checkpoints import parse_checkpoints
-from gradindex.featurize import KronGradients, layer_sides, load_checkpoints
+from gradindex.featurize import KronGradients, load_checkpoints
 from gradindex.methods import TracInFeaturizer
-from gradindex.projection import ProjectionSpec
-from gradindex.task import batch_size
+from gradindex.projection import ProjectionSpec, SideSketch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "featurize"))
 import kron_models
@@ -45,35 +45,48 @@ BENCH_SETTINGS = {  # workload: (n_train, n_eval held out, n_test, steps, lr), a
 }
 
 
-def _unweighted_moments(self, batch, state, moments, keys=None) -> None:
-    """``KronGradients.side_moments`` without the other side's energy as weight: plain Σ x xᵀ (token counts)."""
-    calls = self._forward_backward(batch, state)
-    self._check_per_sample(calls, batch_size(batch))
-    for plan in self.plan.layers:
-        for call in calls.get(plan.layer.name, []) if plan.sides == "pca" else []:
-            a, g = layer_sides(
-                plan.layer.kind, self.modules[plan.layer.name], call.inputs, call.grad, len(plan.layer.params) > 1
-            )
-            for side, width, _ in plan.narrow_sides():
-                key = (plan.layer.name, side)
-                if keys is not None and key not in keys:
+def _unweighted_moments(self, batch, state, calls, size, moments, keys=None, *args, **kwargs) -> None:
+    """``KronGradients._add_moments`` without the other side's energy as weight: plain Σ x xᵀ (token counts), formed
+    or sketched as the shipped statistics are; flat groups as shipped."""
+    if keys is None:
+        keys = {(name, side) for name, side, _, _ in self.pca_shapes()}
+    for layer in self._groups[0]:
+        for a, g in self._layer_parts(layer, calls):
+            for side, width in (("in", layer.in_dim), ("out", layer.out_dim)):
+                key = (layer.name, side)
+                if key not in keys:
                     continue
-                if side == "in" and plan.layer.kind == "embedding":
+                tokens = side == "in" and a.ndim == 2
+                x = None if tokens else (a if side == "in" else g).reshape(-1, width)
+                target = moments.get(key)
+                if isinstance(target, SideSketch):
+                    if tokens:
+                        target.add_diagonal(a.reshape(-1), torch.ones(a.numel()))
+                    else:
+                        target.add(x)
+                    continue
+                if tokens and layer.indicator_in:
                     found = torch.bincount(a.reshape(-1), minlength=width).double()
+                elif tokens:
+                    found = torch.diag(torch.bincount(a.reshape(-1), minlength=width).double())
                 else:
-                    x = (a if side == "in" else g).double().reshape(-1, width)
-                    found = x.T @ x
+                    found = x.double().T @ x.double()
                 moments[key] = found if key not in moments else moments[key] + found
+    flat = {key for key in keys if key[1] not in ("in", "out")}
+    if flat:
+        _shipped_add_moments(self, batch, state, calls, size, moments, flat, *args, **kwargs)
+
+
+_shipped_add_moments = KronGradients._add_moments
 
 
 def _compare(name: str, task, checkpoint: str, train_eval: tuple, test: tuple) -> None:
     loaded = load_checkpoints(task, parse_checkpoints([checkpoint]), torch.device("cpu"))
     exact_featurizer = TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="none"))
     exact = (exact_featurizer.featurize(test) @ exact_featurizer.featurize(train_eval).T).numpy()
-    shipped = KronGradients.side_moments
     for mode in ("orthogonal", "pca", "pca-unweighted"):
         flat, per_query = [], []
-        KronGradients.side_moments = _unweighted_moments if mode == "pca-unweighted" else shipped
+        KronGradients._add_moments = _unweighted_moments if mode == "pca-unweighted" else _shipped_add_moments
         try:
             for seed in range(3):
                 sides = mode.split("-")[0]
@@ -86,7 +99,7 @@ def _compare(name: str, task, checkpoint: str, train_eval: tuple, test: tuple) -
                 if mode != "orthogonal":
                     break  # pca sides do not depend on the seed
         finally:
-            KronGradients.side_moments = shipped
+            KronGradients._add_moments = _shipped_add_moments
         print(
             f"{name:12s} {mode:15s} dim {featurizer.dim}: Spearman flat min/mean {min(flat):.3f}/{np.mean(flat):.3f}, "
             f"per query min/mean {min(per_query):.3f}/{np.mean(per_query):.3f}",

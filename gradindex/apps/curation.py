@@ -24,19 +24,21 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
+from gradindex.apps._catalog import CURATE_BY
 from gradindex.errors import ArgumentError, IncompleteStoreError
 from gradindex.pipeline import parse_samples, query, task_for_store
 from gradindex.store import GradientStore, open_store
-from gradindex.task import Task
+
+if TYPE_CHECKING:
+    from gradindex.task import Task
 
 __all__ = ["CURATE_BY", "curate", "parse_amount", "summary"]
 
-CURATE_BY = ("self-influence",)
 # summed-influence selection holds at most this many query×row scores at once (12 bytes each)
 _SCORES_PER_CHUNK = 16_000_000
 

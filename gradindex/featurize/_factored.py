@@ -43,15 +43,21 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from gradindex.errors import TaskSpecError
 from gradindex.featurize._per_sample import LossModule, PerSampleGradients
 from gradindex.projection import (
+    PCA_MAX_SIDE,
     PCA_MAX_WIDTH,
     REST_SIDE,
     KronLayer,
     KronPlan,
     ParamPlan,
     ProjectionSpec,
+    SideSketch,
+    derive_seed,
+    exact_width,
     kron_side_matrix,
     make_projector,
     plan_kron,
+    sketch_rank,
+    small_kernel,
 )
 from gradindex.task import batch_size, slice_batch
 
@@ -419,6 +425,7 @@ class KronGradients:
         self._checked = False
         self.bytes_per_sample = 0  # measured on the first chunk
         self._outer = torch.compile(_project_layer, dynamic=True) if compile else _project_layer
+        self._compiled = compile
         self._recorded = None if plan is None else [dict(entry) for entry in plan]
         self._set_plan(plan_kron(spec.dim, *self._groups) if plan is None else KronPlan.from_dict(plan, *self._groups))
 
@@ -458,23 +465,43 @@ class KronGradients:
         the Gram matrices of the two sides, whichever costs less (a tied weight: over all its uses together, cross
         terms included); the rest from its per-sample gradients.
         """
+        return self.calibrate_batch(batch, state, {}, set())
+
+    def calibrate_batch(
+        self,
+        batch: Any,
+        state: dict[str, Tensor],
+        moments: dict[tuple[str, str], Any],
+        keys: set[tuple[str, str]] | None = None,
+        block: int = 1 << 22,
+    ) -> list[float]:
+        """One forward and backward of a calibration batch: its group energies (``energies``), with the side
+        statistics of ``keys`` added into ``moments`` (``side_moments``) from the same pass, unless an energy is NaN
+        or infinite (the caller then finds the rows at fault and calibrates on the others)."""
         size = batch_size(batch)
         calls = self._forward_backward(batch, state)
         self._check_per_sample(calls, size)
         layers, rest, _ = self._groups
         sums = []
+        parts = {}
         for layer in layers:
-            parts = self._layer_parts(layer, calls)
-            sums.append(float(_parts_squared_norms(parts, layer.in_dim).sum()) if parts else 0.0)
+            parts[layer.name] = self._layer_parts(layer, calls)
+            found = parts[layer.name]
+            with small_kernel(sum(2.0 * g.numel() * (a.shape[-1] if a.ndim == 3 else 1) for a, g in found)):
+                sums.append(float(_parts_squared_norms(found, layer.in_dim).sum()) if found else 0.0)
+        rest_rows = None
         if rest:
-            sums.append(float(self._rest_gradients(batch, state, calls, size).double().square().sum()))
+            rest_rows = self._rest_gradients(batch, state, calls, size)
+            sums.append(float(rest_rows.double().square().sum()))
+        if (keys is None or keys) and all(math.isfinite(value) for value in sums):
+            self._add_moments(batch, state, calls, size, moments, keys, block, rest_rows, parts)
         return sums
 
     def side_moments(
         self,
         batch: Any,
         state: dict[str, Tensor],
-        moments: dict[tuple[str, str], Tensor],
+        moments: dict[tuple[str, str], Any],
         keys: set[tuple[str, str]] | None = None,
         block: int = 1 << 22,
     ) -> None:
@@ -483,7 +510,8 @@ class KronGradients:
 
         Keys are ``(layer, side)`` with side ``in``/``out`` (a factored side), ``flat`` (a small layer's whole
         per-sample gradient) or ``REST_SIDE`` (the unfactored parameters); a flat key gathers the vectors themselves
-        (``[samples, width]``, rows appended batch after batch) instead of their moment.
+        (``[samples, width]``, rows appended batch after batch) instead of their moment. A key whose entry in
+        ``moments`` is a ``SideSketch`` (a wide side) streams into the sketch instead: its moment is never formed.
 
         A side's moment is Σ_b Σ_t w_t x_t x_tᵀ over samples and positions (``x`` the layer's input ``a`` or output
         gradient ``g``), each position weighted by the squared norm of its other side (``|g_t|²`` for the input,
@@ -491,46 +519,55 @@ class KronGradients:
         that carry the most per-sample gradient energy, not merely the most activation. An embedding's input moment
         is diagonal and kept as a vector: the gradient energy that reached each token's row (a tied weight whose
         vocabulary side is also a head's output side adds the embedding's energies to the head's full moment). A tied
-        weight's moments are gathered over all its uses. Positions are taken in float64 blocks of about ``block``
-        numbers, so long sequences do not double their memory.
+        weight's moments are gathered over all its uses. Positions are taken in blocks of about ``block`` numbers
+        (float32 products, summed in float64), so long sequences do not double their memory.
         """
-        if keys is None:
-            keys = {(name, side) for name, side, _, _ in self.pca_shapes()}
         size = batch_size(batch)
         calls = self._forward_backward(batch, state)
         self._check_per_sample(calls, size)
+        self._add_moments(batch, state, calls, size, moments, keys, block, None)
+
+    def _add_moments(
+        self,
+        batch: Any,
+        state: dict[str, Tensor],
+        calls: dict[str, list[_Call]],
+        size: int,
+        moments: dict[tuple[str, str], Any],
+        keys: set[tuple[str, str]] | None,
+        block: int,
+        rest_rows: Tensor | None,
+        parts: dict[str, list[tuple[Tensor, Tensor]]] | None = None,
+    ) -> None:
+        """``side_moments`` of one batch whose hooked calls are ``calls`` (``rest_rows``: its rest gradients, and
+        ``parts``: each layer's ``_layer_parts``, when already computed)."""
+        if keys is None:
+            keys = {(name, side) for name, side, _, _ in self.pca_shapes()}
         for layer in self._groups[0]:
             wanted = [
                 (side, width)
                 for side, width in (("in", layer.in_dim), ("out", layer.out_dim))
                 if (layer.name, side) in keys
             ]
-            for a, g in self._layer_parts(layer, calls) if wanted else []:
+            layer_parts = (parts or {}).get(layer.name) if wanted else []
+            for a, g in self._layer_parts(layer, calls) if layer_parts is None else layer_parts:
                 indicator = a.ndim == 2  # token ids [B, T]: the input vectors are their indicators
                 a = a.reshape(-1) if indicator else a.reshape(-1, a.shape[-1])
                 g = g.reshape(-1, g.shape[-1])
-                step = max(1, block // max(g.shape[1], 1 if indicator else a.shape[1]))
                 for side, width in wanted:
                     key = (layer.name, side)
+                    sketch = moments.get(key)
+                    if isinstance(sketch, SideSketch):
+                        _sketch_part(sketch, side, a, g, indicator)
+                        continue
+                    step = max(1, block // max(g.shape[1], 1 if indicator else a.shape[1]))
                     diagonal = side == "in" and layer.indicator_in
                     found = torch.zeros(width, *(() if diagonal else (width,)), dtype=torch.float64, device=g.device)
                     for start in range(0, g.shape[0], step):
-                        g_part = g[start : start + step].double()
-                        if side == "in" and indicator:
-                            tokens = a[start : start + step]
-                            energy = g_part.square().sum(-1)
-                            if diagonal:
-                                found.index_add_(0, tokens, energy)
-                            else:  # onto the diagonal of the full moment
-                                found.view(-1).index_add_(0, tokens * (width + 1), energy)
-                        elif side == "in":
-                            x = a[start : start + step].double()
-                            found.addmm_(x.T, x * g_part.square().sum(-1, keepdim=True))
-                        else:
-                            weight = (
-                                1.0 if indicator else a[start : start + step].double().square().sum(-1, keepdim=True)
-                            )
-                            found.addmm_(g_part.T, g_part * weight)
+                        # float32 products of a block of positions, summed in float64 (small ones on one thread)
+                        g_part = g[start : start + step]
+                        with small_kernel(2.0 * g_part.shape[0] * width * (1 if diagonal else width)):
+                            self._add_block(found, side, width, a[start : start + step], g_part, indicator, diagonal)
                     moments[key] = found if key not in moments else moments[key] + found
         # a flat group (a small layer's whole per-sample gradient, the unfactored parameters) keeps its calibration
         # vectors themselves, [n, width]: its moment Σ_b v_b v_bᵀ has rank at most n (see flat_spectrum)
@@ -539,24 +576,65 @@ class KronGradients:
             rows = self._layer_gradient(layer, calls).reshape(size, -1).double()
             moments[key] = rows if key not in moments else torch.cat([moments[key], rows])
         if REST_SIDE in keys:
-            rows = self._rest_gradients(batch, state, calls, size).double()
+            rows = (rest_rows if rest_rows is not None else self._rest_gradients(batch, state, calls, size)).double()
             moments[REST_SIDE] = rows if REST_SIDE not in moments else torch.cat([moments[REST_SIDE], rows])
+
+    @staticmethod
+    def _add_block(found: Tensor, side: str, width: int, a: Tensor, g: Tensor, indicator: bool, diagonal: bool) -> None:
+        """Add one block of positions' weighted moment of a side into ``found`` (see ``side_moments``)."""
+        if side == "in" and indicator:
+            energy = torch.linalg.vecdot(g, g).double()
+            if diagonal:
+                found.index_add_(0, a, energy)
+            else:  # onto the diagonal of the full moment
+                found.view(-1).index_add_(0, a * (width + 1), energy)
+        elif side == "in":
+            found += (a.T @ (a * torch.linalg.vecdot(g, g).unsqueeze(1))).double()
+        else:
+            weighted = g if indicator else g * torch.linalg.vecdot(a, a).unsqueeze(1)
+            found += (g.T @ weighted).double()
+
+    def sketch_ranks(self, shapes: Sequence[tuple]) -> dict[tuple[str, str], int]:
+        """``{(layer, side): l}`` for each side among ``shapes`` (``(layer, side, width[, k])``) wide enough to be
+        sketched (``SideSketch``) rather than formed: a factored side (not a diagonal token side) where
+        ``exact_width`` says no; ``l`` from ``sketch_rank`` (the plan's dim, and k when the shape gives one)."""
+        indicator = {layer.name for layer in self._groups[0] if layer.indicator_in}
+        ranks = {}
+        for shape in shapes:
+            name, side, width = shape[:3]
+            if side not in ("in", "out") or (side == "in" and name in indicator):
+                continue
+            rank = sketch_rank(width, self.spec.dim, shape[3] if len(shape) > 3 else 0)
+            if not exact_width(width, rank):
+                ranks[(name, side)] = rank
+        return ranks
+
+    def new_sketch(self, checkpoint: int, key: tuple[str, str], width: int, rank: int) -> SideSketch:
+        """An empty sketch of one side at one checkpoint, its ``Ω`` seeded from the projection's seed and the side."""
+        seed = derive_seed("kron-sketch", self.spec.seed, checkpoint, key[0], key[1], width, rank)
+        return SideSketch(width, rank, seed, self.device)
 
     def pca_groups(self, budget: int) -> list[list[tuple[str, str, int, int]]]:
         """``pca_shapes`` cut into groups whose float64 moments take at most ``budget`` bytes together (see
         ``moment_groups``)."""
         return self.moment_groups(self.pca_shapes(), budget)
 
-    def moment_groups(self, shapes: Sequence[tuple], budget: int) -> list[list[tuple]]:
+    def moment_groups(
+        self, shapes: Sequence[tuple], budget: int, ranks: dict[tuple[str, str], int] | None = None
+    ) -> list[list[tuple]]:
         """``shapes`` (``(layer, side, width, ...)``) cut into groups whose float64 moments (``[width, width]``; an
-        embedding's input side, diagonal: ``[width]``) take at most ``budget`` bytes together; a side larger than that
-        is a group of its own."""
+        embedding's input side, diagonal: ``[width]``; a side sketched to ``ranks[(layer, side)]`` directions:
+        ``[width, rank]`` and its float32 copy) take at most ``budget`` bytes together; a side larger than that is a
+        group of its own."""
         indicator = {layer.name for layer in self._groups[0] if layer.indicator_in}
         groups: list[list[tuple]] = [[]]
         used = 0
         for shape in shapes:
             name, side, width = shape[:3]
-            size = 8 * width * (1 if side == "in" and name in indicator else width)
+            if ranks and (name, side) in ranks:
+                size = 12 * width * ranks[(name, side)]
+            else:
+                size = 8 * width * (1 if side == "in" and name in indicator else width)
             if groups[-1] and used + size > budget:
                 groups.append([])
                 used = 0
@@ -594,7 +672,7 @@ class KronGradients:
         for layer in layers:
             if layer.numel <= min(PCA_MAX_WIDTH, FLAT_SAMPLES_RATIO * samples):
                 shapes.append((layer.name, "flat", layer.numel))
-            elif max(([] if layer.indicator_in else [layer.in_dim]) + [layer.out_dim]) <= PCA_MAX_WIDTH:
+            elif max(([] if layer.indicator_in else [layer.in_dim]) + [layer.out_dim]) <= PCA_MAX_SIDE:
                 shapes += [(layer.name, "in", layer.in_dim), (layer.name, "out", layer.out_dim)]
         if rest and rest_numel <= PCA_MAX_WIDTH:
             shapes.append((*REST_SIDE, rest_numel))
@@ -634,6 +712,24 @@ class KronGradients:
 
     def _rest_side(self, checkpoint: int) -> Tensor:
         return self._flat_side(checkpoint, REST_SIDE[0], REST_SIDE[1])
+
+    def _rest_dense(self, checkpoint: int, entries: int = 1 << 22) -> Tensor | None:
+        """The rest's seeded projection (``sjlt``, or the identity) as a dense ``[rest_numel, rest_dim]`` matrix (the
+        projector applied to the identity, once per checkpoint) when it has at most ``entries`` entries: one matrix
+        product per chunk instead of a scatter per parameter. None when larger."""
+        plan = self.plan
+        if plan.rest_numel * plan.rest_dim > entries:
+            return None
+        key = (checkpoint, REST_SIDE[0], "dense")
+        if key not in self._matrices:
+            rows = []
+            for start in range(0, plan.rest_numel, 1024):
+                stop = min(plan.rest_numel, start + 1024)
+                unit = torch.zeros(stop - start, plan.rest_numel, dtype=torch.float32, device=self.device)
+                unit[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                rows.append(self.rest_projector.project(unit, checkpoint))
+            self._matrices[key] = torch.cat(rows).contiguous()
+        return self._matrices[key]
 
     def _flat_side(self, checkpoint: int, layer: str, side: str = "flat") -> Tensor:
         """The pca matrix of a flat group (a small layer, or the rest with ``side`` "rest")."""
@@ -698,40 +794,50 @@ class KronGradients:
                 call.output = None
         return calls
 
-    def __call__(self, batch: Any, state: dict[str, Tensor], checkpoint: int) -> Tensor:
-        """collated batch of B samples -> [B, plan.dim] (float32)."""
+    def __call__(
+        self, batch: Any, state: dict[str, Tensor], checkpoint: int, out: Tensor | None = None, scale: float = 1.0
+    ) -> Tensor:
+        """collated batch of B samples -> [B, plan.dim] (float32), times ``scale``; written straight into ``out``
+        (a ``[B, plan.dim]`` float32 view, e.g. one checkpoint's columns of a preallocated output) when given."""
         size = batch_size(batch)
         calls = self._forward_backward(batch, state)
         self._check_per_sample(calls, size)
         if not self.bytes_per_sample:
             self.bytes_per_sample = self._measure(calls, size)
-        out = torch.empty(size, self.dim, dtype=torch.float32, device=self.device)
+        if out is None:
+            out = torch.empty(size, self.dim, dtype=torch.float32, device=self.device)
         offset = 0
         for plan in self.plan.layers:
-            block = self._layer_block(plan, calls, checkpoint)
             view = out[:, offset : offset + plan.dim]
-            if block is None:  # the module did not run: its parameters do not affect the loss
+            if plan.flat:  # a small layer: its per-sample gradient on its top directions
+                block = self._layer_block(plan, calls, checkpoint)
+                if block is None:  # the module did not run: its parameters do not affect the loss
+                    view.zero_()
+                else:
+                    torch.matmul(block.reshape(size, -1), self._flat_side(checkpoint, plan.layer.name), out=view)
+            elif not self._layer_block(plan, calls, checkpoint, view.unflatten(1, (plan.k_out, plan.k_in))):
                 view.zero_()
-            elif plan.flat:  # a small layer: its per-sample gradient on its top directions
-                view.copy_(block.reshape(size, -1) @ self._flat_side(checkpoint, plan.layer.name))
-            else:
-                view.copy_(block.reshape(size, -1))
             offset += plan.dim
         rest = None
         if self.plan.rest_params:
             rest = self._rest_gradients(batch, state, calls, size)
-            out[:, offset:] = (
-                rest @ self._rest_side(checkpoint)
-                if self.rest_projector is None
-                else self.rest_projector.project(rest, checkpoint)
-            )
+            view = out[:, offset:]
+            dense = self._rest_side(checkpoint) if self.rest_projector is None else self._rest_dense(checkpoint)
+            if dense is not None:
+                torch.matmul(rest, dense, out=view)
+            else:
+                view.copy_(self.rest_projector.project(rest, checkpoint))
+        if scale != 1.0:
+            out.mul_(scale)
         if not self._checked:
             self._checked = True
             self._self_check(batch, state, calls, size, rest)
         return out
 
-    def _layer_block(self, plan, calls: dict[str, list[_Call]], checkpoint: int) -> Tensor | None:
-        """One factored group's ``[B, k_out, k_in]`` block, summed over its calls (and a tied weight's uses)."""
+    def _layer_block(self, plan, calls: dict[str, list[_Call]], checkpoint: int, out: Tensor | None = None) -> Any:
+        """One factored group's ``[B, k_out, k_in]`` block, summed over its calls (and a tied weight's uses); None
+        when its module never ran. With ``out`` (a ``[B, k_out, k_in]`` view) the block is written there (the first
+        call straight into it, the others added) and whether anything was written is returned instead."""
         layer = plan.layer
         p_in, p_out = self._side(checkpoint, plan, "in"), self._side(checkpoint, plan, "out")
         bias = layer.kind != "tied" and len(layer.params) > 1
@@ -741,10 +847,19 @@ class KronGradients:
                 module = self.modules[name]
                 if swapped:  # this use's input side is the group's output side
                     part = self._outer(kind, module, call.inputs, call.grad, False, p_out, p_in, 0).transpose(1, 2)
+                elif out is not None and block is None and not self._compiled:
+                    part = _project_layer(kind, module, call.inputs, call.grad, bias, p_in, p_out, layer.in_dim, out)
                 else:
                     part = self._outer(kind, module, call.inputs, call.grad, bias, p_in, p_out, layer.in_dim)
-                block = part if block is None else block + part
-        return block
+                if out is None:
+                    block = part if block is None else block + part
+                elif block is None:
+                    if part.data_ptr() != out.data_ptr() or part.stride() != out.stride():
+                        out.copy_(part)
+                    block = out
+                else:
+                    out.add_(part)
+        return block if out is None else block is not None
 
     def _layer_gradient(self, layer: KronLayer, calls: dict[str, list[_Call]]) -> Tensor:
         """A group's per-sample gradient ``[B, out, in]`` (float32), formed from its calls: for small layers only."""
@@ -912,7 +1027,7 @@ class KronGradients:
                 losses = functional_call(self.module, params, (batch,))
                 true = torch.autograd.grad(losses.sum(), [params[key] for key in keys], allow_unused=True)
             true = [
-                torch.zeros_like(value) if grad is None else grad.detach().double()
+                torch.zeros_like(value) if grad is None else grad.detach().to(value.dtype)
                 for (value, _), grad in zip(found.values(), true)
             ]
             # a gradient that is zero in exact arithmetic (a key bias under softmax) is rounding noise on both sides:
@@ -920,7 +1035,7 @@ class KronGradients:
             floor = 1e-2 * max(float(expected.abs().max()) for expected in true)
             for (param, (value, what)), expected in zip(found.items(), true):
                 scale = max(float(expected.abs().max()), floor) + 1e-12
-                if expected.shape != value.shape or float((value - expected).abs().max()) > 1e-3 * scale:
+                if expected.shape != value.shape or float(torch.sub(value, expected).abs_().max()) > 1e-3 * scale:
                     raise TaskSpecError(
                         f"the kron projection {what}: {param} gets gradient from outside the module calls its hooks "
                         "see (e.g. a weight tied or reused functionally); leave it out with --layers, or use "
@@ -944,12 +1059,12 @@ class KronGradients:
 
     def _summed_layer(self, layer: KronLayer, calls: dict[str, list[_Call]]) -> dict[str, Tensor]:
         """The batch gradient Σ_b G_b of one factored group from its hooks, per parameter in the parameter's own
-        layout (float64): what autograd gives it."""
+        layout (float32, as autograd gives it)."""
         bias = layer.kind != "tied" and len(layer.params) > 1
-        summed = torch.zeros(layer.out_dim, layer.in_dim, dtype=torch.float64, device=self.device)
+        summed = torch.zeros(layer.out_dim, layer.in_dim, dtype=torch.float32, device=self.device)
         for name, kind, swapped in _uses(layer):
             for call in calls.get(name, []):
-                part = _summed_gradient(kind, self.modules[name], call.inputs, call.grad, bias).double()
+                part = _summed_gradient(kind, self.modules[name], call.inputs, call.grad, bias)
                 summed += part.T if swapped else part
         weight = self.modules[layer.name]._parameters["weight"]
         if layer.kind == "tied":
@@ -967,6 +1082,18 @@ class KronGradients:
         if bias:
             found[layer.params[1]] = summed[:, -1]
         return found
+
+
+def _sketch_part(sketch: SideSketch, side: str, a: Tensor, g: Tensor, indicator: bool) -> None:
+    """Stream one call's positions into a side's sketch: ``a`` [R, in] (token ids [R] when ``indicator``), ``g``
+    [R, out]; the input side weighted by ``|g|²``, the output side by ``|a|²`` (1 for a token indicator)."""
+    g = g.float()
+    if side == "out":
+        sketch.add(g, None if indicator else torch.linalg.vecdot(a, a))
+    elif indicator:  # token indicators (a tied vocabulary side): onto the diagonal
+        sketch.add_diagonal(a, torch.linalg.vecdot(g, g))
+    else:
+        sketch.add(a.float(), torch.linalg.vecdot(g, g))
 
 
 def _uses(layer: KronLayer) -> list[tuple[str, str, bool]]:
@@ -996,8 +1123,8 @@ def _parts_squared_norms(parts: list[tuple[Tensor, Tensor]], in_dim: int, elemen
     uses), token ids (``a`` [B, T]) or dense inputs (``a`` [B, T, in]); cross terms between the parts included."""
     indicators = {a.ndim == 2 for a, _ in parts}
     if len(indicators) == 1:
-        a = torch.cat([a for a, _ in parts], dim=1)
-        g = torch.cat([g for _, g in parts], dim=1)
+        a = parts[0][0] if len(parts) == 1 else torch.cat([a for a, _ in parts], dim=1)
+        g = parts[0][1] if len(parts) == 1 else torch.cat([g for _, g in parts], dim=1)
         return squared_norms("embedding" if indicators == {True} else "linear", a, g, in_dim, elements)
     # token ids and dense inputs together (a tied embedding and head): Gram matrices, an indicator's inner product
     # with a dense vector being that vector's entry at the token
@@ -1032,8 +1159,10 @@ def _project_layer(
     p_in: Tensor | None,
     p_out: Tensor | None,
     in_dim: int,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """One call of one layer: ``[B, k_out, k_in]`` = Σ_t (P_out g_t)(P_in a_t)ᵀ (a side without P is the identity)."""
+    """One call of one layer: ``[B, k_out, k_in]`` = Σ_t (P_out g_t)(P_in a_t)ᵀ (a side without P is the identity);
+    the last product written into ``out`` (a ``[B, k_out, k_in]`` view) when given, else a new tensor."""
     batch = grad.shape[0]
     grad = grad.float()
     if kind == "embedding":
@@ -1045,14 +1174,14 @@ def _project_layer(
             )
             block.scatter_add_(1, tokens.unsqueeze(-1).expand(-1, -1, projected_grad.shape[-1]), projected_grad)
             return block.transpose(1, 2)
-        return projected_grad.transpose(1, 2) @ p_in[tokens]
+        return torch.matmul(projected_grad.transpose(1, 2), p_in[tokens], out=out)
     inputs = inputs.float()
     if kind == "conv":
         # each patch times P_in is a convolution with P_in as its kernel: no unfold (im2col) of the input
         projected_in = _patches(module, inputs, p_in, bias).flatten(2).transpose(1, 2)  # [B, L, k_in]
         grad = grad.reshape(batch, grad.shape[1], -1).transpose(1, 2)  # [B, L, out]
         projected_grad = grad if p_out is None else grad @ p_out
-        return projected_grad.transpose(1, 2) @ projected_in
+        return torch.matmul(projected_grad.transpose(1, 2), projected_in, out=out)
     inputs = inputs.reshape(batch, -1, inputs.shape[-1])  # [B, T, in]
     grad = grad.reshape(batch, -1, grad.shape[-1])
     if p_in is None:
@@ -1065,8 +1194,9 @@ def _project_layer(
         projected_in = inputs @ p_in
     projected_grad = grad if p_out is None else grad @ p_out
     if projected_in.shape[1] == 1:
-        return projected_grad[:, 0, :, None] * projected_in[:, 0, None, :]
-    return projected_grad.transpose(1, 2) @ projected_in
+        outer = (projected_grad[:, 0, :, None], projected_in[:, 0, None, :])
+        return torch.mul(*outer) if out is None else torch.mul(*outer, out=out)
+    return torch.matmul(projected_grad.transpose(1, 2), projected_in, out=out)
 
 
 def _embedding_sides(module: nn.Module, inputs: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,13 +1,16 @@
 """The attribution methods, one module each: what φ is, and for asymmetric ones the query-side transform.
 
 Every method is a featurizer (``φ`` per sample) plus, for asymmetric ones, a query-side transform; all of them
-share the one store format and the one inner-product index. ``make_featurizer`` builds one by name (the
+share the one store format and the one inner-product index. ``tracin`` with ``precondition=kfac|ekfac`` (row
+``tracin+pc``, ``_ekfac``) keeps TracIn's rows and applies each checkpoint's K-FAC / EK-FAC curvature H_c of the
+projected gradients on the query side. ``make_featurizer`` builds one by name (the
 registry the pipeline calls); ``METHOD_OPTIONS`` says what options each takes.
 
 =========  ==============================================  ====================================  =========
 method     stored row φ(z)                                 query vector                          symmetric
 =========  ==============================================  ====================================  =========
 tracin     [√η_c P_c∇ℓ(z; θ_c)]_c                          φ(q)                                  yes
+tracin+pc  [√η_c P_c∇ℓ(z; θ_c)]_c                          [η_c(H_c + λ)^{-1}√η_c P_c∇ℓ(q)]_c    no
 gex        (1/√M)[ℓ(z; θ_m) − max(ℓ(z; θ*), τ)]_m          φ(q)                                  yes
 if         P∇ℓ(z; θ*)                                      P(H + λI)^{-1}∇ℓ(q; θ*)               no
 arnoldi    (Λ + λ)^{-1/2}Uᵀ∇ℓ(z; θ*)                       φ(q)                                  yes
@@ -18,38 +21,38 @@ trak       Q(z)[P_c∇f(z; θ_c)]_c                           (1/C)[(Φ_cᵀΦ_c
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from gradindex.featurize import Featurizer, LoadedCheckpoint
-from gradindex.methods._arnoldi import EIGENBASIS, ArnoldiFeaturizer
-from gradindex.methods._base import MethodFeaturizer, as_method_featurizer, row_dots
-from gradindex.methods._curvature import Curvature
-from gradindex.methods._gex import GexFeaturizer
-from gradindex.methods._influence import InfluenceFeaturizer
+from gradindex.errors import ArgumentError
 from gradindex.methods._options import (
     CURVATURES,
     METHOD_OPTIONS,
+    PRECONDITIONERS,
     QUERY_TIME_OPTIONS,
     SOLVERS,
     OptionSpec,
     resolve_options,
 )
 from gradindex.methods._self_influence import finish_store, recompute_self_influence, stored_self_influence
-from gradindex.methods._solvers import CGSolver, ExactSolver, LissaSolver, arnoldi
-from gradindex.methods._tracin import CALIBRATION_SAMPLES, KRON_SIDES_TRANSFORM, TracInFeaturizer
-from gradindex.methods._trak import GramInverse, TrakFeaturizer, trak_self_influence
-from gradindex.projection import ProjectionSpec
-from gradindex.task import Task
+from gradindex.utils import lazy_exports
+
+if TYPE_CHECKING:
+    import torch
+
+    from gradindex.featurize import Featurizer, LoadedCheckpoint
+    from gradindex.projection import ProjectionSpec
+    from gradindex.task import Task
 
 __all__ = [
     "CALIBRATION_SAMPLES",
     "CURVATURES",
+    "DENSE_MAX",
     "EIGENBASIS",
     "KRON_SIDES_TRANSFORM",
     "METHODS",
     "METHOD_OPTIONS",
+    "PRECONDITIONERS",
+    "PRECONDITION_TRANSFORM",
     "QUERY_TIME_OPTIONS",
     "SOLVERS",
     "ArnoldiFeaturizer",
@@ -62,18 +65,48 @@ __all__ = [
     "LissaSolver",
     "MethodFeaturizer",
     "OptionSpec",
+    "PreconditionGroup",
+    "Preconditioned",
+    "Preconditioner",
     "TracInFeaturizer",
     "TrakFeaturizer",
     "arnoldi",
     "as_method_featurizer",
+    "finish_precondition",
     "finish_store",
     "make_featurizer",
+    "precondition_groups",
+    "precondition_self_influence",
     "recompute_self_influence",
     "resolve_options",
     "row_dots",
     "stored_self_influence",
     "trak_self_influence",
 ]
+
+# the featurizers, solvers and curvature need torch: they load with their first use, so that METHODS and
+# METHOD_OPTIONS (the command line's choices) stay light
+if TYPE_CHECKING:  # loaded on first use (lazy_exports)
+    from gradindex.methods._arnoldi import EIGENBASIS, ArnoldiFeaturizer
+    from gradindex.methods._base import MethodFeaturizer, as_method_featurizer, row_dots
+    from gradindex.methods._curvature import Curvature
+    from gradindex.methods._ekfac import (
+        DENSE_MAX,
+        PRECONDITION_TRANSFORM,
+        Preconditioned,
+        Preconditioner,
+        PreconditionGroup,
+        finish_precondition,
+        precondition_groups,
+        precondition_self_influence,
+    )
+    from gradindex.methods._gex import GexFeaturizer
+    from gradindex.methods._influence import InfluenceFeaturizer
+    from gradindex.methods._solvers import CGSolver, ExactSolver, LissaSolver, arnoldi
+    from gradindex.methods._tracin import CALIBRATION_SAMPLES, KRON_SIDES_TRANSFORM, TracInFeaturizer
+    from gradindex.methods._trak import GramInverse, TrakFeaturizer, trak_self_influence
+
+__getattr__, __dir__ = lazy_exports(__name__)
 
 # every method by name, with what its vectors are (the command line's choices and help come from here)
 METHODS: dict[str, str] = {
@@ -84,11 +117,12 @@ METHODS: dict[str, str] = {
     "trak": "TRAK: projected output gradients, (ΦᵀΦ + λI)^-1 on the query side",
 }
 
+# the featurizer class of each method besides tracin, by name (loaded with its first use)
 _FEATURIZERS = {
-    "gex": GexFeaturizer,
-    "if": InfluenceFeaturizer,
-    "arnoldi": ArnoldiFeaturizer,
-    "trak": TrakFeaturizer,
+    "gex": "GexFeaturizer",
+    "if": "InfluenceFeaturizer",
+    "arnoldi": "ArnoldiFeaturizer",
+    "trak": "TrakFeaturizer",
 }
 
 
@@ -119,9 +153,21 @@ def make_featurizer(
             tracin.
     """
     if method == "tracin":
-        if options:
-            resolve_options("tracin", options)  # says which method the options belong to
-        return TracInFeaturizer(
+        from gradindex.methods._ekfac import Preconditioned
+        from gradindex.methods._tracin import TracInFeaturizer
+
+        resolved = resolve_options("tracin", options)  # says which method the options belong to
+        given = [
+            name for name in ("damping", "precondition_side", "factor_samples") if (options or {}).get(name) is not None
+        ]
+        if resolved["precondition"] == "none" and given:
+            raise ArgumentError(
+                given[0],
+                f"{given[0]} applies to method=tracin only with precondition=kfac or ekfac; add precondition=ekfac or "
+                f"leave {given[0]} out",
+                also=["precondition"],
+            )
+        featurizer = TracInFeaturizer(
             task,
             checkpoints,
             projection=projection,
@@ -130,8 +176,9 @@ def make_featurizer(
             device=device,
             **(runtime or {}),
         )
+        return featurizer if resolved["precondition"] == "none" else Preconditioned(featurizer, resolved)
     if method in _FEATURIZERS:
-        return _FEATURIZERS[method](
+        return __getattr__(_FEATURIZERS[method])(
             task, checkpoints, projection=projection, layers=layers, normalize=normalize, device=device, options=options
         )
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

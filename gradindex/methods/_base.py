@@ -37,6 +37,8 @@ class MethodFeaturizer(Featurizer):
 
     method: str = "custom"
     symmetric: bool = True
+    # featurize_train_into writes the vectors in place and returns their squared norms as self-influence
+    writes_into: bool = False
 
     def attach(self, store: GradientStore) -> None:
         """Load (or compute and write) what this method keeps in the store's ``transforms/``."""
@@ -48,6 +50,13 @@ class MethodFeaturizer(Featurizer):
         """Stored vectors ``[B, D]`` and self-influence ``[B]`` of a batch of training samples."""
         vectors = self.featurize(batch)
         return vectors, row_dots(vectors, vectors)
+
+    def featurize_train_into(self, batch: Any, out: Tensor) -> Tensor:
+        """``featurize_train`` with the vectors written into ``out`` (``[B, D]`` float32, e.g. rows of a shard's
+        preallocated buffer); returns the self-influence ``[B]``."""
+        vectors, scores = self.featurize_train(batch)
+        out.copy_(vectors)
+        return scores
 
     def end_shard(self, store: GradientStore, shard: int) -> None:
         """The shard's rows are featurized: write its share of any transform (before its record)."""
@@ -183,6 +192,17 @@ class _Symmetric(MethodFeaturizer):
 
     def featurize(self, batch: Any) -> Tensor:
         return self.inner.featurize(batch)
+
+    @property
+    def writes_into(self) -> bool:
+        return callable(getattr(self.inner, "featurize_into", None))
+
+    def featurize_train_into(self, batch: Any, out: Tensor) -> Tensor:
+        into = getattr(self.inner, "featurize_into", None)
+        if into is None:
+            return super().featurize_train_into(batch, out)
+        into(batch, out)
+        return row_dots(out, out)
 
     def fingerprint(self) -> dict:
         return self.inner.fingerprint()

@@ -17,6 +17,7 @@ from gradindex.utils import Setting
 __all__ = [
     "CURVATURES",
     "METHOD_OPTIONS",
+    "PRECONDITIONERS",
     "QUERY_TIME_OPTIONS",
     "SOLVERS",
     "OptionSpec",
@@ -67,11 +68,52 @@ _HVP_BATCH = OptionSpec(
     recorded=False,
 )
 
+# how ``tracin`` may precondition its gradients (the module gradindex.methods._ekfac)
+PRECONDITIONERS: dict[str, str] = {
+    "none": "raw gradient dot products (TracIn-CP)",
+    "kfac": "K-FAC: per-layer Kronecker factors of the projected gradients' Fisher, applied on the query side",
+    "ekfac": "EK-FAC: K-FAC's eigenbasis with eigenvalues refit to the data (George et al. 2018), on the query side",
+}
+
 METHOD_OPTIONS: dict[str, dict[str, OptionSpec]] = {
-    "tracin": {},
+    "tracin": {
+        "precondition": OptionSpec(
+            "none", Setting(help="curvature preconditioning of the projected gradients", choices=PRECONDITIONERS)
+        ),
+        "damping": OptionSpec(
+            0.1,
+            Setting(
+                help="with precondition: λ relative to each layer block's mean eigenvalue, (H + λ·mean(Λ)·I)^-1",
+                minimum=0,
+            ),
+            query_time=True,
+        ),
+        "precondition_side": OptionSpec(
+            "query",
+            Setting(
+                help="where the curvature goes: query, (H + λ)^-1 on the query (any damping later, same store); both, "
+                "(H + λ)^-1/2 on every vector with factors fit before the build (inner products and self-influence "
+                "are influence; with --normalize, TrackStar's cosine)",
+                choices=("query", "both"),
+            ),
+        ),
+        "factor_samples": OptionSpec(
+            4096,
+            Setting(
+                help="with precondition_side=both: training samples the factors are fit on (evenly spaced)",
+                minimum=1,
+                integer=True,
+            ),
+        ),
+    },
     "gex": {
         "tau": OptionSpec(
-            0.05, Setting(help="floor on the trained model's loss: φ_m = ℓ(θ_m) − max(ℓ(θ*), τ)", minimum=0)
+            0.0,
+            Setting(
+                help="floor on the trained model's loss: φ_m = ℓ(θ_m) − max(ℓ(θ*), τ) (the paper's 0.05 suits "
+                "losses well above it)",
+                minimum=0,
+            ),
         ),
     },
     "if": {
@@ -120,7 +162,16 @@ METHOD_OPTIONS: dict[str, dict[str, OptionSpec]] = {
         "hvp_batch_size": _HVP_BATCH,
     },
     "trak": {
-        "damping": OptionSpec(0.01, Setting(help="λ in (ΦᵀΦ + λI)^-1", minimum=0), query_time=True),
+        "damping": OptionSpec(
+            None,
+            Setting(
+                help="λ in (ΦᵀΦ + λI)^-1 (absolute)",
+                minimum=0,
+                optional=True,
+                default_text="auto: 0.1 × the mean eigenvalue of each checkpoint's ΦᵀΦ",
+            ),
+            query_time=True,
+        ),
         "out_to_loss": OptionSpec(
             True, Setting(help="weight training samples by 1 − p(correct class), averaged over checkpoints", flag=True)
         ),
@@ -183,6 +234,12 @@ def query_overrides(
             "gradindex"
         )
     specs = METHOD_OPTIONS[method]
+    if method == "tracin" and recorded.get("precondition", "none") == "none" and "damping" in asked:
+        owners = " / ".join(owner for owner in option_owner("damping") if owner != "tracin")
+        raise ValueError(
+            f"damping applies to stores built with method={owners} or with precondition=kfac / ekfac; store "
+            f"{store_path} was built with method=tracin"
+        )
     overrides: dict[str, Any] = {}
     for name, value in asked.items():
         if name not in specs:

@@ -11,24 +11,32 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from gradindex.methods._base import MethodFeaturizer, row_dots
+from gradindex.errors import IncompatibleStoreError
 from gradindex.methods._options import METHOD_OPTIONS, query_overrides, resolve_options
-from gradindex.methods._trak import TrakFeaturizer, finish_trak, trak_self_influence
-from gradindex.task import Task, iter_batches
 
+# torch and the methods' modules load only when a score must be computed: the stored column is read without them
 if TYPE_CHECKING:
+    from gradindex.methods._base import MethodFeaturizer
     from gradindex.store import GradientStore
+    from gradindex.task import Task
 
 __all__ = ["finish_store", "recompute_self_influence", "stored_self_influence"]
 
 
 def finish_store(store: GradientStore) -> None:
-    """What a method computes from the whole store once every shard is written (needs no model): TRAK's ΦᵀΦ."""
+    """What a method computes from the whole store once every shard is written (needs no model): TRAK's ΦᵀΦ, the
+    factors of preconditioned TracIn."""
+    from gradindex.methods._ekfac import finish_precondition
+    from gradindex.methods._trak import finish_trak
+
     method = store.fingerprint.get("method", {})
     if method.get("name") == "trak":
         finish_trak(store, resolve_options("trak", _recorded(method))["damping"])
+    if method.get("name") == "tracin" and method.get("precondition", "none") != "none":
+        options = resolve_options("tracin", _recorded(method))
+        if options["precondition_side"] == "query":  # (both: the factors came first and are in every row already)
+            finish_precondition(store, options["precondition"], options["damping"])
 
 
 def _recorded(method: dict) -> dict:
@@ -56,7 +64,18 @@ def stored_self_influence(store: GradientStore, asked: Mapping[str, Any] | None)
     if all(built.get(key) == value for key, value in overrides.items()):
         return store.self_influence()[1]
     if name == "trak":
+        from gradindex.methods._trak import trak_self_influence
+
         return trak_self_influence(store, overrides.get("damping", built["damping"]))
+    if name == "tracin" and built["precondition"] != "none":
+        from gradindex.methods._ekfac import precondition_self_influence
+
+        if built["precondition_side"] == "both":
+            raise IncompatibleStoreError(
+                f"store {store.path} was built with precondition_side=both damping={built['damping']!r}, fixed in its "
+                "vectors; ask without damping, or rebuild with precondition_side=query (any damping at query time)"
+            )
+        return precondition_self_influence(store, overrides.get("damping", built["damping"]))
     return None
 
 
@@ -69,8 +88,17 @@ def recompute_self_influence(
     bar: Any = None,
 ) -> np.ndarray:
     """``(N,)`` float32 self-influence of every row of a complete store under the featurizer's query settings."""
+    import torch
+
+    from gradindex.methods._base import row_dots
+    from gradindex.methods._ekfac import Preconditioned, precondition_self_influence
+    from gradindex.methods._trak import TrakFeaturizer, trak_self_influence
+    from gradindex.task import iter_batches
+
     if isinstance(featurizer, TrakFeaturizer):
         return trak_self_influence(store, featurizer.query_settings["damping"])
+    if isinstance(featurizer, Preconditioned) and not featurizer.symmetric:
+        return precondition_self_influence(store, featurizer.query_settings["damping"])
     if featurizer.symmetric:
         return store.self_influence()[1]
     scores = np.empty(store.n_samples, dtype=np.float32)

@@ -29,11 +29,15 @@ from gradindex.projection import (
     REST_SIDE,
     ParamPlan,
     ProjectionSpec,
+    SideEigen,
+    SideSketch,
+    exact_side_eigen,
     flat_spectrum,
     make_projector,
     mix_spectra,
     pca_flat_matrix,
     pca_side_matrix,
+    sketch_rank,
 )
 from gradindex.task import Task, batch_size, iter_batches, slice_batch, to_device
 from gradindex.utils import check_fits
@@ -51,6 +55,45 @@ _PROBE_SAMPLES = 8
 _CALIBRATION_BATCH = 32
 # the kron groups projected flat (their calibration vectors kept, not their moments): small layers, the rest
 _FLAT = ("flat", REST_SIDE[1])
+
+
+def _decompose(key: tuple[str, str], value: Any, width: int) -> Any:
+    """What calibration keeps of one side: a sketch's or a formed moment's eigenpairs (``SideEigen``), a flat group's
+    calibration vectors ``[n, width]`` and a diagonal moment ``[width]`` as they are; None (the module never ran)
+    as the zero moment's."""
+    if isinstance(value, SideSketch):
+        return value.eigen()
+    if key[1] in _FLAT:
+        return torch.zeros(1, width, dtype=torch.float64) if value is None else value
+    if value is None:
+        value = torch.zeros(width, width, dtype=torch.float64)
+    return value if value.ndim == 1 else exact_side_eigen(value)
+
+
+def _spectrum(key: tuple[str, str], value: Any) -> list[float]:
+    """A kept side's eigenvalues, largest first (see ``_decompose``)."""
+    if isinstance(value, SideEigen):
+        return value.spectrum()
+    return (flat_spectrum(value) if key[1] in _FLAT else value).tolist()
+
+
+def _covers(value: Any, shape: tuple) -> bool:
+    """Whether a kept side gives its pca matrix of ``shape`` (``(layer, side, width, k)``): a sketch must keep k and
+    half as many again (its last directions are the least accurate)."""
+    if value is None:
+        return False
+    if isinstance(value, SideEigen):
+        return value.rank == value.width or value.rank >= sketch_rank(value.width, 0, shape[3])
+    return True
+
+
+def _side_matrix(value: Any, side: str, width: int, k: int) -> Tensor:
+    """The ``[width, k]`` pca matrix of a kept side."""
+    if side in _FLAT:
+        return pca_flat_matrix(value, k)
+    if isinstance(value, SideEigen):
+        return value.matrix(k)
+    return pca_side_matrix(value, k)  # a diagonal moment: token indicators
 
 
 class TracInFeaturizer(Featurizer):
@@ -132,7 +175,9 @@ class TracInFeaturizer(Featurizer):
     def _calibrate(self, sides: str) -> None:
         """Plan kron from what the gradients look like on the first ``CALIBRATION_SAMPLES`` training samples
         (dataset order) at every checkpoint, so that k goes where the gradients are (see ``plan_kron``); with
-        ``pca`` sides, a second pass over the same samples gives each narrow side its top directions.
+        ``pca`` sides, the same pass over those samples gathers each side's statistics (a formed moment for narrow
+        sides, a ``SideSketch`` for wide ones), whose top eigenpairs give the plan its spectra and each narrow side
+        its top directions.
 
         The JL variance of a TracIn-CP score is about Σ_l Σ_c η_c² E_lc² v_l (E_lc: the mean squared per-sample
         gradient norm of group l at checkpoint c, v_l its projection's relative variance), so each group's
@@ -144,80 +189,80 @@ class TracInFeaturizer(Featurizer):
         rows = self._calibration_rows()
         if not rows:
             return
+        shapes = self.kron.spectrum_shapes(len(rows)) if sides == "pca" else []
+        found: dict[int, dict] = {}
         contributions = []
         for position, ((params, _), ckpt) in enumerate(zip(self._states, self.checkpoints)):
-            sums, counted = None, 0
-            for start in range(0, len(rows), _CALIBRATION_BATCH):
-                chunk = self._finite_energies(rows[start : start + _CALIBRATION_BATCH], params, position)
-                if chunk is None:
-                    continue
-                found, size = chunk
-                sums = found if sums is None else [a + b for a, b in zip(sums, found)]
-                counted += size
-            if sums is None:
-                raise NonFiniteError(
-                    f"every calibration sample's gradient is NaN or infinite at checkpoint {position}; "
-                    "fix the data or the checkpoint"
-                )
-            energies = [value / counted for value in sums]
+            energies = self._gather(position, params, shapes, found.setdefault(position, {}), rows)
             total = sum(energies) if self.normalize else 1.0
             contributions.append([ckpt.spec.weight * value / total if total > 0 else 0.0 for value in energies])
         energies = [math.sqrt(sum(row[group] ** 2 for row in contributions)) for group in range(len(contributions[0]))]
-        kept: dict[int, dict] = {}
-        spectra = self._spectra(contributions, kept) if sides == "pca" else None
+        spectra = self._spectra(contributions, found) if sides == "pca" else None
         self.kron.replan(energies, sides=sides, spectra=spectra)
-        self._calibrate_pca(kept)
+        self._calibrate_pca(found)
 
-    def _spectra(self, contributions: list[list[float]], kept: dict[int, dict]) -> list:
+    def _gather(
+        self, position: int, params: dict, shapes: Sequence[tuple], found: dict, rows: list[int] | None = None
+    ) -> list[float]:
+        """One checkpoint's side statistics of ``shapes`` (``(layer, side, width[, k])``), decomposed into ``found``
+        (``_decompose``), in as few passes over the calibration samples as ``chunk_bytes`` allows (one, unless the
+        formed moments and sketches do not fit together). With ``rows`` (the calibration rows, planning) the first
+        pass also sums the groups' energies and finds rows whose gradients are NaN or infinite; their mean energies
+        are returned (else [])."""
+        ranks = self.kron.sketch_ranks(shapes)
+        groups = self.kron.moment_groups(shapes, self.chunk_bytes, ranks) or [[]]
+        sums, counted = None, 0
+        for number, group in enumerate(groups):
+            stats: dict = {
+                (name, side): self.kron.new_sketch(position, (name, side), width, ranks[(name, side)])
+                for name, side, width, *_ in group
+                if (name, side) in ranks
+            }
+            keys = {(name, side) for name, side, *_ in group}
+            planning = rows is not None and number == 0
+            batch_rows = rows if planning else self._calibration_rows()
+            for start in range(0, len(batch_rows), _CALIBRATION_BATCH):
+                chunk = batch_rows[start : start + _CALIBRATION_BATCH]
+                if planning:
+                    result = self._finite_batch(chunk, params, position, stats, keys)
+                    if result is None:
+                        continue
+                    energies, size = result
+                    sums = energies if sums is None else [a + b for a, b in zip(sums, energies)]
+                    counted += size
+                else:
+                    self.kron.side_moments(self._calibration_batch(chunk), params, stats, keys)
+            for name, side, width, *_ in group:
+                found[(name, side)] = _decompose((name, side), stats.get((name, side)), width)
+        if rows is None:
+            return []
+        if sums is None:
+            raise NonFiniteError(
+                f"every calibration sample's gradient is NaN or infinite at checkpoint {position}; "
+                "fix the data or the checkpoint"
+            )
+        return [value / counted for value in sums]
+
+    def _spectra(self, contributions: list[list[float]], found: dict[int, dict]) -> list:
         """Each group's spectra for the pca plan (``plan_kron``): the eigenvalues of every side's calibration moment
-        at each checkpoint, mixed over the checkpoints by their share of the group's energy (``contributions``).
-        When every checkpoint's moments fit in ``chunk_bytes`` together they are kept (``kept``) for the pca sides,
-        instead of being gathered again."""
-        shapes = self.kron.spectrum_shapes(len(self._calibration_rows()))
-        groups = self.kron.moment_groups(shapes, self.chunk_bytes)
-        keep = (
-            len(groups) * len(self.checkpoints) <= 1
-            or sum(sum(8 * width * width for _, _, width in group) for group in groups) * len(self.checkpoints)
-            <= self.chunk_bytes
-        )
-        found: list[dict] = []
-        for position, (params, _) in enumerate(self._states):
-            eigenvalues: dict = {}
-            for group in groups:
-                moments = self._moments(params, {(name, side) for name, side, _ in group})
-                for key, moment in moments.items():
-                    eigenvalues[key] = (
-                        flat_spectrum(moment)
-                        if key[1] in _FLAT
-                        else moment
-                        if moment.ndim == 1
-                        else torch.linalg.eigvalsh(moment)
-                    ).tolist()
-                if keep:
-                    kept.setdefault(position, {}).update(moments)
-            found.append(eigenvalues)
+        at each checkpoint (a sketched side: its top eigenvalues, the rest of its trace spread over the other
+        directions), mixed over the checkpoints by their share of the group's energy (``contributions``)."""
+        eigenvalues = [
+            {key: _spectrum(key, value) for key, value in found.get(position, {}).items()}
+            for position in range(len(self.checkpoints))
+        ]
         layers, rest, _ = self.kron._groups
         spectra: list = []
         for group, layer in enumerate(layers):
             weights = [row[group] for row in contributions]
-            sides = ("flat",) if any((layer.name, "flat") in eigen for eigen in found) else ("in", "out")
+            sides = ("flat",) if any((layer.name, "flat") in eigen for eigen in eigenvalues) else ("in", "out")
             spectra.append(
-                {side: mix_spectra([eigen.get((layer.name, side)) for eigen in found], weights) for side in sides}
+                {side: mix_spectra([eigen.get((layer.name, side)) for eigen in eigenvalues], weights) for side in sides}
             )
         if rest:
             weights = [row[-1] for row in contributions]
-            spectra.append({"flat": mix_spectra([eigen.get(REST_SIDE) for eigen in found], weights)})
+            spectra.append({"flat": mix_spectra([eigen.get(REST_SIDE) for eigen in eigenvalues], weights)})
         return spectra
-
-    def _moments(self, params: dict, keys: set) -> dict:
-        """The calibration samples' moments of the sides in ``keys`` at one checkpoint (see ``side_moments``)."""
-        rows = self._calibration_rows()
-        moments: dict = {}
-        for start in range(0, len(rows), _CALIBRATION_BATCH):
-            self.kron.side_moments(
-                self._calibration_batch(rows[start : start + _CALIBRATION_BATCH]), params, moments, keys
-            )
-        return moments
 
     def _calibration_rows(self) -> list[int]:
         """The training rows the plan is calibrated on: the first ``CALIBRATION_SAMPLES``, less any whose gradients
@@ -233,11 +278,15 @@ class TracInFeaturizer(Featurizer):
         batch = next(iter(iter_batches(self.task.train, wanted, len(rows), self.task.collate, prefetch=0)))
         return to_device(batch, self.device)
 
-    def _finite_energies(self, rows: list[int], params: dict, checkpoint: int) -> tuple[list[float], int] | None:
-        """The summed group energies of calibration ``rows`` and how many rows they count; rows whose gradients are
-        NaN or infinite are found one by one and left out of the calibration, or stop the build (``nonfinite``)."""
-        found = self.kron.energies(self._calibration_batch(rows), params)
-        if all(math.isfinite(value) for value in found):
+    def _finite_batch(
+        self, rows: list[int], params: dict, checkpoint: int, stats: dict, keys: set
+    ) -> tuple[list[float], int] | None:
+        """The summed group energies of calibration ``rows`` and how many rows they count, their side statistics
+        (``keys``) added into ``stats`` from the same pass; rows whose gradients are NaN or infinite are found one by
+        one and left out of the calibration (their statistics too: ``calibrate_batch`` adds none for a batch with a
+        non-finite energy), or stop the build (``nonfinite``)."""
+        found = self.kron.calibrate_batch(self._calibration_batch(rows), params, stats, keys)
+        if all(math.isfinite(value) for value in found):  # (statistics are added only then)
             return found, len(rows)
         bad = [
             row
@@ -254,26 +303,24 @@ class TracInFeaturizer(Featurizer):
             )
         self._calibration = [row for row in self._calibration if row not in set(bad)]
         good = [row for row in rows if row not in set(bad)]
-        return (self.kron.energies(self._calibration_batch(good), params), len(good)) if good else None
+        if not good:
+            return None
+        return self.kron.calibrate_batch(self._calibration_batch(good), params, stats, keys), len(good)
 
-    def _calibrate_pca(self, kept: dict[int, dict] | None = None) -> None:
+    def _calibrate_pca(self, found: dict[int, dict] | None = None) -> None:
         """Each checkpoint's pca side matrices (and the rest's pca matrix), for the plan in place, from the calibration
-        samples. The float64 ``[width, width]`` moments are gathered a group of sides at a time, each group within
-        ``chunk_bytes`` (one more pass over the calibration samples per group), so wide models stay within the
-        featurization budget; moments the planning ``kept`` are used as they are."""
-        groups = self.kron.pca_groups(self.chunk_bytes)
+        samples: from the decompositions the planning pass ``found`` when they keep enough directions (a sketch: k
+        and half as many again), else from another pass over the calibration samples for the sides still missing
+        (sketched to their k now known)."""
+        shapes = self.kron.pca_shapes()
         for position, (params, _) in enumerate(self._states):
-            for group in groups:
-                keys = {(name, side) for name, side, _, _ in group}
-                ready = (kept or {}).get(position, {})
-                moments = ready if keys <= ready.keys() else self._moments(params, keys)
-                for name, side, width, k in group:
-                    moment = moments.get((name, side))  # None: the module never ran
-                    if side in _FLAT:
-                        matrix = pca_flat_matrix(torch.zeros(1, width) if moment is None else moment, k)
-                    else:
-                        matrix = pca_side_matrix(torch.zeros(width, width) if moment is None else moment, k)
-                    self.kron.set_pca_matrix(position, name, side, matrix)
+            ready = dict((found or {}).get(position, {}))
+            missing = [shape for shape in shapes if not _covers(ready.get(shape[:2]), shape)]
+            if missing:
+                self._gather(position, params, missing, ready)
+            for name, side, width, k in shapes:
+                matrix = _side_matrix(ready[(name, side)], side, width, k)
+                self.kron.set_pca_matrix(position, name, side, matrix)
 
     def _pca_layout(self) -> list[tuple[int, str, str, int, int]]:
         """``(checkpoint, layer, side, width, k)`` of every pca matrix, in the order ``transforms/kron_sides`` packs
@@ -345,13 +392,22 @@ class TracInFeaturizer(Featurizer):
             stop = min(size, start + self.chunk_size)
             chunk = slice_batch(batch, start, stop)
             for position, ((params, constants), scale) in enumerate(zip(self._states, self._scales)):
+                view = out[start:stop, position * self.block_dim : (position + 1) * self.block_dim]
+                if self.kron is not None and view.device == self.device:
+                    # written straight into the output's columns, scaled there (normalized first, in place)
+                    self.kron(chunk, params, position, out=view, scale=1.0 if self.normalize else scale)
+                    if self.normalize:
+                        view.div_(view.norm(dim=1, keepdim=True).clamp_(min=1e-12))
+                        if scale != 1.0:
+                            view.mul_(scale)
+                    continue
                 if self.kron is not None:
                     block = self.kron(chunk, params, position)
                 else:
                     block = self.projector.project(self.gradients(chunk, params, constants), position)
                 if self.normalize:
                     block = torch.nn.functional.normalize(block, dim=1)
-                out[start:stop, position * self.block_dim : (position + 1) * self.block_dim] = block * scale
+                view.copy_(block * scale if scale != 1.0 else block)
         return out
 
     def _measure_chunks(self) -> None:

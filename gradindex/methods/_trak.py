@@ -5,7 +5,7 @@ log p/(1 − p) by default) and P_c the projection of checkpoint c:
 
     φ_c(z) = P_c ∇_θ f(z; θ_c)                 Φ_c = [φ_c(z_1); …; φ_c(z_N)]    (N × k)
     Q(z)   = (1/C) Σ_c (1 − p_c(z)),  p_c(z) = σ(f(z; θ_c))                       (out-to-loss)
-    score(q, z) = Q(z) · (1/C) Σ_c φ_c(z)ᵀ (Φ_cᵀΦ_c + λI)^{-1} φ_c(q)
+    score(q, z) = Q(z) · (1/C) Σ_c φ_c(z)ᵀ (Φ_cᵀΦ_c + λ_c I)^{-1} φ_c(q)
 
 The store row of z is Q(z)·[φ_1(z), …, φ_C(z)]; a query vector is (1/C)[(Φ_cᵀΦ_c + λI)^{-1} φ_c(q)]_c,
 so FAISS's inner product is the TRAK score. Φ_cᵀΦ_c (k × k per checkpoint) is accumulated shard by
@@ -13,6 +13,13 @@ shard (``transforms/_parts/trak_gram``), summed when the last shard is done into
 ``transforms/trak_gram``, and inverted at query time with the λ asked for: one index, many λ.
 Self-influence ⟨T φ(z), φ(z)⟩ = Q(z)·(1/C) Σ_c φ_cᵀ(Φ_cᵀΦ_c + λI)^{-1}φ_c is written then too
 (``transforms/self_influence``), from the stored rows and ``transforms/trak_out_to_loss``.
+
+The checkpoints are TRAK's models: pass the final checkpoints of C independently trained runs (TRAK-C; the paper's
+ensemble, and dattri's TRAK-10 / TRAK-50), or several checkpoints of one run; each gets its own Φ_c and the scores
+are averaged. λ defaults to ``auto``: 0.1 × the mean eigenvalue of each Φ_cᵀΦ_c (kronfluence's damping heuristic),
+which does not depend on the gradients' scale, the number of samples or k. A fixed absolute λ is tiny beside
+ΦᵀΦ's large eigenvalues and the inverse is then dominated by its smallest ones, noise once k nears the rank of Φ_c
+(benchmarks/RESULTS.md, quality section: TRAK on the MNIST-5k MLP).
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ from gradindex.task import Task, batch_size, slice_batch, to_device
 if TYPE_CHECKING:
     from gradindex.store import GradientStore
 
-__all__ = ["GramInverse", "TrakFeaturizer", "finish_trak", "trak_self_influence"]
+__all__ = ["RELATIVE_DAMPING", "GramInverse", "TrakFeaturizer", "finish_trak", "trak_self_influence"]
 
 GRAM = "trak_gram"
 OUT_TO_LOSS = "trak_out_to_loss"
+RELATIVE_DAMPING = 0.1  # λ = RELATIVE_DAMPING × mean eigenvalue of Φ_cᵀΦ_c when damping is None ("auto")
 
 
 class GramInverse:
@@ -49,24 +57,37 @@ class GramInverse:
             raise ValueError(f"a TRAK Gram transform must be [C, k, k], got {list(gram.shape)}")
         self.values, self.vectors = torch.linalg.eigh(0.5 * (gram + gram.transpose(1, 2)))
 
-    def matrices(self, damping: float) -> Tensor:
-        """``[C, k, k]`` float64: (G_c + λI)^{-1}."""
-        shifted = self.values + damping
+    def dampings(self, damping: float | None) -> Tensor:
+        """``[C]`` float64: each checkpoint's λ_c: ``damping`` itself, or for None (auto) RELATIVE_DAMPING × the mean
+        eigenvalue of G_c."""
+        if damping is None:
+            return RELATIVE_DAMPING * self.values.clamp_min(0).mean(dim=1)
+        return torch.full(self.values.shape[:1], float(damping), dtype=torch.float64)
+
+    def matrices(self, damping: float | None) -> Tensor:
+        """``[C, k, k]`` float64: (G_c + λ_c I)^{-1}, λ_c from ``dampings``."""
+        shifted = self.values + self.dampings(damping).unsqueeze(1)
         for position in range(shifted.shape[0]):
             floor = 1e-12 * max(float(self.values[position].abs().max()), 1e-30)
             if float(shifted[position].min()) <= floor:
                 rank = int((self.values[position] > floor).sum())
+                asked = "auto" if damping is None else f"{damping:g}"
                 raise ValueError(
-                    f"ΦᵀΦ of checkpoint {position} is singular at λ={damping:g} (rank {rank} of {shifted.shape[1]}): "
+                    f"ΦᵀΦ of checkpoint {position} is singular at λ={asked} (rank {rank} of {shifted.shape[1]}): "
                     "query with a positive damping (e.g. damping=0.01), or rebuild with a smaller proj_dim"
                 )
         return (self.vectors / shifted.unsqueeze(1)) @ self.vectors.transpose(1, 2)
 
 
 def trak_self_influence(
-    store: GradientStore, damping: float, *, gram: np.ndarray | None = None, out_to_loss: np.ndarray | None = None
+    store: GradientStore,
+    damping: float | None,
+    *,
+    gram: np.ndarray | None = None,
+    out_to_loss: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``(N,)`` float32: Q(z)·(1/C) Σ_c φ_c(z)ᵀ(Φ_cᵀΦ_c + λI)^{-1}φ_c(z) for every row, from the stored rows."""
+    """``(N,)`` float32: Q(z)·(1/C) Σ_c φ_c(z)ᵀ(Φ_cᵀΦ_c + λ_c I)^{-1}φ_c(z) for every row, from the stored rows
+    (``damping`` None: λ_c = RELATIVE_DAMPING × the mean eigenvalue of Φ_cᵀΦ_c)."""
     gram = store.read_transform(GRAM) if gram is None else gram
     weights = store.read_transform(OUT_TO_LOSS) if out_to_loss is None else out_to_loss
     inverses = GramInverse(gram).matrices(damping)
@@ -82,7 +103,7 @@ def trak_self_influence(
     return scores.astype(np.float32)
 
 
-def finish_trak(store: GradientStore, damping: float) -> None:
+def finish_trak(store: GradientStore, damping: float | None) -> None:
     """Every shard is written: sum the shards' ΦᵀΦ, gather the out-to-loss weights, write the self-influence at λ."""
     grams = store.read_transform_parts(GRAM)
     weights = store.read_transform_parts(OUT_TO_LOSS)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,12 @@ from gradindex.errors import (
 from gradindex.featurize import load_checkpoints, model_fingerprint, resolve_device
 from gradindex.methods import (
     KRON_SIDES_TRANSFORM,
-    METHODS,
     MethodFeaturizer,
     as_method_featurizer,
     finish_store,
     make_featurizer,
 )
+from gradindex.pipeline._config import NONFINITE_POLICIES, BuildConfig
 from gradindex.pipeline._fingerprint import (
     ContentHash,
     content_message,
@@ -45,10 +46,9 @@ from gradindex.pipeline._fingerprint import (
     fingerprint_of,
     mismatch_message,
 )
-from gradindex.projection import KRON_SIDES, PROJECTION_KINDS, ProjectionSpec
+from gradindex.projection import ProjectionSpec
 from gradindex.search import update_indexes
 from gradindex.store import (
-    STORE_DTYPES,
     GradientStore,
     StoreLayout,
     as_store,
@@ -68,78 +68,12 @@ from gradindex.task import (
     tensor_rows,
     user_code_error,
 )
-from gradindex.utils import check_settings, progress_bar, setting
+from gradindex.utils import progress_bar
 from gradindex.version import __version__
 
 __all__ = ["NONFINITE_POLICIES", "BuildConfig", "build", "finalize"]
 
 log = logging.getLogger("gradindex")
-
-
-# What a build does with a sample whose vector is NaN or infinite.
-NONFINITE_POLICIES: dict[str, str] = {
-    "error": "stop; nothing is written for its shard (finished shards are kept)",
-    "skip": "store a zero vector, list the row in the manifest and leave it out of search and self-influence",
-    "zero": "store a zero vector, list the row in the manifest and keep it in search",
-}
-
-
-@dataclass(frozen=True, kw_only=True)
-class BuildConfig:
-    """What a build computes (fingerprinted: method, projection, layers, normalize, dtype) and how (batching, device,
-    layout, working memory). Every field is checked on construction; ``build(**options)`` takes these as keywords."""
-
-    method: str = setting("tracin", "how vectors are made", choices=METHODS)
-    projection: str | None = setting(
-        None,
-        "projection kind",
-        choices=PROJECTION_KINDS,
-        optional=True,
-        default_text="kron for tracin, rademacher otherwise",
-    )
-    proj_dim: int = setting(1024, "projected dimension per checkpoint", minimum=1, integer=True)
-    kron_sides: str | None = setting(
-        None, "how kron projects each narrow layer side", choices=KRON_SIDES, optional=True, default_text="pca"
-    )
-    seed: int = setting(0, "projection seed", minimum=0, integer=True)
-    layers: tuple[str, ...] | None = setting(
-        None, "only parameters whose names match one of these globs, e.g. 'fc2.*'", optional=True, metavar="GLOB"
-    )
-    normalize: bool = setting(False, "unit-normalise each checkpoint's vector (cosine scores)")
-    dtype: str = setting("float16", "stored vector dtype", choices=STORE_DTYPES)
-    batch_size: int | None = setting(
-        None,
-        "samples per batch",
-        minimum=1,
-        integer=True,
-        optional=True,
-        default_text="as many as fit the featurization memory (kron), else 256",
-    )
-    device: str = setting("auto", "auto, cpu or cuda[:N]")
-    rows_per_shard: int | None = setting(
-        None, "rows per shard", minimum=1, integer=True, optional=True, default_text="about 64 MiB of vectors"
-    )
-    method_options: dict = setting(
-        default_factory=dict, help="options of the method (gradindex.methods.METHOD_OPTIONS)", cli=False
-    )
-    nonfinite: str = setting("error", "what to do with a NaN/inf vector", choices=NONFINITE_POLICIES)
-    # how featurization runs (not fingerprinted): working memory per chunk, torch.compile, CUDA bfloat16 autocast
-    featurize_memory: int = setting(
-        512 << 20, "working memory of one featurization chunk, in bytes", minimum=1, integer=True, default_text="512M"
-    )
-    compile: bool = setting(False, "torch.compile the kron projection kernels")
-    autocast: bool = setting(False, "on CUDA: forward/backward in bfloat16 (projections stay float32); ignored on CPU")
-
-    def __post_init__(self) -> None:
-        if self.layers is not None and not isinstance(self.layers, tuple):
-            object.__setattr__(self, "layers", tuple([self.layers] if isinstance(self.layers, str) else self.layers))
-        check_settings(self)
-        if self.projection is None:
-            object.__setattr__(self, "projection", "kron" if self.method == "tracin" else ProjectionSpec().kind)
-        self.projection_spec()  # checks what belongs together (kron_sides with kron)
-
-    def projection_spec(self) -> ProjectionSpec:
-        return ProjectionSpec(kind=self.projection, dim=self.proj_dim, seed=self.seed, kron_sides=self.kron_sides)
 
 
 def _loader_batch_size(config: BuildConfig, featurizer: Any) -> int:
@@ -341,7 +275,11 @@ def build(
     joining = (resume or append or shard_count > 1) and not overwrite
     projection = (_recorded_projection(output, config) if joining else None) or config.projection_spec()
     featurizer = featurizer_for(projection)
-    fingerprint = fingerprint_of(featurizer, loaded, task, config.dtype, model_fingerprint(task.model()))
+    # the featurizer built the model already (a 21M-parameter model takes a second to build)
+    built = getattr(featurizer, "model_fingerprint", None)
+    fingerprint = fingerprint_of(
+        featurizer, loaded, task, config.dtype, built if isinstance(built, dict) else model_fingerprint(task.model())
+    )
     n_samples = len(task.train)
     if n_samples == 0:
         raise TaskSpecError("the task's training set is empty; there is nothing to index")
@@ -407,16 +345,19 @@ def build(
         total_rows = sum(store.layout.shard_rows(index)[1] - store.layout.shard_rows(index)[0] for index in todo)
         bar = progress_bar(total_rows, f"featurize {output.name} ({len(loaded)} checkpoints)", enabled=progress)
         started = time.perf_counter()
+        writer = _ShardWriter(store)
         try:
             for position, index in enumerate(todo):
                 bar.set_postfix_str(f"shard {position + 1}/{len(todo)}", refresh=False)
                 _build_shard(
-                    store, index, task, featurizer, sample_ids, config, owner, bar, expected_content.get(index)
+                    store, index, task, featurizer, sample_ids, config, owner, bar, expected_content.get(index), writer
                 )
                 log.debug(
-                    "wrote shard %d of %s (%d/%d of this worker's shards)", index, output, position + 1, len(todo)
+                    "featurized shard %d of %s (%d/%d of this worker's shards)", index, output, position + 1, len(todo)
                 )
+            writer.wait()
         finally:
+            writer.close()
             bar.close()
         elapsed = time.perf_counter() - started
         if total_rows:
@@ -631,10 +572,11 @@ def _build_shard(
     owner: str,
     bar,
     expected_content: str | None = None,
+    writer: _ShardWriter | None = None,
 ) -> None:
     store.claim_shard(index, owner=owner)
     try:
-        _compute_shard(store, index, task, featurizer, sample_ids, config, bar, expected_content)
+        _compute_shard(store, index, task, featurizer, sample_ids, config, bar, expected_content, writer)
     except BaseException:
         # Free the shard for the next writer (a resume): our claim would block it for as long as we live.
         try:
@@ -653,10 +595,15 @@ def _compute_shard(
     config: BuildConfig,
     bar,
     expected_content: str | None,
+    writer: _ShardWriter | None = None,
 ) -> None:
     start, stop = store.layout.shard_rows(index)
     features = np.empty((stop - start, featurizer.dim), dtype=np.float32)
     self_scores = np.empty(stop - start, dtype=np.float32)
+    # a featurizer that writes in place fills the shard's buffer directly (no per-batch vectors to copy), and its
+    # self-influence is each vector's squared norm: finite exactly when the whole vector is
+    into = featurizer.writes_into
+    buffer = torch.from_numpy(features) if into else None
     featurizer.begin_shard(index)
     labels: list[np.ndarray] = []
     position = 0
@@ -669,15 +616,21 @@ def _compute_shard(
         for batch in iter_batches(task.train, range(start, stop), loader_batch, None if sliced else content):
             if sliced:
                 content.observe_columns(batch)
-            vectors, scores = _featurize_rows(featurizer, batch, start + position, sample_ids)
-            vectors = vectors.detach().cpu().numpy()
-            if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
-                raise ValueError(
-                    f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row "
-                    f"{start + position}; "
-                    f"expected [batch, {featurizer.dim}] (nothing was written for shard {index})"
-                )
-            features[position : position + len(vectors)] = vectors
+            if into and position + batch_size(batch) <= stop - start:
+                rows = batch_size(batch)
+                out = buffer[position : position + rows]
+                scores = _featurize_rows(featurizer, batch, start + position, sample_ids, out)
+                vectors = out
+            else:
+                vectors, scores = _featurize_rows(featurizer, batch, start + position, sample_ids)
+                vectors = vectors.detach().cpu().numpy()
+                if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
+                    raise ValueError(
+                        f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row "
+                        f"{start + position}; "
+                        f"expected [batch, {featurizer.dim}] (nothing was written for shard {index})"
+                    )
+                features[position : position + len(vectors)] = vectors
             self_scores[position : position + len(vectors)] = scores.detach().cpu().numpy()
             batch_labels = task.labels_of(batch)
             if batch_labels is not None:
@@ -692,7 +645,7 @@ def _compute_shard(
     if expected_content is not None and content.hexdigest() != expected_content:
         raise IncompatibleStoreError(content_message(store, index, expected_content, content.hexdigest()))
     with np.errstate(over="ignore", invalid="ignore"):
-        finite = np.isfinite(features).all(axis=1) & np.isfinite(self_scores)
+        finite = np.isfinite(self_scores) if into else np.isfinite(features).all(axis=1) & np.isfinite(self_scores)
     nonfinite = None
     if not finite.all():
         bad = np.flatnonzero(~finite)
@@ -719,21 +672,80 @@ def _compute_shard(
             " ..." if len(rows) > 10 else "",
         )
     featurizer.end_shard(store, index)  # its share of any transform is durable before the shard's record
-    store.write_shard(
-        index,
-        features,
-        self_scores,
-        _samples_table(start, stop, sample_ids, labels),
-        content_sha256=content.hexdigest(),
-        nonfinite=nonfinite,
-    )
+    shard = {
+        "features": features,
+        "self_influence": self_scores,
+        "samples": _samples_table(start, stop, sample_ids, labels),
+        "content_sha256": content.hexdigest(),
+        "nonfinite": nonfinite,
+    }
+    if writer is None:
+        store.write_shard(index, **shard)
+    else:
+        writer.submit(index, shard)  # cast, encoded, hashed and written while the next shard is computed
 
 
-def _featurize_rows(featurizer: MethodFeaturizer, batch: Any, first_row: int, sample_ids: list) -> tuple:
-    """``featurizer.featurize_train(batch)``; when the task's own code fails on it, the first row that fails alone is
-    named in the error (or the batch's rows, when none does)."""
+class _ShardWriter:
+    """Writes finished shards (``GradientStore.write_shard``: cast, encode, checksum, write, record) on one background
+    thread while the next shard is computed; at most one shard waits to be written, so memory stays bounded.
+
+    A failed write surfaces in the build's thread as the error ``write_shard`` raised (its shard's claim released, so
+    a resume computes it again) at the next ``submit`` or ``wait``; a build stopped for any reason first lets the
+    write under way finish (``close``), so every shard computed before the stop is kept.
+    """
+
+    def __init__(self, store: GradientStore):
+        self.store = store
+        self._thread: threading.Thread | None = None
+        self._failed: tuple[int, BaseException] | None = None
+
+    def submit(self, index: int, shard: dict) -> None:
+        """Write shard ``index`` (``write_shard``'s arguments) in the background, once the previous write is done."""
+        self.wait()
+        self._thread = threading.Thread(
+            target=self._write, args=(index, shard), name=f"gradindex-write-shard-{index}", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, index: int, shard: dict) -> None:
+        try:
+            self.store.write_shard(index, **shard)
+        except BaseException as error:  # handed to the build's thread
+            self._failed = (index, error)
+            try:
+                self.store.release_shard(index)
+            except GradIndexError:
+                pass
+
+    def wait(self) -> None:
+        """Wait for the write under way; raise its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failed is not None:
+            _, error = self._failed
+            self._failed = None
+            raise error
+
+    def close(self) -> None:
+        """Wait for the write under way without raising (the build is already stopping, or done)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._failed is not None:
+            index, error = self._failed
+            self._failed = None
+            log.warning("shard %d was not written: %s", index, error)
+
+
+def _featurize_rows(
+    featurizer: MethodFeaturizer, batch: Any, first_row: int, sample_ids: list, out: torch.Tensor | None = None
+) -> Any:
+    """``featurizer.featurize_train(batch)`` (with ``out``: ``featurize_train_into(batch, out)``, the self-influence
+    alone); when the task's own code fails on it, the first row that fails alone is named in the error (or the
+    batch's rows, when none does)."""
     try:
-        return featurizer.featurize_train(batch)
+        return featurizer.featurize_train(batch) if out is None else featurizer.featurize_train_into(batch, out)
     except GradIndexError:
         raise
     except (MemoryError, RecursionError):

@@ -3,75 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, parse_checkpoints
 from gradindex.errors import ArgumentError, CheckpointError, IncompatibleStoreError, TaskSpecError
-from gradindex.featurize import Featurizer, load_checkpoints, model_fingerprint, resolve_device
-from gradindex.methods import as_method_featurizer, make_featurizer, recompute_self_influence, stored_self_influence
-from gradindex.pipeline._fingerprint import dataset_probe, mismatch_message
+from gradindex.methods import stored_self_influence
+from gradindex.pipeline._config import QueryConfig
 from gradindex.projection import ProjectionSpec
-from gradindex.search import check_search_options, search_store
+from gradindex.search import search_store
 from gradindex.store import GradientStore, as_store, fingerprint_differences, is_inside, is_remote
-from gradindex.task import Task, iter_batches, load_task, running_user_code
-from gradindex.utils import check_positive_int, check_settings, progress_bar, setting
+from gradindex.utils import check_positive_int, progress_bar
+
+# torch, the task, the checkpoints and the featurizers load inside the functions that featurize: reading a store's
+# stored self-influence (and importing this module) needs none of them
+if TYPE_CHECKING:
+    import torch
+
+    from gradindex.featurize import Featurizer
+    from gradindex.task import Task
 
 __all__ = ["QueryConfig", "parse_samples", "query", "query_featurizer", "self_influence", "task_for_store"]
 
 
-@dataclass(frozen=True, kw_only=True)
-class QueryConfig:
-    """How a query is answered: which samples of which split, how many results, and how the store is searched.
-    ``query(**options)`` takes these as keywords and checks them here."""
-
-    split: str = setting("test", "query split of the task (train, test or a key of Task.queries)")
-    k: int = setting(10, "results per query", minimum=1, integer=True)
-    opponents: bool = setting(False, "the most negative influence instead of the most positive")
-    device: str = setting("auto", "auto, cpu or cuda[:N]")
-    batch_size: int = setting(256, "query samples featurized per batch", minimum=1, integer=True)
-    memory_budget: int | None = setting(
-        None,
-        "bytes in-memory search may use; larger stores are streamed shard by shard",
-        minimum=0,
-        integer=True,
-        optional=True,
-        default_text="a quarter of memory, at most 8G",
-        metavar="SIZE",
-    )
-    allow_incomplete: bool = setting(False, "search the finished part of an incomplete store")
-    index: str | None = setting(
-        None,
-        "search the persisted approximate index NAME (gradindex index) instead of exact search",
-        optional=True,
-        metavar="NAME",
-    )
-    nprobe: int | None = setting(
-        None,
-        "with index: IVF lists probed (HNSW: efSearch)",
-        minimum=1,
-        integer=True,
-        optional=True,
-        default_text="the value reaching the index's target recall",
-    )
-    dask: Any = setting(
-        None,
-        "spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N",
-        optional=True,
-        metavar="ADDRESS",
-    )
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        check_search_options(self.index, self.nprobe, self.dask)
-
-
 def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torch.device) -> tuple[Featurizer, list]:
+    from gradindex.checkpoints import CheckpointSpec, checkpoint_sha256, parse_checkpoints
+    from gradindex.featurize import load_checkpoints, model_fingerprint
+    from gradindex.methods import make_featurizer
+    from gradindex.pipeline._fingerprint import dataset_probe, mismatch_message
+
     fingerprint = store.fingerprint
     recorded = store.manifest.get("checkpoints", [])
     if checkpoints is None:
@@ -156,6 +118,8 @@ def task_for_store(
         TaskSpecError: no task is given and the store records none, or it records a task file inside itself.
         ArgumentError: ``task_options`` with a ``Task`` object.
     """
+    from gradindex.task import Task, load_task
+
     if task is not None:
         if isinstance(task, Task):
             if task_options:
@@ -286,6 +250,12 @@ def query(
         nprobe=nprobe,
         dask=dask,
     )
+    import torch
+
+    from gradindex.featurize import resolve_device
+    from gradindex.methods import as_method_featurizer
+    from gradindex.task import iter_batches, running_user_code
+
     store = as_store(store, storage_options)
     k = check_positive_int("k", k)
     store._require_readable(allow_incomplete)
@@ -337,13 +307,20 @@ def _method_query_options(damping: float | None, solver: str | None, method_opti
     return {name: value for name, value in asked.items() if value is not None}
 
 
+def _column(values: np.ndarray) -> pa.Array:
+    """A numpy vector as an Arrow array, without the pandas probe of ``pa.array`` (which imports pandas when it is
+    installed: a quarter of a second of every query)."""
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
 def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) -> pa.Array:
     samples = store.samples(allow_incomplete=allow_incomplete)
     ids = samples.column("sample_id")
     if store.complete:
-        return ids.take(pa.array(rows))
+        return ids.take(_column(rows))
     lookup = {int(row): position for position, row in enumerate(samples.column("row").to_numpy())}
-    return ids.take(pa.array([lookup[int(row)] for row in rows]))
+    return ids.take(_column(np.asarray([lookup[int(row)] for row in rows], dtype=np.int64)))
 
 
 def _result_table(
@@ -355,12 +332,12 @@ def _result_table(
     flat_rows = flat_rows[kept]
     return pa.table(
         {
-            "query": pa.array(np.repeat(np.arange(n_queries, dtype=np.int64), found)[kept]),
-            "query_id": pa.array(np.repeat(query_ids.astype(np.int64), found)[kept]),
-            "rank": pa.array(np.tile(np.arange(1, found + 1, dtype=np.int64), n_queries)[kept]),
-            "row": pa.array(flat_rows),
+            "query": _column(np.repeat(np.arange(n_queries, dtype=np.int64), found)[kept]),
+            "query_id": _column(np.repeat(query_ids.astype(np.int64), found)[kept]),
+            "rank": _column(np.tile(np.arange(1, found + 1, dtype=np.int64), n_queries)[kept]),
+            "row": _column(flat_rows),
             "sample_id": _sample_ids(store, flat_rows, allow_incomplete),
-            "score": pa.array(scores.reshape(-1).astype(np.float32)[kept]),
+            "score": _column(scores.reshape(-1).astype(np.float32)[kept]),
         }
     )
 
@@ -410,6 +387,9 @@ def self_influence(
         store._require_readable(False)  # recomputed self-influence needs every row
         scores = stored_self_influence(store, asked)
         if scores is None:
+            from gradindex.featurize import resolve_device
+            from gradindex.methods import as_method_featurizer, recompute_self_influence
+
             task = task_for_store(store, task, task_options)
             featurizer = as_method_featurizer(query_featurizer(store, task, checkpoints, resolve_device(device))[0])
             featurizer.configure_query(asked, store.path)
@@ -428,9 +408,9 @@ def self_influence(
     picked = rows[order]
     return pa.table(
         {
-            "rank": pa.array(np.arange(1, len(order) + 1, dtype=np.int64)),
-            "row": pa.array(picked),
+            "rank": _column(np.arange(1, len(order) + 1, dtype=np.int64)),
+            "row": _column(picked),
             "sample_id": _sample_ids(store, picked, allow_incomplete),
-            "score": pa.array(scores[order]),
+            "score": _column(scores[order]),
         }
     )

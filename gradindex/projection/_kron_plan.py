@@ -36,10 +36,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gradindex.projection._sketch import exact_side_eigen, exact_width, sketch_rank, top_eigen, torch_threads
 from gradindex.projection._spec import KRON_SIDES, derive_seed
 from gradindex.utils import check_positive_int
 
 __all__ = [
+    "PCA_MAX_SIDE",
     "PCA_MAX_WIDTH",
     "REST_SIDE",
     "KronLayer",
@@ -88,9 +90,13 @@ SIDES = tuple(sorted(KRON_SIDES))
 _REST_KINDS = ("identity", "sjlt", "pca")
 # the key of the unfactored parameters' pca matrix among the side matrices: (layer, side)
 REST_SIDE = ("", "rest")
-# a pca side wider than this draws orthogonal sides instead (its [width, width] float64 moment would pass 128 MiB);
-# an embedding's input side has no such limit (its moment is diagonal: token counts)
+# a flat pca group (a small layer's whole per-sample gradient, the unfactored parameters) has at most this many
+# entries: its calibration vectors are kept, [samples, width] float64
 PCA_MAX_WIDTH = 4096
+# a pca side wider than this draws orthogonal sides instead (its sketch, [width, l] float64, would pass ~100 MiB);
+# an embedding's input side has no such limit (its moment is diagonal: token counts). Sides wider than
+# SKETCH_MIN_WIDTH are sketched while the calibration streams (SideSketch), never formed as [width, width] moments.
+PCA_MAX_SIDE = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -343,7 +349,7 @@ def plan_kron(
     so a layer whose gradients live in few directions on one side gets a narrow k there and a wide k on the other.
     A layer given a ``flat`` spectrum (the eigenvalues of its whole per-sample gradient's moment: the featurizer
     offers one for small layers) is projected flat on its top directions, which no Kronecker product of sides
-    reaches; the rest is always flat (``pca``). Groups without a spectrum (a side wider than ``PCA_MAX_WIDTH``,
+    reaches; the rest is always flat (``pca``). Groups without a spectrum (a side wider than ``PCA_MAX_SIDE``,
     whose sides are orthogonal) keep their k ∝ E share. Each spectrum has a floor far below its eigenvalues, so a
     budget left once the calibration's directions are all kept still goes to directions it did not see. Mean
     per-query Spearman to exact TracIn at k = 1024 per checkpoint on a tiny tied GPT-2 trained 30 / 120 / 400 steps
@@ -529,16 +535,19 @@ def _layer_sides(layer: KronLayer, sides: str) -> str:
     if sides != "pca":
         return sides
     widths = ([] if layer.indicator_in else [layer.in_dim]) + [layer.out_dim]
-    return "orthogonal" if max(widths) > PCA_MAX_WIDTH else "pca"
+    return "orthogonal" if max(widths) > PCA_MAX_SIDE else "pca"
 
 
 def pca_side_matrix(moment: Tensor, k: int) -> Tensor:
     """The ``[width, k]`` pca side: the top-k eigenvectors (largest first) of a side's second moment ``[width, width]``,
     or, for a diagonal moment given as ``[width]`` (an embedding's token counts), the indicator columns of its k largest
     entries (ties to the lower index). Orthonormal columns, unscaled: the side keeps the k directions that carry the
-    most
-    of the calibration gradients and drops the rest (a biased, low-variance sketch). Signs fixed (each column's largest
-    entry positive) so that the same moment always gives the same matrix."""
+    most of the calibration gradients and drops the rest (a biased, low-variance sketch). Signs fixed (each column's
+    largest entry positive) so that the same moment always gives the same matrix.
+
+    A narrow moment (or a k near its width) is decomposed exactly (``eigh`` under one thread); a wide one by seeded
+    randomized subspace iteration (``top_eigen``, cost ``O(width²·k)``). A build never forms wide moments at all: it
+    sketches them while streaming the calibration samples (``SideSketch``)."""
     moment = moment.detach().double().cpu()
     width = moment.shape[0]
     if moment.ndim == 1:
@@ -546,10 +555,10 @@ def pca_side_matrix(moment: Tensor, k: int) -> Tensor:
         matrix = torch.zeros(width, k, dtype=torch.float64)
         matrix[order, torch.arange(k)] = 1.0
         return matrix.float()
-    _, vectors = torch.linalg.eigh((moment + moment.T) / 2)
-    vectors = vectors[:, -k:].flip(1)
-    peaks = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
-    return (vectors * torch.where(peaks < 0, -1.0, 1.0)).float().contiguous()
+    rank = sketch_rank(width, 0, k)
+    if exact_width(width, rank):
+        return exact_side_eigen(moment).matrix(k)
+    return top_eigen(moment, k, derive_seed("pca-side", width, k)).matrix(k)
 
 
 def _gram(rows: Tensor) -> tuple[Tensor, bool]:
@@ -564,7 +573,8 @@ def flat_spectrum(rows: Tensor) -> Tensor:
     ``rows [n, width]``, through the smaller Gram matrix (the moment has rank at most n: no ``[width, width]``
     eigensolve for a wide group)."""
     gram, _ = _gram(rows)
-    return torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp(min=0)
+    with torch_threads(1):
+        return torch.linalg.eigvalsh((gram + gram.T) / 2).flip(0).clamp(min=0)
 
 
 def pca_flat_matrix(rows: Tensor, k: int) -> Tensor:
@@ -576,7 +586,8 @@ def pca_flat_matrix(rows: Tensor, k: int) -> Tensor:
     rows = rows.detach().double().cpu()
     width = rows.shape[1]
     gram, small = _gram(rows)
-    values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
+    with torch_threads(1):
+        values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
     values, vectors = values.flip(0), vectors.flip(1)
     rank = int((values > values[0] * 1e-10).sum()) if values.numel() and values[0] > 0 else 0
     keep = min(k, rank)
@@ -622,6 +633,7 @@ def kron_side_matrix(
     gaussian = torch.randn(width, k, generator=generator)
     if sides == "gaussian":
         return gaussian.mul_(1.0 / math.sqrt(k))
-    q, r = torch.linalg.qr(gaussian.double())
+    with torch_threads(1):
+        q, r = torch.linalg.qr(gaussian.double())
     q *= torch.where(torch.diagonal(r) < 0, -1.0, 1.0)
     return q.mul_(math.sqrt(width / k)).float()

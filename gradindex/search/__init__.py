@@ -16,36 +16,10 @@ workers. Opponents are the top-k of the negated queries.
 
 from __future__ import annotations
 
-from gradindex.search._approx import (
-    ApproxIndex,
-    OnDiskListsWriter,
-    default_index_name,
-    default_nlist,
-    index_files,
-    index_names,
-    load_index,
-    read_index_meta,
-    recall_at_k,
-    resolve_factory,
-    save_index,
-    write_index_meta,
-)
-from gradindex.search._brute import brute_force_topk
-from gradindex.search._dask import DaskSearch, merge_topk, search_store_dask
-from gradindex.search._exact import ExactIndex, search_blocks
-from gradindex.search._faiss import configure_faiss, gpu_count
-from gradindex.search._persisted import (
-    IndexConfig,
-    build_index,
-    clear_index_cache,
-    drop_index,
-    list_indexes,
-    loaded_index,
-    search_index,
-    store_content_id,
-    update_indexes,
-)
-from gradindex.search._store_search import check_search_options, search_store
+from typing import TYPE_CHECKING
+
+from gradindex.search._config import IndexConfig, check_search_options
+from gradindex.utils import lazy_exports
 
 __all__ = [
     "ApproxIndex",
@@ -80,3 +54,38 @@ __all__ = [
     "update_indexes",
     "write_index_meta",
 ]
+
+# the engines load with their first use (faiss itself only when an index is made or searched), so that IndexConfig
+# and listing a store's indexes stay light
+if TYPE_CHECKING:  # loaded on first use (lazy_exports)
+    from gradindex.search._approx import (
+        ApproxIndex,
+        OnDiskListsWriter,
+        default_index_name,
+        default_nlist,
+        index_files,
+        index_names,
+        load_index,
+        read_index_meta,
+        recall_at_k,
+        resolve_factory,
+        save_index,
+        write_index_meta,
+    )
+    from gradindex.search._brute import brute_force_topk
+    from gradindex.search._dask import DaskSearch, merge_topk, search_store_dask
+    from gradindex.search._exact import ExactIndex, search_blocks
+    from gradindex.search._faiss import configure_faiss, gpu_count
+    from gradindex.search._persisted import (
+        build_index,
+        clear_index_cache,
+        drop_index,
+        list_indexes,
+        loaded_index,
+        search_index,
+        store_content_id,
+        update_indexes,
+    )
+    from gradindex.search._store_search import search_store
+
+__getattr__, __dir__ = lazy_exports(__name__)

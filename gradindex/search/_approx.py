@@ -33,11 +33,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from gradindex.errors import SearchError
 from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite, row_chunks
+from gradindex.search._config import INDEX_NAME, check_index_name
 from gradindex.search._exact import as_queries
 from gradindex.search._faiss import ensure_configured, faiss_errors, gpu_resources, resolve_gpus
 from gradindex.store import check_file_name, is_inside
@@ -67,7 +67,6 @@ METRIC = "inner_product"
 META_SUFFIX = ".json"
 # Temporaries name their writer (pid, host), so that a later build removes only those of dead writers.
 TMP_MARK = ".gi-idx-tmp-"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # "IVF" with no list count, followed by "," or "_" (e.g. "IVF,PQ64", "IVF_HNSW32,Flat")
 _IVF_WITHOUT_NLIST = re.compile(r"^IVF(?=[,_])")
 
@@ -78,6 +77,8 @@ _IVF_WITHOUT_NLIST = re.compile(r"^IVF(?=[,_])")
 def memory_per_row(index: Any) -> int:
     """Bytes an index holds in memory per row it is given: its code (HNSW: the stored vector and its level-0 links)
     and the row's id."""
+    import faiss
+
     index = faiss.downcast_index(index)
     try:
         code = int(index.sa_code_size())
@@ -114,14 +115,6 @@ def default_index_name(factory: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", factory.lower()).strip("-") or "index"
 
 
-def check_index_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"index name {name!r} must be 1-100 letters, digits, '_', '-' or '.', starting with a letter or digit"
-        )
-    return name
-
-
 # ---- the index ----------------------------------------------------------------------------------
 
 
@@ -151,6 +144,8 @@ class ApproxIndex:
         cls, factory: str, dim: int, n_rows: int, *, use_gpu: bool | None = None, float16: bool = False
     ) -> ApproxIndex:
         """A new, empty index from a faiss factory string (an "IVF" without a count gets one for ``n_rows``)."""
+        import faiss
+
         dim = check_positive_int("dim", dim)
         resolved = resolve_factory(factory, n_rows)
         try:
@@ -184,12 +179,16 @@ class ApproxIndex:
 
     @property
     def nlist(self) -> int | None:
+        import faiss
+
         ivf = faiss.try_extract_index_ivf(self._index)
         return int(ivf.nlist) if ivf is not None else None
 
     @property
     def search_parameter(self) -> str | None:
         """The knob trading speed for recall: ``"nprobe"`` (IVF), ``"efSearch"`` (HNSW) or None."""
+        import faiss
+
         if faiss.try_extract_index_ivf(self._index) is not None:
             return "nprobe"
         if _hnsw_of(self._index) is not None:
@@ -227,6 +226,8 @@ class ApproxIndex:
     # ---- building ------------------------------------------------------------------------------
     def train(self, sample: np.ndarray) -> None:
         """Train on ``sample [n, dim]`` (k-means for IVF lists, codebooks for PQ/SQ); a no-op when not needed."""
+        import faiss
+
         if self.is_trained:
             return
         sample = as_matrix(sample, "training vectors", self.dim)
@@ -281,6 +282,8 @@ class ApproxIndex:
         return scores, rows.astype(np.int64)
 
     def _set_parameter(self, index: Any, value: int) -> None:
+        import faiss
+
         name = self.search_parameter
         if name is None:
             raise ValueError(f"index {self._factory!r} has no search parameter (nprobe/efSearch) to set")
@@ -291,6 +294,8 @@ class ApproxIndex:
             space.set_index_parameter(index, name, value)
 
     def _searcher(self) -> tuple[Any, str]:
+        import faiss
+
         if not self._n_gpus or self.search_parameter != "nprobe":
             return self._index, "CPU"  # HNSW and friends have no GPU version
         if self._gpu_index is None or self._gpu_ntotal != self.ntotal:
@@ -313,6 +318,8 @@ class ApproxIndex:
 
 
 def _hnsw_of(index: Any) -> Any:
+    import faiss
+
     index = faiss.downcast_index(index)
     return getattr(index, "hnsw", None)
 
@@ -346,6 +353,8 @@ class OnDiskListsWriter:
     """
 
     def __init__(self, trained: Any, workdir: Path, *, part_bytes: int = 256 << 20) -> None:
+        import faiss
+
         ivf = faiss.try_extract_index_ivf(trained)
         if ivf is None:
             raise ValueError(
@@ -364,6 +373,8 @@ class OnDiskListsWriter:
 
     def add(self, vectors: np.ndarray) -> None:
         """Append ``vectors [n, dim]`` as rows ``ntotal .. ntotal + n - 1``."""
+        import faiss
+
         vectors = as_matrix(vectors, "vectors", int(self._trained.d))
         check_finite(vectors, "vectors", self._buffer)
         for start, stop in row_chunks(vectors.shape[0], int(self._trained.d)):
@@ -377,6 +388,8 @@ class OnDiskListsWriter:
                 self._flush()
 
     def _flush(self) -> None:
+        import faiss
+
         if self._current is None or self._current.ntotal == 0:
             return
         path = str(self._workdir / f"part-{len(self._parts):05d}.faiss")
@@ -387,6 +400,7 @@ class OnDiskListsWriter:
 
     def finish(self, ivfdata: Path) -> Any:
         """Merge the parts into ``ivfdata`` (written in place: give it its final name) and return the index."""
+        import faiss
         from faiss.contrib.ondisk import merge_ondisk
 
         self._flush()
@@ -635,7 +649,7 @@ def sweep_index_orphans(directory: str | Path) -> int:
     names = {match["name"] for match in map(_INDEX_FILE.match, (path.name for path in directory.iterdir())) if match}
     removed = 0
     for name in sorted(names):
-        if not _NAME.match(name):
+        if not INDEX_NAME.match(name):
             continue
         with index_lock(directory, name, wait_s=None) as held:
             if not held:
@@ -665,6 +679,8 @@ def new_ivfdata_path(directory: Path, name: str) -> Path:
 
 def _ondisk_lists(index: Any) -> Any:
     """The on-disk inverted lists of an IVF index (``OnDiskInvertedLists``), or None."""
+    import faiss
+
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return None
@@ -680,6 +696,8 @@ def save_index(index: Any, directory: str | Path, name: str, meta: dict, *, ivfd
 
     ``ivfdata`` is the on-disk lists file the index reads, from ``new_ivfdata_path``.
     """
+    import faiss
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = _meta_path(directory, name)
@@ -742,6 +760,8 @@ def load_index(directory: str | Path, name: str, *, expect: dict | None = None, 
     lists instead of reading them. faiss reads the files through links in a private folder, so that the on-disk lists
     file named inside the index file can only be the one the meta names.
     """
+    import faiss
+
     directory = Path(directory)
     meta = read_index_meta(directory, name)
     rebuild = _rebuild(name, meta.get("factory"))
@@ -877,7 +897,7 @@ def index_names(directory: str | Path) -> list[str]:
     return sorted(
         path.name[: -len(META_SUFFIX)]
         for path in directory.glob(f"*{META_SUFFIX}")
-        if TMP_MARK not in path.name and _NAME.match(path.name[: -len(META_SUFFIX)])
+        if TMP_MARK not in path.name and INDEX_NAME.match(path.name[: -len(META_SUFFIX)])
     )
 
 

@@ -70,7 +70,10 @@ def check_finite(matrix: np.ndarray, what: str, buffer: Float32Buffer, first_row
     """
     n_bad, first_bad = 0, -1
     for start, stop in row_chunks(matrix.shape[0], matrix.shape[1]):
-        bad = ~np.isfinite(buffer.float32(matrix[start:stop])).all(axis=1)
+        finite = np.isfinite(buffer.float32(matrix[start:stop]))
+        if finite.all():  # the common case, without a per-row reduction
+            continue
+        bad = ~finite.all(axis=1)
         if bad.any():
             if first_bad < 0:
                 first_bad = start + int(np.argmax(bad))

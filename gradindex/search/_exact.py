@@ -7,10 +7,9 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-import faiss
 import numpy as np
 
-from gradindex.errors import SearchError
+from gradindex.errors import NonFiniteError, SearchError
 from gradindex.search._arrays import Float32Buffer, as_matrix, check_finite, row_chunks
 from gradindex.search._faiss import (
     GPU_MAX_K,
@@ -37,6 +36,8 @@ class ExactIndex:
     """
 
     def __init__(self, dim: int, *, use_gpu: bool | None = None) -> None:
+        import faiss
+
         self._dim = check_positive_int("dim", dim)
         ensure_configured()
         n_gpus = resolve_gpus(use_gpu)
@@ -65,17 +66,39 @@ class ExactIndex:
     def __repr__(self) -> str:
         return f"ExactIndex(dim={self._dim}, ntotal={self.ntotal}, on_gpu={self.on_gpu})"
 
+    def reserve(self, n_rows: int) -> None:
+        """Make room for ``n_rows`` rows in all, so that adding them block by block never moves the rows already
+        added (each growth of faiss's storage copies it: blocks added without this cost about twice one add)."""
+        codes = self._cpu_index.codes
+        wanted = check_positive_int("n_rows", n_rows) * self._dim * 4  # IndexFlatIP keeps float32 rows
+        if wanted > codes.size():
+            size = codes.size()
+            with faiss_errors(f"reserving room for {n_rows} vectors"):
+                codes.resize(wanted)
+                codes.resize(size)  # the size back; the storage (a std::vector) keeps its capacity
+
     def add(self, vectors: np.ndarray) -> None:
         """Append ``vectors [n, dim]`` (float16, float32 or float64) as rows ``ntotal .. ntotal + n - 1``.
 
         Nothing is added if any row is not finite (NonFiniteError).
         """
+        import faiss
+
         vectors = as_matrix(vectors, "vectors", self._dim)
-        # Every row is checked before any is added, so that a rejected call leaves the index as it was.
-        check_finite(vectors, "vectors", self._buffer)
-        with faiss_errors(f"adding {vectors.shape[0]} vectors to an index of {self.ntotal}"):
+        before = self.ntotal
+        # Each chunk is converted to float32 once, checked, then added; a rejected call takes back the rows it added,
+        # so that it leaves the index as it was.
+        with faiss_errors(f"adding {vectors.shape[0]} vectors to an index of {before}"):
             for start, stop in row_chunks(vectors.shape[0], self._dim):
-                self._cpu_index.add(self._buffer.float32(vectors[start:stop]))
+                converted = self._buffer.float32(vectors[start:stop])
+                try:
+                    check_finite(converted, "vectors", self._buffer)
+                except NonFiniteError:
+                    if self.ntotal > before:
+                        self._cpu_index.remove_ids(faiss.IDSelectorRange(before, self.ntotal))
+                    check_finite(vectors, "vectors", self._buffer)  # says how many rows of the call, and the first
+                    raise
+                self._cpu_index.add(converted)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product: ``queries [q, dim]`` -> ``(scores [q, k'] float32, rows [q, k'] int64)``.
@@ -117,6 +140,8 @@ def search_blocks(
     only one block is held at a time (the faiss ``contrib.exhaustive_search`` pattern: search each block with
     ``faiss.knn`` on CPU or one reused flat index on GPU, offset its ids, merge into a ``faiss.ResultHeap``).
     """
+    import faiss
+
     k = check_positive_int("k", k)
     dim = as_matrix(queries, "queries").shape[1]
     queries = as_queries(queries, dim, "the index has")

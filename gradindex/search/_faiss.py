@@ -6,8 +6,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import faiss
-
 from gradindex.errors import GradIndexError, SearchError
 from gradindex.utils import check_positive_int
 
@@ -35,6 +33,8 @@ def configure_faiss(n_threads: int | None = None) -> None:
 
     Idempotent. Called lazily (without ``n_threads``) the first time an index is made.
     """
+    import faiss
+
     global _configured
     if n_threads is not None:
         faiss.omp_set_num_threads(check_positive_int("n_threads", n_threads))
@@ -51,6 +51,8 @@ def ensure_configured() -> None:
 
 def gpu_count() -> int:
     """The number of GPUs faiss can use: 0 on a faiss build without GPU support. Never raises."""
+    import faiss
+
     # faiss-cpu has get_num_gpus() too (it returns 0), but no GPU classes; checking for them first
     # keeps a CPU build from ever reaching GPU code.
     if not hasattr(faiss, "StandardGpuResources"):
@@ -76,12 +78,16 @@ def resolve_gpus(use_gpu: bool | None) -> int:
 def gpu_resources(n_gpus: int) -> list[Any]:
     # Held by the caller for as long as its GPU indexes live: faiss's index_cpu_to_all_gpus makes
     # fresh resources (each reserving scratch memory) on every call and keeps no Python reference.
+    import faiss
+
     with faiss_errors(f"setting up {n_gpus} GPU(s)"):
         return [faiss.StandardGpuResources() for _ in range(n_gpus)]
 
 
 def to_gpus(cpu_index: Any, resources: list[Any]) -> Any:
     """Copy a CPU flat index onto the GPUs of ``resources``, its rows split evenly across them."""
+    import faiss
+
     options = faiss.GpuMultipleClonerOptions()
     options.shard = True  # each GPU holds 1/n of the rows, so n GPUs hold n times more
     options.useFloat16 = False  # exact search: float16 storage would round the vectors

@@ -19,7 +19,6 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,6 @@ from gradindex.search._approx import (
     TMP_MARK,
     ApproxIndex,
     OnDiskListsWriter,
-    check_index_name,
     default_index_name,
     index_names,
     is_index_file,
@@ -48,6 +46,7 @@ from gradindex.search._approx import (
     write_index_meta,
 )
 from gradindex.search._arrays import without_rows
+from gradindex.search._config import IndexConfig, check_index_name
 from gradindex.search._exact import search_blocks
 from gradindex.store import (
     GradientStore,
@@ -61,10 +60,8 @@ from gradindex.store import (
 from gradindex.utils import (
     available_memory,
     check_fits,
-    check_settings,
     default_memory_budget,
     progress_bar,
-    setting,
     sha256_bytes,
     sha256_file,
     sha256_json,
@@ -203,53 +200,6 @@ def _require_complete(store: GradientStore, doing: str) -> None:
 
 def _progress(total: int, desc: str, enabled: bool | None):
     return progress_bar(total, desc, enabled=enabled, unit="row")
-
-
-@dataclass(frozen=True, kw_only=True)
-class IndexConfig:
-    """How an approximate index is built and how its recall is measured. ``build_index(store, factory, **options)``
-    takes these as keywords and checks them here."""
-
-    factory: str = setting(
-        help='a faiss index_factory string, e.g. "IVF4096,SQfp16", "IVF,PQ64" or "HNSW32" (IVF alone: nlist ≈ 4√N)',
-        metavar="FACTORY",
-    )
-    name: str | None = setting(
-        None, "the index's name", optional=True, default_text="from the factory, e.g. ivf4096-sqfp16", metavar="NAME"
-    )
-    k: int = setting(10, "the k of the recall@k measured", minimum=1, integer=True)
-    recall_queries: int = setting(200, "held-out store rows recall is measured on", minimum=1, integer=True)
-    target_recall: float = setting(0.95, "recall the default nprobe (HNSW: efSearch) must reach", above=0, maximum=1)
-    train_size: int | None = setting(
-        None,
-        "rows the index is trained on",
-        minimum=1,
-        integer=True,
-        optional=True,
-        default_text="what the factory wants, within half the memory budget",
-    )
-    on_disk: bool = setting(
-        False, "keep the IVF lists in a file beside the index (faiss contrib.ondisk), not in memory"
-    )
-    use_gpu: bool | None = setting(
-        None, "train and search on all GPUs", flag=True, optional=True, default_text="when faiss has GPUs", cli=False
-    )
-    memory_budget: int | None = setting(
-        None,
-        "bytes the training sample may use (half of it)",
-        minimum=1,
-        integer=True,
-        optional=True,
-        default_text="a quarter of memory, at most 8G",
-        metavar="SIZE",
-    )
-    overwrite: bool = setting(False, "replace an index of the same name")
-    seed: int = setting(0, "seed of the training and held-out samples", minimum=0, integer=True)
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        if self.name is not None:
-            check_index_name(self.name)
 
 
 def build_index(

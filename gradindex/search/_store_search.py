@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from gradindex.errors import ArgumentError, IncompatibleStoreError, IncompleteStoreError
+from gradindex.errors import IncompatibleStoreError, IncompleteStoreError
+from gradindex.search._config import check_search_options
 from gradindex.search._dask import search_store_dask
 from gradindex.search._exact import ExactIndex, search_blocks
 from gradindex.search._persisted import search_index
@@ -17,7 +18,7 @@ from gradindex.search._prefetch import prefetch_blocks, prefetch_depth, to_float
 from gradindex.store import GradientStore, as_store
 from gradindex.utils import check_positive_int, default_memory_budget, track
 
-__all__ = ["check_search_options", "search_store"]
+__all__ = ["search_store"]
 
 
 def search_store(
@@ -97,6 +98,7 @@ def search_store(
     skipped = store.skipped_rows(allow_incomplete=allow_incomplete)  # --nonfinite skip: never returned
     if store.n_samples * store.dim * 4 <= budget:
         index = ExactIndex(store.dim, use_gpu=use_gpu)
+        index.reserve(store.n_samples)
         for first_row, block in _blocks(store, allow_incomplete, progress, "load", skipped):
             if first_row != index.ntotal:  # holes (unfinished shards) must not shift row numbers
                 return _streamed(
@@ -107,18 +109,6 @@ def search_store(
     else:
         return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
     return (-scores if opponents else scores), _store_rows(rows, skipped)
-
-
-def check_search_options(index: str | None, nprobe: int | None, dask: Any) -> None:
-    """The ways to search that go together: an index is approximate and Dask search exact; nprobe needs an index."""
-    if index is not None and dask is not None:
-        raise ArgumentError(
-            "index", "index=NAME and dask=ADDRESS exclude each other: Dask search is exact", also=["dask"]
-        )
-    if nprobe is not None and index is None:
-        raise ArgumentError(
-            "nprobe", "nprobe applies to a search through a persisted index; give index=NAME too", also=["index"]
-        )
 
 
 def _dropping_skipped(

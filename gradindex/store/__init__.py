@@ -2,11 +2,16 @@
 
 ``create_store`` / ``open_store`` give a ``GradientStore``: shards written atomically with checksums, read back
 verified, a manifest that says what the vectors mean. ``gradindex.store.faults`` is its fault-injection seam.
+
+Zarr, numpy and pyarrow load with the first use of a name that needs them (``GradientStore``, ``open_store``, ...):
+importing this package, for its format constants or its paths, stays light.
 """
+
+from typing import TYPE_CHECKING
 
 from gradindex.errors import StorageError, StoreWriteError
 from gradindex.store._atomic import remove_file, write_bytes_atomic, write_failure
-from gradindex.store._manifest import write_manifest
+from gradindex.store._manifest import FORMAT, STORE_DTYPES, write_manifest
 from gradindex.store._paths import REBUILD_STORE, check_file_name, contained_path, is_inside
 from gradindex.store._remote import (
     DEFAULT_CLAIM_TIMEOUT,
@@ -16,18 +21,7 @@ from gradindex.store._remote import (
     parse_storage_options,
     store_path,
 )
-from gradindex.store._store import (
-    FORMAT,
-    STORE_DTYPES,
-    GradientStore,
-    StoreLayout,
-    as_store,
-    cast_vectors,
-    create_store,
-    fingerprint_differences,
-    open_store,
-    sweep_orphans,
-)
+from gradindex.utils import lazy_exports
 
 __all__ = [
     "DEFAULT_CLAIM_TIMEOUT",
@@ -57,3 +51,17 @@ __all__ = [
     "write_failure",
     "write_manifest",
 ]
+
+if TYPE_CHECKING:  # loaded on first use (lazy_exports)
+    from gradindex.store._store import (
+        GradientStore,
+        StoreLayout,
+        as_store,
+        cast_vectors,
+        create_store,
+        fingerprint_differences,
+        open_store,
+        sweep_orphans,
+    )
+
+__getattr__, __dir__ = lazy_exports(__name__)

@@ -8,7 +8,16 @@ from pathlib import Path
 from gradindex.store._atomic import write_bytes_atomic
 from gradindex.utils import sha256_bytes
 
-__all__ = ["MANIFEST_KEY", "SEAL_KEY", "manifest_bytes", "seal", "write_manifest"]
+__all__ = ["FORMAT", "MANIFEST_KEY", "SEAL_KEY", "STORE_DTYPES", "manifest_bytes", "seal", "write_manifest"]
+
+# the format every store records; a shard record may also hold the crc32c of its files (checked on every read), which
+# readers without it ignore (they check the sha256 beside it), so both read each other's stores
+FORMAT = "gradindex/1"
+# the dtypes a store keeps its vectors in
+STORE_DTYPES: dict[str, str] = {
+    "float16": "half the bytes; a value beyond float16's ±65504 is refused (build with float32 then)",
+    "float32": "exact",
+}
 
 # the group attribute holding the manifest, and the one holding its checksum
 MANIFEST_KEY = "gradindex"

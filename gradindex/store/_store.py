@@ -18,11 +18,15 @@ The manifest says ``complete`` only after every record exists and ``samples.parq
 
 Every read is checked: the manifest against its own checksum, array metadata, shard files and
 sample tables against the checksums the manifest and records hold. Damage is a CorruptStoreError
-that names the file, never a silently different answer.
+that names the file, never a silently different answer. A shard file is read against the crc32c its record holds
+(stores whose manifest says ``read_check: crc32c``; hardware speed) or else its sha256 (stores made before);
+sha256 stays the checksum of record for ``verify``, repairs and appends. Records of stores with a read check also
+hold their own sha256 (``record_sha256``).
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import logging
@@ -71,11 +75,28 @@ from gradindex.store._atomic import (
     tmp_path,
     write_bytes_atomic,
 )
-from gradindex.store._manifest import MANIFEST_KEY, SEAL_KEY, manifest_bytes, seal, write_manifest
+from gradindex.store._manifest import (
+    FORMAT,
+    MANIFEST_KEY,
+    SEAL_KEY,
+    STORE_DTYPES,
+    manifest_bytes,
+    seal,
+    write_manifest,
+)
 from gradindex.store._paths import REBUILD_STORE, contained_path, is_inside
 from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
 from gradindex.store.faults import crash_point
-from gradindex.utils import check_settings, pid_alive, setting, sha256_bytes, sha256_file
+from gradindex.utils import (
+    check_settings,
+    crc32c_bytes,
+    is_crc32c,
+    pid_alive,
+    setting,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+)
 
 __all__ = [
     "FORMAT",
@@ -90,12 +111,6 @@ __all__ = [
     "sweep_orphans",
 ]
 
-FORMAT = "gradindex/1"
-# the dtypes a store keeps its vectors in
-STORE_DTYPES: dict[str, str] = {
-    "float16": "half the bytes; a value beyond float16's ±65504 is refused (build with float32 then)",
-    "float32": "exact",
-}
 FLOAT16_MAX = 65504.0
 # the most shards a layout may have: every loop over a store's shards stays bounded, whatever a manifest declares
 MAX_SHARDS = 1 << 22
@@ -111,6 +126,11 @@ _STAGED_FILES = ("samples.parquet", "features/zarr.json", "self_influence/zarr.j
 _SHARD_FILE = re.compile(r"features/c/(\d+)/0|self_influence/c/(\d+)")
 # what a gradindex store holds at its top level (besides its writers' temporaries): overwrite=True replaces only that
 _STORE_ENTRIES = frozenset({"zarr.json", *_ARRAYS, "samples.parquet", _SHARD_DIR, "transforms", "indexes", _APPEND_DIR})
+# the manifest key saying which checksum every read checks ("crc32c": each shard record holds one); absent in stores
+# made before it existed, whose reads check the sha256 of the records
+READ_CHECK_KEY = "read_check"
+# the key of a shard record's checksum of itself (records of stores with a read_check have one)
+_RECORD_SEAL = "record_sha256"
 _REPAIR = "run `gradindex verify STORE` to list the damage and `gradindex build ... --resume --repair` to recompute it"
 
 
@@ -224,11 +244,88 @@ def _is_sha(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(char in "0123456789abcdef" for char in value)
 
 
+# the codecs of the arrays every gradindex store writes: uncompressed little-endian bytes; the features' chunks grouped
+# into one shard per file, its index (offset and size of each chunk, then the index's crc32c) at the end
+_BYTES = {"name": "bytes", "configuration": {"endian": "little"}}
+_INDEX_CODECS = [_BYTES, {"name": "crc32c"}]
+
+
+@functools.lru_cache(maxsize=16)
+def _plain_layout(name: str, metadata: bytes) -> tuple[str, int, int] | None:
+    """``(numpy dtype, rows per chunk, chunks per shard file)`` when array ``name``'s metadata is the plain layout
+    gradindex writes, whose shard files numpy reads as they are; None for anything else (zarr decodes those)."""
+    try:
+        meta = json.loads(metadata)
+        dtype = {"float16": "<f2", "float32": "<f4"}[meta["data_type"]]
+        codecs = meta["codecs"]
+        rows_per_shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        if name == "self_influence":
+            return (dtype, rows_per_shard, 1) if codecs == [_BYTES] else None
+        (sharding,) = codecs
+        config = sharding["configuration"]
+        rows_per_chunk = int(config["chunk_shape"][0])
+        plain = (
+            sharding["name"] == "sharding_indexed"
+            and config["codecs"] == [_BYTES]
+            and config["index_codecs"] == _INDEX_CODECS
+            and config.get("index_location", "end") == "end"
+            and config["chunk_shape"][1:] == meta["shape"][1:]  # a chunk holds whole rows
+            and rows_per_chunk > 0
+            and rows_per_shard % rows_per_chunk == 0
+        )
+        return (dtype, rows_per_chunk, rows_per_shard // rows_per_chunk) if plain else None
+    except (ValueError, KeyError, TypeError, IndexError, ZeroDivisionError):
+        return None
+
+
+def _plain_decode(name: str, metadata: bytes, data: bytes, n_rows: int, dim: int) -> np.ndarray | None:
+    """The first ``n_rows`` rows of a verified shard file of the plain layout, read by numpy (zarr's decoding costs
+    several times the read itself: a task per chunk); None when the file is not laid out as gradindex writes it (the
+    chunks these rows need in order, back to back from the start, as its index says), for zarr to decode."""
+    layout = _plain_layout(name, metadata)
+    if layout is None:
+        return None
+    dtype, rows_per_chunk, chunks_per_shard = layout
+    width = dim if name == "features" else 1
+    row_bytes = width * np.dtype(dtype).itemsize
+    if len(data) < n_rows * row_bytes:
+        return None
+    if name == "features":
+        # the index: (offset, nbytes) as little-endian uint64 for every chunk of the shard, then its crc32c
+        index_bytes = 16 * chunks_per_shard + 4
+        n_chunks = -(-n_rows // rows_per_chunk)
+        if len(data) < index_bytes or n_chunks > chunks_per_shard:
+            return None
+        index = np.frombuffer(data, dtype="<u8", count=2 * n_chunks, offset=len(data) - index_bytes)
+        chunk_bytes = rows_per_chunk * row_bytes
+        expected = np.arange(2 * n_chunks, dtype=np.uint64) // 2 * chunk_bytes
+        expected[1::2] = chunk_bytes
+        if not np.array_equal(index, expected) or n_chunks * chunk_bytes > len(data) - index_bytes:
+            return None
+    values = np.frombuffer(data, dtype=dtype, count=n_rows * width).copy()  # writable, as zarr's arrays are
+    return values.reshape(n_rows, dim) if name == "features" else values
+
+
+def _record_seal(record: dict) -> str:
+    """The checksum a shard record holds of itself: sha256 of its canonical JSON without the seal."""
+    return sha256_json({key: value for key, value in record.items() if key != _RECORD_SEAL})
+
+
+def _integers(chunk: pa.Array) -> np.ndarray:
+    """An Arrow array's values in numpy: integers without nulls straight from their buffer (``to_numpy`` imports pandas,
+    a quarter of a second of a command that reads a sample table), anything else converted."""
+    if pa.types.is_integer(chunk.type) and chunk.null_count == 0:
+        dtype = np.dtype(chunk.type.to_pandas_dtype())
+        return np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+    return chunk.to_numpy(zero_copy_only=False)
+
+
 def _sample_table(data: bytes, path: Any, start: int, stop: int) -> pa.Table:
     """A sample table read from (checksummed) bytes; it must hold a ``sample_id`` column and a ``row`` column that
     is exactly ``start .. stop - 1``, else a CorruptStoreError (a crafted table cannot map rows to other samples)."""
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        # ParquetFile, not read_table: read_table goes through pyarrow.dataset, which imports pandas (a quarter second)
+        table = pq.ParquetFile(pa.BufferReader(data)).read()
     except Exception as error:  # pyarrow raises several kinds on damaged bytes
         raise CorruptStoreError(
             f"{path} cannot be read as a sample table ({type(error).__name__}); {_REPAIR}"
@@ -237,7 +334,7 @@ def _sample_table(data: bytes, path: Any, start: int, stop: int) -> pa.Table:
     if sound:
         offset = start
         for chunk in table.column("row").chunks:  # chunk by chunk: no second copy of a billion rows
-            values = chunk.to_numpy(zero_copy_only=False)
+            values = _integers(chunk)
             if not np.array_equal(values, np.arange(offset, offset + len(values))):
                 sound = False
                 break
@@ -427,6 +524,19 @@ class GradientStore:
             and isinstance(record.get("files"), dict)
             and set(record["files"]) == set(self._keys(shard))
             and all(_is_sha(value) for value in record["files"].values())
+            # stores with a read_check hold both in every record; older ones neither (appended shards may)
+            and (
+                (record.get("crc32c") is None and self.manifest.get(READ_CHECK_KEY) != "crc32c")
+                or (
+                    isinstance(record.get("crc32c"), dict)
+                    and set(record["crc32c"]) == set(record["files"])
+                    and all(is_crc32c(value) for value in record["crc32c"].values())
+                )
+            )
+            and (
+                (record.get(_RECORD_SEAL) is None and self.manifest.get(READ_CHECK_KEY) != "crc32c")
+                or record.get(_RECORD_SEAL) == _record_seal(record)
+            )
             and _is_sha(record.get("samples_sha256"))
             and (record.get("content_sha256") is None or _is_sha(record["content_sha256"]))
             and isinstance(nonfinite, dict)
@@ -531,17 +641,19 @@ class GradientStore:
                 f"{path} does not describe the manifest's {dtype} array of shape {shape}; {_REPAIR}"
             )
 
-    def _verified(self, shard: int, key: str, expected: str, what: str) -> bytes:
+    def _verified(self, shard: int, key: str, expected: str, what: str, crc32c: str | None = None) -> bytes:
+        """The bytes of store file ``key`` of ``shard``, checked against the crc32c its record holds (new stores'
+        shard files: the whole file, at hardware speed) or else its sha256 (``expected``, the checksum of record)."""
         path = self._location(key)
         try:
             path, data = self._read(key)
         except FileNotFoundError:
             if not self.complete and self._reload_complete():
-                return self._verified(shard, key, expected, what)
+                return self._verified(shard, key, expected, what, crc32c)
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) is missing; {_REPAIR}") from None
         except OSError as error:
             raise CorruptStoreError(f"{what} of shard {shard} ({path}) cannot be read ({error}); {_REPAIR}") from error
-        if sha256_bytes(data) != expected:
+        if (crc32c_bytes(data) != crc32c) if crc32c is not None else (sha256_bytes(data) != expected):
             grown = self._grown()
             records = grown.manifest["shards"] if grown is not None else []
             if shard < len(records) and records[shard].get("files", {}).get(key) == sha256_bytes(data):
@@ -586,6 +698,9 @@ class GradientStore:
                 f"{key} of {self.path} holds {len(data)} bytes, fewer than the {needed} its {stop - start} rows need; "
                 f"{_REPAIR}"
             )
+        plain = _plain_decode(name, metadata, data, stop - start, self.dim)
+        if plain is not None:
+            return plain
         try:
             with (
                 self._decode_lock
@@ -637,7 +752,7 @@ class GradientStore:
         start, stop = self.layout.shard_rows(shard)
         record = self._record_for_read(shard)
         key = self._keys(shard)[0]
-        data = self._verified(shard, key, record["files"][key], "the features")
+        data = self._verified(shard, key, record["files"][key], "the features", record.get("crc32c", {}).get(key))
         return self._decode("features", key, data, start, stop)
 
     def iter_blocks(self, *, allow_incomplete: bool = False) -> Iterator[tuple[int, np.ndarray]]:
@@ -688,7 +803,9 @@ class GradientStore:
             start, stop = self.layout.shard_rows(shard)
             record = self._record_for_read(shard)
             key = self._keys(shard)[1]
-            data = self._verified(shard, key, record["files"][key], "the self-influence")
+            data = self._verified(
+                shard, key, record["files"][key], "the self-influence", record.get("crc32c", {}).get(key)
+            )
             scores = self._decode("self_influence", key, data, start, stop).astype(np.float32)
             rows = np.arange(start, stop, dtype=np.int64)
             skipped = record.get("nonfinite", {}).get("skipped", [])
@@ -953,12 +1070,15 @@ class GradientStore:
                 feature_key: sha256_bytes(feature_bytes),
                 influence_key: sha256_bytes(influence_bytes),
             },
+            # checked on every read (sha256 stays the checksum of record, for verify and repairs)
+            "crc32c": {feature_key: crc32c_bytes(feature_bytes), influence_key: crc32c_bytes(influence_bytes)},
             "samples_sha256": sha256_bytes(samples_bytes),
         }
         if content_sha256 is not None:
             record["content_sha256"] = content_sha256
         if listed:
             record["nonfinite"] = listed
+        record[_RECORD_SEAL] = _record_seal(record)  # any damage to the record itself is then seen by its next read
         write_bytes_atomic(self._record_path(shard), json.dumps(record).encode())
         crash_point("shard-after-record")
         self.release_shard(shard)
@@ -1580,6 +1700,9 @@ def _new_manifest(layout: StoreLayout, fingerprint: dict, metadata: dict[str, by
         "layout": layout.to_dict(),
         "fingerprint": fingerprint,
         "arrays": {name: sha256_bytes(data) for name, data in metadata.items()},
+        # every shard record of this store holds the crc32c of its files, which each read checks (stores made before
+        # this key existed are read through the sha256 of their records)
+        READ_CHECK_KEY: "crc32c",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),
     }

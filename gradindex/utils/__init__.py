@@ -1,5 +1,5 @@
 """Small helpers every stage shares, each defined once: hashing, argument checks, settings, processes, progress,
-memory.
+memory, packages whose names load on first use.
 
 Nothing here imports torch, FAISS or Zarr.
 """
@@ -15,7 +15,8 @@ from gradindex.utils._checks import (
     check_positive,
     check_positive_int,
 )
-from gradindex.utils._hashing import sha256_bytes, sha256_file, sha256_json
+from gradindex.utils._hashing import crc32c_bytes, is_crc32c, sha256_bytes, sha256_file, sha256_json
+from gradindex.utils._lazy import lazy_exports
 from gradindex.utils._memory import available_memory, check_fits, default_memory_budget, format_bytes
 from gradindex.utils._processes import HOST_TAG, pid_alive
 from gradindex.utils._progress import progress_bar, progress_enabled, track
@@ -36,8 +37,11 @@ __all__ = [
     "check_positive",
     "check_positive_int",
     "check_settings",
+    "crc32c_bytes",
     "default_memory_budget",
     "format_bytes",
+    "is_crc32c",
+    "lazy_exports",
     "pid_alive",
     "progress_bar",
     "progress_enabled",

@@ -121,6 +121,8 @@ def test_cli_ensemble_then_gex_and_tracin_over_its_members(tmp_path):
     assert result.exit_code == 0, result.output
     made = json.loads(result.output)
     assert len(made["members"]) == 3 and made["gex_checkpoints"][1:] == made["members"]
+    assert made["weight_decay"] == pytest.approx(EnsembleConfig(members=3, steps=4, lr=0.05).decay)  # auto
+    assert tuple(made["distances"]) == load_ensemble(tmp_path / "ge").distances and len(made["distances"]) == 3
     assert made["gex_checkpoints"][0].endswith("ckpt-0.pt")
     text = runner.invoke(
         cli,
@@ -141,6 +143,7 @@ def test_cli_ensemble_then_gex_and_tracin_over_its_members(tmp_path):
         ],
     )
     assert text.exit_code == 0 and "--method gex --checkpoint" in text.output and "--method tracin" in text.output
+    assert "wrote 2 members to" in text.output and "(weight decay " in text.output
 
     gex = [
         "build",
@@ -180,3 +183,71 @@ def test_cli_ensemble_then_gex_and_tracin_over_its_members(tmp_path):
     expected = np.mean([(_per_sample_gradients(task, path) ** 2).sum(axis=1) for path in made["members"]], axis=0)
     np.testing.assert_allclose(store.self_influence()[1], expected, rtol=1e-4)
     assert all(math.isclose(item["weight"], 1 / 3) for item in store.fingerprint["checkpoints"])
+
+
+def test_auto_weight_decay_shrinks_by_a_fixed_factor_per_cycle():
+    """weight_decay=None (auto) is (1 − momentum)·DECAY_PER_CYCLE / Σ lr over a cycle, summed here step by step."""
+    from gradindex.ensemble import DECAY_PER_CYCLE
+
+    for config in (
+        EnsembleConfig(members=8, steps=800, lr=0.05),
+        EnsembleConfig(members=2, steps=7, lr=0.2, momentum=0.5, schedule="constant"),
+        EnsembleConfig(members=2, steps=10, lr=0.1, lr_min=0.0, schedule="triangular"),
+    ):
+        total = 0.0
+        for step in range(config.steps):
+            total += config.learning_rate(step)
+        assert config.weight_decay is None
+        assert config.decay == pytest.approx((1 - config.momentum) * DECAY_PER_CYCLE / total)
+    # the paper's recipe: 800 cosine steps from 0.05 (to 0.0005) -> about 0.015
+    assert EnsembleConfig(members=8, steps=800, lr=0.05).decay == pytest.approx(0.0149, abs=2e-4)
+    assert EnsembleConfig(weight_decay=0).decay == 0.0 and EnsembleConfig(weight_decay="0.01").decay == 0.01
+    with pytest.raises(ValueError, match="weight_decay must be a non-negative number, got -1"):
+        EnsembleConfig(weight_decay=-1)
+
+
+def test_members_record_their_distance_and_a_degenerate_ensemble_warns(tmp_path):
+    from gradindex.ensemble import relative_distance
+
+    task = tiny_tasks.mlp_task(n_train=48, n_test=4)
+    base = _base(tmp_path)
+    made = make_ensemble(task, base, tmp_path / "ge", members=2, steps=5, lr=0.05, batch_size=16)
+    start = torch.load(base)
+    expected = [relative_distance(torch.load(path), start) for path in made.members]
+    assert made.distances == pytest.approx(expected, rel=1e-6)
+    by_hand = [
+        math.sqrt(
+            sum(float((torch.load(path)[k].double() - v.double()).pow(2).sum()) for k, v in start.items())
+            / sum(float(v.double().pow(2).sum()) for v in start.values())
+        )
+        for path in made.members
+    ]
+    assert made.distances == pytest.approx(by_hand, rel=1e-9)
+    manifest = json.loads((tmp_path / "ge" / "ensemble.json").read_text())
+    assert manifest["weight_decay"] == pytest.approx(made.config.decay) and manifest["config"]["weight_decay"] is None
+    assert load_ensemble(tmp_path / "ge").distances == made.distances
+    # members that do not move: no decay and a tiny learning rate
+    with pytest.warns(gradindex.GradIndexWarning, match=r"stayed within 0\.\d+% of θ\*'s weights .*--weight-decay"):
+        still = make_ensemble(
+            task, base, tmp_path / "still", members=2, steps=3, lr=1e-5, weight_decay=0, batch_size=16
+        )
+    assert max(still.distances) < 1e-3
+
+
+def test_every_cycle_starts_with_a_fresh_optimizer(tmp_path):
+    """As in the GEX authors' code: no momentum is carried from one member's cycle into the next."""
+    seen = []
+
+    def train_step(model, batch, optimizer):
+        seen.append(optimizer)  # the object itself (its id could be reused once it is freed)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        optimizer.step()
+
+    plain = tiny_tasks.mlp_task(n_train=32, n_test=2)
+    task = gradindex.Task(model=plain.model, train=plain.train, test=plain.test, train_step=train_step)
+    config = EnsembleConfig(members=3, steps=4, lr=0.1, batch_size=8)
+    make_ensemble(task, _base(tmp_path), tmp_path / "ge", config)
+    assert len({id(optimizer) for optimizer in seen[:4]}) == 1
+    assert len({id(seen[0]), id(seen[4]), id(seen[8])}) == 3
+    assert all(optimizer.param_groups[0]["weight_decay"] == pytest.approx(config.decay) for optimizer in seen)

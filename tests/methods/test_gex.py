@@ -73,8 +73,8 @@ def test_gex_vectors_and_self_influence_equal_the_formula(tmp_path, ensemble):
 def test_gex_default_tau_and_build_errors(tmp_path, ensemble):
     task = tiny_tasks.mlp_task(n_train=20, n_test=2)
     store = gradindex.build(task, ensemble[:3], tmp_path / "d.gradindex", method="gex", dtype="float32")
-    assert store.fingerprint["method"]["tau"] == 0.05
-    np.testing.assert_allclose(store.read_features(), _formula(task, ensemble[:3], "train", 0.05), rtol=1e-5, atol=1e-6)
+    assert store.fingerprint["method"]["tau"] == 0.0  # no floor by default: plain loss deviations
+    np.testing.assert_allclose(store.read_features(), _formula(task, ensemble[:3], "train", 0.0), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="θ\\* first and then the ensemble members"):
         gradindex.build(task, ensemble[:1], tmp_path / "a.gradindex", method="gex")
     with pytest.raises(ValueError, match="normalize=True does not apply to method=gex"):
@@ -83,5 +83,28 @@ def test_gex_default_tau_and_build_errors(tmp_path, ensemble):
         gradindex.build(task, ensemble, tmp_path / "c.gradindex", method="gex", layers=("0.*",))
     with pytest.raises(ValueError, match="tau must be a non-negative number, got -1"):
         gradindex.build(task, ensemble, tmp_path / "e.gradindex", method="gex", method_options={"tau": -1})
-    with pytest.raises(gradindex.IncompatibleStoreError, match="tau=0.05; this query asks for tau=0.2"):
+    with pytest.raises(gradindex.IncompatibleStoreError, match="tau=0.0; this query asks for tau=0.2"):
         gradindex.query(store, task, samples=[0], method_options={"tau": 0.2})
+
+
+def test_a_build_dominated_by_tau_warns_and_names_the_fix(tmp_path, ensemble):
+    """τ dominates a sample when max(τ − ℓ(θ*), 0) exceeds the root mean square of its members' loss changes; more
+    than half the training samples so dominated make a warning (here τ is far above every loss)."""
+    import warnings
+
+    task = tiny_tasks.mlp_task(n_train=40, n_test=2)
+    base = _losses(task, ensemble[0], "train")
+    members = np.stack([_losses(task, checkpoint, "train") for checkpoint in ensemble[1:]], axis=1)
+    change = np.sqrt(((members - base[:, None]) ** 2).mean(axis=1))
+    tau = float(np.max(base + change)) * 2
+    assert (np.maximum(tau - base, 0) > change).mean() > 0.5  # the warning's threshold (TAU_DOMINATED)
+    with pytest.warns(
+        gradindex.GradIndexWarning, match=r"dominated by tau=\S+ for 100% of the training samples.*--tau 0"
+    ):
+        gradindex.build(task, ensemble, tmp_path / "t.gradindex", method="gex", method_options={"tau": tau})
+    # the floor below every sample's change: no warning, also not at the default τ = 0
+    low = float(np.min(base)) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradindex.GradIndexWarning)
+        gradindex.build(task, ensemble, tmp_path / "z.gradindex", method="gex")
+        gradindex.build(task, ensemble, tmp_path / "l.gradindex", method="gex", method_options={"tau": low})

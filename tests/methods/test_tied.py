@@ -135,8 +135,9 @@ def test_trak_on_tied_weights(name, saved, tmp_path):
     torch.testing.assert_close(rows, (phi * out_to_loss[:, None, None]).flatten(1), rtol=1e-4, atol=1e-7)
     gram = torch.einsum("nci,ncj->cij", phi, phi)
     torch.testing.assert_close(torch.from_numpy(store.read_transform("trak_gram")), gram, rtol=1e-4, atol=1e-7)
-    damping = store.fingerprint["method"]["damping"]
-    inverses = torch.linalg.inv(gram + damping * torch.eye(gram.shape[1]))
+    assert store.fingerprint["method"]["damping"] is None  # auto: 0.1 × the mean eigenvalue of each ΦᵀΦ
+    damping = 0.1 * torch.linalg.eigvalsh(gram).clamp_min(0).mean(dim=1)
+    inverses = torch.linalg.inv(gram + damping[:, None, None] * torch.eye(gram.shape[1]))
     queries = [tied_models.per_sample_gradients(model, task.margin, task.test, names) for model in plain]
     phi_q = torch.stack(_projected(store, queries, names), dim=1)
     expected = torch.einsum("qci,cij,ncj->qn", phi_q, inverses, phi) * out_to_loss / len(plain)

@@ -32,7 +32,7 @@ def _margin_gradients(model: torch.nn.Module, dataset, names) -> tuple[np.ndarra
     return np.stack(rows), np.array(margins)
 
 
-def _dense_trak(task, checkpoints, projection: ProjectionSpec, damping: float, normalize: bool = False):
+def _dense_trak(task, checkpoints, projection: ProjectionSpec, damping: float | None, normalize: bool = False):
     """The TRAK formula, computed densely: ``(scores [n_test, n_train], self_influence [n_train], grams [C, k, k])``."""
     specs = parse_checkpoints(checkpoints)
     model = task.model()
@@ -51,7 +51,9 @@ def _dense_trak(task, checkpoints, projection: ProjectionSpec, damping: float, n
             phi /= np.linalg.norm(phi, axis=1, keepdims=True)
             phi_test /= np.linalg.norm(phi_test, axis=1, keepdims=True)
         gram = phi.T @ phi
-        inverse = np.linalg.inv(gram + damping * np.eye(len(gram)))
+        # damping None: "auto", 0.1 × the mean eigenvalue of this checkpoint's ΦᵀΦ
+        lam = 0.1 * np.clip(np.linalg.eigvalsh(gram), 0, None).mean() if damping is None else damping
+        inverse = np.linalg.inv(gram + lam * np.eye(len(gram)))
         scores = scores + phi_test @ inverse @ phi.T / len(specs)
         self_scores = self_scores + np.einsum("ij,jk,ik->i", phi, inverse, phi) / len(specs)
         out_to_loss = out_to_loss + 1 / (1 + np.exp(train_margin)) / len(specs)  # 1 − p(label) = σ(−f)
@@ -109,6 +111,14 @@ def test_trak_scores_equal_the_dense_formula_at_any_damping(trak_setup):
     )
     np.testing.assert_allclose(
         _self_scores(gradindex.self_influence(store, damping=0.02), store.n_samples), other_self, rtol=1e-4
+    )
+    # auto at query time on a store built with an absolute λ: 0.1 × the mean eigenvalue of each checkpoint's ΦᵀΦ
+    auto, auto_self, _ = _dense_trak(task, checkpoints, projection, None)
+    np.testing.assert_allclose(
+        _all_scores(store, task, QUERIES, damping="auto"), auto[QUERIES], rtol=1e-4, atol=1e-5 * np.abs(auto).max()
+    )
+    np.testing.assert_allclose(
+        _self_scores(gradindex.self_influence(store, damping="auto"), store.n_samples), auto_self, rtol=1e-4
     )
 
 
@@ -196,3 +206,45 @@ def test_nonfinite_rows_stay_out_of_the_gram_matrix(tmp_path, policy):
     table = gradindex.query(store, nan_task, samples=[0, 1], k=10)
     assert np.isfinite(table.column("score").to_numpy()).all()
     assert not set(table.column("row").to_numpy().tolist()) & set(rel_tasks.nan_rows())
+
+
+def test_trak_over_independent_runs_through_the_cli_glob_with_auto_damping(tmp_path):
+    """TRAK-C from the command line: a quoted glob names the final checkpoints of C independently trained runs (sorted),
+    and the default damping is auto (0.1 × each checkpoint's mean ΦᵀΦ eigenvalue), equal to the dense formula."""
+    from click.testing import CliRunner
+
+    from gradindex.cli import cli
+
+    runs = []
+    for run in range(3):
+        folder = tmp_path / f"seed-{run}"
+        folder.mkdir()
+        torch.manual_seed(200 + run)
+        torch.save(tiny_tasks.mlp().state_dict(), folder / "final.pt")
+        runs.append(str(folder / "final.pt"))
+    (tmp_path / "seed-x").mkdir()  # a run folder without the file: not a match
+    store_path = tmp_path / "trak3.gradindex"
+    task_spec = f"{tiny_tasks.__file__}:mlp_task"
+    runner = CliRunner()
+    pattern = str(tmp_path / "seed-*" / "final.pt")
+    built = runner.invoke(
+        cli,
+        [
+            *("build", "--task", task_spec, "--checkpoint", pattern, "-o", str(store_path)),
+            *("--method", "trak", "--proj-dim", str(PROJ_DIM), "--dtype", "float32"),
+        ],
+    )
+    assert built.exit_code == 0, built.output
+    store = gradindex.open_store(store_path)
+    assert [c["path"] for c in store.manifest["checkpoints"]] == runs
+    assert store.fingerprint["method"]["damping"] is None
+    task = tiny_tasks.mlp_task()
+    scores, self_scores, _ = _dense_trak(task, runs, ProjectionSpec(kind="rademacher", dim=PROJ_DIM, seed=0), None)
+    np.testing.assert_allclose(
+        _all_scores(store, task, QUERIES), scores[QUERIES], rtol=1e-4, atol=1e-5 * np.abs(scores).max()
+    )
+    np.testing.assert_allclose(_self_scores(gradindex.self_influence(store), store.n_samples), self_scores, rtol=1e-4)
+    missing = runner.invoke(
+        cli, ["build", "--task", task_spec, "--checkpoint", str(tmp_path / "run-*/final.pt"), "-o", str(store_path)]
+    )
+    assert missing.exit_code == 2 and "no checkpoint matches" in missing.output

@@ -232,6 +232,13 @@ def test_non_finite_rows_are_counted_and_nothing_is_added(monkeypatch):
     with pytest.raises(NonFiniteError, match=r"3 of 100 vectors hold NaN or infinite.*first is row 7"):
         index.add(vectors)
     assert index.ntotal == 5  # the rejected call added nothing
+    late = gaussian(24, 100, 8)
+    late[93, 0] = np.nan  # in a later chunk: the chunks before it were added, then taken back
+    with pytest.raises(NonFiniteError, match=r"1 of 100 vectors hold NaN or infinite.*first is row 93"):
+        index.add(late)
+    assert index.ntotal == 5
+    scores, rows = index.search(gaussian(25, 3, 8), 5)
+    assert_topk(scores, rows, gaussian(19, 5, 8), gaussian(25, 3, 8), 5)
     too_large = gaussian(20, 100, 8, np.float64)
     too_large[3, 1] = 1e300  # finite as float64, inf as float32
     with pytest.raises(ValueError, match="1 of 100 vectors hold NaN or infinite"):
@@ -390,3 +397,19 @@ def test_gpu_results_equal_cpu_results():
     assert_topk(gpu_scores, gpu_rows, vectors, queries, 100)
     blocks = [(a, vectors[a : a + 3000]) for a in range(0, 20000, 3000)][::-1]
     assert_topk(*search_blocks(blocks, queries, 100, use_gpu=True), vectors, queries, 100)
+
+
+def test_reserving_room_keeps_the_rows_and_their_order():
+    vectors, queries = gaussian(30, 100, 16), gaussian(31, 4, 16)
+    index = ExactIndex(16, use_gpu=False)
+    index.reserve(100)
+    index.add(vectors[:30])
+    index.reserve(10)  # less than there is: nothing changes
+    index.add(vectors[30:70])
+    index.reserve(500)  # more, after rows were added: they stay
+    index.add(vectors[70:])
+    assert index.ntotal == 100
+    scores, rows = index.search(queries, 7)
+    assert_topk(scores, rows, vectors, queries, 7)
+    with pytest.raises(ValueError, match="n_rows must be a positive integer"):
+        index.reserve(0)
