@@ -298,7 +298,7 @@ def _markdown(payload: dict) -> str:
     lines = [
         "## Transformers: projection fidelity and build speed (issue 15)",
         "",
-        f"`nice -n 10 {payload['command']}` on {info['cores']} cores ({info['cpu']}), torch {info['torch']}, "
+        f"`{payload['command']}` on {info['cores']} cores ({info['cpu']}), torch {info['torch']}, "
         f"transformers {payload['transformers']}, {settings['threads']} torch thread, {info['date']}; "
         f"{payload['wall_s'] / 60:.1f} min; load average {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f} at the end (the "
         "machine was shared with other jobs, so the seconds are noisy).",
