@@ -349,6 +349,17 @@ def _common(model: str | None, train: str | None, max_length: int | None) -> tup
     return folder, max_length
 
 
+def _load_inputs(folder: Path, train: str, test: str | None, tokenizer: str | None) -> tuple[Any, dict, Any]:
+    """The model folder's config, the ``train`` (and ``test``) rows as tables, and the tokenizer when a table has no
+    ``input_ids`` column (else the folder's, if it holds one)."""
+    config = _transformers().AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    tables = {"train": read_rows(train, "train", option="train")}
+    if test is not None:
+        tables["test"] = read_rows(test, "test", option="test")
+    needs_tokenizer = any("input_ids" not in table.column_names for table in tables.values())
+    return config, tables, _load_tokenizer(tokenizer, folder, needs_tokenizer)
+
+
 # ---- the tasks ------------------------------------------------------------------------------------------------------
 
 
@@ -389,13 +400,7 @@ def hf_causal_lm(
             (each message names the task option to fix).
     """
     folder, max_length = _common(model, train, max_length)
-    transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    tables = {"train": read_rows(train, "train", option="train")}
-    if test is not None:
-        tables["test"] = read_rows(test, "test", option="test")
-    needs_tokenizer = any("input_ids" not in table.column_names for table in tables.values())
-    loaded = _load_tokenizer(tokenizer, folder, needs_tokenizer)
+    config, tables, loaded = _load_inputs(folder, train, test, tokenizer)
     datasets = {}
     for split, table in tables.items():
         if prompt is not None and "input_ids" in table.column_names:
@@ -460,13 +465,7 @@ def hf_classifier(
             message names the task option to fix).
     """
     folder, max_length = _common(model, train, max_length)
-    transformers = _transformers()
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-    tables = {"train": read_rows(train, "train", option="train")}
-    if test is not None:
-        tables["test"] = read_rows(test, "test", option="test")
-    needs_tokenizer = any("input_ids" not in table.column_names for table in tables.values())
-    loaded = _load_tokenizer(tokenizer, folder, needs_tokenizer)
+    config, tables, loaded = _load_inputs(folder, train, test, tokenizer)
     raw_labels = {split: _label_column(table, label, split) for split, table in tables.items()}
     classes = _classes(raw_labels, config)
     datasets = {}

@@ -127,6 +127,7 @@ def cases(w) -> list[tuple[str, list[str], int, str]]:
         ("a factory name that is not there", build(task=f"{bad}:nothing"), 1, "has no attribute 'nothing'"),
         ("a checkpoint that is not there", build(checkpoint=f"{root}/nope.pt"), 1, "does not exist"),
         ("a folder as the checkpoint", build(checkpoint=str(root / "a-folder")), 1, "is a folder"),
+        ("a checkpoint glob matching nothing", build(checkpoint=f"{root}/runs-*/final.pt"), 2, "no checkpoint matches"),
         ("a checkpoint that is not a torch file", build(checkpoint=f"{root}/garbage.pt"), 1, "cannot load checkpoint"),
         ("a .safetensors file that is not one", build(checkpoint=f"{root}/fake.safetensors"), 1, "safetensors"),
         ("a checkpoint of another model", build(task=f"{bad}:wrong_model"), 1, "does not fit the task's model"),
