@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from gradindex.cli._options import (
     output_options,
     parse_bytes,
     parse_shard,
+    server_options,
     setting_option,
     storage_options_option,
     summary_format_option,
@@ -294,7 +296,7 @@ def build(
 
 
 @cli.command()
-@click.argument("store", type=STORE)
+@click.argument("store", type=STORE, required=False)
 @click.option("--task", "task", help="Task SPEC (default: the one recorded in the store).")
 @task_args_option
 @setting_option(QueryConfig, "split")
@@ -318,6 +320,7 @@ def build(
 @setting_option(QueryConfig, "dask")
 @storage_options_option
 @method_query_options
+@server_options
 @output_options
 @click.pass_context
 @handle_errors
@@ -333,6 +336,8 @@ def query(
     fmt,
     output,
     method_options,
+    server,
+    token,
     **config,
 ):
     """The k most influential training samples for query samples.
@@ -345,11 +350,30 @@ def query(
       gradindex query digits.gradindex --samples 7 --opponents
       gradindex query big.gradindex --samples 0-99 --index ivf4096-sqfp16 --nprobe 64
       gradindex query big.gradindex --samples 0-99 --dask local:4
+      gradindex query big.gradindex --samples 0-99 --index ivf4096-sqfp16 --dask tcp://scheduler:8786
       gradindex query bc-if.gradindex --samples 0-4 --damping 0.1 --solver lissa
       gradindex query lm.gradindex --task-arg test=more_prompts.jsonl --samples 0-9
+      gradindex query --server grpc://127.0.0.1:8815 --samples 0-4 -k 5
     """
     if samples and all_samples:
         raise click.UsageError("give --samples or --all, not both")
+    if server is not None:
+        _refuse_with_server(
+            ctx, "task", "task_options", "checkpoints", "storage_options", *_SERVER_SETTINGS, "allow_incomplete"
+        )
+        with gradindex.connect(server, token=token) as client:
+            table = client.query(
+                samples,
+                split=config["split"],
+                k=config["k"],
+                opponents=config["opponents"],
+                nprobe=config["nprobe"],
+                method_options=method_options,
+                store=store,
+            )
+        _emit(table, fmt, output)
+        return
+    _require_store(store, token)
     table = gradindex.query(
         store,
         task,
@@ -365,7 +389,7 @@ def query(
 
 
 @cli.command("self-influence")
-@click.argument("store", type=STORE)
+@click.argument("store", type=STORE, required=False)
 @click.option("--top", type=click.IntRange(min=1), help="Only the N highest.")
 @click.option("--allow-incomplete", is_flag=True, help="Rank the finished part of an incomplete store.")
 @click.option("--task", "task", help="With --damping/--solver on an if store: task SPEC (default: the store's).")
@@ -384,6 +408,7 @@ def query(
 )
 @storage_options_option
 @method_query_options
+@server_options
 @output_options
 @click.pass_context
 @handle_errors
@@ -400,6 +425,8 @@ def self_influence(
     fmt,
     output,
     method_options,
+    server,
+    token,
 ):
     """Training samples ranked by self-influence (suspected mislabeled or atypical first).
 
@@ -410,7 +437,15 @@ def self_influence(
     Example:
       gradindex self-influence digits.gradindex --top 20
       gradindex self-influence trak.gradindex --top 20 --damping 0.1
+      gradindex self-influence --server grpc://127.0.0.1:8815 --top 20
     """
+    if server is not None:
+        _refuse_with_server(ctx, "allow_incomplete", "task", "task_options", "checkpoints", "device", "storage_options")
+        with gradindex.connect(server, token=token) as client:
+            table = client.self_influence(top=top, method_options=method_options, store=store)
+        _emit(table, fmt, output)
+        return
+    _require_store(store, token)
     table = gradindex.self_influence(
         store,
         top=top,
@@ -424,6 +459,104 @@ def self_influence(
         task_options=task_options,
     )
     _emit(table, fmt, output)
+
+
+# what a server is started with, not asked per request
+_SERVER_SETTINGS = ("device", "memory_budget", "index", "dask")
+
+
+def _refuse_with_server(ctx: click.Context, *names: str) -> None:
+    """A usage error for each option given with --server that belongs to the server (set by `gradindex serve`)."""
+    from click.core import ParameterSource
+
+    for param in ctx.command.params:
+        if param.name in names and ctx.get_parameter_source(param.name) not in (None, ParameterSource.DEFAULT):
+            flag = max(param.opts, key=len)
+            raise click.UsageError(
+                f"{flag} is the server's setting: give it to `gradindex serve`, or query without --server"
+            )
+
+
+def _require_store(store: str | None, token: str | None) -> None:
+    if store is None:
+        raise click.UsageError("Missing argument 'STORE' (or ask a server with --server URL).")
+    if token is not None:
+        raise click.UsageError("--token goes with --server URL")
+
+
+@cli.command()
+@click.argument("store", type=STORE)
+@click.option("--task", "task", help="Task SPEC (default: the one recorded in the store).")
+@task_args_option
+@click.option(
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    help="Checkpoint paths if they moved since the build (same files, same order).",
+)
+@setting_option(QueryConfig, "device")
+@setting_option(QueryConfig, "memory_budget", callback=parse_bytes)
+@setting_option(QueryConfig, "allow_incomplete")
+@setting_option(QueryConfig, "index")
+@setting_option(QueryConfig, "dask")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback needs --token.",
+)
+@click.option(
+    "--port", default=8815, show_default=True, type=click.IntRange(0, 65535), help="Port; 0 picks a free one."
+)
+@click.option(
+    "--token",
+    help="A secret every request must carry (clients: --token or GRADINDEX_TOKEN) [default: GRADINDEX_TOKEN]; "
+    "required off loopback.",
+)
+@storage_options_option
+@handle_errors
+def serve(store, task, task_options, checkpoints, host, port, token, storage_options, **config):
+    """Keep a store loaded and answer queries over Arrow Flight until stopped.
+
+    Loads the task, checkpoints, featurizer and vectors once (or the persisted --index, or Dask
+    actors holding the shards with --dask) and answers query, opponents and self-influence
+    requests from `gradindex query --server URL`, `gradindex self-influence --server URL` and
+    gradindex.connect(URL), each with exactly the rows of the direct call. The first line on
+    stdout is the URL. A store that changes (--append) is reloaded before the next answer.
+    SIGTERM or Ctrl-C stops it after the request in flight.
+
+    \b
+    Example:
+      gradindex serve digits.gradindex --port 0
+      gradindex query --server grpc://127.0.0.1:8815 --samples 0-4 -k 5
+      GRADINDEX_TOKEN=secret gradindex serve big.gradindex --host 0.0.0.0 --index ivf4096-sqfp16
+    """
+
+    stdout = sys.stdout  # the URL's alone: what the task's code prints while loading or answering goes to stderr
+
+    def ready(server) -> None:
+        click.echo(server.url, file=stdout)
+        stdout.flush()
+        details = server.info()
+        click.echo(
+            f"serving {details['store']} ({details['n_samples']} rows x {details['dim']}, {details['search']}); "
+            "stop with Ctrl-C or SIGTERM",
+            err=True,
+        )
+
+    with contextlib.redirect_stdout(sys.stderr):
+        gradindex.serve(
+            store,
+            task,
+            ready=ready,
+            task_options=task_options,
+            checkpoints=list(checkpoints) or None,
+            storage_options=storage_options,
+            host=host,
+            port=port,
+            token=token,
+            **config,
+        )
 
 
 @cli.command()
@@ -501,12 +634,20 @@ def _without_plan(projection: object) -> object:
 def _index_line(meta: dict) -> str:
     if "error" in meta:
         return f"{meta['name']}: {meta['error']}"
-    knob = f" at {meta['search_parameter']}={meta['nprobe']}" if meta.get("search_parameter") else ""
+
+    def knob(key: str) -> str:
+        return f" at {meta['search_parameter']}={meta.get(key)}" if meta.get("search_parameter") else ""
+
     where = ", on disk" if meta.get("on_disk") else ""
     stale = f" — STALE: {meta['stale']}" if meta.get("stale") else ""
+    if isinstance(meta.get("recall_opponents"), (int, float)):
+        opponents = f", {meta['recall_opponents']:.3f}{knob('nprobe_opponents')} for opponents"
+    else:
+        opponents = ", opponents not measured (built by an older version; rebuild with --overwrite)"
     return (
         f"{meta['name']}: {meta['factory_resolved']} ({meta['ntotal']} rows{where}), "
-        f"recall@{meta['k']}={meta['recall']:.3f}{knob} on {meta['recall_queries']} held-out rows{stale}"
+        f"recall@{meta['k']}={meta['recall']:.3f}{knob('nprobe')} for proponents{opponents} "
+        f"on {meta['recall_queries']} held-out rows{stale}"
     )
 
 
@@ -529,6 +670,7 @@ def _index_line(meta: dict) -> str:
 @setting_option(IndexConfig, "memory_budget", callback=parse_bytes)
 @setting_option(IndexConfig, "overwrite")
 @setting_option(IndexConfig, "seed")
+@setting_option(IndexConfig, "dask")
 @storage_options_option
 @summary_format_option
 @click.pass_context
@@ -536,13 +678,16 @@ def _index_line(meta: dict) -> str:
 def index(ctx, store, list_only, storage_options, summary_format, **config):
     """Build an approximate index of a store and measure its recall against exact search.
 
-    Trains on a sample of the store, adds it shard by shard, and stores the index under the
-    store's indexes/ with its recall@k (shown by gradindex info); query it with --index NAME.
-    --list lists the indexes a store has, with their recall and whether they are stale.
+    Trains once on a sample drawn across the store's shards, adds it shard by shard (with --dask,
+    in parallel on the workers), and stores the index under the store's indexes/ with its
+    recall@k for proponents and for opponents, each direction with its own nprobe (shown by
+    gradindex info); query it with --index NAME (with --dask too: the lists spread over the
+    workers). --list lists the indexes a store has, with their recall and whether they are stale.
 
     \b
     Example:
       gradindex index big.gradindex --factory "IVF4096,SQfp16"
+      gradindex index big.gradindex --factory "IVF,SQfp16" --dask tcp://scheduler:8786
       gradindex index big.gradindex --factory "IVF,PQ64" --name pq --on-disk
       gradindex index big.gradindex --factory HNSW32 --target-recall 0.99
       gradindex index big.gradindex --list
@@ -567,11 +712,13 @@ def index(ctx, store, list_only, storage_options, summary_format, **config):
     if summary_format == "json":
         click.echo(json.dumps(meta))
         return
-    for point in meta["curve"]:
-        knob = f"{meta['search_parameter']}={point['value']}: " if meta.get("search_parameter") else ""
-        click.echo(
-            f"  {knob}recall@{meta['k']}={point['recall']:.3f}, {point['queries_per_s']:.0f} queries/s", err=True
-        )
+    for direction, key in (("proponents", "curve"), ("opponents", "curve_opponents")):
+        for point in meta.get(key) or []:
+            knob = f"{meta['search_parameter']}={point['value']}: " if meta.get("search_parameter") else ""
+            click.echo(
+                f"  {direction} {knob}recall@{meta['k']}={point['recall']:.3f}, {point['queries_per_s']:.0f} queries/s",
+                err=True,
+            )
     click.echo(f"index {_index_line(meta)}", err=True)
 
 
@@ -868,14 +1015,16 @@ def curate(
     help="The trained checkpoint θ* to ensemble around (a file, or a save_pretrained folder).",
 )
 @setting_option(EnsembleConfig, "members", required=True, default=None, show_default=False)
-@setting_option(EnsembleConfig, "steps", required=True, default=None, show_default=False)
-@setting_option(EnsembleConfig, "lr", required=True, default=None, show_default=False)
+@setting_option(EnsembleConfig, "steps", default=None, show_default=False, help_suffix=" (required unless --laplace)")
+@setting_option(EnsembleConfig, "lr", default=None, show_default=False, help_suffix=" (required unless --laplace)")
 @setting_option(EnsembleConfig, "lr_min")
 @setting_option(EnsembleConfig, "schedule")
 @setting_option(EnsembleConfig, "momentum")
 @setting_option(EnsembleConfig, "weight_decay")
 @setting_option(EnsembleConfig, "batch_size")
 @setting_option(EnsembleConfig, "seed")
+@setting_option(EnsembleConfig, "laplace")
+@setting_option(EnsembleConfig, "prior_precision")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option(
     "-o",
@@ -896,13 +1045,20 @@ def ensemble(ctx, task, task_options, checkpoint, device, output, overwrite, sum
     The default weight decay (auto) moves the members out of the checkpoint's basin, so that a model
     which fits its labels gets members that forget what it memorised; members that stay within 10%
     of the checkpoint's weights get a warning. Kim et al.'s recipe: 8-32 members, 800 steps, lr 0.05.
+    With --laplace the members are drawn from a K-FAC Laplace posterior around the checkpoint instead (GEX's
+    la_kfac: no fine-tuning, no --steps or --lr).
 
     \b
     Example:
       gradindex ensemble --task digits --checkpoint runs/ckpt-030.pt --members 8 --steps 800 --lr 0.05 -o runs/ge
       gradindex build --task digits --method gex --checkpoint runs/ckpt-030.pt \\
           --checkpoint runs/ge/member-001.pt ... --checkpoint runs/ge/member-008.pt -o gex.gradindex
+      gradindex ensemble --task digits --checkpoint runs/ckpt-030.pt --members 8 --laplace -o runs/la
     """
+    if not config.get("laplace") and (config.get("steps") is None or config.get("lr") is None):
+        raise click.UsageError(
+            "a geometric ensemble needs --steps and --lr (or pass --laplace for K-FAC Laplace members)"
+        )
     made = gradindex.make_ensemble(
         gradindex.load_task(task, **task_options),
         checkpoint,
@@ -920,15 +1076,16 @@ def ensemble(ctx, task, task_options, checkpoint, device, output, overwrite, sum
                     "members": [str(path) for path in made.members],
                     "gex_checkpoints": made.gex_checkpoints(),
                     "tracin_checkpoints": made.tracin_checkpoints(),
-                    "weight_decay": made.config.decay,
+                    "weight_decay": None if made.config.laplace else made.config.decay,
                     "distances": list(made.distances),
                 }
             )
         )
         return
+    how = "K-FAC Laplace draws" if made.config.laplace else f"weight decay {made.config.decay:.3g}"
     click.echo(
-        f"wrote {len(made.members)} members to {output} (weight decay {made.config.decay:.3g}; relative distance from "
-        f"the checkpoint {min(made.distances):.2f}-{max(made.distances):.2f})",
+        f"wrote {len(made.members)} members to {output} ({how}; relative distance from "
+        f"the checkpoint {min(made.distances):.2g}-{max(made.distances):.2g})",
         err=True,
     )
     task_args = "".join(f" --task-arg {shlex.quote(f'{key}={value}')}" for key, value in task_options.items())

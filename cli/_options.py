@@ -32,6 +32,7 @@ __all__ = [
     "output_options",
     "parse_bytes",
     "parse_shard",
+    "server_options",
     "setting_option",
     "storage_options_option",
     "summary_format_option",
@@ -200,6 +201,9 @@ def _method_option_flag(name: str, query_time: bool):
             for method, spec in owners.items()
         )
         text += f" [default: {defaults}]"
+    if first.accepts.flag:  # --name / --no-name, None when neither is given (the method's default)
+        flag = name.replace("_", "-")
+        return click.option(f"--{flag}/--no-{flag}", name, default=None, help=text[:1].upper() + text[1:])
     return click.option(
         f"--{name.replace('_', '-')}", name, type=_click_type(first.accepts), help=text[:1].upper() + text[1:]
     )
@@ -217,6 +221,8 @@ _METHOD_OPTION = click.option(
 _BUILD_FLAGS = (
     "precondition",
     "precondition_side",
+    "precondition_mix",
+    "adam_normalize",
     "tau",
     "rank",
     "solver",
@@ -419,4 +425,18 @@ def storage_options_option(command):
         help="For a store URL (s3://, gs://, ...): an fsspec storage option, repeatable, "
         "e.g. endpoint_url=http://localhost:9000 (credentials and endpoint otherwise come from the environment, "
         "e.g. AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL).",
+    )(command)
+
+
+def server_options(command):
+    """``--server URL`` and ``--token``: ask a running ``gradindex serve`` instead of loading the store here."""
+    command = click.option(
+        "--token", help="With --server: the server's token [default: the GRADINDEX_TOKEN environment variable]."
+    )(command)
+    return click.option(
+        "--server",
+        "server",
+        metavar="URL",
+        help="Ask the `gradindex serve` server at URL (grpc://host:port) instead of loading the store here: the same "
+        "rows, without loading torch; STORE may be left out.",
     )(command)

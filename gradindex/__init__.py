@@ -70,6 +70,7 @@ __all__ = [
     "causal_lm_loss",
     "causal_lm_margin",
     "collate_samples",
+    "connect",
     "cross_entropy_loss",
     "curate",
     "default_loss",
@@ -85,13 +86,14 @@ __all__ = [
     "report",
     "search_store",
     "self_influence",
+    "serve",
     "verify",
 ]
 
 # Everything else loads with its first use (PEP 562): importing gradindex imports neither torch nor faiss, so a client
 # that only reads stores, and the command line's --help, info and verify, start without them.
 if TYPE_CHECKING:  # loaded on first use (lazy_exports)
-    from gradindex.apps import curate, report
+    from gradindex.apps import connect, curate, report, serve
     from gradindex.checkpoints import CheckpointSpec
     from gradindex.ensemble import EnsembleConfig, make_ensemble
     from gradindex.pipeline import BuildConfig, QueryConfig, build, finalize, info, query, self_influence, verify

@@ -35,10 +35,13 @@ from gradindex.utils import sha256_bytes, sha256_file
 
 __all__ = [
     "HF_WEIGHT_FILES",
+    "OPTIMIZER_FILES",
     "CheckpointSpec",
+    "OptimizerMoments",
     "checkpoint_files",
     "checkpoint_sha256",
     "load_into",
+    "load_optimizer_moments",
     "load_state_dict",
     "parse_checkpoints",
     "tied_aliases",
@@ -437,3 +440,212 @@ def _problems(
     if mismatched:
         parts.append(f"shape mismatch {', '.join(mismatched[:5])}")
     return parts
+
+
+# ---- optimizer state: Adam's second moments (TrackStar's normalizer) -------------------------------------------------
+
+# the optimizer files of a Trainer / Accelerate checkpoint folder, in the order they are looked for
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+# keys a torch.save file may hold one optimizer's state dict under (Lightning: a list under optimizer_states)
+_OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "optim")
+# the parameter names HF's Trainer leaves out of weight decay (Trainer.get_decay_parameter_names), which puts them in
+# its second parameter group
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+_SAVE_HINT = (
+    "save it beside the weights, e.g. torch.save({'model': model.state_dict(), 'optimizer': optimizer.state_dict()}, "
+    "path), or give a Trainer checkpoint-N folder with its optimizer.pt"
+)
+
+
+@dataclass(frozen=True)
+class OptimizerMoments:
+    """Adam's second moments at a checkpoint, under the model's parameter names.
+
+    ``moments[name]`` is v̂ = exp_avg_sq / (1 − β₂^step) (``max_exp_avg_sq`` with amsgrad), the bias-corrected second
+    moment Adam divides by (as √v̂ + ε); ``eps[name]`` the ε of its parameter group; ``source`` and ``sha256`` the
+    file they were read from.
+    """
+
+    source: str
+    sha256: str
+    moments: dict[str, Tensor]
+    eps: dict[str, float]
+
+    def denominator(self, name: str) -> Tensor:
+        """Adam's elementwise denominator √v̂ + ε of one parameter (its shape)."""
+        return self.moments[name].sqrt().add_(self.eps[name])
+
+
+def load_optimizer_moments(model: nn.Module, path: str | Path) -> OptimizerMoments:
+    """The Adam second moments saved with a checkpoint, mapped to ``model``'s parameter names.
+
+    The optimizer state is read from a Trainer / Accelerate folder's ``optimizer.pt`` (or ``optimizer.bin``), from a
+    ``torch.save`` file's ``optimizer`` (``optimizer_state_dict``, ``optimizer_state``, ``optim``) entry, or from a
+    Lightning file's only ``optimizer_states`` entry. An optimizer state dict numbers the parameters; the numbers are
+    mapped to names by the names it records (``param_names``: an optimizer built from ``named_parameters()``), else
+    by ``model.parameters()`` order (one parameter group), else by HF Trainer's two groups (weight decay, then the
+    biases and norm weights it exempts), and every moment's shape must then equal its parameter's.
+
+    Args:
+        model: the task's model (only its parameter names, shapes and module types are used).
+        path: a checkpoint file or folder.
+
+    Returns:
+        The bias-corrected second moments of every parameter the optimizer holds state for.
+
+    Raises:
+        CheckpointError: no optimizer state is found, it is not Adam's (no ``exp_avg_sq``), or its numbering cannot be
+            mapped to the model's parameters.
+    """
+    path = Path(path)
+    state, source = _optimizer_state(path)
+    groups = state["param_groups"]
+    names = _optimizer_names(model, state, path)
+    entries = state["state"]
+    if not entries:
+        raise CheckpointError(
+            f"checkpoint {path}'s optimizer state is empty (the optimizer had taken no step when it was saved); use a "
+            "checkpoint saved after training"
+        )
+    if not any(isinstance(entry, dict) and "exp_avg_sq" in entry for entry in entries.values()):
+        held = sorted({key for entry in entries.values() if isinstance(entry, dict) for key in entry})
+        raise CheckpointError(
+            f"checkpoint {path}'s optimizer state holds no Adam second moments (exp_avg_sq; it holds "
+            f"{', '.join(held[:4]) or 'nothing'}): adam_normalize needs a model trained with Adam or AdamW; build "
+            "without adam_normalize"
+        )
+    group_of = {int(index): group for group in groups for index in group.get("params", [])}
+    shapes = dict(model.named_parameters())
+    moments: dict[str, Tensor] = {}
+    eps: dict[str, float] = {}
+    for index, entry in entries.items():
+        name = names.get(int(index))
+        if name is None or not isinstance(entry, dict) or "exp_avg_sq" not in entry:
+            continue
+        group = group_of.get(int(index), {})
+        amsgrad = bool(group.get("amsgrad")) and isinstance(entry.get("max_exp_avg_sq"), Tensor)
+        value = (entry["max_exp_avg_sq"] if amsgrad else entry["exp_avg_sq"]).detach().to("cpu", torch.float32)
+        if tuple(value.shape) != tuple(shapes[name].shape):
+            raise CheckpointError(
+                f"checkpoint {path}'s optimizer state entry {index} has a second moment of shape "
+                f"{tuple(value.shape)}, but it maps to {name} of shape {tuple(shapes[name].shape)}: the optimizer's "
+                "parameter numbering is not this model's; " + _SAVE_HINT + " from an optimizer over model.parameters()"
+            )
+        step = entry.get("step", 0)
+        step = float(step.item() if isinstance(step, Tensor) else step)
+        beta2 = float((group.get("betas") or (0.9, 0.999))[1])
+        if step > 0 and beta2 < 1:
+            value = value / (1.0 - beta2**step)
+        moments[name] = value
+        eps[name] = float(group.get("eps", 1e-8))
+    return OptimizerMoments(source=str(source), sha256=sha256_file(source), moments=moments, eps=eps)
+
+
+def _optimizer_state(path: Path) -> tuple[dict, Path]:
+    """``(optimizer state dict, the file it came from)`` of a checkpoint (see ``load_optimizer_moments``)."""
+    if path.is_dir():
+        found = [path / name for name in OPTIMIZER_FILES if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"checkpoint {path} holds no optimizer state ({' or '.join(OPTIMIZER_FILES)}); {_SAVE_HINT}, or "
+                "build without adam_normalize"
+            )
+        return _checked_optimizer(_torch_load(found[0]), found[0]), found[0]
+    files = checkpoint_files(path)
+    if path.suffix == ".safetensors" or files[0].name.endswith(".index.json"):
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only (safetensors), no optimizer state; {_SAVE_HINT}, or build without "
+            "adam_normalize"
+        )
+    saved = _torch_load(path)
+    if isinstance(saved, dict):
+        for key in _OPTIMIZER_KEYS:
+            if isinstance(saved.get(key), dict):
+                return _checked_optimizer(saved[key], path), path
+        lightning = saved.get("optimizer_states")
+        if isinstance(lightning, (list, tuple)) and len(lightning) == 1:
+            return _checked_optimizer(lightning[0], path), path
+        if isinstance(lightning, (list, tuple)) and len(lightning) > 1:
+            raise CheckpointError(
+                f"checkpoint {path} holds {len(lightning)} optimizers' states (optimizer_states); save the one that "
+                f"trained the model beside its weights, e.g. torch.save({{'model': ..., 'optimizer': "
+                f"checkpoint['optimizer_states'][0]}}, path)"
+            )
+    raise CheckpointError(
+        f"checkpoint {path} holds no optimizer state (no {', '.join(_OPTIMIZER_KEYS)} or optimizer_states entry); "
+        f"{_SAVE_HINT}, or build without adam_normalize"
+    )
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"cannot load {path} with torch.load(weights_only=True) ({type(error).__name__}: {str(error)[:200]}); "
+            "save the optimizer state dict alone, e.g. torch.save(optimizer.state_dict(), path)"
+        ) from error
+
+
+def _checked_optimizer(state: object, path: Path) -> dict:
+    if (
+        not isinstance(state, dict)
+        or not isinstance(state.get("state"), dict)
+        or not isinstance(state.get("param_groups"), (list, tuple))
+    ):
+        raise CheckpointError(
+            f"{path} holds no optimizer state dict (a dict of 'state' and 'param_groups'); {_SAVE_HINT}"
+        )
+    return state
+
+
+def _optimizer_names(model: nn.Module, state: dict, path: Path) -> dict[int, str]:
+    """Optimizer parameter number -> the model's parameter name (see ``load_optimizer_moments``)."""
+    groups = list(state["param_groups"])
+    numbers = [[int(index) for index in group.get("params", [])] for group in groups]
+    named = list(model.named_parameters())
+    own = {name for name, _ in named}
+    if groups and all(len(group.get("param_names") or ()) == len(found) for group, found in zip(groups, numbers)):
+        mapping = {}
+        for group, found in zip(groups, numbers):
+            for index, recorded in zip(found, group["param_names"]):
+                name = _ORIG_MOD.sub(r"\1", str(recorded))
+                parts = name.split(".")
+                fitted = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in own), None)
+                if fitted is None:
+                    raise CheckpointError(
+                        f"checkpoint {path}'s optimizer names the parameter {recorded}, which the task's model does "
+                        "not have; check the task and the checkpoint"
+                    )
+                mapping[index] = fitted
+        return mapping
+    flat = [index for found in numbers for index in found]
+    trainable = [name for name, param in named if param.requires_grad]
+    if len(groups) == 1:
+        for order in (trainable, [name for name, _ in named]):
+            if len(order) == len(flat):
+                return dict(zip(flat, order))
+        raise CheckpointError(
+            f"checkpoint {path}'s optimizer holds {len(flat)} parameters but the task's model has {len(trainable)} "
+            "trainable ones: the optimizer was not built over model.parameters(); "
+            + _SAVE_HINT
+            + " from an optimizer over model.parameters() or named_parameters()"
+        )
+    modules = dict(model.named_modules())
+    normed = {
+        name
+        for name in trainable
+        if any(
+            isinstance(modules.get(".".join(name.split(".")[:end])), nn.LayerNorm) for end in range(name.count(".") + 1)
+        )
+    }
+    decay = [name for name in trainable if name not in normed and not _NO_DECAY.search(name.lower())]
+    exempt = [name for name in trainable if name not in set(decay)]
+    if len(groups) == 2 and [len(found) for found in numbers] == [len(decay), len(exempt)]:
+        return dict(zip(flat, decay + exempt))
+    raise CheckpointError(
+        f"cannot map checkpoint {path}'s optimizer parameters to the model's names: its {len(groups)} parameter groups "
+        f"of {', '.join(str(len(found)) for found in numbers)} parameters are neither one group over "
+        f"model.parameters() nor HF Trainer's decay / no-decay split ({len(decay)}, {len(exempt)}); build the "
+        "optimizer from model.named_parameters() (torch records the names then) and save its state again"
+    )

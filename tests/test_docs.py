@@ -298,7 +298,8 @@ def test_build_and_query_report_progress_unless_quiet(tmp_path, mlp_checkpoints,
     )
     shown = capsys.readouterr().err
     assert "featurize p.gradindex (3 checkpoints)" in shown and "/120 [" in shown and "sample/s" in shown
-    gradindex.query(store, samples=[0, 1], k=2, progress=True, memory_budget=1)  # streamed: a bar over the store's rows
+    streamed = gradindex.search.least_memory_budget(store, 2, 2)
+    gradindex.query(store, samples=[0, 1], k=2, progress=True, memory_budget=streamed)  # a bar over the store's rows
     shown = capsys.readouterr().err
     assert "featurize queries" in shown and "search p.gradindex" in shown and "row/s" in shown
     gradindex.build(MLP, mlp_checkpoints, tmp_path / "q.gradindex", proj_dim=16, progress=False)
@@ -306,7 +307,7 @@ def test_build_and_query_report_progress_unless_quiet(tmp_path, mlp_checkpoints,
     assert capsys.readouterr().err == ""
     # the CLI's --quiet reaches the library
     result = CliRunner().invoke(
-        cli, ["-q", "query", str(store.path), "--samples", "0", "-k", "1", "--memory-budget", "1"]
+        cli, ["-q", "query", str(store.path), "--samples", "0", "-k", "1", "--memory-budget", str(streamed)]
     )
     assert result.exit_code == 0 and "row/s" not in result.stderr and "sample/s" not in result.stderr
 

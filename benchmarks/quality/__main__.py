@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in _names(args.seeds)] if args.seeds else None
         return _gex_regime.main(
             fast=args.fast, seeds=seeds, settings=_names(args.settings), workdir=args.workdir,
-            markdown_out=not args.no_markdown, render=args.render,
+            markdown_out=not args.no_markdown, render=args.render, methods=_names(args.methods),
         )  # fmt: skip
 
     from benchmarks._report import RESULTS_DIR, save_json, update_section

@@ -10,6 +10,8 @@ seed:
 
 * ``gex``: ``gradindex ensemble --members 8 --steps 800 --lr 0.05`` (cosine, the defaults otherwise) and
   ``gradindex build --method gex`` with θ* and the members, run through the command line (click's runner);
+* ``gex-la-kfac``: GEX's la_kfac, ``gradindex ensemble --laplace --members 8`` (K-FAC Laplace draws around θ*) and
+  the same build;
 * ``gex (before)``: the path issue 17 measured, kept for comparison: ``--steps 100 --weight-decay 0`` and
   ``--tau 0.05`` (the paper's floor, main's old default);
 * ``tracin-cp``: TracIn-CP over the 4 training checkpoints (exact gradients up to 16k parameters, else a
@@ -56,7 +58,10 @@ FLIP_FRACTION = 0.1
 GEX_RECIPE = {"members": 8, "steps": 800, "lr": 0.05}
 # the path issue 17 measured on main before the fix
 GEX_BEFORE = {"members": 8, "steps": 100, "lr": 0.05, "weight_decay": 0.0, "tau": 0.05}
-METHODS = ("gex", "gex (before)", "tracin-cp", "arnoldi", "train-loss")
+METHODS = ("gex", "gex-la-kfac", "gex (before)", "tracin-cp", "arnoldi", "train-loss")
+# GEX's la_kfac: members drawn from the K-FAC Laplace posterior around θ* (`gradindex ensemble --laplace`, prior
+# precision by marginal likelihood), as many as the recipe's
+LAPLACE_RECIPE = {"laplace": True}
 EXACT_MAX_PARAMS = 16_384
 
 
@@ -187,7 +192,10 @@ def _gex_through_cli(task_spec: str, base: Path, folder: Path, recipe: dict) -> 
     """``gradindex ensemble`` then ``gradindex build --method gex`` (the recipe's tau, if any, goes to the build)."""
     recipe = dict(recipe)
     tau = recipe.pop("tau", None)
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in recipe.items()]
+    flags = [
+        f"--{key.replace('_', '-')}" if value is True else f"--{key.replace('_', '-')}={value}"
+        for key, value in recipe.items()
+    ]
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GradIndexWarning)
@@ -204,6 +212,7 @@ def _gex_through_cli(task_spec: str, base: Path, folder: Path, recipe: dict) -> 
     extra = {
         "ensemble_s": round(ensemble_seconds, 1),
         "weight_decay": manifest["weight_decay"],
+        **({"prior_precision": manifest["prior_precision"]} if "prior_precision" in manifest else {}),
         "distance": [round(min(manifest["distances"]), 3), round(max(manifest["distances"]), 3)],
         "warnings": list(dict.fromkeys(str(item.message) for item in caught)),
     }
@@ -228,8 +237,11 @@ def _training_losses(task: gradindex.Task, checkpoint: Path) -> np.ndarray:
         return task.loss(model, task.train.tensors).double().numpy()
 
 
-def run_setting(setting: RegimeSetting, seed: int, workdir: Path, fast: bool = False) -> list[dict]:
-    """Train, ensemble, build and rank one setting at one seed: one record per method."""
+def run_setting(
+    setting: RegimeSetting, seed: int, workdir: Path, fast: bool = False, methods: list[str] | None = None
+) -> list[dict]:
+    """Train, ensemble, build and rank one setting at one seed: one record per method (``methods``: those only)."""
+    wanted = set(methods or METHODS)
     folder = workdir / f"{setting.name}-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     task, flipped = setting.task(seed)
@@ -253,21 +265,38 @@ def run_setting(setting: RegimeSetting, seed: int, workdir: Path, fast: bool = F
         )
 
     recipe = FAST_RECIPE if fast else GEX_RECIPE
-    scores, extra = _gex_through_cli(task_spec, base, folder / "gex", recipe)
-    record("gex", scores, **extra)
-    before = {**GEX_BEFORE, "members": recipe["members"]} if not fast else {**GEX_BEFORE, **FAST_RECIPE}
-    scores, extra = _gex_through_cli(task_spec, base, folder / "gex-before", before)
-    record("gex (before)", scores, **extra)
-    tracin = [c.cli_spec() for c in checkpoints]
-    record("tracin-cp", _library_store(task, tracin, folder / "tracin.gradindex", "tracin"))
-    record("arnoldi", _library_store(task, [str(base)], folder / "arnoldi.gradindex", "arnoldi", rank=20))
-    record("train-loss", losses, **fit)
+    if "gex" in wanted:
+        scores, extra = _gex_through_cli(task_spec, base, folder / "gex", recipe)
+        record("gex", scores, **extra)
+    if "gex-la-kfac" in wanted:
+        laplace = {**LAPLACE_RECIPE, "members": recipe["members"]}
+        scores, extra = _gex_through_cli(task_spec, base, folder / "gex-la-kfac", laplace)
+        record("gex-la-kfac", scores, **extra)
+    if "gex (before)" in wanted:
+        before = {**GEX_BEFORE, "members": recipe["members"]} if not fast else {**GEX_BEFORE, **FAST_RECIPE}
+        scores, extra = _gex_through_cli(task_spec, base, folder / "gex-before", before)
+        record("gex (before)", scores, **extra)
+    if "tracin-cp" in wanted:
+        tracin = [c.cli_spec() for c in checkpoints]
+        record("tracin-cp", _library_store(task, tracin, folder / "tracin.gradindex", "tracin"))
+    if "arnoldi" in wanted:
+        record("arnoldi", _library_store(task, [str(base)], folder / "arnoldi.gradindex", "arnoldi", rank=20))
+    if "train-loss" in wanted:
+        record("train-loss", losses, **fit)
     log.info("%s seed %d: %s", setting.name, seed, {r["method"]: round(r["auc"], 3) for r in records})
     return records
 
 
-def run(*, fast: bool = False, seeds: list[int] | None = None, settings: list[str] | None = None, workdir=None) -> dict:
-    """Every setting at every seed; returns the payload (records and a per-setting summary)."""
+def run(
+    *,
+    fast: bool = False,
+    seeds: list[int] | None = None,
+    settings: list[str] | None = None,
+    workdir=None,
+    methods: list[str] | None = None,
+) -> dict:
+    """Every setting at every seed (``methods``: those only); returns the payload (records and a per-setting
+    summary)."""
     from benchmarks._report import machine
 
     seeds = seeds or [0]
@@ -278,7 +307,21 @@ def run(*, fast: bool = False, seeds: list[int] | None = None, settings: list[st
         root = Path(workdir) if workdir else Path(scratch)
         for setting in chosen:
             for seed in seeds:
-                records.extend(run_setting(setting, seed, root, fast=fast))
+                records.extend(run_setting(setting, seed, root, fast=fast, methods=methods))
+    return {
+        "benchmark": "gex-regime",
+        "mode": "fast" if fast else "full",
+        "machine": machine(),
+        "recipe": FAST_RECIPE if fast else GEX_RECIPE,
+        "before": GEX_BEFORE,
+        "seconds": round(time.perf_counter() - started, 1),
+        "records": records,
+        "summary": summarize(records),
+    }
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """Mean AUC / AP / top-10% share (and the AUC's std) over seeds, per setting and method."""
     summary = []
     for setting in dict.fromkeys(r["setting"] for r in records):
         for method in METHODS:
@@ -293,16 +336,18 @@ def run(*, fast: bool = False, seeds: list[int] | None = None, settings: list[st
                         "auc_std": float(np.std([r["auc"] for r in rows])),
                     }
                 )
-    return {
-        "benchmark": "gex-regime",
-        "mode": "fast" if fast else "full",
-        "machine": machine(),
-        "recipe": FAST_RECIPE if fast else GEX_RECIPE,
-        "before": GEX_BEFORE,
-        "seconds": round(time.perf_counter() - started, 1),
-        "records": records,
-        "summary": summary,
-    }
+    return summary
+
+
+def merge(saved: dict, rerun: dict) -> dict:
+    """``saved`` with the records of ``rerun`` (some methods run again, or added) in place of those with the same
+    setting, seed and method; the summary recomputed, the rerun's time and command noted."""
+    key = lambda record: (record["setting"], record["seed"], record["method"])  # noqa: E731
+    replaced = {key(record) for record in rerun["records"]}
+    records = [record for record in saved["records"] if key(record) not in replaced] + rerun["records"]
+    methods = sorted({record["method"] for record in rerun["records"]})
+    note = f"{', '.join(methods)}: rerun and merged ({rerun['seconds']:.0f} s)"
+    return {**saved, "records": records, "summary": summarize(records), "merged": [*saved.get("merged", []), note]}
 
 
 def markdown(payload: dict) -> str:
@@ -315,7 +360,10 @@ def markdown(payload: dict) -> str:
         "`python -m benchmarks.quality --only gex-regime` — 10% of the training labels flipped, each model trained "
         "to fit them (SGD, no weight decay); GEX's members made through the command line with the paper's recipe, "
         f"`gradindex ensemble --members {recipe['members']} --steps {recipe['steps']} --lr {recipe['lr']}` (cosine; "
-        "weight decay auto), then `gradindex build --method gex` (τ = 0). `gex (before)` is the path issue 17 "
+        "weight decay auto), then `gradindex build --method gex` (τ = 0). `gex-la-kfac` is GEX's la_kfac: as many "
+        "members drawn from the K-FAC Laplace posterior N(θ*, (N·F + τI)^-1) around θ* (`gradindex ensemble "
+        "--laplace`: empirical Fisher, K-FAC per Linear layer, diagonal for the convolutions; τ by marginal "
+        "likelihood), then the same build. `gex (before)` is the path issue 17 "
         "measured on main: `--steps 100 --weight-decay 0`, τ = 0.05. TracIn-CP uses the 4 training checkpoints; "
         "Arnoldi the top-20 Hessian eigenpairs at θ*. Self-influence ranks the training set; AUC (± std over seeds) "
         "/ AP / share of the flipped labels in the top 10%, mean over seeds.",
@@ -375,6 +423,8 @@ def markdown(payload: dict) -> str:
         lines += ["", "Warnings the library gave (one example of each):", ""]
         lines += [f"* {text}" for text in examples.values()]
     lines += ["", f"Machine: {payload['machine'].get('cpu', '?')}; {payload['seconds']:.0f} s in all."]
+    if payload.get("merged"):
+        lines[-1] += " Merged into this run later: " + "; ".join(payload["merged"]) + "."
     return "\n".join(lines)
 
 
@@ -417,6 +467,7 @@ def main(
     workdir,
     markdown_out: bool,
     render: str | None = None,
+    methods: list[str] | None = None,
 ) -> int:
     """Run (or, with ``render``, load a saved payload), save the JSON and the plot, update RESULTS.md (not for
     --fast) and print the tables."""
@@ -426,8 +477,12 @@ def main(
         payload = json.loads(Path(render).read_text())
         fast = payload["mode"] == "fast"
     else:
-        payload = run(fast=fast, seeds=seeds or ([0] if fast else [0, 1]), settings=settings, workdir=workdir)
+        payload = run(
+            fast=fast, seeds=seeds or ([0] if fast else [0, 1]), settings=settings, workdir=workdir, methods=methods
+        )
     name = "gex_regime_fast" if fast else "gex_regime"
+    if methods and not render and (RESULTS_DIR / f"{name}.json").exists():  # some methods: merged into the saved run
+        payload = merge(json.loads((RESULTS_DIR / f"{name}.json").read_text()), payload)
     path = save_json(name, payload)
     figure = plot(payload, RESULTS_DIR / f"{name}.png")
     text = markdown(payload)

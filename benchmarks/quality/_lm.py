@@ -78,7 +78,21 @@ FAST_LM = dict(n_pretrain=120, n_train=64, n_queries=8, subsets=12, pretrain_epo
 FAST_CLASSIFIER = dict(n_train=80, n_test=10, epochs=25)
 PRETRAIN_SUBJECTS = ("cat", "dog", "farmer")  # pretraining sees half the grammar; fine-tuning teaches the rest
 TRAK_DIM_FRACTION = 4  # TRAK's k = n_train / 4
-LM_METHODS = ("tracin-1", "tracin-cp", "trak", "trak-5", "gex", "ekfac", "kfac", "tracin-1-blocks")
+LM_METHODS = (
+    "tracin-1",
+    "tracin-cp",
+    "trak",
+    "trak-5",
+    "gex",
+    "ekfac",
+    "kfac",
+    "tracin-1-blocks",
+    "tracin-1-unit",
+    "trackstar-adam",
+    "trackstar-adam-blocks",
+    "trackstar",
+    "trackstar-mix",
+)
 CLASSIFIER_METHODS = ("tracin-1", "tracin-cp", "trak", "gex", "ekfac", "kfac")
 PEERS = ("bergson", "kronfluence")
 ENSEMBLE = dict(members=5, steps=40, lr=0.05, schedule="cosine")
@@ -89,7 +103,49 @@ LM_CONFIGS = {
         "final",
         layers=("*.c_attn", "*.c_proj", "*.c_fc"),
         note="TracIn at the fine-tuned model on the blocks' Conv1D layers only (Bergson's scope)",
-    )
+    ),
+    # TrackStar (Chang et al. 2024) from the fine-tune's own Adam state, and the control without Adam's normaliser
+    "tracin-1-unit": MethodConfig(
+        "tracin", "final", normalize=True, note="TracIn at the fine-tuned model, unit-normalised (cosine)"
+    ),
+    "trackstar-adam": MethodConfig(
+        "tracin",
+        "final",
+        build={"adam_normalize": True},
+        normalize=True,
+        note="TrackStar without curvature: gradients divided by √v̂ + ε of the fine-tune's Adam state, unit-normalised",
+    ),
+    "trackstar-adam-blocks": MethodConfig(
+        "tracin",
+        "final",
+        build={"adam_normalize": True},
+        normalize=True,
+        layers=("*.c_attn", "*.c_proj", "*.c_fc"),
+        note="trackstar-adam on Bergson's parameter scope (the blocks' Conv1D layers): the row to hold beside "
+        "bergson-adam",
+    ),
+    "trackstar": MethodConfig(
+        "tracin",
+        "final",
+        build={"adam_normalize": True, "precondition": "ekfac", "precondition_side": "both"},
+        normalize=True,
+        projection=("kron", None),
+        note="TrackStar: Adam-normalised gradients (Adafactor factors per layer), EK-FAC^-1/2 on both sides, "
+        "unit-normalised",
+    ),
+    "trackstar-mix": MethodConfig(
+        "tracin",
+        "final",
+        build={
+            "adam_normalize": True,
+            "precondition": "ekfac",
+            "precondition_side": "both",
+            "precondition_mix": 0.9,
+        },
+        normalize=True,
+        projection=("kron", None),
+        note="trackstar with the query curvature mixed in: 0.9·H_query + 0.1·H_train (the query sentences)",
+    ),
 }
 
 
@@ -116,7 +172,8 @@ def _collate(task, items: list):
 
 
 def _train(task, items: list, init: dict, *, epochs: int, lr: float, batch_size: int, seed: int, save=None) -> dict:
-    """Adam on the mean of the task's per-sample loss, from ``init``; ``save(epoch, state)`` after each epoch."""
+    """Adam on the mean of the task's per-sample loss, from ``init``; ``save(epoch, state, optimizer_state)`` after
+    each epoch."""
     model = task.model()
     model.load_state_dict(init)
     model.train()
@@ -130,7 +187,7 @@ def _train(task, items: list, init: dict, *, epochs: int, lr: float, batch_size:
             task.loss(model, batch).mean().backward()
             optimizer.step()
         if save is not None:
-            save(epoch, model.state_dict())
+            save(epoch, model.state_dict(), optimizer.state_dict())
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
@@ -186,9 +243,10 @@ def _lm_setting(seed: int, root: Path, spec: dict):
     )
     trajectory = []
 
-    def save(epoch, state):
+    def save(epoch, state, optimizer_state):
+        # the optimizer state beside the weights, as training loops save it: TrackStar's rows read Adam's moments
         path = workdir / f"finetune-{epoch + 1:02d}.pt"
-        torch.save(state, path)
+        torch.save({"model": state, "optimizer": optimizer_state}, path)
         trajectory.append(f"{path}:{spec['lr']!r}")
 
     recipe = dict(epochs=spec["epochs"], lr=spec["lr"], batch_size=spec["batch_size"])
@@ -230,7 +288,8 @@ def _lm_setting(seed: int, root: Path, spec: dict):
         "full_loss": _evaluate(task, final, query_items, task.loss),
         "base_loss": _evaluate(task, base, query_items, task.loss),
     }
-    return setting, truth, timings, {"base": base, "final": final, "config": config}
+    optimizer = torch.load(trajectory[-1].rsplit(":", 1)[0], weights_only=True)["optimizer"]
+    return setting, truth, timings, {"base": base, "final": final, "config": config, "optimizer": optimizer}
 
 
 def _ensemble_kinds(setting, workdir: Path, batch_size: int) -> dict:
@@ -294,7 +353,7 @@ def _classifier_setting(seed: int, root: Path, spec: dict):
     trajectory = []
     checkpoint_epochs = set(np.linspace(spec["epochs"] / 4, spec["epochs"], 4).round().astype(int) - 1)
 
-    def save(epoch, state):
+    def save(epoch, state, optimizer_state):
         if epoch in checkpoint_epochs:
             path = workdir / f"epoch-{epoch + 1:03d}.pt"
             torch.save(state, path)
@@ -375,8 +434,29 @@ def _attempt(records: list, base: dict, work) -> None:
     records.append({**base, "status": "ok", **metrics, "seconds": round(time.perf_counter() - started, 2)})
 
 
-def _peer_vectors_bergson(model: nn.Module, items: list, pad: int) -> torch.Tensor:
-    """Bergson's per-sample gradients of every Linear / Conv1D of the base model (its build path), ``[N, D]``."""
+def _bergson_adam_normalizers(model: nn.Module, optimizer_state: dict) -> dict:
+    """Bergson's ``AdamNormalizer`` of every Conv1D / Linear of GPT-2's blocks from the fine-tune's Adam state (one
+    parameter group over ``model.parameters()``): the raw ``exp_avg_sq`` oriented ``[out, in]``, as its Trainer
+    callback reads it."""
+    from bergson.gradients import AdamNormalizer
+    from transformers.pytorch_utils import Conv1D
+
+    names = [name for name, _ in model.named_parameters()]
+    moments = {names[int(index)]: entry["exp_avg_sq"] for index, entry in optimizer_state["state"].items()}
+    prefix = "transformer."
+    normalizers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Conv1D, nn.Linear)) and name.startswith(prefix) and f"{name}.weight" in moments:
+            weight = moments[f"{name}.weight"]
+            normalizers[name[len(prefix) :]] = AdamNormalizer(
+                weight.T.contiguous() if isinstance(module, Conv1D) else weight, moments.get(f"{name}.bias")
+            )
+    return normalizers
+
+
+def _peer_vectors_bergson(model: nn.Module, items: list, pad: int, normalizers: dict | None = None) -> torch.Tensor:
+    """Bergson's per-sample gradients of every Linear / Conv1D of the base model (its build path), ``[N, D]``; with
+    ``normalizers``, divided by Adam's second moments first (its TrackStar normaliser)."""
     from bergson import GradientProcessor, IndexConfig, collect_gradients, load_gradients
     from datasets import Dataset
 
@@ -389,6 +469,8 @@ def _peer_vectors_bergson(model: nn.Module, items: list, pad: int) -> torch.Tens
         cfg = IndexConfig(run_path=f"{folder}/run", projection_dim=0, loss_reduction="mean", include_bias=True)
         cfg.partial_run_path.mkdir(parents=True, exist_ok=True)
         processor = GradientProcessor(projection_dim=None, include_bias=True)
+        if normalizers:
+            processor.normalizers = dict(normalizers)
         batches = [[i] for i in range(len(rows))]
         collect_gradients(model, data, processor, cfg, batches=batches)
         found = load_gradients(cfg.partial_run_path)
@@ -401,15 +483,20 @@ def _peer_vectors_bergson(model: nn.Module, items: list, pad: int) -> torch.Tens
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _bergson_lm(setting, models: dict) -> dict:
+def _bergson_lm(setting, models: dict, adam: bool = False) -> dict:
+    """Bergson's scores: raw gradient inner products, or (``adam``) cosines of Adam-normalised gradients (TrackStar
+    without its curvature: its AdamNormalizer from the fine-tune's optimizer state, then unit normalisation)."""
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel(models["config"])
     model.load_state_dict(models["final"])
     model.eval()
-    train = _peer_vectors_bergson(model, list(setting.task.train), 0)
-    queries = _peer_vectors_bergson(model, list(setting.task.test), 0)
-    return {"scores": (queries.double() @ train.double().T).numpy(), "dims": int(train.shape[1])}
+    normalizers = _bergson_adam_normalizers(model, models["optimizer"]) if adam else None
+    train = _peer_vectors_bergson(model, list(setting.task.train), 0, normalizers).double()
+    queries = _peer_vectors_bergson(model, list(setting.task.test), 0, normalizers).double()
+    if adam:
+        train, queries = nn.functional.normalize(train, dim=1), nn.functional.normalize(queries, dim=1)
+    return {"scores": (queries @ train.T).numpy(), "dims": int(train.shape[1])}
 
 
 def _conv1d_as_linear(model: nn.Module) -> nn.Module:
@@ -544,6 +631,11 @@ def run_lm_lds(seed: int, root: Path, spec: dict, methods, peers) -> tuple[list[
         _attempt(records, {**base, "method": name}, work)
     if "bergson" in peers:
         _attempt(records, {**base, "method": "bergson"}, lambda: _peer_lds(_bergson_lm(setting, models), truth))
+        _attempt(
+            records,
+            {**base, "method": "bergson-adam"},
+            lambda: _peer_lds(_bergson_lm(setting, models, adam=True), truth),
+        )
     if "kronfluence" in peers:
         _attempt(
             records,
@@ -701,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep models and stores here")
     parser.add_argument("--output", help="JSON path (default benchmarks/results/quality_lm.json)")
     parser.add_argument("--no-markdown", action="store_true", help="do not update benchmarks/RESULTS.md")
+    parser.add_argument("--note", help="a sentence for the section's header (how the run was made)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     from benchmarks._report import RESULTS_DIR, update_section
@@ -715,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
         peers=[] if peers == ["none"] else peers,
         workdir=args.workdir,
     )
+    if args.note:
+        payload["note"] = args.note
     path = Path(args.output) if args.output else RESULTS_DIR / "quality_lm.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, default=_jsonable) + "\n")
@@ -792,7 +887,16 @@ def markdown(payload: dict) -> str:
         "from METHOD_CONFIGS: `tracin-1` the fine-tuned model, `tracin-cp` the end of each fine-tuning epoch "
         "(weight = lr), `trak` TRAK-1 and `trak-5` TRAK over 5 fine-tunes with other batch orders (k = n/4 "
         "Rademacher, damping auto), `gex` GEX over 5 geometric-ensemble members, `ekfac` / `kfac` preconditioned "
-        "TracIn (the EK-FAC helper's rows) when registered. Bergson: `collect_gradients` on the same "
+        "TracIn (the EK-FAC helper's rows) when registered. TrackStar (Chang et al. 2024) from the fine-tune's own "
+        "Adam state (each checkpoint file holds the optimizer's state dict beside the weights): `tracin-1-unit` "
+        "unit-normalised TracIn (the control), `trackstar-adam` gradients divided by Adam's √v̂ + ε, then "
+        "unit-normalised (exact gradients), `trackstar` the same with Adafactor's rank-1 factors of v̂ folded into "
+        "the kron sides (k = 4096) and EK-FAC^-1/2 on both sides before the unit normalisation, `trackstar-mix` with "
+        "the curvature 0.9·H_query + 0.1·H_train (`--precondition-mix 0.9`, H_query from the query sentences); "
+        "`trackstar-adam-blocks` is `trackstar-adam` on Bergson's scope, beside "
+        "`bergson-adam`: Bergson's own AdamNormalizer (the raw exp_avg_sq of the same optimizer state, [out, in]) "
+        "in `collect_gradients`, then unit-normalised — its TrackStar without the curvature step. "
+        "Bergson: `collect_gradients` on the same "
         "`GPT2LMHeadModel` (every Conv1D / Linear of the base model, unprojected, mean loss per sequence), scores = "
         "inner products of query and training gradients (its raw-gradient attribution; its own EK-FAC / TrackStar "
         "preconditioners, a multi-stage pipeline of its own, were not wired up here). kronfluence: EK-FAC with its "

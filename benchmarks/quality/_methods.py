@@ -69,6 +69,7 @@ class MethodConfig:
     self_cost_note: str = ""  # the measured cost that sets max_self_cost, quoted when a setting is skipped
     projection: tuple[str, int | None] | None = None  # its own (kind, proj_dim); None: the parameters, at most 4096
     layers: tuple[str, ...] | None = None  # parameter / module globs to index (None: every parameter)
+    normalize: bool = False  # unit-normalise each checkpoint's block (cosine scores; TrackStar's unit normalisation)
 
 
 METHOD_CONFIGS: dict[str, MethodConfig] = {
@@ -225,6 +226,7 @@ def build_store(
             device="cpu",
             method_options=method_options,
             layers=list(config.layers) if config.layers else None,
+            normalize=config.normalize,
             **options,
         )
     cache[tag] = (store, time.perf_counter() - started)

@@ -25,6 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.speed._models import Workload
 
+# the most multiply-adds per sample of kronfluence's eigenbasis rotations run here (the wide MLP needs 3e11)
+_KRONFLUENCE_ROTATION = 1e11
+
 
 class Unavailable(Exception):
     """The method cannot run here (not installed, or no CPU path): the message says why."""
@@ -458,6 +461,19 @@ def kronfluence_runner(workload: Workload, checkpoint: str, k: int) -> Runner:
     import logging
     import tempfile
 
+    # EK-FAC scores each training sample's gradient after rotating it into its layers' eigenbases (in² · out +
+    # in · out² multiply-adds a layer): a model whose layers make that dearer than this is not run
+    rotation = sum(
+        (m.in_features + 1) * m.out_features * (m.in_features + 1 + m.out_features)
+        for m in workload.make_model().modules()
+        if isinstance(m, nn.Linear)
+    )
+    if rotation > _KRONFLUENCE_ROTATION:
+        raise Unavailable(
+            f"its EK-FAC rotates every sample's gradient into the factors' eigenbases, {rotation:.2g} "
+            "multiply-adds a sample for this model; on this 2-core machine it did not finish 64 rows of it in 13 "
+            "minutes (an earlier run)"
+        )
     io = _model_io(workload)
     loss = _sum_loss(workload)
 

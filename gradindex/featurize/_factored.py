@@ -67,6 +67,7 @@ __all__ = [
     "ParamRoute",
     "find_kron_layers",
     "is_hf_conv1d",
+    "layer_second_moment",
     "layer_sides",
     "mixing_modules",
     "squared_norms",
@@ -427,6 +428,9 @@ class KronGradients:
         self._outer = torch.compile(_project_layer, dynamic=True) if compile else _project_layer
         self._compiled = compile
         self._recorded = None if plan is None else [dict(entry) for entry in plan]
+        # TrackStar's Adam normaliser per checkpoint (normalize_by): (out, in) side scales per layer, the rest's
+        self._side_scales: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        self._rest_scales: dict[int, Tensor] = {}
         self._set_plan(plan_kron(spec.dim, *self._groups) if plan is None else KronPlan.from_dict(plan, *self._groups))
 
     # ---- plan and matrices -----------------------------------------------------------------------
@@ -562,13 +566,16 @@ class KronGradients:
                         continue
                     step = max(1, block // max(g.shape[1], 1 if indicator else a.shape[1]))
                     diagonal = side == "in" and layer.indicator_in
-                    found = torch.zeros(width, *(() if diagonal else (width,)), dtype=torch.float64, device=g.device)
+                    if key not in moments:  # one moment per side, summed into in place batch after batch
+                        shape = (width,) if diagonal else (width, width)
+                        moments[key] = torch.zeros(shape, dtype=torch.float64, device=g.device)
                     for start in range(0, g.shape[0], step):
                         # float32 products of a block of positions, summed in float64 (small ones on one thread)
                         g_part = g[start : start + step]
                         with small_kernel(2.0 * g_part.shape[0] * width * (1 if diagonal else width)):
-                            self._add_block(found, side, width, a[start : start + step], g_part, indicator, diagonal)
-                    moments[key] = found if key not in moments else moments[key] + found
+                            self._add_block(
+                                moments[key], side, width, a[start : start + step], g_part, indicator, diagonal
+                            )
         # a flat group (a small layer's whole per-sample gradient, the unfactored parameters) keeps its calibration
         # vectors themselves, [n, width]: its moment Σ_b v_b v_bᵀ has rank at most n (see flat_spectrum)
         flat = [((layer.name, "flat"), layer) for layer in self._groups[0] if (layer.name, "flat") in keys]
@@ -683,6 +690,32 @@ class KronGradients:
 
     def set_pca_matrix(self, checkpoint: int, layer: str, side: str, matrix: Tensor) -> None:
         self._matrices[(checkpoint, layer, side)] = matrix.to(self.device, torch.float32)
+
+    def normalize_by(self, checkpoint: int, moments: dict[str, Tensor], eps: dict[str, float]) -> None:
+        """Divide one checkpoint's per-sample gradients by Adam's second moments before they are projected
+        (TrackStar), folded into the projection. A factored layer's ``[out, in]`` moment V (bias as its last column)
+        is replaced by its Adafactor factorisation V ≈ r cᵀ / Σr (r = V.sum(1), c = V.sum(0), the rank-1 fit
+        that keeps every row and column sum), whose elementwise 1/√ is rank-1 too: the output side is scaled by
+        √(Σr / r) and the input side by 1/√c, so Σ_t (P_out g_t)(P_in a_t)ᵀ becomes the projection of G ⊘ √V without
+        forming G (exact when V is rank-1; Adam's ε is left out there, as Adafactor's). Every other parameter (norms,
+        biases the hooks do not factor) is divided elementwise by Adam's own √v̂ + ε.
+
+        Args:
+            checkpoint: the checkpoint position the scales apply to.
+            moments: parameter name -> v̂ (``gradindex.checkpoints.OptimizerMoments.moments``), every parameter of
+                this engine present.
+            eps: parameter name -> Adam's ε.
+        """
+        tiny = 1e-30  # Adafactor's ε₁: keeps a row or column that never moved finite
+        for layer in self.routing.layers:
+            moment = layer_second_moment(layer, moments).to(self.device, torch.float64)
+            rows, columns = moment.sum(1).clamp_min(tiny), moment.sum(0).clamp_min(tiny)
+            scale_out = (rows.sum() / rows).sqrt().float()
+            self._side_scales[(checkpoint, layer.name)] = (scale_out, columns.rsqrt().float())
+        if self.rest_plans:
+            self._rest_scales[checkpoint] = torch.cat(
+                [(1.0 / (moments[plan.name].double().sqrt() + eps[plan.name])).reshape(-1) for plan in self.rest_plans]
+            ).to(self.device, torch.float32)
 
     def plan_dict(self) -> list[dict]:
         """The plan as the manifest records it: each factored group (its kind, sides and k, the path and why), then
@@ -823,10 +856,11 @@ class KronGradients:
             rest = self._rest_gradients(batch, state, calls, size)
             view = out[:, offset:]
             dense = self._rest_side(checkpoint) if self.rest_projector is None else self._rest_dense(checkpoint)
+            normalized = rest if checkpoint not in self._rest_scales else rest * self._rest_scales[checkpoint]
             if dense is not None:
-                torch.matmul(rest, dense, out=view)
+                torch.matmul(normalized, dense, out=view)
             else:
-                view.copy_(self.rest_projector.project(rest, checkpoint))
+                view.copy_(self.rest_projector.project(normalized, checkpoint))
         if scale != 1.0:
             out.mul_(scale)
         if not self._checked:
@@ -840,6 +874,9 @@ class KronGradients:
         call straight into it, the others added) and whether anything was written is returned instead."""
         layer = plan.layer
         p_in, p_out = self._side(checkpoint, plan, "in"), self._side(checkpoint, plan, "out")
+        scales = self._side_scales.get((checkpoint, layer.name))
+        if scales is not None:  # TrackStar's Adam normaliser, folded into the sides (normalize_by)
+            p_out, p_in = (torch.diag(s) if p is None else s[:, None] * p for s, p in zip(scales, (p_out, p_in)))
         bias = layer.kind != "tied" and len(layer.params) > 1
         block = None
         for name, kind, swapped in _uses(layer):
@@ -875,6 +912,13 @@ class KronGradients:
             size = self.records.size
             return torch.zeros(size, layer.out_dim, layer.in_dim, dtype=torch.float32, device=self.device)
         return found
+
+    def positions_per_sample(self, batch: Any, state: dict[str, Tensor]) -> int:
+        """The most positions (tokens, convolution patches) a sample of ``batch`` has in any factored layer: what
+        the side moments of calibration count."""
+        calls = self._forward_backward(batch, state)
+        layers, _, _ = self._groups
+        return max([1] + [g.shape[1] for layer in layers for _, g in self._layer_parts(layer, calls) if g.ndim == 3])
 
     def _layer_parts(self, layer: KronLayer, calls: dict[str, list[_Call]]) -> list[tuple[Tensor, Tensor]]:
         """Each call of a group as ``(a, g)`` in the group's orientation (``G_b = Σ_t g_bt a_btᵀ`` summed over the
@@ -1082,6 +1126,24 @@ class KronGradients:
         if bias:
             found[layer.params[1]] = summed[:, -1]
         return found
+
+
+def layer_second_moment(layer: KronLayer, moments: dict[str, Tensor]) -> Tensor:
+    """A factored group's parameters' tensors (e.g. Adam's second moments, by parameter name) as one ``[out_dim,
+    in_dim]`` matrix in the group's orientation, the bias its last column: the inverse of ``_summed_layer``'s
+    layout."""
+    weight = moments[layer.params[0]].float()
+    if layer.kind == "tied":
+        return weight.T if any(kind == "embedding" for _, kind in layer.uses) else weight
+    columns = {
+        "linear": lambda: weight,
+        "hf_conv1d": lambda: weight.T,
+        "conv": lambda: weight.reshape(layer.out_dim, -1),
+        "embedding": lambda: weight.T,
+    }[layer.kind]()
+    if len(layer.params) > 1:
+        columns = torch.cat([columns, moments[layer.params[1]].float().reshape(-1, 1)], dim=1)
+    return columns
 
 
 def _sketch_part(sketch: SideSketch, side: str, a: Tensor, g: Tensor, indicator: bool) -> None:

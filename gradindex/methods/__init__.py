@@ -158,7 +158,9 @@ def make_featurizer(
 
         resolved = resolve_options("tracin", options)  # says which method the options belong to
         given = [
-            name for name in ("damping", "precondition_side", "factor_samples") if (options or {}).get(name) is not None
+            name
+            for name in ("damping", "precondition_side", "factor_samples", "precondition_mix")
+            if (options or {}).get(name) is not None
         ]
         if resolved["precondition"] == "none" and given:
             raise ArgumentError(
@@ -174,6 +176,7 @@ def make_featurizer(
             layers=layers,
             normalize=normalize,
             device=device,
+            adam_normalize=resolved["adam_normalize"],
             **(runtime or {}),
         )
         return featurizer if resolved["precondition"] == "none" else Preconditioned(featurizer, resolved)

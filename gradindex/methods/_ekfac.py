@@ -131,6 +131,43 @@ def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
     return values.clamp_min(0.0), vectors
 
 
+def _moment_sums(
+    rows: Callable[[], Iterable[np.ndarray | Tensor]],
+    groups: Sequence[PreconditionGroup],
+    n_checkpoints: int,
+    block_dim: int,
+) -> tuple[list[list[Tensor]], int]:
+    """Per group the sums over rows that its factors are made of (kron: the output and input side moments and the
+    energy; dense: Σ v vᵀ; diagonal: Σ v²), and the number of rows."""
+    sums: list[list[Tensor]] = []
+    for group in groups:
+        if group.kind == "kron":
+            out = (n_checkpoints, group.k_out, group.k_out) if group.side_dense("out") else (n_checkpoints, group.k_out)
+            inn = (n_checkpoints, group.k_in, group.k_in) if group.side_dense("in") else (n_checkpoints, group.k_in)
+            shapes = [out, inn, (n_checkpoints,)]
+        elif group.kind == "dense":
+            shapes = [(n_checkpoints, group.dim, group.dim)]
+        else:
+            shapes = [(n_checkpoints, group.dim)]
+        sums.append([torch.zeros(shape, dtype=torch.float64) for shape in shapes])
+    n_rows = 0
+    for block in rows():
+        x = _as_blocks(block, n_checkpoints, block_dim)
+        n_rows += x.shape[0]
+        for group, found in zip(groups, sums):
+            part = x[:, :, group.offset : group.offset + group.dim]
+            if group.kind == "kron":
+                b = part.reshape(*part.shape[:2], group.k_out, group.k_in)
+                found[0] += torch.einsum("ncoi,ncpi->cop", b, b) if group.side_dense("out") else b.square().sum((0, 3))
+                found[1] += torch.einsum("ncoi,ncoj->cij", b, b) if group.side_dense("in") else b.square().sum((0, 2))
+                found[2] += b.square().sum((0, 2, 3))
+            elif group.kind == "dense":
+                found[0] += torch.einsum("nci,ncj->cij", part, part)
+            else:
+                found[0] += part.square().sum(0)
+    return sums, n_rows
+
+
 class Preconditioner:
     """Every checkpoint's factors: per group a basis (``U_out``/``U_in``, ``U`` or none) and eigenvalues ``Λ``.
 
@@ -159,6 +196,9 @@ class Preconditioner:
         groups: Sequence[PreconditionGroup],
         weights: Sequence[float],
         kind: str = "ekfac",
+        *,
+        mix_rows: Callable[[], Iterable[np.ndarray | Tensor]] | None = None,
+        mix: float = 0.0,
     ) -> Preconditioner:
         """Fit the factors to stored rows.
 
@@ -167,6 +207,10 @@ class Preconditioner:
             groups: the layout of each checkpoint's block (``precondition_groups``).
             weights: η_c of each checkpoint.
             kind: ``kfac`` or ``ekfac``.
+            mix_rows: rows of the queries' gradients (the same layout), for TrackStar's mixing.
+            mix: λ: every moment the factors are made of is (1 − λ)·(that of ``rows``) + λ·(that of ``mix_rows``),
+                so a dense group's H is exactly λ·H_query + (1 − λ)·H_train; a kron group mixes its two side factors
+                (and ekfac its refit eigenvalues, the diagonal of the mixed H in the mixed basis).
 
         Returns:
             The preconditioner.
@@ -177,46 +221,20 @@ class Preconditioner:
         if kind not in ("kfac", "ekfac"):
             raise ValueError(f"precondition must be kfac or ekfac to fit factors, got {kind!r}")
         n_checkpoints, block_dim = len(weights), sum(group.dim for group in groups)
-        sums: list[list[Tensor]] = []
-        for group in groups:
-            if group.kind == "kron":
-                out = (
-                    (n_checkpoints, group.k_out, group.k_out)
-                    if group.side_dense("out")
-                    else (n_checkpoints, group.k_out)
+        sources = [(rows, 1.0 - mix)] + ([(mix_rows, mix)] if mix_rows is not None and mix > 0 else [])
+        sources = [(source, share) for source, share in sources if share > 0]
+        sums = None
+        for source, share in sources:
+            found, n_rows = _moment_sums(source, groups, n_checkpoints, block_dim)
+            if n_rows == 0:
+                raise ValueError(
+                    "preconditioning needs at least one " + ("training" if source is rows else "query") + " row"
                 )
-                inn = (n_checkpoints, group.k_in, group.k_in) if group.side_dense("in") else (n_checkpoints, group.k_in)
-                shapes = [out, inn, (n_checkpoints,)]
-            elif group.kind == "dense":
-                shapes = [(n_checkpoints, group.dim, group.dim)]
-            else:
-                shapes = [(n_checkpoints, group.dim)]
-            sums.append([torch.zeros(shape, dtype=torch.float64) for shape in shapes])
-        n_rows = 0
-        for block in rows():
-            x = _as_blocks(block, n_checkpoints, block_dim)
-            n_rows += x.shape[0]
-            for group, found in zip(groups, sums):
-                part = x[:, :, group.offset : group.offset + group.dim]
-                if group.kind == "kron":
-                    b = part.reshape(*part.shape[:2], group.k_out, group.k_in)
-                    found[0] += (
-                        torch.einsum("ncoi,ncpi->cop", b, b) if group.side_dense("out") else b.square().sum((0, 3))
-                    )
-                    found[1] += (
-                        torch.einsum("ncoi,ncoj->cij", b, b) if group.side_dense("in") else b.square().sum((0, 2))
-                    )
-                    found[2] += b.square().sum((0, 2, 3))
-                elif group.kind == "dense":
-                    found[0] += torch.einsum("nci,ncj->cij", part, part)
-                else:
-                    found[0] += part.square().sum(0)
-        if n_rows == 0:
-            raise ValueError("preconditioning needs at least one training row")
+            scaled = [[value * (share / n_rows) for value in group] for group in found]
+            sums = scaled if sums is None else [[a + b for a, b in zip(x, y)] for x, y in zip(sums, scaled)]
         bases: list[tuple[Tensor | None, ...]] = []
         values: list[Tensor] = []
         for group, found in zip(groups, sums):
-            found = [value / n_rows for value in found]
             if group.kind == "kron":
                 (out_values, out_basis), (in_values, in_basis) = (
                     _eigh(moment) if moment.ndim == 3 else (moment.clamp_min(0.0), None) for moment in found[:2]
@@ -236,14 +254,20 @@ class Preconditioner:
         preconditioner = Preconditioner(groups, bases, values, weights)
         if kind == "ekfac" and any(group.kind == "kron" for group in groups):
             corrected = [torch.zeros_like(value) for value in values]
-            for block in rows():
-                x = _as_blocks(block, n_checkpoints, block_dim)
-                for position, group in enumerate(groups):
-                    if group.kind == "kron":
-                        corrected[position] += preconditioner._coordinates(position, x).square().sum(0)
+            for source, share in sources:
+                part = [torch.zeros_like(value) for value in values]
+                n_rows = 0
+                for block in source():
+                    x = _as_blocks(block, n_checkpoints, block_dim)
+                    n_rows += x.shape[0]
+                    for position, group in enumerate(groups):
+                        if group.kind == "kron":
+                            part[position] += preconditioner._coordinates(position, x).square().sum(0)
+                for position in range(len(groups)):
+                    corrected[position] += part[position] * (share / n_rows)
             for position, group in enumerate(groups):
                 if group.kind == "kron":
-                    preconditioner.values[position] = corrected[position] / n_rows
+                    preconditioner.values[position] = corrected[position]
         return preconditioner
 
     # ---- applying --------------------------------------------------------------------------------
@@ -466,10 +490,22 @@ def precondition_self_influence(
     return scores.astype(np.float32)
 
 
-def finish_precondition(store: GradientStore, kind: str, damping: float) -> None:
-    """Every shard is written: fit the factors to the stored rows, write them and the self-influence at ``damping``."""
+def finish_precondition(
+    store: GradientStore,
+    kind: str,
+    damping: float,
+    mix_rows: Callable[[], Iterable[np.ndarray | Tensor]] | None = None,
+    mix: float = 0.0,
+) -> None:
+    """Every shard is written: fit the factors to the stored rows (mixed with ``mix_rows`` by ``mix``, see
+    ``Preconditioner.fit``), write them and the self-influence at ``damping``."""
     preconditioner = Preconditioner.fit(
-        _store_rows(store), precondition_groups(store.fingerprint), _store_weights(store), kind
+        _store_rows(store),
+        precondition_groups(store.fingerprint),
+        _store_weights(store),
+        kind,
+        mix_rows=mix_rows,
+        mix=mix,
     )
     scores = precondition_self_influence(store, damping, preconditioner)
     store.write_transform(PRECONDITION_TRANSFORM, preconditioner.pack())
@@ -507,6 +543,8 @@ class Preconditioned(MethodFeaturizer):
             "normalize": self.normalize,
             **{name: self.options[name] for name in ("precondition", "damping", "precondition_side", "factor_samples")},
         }
+        if self.options["precondition_mix"]:  # (left out at 0: stores built before the option keep their fingerprint)
+            found["method"]["precondition_mix"] = self.options["precondition_mix"]
         return found
 
     def featurize(self, batch: Any) -> Tensor:
@@ -553,11 +591,54 @@ class Preconditioned(MethodFeaturizer):
         rows = [block[torch.isfinite(block).all(dim=1)] for block in rows]  # a NaN sample must not poison H
         groups = precondition_groups({**store.fingerprint, "block_dim": self.inner.block_dim})
         weights = [float(item["weight"]) for item in store.fingerprint["checkpoints"]]
-        return Preconditioner.fit(lambda: rows, groups, weights, self.options["precondition"])
+        queries = self._query_rows()
+        return Preconditioner.fit(
+            lambda: rows,
+            groups,
+            weights,
+            self.options["precondition"],
+            mix_rows=None if queries is None else lambda: queries,
+            mix=self.options["precondition_mix"],
+        )
+
+    def _query_rows(self) -> list[Tensor] | None:
+        """With ``precondition_mix``: the rows (as stored) of at most ``factor_samples`` evenly spaced samples of the
+        task's test split, whose curvature is mixed in (None without mixing).
+
+        Raises:
+            ArgumentError: the task has no test split.
+        """
+        if not self.options["precondition_mix"]:
+            return None
+        from gradindex.task import iter_batches
+
+        task = self.inner.task
+        if task.test is None or len(task.test) == 0:
+            raise ArgumentError(
+                "precondition_mix",
+                f"precondition_mix mixes in the curvature of the task's queries, but task {task.name!r} has no test "
+                "split; give the task a test dataset or leave precondition_mix out",
+            )
+        count = min(self.options["factor_samples"], len(task.test))
+        picked = np.unique(np.linspace(0, len(task.test) - 1, num=count).round().astype(np.int64)).tolist()
+        size = max(1, min(256, self.inner.batch_size_hint()))
+        with torch.enable_grad():
+            rows = [
+                self.inner.featurize(batch).double().cpu()
+                for batch in iter_batches(task.test, picked, size, task.collate)
+            ]
+        return [block[torch.isfinite(block).all(dim=1)] for block in rows]
 
     def finish(self, store: GradientStore) -> None:
         if not self.symmetric:
-            finish_precondition(store, self.options["precondition"], self.options["damping"])
+            queries = self._query_rows()
+            finish_precondition(
+                store,
+                self.options["precondition"],
+                self.options["damping"],
+                mix_rows=None if queries is None else lambda: queries,
+                mix=self.options["precondition_mix"],
+            )
 
     def configure_query(self, options: Mapping[str, Any], store_path: Any = "this store") -> None:
         super().configure_query(options, store_path)

@@ -100,9 +100,29 @@ METHOD_OPTIONS: dict[str, dict[str, OptionSpec]] = {
         "factor_samples": OptionSpec(
             4096,
             Setting(
-                help="with precondition_side=both: training samples the factors are fit on (evenly spaced)",
+                help="with precondition_side=both: training samples the factors are fit on (evenly spaced); with "
+                "precondition_mix, also the most query samples",
                 minimum=1,
                 integer=True,
+            ),
+        ),
+        "precondition_mix": OptionSpec(
+            0.0,
+            Setting(
+                help="TrackStar's query-side curvature mixing (Chang et al. 2024, §A.1.3, as Bergson mixes): the "
+                "factors are fit to λ·H_query + (1 − λ)·H_train, H_query from the task's test split (at most "
+                "factor_samples evenly spaced samples); 0: the training curvature alone",
+                minimum=0,
+                maximum=1,
+            ),
+        ),
+        "adam_normalize": OptionSpec(
+            False,
+            Setting(
+                help="TrackStar's optimizer normalisation: divide every gradient entry by √v̂ + ε, v̂ the Adam second "
+                "moment each checkpoint's optimizer state holds (a Trainer folder's optimizer.pt, or a torch.save "
+                "file's 'optimizer' entry); with kron, each layer's v̂ by its rank-1 Adafactor factors",
+                flag=True,
             ),
         ),
     },

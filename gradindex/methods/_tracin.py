@@ -4,6 +4,11 @@ weighted gradient dot products as one inner product.
 With the default ``kron`` projection the per-sample gradients are never formed (``gradindex.featurize``'s factored
 engine), and the projection is planned on calibration samples (the first ``CALIBRATION_SAMPLES`` of the training
 set): the plan is recorded in the manifest and the pca side matrices kept in the store's ``transforms/kron_sides``.
+
+``adam_normalize`` is TrackStar's optimizer correction (Chang et al. 2024): each checkpoint's gradients are divided
+by √v̂ + ε, v̂ the Adam second moment its optimizer state holds (``gradindex.checkpoints.load_optimizer_moments``),
+elementwise before a dense projection, or through Adafactor's rank-1 factors of each layer's v̂ folded into the kron
+sides (``KronGradients.normalize_by``); with ``normalize`` (and ``precondition_side=both``) it is TrackStar's score.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gradindex.errors import CorruptStoreError, NonFiniteError
+from gradindex.checkpoints import OptimizerMoments, load_optimizer_moments
+from gradindex.errors import CheckpointError, CorruptStoreError, NonFiniteError
 from gradindex.featurize import (
     Featurizer,
     KronGradients,
@@ -44,15 +50,19 @@ from gradindex.utils import check_fits
 
 __all__ = ["CALIBRATION_SAMPLES", "KRON_SIDES_TRANSFORM", "TracInFeaturizer"]
 
-# the kron plan's calibration: the first samples of the training set, and how narrow sides are drawn by default
+# the kron plan's calibration: the first samples of the training set (up to CALIBRATION_SAMPLES, fewer where a sample
+# holds many positions: enough for CALIBRATION_POSITIONS tokens or patches, never under CALIBRATION_MIN_SAMPLES), and
+# how narrow sides are drawn by default
 CALIBRATION_SAMPLES = 256
+CALIBRATION_POSITIONS = 16384
+CALIBRATION_MIN_SAMPLES = 128
 KRON_SIDES = "pca"
 # the store transform that keeps the pca side matrices of a kron build (every checkpoint's, packed flat)
 KRON_SIDES_TRANSFORM = "kron_sides"
 # kron sizes its chunks on this many first training samples (the same in every process)
 _PROBE_SAMPLES = 8
-# calibration samples per forward/backward
-_CALIBRATION_BATCH = 32
+# calibration samples per forward/backward: 32, or up to 256 while they hold at most this many positions in all
+_CALIBRATION_BATCH_POSITIONS = 4096
 # the kron groups projected flat (their calibration vectors kept, not their moments): small layers, the rest
 _FLAT = ("flat", REST_SIDE[1])
 
@@ -112,12 +122,14 @@ class TracInFeaturizer(Featurizer):
         autocast: bool = False,
         compile: bool = False,
         nonfinite: str = "error",
+        adam_normalize: bool = False,
     ):
         """``chunk_bytes`` bounds the working memory of one chunk of samples (the batch is cut into chunks);
         ``autocast`` runs forward/backward in bfloat16 on CUDA (ignored on CPU; projections stay float32);
         ``compile`` applies ``torch.compile`` to the kron projection kernels; ``nonfinite`` says what the kron
         calibration does with a sample whose gradient is NaN or infinite (``error`` stops, ``skip``/``zero`` leave
-        it out of the calibration)."""
+        it out of the calibration); ``adam_normalize`` divides each checkpoint's gradients by the Adam second moments
+        its optimizer state holds before they are projected (TrackStar; ``_adam_moments``)."""
         self.task = task
         self.checkpoints = list(checkpoints)
         self.device = device
@@ -133,7 +145,10 @@ class TracInFeaturizer(Featurizer):
         self.chunk_bytes = chunk_bytes
         self.nonfinite = nonfinite  # calibration samples with NaN/inf gradients: stop (error), or leave them out
         self._calibration: list[int] | None = None
+        self._positions = 1  # the most positions a training sample has in a factored layer (calibration sizes)
         self._scales = [math.sqrt(ckpt.spec.weight) for ckpt in self.checkpoints]
+        self.adam_normalize = adam_normalize
+        moments = self._adam_moments(model) if adam_normalize else []
         if projection.kind == "kron":
             # per-sample gradients are never formed: a batched forward/backward per chunk, sized on the first one
             self.kron: KronGradients | None = KronGradients(
@@ -147,6 +162,8 @@ class TracInFeaturizer(Featurizer):
                 plan=projection.plan,
             )
             self._states = [(ckpt.state, {}) for ckpt in self.checkpoints]
+            for position, found in enumerate(moments):
+                self.kron.normalize_by(position, found.moments, found.eps)
             if projection.plan is None and self.kron.needs_calibration:
                 self._calibrate(projection.kron_sides or KRON_SIDES)
             self.block_dim = self.kron.dim
@@ -157,6 +174,11 @@ class TracInFeaturizer(Featurizer):
             self.projector = make_projector(projection, self.plans)
             self.block_dim = self.projector.out_dim
             self._states = [self.gradients.split_state(ckpt.state) for ckpt in self.checkpoints]
+            # Adam's exact elementwise 1 / (√v̂ + ε), in the gradients' layout, per checkpoint
+            self._adam_scales = [
+                torch.cat([(1.0 / found.denominator(plan.name)).reshape(-1) for plan in self.plans]).to(device)
+                for found in moments
+            ]
             # one sample: vmap holds about three [p] gradient buffers, its [k] output per checkpoint and the
             # projection's own block (at least one [k] row of a dense matrix)
             per_sample = 4 * (3 * self.n_params + self.block_dim * len(self.checkpoints))
@@ -171,6 +193,23 @@ class TracInFeaturizer(Featurizer):
             )
             self.chunk_size = max(1, chunk_bytes // per_sample)
         self.dim = self.block_dim * len(self.checkpoints)
+
+    def _adam_moments(self, model: torch.nn.Module) -> list[OptimizerMoments]:
+        """Each checkpoint's Adam second moments (``gradindex.checkpoints.load_optimizer_moments``), every featurized
+        parameter's present; their files' sha256 go into the fingerprint (a query must read the same ones)."""
+        found = []
+        for ckpt in self.checkpoints:
+            moments = load_optimizer_moments(model, ckpt.spec.path)
+            missing = [name for name in self.param_names if name not in moments.moments]
+            if missing:
+                raise CheckpointError(
+                    f"checkpoint {ckpt.spec.path}'s optimizer state holds no second moment for "
+                    f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (not optimized, or no step taken); "
+                    "featurize only the optimized parameters (layers=GLOB) or build without adam_normalize"
+                )
+            found.append(moments)
+        self.optimizer_sha256 = [moments.sha256 for moments in found]
+        return found
 
     def _calibrate(self, sides: str) -> None:
         """Plan kron from what the gradients look like on the first ``CALIBRATION_SAMPLES`` training samples
@@ -221,8 +260,9 @@ class TracInFeaturizer(Featurizer):
             keys = {(name, side) for name, side, *_ in group}
             planning = rows is not None and number == 0
             batch_rows = rows if planning else self._calibration_rows()
-            for start in range(0, len(batch_rows), _CALIBRATION_BATCH):
-                chunk = batch_rows[start : start + _CALIBRATION_BATCH]
+            step = max(32, min(256, _CALIBRATION_BATCH_POSITIONS // self._positions))
+            for start in range(0, len(batch_rows), step):
+                chunk = batch_rows[start : start + step]
                 if planning:
                     result = self._finite_batch(chunk, params, position, stats, keys)
                     if result is None:
@@ -265,10 +305,16 @@ class TracInFeaturizer(Featurizer):
         return spectra
 
     def _calibration_rows(self) -> list[int]:
-        """The training rows the plan is calibrated on: the first ``CALIBRATION_SAMPLES``, less any whose gradients
-        were found NaN or infinite (``nonfinite`` skip or zero; with error they stop the build)."""
+        """The training rows the plan is calibrated on: the first ``CALIBRATION_SAMPLES`` (fewer for samples of many
+        positions, see ``CALIBRATION_POSITIONS``), less any whose gradients were found NaN or infinite (``nonfinite``
+        skip or zero; with error they stop the build)."""
         if self._calibration is None:
-            self._calibration = list(range(min(CALIBRATION_SAMPLES, len(self.task.train))))
+            count = min(CALIBRATION_SAMPLES, len(self.task.train))
+            if count:  # side moments count positions: a long sequence brings many
+                self._positions = self.kron.positions_per_sample(self._calibration_batch([0]), self._states[0][0])
+            if count > CALIBRATION_MIN_SAMPLES:
+                count = min(count, max(CALIBRATION_MIN_SAMPLES, -(-CALIBRATION_POSITIONS // self._positions)))
+            self._calibration = list(range(count))
         return self._calibration
 
     def _calibration_batch(self, rows: Sequence[int]) -> Any:
@@ -368,13 +414,17 @@ class TracInFeaturizer(Featurizer):
             projection["dim"] = self.block_dim
         if self.kron is not None:
             projection["plan"] = self.kron.plan_dict()
-        return {
+        found = {
             "method": {"name": "tracin", "normalize": self.normalize},
             "projection": projection,
             "layers": self.layers,
             "params": [[plan.name, list(plan.shape)] for plan in self.plans],
             "block_dim": self.block_dim,
         }
+        if self.adam_normalize:  # (left out otherwise: stores built before the option keep their fingerprint)
+            found["method"]["adam_normalize"] = True
+            found["optimizer_state"] = list(self.optimizer_sha256)
+        return found
 
     def featurize(self, batch: Any) -> Tensor:
         """collated batch of B samples -> [B, C·k]."""
@@ -404,7 +454,10 @@ class TracInFeaturizer(Featurizer):
                 if self.kron is not None:
                     block = self.kron(chunk, params, position)
                 else:
-                    block = self.projector.project(self.gradients(chunk, params, constants), position)
+                    gradients = self.gradients(chunk, params, constants)
+                    if self.adam_normalize:
+                        gradients = gradients * self._adam_scales[position]
+                    block = self.projector.project(gradients, position)
                 if self.normalize:
                     block = torch.nn.functional.normalize(block, dim=1)
                 view.copy_(block * scale if scale != 1.0 else block)

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,13 @@ from gradindex.methods import (
     finish_store,
     make_featurizer,
 )
-from gradindex.pipeline._config import NONFINITE_POLICIES, BuildConfig
+from gradindex.pipeline._config import NONFINITE_POLICIES, BuildConfig, rank_device
 from gradindex.pipeline._fingerprint import (
     ContentHash,
     content_message,
     dataset_probe,
     fingerprint_of,
+    hashing_thread,
     mismatch_message,
 )
 from gradindex.projection import ProjectionSpec
@@ -51,6 +53,7 @@ from gradindex.search import update_indexes
 from gradindex.store import (
     GradientStore,
     StoreLayout,
+    arrow_of,
     as_store,
     create_store,
     fingerprint_differences,
@@ -241,7 +244,7 @@ def build(
         )
     task, task_record = _load_build_task(task, task_options)
     specs = parse_checkpoints(checkpoints)
-    device = resolve_device(config.device)
+    device = resolve_device(rank_device(config.device))  # torchrun: one GPU per rank (LOCAL_RANK)
     shard_index, shard_count = _shard_assignment(shard)
     output = store_path(output, storage_options)
 
@@ -598,12 +601,15 @@ def _compute_shard(
     writer: _ShardWriter | None = None,
 ) -> None:
     start, stop = store.layout.shard_rows(index)
-    features = np.empty((stop - start, featurizer.dim), dtype=np.float32)
+    # the shard's file is made as its rows come: each featurized batch is cast into it, checked and hashed on the
+    # background thread while the next batch is featurized (two batch buffers, in turn, for featurizers that write in
+    # place; their self-influence is each vector's squared norm: finite exactly when the whole vector is)
+    encoder = store.shard_encoder(index)
     self_scores = np.empty(stop - start, dtype=np.float32)
-    # a featurizer that writes in place fills the shard's buffer directly (no per-batch vectors to copy), and its
-    # self-influence is each vector's squared norm: finite exactly when the whole vector is
     into = featurizer.writes_into
-    buffer = torch.from_numpy(features) if into else None
+    buffers: list[torch.Tensor | None] = [None, None]
+    encoding: list[Future | None] = [None, None]
+    bad_rows: list[np.ndarray] = []
     featurizer.begin_shard(index)
     labels: list[np.ndarray] = []
     position = 0
@@ -613,30 +619,51 @@ def _compute_shard(
     with torch.inference_mode(False), torch.enable_grad():
         with running_user_code("the first training samples (sizing the featurization's chunks)"):
             loader_batch = _loader_batch_size(config, featurizer)
-        for batch in iter_batches(task.train, range(start, stop), loader_batch, None if sliced else content):
+        for turn, batch in enumerate(
+            iter_batches(task.train, range(start, stop), loader_batch, None if sliced else content)
+        ):
             if sliced:
                 content.observe_columns(batch)
-            if into and position + batch_size(batch) <= stop - start:
-                rows = batch_size(batch)
-                out = buffer[position : position + rows]
-                scores = _featurize_rows(featurizer, batch, start + position, sample_ids, out)
-                vectors = out
+            rows = batch_size(batch)
+            slot = turn % 2
+            if encoding[slot] is not None:
+                encoding[slot].result()  # its buffer is free again (and the encoding's error raised here)
+            if into and position + rows <= stop - start:
+                if buffers[slot] is None or len(buffers[slot]) < rows:
+                    buffers[slot] = torch.empty(rows, featurizer.dim, dtype=torch.float32)
+                vectors = buffers[slot][:rows]
+                scores = _featurize_rows(featurizer, batch, start + position, sample_ids, vectors)
+                scores = scores.detach().cpu().numpy()
+                finite = np.isfinite(scores)
             else:
                 vectors, scores = _featurize_rows(featurizer, batch, start + position, sample_ids)
-                vectors = vectors.detach().cpu().numpy()
+                # a float32 copy, as the shard's buffer took before (the featurizer may reuse what it returned)
+                vectors = np.array(vectors.detach().cpu().numpy(), dtype=np.float32)
                 if vectors.ndim != 2 or vectors.shape[1] != featurizer.dim or position + len(vectors) > stop - start:
                     raise ValueError(
                         f"the {config.method} featurizer returned vectors of shape {list(vectors.shape)} at row "
                         f"{start + position}; "
                         f"expected [batch, {featurizer.dim}] (nothing was written for shard {index})"
                     )
-                features[position : position + len(vectors)] = vectors
-            self_scores[position : position + len(vectors)] = scores.detach().cpu().numpy()
+                scores = scores.detach().cpu().numpy()
+                with np.errstate(over="ignore", invalid="ignore"):
+                    finite = np.isfinite(vectors).all(axis=1) & np.isfinite(scores)
+            rows = len(vectors)
+            self_scores[position : position + rows] = scores
+            if not finite.all():  # zeroed here; the shard is refused, or they are listed, below
+                bad = np.flatnonzero(~finite)
+                vectors[bad.tolist()] = 0.0
+                self_scores[position + bad] = 0.0
+                bad_rows.append(bad + position)
+            encoding[slot] = hashing_thread().submit(encoder.add, vectors)
             batch_labels = task.labels_of(batch)
             if batch_labels is not None:
                 labels.append(batch_labels)
-            position += len(vectors)
-            bar.update(len(vectors))
+            position += rows
+            bar.update(rows)
+    for future in encoding:
+        if future is not None:
+            future.result()
     if position != stop - start:
         raise TaskSpecError(
             f"the training set yielded {position} samples for rows {start}..{stop}; its __len__ disagrees with its "
@@ -644,11 +671,9 @@ def _compute_shard(
         )
     if expected_content is not None and content.hexdigest() != expected_content:
         raise IncompatibleStoreError(content_message(store, index, expected_content, content.hexdigest()))
-    with np.errstate(over="ignore", invalid="ignore"):
-        finite = np.isfinite(self_scores) if into else np.isfinite(features).all(axis=1) & np.isfinite(self_scores)
     nonfinite = None
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    if bad_rows:
+        bad = np.concatenate(bad_rows)
         rows = (bad + start).tolist()
         ids = [sample_ids[row] for row in rows[:10]]
         if config.nonfinite == "error":
@@ -659,8 +684,6 @@ def _compute_shard(
                 "Fix the data or the model, or resume with nonfinite=skip (leave those samples out of search) "
                 "or nonfinite=zero (keep them with zero vectors)"
             )
-        features[bad] = 0.0
-        self_scores[bad] = 0.0
         kind = "skipped" if config.nonfinite == "skip" else "zeroed"
         nonfinite = {kind: rows}
         log.warning(
@@ -673,7 +696,7 @@ def _compute_shard(
         )
     featurizer.end_shard(store, index)  # its share of any transform is durable before the shard's record
     shard = {
-        "features": features,
+        "features": encoder,
         "self_influence": self_scores,
         "samples": _samples_table(start, stop, sample_ids, labels),
         "content_sha256": content.hexdigest(),
@@ -682,7 +705,7 @@ def _compute_shard(
     if writer is None:
         store.write_shard(index, **shard)
     else:
-        writer.submit(index, shard)  # cast, encoded, hashed and written while the next shard is computed
+        writer.submit(index, shard)  # written while the next shard is computed
 
 
 class _ShardWriter:
@@ -764,10 +787,10 @@ def _featurize_rows(
 
 
 def _samples_table(start: int, stop: int, sample_ids: list, labels: list[np.ndarray]) -> pa.Table:
-    columns = {"row": pa.array(np.arange(start, stop, dtype=np.int64)), "sample_id": _id_array(sample_ids[start:stop])}
+    columns = {"row": arrow_of(np.arange(start, stop, dtype=np.int64)), "sample_id": _id_array(sample_ids[start:stop])}
     if labels and sum(len(part) for part in labels) == stop - start:
-        columns["label"] = pa.array(np.concatenate(labels))
-    return pa.table(columns)
+        columns["label"] = arrow_of(np.concatenate(labels))
+    return pa.Table.from_arrays(list(columns.values()), names=list(columns))
 
 
 def _check_joinable(store: GradientStore, fingerprint: dict, config: BuildConfig) -> None:
@@ -864,5 +887,5 @@ def _uniform_ids(ids: list) -> list:
 
 def _id_array(ids: Sequence) -> pa.Array:
     if all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in ids):
-        return pa.array(np.asarray(ids, dtype=np.int64))
-    return pa.array([str(value) for value in ids], pa.string())
+        return arrow_of(np.asarray(ids, dtype=np.int64))
+    return arrow_of([str(value) for value in ids], pa.string())

@@ -3,16 +3,19 @@ query is answered). Light on purpose (no torch, no faiss): the command line buil
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gradindex.errors import ArgumentError
 from gradindex.methods import METHODS
 from gradindex.projection import KRON_SIDES, PROJECTION_KINDS, ProjectionSpec
 from gradindex.search import check_search_options
 from gradindex.store import STORE_DTYPES
 from gradindex.utils import check_settings, setting
 
-__all__ = ["NONFINITE_POLICIES", "BuildConfig", "QueryConfig"]
+__all__ = ["NONFINITE_POLICIES", "BuildConfig", "QueryConfig", "rank_device"]
 
 
 # What a build does with a sample whose vector is NaN or infinite.
@@ -93,7 +96,7 @@ class QueryConfig:
     batch_size: int = setting(256, "query samples featurized per batch", minimum=1, integer=True)
     memory_budget: int | None = setting(
         None,
-        "bytes in-memory search may use; larger stores are streamed shard by shard",
+        "bytes exact search may hold; a larger store streams in blocks that fit (pieces of shards if need be)",
         minimum=0,
         integer=True,
         optional=True,
@@ -117,7 +120,8 @@ class QueryConfig:
     )
     dask: Any = setting(
         None,
-        "spread exact search over Dask workers: a scheduler address (tcp://host:8786) or local:N",
+        "spread search over Dask workers (exact; with index, the IVF index's lists): a scheduler address "
+        "(tcp://host:8786) or local:N",
         optional=True,
         metavar="ADDRESS",
     )
@@ -125,3 +129,39 @@ class QueryConfig:
     def __post_init__(self) -> None:
         check_settings(self)
         check_search_options(self.index, self.nprobe, self.dask)
+
+
+def rank_device(device: str, environ: Mapping[str, str] | None = None, cuda_count: int | None = None) -> str:
+    """The device this build process uses: one GPU per torchrun rank. Under torchrun (``LOCAL_RANK`` set), ``cuda``
+    becomes ``cuda:LOCAL_RANK``, and so does ``auto`` when torch sees CUDA devices; ``cpu``, ``cuda:N`` and ``auto``
+    without CUDA are kept as asked (``resolve_device`` then checks them).
+
+    Args:
+        device: the device asked for: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        environ: the environment to read ``LOCAL_RANK`` from (default: ``os.environ``).
+        cuda_count: CUDA devices torch sees (default: ``torch.cuda.device_count()``, asked only under torchrun).
+
+    Returns:
+        The device to resolve, e.g. ``"cuda:3"`` on the fourth rank of a node.
+
+    Raises:
+        ArgumentError: ``LOCAL_RANK`` is not a non-negative integer, or names a GPU the node does not have.
+    """
+    local_rank = (os.environ if environ is None else environ).get("LOCAL_RANK")
+    if local_rank is None or device not in ("auto", "cuda"):
+        return device
+    if not local_rank.isdigit():
+        raise ArgumentError("device", f"LOCAL_RANK must be a non-negative integer, got {local_rank!r}")
+    if cuda_count is None:
+        import torch
+
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cuda_count == 0:
+        return device  # auto: the CPU; cuda: resolve_device says torch sees no CUDA device
+    if int(local_rank) >= cuda_count:
+        raise ArgumentError(
+            "device",
+            f"torchrun's LOCAL_RANK={local_rank} names GPU {local_rank}, but torch sees {cuda_count} CUDA device(s) "
+            f"on this node; launch at most {cuda_count} processes per node (--nproc-per-node {cuda_count})",
+        )
+    return f"cuda:{local_rank}"

@@ -4,7 +4,10 @@ content hash of each shard's training samples."""
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +18,14 @@ from gradindex.featurize import Featurizer
 from gradindex.store import GradientStore
 from gradindex.task import Task, collate_samples
 
-__all__ = ["ContentHash", "content_message", "dataset_probe", "fingerprint_of", "mismatch_message"]
+__all__ = [
+    "ContentHash",
+    "content_message",
+    "dataset_probe",
+    "fingerprint_of",
+    "hashing_thread",
+    "mismatch_message",
+]
 
 
 def _hash_leaf(digest: Any, leaf: Any) -> None:
@@ -30,6 +40,29 @@ def _hash_leaf(digest: Any, leaf: Any) -> None:
         digest.update(f"{type(leaf).__name__} {leaf!r}|".encode())
 
 
+_HASHER: ThreadPoolExecutor | None = None
+_HASHER_LOCK = threading.Lock()
+
+
+def _forget_hasher() -> None:
+    """In a forked child: the parent's thread is not there; the child's first use starts its own."""
+    global _HASHER, _HASHER_LOCK
+    _HASHER, _HASHER_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_hasher)
+
+
+def hashing_thread() -> ThreadPoolExecutor:
+    """The one background thread that hashes sliced batches and encodes shards as their rows come (one worker: the
+    updates of each hash stay in order)."""
+    global _HASHER
+    with _HASHER_LOCK:
+        if _HASHER is None:
+            _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradindex-hash")
+        return _HASHER
+
+
 class ContentHash:
     """sha256 of training samples as the data loader hands them to collate; any batch size gives the same.
 
@@ -41,6 +74,7 @@ class ContentHash:
         self._collate = collate or collate_samples
         self._digests: list[Any] = []
         self._signatures: set[str] = set()
+        self._pending: list[Future] = []  # column batches being hashed on the background thread, in order
 
     def __call__(self, items: list) -> Any:
         rows = [
@@ -71,8 +105,16 @@ class ContentHash:
 
     def observe_columns(self, columns: Sequence[torch.Tensor]) -> None:
         """Hash a batch handed over as its columns (a sliced ``TensorDataset``: one tensor per item position) exactly
-        as ``__call__`` hashes the same items one by one: the bytes of a slice are those of its rows stacked."""
+        as ``__call__`` hashes the same items one by one: the bytes of a slice are those of its rows stacked.
+
+        The hashing runs on a background thread (sha256 lets go of the GIL), in order, while the batch is featurized;
+        the columns must not change until ``hexdigest``, which waits for it (slices of a dataset's tensors do not).
+        """
         self._widen(len(columns))
+        self._pending = [future for future in self._pending if not future.done() or future.exception()]
+        self._pending.append(hashing_thread().submit(self._hash_columns, list(columns)))
+
+    def _hash_columns(self, columns: list[torch.Tensor]) -> None:
         for position, column in enumerate(columns):
             self._hash_column(position, column)
 
@@ -87,6 +129,9 @@ class ContentHash:
         self._digests[position].update(memoryview(flat.view(torch.uint8).numpy()))
 
     def hexdigest(self) -> str:
+        for future in self._pending:
+            future.result()  # raises what the hashing raised
+        self._pending = []
         final = hashlib.sha256("\n".join(sorted(self._signatures)).encode())
         for digest in self._digests:
             final.update(digest.digest())

@@ -25,7 +25,16 @@ if TYPE_CHECKING:
     from gradindex.featurize import Featurizer
     from gradindex.task import Task
 
-__all__ = ["QueryConfig", "parse_samples", "query", "query_featurizer", "self_influence", "task_for_store"]
+__all__ = [
+    "QueryConfig",
+    "QuerySession",
+    "method_query_options",
+    "parse_samples",
+    "query",
+    "query_featurizer",
+    "self_influence",
+    "task_for_store",
+]
 
 
 def query_featurizer(store: GradientStore, task: Task, checkpoints, device: torch.device) -> tuple[Featurizer, list]:
@@ -250,34 +259,22 @@ def query(
         nprobe=nprobe,
         dask=dask,
     )
-    import torch
-
-    from gradindex.featurize import resolve_device
-    from gradindex.methods import as_method_featurizer
-    from gradindex.task import iter_batches, running_user_code
-
     store = as_store(store, storage_options)
     k = check_positive_int("k", k)
     store._require_readable(allow_incomplete)
     task = task_for_store(store, task, task_options)
-    dataset = task.split(split)
-    picked = parse_samples(samples, len(dataset))
-    device_ = resolve_device(device)
-    with running_user_code("the model's construction (the query's featurizer)"):
-        featurizer, _ = query_featurizer(store, task, checkpoints, device_)
-    featurizer = as_method_featurizer(featurizer)
-    featurizer.configure_query(_method_query_options(damping, solver, method_options), store.path)
-    featurizer.attach(store)
-    vectors = np.empty((len(picked), featurizer.dim), dtype=np.float32)
-    position = 0
-    bar = progress_bar(len(picked), "featurize queries", enabled=progress)
-    with torch.enable_grad(), running_user_code(f"the query samples of split {split!r}"):
-        for batch in iter_batches(dataset, picked, batch_size, task.collate):
-            block = featurizer.query_vectors(batch).detach().cpu().numpy()
-            vectors[position : position + len(block)] = block
-            position += len(block)
-            bar.update(len(block))
-    bar.close()
+    picked = parse_samples(samples, len(task.split(split)))
+    session = QuerySession(
+        store,
+        task,
+        checkpoints=checkpoints,
+        device=device,
+        damping=damping,
+        solver=solver,
+        method_options=method_options,
+        allow_incomplete=allow_incomplete,
+    )
+    vectors = session.query_vectors(split, picked, batch_size=batch_size, progress=progress)
     scores, rows = search_store(
         store,
         vectors,
@@ -291,10 +288,91 @@ def query(
         nprobe=nprobe,
         dask=dask,
     )
-    return _result_table(store, np.asarray(picked), scores, rows, allow_incomplete)
+    return session.table(picked, scores, rows)
 
 
-def _method_query_options(damping: float | None, solver: str | None, method_options: dict | None) -> dict:
+class QuerySession:
+    """What answering queries of one store needs, loaded once: the opened store, its task, the featurizer at the
+    store's checkpoints (checked against the store's fingerprint, configured with the query-side method options) and,
+    on first use, the store's samples table. ``query`` makes one per call; ``gradindex serve`` keeps one and answers
+    every request from it.
+
+    Args:
+        store: the opened store.
+        task: the loaded task (``task_for_store``).
+        checkpoints: the checkpoint paths, if they moved since the build (same files, same order).
+        device: ``auto``, ``cpu`` or ``cuda[:N]`` for featurizing the queries.
+        damping: asymmetric stores (if, trak): λ for the queries instead of the store's.
+        solver: if stores: the inverse-HVP solver of the queries.
+        method_options: other query-side method options (``gradindex.methods.METHOD_OPTIONS``).
+        allow_incomplete: name the rows of the finished shards of a store whose build has not completed.
+
+    Raises:
+        IncompatibleStoreError: the task, checkpoints or settings are not the store's (the field is named).
+        CheckpointError: a checkpoint of the store is not there.
+    """
+
+    def __init__(
+        self,
+        store: GradientStore,
+        task: Task,
+        *,
+        checkpoints: Sequence[str] | None = None,
+        device: str = "auto",
+        damping: float | None = None,
+        solver: str | None = None,
+        method_options: dict | None = None,
+        allow_incomplete: bool = False,
+    ) -> None:
+        from gradindex.featurize import resolve_device
+        from gradindex.methods import as_method_featurizer
+        from gradindex.task import running_user_code
+
+        self.store = store
+        self.task = task
+        self.allow_incomplete = allow_incomplete
+        with running_user_code("the model's construction (the query's featurizer)"):
+            featurizer, _ = query_featurizer(store, task, checkpoints, resolve_device(device))
+        self.featurizer = as_method_featurizer(featurizer)
+        self.featurizer.configure_query(method_query_options(damping, solver, method_options), store.path)
+        self.featurizer.attach(store)
+        self._samples: pa.Table | None = None
+
+    def query_vectors(
+        self, split: str, picked: Sequence[int], *, batch_size: int = 256, progress: bool | None = None
+    ) -> np.ndarray:
+        """The query vectors ``[len(picked), D]`` float32 of the samples ``picked`` (indices from ``parse_samples``)
+        of ``split``, featurized as the store's rows were."""
+        import torch
+
+        from gradindex.task import iter_batches, running_user_code
+
+        dataset = self.task.split(split)
+        vectors = np.empty((len(picked), self.featurizer.dim), dtype=np.float32)
+        position = 0
+        bar = progress_bar(len(picked), "featurize queries", enabled=progress)
+        with torch.enable_grad(), running_user_code(f"the query samples of split {split!r}"):
+            for batch in iter_batches(dataset, list(picked), batch_size, self.task.collate):
+                block = self.featurizer.query_vectors(batch).detach().cpu().numpy()
+                vectors[position : position + len(block)] = block
+                position += len(block)
+                bar.update(len(block))
+        bar.close()
+        return vectors
+
+    def samples(self) -> pa.Table:
+        """The store's ``row, sample_id, label`` table, read once."""
+        if self._samples is None:
+            self._samples = self.store.samples(allow_incomplete=self.allow_incomplete)
+        return self._samples
+
+    def table(self, picked: Sequence[int], scores: np.ndarray, rows: np.ndarray) -> pa.Table:
+        """The result table ``query, query_id, rank, row, sample_id, score`` of a search of the samples ``picked``
+        (``scores [q, k']``, ``rows [q, k']`` as ``search_store`` returns them)."""
+        return _result_table(self.store, np.asarray(picked), scores, rows, self.allow_incomplete, self.samples())
+
+
+def method_query_options(damping: float | None, solver: str | None, method_options: dict | None) -> dict:
     """The query-side method options asked for (None = the store's)."""
     asked = dict(method_options or {})
     for name, value in (("damping", damping), ("solver", solver)):
@@ -314,8 +392,11 @@ def _column(values: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
 
 
-def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) -> pa.Array:
-    samples = store.samples(allow_incomplete=allow_incomplete)
+def _sample_ids(
+    store: GradientStore, rows: np.ndarray, allow_incomplete: bool, samples: pa.Table | None = None
+) -> pa.Array:
+    if samples is None:
+        samples = store.samples(allow_incomplete=allow_incomplete)
     ids = samples.column("sample_id")
     if store.complete:
         return ids.take(_column(rows))
@@ -324,7 +405,12 @@ def _sample_ids(store: GradientStore, rows: np.ndarray, allow_incomplete: bool) 
 
 
 def _result_table(
-    store: GradientStore, query_ids: np.ndarray, scores: np.ndarray, rows: np.ndarray, allow_incomplete: bool
+    store: GradientStore,
+    query_ids: np.ndarray,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    allow_incomplete: bool,
+    samples: pa.Table | None = None,
 ) -> pa.Table:
     n_queries, found = rows.shape
     flat_rows = rows.reshape(-1).astype(np.int64)
@@ -336,7 +422,7 @@ def _result_table(
             "query_id": _column(np.repeat(query_ids.astype(np.int64), found)[kept]),
             "rank": _column(np.tile(np.arange(1, found + 1, dtype=np.int64), n_queries)[kept]),
             "row": _column(flat_rows),
-            "sample_id": _sample_ids(store, flat_rows, allow_incomplete),
+            "sample_id": _sample_ids(store, flat_rows, allow_incomplete, samples),
             "score": _column(scores.reshape(-1).astype(np.float32)[kept]),
         }
     )
@@ -382,7 +468,7 @@ def self_influence(
     store = as_store(store, storage_options)
     if top is not None:
         top = check_positive_int("top", top)
-    asked = _method_query_options(damping, solver, method_options)
+    asked = method_query_options(damping, solver, method_options)
     if asked:
         store._require_readable(False)  # recomputed self-influence needs every row
         scores = stored_self_influence(store, asked)

@@ -11,7 +11,9 @@ The engines know numpy and FAISS only::
 Over a store (read through its public API, never Zarr directly): ``search_store`` searches exactly, in memory or
 streamed shard by shard; ``build_index`` trains and persists an approximate index (any faiss ``index_factory``
 string) under the store's ``indexes/`` with its recall measured; ``DaskSearch`` spreads exact search over Dask
-workers. Opponents are the top-k of the negated queries.
+workers, ``DaskIndexSearch`` a persisted IVF index's lists (``build_index(..., dask=...)`` fills them there in
+parallel); both survive a lost worker. Opponents are the top-k of the negated queries; an index's recall is measured
+for both directions, each with its own nprobe.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gradindex.utils import lazy_exports
 
 __all__ = [
     "ApproxIndex",
+    "DaskIndexSearch",
     "DaskSearch",
     "ExactIndex",
     "IndexConfig",
@@ -38,6 +41,7 @@ __all__ = [
     "gpu_count",
     "index_files",
     "index_names",
+    "least_memory_budget",
     "list_indexes",
     "load_index",
     "loaded_index",
@@ -48,9 +52,11 @@ __all__ = [
     "save_index",
     "search_blocks",
     "search_index",
+    "search_index_dask",
     "search_store",
     "search_store_dask",
     "store_content_id",
+    "streaming_plan",
     "update_indexes",
     "write_index_meta",
 ]
@@ -77,15 +83,17 @@ if TYPE_CHECKING:  # loaded on first use (lazy_exports)
     from gradindex.search._exact import ExactIndex, search_blocks
     from gradindex.search._faiss import configure_faiss, gpu_count
     from gradindex.search._persisted import (
+        DaskIndexSearch,
         build_index,
         clear_index_cache,
         drop_index,
         list_indexes,
         loaded_index,
         search_index,
+        search_index_dask,
         store_content_id,
         update_indexes,
     )
-    from gradindex.search._store_search import search_store
+    from gradindex.search._store_search import least_memory_budget, search_store, streaming_plan
 
 __getattr__, __dir__ = lazy_exports(__name__)

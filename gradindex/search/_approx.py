@@ -47,7 +47,9 @@ from gradindex.utils import HOST_TAG, check_positive_int, pid_alive, sha256_file
 __all__ = [
     "ApproxIndex",
     "OnDiskListsWriter",
+    "check_train_size",
     "default_index_name",
+    "empty_copy",
     "index_files",
     "index_lock",
     "index_names",
@@ -57,7 +59,9 @@ __all__ = [
     "recall_at_k",
     "remove_index",
     "resolve_factory",
+    "rows_subset",
     "save_index",
+    "stdout_to_stderr",
     "sweep_index_orphans",
     "sweep_index_temporaries",
     "write_index_meta",
@@ -108,6 +112,29 @@ def resolve_factory(factory: str, n_rows: int) -> str:
         )
     factory = factory.strip()
     return _IVF_WITHOUT_NLIST.sub(f"IVF{default_nlist(n_rows)}", factory)
+
+
+# faiss's k-means wants this many training points per list (it warns below it and clusters badly)
+MIN_POINTS_PER_LIST = 39
+
+
+def check_train_size(factory: str, nlist: int | None, n_train: int, n_available: int) -> None:
+    """Refuse to train ``nlist`` IVF lists on fewer than 39 points each, in one sentence naming the numbers and the
+    fix: ``n_train`` rows were drawn of the ``n_available`` the store can give (its rows less those held out)."""
+    if nlist is None or n_train >= MIN_POINTS_PER_LIST * nlist:
+        return
+    needed = MIN_POINTS_PER_LIST * nlist
+    fitting = 1 << max(0, (max(1, n_train) // MIN_POINTS_PER_LIST).bit_length() - 1)
+    source = (
+        f"the store has only {n_available:,} rows to draw them from"
+        if n_available < needed
+        else f"only {n_train:,} of its {n_available:,} rows were drawn (train_size or the memory budget)"
+    )
+    raise ValueError(
+        f"{factory!r} has nlist={nlist:,} IVF lists and needs at least {MIN_POINTS_PER_LIST} × {nlist:,} = "
+        f"{needed:,} training rows, but {source}; use fewer lists (e.g. IVF{min(fitting, nlist // 2 or 1)}, or "
+        "'IVF,...' to pick a count for the store), a larger train_size or memory budget, or a larger store"
+    )
 
 
 def default_index_name(factory: str) -> str:
@@ -317,6 +344,80 @@ class ApproxIndex:
         return self._gpu_index, f"{self._n_gpus} GPU(s)"
 
 
+def empty_copy(index: Any) -> Any:
+    """A trained, empty copy of an IVF ``index`` (its quantizer, codec and transforms, none of its lists' contents),
+    made without copying the lists: what each part of a distributed index starts from."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        raise ValueError(
+            "a distributed index needs an IVF factory string (e.g. 'IVF4096,SQfp16'); HNSW and flat indexes cannot "
+            "be split by rows"
+        )
+    lists, owned, ntotal, outer_ntotal = ivf.invlists, ivf.own_invlists, ivf.ntotal, index.ntotal
+    placeholder = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.own_invlists = False
+    ivf.replace_invlists(placeholder, False)
+    ivf.ntotal = index.ntotal = 0
+    try:
+        with faiss_errors("copying a trained index without its lists"):
+            blob = faiss.serialize_index(index)
+    finally:
+        ivf.replace_invlists(lists, owned)
+        ivf.ntotal, index.ntotal = ntotal, outer_ntotal
+    return faiss.deserialize_index(blob)
+
+
+def rows_subset(index: Any, first_row: int, stop_row: int) -> Any:
+    """An in-memory IVF index holding only the entries of rows ``first_row .. stop_row - 1`` of ``index`` (ids kept):
+    the same lists are probed for a query, so the union of the subsets' results is ``index``'s result."""
+    import faiss
+
+    subset = empty_copy(index)
+    source, target = faiss.extract_index_ivf(index), faiss.extract_index_ivf(subset)
+    # list by list through the InvertedLists interface (faiss's own copy_subset_to crashes on memory-mapped on-disk
+    # lists): the entries in the range keep their list, order and id
+    lists, code_size, added = source.invlists, int(source.code_size), 0
+    with faiss_errors(f"copying rows {first_row}..{stop_row - 1} of an index"):
+        for number in range(int(source.nlist)):
+            size = int(lists.list_size(number))
+            if size == 0:
+                continue
+            ids_ptr, codes_ptr = lists.get_ids(number), lists.get_codes(number)
+            try:
+                ids = faiss.rev_swig_ptr(ids_ptr, size).copy()
+                codes = faiss.rev_swig_ptr(codes_ptr, size * code_size).copy().reshape(size, code_size)
+            finally:
+                lists.release_ids(number, ids_ptr)
+                lists.release_codes(number, codes_ptr)
+            keep = (ids >= first_row) & (ids < stop_row)
+            count = int(keep.sum())
+            if count:
+                kept_ids = np.ascontiguousarray(ids[keep])
+                kept_codes = np.ascontiguousarray(codes[keep])
+                target.invlists.add_entries(number, count, faiss.swig_ptr(kept_ids), faiss.swig_ptr(kept_codes))
+                added += count
+    target.ntotal = added
+    subset.ntotal = added
+    return subset
+
+
+def index_to_bytes(index: Any) -> np.ndarray:
+    """A faiss index as a uint8 array (to send to Dask workers)."""
+    import faiss
+
+    with faiss_errors("serializing an index"):
+        return faiss.serialize_index(index)
+
+
+def index_from_bytes(data: np.ndarray) -> Any:
+    import faiss
+
+    with faiss_errors("reading a serialized index"):
+        return faiss.deserialize_index(np.asarray(data, dtype=np.uint8))
+
+
 def _hnsw_of(index: Any) -> Any:
     import faiss
 
@@ -434,6 +535,9 @@ def _stdout_to_stderr() -> Iterator[None]:
         libc.fflush(None)
         os.dup2(saved, 1)
         os.close(saved)
+
+
+stdout_to_stderr = _stdout_to_stderr
 
 
 # ---- persistence ------------------------------------------------------------------------------

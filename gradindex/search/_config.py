@@ -26,11 +26,8 @@ def check_index_name(name: str) -> str:
 
 
 def check_search_options(index: str | None, nprobe: int | None, dask: Any) -> None:
-    """The ways to search that go together: an index is approximate and Dask search exact; nprobe needs an index."""
-    if index is not None and dask is not None:
-        raise ArgumentError(
-            "index", "index=NAME and dask=ADDRESS exclude each other: Dask search is exact", also=["dask"]
-        )
+    """The ways to search that go together: nprobe needs an index; an index and Dask together spread the index's
+    lists over the workers (an IVF index)."""
     if nprobe is not None and index is None:
         raise ArgumentError(
             "nprobe", "nprobe applies to a search through a persisted index; give index=NAME too", also=["index"]
@@ -77,6 +74,12 @@ class IndexConfig:
     )
     overwrite: bool = setting(False, "replace an index of the same name")
     seed: int = setting(0, "seed of the training and held-out samples", minimum=0, integer=True)
+    dask: Any = setting(
+        None,
+        "fill the IVF lists on Dask workers in parallel: a scheduler address (tcp://host:8786) or local:N",
+        optional=True,
+        metavar="ADDRESS",
+    )
 
     def __post_init__(self) -> None:
         check_settings(self)

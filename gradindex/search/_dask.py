@@ -16,6 +16,7 @@ own environment's credentials).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from gradindex.search._exact import ExactIndex, search_blocks
 from gradindex.store import GradientStore, is_remote, open_store
 from gradindex.utils import check_positive_int, default_memory_budget
 
-__all__ = ["DaskSearch", "search_store_dask"]
+__all__ = ["DaskSearch", "merge_topk", "search_store_dask"]
+
+log = logging.getLogger("gradindex")
 
 
 def _distributed():
@@ -138,13 +141,32 @@ def merge_topk(results: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
     )
 
 
+def _is_lost(error: BaseException) -> bool:
+    """Whether an actor call failed because the worker holding the actor went away (killed, closed, restarted)."""
+    if isinstance(error, (OSError, EOFError)):
+        return True
+    return isinstance(error, RuntimeError) and "was lost" in str(error)
+
+
 class DaskSearch:
-    """Exact top-k over a store whose shards are spread over the workers of a Dask cluster.
+    """Top-k over a store whose shards are spread over the workers of a Dask cluster; built once, searched many times.
 
     ``cluster`` is a ``distributed.Client``, a scheduler address (``"tcp://host:8786"``) or
     ``"local:N"`` (a LocalCluster of N worker processes on this machine, closed with this object).
     ``memory_budget`` is per worker: a worker whose shards fit holds them in a FAISS index, else
     streams them on every search.
+
+    A worker lost between or during searches (killed, closed, restarted by its nanny) is survived: the parts it held
+    are placed again on the workers still there (each reloads them from the store) and the search is retried, so the
+    answer is the one the whole cluster would have given. ``gradindex.search.DaskIndexSearch`` is the same over a
+    persisted IVF index.
+
+    Args:
+        store: the store: a path, an fsspec URL or an opened ``GradientStore``; every worker must reach it at the same
+            path or URL.
+        cluster: a ``distributed.Client``, a scheduler address or ``"local:N"``.
+        memory_budget: bytes each worker may hold its shards in (as float32); default a quarter of its memory.
+        allow_incomplete: search the finished shards of a store whose build has not completed.
     """
 
     def __init__(
@@ -155,11 +177,33 @@ class DaskSearch:
         memory_budget: int | None = None,
         allow_incomplete: bool = False,
     ) -> None:
-        distributed = _distributed()
         self._store = store if isinstance(store, GradientStore) else open_store(store)
         shards = self._store._require_readable(allow_incomplete)
+        self._allow_incomplete = allow_incomplete
+        self._budget = default_memory_budget() if memory_budget is None else memory_budget
+        self._actors: list[Any] = []
+        self._holders: list[str] = []
+        self._connect(cluster)
+        try:
+            workers = self.workers()
+            if is_remote(self._store.path):
+                self._path, self._storage_options = str(self._store.path), self._store.path.storage_options
+            else:
+                self._path, self._storage_options = str(Path(self._store.path).resolve()), None
+            self._parts = _partition(self._store, shards, len(workers))
+            self._place(list(range(len(self._parts))), workers)
+        except BaseException:
+            self.close()
+            raise
+        self.n_workers = len(workers)
+        self.replaced = 0  # parts placed again after their worker was lost
+
+    # ---- the cluster -----------------------------------------------------------------------------------------------
+    def _connect(self, cluster: Any) -> None:
+        distributed = _distributed()
         self._own_client = not isinstance(cluster, distributed.Client)
         self._cluster = None
+        self._client = None
         if isinstance(cluster, distributed.Client):
             self._client = cluster
         elif isinstance(cluster, str):
@@ -179,44 +223,122 @@ class DaskSearch:
                     ) from error
         else:
             raise ValueError(f"dask must be a distributed.Client, a scheduler address or 'local:N', got {cluster!r}")
-        try:
-            workers = sorted(self._client.scheduler_info()["workers"])
-            if not workers:
-                raise GradIndexError("the Dask cluster has no workers; start some (dask worker SCHEDULER) and retry")
-            budget = default_memory_budget() if memory_budget is None else memory_budget
-            if is_remote(self._store.path):
-                path, storage_options = str(self._store.path), self._store.path.storage_options
+
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` searches go through."""
+        return self._client
+
+    def workers(self) -> list[str]:
+        """The addresses of the cluster's workers now (GradIndexError when there are none)."""
+        workers = sorted(self._client.scheduler_info()["workers"])
+        if not workers:
+            raise GradIndexError(
+                "the Dask cluster has no workers (all were lost or none started); start some (dask worker SCHEDULER) "
+                "and retry"
+            )
+        return workers
+
+    def _actor(self, position: int) -> tuple[type, tuple]:
+        """The actor class and arguments that hold part ``position``."""
+        return _ShardSearcher, (
+            self._path,
+            self._parts[position],
+            self._budget,
+            self._allow_incomplete,
+            self._storage_options,
+        )
+
+    def _place(self, positions: list[int], workers: list[str]) -> None:
+        """Create the actors of ``positions`` on ``workers``: part i of n on worker i at the start; a lost worker's
+        parts on the workers holding the fewest parts."""
+        if not self._actors:
+            self._actors = [None] * len(self._parts)
+            self._holders = [""] * len(self._parts)
+        load = {worker: self._holders.count(worker) for worker in workers}
+        chosen = {}
+        for position in positions:
+            if len(positions) == len(self._parts) and len(workers) == len(self._parts):
+                worker = workers[position]
             else:
-                path, storage_options = str(Path(self._store.path).resolve()), None
-            self._parts = _partition(self._store, shards, len(workers))
-            futures = [
-                self._client.submit(
-                    _ShardSearcher,
-                    path,
-                    part,
-                    budget,
-                    allow_incomplete,
-                    storage_options,
-                    actor=True,
-                    workers=[worker],
-                    allow_other_workers=False,
-                    pure=False,
-                )
-                for worker, part in zip(workers, self._parts)
-            ]
-            self._actors = [future.result() for future in futures]
-        except BaseException:
-            self.close()
-            raise
-        self.n_workers = len(workers)
+                worker = min(workers, key=lambda name: (load[name], name))
+            load[worker] += 1
+            chosen[position] = worker
+        futures = {}
+        for position, worker in chosen.items():
+            cls, args = self._actor(position)
+            futures[position] = self._client.submit(
+                cls, *args, actor=True, workers=[worker], allow_other_workers=False, pure=False
+            )
+        for position, future in futures.items():
+            while True:
+                try:
+                    self._actors[position] = future.result(timeout=2)
+                    break
+                except TimeoutError:
+                    # the part was placed on this worker only: if it died loading it, nothing else would run it
+                    if chosen[position] not in self._client.scheduler_info()["workers"]:
+                        future.cancel()
+                        raise GradIndexError(
+                            f"Dask worker {chosen[position]} died while loading part {position} of "
+                            f"{self._store.path} (a crash or running out of memory); see the worker's log, give the "
+                            "workers more memory or more workers, and retry"
+                        ) from None
+            self._holders[position] = chosen[position]
+
+    def _replace_lost(self, lost: list[int]) -> None:
+        workers = [worker for worker in self.workers() if worker not in {self._holders[p] for p in lost}] or (
+            self.workers()
+        )
+        log.warning(
+            "Dask worker(s) %s lost; placing their %d part(s) on %s",
+            ", ".join(sorted({self._holders[p] for p in lost})),
+            len(lost),
+            ", ".join(workers),
+        )
+        self._place(lost, workers)
+        self.replaced += len(lost)
+
+    def _gather(self, call) -> list[Any]:
+        """``call(actor, position)`` on every part's actor, their results in part order; a part whose worker was lost
+        is placed again on a worker still there and asked again (up to once per part)."""
+        for _attempt in range(len(self._parts) + 1):
+            pending = []
+            for position, actor in enumerate(self._actors):
+                try:  # an actor whose worker is known to be gone refuses the call at once
+                    pending.append((position, call(actor, position), None))
+                except Exception as error:
+                    pending.append((position, None, error))
+            results: dict[int, Any] = {}
+            lost: list[int] = []
+            for position, future, refused in pending:
+                try:
+                    if refused is not None:
+                        raise refused
+                    results[position] = future.result()
+                except Exception as error:
+                    if not _is_lost(error) and self._holders[position] in self.workers():
+                        raise
+                    lost.append(position)
+            if not lost:
+                return [results[position] for position in range(len(self._parts))]
+            self._replace_lost(lost)
+        raise GradIndexError(
+            "Dask workers kept being lost while searching; check the cluster's health (memory limits, restarts) "
+            "and retry"
+        )
 
     @property
     def parts(self) -> list[list[int]]:
-        """The shards each worker holds."""
+        """The shards each part holds (a part per worker at the start)."""
         return [list(part) for part in self._parts]
 
-    def search(self, queries: np.ndarray, k: int, *, opponents: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores [q, k'], rows [q, k'])`` as ``gradindex.search_store`` answers it."""
+    @property
+    def holders(self) -> list[str]:
+        """The worker holding each part now."""
+        return list(self._holders)
+
+    def _check_queries(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, int]:
         k = check_positive_int("k", k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self._store.dim:
@@ -224,16 +346,22 @@ class DaskSearch:
                 f"queries have shape {list(queries.shape)} but store {self._store.path} holds vectors of dimension "
                 f"{self._store.dim}"
             )
+        return queries, int(k)
+
+    def search(self, queries: np.ndarray, k: int, *, opponents: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of ``queries [q, D]``: ``(scores [q, k'], rows [q, k'])`` as ``gradindex.search_store``
+        answers it (opponents: the k most negative scores)."""
+        queries, k = self._check_queries(queries, k)
         searched = -queries if opponents else queries
-        pending = [actor.search(searched, int(k)) for actor in self._actors]
-        scores, rows = merge_topk([future.result() for future in pending], int(k))
+        scores, rows = merge_topk(self._gather(lambda actor, _position: actor.search(searched, k)), k)
         return (-scores if opponents else scores), rows
 
     def close(self) -> None:
         self._actors = []
         if self._own_client and getattr(self, "_client", None) is not None:
             self._client.close()
-        if self._cluster is not None:
+            self._client = None
+        if getattr(self, "_cluster", None) is not None:
             self._cluster.close()
             self._cluster = None
 

@@ -185,6 +185,7 @@ def search_blocks(
                     index.reset()
         rows += first_row
         heap.add_result(scores, rows)
+        del vectors, block  # not held while the next block is read (a memory budget counts each block once)
     k_found = min(k, seen.n_rows)
     if heap is None or k_found == 0:
         return _empty(n_queries, k_found)

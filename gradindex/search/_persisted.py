@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +32,12 @@ from gradindex.search._approx import (
     TMP_MARK,
     ApproxIndex,
     OnDiskListsWriter,
+    check_train_size,
     default_index_name,
+    empty_copy,
+    index_from_bytes,
     index_names,
+    index_to_bytes,
     is_index_file,
     load_index,
     memory_per_row,
@@ -39,15 +46,19 @@ from gradindex.search._approx import (
     recall_at_k,
     remove_index,
     remove_scratch,
+    rows_subset,
     save_index,
     scratch_dir,
+    stdout_to_stderr,
     sweep_index_orphans,
     sweep_index_temporaries,
     write_index_meta,
 )
 from gradindex.search._arrays import without_rows
 from gradindex.search._config import IndexConfig, check_index_name
-from gradindex.search._exact import search_blocks
+from gradindex.search._dask import DaskSearch, merge_topk
+from gradindex.search._exact import ExactIndex, search_blocks
+from gradindex.search._faiss import faiss_errors
 from gradindex.store import (
     GradientStore,
     RemotePath,
@@ -55,9 +66,11 @@ from gradindex.store import (
     is_remote,
     open_store,
     remove_file,
+    store_path,
     write_bytes_atomic,
 )
 from gradindex.utils import (
+    HOST_TAG,
     available_memory,
     check_fits,
     default_memory_budget,
@@ -68,6 +81,7 @@ from gradindex.utils import (
 )
 
 __all__ = [
+    "DaskIndexSearch",
     "IndexConfig",
     "build_index",
     "clear_index_cache",
@@ -75,6 +89,7 @@ __all__ = [
     "list_indexes",
     "loaded_index",
     "search_index",
+    "search_index_dask",
     "store_content_id",
     "update_indexes",
 ]
@@ -141,9 +156,39 @@ def _meta_files(meta: dict) -> list[str]:
     return [file for file in (meta.get("file"), meta.get("ivfdata")) if file]
 
 
+# bytes moved per read/write when an index file is copied to or from an object store: files stream through this much
+# memory (an fsspec file object uploads in parts: S3 multipart), never whole
+COPY_CHUNK = 8 << 20
+
+
+def _local_tmp(path: Path) -> Path:
+    """A temporary name beside ``path`` that ``sweep_index_temporaries`` removes once this process is dead."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:12]}")
+
+
+def _download(remote: RemotePath, local: Path) -> None:
+    """Stream ``remote`` into ``local`` (temporary name, then rename): memory use is one chunk, not the file."""
+    tmp = _local_tmp(local)
+    try:
+        with remote.open("rb") as source, open(tmp, "wb") as target:
+            shutil.copyfileobj(source, target, COPY_CHUNK)
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(tmp, local)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _upload(local: Path, remote: RemotePath) -> None:
+    """Stream ``local`` to ``remote`` through an fsspec file object (S3: a multipart upload, the object appearing
+    whole when it completes): memory use is one chunk, not the file."""
+    with open(local, "rb") as source, remote.open("wb") as target:
+        shutil.copyfileobj(source, target, COPY_CHUNK)
+
+
 def _fetch(store: GradientStore, directory: Path, meta: dict) -> None:
     """Download a remote store's index files into its mirror unless a sound copy is there (load_index checks the
-    sha256). ``meta`` is checked (``read_index_meta``): its file names stay inside the folder."""
+    sha256), streamed. ``meta`` is checked (``read_index_meta``): its file names stay inside the folder."""
     if not is_remote(store.path):
         return
     remote = store.path / INDEX_DIR
@@ -153,13 +198,13 @@ def _fetch(store: GradientStore, directory: Path, meta: dict) -> None:
         sound = local.is_file() and not local.is_symlink() and sha256_file(local) == checksums[file]
         if not sound:
             try:
-                write_bytes_atomic(local, (remote / file).read_bytes())
+                _download(remote / file, local)
             except FileNotFoundError:
                 pass  # load_index names the missing file
 
 
 def _push(store: GradientStore, directory: Path, name: str) -> None:
-    """Upload index ``name`` from a remote store's mirror: its files first, its meta last (the meta is what
+    """Upload index ``name`` from a remote store's mirror, streamed: its files first, its meta last (the meta is what
     readers go by), then delete the store's files of earlier versions of it."""
     if not is_remote(store.path):
         return
@@ -169,7 +214,7 @@ def _push(store: GradientStore, directory: Path, name: str) -> None:
     keep = set(_meta_files(meta))
     for file in keep:
         if not (remote / file).exists():
-            write_bytes_atomic(remote / file, (directory / file).read_bytes())
+            _upload(directory / file, remote / file)
     write_bytes_atomic(remote / meta_name, (directory / meta_name).read_bytes())
     for item in remote.glob(f"{name}.*"):
         # only NAME.<token>.* objects of this index (not those of an index named "NAME.x"), never a name from a meta
@@ -216,14 +261,18 @@ def build_index(
     memory_budget: int | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    dask: Any = None,
     progress: bool | None = None,
 ) -> dict:
     """Build an approximate index of a complete store from a faiss ``index_factory`` string and persist it.
 
-    Trains on a random sample of the store's rows, adds the store one shard at a time (the store is never held in
-    memory whole), and measures recall@``k`` against exact search on held-out rows; IVF indexes search with the
-    smallest nprobe reaching ``target_recall`` by default (HNSW: efSearch). The index is written under the store's
-    ``indexes/`` atomically; query it with ``query(..., index=name)`` or ``search_store(..., index=name)``.
+    Trains once on a random sample drawn across all the store's shards, adds the store one shard at a time (the store
+    is never held in memory whole; with ``dask``, the shards are added in parallel on the cluster's workers, each
+    filling the lists of its own shards, and the parts merged), and measures recall@``k`` against exact search on
+    held-out rows in both directions: proponents (the queries) and opponents (the negated queries). Each direction
+    gets the smallest nprobe reaching ``target_recall`` (HNSW: efSearch), used by queries in that direction. The index
+    is written under the store's ``indexes/`` atomically; query it with ``query(..., index=name)``,
+    ``search_store(..., index=name)`` or, spread over Dask workers, ``DaskIndexSearch``.
 
     Args:
         store: a complete store: a path, an fsspec URL or an opened ``GradientStore``.
@@ -233,15 +282,26 @@ def build_index(
         recall_queries: held-out store rows the recall is measured on.
         target_recall: the recall the default nprobe (efSearch) must reach, in (0, 1].
         train_size: rows the index is trained on; default: what the factory wants, within half the memory budget.
+            IVF needs at least 39 per list: fewer is refused, naming nlist, the rows available and the fix.
         on_disk: keep the IVF lists in a file beside the index (faiss ``contrib.ondisk``) instead of memory.
         use_gpu: train and search on all GPUs (default: when faiss has them).
         memory_budget: bytes the training sample may use (half of it).
         overwrite: replace an index of the same name.
         seed: seed of the training and held-out samples.
+        dask: fill an IVF index's lists on Dask workers in parallel: a scheduler address, ``"local:N"`` or a
+            ``distributed.Client`` (every worker must reach the store; a local store's ``indexes/`` must be on a file
+            system the workers share).
         progress: show progress bars (default: when stderr is a terminal).
 
     Returns:
-        The index's meta (also listed by ``info``): its recall curve, nprobe, factory, files and build time.
+        The index's meta (also listed by ``info``): per direction its recall curve, chosen nprobe and recall
+        (``recall``/``nprobe``/``curve`` for proponents, ``recall_opponents``/``nprobe_opponents``/
+        ``curve_opponents``), the factory, files and build time.
+
+    Raises:
+        ValueError: a factory faiss cannot make, or too few rows to train it (the message names the numbers).
+        StoreExistsError: an index of that name exists and ``overwrite`` is not set.
+        IncompleteStoreError: the store's build has not finished.
     """
     config = IndexConfig(
         factory=factory,
@@ -255,6 +315,7 @@ def build_index(
         memory_budget=memory_budget,
         overwrite=overwrite,
         seed=seed,
+        dask=dask,
     )
     k, recall_queries, train_size, seed = config.k, config.recall_queries, config.train_size, config.seed
     store = _open(store)
@@ -271,6 +332,12 @@ def build_index(
     n_rows, dim = store.n_samples, store.dim
     store.read_shard(0)  # the declared dimension is trusted once a shard's bytes back it (faiss allocates by it)
     approx = ApproxIndex.create(factory, dim, n_rows, use_gpu=use_gpu, float16=store.dtype == "float16")
+    if dask is not None and approx.nlist is None:
+        raise ArgumentError(
+            "dask",
+            f"{approx.factory!r} is not an IVF index: only IVF lists can be filled on Dask workers; build it without "
+            "dask=, or use an IVF factory such as 'IVF,SQfp16'",
+        )
     budget = default_memory_budget() if memory_budget is None else memory_budget
     if not on_disk:  # the whole index lives in memory: refuse one that cannot, before training it
         check_fits(
@@ -285,64 +352,84 @@ def build_index(
     n_eval = int(min(recall_queries, max(1, n_rows // 10)))
     wanted = approx.default_train_size() if train_size is None else int(train_size)
     budget_rows = max(1, (budget // 2) // (4 * dim))
-    n_train = 0 if approx.is_trained else int(min(wanted, n_rows - n_eval, budget_rows))
+    skipped = _skipped_rows(store)
+    n_available = max(0, n_rows - len(skipped) - n_eval)
+    n_train = 0 if approx.is_trained else int(min(wanted, n_available, budget_rows))
     if not approx.is_trained and n_train <= 0:
         raise ValueError(
             f"store {store.path} has {n_rows} rows, too few to train {factory!r} and keep {n_eval} for measuring recall"
         )
-    skipped = _skipped_rows(store)
+    if not approx.is_trained:
+        check_train_size(approx.factory, approx.nlist, n_train, n_available)
     order = _random_rows(rng, n_rows, n_eval + n_train, skipped)
     eval_rows = np.sort(order[:n_eval])
     train_rows = np.sort(order[n_eval : n_eval + n_train])
     del order
 
-    eval_vectors, train_vectors = _sample_rows(store, eval_rows, train_rows, progress)
-    approx.train(train_vectors)
-    del train_vectors
-    log.info("trained %s on %d rows in %.1fs", approx.factory, n_train, time.perf_counter() - started)
-
-    scratch = scratch_dir(directory) if on_disk else None
+    builder = _DaskIndexBuilder(store, dask) if dask is not None else None
     try:
-        writer = OnDiskListsWriter(approx.cpu_index(), scratch) if on_disk else None
-        sink = writer.add if writer is not None else approx.add
-
-        # One pass adds each shard to the index and feeds it to the exact search of the held-out rows.
-        def blocks() -> Iterator[tuple[int, np.ndarray]]:
-            bar = _progress(n_rows, f"index {store.path.name}", progress)
-            try:
-                for first_row, block in store.iter_blocks():
-                    sink(block)
-                    yield first_row, block
-                    bar.update(len(block))
-            finally:
-                bar.close()
-
-        _exact_scores, exact_rows = search_blocks(blocks(), eval_vectors, k + 1, use_gpu=use_gpu)
+        if builder is not None:
+            eval_vectors, train_vectors = builder.sample(eval_rows, train_rows)
+        else:
+            eval_vectors, train_vectors = _sample_rows(store, eval_rows, train_rows, progress)
+        approx.train(train_vectors)
+        del train_vectors
+        log.info("trained %s on %d rows in %.1fs", approx.factory, n_train, time.perf_counter() - started)
+        # the exact top-(k+1) of the held-out rows, both directions in one pass: [proponent queries; opponent queries]
+        both = np.concatenate([eval_vectors, -eval_vectors])
         ivfdata = None
-        if writer is not None:
-            ivfdata = new_ivfdata_path(directory, name)
-            approx = ApproxIndex(writer.finish(ivfdata), approx.factory, use_gpu=False)
+        scratch = scratch_dir(directory) if on_disk or builder is not None else None
+        try:
+            if builder is not None:
+                parts, (_exact_scores, exact_rows) = builder.fill(approx.cpu_index(), both, k + 1, scratch)
+                ivfdata = new_ivfdata_path(directory, name) if on_disk else None
+                approx = ApproxIndex(
+                    _merge_parts(approx.cpu_index(), parts, ivfdata),
+                    approx.factory,
+                    use_gpu=False if on_disk else use_gpu,
+                    float16=store.dtype == "float16",
+                )
+            else:
+                writer = OnDiskListsWriter(approx.cpu_index(), scratch) if on_disk else None
+                sink = writer.add if writer is not None else approx.add
+
+                # One pass adds each shard to the index and feeds it to the exact search of the held-out rows.
+                def blocks() -> Iterator[tuple[int, np.ndarray]]:
+                    bar = _progress(n_rows, f"index {store.path.name}", progress)
+                    try:
+                        for first_row, block in store.iter_blocks():
+                            sink(block)
+                            yield first_row, block
+                            bar.update(len(block))
+                    finally:
+                        bar.close()
+
+                _exact_scores, exact_rows = search_blocks(blocks(), both, k + 1, use_gpu=use_gpu)
+                if writer is not None:
+                    ivfdata = new_ivfdata_path(directory, name)
+                    approx = ApproxIndex(writer.finish(ivfdata), approx.factory, use_gpu=False)
+        finally:
+            if scratch is not None:
+                remove_scratch(scratch)
     finally:
-        if scratch is not None:
-            remove_scratch(scratch)
-    exact_rows = _drop_self(exact_rows, eval_rows, k)
-    curve = _recall_curve(approx, eval_vectors, eval_rows, exact_rows, k, target_recall)
-    chosen = next((point for point in curve if point["recall"] >= target_recall), curve[-1])
+        if builder is not None:
+            builder.close()
+    measured = _measure_both(approx, eval_vectors, eval_rows, exact_rows, k, target_recall)
     meta = {
         "factory": factory,
         "factory_resolved": approx.factory,
         "k": int(k),
-        "recall": chosen["recall"],
+        **measured,
         "search_parameter": approx.search_parameter,
-        "nprobe": chosen.get("value"),
         "target_recall": target_recall,
         "seed": int(seed),
-        "curve": curve,
         "recall_queries": int(n_eval),
         "recall_rows": eval_rows.tolist(),
         "train_rows": int(n_train),
+        "nlist": approx.nlist,
         "on_disk": bool(on_disk),
         "gpu": approx.on_gpu,
+        "built_on": f"dask ({builder.n_workers} workers)" if builder is not None else "one process",
         "store": {"n_samples": n_rows, "content_sha256": store_content_id(store)},
         "stale": None,
         "build_seconds": round(time.perf_counter() - started, 3),
@@ -352,9 +439,65 @@ def build_index(
     _push(store, directory, name)
     _forget(directory, name)
     log.info(
-        "index %s: recall@%d=%.3f at %s=%s", name, k, chosen["recall"], approx.search_parameter, chosen.get("value")
+        "index %s: recall@%d=%.3f at %s=%s (proponents), %.3f at %s=%s (opponents)",
+        name,
+        k,
+        measured["recall"],
+        approx.search_parameter,
+        measured["nprobe"],
+        measured["recall_opponents"],
+        approx.search_parameter,
+        measured["nprobe_opponents"],
     )
     return written
+
+
+def _measure_both(
+    approx: ApproxIndex,
+    queries: np.ndarray,
+    query_rows: np.ndarray,
+    exact_both: np.ndarray,
+    k: int,
+    target_recall: float,
+) -> dict:
+    """Recall curves and chosen nprobe for proponents (``queries``) and opponents (``-queries``); ``exact_both`` is
+    the exact top-(k+1) of ``[queries; -queries]``."""
+    n = len(queries)
+    found: dict = {}
+    for suffix, searched, exact in (
+        ("", queries, exact_both[:n]),
+        ("_opponents", -queries, exact_both[n:]),
+    ):
+        exact = _drop_self(exact, query_rows, k)
+        curve = _recall_curve(approx, searched, query_rows, exact, k, target_recall)
+        chosen = next((point for point in curve if point["recall"] >= target_recall), curve[-1])
+        found.update(
+            {f"recall{suffix}": chosen["recall"], f"nprobe{suffix}": chosen.get("value"), f"curve{suffix}": curve}
+        )
+    return found
+
+
+def _merge_parts(trained: Any, parts: list[Path], ivfdata: Path | None) -> Any:
+    """One index from the part files the workers wrote (each the trained index holding its rows, ids = store rows,
+    parts in row order): in memory by moving each part's lists in, or on disk by faiss ``merge_ondisk``."""
+    import faiss
+
+    index = empty_copy(trained)
+    parts = [str(part) for part in parts]
+    if ivfdata is not None:
+        from faiss.contrib.ondisk import merge_ondisk
+
+        with faiss_errors(f"merging {len(parts)} index parts into {ivfdata}"), stdout_to_stderr():
+            merge_ondisk(index, parts, str(ivfdata))
+        return index
+    target = faiss.extract_index_ivf(index)
+    for part in parts:
+        with faiss_errors(f"merging index part {part}"):
+            source = faiss.read_index(part)
+            target.merge_from(faiss.extract_index_ivf(source), 0)
+        del source
+    index.ntotal = target.ntotal
+    return index
 
 
 def _random_rows(rng: np.random.Generator, n_rows: int, count: int, skipped: np.ndarray) -> np.ndarray:
@@ -426,17 +569,16 @@ def _recall_curve(
 
 
 def _remeasure(store: GradientStore, approx: ApproxIndex, meta: dict) -> dict:
-    """Recall of an updated index, measured as at build time (same number of held-out rows, same k)."""
+    """Recall of an updated index in both directions, measured as at build time (same number of held-out rows, same
+    k)."""
     k = int(meta.get("k", 10))
     rng = np.random.default_rng(int(meta.get("seed", 0)) + store.n_samples)
     n_eval = int(min(meta.get("recall_queries", 200), max(1, store.n_samples // 10)))
     eval_rows = np.sort(rng.choice(store.n_samples, n_eval, replace=False))
     queries = store.read_rows(eval_rows)
-    _, exact_rows = search_blocks(store.iter_blocks(), queries, k + 1)
-    exact_rows = _drop_self(exact_rows, eval_rows, k)
-    curve = _recall_curve(approx, queries, eval_rows, exact_rows, k, float(meta.get("target_recall", 0.95)))
-    chosen = next((point for point in curve if point["recall"] >= meta.get("target_recall", 0.95)), curve[-1])
-    return {"recall": chosen["recall"], "nprobe": chosen.get("value"), "curve": curve, "recall_queries": n_eval}
+    _, exact_both = search_blocks(store.iter_blocks(), np.concatenate([queries, -queries]), k + 1)
+    measured = _measure_both(approx, queries, eval_rows, exact_both, k, float(meta.get("target_recall", 0.95)))
+    return {**measured, "recall_queries": n_eval}
 
 
 def list_indexes(store: GradientStore | str | Path) -> list[dict]:
@@ -475,12 +617,19 @@ _BUILT_FIELDS: dict[str, tuple[type, ...]] = {
     "curve": (list,),
     "store": (dict,),
 }
+# written by builds since opponents are measured too: checked when present
+_OPPONENT_FIELDS: dict[str, tuple[type, ...]] = {
+    "recall_opponents": (int, float),
+    "nprobe_opponents": (int, type(None)),
+    "curve_opponents": (list,),
+}
 
 
 def _read_built_meta(directory: Path, name: str) -> dict:
     """A checked meta (``read_index_meta``) of an index ``build_index`` made: its fields of the right types."""
     meta = read_index_meta(directory, name)
     wrong = [key for key, types in _BUILT_FIELDS.items() if not isinstance(meta.get(key), types)]
+    wrong += [key for key, types in _OPPONENT_FIELDS.items() if key in meta and not isinstance(meta[key], types)]
     if wrong or isinstance(meta["k"], bool) or not isinstance(meta["store"].get("content_sha256", ""), str):
         raise SearchError(
             f"index {name}'s meta in {directory} has no sound {(wrong or ['store'])[0]}; rebuild it with "
@@ -530,15 +679,21 @@ def _forget(directory: Path, name: str) -> None:
         del _LOADED[key]
 
 
-def loaded_index(store: GradientStore, name: str, use_gpu: bool | None) -> tuple[ApproxIndex, dict]:
-    directory = index_dir(store)
-    meta = _with_staleness(store, _read_built_meta(directory, name))
+def _usable_meta(store: GradientStore, name: str) -> dict:
+    """The checked meta of index ``name``; a SearchError saying how to rebuild it when it is stale."""
+    meta = _with_staleness(store, _read_built_meta(index_dir(store), name))
     if meta.get("stale"):
         raise SearchError(
             f"index {name} of {store.path} is stale ({meta['stale']}); rebuild it with "
             f"`gradindex index {store.path} --factory {meta.get('factory')!r} --name {name} --overwrite`, or search "
             "exactly without --index"
         )
+    return meta
+
+
+def loaded_index(store: GradientStore, name: str, use_gpu: bool | None) -> tuple[ApproxIndex, dict]:
+    directory = index_dir(store)
+    meta = _usable_meta(store, name)
     key = (str(directory), name, meta["file"], use_gpu)
     if key not in _LOADED:
         _fetch(store, directory, meta)
@@ -566,13 +721,14 @@ def search_index(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-k with the persisted index ``name``: ``(scores [q, k'], rows [q, k'])``.
 
-    ``nprobe`` overrides the index's default search parameter (nprobe for IVF, efSearch for HNSW).
+    ``nprobe`` overrides the index's default search parameter (nprobe for IVF, efSearch for HNSW), which is the one
+    chosen at build for the direction searched (``nprobe`` for proponents, ``nprobe_opponents`` for opponents).
     Where fewer than k' rows are found, rows are -1 and scores -inf (+inf for opponents).
     """
     store = _open(store)
     _require_complete(store, "searching an index")
     approx, meta = loaded_index(store, name, use_gpu)
-    param = nprobe if nprobe is not None else meta.get("nprobe")
+    param = nprobe if nprobe is not None else default_nprobe(meta, opponents)
     if nprobe is not None and approx.search_parameter is None:
         raise ArgumentError(
             "nprobe", f"nprobe does not apply to index {name} ({meta.get('factory')}): it has no nprobe or efSearch"
@@ -582,6 +738,14 @@ def search_index(
     scores, rows = approx.search(searched, k + len(skipped), param=param)
     scores, rows = without_rows(scores, rows, skipped, k)
     return (-scores if opponents else scores), rows
+
+
+def default_nprobe(meta: dict, opponents: bool) -> int | None:
+    """The search parameter an index's meta chose for a direction (indexes built before opponents were measured
+    have one for both)."""
+    if opponents and isinstance(meta.get("nprobe_opponents"), int):
+        return meta["nprobe_opponents"]
+    return meta.get("nprobe")
 
 
 def _skipped_rows(store: GradientStore) -> np.ndarray:
@@ -640,3 +804,245 @@ def update_indexes(
             _push(store, directory, name)
             outcome[name] = "stale"
     return outcome
+
+
+# ---- across Dask workers: the lists filled in parallel, searched in parallel --------------------------------------
+
+
+def _set_worker_threads() -> None:
+    """As many faiss threads as Dask gave this worker: more would fight the other workers for the cores."""
+    try:
+        import faiss
+        from distributed import get_worker
+
+        faiss.omp_set_num_threads(max(1, int(get_worker().state.nthreads)))
+    except (ImportError, ValueError, AttributeError):
+        pass
+
+
+class _PartBuilder:
+    """A Dask actor over a contiguous range of a store's shards: reads the sampled rows among them, then fills a
+    part of a trained IVF index with them (ids = store rows) and finds the exact top-k of the held-out rows there."""
+
+    def __init__(self, path: str, shards: list[int], storage_options: dict | None = None) -> None:
+        self._store = open_store(path, storage_options=storage_options)
+        self._shards = shards
+        _set_worker_threads()
+
+    def _blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for shard in self._shards:
+            yield self._store.layout.shard_rows(shard)[0], self._store.read_shard(shard)
+
+    def sample(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of ``rows`` (sorted store rows) that fall in this part's shards: ``(rows, vectors)``."""
+        found_rows, found = [], []
+        for first_row, block in self._blocks():
+            low, high = np.searchsorted(rows, [first_row, first_row + len(block)])
+            if high > low:
+                found_rows.append(rows[low:high])
+                found.append(np.asarray(block[rows[low:high] - first_row], dtype=np.float32))
+        if not found:
+            return np.zeros(0, np.int64), np.zeros((0, self._store.dim), np.float32)
+        return np.concatenate(found_rows), np.concatenate(found)
+
+    def fill(self, trained: np.ndarray, queries: np.ndarray, k: int, part: str) -> tuple[np.ndarray, np.ndarray]:
+        """Add this part's rows to a copy of the ``trained`` index (serialized), write it to ``part`` and return the
+        exact top-``k`` of ``queries`` over the same rows."""
+        import faiss
+
+        index = index_from_bytes(trained)
+        exact = ExactIndex(self._store.dim, use_gpu=False)
+        first = None
+        for first_row, block in self._blocks():
+            first = first_row if first is None else first
+            vectors = np.ascontiguousarray(block, dtype=np.float32)
+            ids = np.arange(first_row, first_row + len(vectors), dtype=np.int64)
+            with faiss_errors(f"adding rows {first_row}..{first_row + len(vectors) - 1} to an index part"):
+                index.add_with_ids(vectors, ids)
+            exact.add(vectors)
+        target = store_path(part, getattr(self._store.path, "storage_options", None))
+        if is_remote(target):  # the part goes to the store's object storage, streamed from a local file
+            local = Path(tempfile.mkdtemp(prefix="gradindex-part-")) / "part.faiss"
+            try:
+                with faiss_errors(f"writing index part {local}"):
+                    faiss.write_index(index, str(local))
+                _upload(local, target)
+            finally:
+                shutil.rmtree(local.parent, ignore_errors=True)
+        else:
+            with faiss_errors(f"writing index part {part}"):
+                faiss.write_index(index, str(target))
+        if first is None:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        scores, rows = exact.search(queries, k)
+        return scores, rows + first
+
+
+class _DaskIndexBuilder(DaskSearch):
+    """The store's shards spread over Dask workers (as for exact search), each worker reading its own: they give the
+    training sample and fill the index's parts in parallel."""
+
+    def _actor(self, position: int) -> tuple[type, tuple]:
+        return _PartBuilder, (self._path, self._parts[position], self._storage_options)
+
+    def sample(self, eval_rows: np.ndarray, train_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of the held-out rows and of the training rows, read by the workers holding them."""
+        wanted = np.union1d(eval_rows, train_rows)
+        found = self._gather(lambda actor, _position: actor.sample(wanted))
+        rows = np.concatenate([part[0] for part in found])
+        vectors = np.concatenate([part[1] for part in found])
+        position = np.searchsorted(rows, wanted)
+        if not np.array_equal(rows[np.minimum(position, len(rows) - 1)], wanted):
+            raise SearchError(f"the Dask workers did not return every sampled row of {self._store.path}; retry")
+        by_row = vectors[position]
+        return by_row[np.searchsorted(wanted, eval_rows)], by_row[np.searchsorted(wanted, train_rows)]
+
+    def fill(
+        self, trained: Any, queries: np.ndarray, k: int, scratch: Path
+    ) -> tuple[list[Path], tuple[np.ndarray, np.ndarray]]:
+        """Fill the parts on the workers (written under ``scratch``, or, for a remote store, under a temporary
+        prefix of its ``indexes/`` and streamed back into ``scratch``); the parts' files in row order and the exact
+        top-k of ``queries`` over the whole store."""
+        blob = index_to_bytes(trained)
+        remote_dir = None
+        if is_remote(self._store.path):
+            remote_dir = (
+                self._store.path / INDEX_DIR / f"parts{TMP_MARK}{os.getpid()}-{HOST_TAG}-{uuid.uuid4().hex[:8]}"
+            )
+            targets = [str(remote_dir / f"part-{position:05d}.faiss") for position in range(len(self._parts))]
+        else:
+            targets = [
+                str(Path(scratch).resolve() / f"part-{position:05d}.faiss") for position in range(len(self._parts))
+            ]
+        results = self._gather(lambda actor, position: actor.fill(blob, queries, k, targets[position]))
+        local = [Path(scratch) / f"part-{position:05d}.faiss" for position in range(len(self._parts))]
+        if remote_dir is not None:
+            try:
+                for target, path in zip(targets, local):
+                    _download(store_path(target, self._store.path.storage_options), path)
+            finally:
+                for target in targets:
+                    remove_file(store_path(target, self._store.path.storage_options))
+        return local, merge_topk(results, k)
+
+
+class _RowsSearcher:
+    """A Dask actor holding the entries of rows ``first_row .. stop_row - 1`` of a persisted IVF index, in memory (on
+    the worker's GPUs when it has them): every worker probes the same lists, so the merged answers are the whole
+    index's."""
+
+    def __init__(
+        self, path: str, storage_options: dict | None, name: str, file: str, first_row: int, stop_row: int
+    ) -> None:
+        _set_worker_threads()
+        store = open_store(path, storage_options=storage_options)
+        directory = index_dir(store)
+        meta = _read_built_meta(directory, name)
+        if meta["file"] != file:
+            raise SearchError(
+                f"index {name} of {store.path} was rebuilt while the Dask workers were loading it; search again"
+            )
+        _fetch(store, directory, meta)
+        # on-disk lists are memory-mapped by faiss anyway: only this worker's entries are copied into memory
+        index, meta = load_index(directory, name, expect={"ntotal": store.n_samples, "dim": store.dim})
+        subset = rows_subset(index, first_row, stop_row)
+        del index
+        self._index = ApproxIndex(
+            subset, meta.get("factory_resolved", meta["factory"]), float16=store.dtype == "float16"
+        )
+        self.n_rows = int(subset.ntotal)
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if self._index.ntotal == 0:
+            return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+        return self._index.search(queries, k, param=nprobe)
+
+    def holds(self) -> int:
+        return self.n_rows
+
+
+class DaskIndexSearch(DaskSearch):
+    """Approximate top-k through a persisted IVF index whose lists are spread over the workers of a Dask cluster;
+    built once, searched many times (a server holds one).
+
+    The index was trained once (``build_index``); each worker holds the entries of the store rows of its shards (the
+    same contiguous ranges as exact ``DaskSearch``), every worker probes the same lists for a query, and the client
+    merges their top-k: the answer is the single-process index's. Each direction searches with the nprobe chosen for
+    it at build (``nprobe`` / ``nprobe_opponents`` in the meta) unless ``nprobe`` is given. A lost worker's rows are
+    loaded again on a worker still there and the search retried.
+
+    Args:
+        store: a complete store: a path, an fsspec URL or an opened ``GradientStore``; every worker must reach it.
+        cluster: a ``distributed.Client``, a scheduler address (``"tcp://host:8786"``) or ``"local:N"``.
+        index: the name of a persisted IVF index of the store (``gradindex index STORE --factory IVF...``).
+        nprobe: IVF lists probed in both directions; default: the index's own per direction.
+
+    Example::
+
+        with DaskIndexSearch("big.gradindex", "tcp://scheduler:8786", "ivf4096-sqfp16") as search:
+            scores, rows = search.search(vectors, 10)
+            scores, rows = search.search(vectors, 10, opponents=True)
+    """
+
+    def __init__(
+        self, store: GradientStore | str | Path, cluster: Any, index: str, *, nprobe: int | None = None
+    ) -> None:
+        store = _open(store)
+        _require_complete(store, "searching an index")
+        meta = _usable_meta(store, index)
+        if meta.get("search_parameter") != "nprobe":
+            raise ArgumentError(
+                "index",
+                f"index {index} ({meta.get('factory_resolved')}) is not an IVF index: only IVF lists can be spread "
+                "over Dask workers; query it without dask=, or build an IVF index (e.g. --factory 'IVF,SQfp16')",
+                also=["dask"],
+            )
+        self._name, self._meta = index, meta
+        self._nprobe = {
+            False: nprobe if nprobe is not None else default_nprobe(meta, False),
+            True: nprobe if nprobe is not None else default_nprobe(meta, True),
+        }
+        self._skipped = _skipped_rows(store)
+        super().__init__(store, cluster)
+
+    @property
+    def meta(self) -> dict:
+        """The index's meta (recall and nprobe per direction)."""
+        return dict(self._meta)
+
+    def _actor(self, position: int) -> tuple[type, tuple]:
+        part = self._parts[position]
+        rows = (
+            (self._store.layout.shard_rows(part[0])[0], self._store.layout.shard_rows(part[-1])[1]) if part else (0, 0)
+        )
+        return _RowsSearcher, (self._path, self._storage_options, self._name, self._meta["file"], *rows)
+
+    def search(
+        self, queries: np.ndarray, k: int, *, opponents: bool = False, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-k of ``queries [q, D]``: ``(scores [q, k'], rows [q, k'])`` as ``search_index`` answers
+        it; rows not found are -1 (scores -inf, +inf for opponents). ``nprobe`` overrides this object's for one
+        call."""
+        queries, k = self._check_queries(queries, k)
+        param = int(nprobe) if nprobe is not None else self._nprobe[bool(opponents)]
+        searched = -queries if opponents else queries
+        wanted = k + len(self._skipped)
+        scores, rows = merge_topk(self._gather(lambda actor, _position: actor.search(searched, wanted, param)), wanted)
+        scores, rows = without_rows(scores, rows, self._skipped, k)
+        return (-scores if opponents else scores), rows
+
+
+def search_index_dask(
+    store: GradientStore | str | Path,
+    queries: np.ndarray,
+    k: int,
+    name: str,
+    cluster: Any,
+    *,
+    nprobe: int | None = None,
+    opponents: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One search through the persisted IVF index ``name`` spread over Dask workers (see ``DaskIndexSearch``); a
+    ``local:N`` cluster lives only for this call."""
+    with DaskIndexSearch(store, cluster, name, nprobe=nprobe) as search:
+        return search.search(queries, k, opponents=opponents)

@@ -1,5 +1,6 @@
-"""Exact top-k over a whole store: in memory when it fits the budget, else streamed shard by shard; or through a
-persisted approximate index, or Dask workers. Rows the build left out (``--nonfinite skip``) are never returned."""
+"""Exact top-k over a whole store: in memory when it fits the budget, else streamed in blocks that fit it (whole
+shards, or pieces of shards when the budget is smaller than a shard); or through a persisted approximate index, or
+Dask workers. Rows the build left out (``--nonfinite skip``) are never returned."""
 
 from __future__ import annotations
 
@@ -13,12 +14,19 @@ from gradindex.errors import IncompatibleStoreError, IncompleteStoreError
 from gradindex.search._config import check_search_options
 from gradindex.search._dask import search_store_dask
 from gradindex.search._exact import ExactIndex, search_blocks
-from gradindex.search._persisted import search_index
-from gradindex.search._prefetch import prefetch_blocks, prefetch_depth, to_float32
+from gradindex.search._persisted import search_index, search_index_dask
+from gradindex.search._prefetch import (
+    StreamPlan,
+    in_memory_bytes,
+    least_bytes,
+    prefetch_blocks,
+    stream_plan,
+    to_float32,
+)
 from gradindex.store import GradientStore, as_store
-from gradindex.utils import check_positive_int, default_memory_budget, track
+from gradindex.utils import check_positive_int, default_memory_budget, page_array, track
 
-__all__ = ["search_store"]
+__all__ = ["least_memory_budget", "search_store", "streaming_plan"]
 
 
 def search_store(
@@ -37,23 +45,28 @@ def search_store(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k inner-product search of ``queries [q, D]`` over the store: ``(scores [q, k'], rows [q, k'])``.
 
-    Exact by default: in memory when the store fits ``memory_budget`` bytes (as float32), else streamed shard by shard
-    with the same answers. Opponents are the top-k of the negated queries; their scores are reported as the true
-    (negative) influence. Rows the build left out (``nonfinite="skip"``) are never returned.
+    Exact by default: in memory when the store fits ``memory_budget`` bytes (as float32, with one shard being read),
+    else streamed with the same answers, in blocks that keep what the search holds within ``memory_budget``: whole
+    shards read ahead in a thread, or pieces of shards when the budget is smaller (each shard file still checked
+    whole, over the bytes as they are read, before anything is answered). Opponents are the top-k of the negated
+    queries; their scores are reported as the true (negative) influence. Rows the build left out
+    (``nonfinite="skip"``) are never returned.
 
     Args:
         store: the store: a path, an fsspec URL or an opened ``GradientStore``.
         queries: ``[q, D]`` query vectors (``D`` the store's dimension), e.g. from the store's featurizer.
         k: results per query.
         opponents: the k most negative scores instead of the k most positive.
-        memory_budget: bytes in-memory search may use; default a quarter of memory, at most 8 GiB.
+        memory_budget: bytes the search may hold (the vectors it reads and their float32 copies, the top-k, faiss's
+            scratch); default a quarter of memory, at most 8 GiB.
         allow_incomplete: search the finished shards of a store whose build has not completed.
         use_gpu: search with faiss on GPUs (default: when faiss has them).
         progress: show progress bars (default: when stderr is a terminal).
         index: search the persisted approximate index of this name (``build_index``) instead; rows not found are -1.
         nprobe: with ``index``, IVF lists probed (HNSW: efSearch); default: the index's own.
-        dask: spread the exact search over Dask workers: a scheduler address, ``"local:N"`` or a
-            ``distributed.Client``, each worker holding some of the shards.
+        dask: spread the search over Dask workers: a scheduler address, ``"local:N"`` or a
+            ``distributed.Client``, each worker holding some of the shards (with ``index``: their rows' entries of
+            the IVF index's lists).
 
     Returns:
         ``(scores [q, k'], rows [q, k'])``, best first; ``k' = min(k, rows searched)``.
@@ -66,6 +79,14 @@ def search_store(
             f"queries have shape {list(queries.shape)} but store {store.path} holds vectors of dimension {store.dim}"
         )
     check_search_options(index, nprobe, dask)
+    if index is not None and dask is not None:  # the index's lists spread over the workers
+        return _dropping_skipped(
+            store,
+            allow_incomplete,
+            k,
+            opponents,
+            lambda wanted: search_index_dask(store, queries, wanted, index, dask, nprobe=nprobe, opponents=opponents),
+        )
     if index is not None:
         return _dropping_skipped(
             store,
@@ -96,19 +117,20 @@ def search_store(
     budget = default_memory_budget() if memory_budget is None else memory_budget
     store._require_readable(allow_incomplete)
     skipped = store.skipped_rows(allow_incomplete=allow_incomplete)  # --nonfinite skip: never returned
-    if store.n_samples * store.dim * 4 <= budget:
+    itemsize = np.dtype(store.dtype).itemsize
+    shape = (store.dim, itemsize, store.layout.rows_per_shard, len(queries), k)
+    if in_memory_bytes(store.n_samples, *shape) <= budget:
         index = ExactIndex(store.dim, use_gpu=use_gpu)
         index.reserve(store.n_samples)
         for first_row, block in _blocks(store, allow_incomplete, progress, "load", skipped):
-            if first_row != index.ntotal:  # holes (unfinished shards) must not shift row numbers
-                return _streamed(
-                    store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget
-                )
+            if first_row != index.ntotal:  # holes (unfinished shards) must not shift row numbers: stream instead
+                index = None  # (freed before streaming)
+                break
             index.add(block)
-        scores, rows = index.search(searched, k)
-    else:
-        return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
-    return (-scores if opponents else scores), _store_rows(rows, skipped)
+        if index is not None:
+            scores, rows = index.search(searched, k)
+            return (-scores if opponents else scores), _store_rows(rows, skipped)
+    return _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress, skipped, budget=budget)
 
 
 def _dropping_skipped(
@@ -136,12 +158,17 @@ def _dropping_skipped(
 
 
 def _blocks(
-    store: GradientStore, allow_incomplete: bool, progress: bool | None, verb: str, skipped: np.ndarray | None = None
+    store: GradientStore,
+    allow_incomplete: bool,
+    progress: bool | None,
+    verb: str,
+    skipped: np.ndarray | None = None,
+    max_rows: int | None = None,
 ):
-    """The store's shards in row order, with a rows/s bar; without the ``skipped`` rows (then numbered as if they were
-    absent)."""
+    """The store's shards (or pieces of at most ``max_rows`` rows) in row order, with a rows/s bar; without the
+    ``skipped`` rows (then numbered as if they were absent)."""
     blocks = track(
-        store.iter_blocks(allow_incomplete=allow_incomplete),
+        store.iter_blocks(allow_incomplete=allow_incomplete, max_rows=max_rows),
         store.n_samples,
         f"{verb} {store.path.name}",
         enabled=progress,
@@ -159,6 +186,7 @@ def _without_rows(blocks, skipped: np.ndarray):
         if high > low:
             block = np.delete(block, skipped[low:high] - first_row, axis=0)
         yield first_row - int(low), block
+        del block
 
 
 def _store_rows(rows: np.ndarray, skipped: np.ndarray) -> np.ndarray:
@@ -169,11 +197,34 @@ def _store_rows(rows: np.ndarray, skipped: np.ndarray) -> np.ndarray:
 
 
 def _streamed(store, searched, k, allow_incomplete, use_gpu, opponents, progress=None, skipped=None, budget=0):
-    # read ahead (in a thread) as many shards as the memory budget allows beside the one being searched
-    depth = prefetch_depth(store.layout.rows_per_shard * store.dim * 4, budget)
-    blocks = prefetch_blocks(_blocks(store, allow_incomplete, progress, "search", skipped), depth, convert=_float32)
+    # blocks as large as the budget allows (at most a shard), read ahead in a thread beside the one being searched
+    plan = streaming_plan(store, len(searched), k, budget)
+    max_rows = plan.block_rows if plan.block_rows < store.layout.rows_per_shard else None
+    blocks = prefetch_blocks(
+        _blocks(store, allow_incomplete, progress, "search", skipped, max_rows), plan.depth, convert=_float32
+    )
     scores, rows = search_blocks(blocks, searched, k, use_gpu=use_gpu)
     return (-scores if opponents else scores), _store_rows(rows, np.zeros(0, np.int64) if skipped is None else skipped)
+
+
+def streaming_plan(store: GradientStore, n_queries: int, k: int, memory_budget: int) -> StreamPlan:
+    """How a streamed exact search of ``n_queries`` queries over ``store`` reads it within ``memory_budget`` bytes:
+    ``StreamPlan(block_rows, depth, peak_bytes)`` (``stream_plan`` for this store's shape)."""
+    return stream_plan(
+        memory_budget,
+        dim=store.dim,
+        itemsize=np.dtype(store.dtype).itemsize,
+        rows_per_shard=store.layout.rows_per_shard,
+        n_queries=n_queries,
+        k=k,
+    )
+
+
+def least_memory_budget(store: GradientStore | str | Path, n_queries: int, k: int) -> int:
+    """The smallest ``memory_budget`` an exact search of ``n_queries`` queries for ``k`` results each can hold over
+    ``store`` (streamed in blocks of one row); a smaller one is refused with a ``ResourceLimitError``."""
+    store = as_store(store)
+    return least_bytes(dim=store.dim, itemsize=np.dtype(store.dtype).itemsize, n_queries=n_queries, k=k)
 
 
 def _float32(vectors: np.ndarray) -> np.ndarray:
@@ -181,7 +232,7 @@ def _float32(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors)
     if vectors.dtype != np.float16 or not vectors.flags.c_contiguous:
         return to_float32(vectors)
-    out = np.empty(vectors.shape, dtype=np.float32)
+    out = page_array(vectors.shape, np.float32)  # given back to the system when dropped (see page_array)
     import torch  # its float16 -> float32 cast is vectorised and threaded (not a model: search never imports one)
 
     with warnings.catch_warnings():

@@ -33,6 +33,7 @@ __all__ = [
     "StorageError",
     "StoreLayout",
     "StoreWriteError",
+    "arrow_of",
     "as_store",
     "cast_vectors",
     "check_file_name",
@@ -42,6 +43,7 @@ __all__ = [
     "fingerprint_differences",
     "is_inside",
     "is_remote",
+    "numpy_of",
     "open_store",
     "parse_storage_options",
     "remove_file",
@@ -53,6 +55,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # loaded on first use (lazy_exports)
+    from gradindex.store._arrow import arrow_of, numpy_of
     from gradindex.store._store import (
         GradientStore,
         StoreLayout,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -38,14 +39,11 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import zarr
-import zarr.storage
-from zarr.core.buffer import default_buffer_prototype
 
 import gradindex.store._transforms as _transforms
 from gradindex.errors import (
@@ -59,6 +57,7 @@ from gradindex.errors import (
     StoreNotFoundError,
     StoreWriteError,
 )
+from gradindex.store._arrow import numpy_of
 from gradindex.store._atomic import (
     TMP_MARK,
     create_exclusive,
@@ -75,6 +74,7 @@ from gradindex.store._atomic import (
     tmp_path,
     write_bytes_atomic,
 )
+from gradindex.store._encoder import FLOAT16_MAX, ShardEncoder, cast_into, cast_vectors
 from gradindex.store._manifest import (
     FORMAT,
     MANIFEST_KEY,
@@ -85,18 +85,25 @@ from gradindex.store._manifest import (
     write_manifest,
 )
 from gradindex.store._paths import REBUILD_STORE, contained_path, is_inside
+from gradindex.store._pieces import plain_index, read_exactly, read_into
 from gradindex.store._remote import RemotePath, claim_timeout, is_remote, store_path
 from gradindex.store.faults import crash_point
 from gradindex.utils import (
+    Crc32cCheck,
     check_settings,
     crc32c_bytes,
     is_crc32c,
+    page_array,
     pid_alive,
     setting,
     sha256_bytes,
     sha256_file,
     sha256_json,
 )
+
+if TYPE_CHECKING:
+    import zarr
+    import zarr.storage
 
 __all__ = [
     "FORMAT",
@@ -111,7 +118,6 @@ __all__ = [
     "sweep_orphans",
 ]
 
-FLOAT16_MAX = 65504.0
 # the most shards a layout may have: every loop over a store's shards stays bounded, whatever a manifest declares
 MAX_SHARDS = 1 << 22
 _SHARD_DIR = "_shards"
@@ -230,16 +236,6 @@ def fingerprint_differences(expected: Any, actual: Any, prefix: str = "") -> lis
     return [] if expected == actual else [prefix or "<root>"]
 
 
-def cast_vectors(values: np.ndarray, dtype: str) -> np.ndarray:
-    """``values`` as ``dtype``; float32 → float16 through torch (vectorised, about 10× numpy's cast here), which rounds
-    to nearest-even exactly as numpy does, so the bytes are the same."""
-    if dtype == "float16" and values.dtype == np.float32 and values.flags.c_contiguous:
-        import torch
-
-        return torch.from_numpy(values).to(torch.float16).numpy()
-    return values.astype(dtype, copy=False)
-
-
 def _is_sha(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(char in "0123456789abcdef" for char in value)
 
@@ -306,18 +302,20 @@ def _plain_decode(name: str, metadata: bytes, data: bytes, n_rows: int, dim: int
     return values.reshape(n_rows, dim) if name == "features" else values
 
 
+def _plain_self_influence(metadata: bytes, values: np.ndarray) -> bytearray | None:
+    """The file zarr writes for one shard of the self-influence array in the plain layout: the shard's float32 values
+    zero-padded to its length. None for any other layout."""
+    layout = _plain_layout("self_influence", metadata)
+    if layout is None or len(values) > layout[1]:
+        return None
+    data = bytearray(layout[1] * 4)
+    cast_into(np.frombuffer(data, dtype="<f4", count=len(values)), values.astype(np.float32, copy=False))
+    return data
+
+
 def _record_seal(record: dict) -> str:
     """The checksum a shard record holds of itself: sha256 of its canonical JSON without the seal."""
     return sha256_json({key: value for key, value in record.items() if key != _RECORD_SEAL})
-
-
-def _integers(chunk: pa.Array) -> np.ndarray:
-    """An Arrow array's values in numpy: integers without nulls straight from their buffer (``to_numpy`` imports pandas,
-    a quarter of a second of a command that reads a sample table), anything else converted."""
-    if pa.types.is_integer(chunk.type) and chunk.null_count == 0:
-        dtype = np.dtype(chunk.type.to_pandas_dtype())
-        return np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
-    return chunk.to_numpy(zero_copy_only=False)
 
 
 def _sample_table(data: bytes, path: Any, start: int, stop: int) -> pa.Table:
@@ -334,7 +332,7 @@ def _sample_table(data: bytes, path: Any, start: int, stop: int) -> pa.Table:
     if sound:
         offset = start
         for chunk in table.column("row").chunks:  # chunk by chunk: no second copy of a billion rows
-            values = _integers(chunk)
+            values = numpy_of(chunk)
             if not np.array_equal(values, np.arange(offset, offset + len(values))):
                 sound = False
                 break
@@ -374,29 +372,47 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _array_metadata(layout: StoreLayout) -> dict[str, bytes]:
-    """The ``zarr.json`` bytes of the store's two arrays, made in memory: the same bytes every time."""
-    files: dict[str, Any] = {}
-    memory = zarr.storage.MemoryStore(files)
-    zarr.create_array(
-        memory,
-        name="features",
-        shape=(layout.n_samples, layout.dim),
-        chunks=(layout.rows_per_chunk, layout.dim),
-        shards=(layout.rows_per_shard, layout.dim),
-        dtype=layout.dtype,
-        compressors=None,
-        fill_value=0,
-    )
-    zarr.create_array(
-        memory,
-        name="self_influence",
-        shape=(layout.n_samples,),
-        chunks=(layout.rows_per_shard,),
-        dtype="float32",
-        compressors=None,
-        fill_value=0,
-    )
-    return {name: files[f"{name}/zarr.json"].to_bytes() for name in _ARRAYS}
+    """The ``zarr.json`` bytes of the store's two arrays, byte for byte what zarr's ``create_array`` writes for them
+    (a test holds them to it), made without importing zarr: the same bytes every time."""
+
+    def array(shape: list[int], dtype: str, chunk_shape: list[int], codecs: list[dict]) -> bytes:
+        meta = {
+            "shape": shape,
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk_shape}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": 0.0,
+            "codecs": codecs,
+            "attributes": {},
+            "zarr_format": 3,
+            "node_type": "array",
+            "storage_transformers": [],
+        }
+        return json.dumps(meta, indent=2).encode()
+
+    sharding = {
+        "name": "sharding_indexed",
+        "configuration": {
+            "chunk_shape": [layout.rows_per_chunk, layout.dim],
+            "codecs": [_BYTES],
+            "index_codecs": _INDEX_CODECS,
+            "index_location": "end",
+        },
+    }
+    return {
+        "features": array(
+            [layout.n_samples, layout.dim], layout.dtype, [layout.rows_per_shard, layout.dim], [sharding]
+        ),
+        "self_influence": array([layout.n_samples], "float32", [layout.rows_per_shard], [_BYTES]),
+    }
+
+
+def _zarr() -> Any:
+    """zarr, imported on first use: writing and verifying a store of the plain layout never needs it."""
+    import zarr
+    import zarr.storage
+
+    return zarr
 
 
 class GradientStore:
@@ -582,21 +598,21 @@ class GradientStore:
     def _zarr_store(self) -> zarr.storage.LocalStore | zarr.storage.FsspecStore:
         if is_remote(self.path):
             return self.path.zarr_store()
-        return zarr.storage.LocalStore(self.path, read_only=True)
+        return _zarr().storage.LocalStore(self.path, read_only=True)
 
     @property
     def features_array(self) -> zarr.Array:
         """The raw zarr array (unchecked reads; ``read_shard`` checks every byte against its checksum)."""
         if self._features is None:
             self._array_metadata("features")
-            self._features = zarr.open_array(self._zarr_store(), path="features", mode="r")
+            self._features = _zarr().open_array(self._zarr_store(), path="features", mode="r")
         return self._features
 
     @property
     def self_influence_array(self) -> zarr.Array:
         if self._self_influence is None:
             self._array_metadata("self_influence")
-            self._self_influence = zarr.open_array(self._zarr_store(), path="self_influence", mode="r")
+            self._self_influence = _zarr().open_array(self._zarr_store(), path="self_influence", mode="r")
         return self._self_influence
 
     def _array_metadata(self, name: str) -> bytes:
@@ -688,6 +704,8 @@ class GradientStore:
 
     def _decode(self, name: str, key: str, data: bytes, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` of array ``name`` from one verified shard file, decoded in memory."""
+        from zarr.core.buffer import default_buffer_prototype
+
         prototype = default_buffer_prototype().buffer
         metadata = self._array_metadata(name)
         # shard files are written uncompressed, every chunk present: fewer bytes than the rows need is damage (or a
@@ -709,7 +727,7 @@ class GradientStore:
                     files: dict[str, Any] = {f"{name}/zarr.json": prototype.from_bytes(metadata)}
                     self._decoders[(name, metadata)] = (
                         files,
-                        zarr.open_array(zarr.storage.MemoryStore(files), path=name, mode="r"),
+                        _zarr().open_array(_zarr().storage.MemoryStore(files), path=name, mode="r"),
                     )
                 files, array = self._decoders[(name, metadata)]
                 files[key] = prototype.from_bytes(data)
@@ -755,10 +773,111 @@ class GradientStore:
         data = self._verified(shard, key, record["files"][key], "the features", record.get("crc32c", {}).get(key))
         return self._decode("features", key, data, start, stop)
 
-    def iter_blocks(self, *, allow_incomplete: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-        """``(first_row, vectors)`` per readable shard, in row order, one shard in memory at a time."""
+    def iter_blocks(
+        self, *, allow_incomplete: bool = False, max_rows: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(first_row, vectors)`` per readable shard, in row order, one shard in memory at a time.
+
+        With ``max_rows``, a shard of more rows comes in pieces of at most ``max_rows`` rows, read from its file in
+        order, one piece (an array of its own) in memory at a time. The file's checksum is taken over every byte as
+        it is read and compared once the last bytes are in, before the shard's last piece is given: damage is a
+        ``CorruptStoreError`` raised in place of that piece. Act on a shard's rows only after its last piece (search
+        answers after the last block of the store, so it never answers from unchecked bytes).
+        """
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be a positive integer, got {max_rows!r}")
         for shard in self._require_readable(allow_incomplete):
-            yield self.layout.shard_rows(shard)[0], self.read_shard(shard, allow_incomplete=allow_incomplete)
+            start, stop = self.layout.shard_rows(shard)
+            if max_rows is None or stop - start <= max_rows:
+                yield start, self.read_shard(shard, allow_incomplete=allow_incomplete)
+            else:
+                yield from self._shard_pieces(shard, max_rows)
+
+    def _shard_pieces(self, shard: int, max_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Rows of a readable shard in pieces of ``max_rows``, read in order and checked as ``iter_blocks`` says. A
+        file not laid out as gradindex writes it (what only zarr decodes) is read whole."""
+        start, stop = self.layout.shard_rows(shard)
+        record = self._record_for_read(shard)
+        key = self._keys(shard)[0]
+        plain = _plain_layout("features", self._array_metadata("features"))
+        if plain is None:
+            yield start, self.read_shard(shard, allow_incomplete=True)
+            return
+        dtype, rows_per_chunk, chunks_per_shard = plain
+        expected_crc = record.get("crc32c", {}).get(key)
+        path = self._location(key)
+        try:
+            path, handle = self._open(key)
+        except FileNotFoundError:
+            if not self.complete and self._reload_complete():
+                yield from self._shard_pieces(shard, max_rows)
+                return
+            raise CorruptStoreError(f"the features of shard {shard} ({path}) is missing; {_REPAIR}") from None
+        except OSError as error:
+            raise CorruptStoreError(
+                f"the features of shard {shard} ({path}) cannot be read ({error}); {_REPAIR}"
+            ) from error
+        n_rows, row_bytes = stop - start, self.dim * np.dtype(dtype).itemsize
+        with handle:
+            try:
+                size = handle.seek(0, os.SEEK_END)
+                index_size = 16 * chunks_per_shard + 4
+                if size < -(-n_rows // rows_per_chunk) * rows_per_chunk * row_bytes + index_size:
+                    raise CorruptStoreError(
+                        f"the features of shard {shard} ({path}) hold {size} bytes, fewer than its {n_rows} rows "
+                        f"need; {_REPAIR}"
+                    )
+                handle.seek(size - index_size)
+                index = read_exactly(handle, index_size)
+                if not plain_index(index, n_rows, rows_per_chunk, row_bytes):
+                    yield start, self.read_shard(shard, allow_incomplete=True)  # chunks not back to back: zarr's
+                    return
+                check = Crc32cCheck(index[-4:]) if expected_crc is not None else hashlib.sha256()
+                handle.seek(0)
+                for first in range(0, n_rows, max_rows):
+                    count = min(max_rows, n_rows - first)
+                    data = read_into(handle, page_array(count * row_bytes, np.uint8))  # freed when dropped
+                    check.update(data)
+                    if first + count == n_rows:  # the rest of the file (padding, index), then its checksum
+                        position, last = n_rows * row_bytes, data[-index_size:].tobytes()
+                        while position < size:
+                            rest = read_exactly(handle, min(1 << 20, size - position))
+                            check.update(rest)
+                            position += len(rest)
+                            last = last[-index_size:] + rest
+                        if last[-index_size:] != index or check.hexdigest() != (expected_crc or record["files"][key]):
+                            self._checked_as_grown(shard, key, record, check.hexdigest(), expected_crc is not None)
+                    piece = data.view(dtype).reshape(count, self.dim)
+                    del data  # held once, by the reader, not again while the next piece is read
+                    yield start + first, piece
+                    del piece
+            except (OSError, EOFError) as error:
+                if isinstance(error, CorruptStoreError):
+                    raise
+                raise CorruptStoreError(
+                    f"the features of shard {shard} ({path}) cannot be read ({error}); {_REPAIR}"
+                ) from error
+
+    def _open(self, key: str) -> tuple[Path, Any]:
+        """``(path, binary file)`` of store file ``key``, found as ``_read`` finds it."""
+        path = self._location(key)
+        try:
+            return path, path.open("rb")
+        except FileNotFoundError:
+            if not self.complete or path == self._at(key):
+                raise
+        path = self._at(key)
+        return path, path.open("rb")
+
+    def _checked_as_grown(self, shard: int, key: str, record: dict, digest: str, crc: bool) -> None:
+        """A shard file read in pieces failed its checksum: accept it only when an append grew the store meanwhile
+        and the bytes read are those of the file as the append left it (checked whole, as ``_verified`` does: this
+        rare race reads the file once more, whole); else CorruptStoreError."""
+        data = self._verified(shard, key, record["files"][key], "the features", record.get("crc32c", {}).get(key))
+        if (crc32c_bytes(data) if crc else sha256_bytes(data)) != digest:
+            raise CorruptStoreError(
+                f"the features of shard {shard} ({self._located(key)}) fails its checksum; {_REPAIR}"
+            )
 
     def read_features(self, *, allow_incomplete: bool = False) -> np.ndarray:
         """All readable rows stacked, as stored dtype; rows of unwritten shards are absent."""
@@ -962,8 +1081,24 @@ class GradientStore:
         forget(self._claim_path(shard))
         remove_file(self._claim_path(shard))
 
-    def _encode(self, name: str, start: int, values: np.ndarray) -> tuple[str, bytes]:
-        """Bytes of the chunk/shard file holding ``values`` at ``start``, encoded exactly as the store's array would."""
+    def shard_encoder(self, shard: int) -> ShardEncoder:
+        """An encoder of shard ``shard``'s features file, to hand its rows as they are computed (``add``) and then to
+        ``write_shard`` in place of the features."""
+        start, stop = self.layout.shard_rows(shard)
+        return ShardEncoder(
+            stop - start,
+            self.dim,
+            self.dtype,
+            _plain_layout("features", self._array_metadata("features")),
+            lambda values: self._zarr_encode("features", start, values)[1],
+        )
+
+    def _zarr_encode(self, name: str, start: int, values: np.ndarray) -> tuple[str, bytes]:
+        """The key and bytes of the chunk/shard file holding ``values`` at ``start`` (cast to the array's dtype), as
+        zarr itself encodes them: the trusted path, and the one for arrays not of the plain layout."""
+        zarr = _zarr()
+        from zarr.core.buffer import default_buffer_prototype
+
         files: dict[str, Any] = {
             f"{name}/zarr.json": default_buffer_prototype().buffer.from_bytes(self._array_metadata(name))
         }
@@ -983,14 +1118,15 @@ class GradientStore:
     def write_shard(
         self,
         shard: int,
-        features: np.ndarray,
+        features: np.ndarray | ShardEncoder,
         self_influence: np.ndarray,
         samples: pa.Table,
         *,
         content_sha256: str | None = None,
         nonfinite: dict[str, Sequence[int]] | None = None,
     ) -> dict:
-        """Write one shard durably and record it. ``features`` is ``[n_rows, D]`` float (cast here).
+        """Write one shard durably and record it. ``features`` is ``[n_rows, D]`` float (cast here), or this shard's
+        ``shard_encoder()`` given every row.
 
         Everything is checked before a byte is written: shapes, dtypes, the sample table's rows,
         finiteness, float16 range. ``nonfinite`` lists rows (store rows) whose vectors were not finite
@@ -999,14 +1135,24 @@ class GradientStore:
         """
         start, stop = self.layout.shard_rows(shard)
         n_rows = stop - start
-        features = np.asarray(features)
+        if isinstance(features, ShardEncoder):
+            encoder = features
+            if (encoder.n_rows, encoder.dim) != (n_rows, self.dim):
+                raise ValueError(
+                    f"shard {shard} needs an encoder of ({n_rows}, {self.dim}) rows, got ({encoder.n_rows}, "
+                    f"{encoder.dim})"
+                )
+        else:
+            features = np.asarray(features)
+            if features.shape != (n_rows, self.dim):
+                raise ValueError(
+                    f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}"
+                )
+            if not np.issubdtype(features.dtype, np.floating):
+                raise ValueError(f"shard {shard} needs floating-point features, got dtype {features.dtype}")
+            encoder = self.shard_encoder(shard)
+            encoder.add(features)
         self_influence = np.asarray(self_influence)
-        if features.shape != (n_rows, self.dim):
-            raise ValueError(
-                f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}"
-            )
-        if not np.issubdtype(features.dtype, np.floating):
-            raise ValueError(f"shard {shard} needs floating-point features, got dtype {features.dtype}")
         if self_influence.shape != (n_rows,):
             raise ValueError(
                 f"shard {shard} needs {n_rows} self-influence values, got shape {tuple(self_influence.shape)}"
@@ -1018,7 +1164,7 @@ class GradientStore:
         if samples.num_rows != n_rows:
             raise ValueError(f"shard {shard} needs {n_rows} sample rows, got {samples.num_rows}")
         if "row" not in samples.column_names or not np.array_equal(
-            samples.column("row").to_numpy(zero_copy_only=False), np.arange(start, stop)
+            numpy_of(samples.column("row")), np.arange(start, stop)
         ):
             raise ValueError(
                 f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with "
@@ -1034,29 +1180,28 @@ class GradientStore:
         for kind, rows in listed.items():
             if any(not start <= row < stop for row in rows):
                 raise ValueError(f"{kind} rows {rows[:5]} are not all rows of shard {shard} ({start}..{stop - 1})")
-            if np.any(features[np.asarray(rows) - start]):
+            if np.any(encoder.stored[np.asarray(rows) - start]):
                 raise ValueError(f"{kind} rows of shard {shard} must hold zero vectors")
+        feature_bytes, feature_sha256, feature_crc32c = encoder.finish()  # cast, checked and hashed on the way
         with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(features.astype(np.float32, copy=False)).all(axis=1) & np.isfinite(
-                self_influence.astype(np.float32, copy=False)
-            )
+            finite = np.isfinite(self_influence.astype(np.float32, copy=False))
+        finite[encoder.nonfinite_rows] = False
         if not finite.all():
             bad = np.flatnonzero(~finite) + start
             raise NonFiniteError(
                 f"rows {bad[:10].tolist()} have non-finite features; nothing was written for shard {shard}"
             )
-        if self.dtype == "float16":
-            peak = max(float(features.max()), -float(features.min())) if features.size else 0.0
-            if peak > FLOAT16_MAX:
-                raise NonFiniteError(
-                    f"feature values reach {peak:.3g}, past float16's maximum 65504; build with dtype=float32 "
-                    f"(nothing was written for shard {shard})"
-                )
-        stored = cast_vectors(features, self.dtype)
-        feature_key, feature_bytes = self._encode("features", start, stored)
-        influence_key, influence_bytes = self._encode(
-            "self_influence", start, self_influence.astype(np.float32, copy=False)
-        )
+        if self.dtype == "float16" and encoder.peak > FLOAT16_MAX:
+            raise NonFiniteError(
+                f"feature values reach {encoder.peak:.3g}, past float16's maximum 65504; build with dtype=float32 "
+                f"(nothing was written for shard {shard})"
+            )
+        feature_key, influence_key = self._keys(shard)
+        influence_bytes = _plain_self_influence(self._array_metadata("self_influence"), self_influence)
+        if influence_bytes is None:
+            influence_bytes = self._zarr_encode("self_influence", start, self_influence.astype(np.float32, copy=False))[
+                1
+            ]
         samples_bytes = _parquet_bytes(samples)
         write_bytes_atomic(self._location(feature_key), feature_bytes, crash_site="shard-before-rename")
         crash_point("shard-after-features")
@@ -1067,11 +1212,11 @@ class GradientStore:
             "shard": shard,
             "rows": [start, stop],
             "files": {
-                feature_key: sha256_bytes(feature_bytes),
+                feature_key: feature_sha256,
                 influence_key: sha256_bytes(influence_bytes),
             },
             # checked on every read (sha256 stays the checksum of record, for verify and repairs)
-            "crc32c": {feature_key: crc32c_bytes(feature_bytes), influence_key: crc32c_bytes(influence_bytes)},
+            "crc32c": {feature_key: feature_crc32c, influence_key: crc32c_bytes(influence_bytes)},
             "samples_sha256": sha256_bytes(samples_bytes),
         }
         if content_sha256 is not None:
@@ -1565,7 +1710,7 @@ class GradientStore:
                 pass
             if sha256_bytes(data) != expected.get(name):
                 raise CorruptStoreError(
-                    f"{self.path / name / 'zarr.json'} is damaged and this version of zarr cannot remake it exactly; "
+                    f"{self.path / name / 'zarr.json'} is damaged and does not match the metadata this version writes; "
                     "rebuild with overwrite=True"
                 )
             write_bytes_atomic(self._at(f"{name}/zarr.json"), data)

@@ -9,7 +9,7 @@ import hashlib
 import json
 from typing import Any
 
-__all__ = ["crc32c_bytes", "is_crc32c", "sha256_bytes", "sha256_file", "sha256_json"]
+__all__ = ["Crc32cCheck", "crc32c_bytes", "is_crc32c", "sha256_bytes", "sha256_file", "sha256_json"]
 
 _BLOCK = 1 << 22
 
@@ -35,7 +35,7 @@ def sha256_json(value: Any) -> str:
     return sha256_bytes(json.dumps(value, sort_keys=True, default=str).encode())
 
 
-def crc32c_bytes(data: bytes) -> str:
+def crc32c_bytes(data: bytes | bytearray | memoryview) -> str:
     """The check of ``data`` that every read of a shard file compares, as 8 lowercase hex digits: the crc32c
     (Castagnoli, at hardware speed) of ``data``'s last four bytes followed by all of ``data``.
 
@@ -45,7 +45,32 @@ def crc32c_bytes(data: bytes) -> str:
     """
     import google_crc32c  # zarr's own dependency; imported here so that importing gradindex stays light
 
-    return f"{google_crc32c.extend(google_crc32c.value(bytes(data[-4:])), bytes(data)):08x}"
+    if isinstance(data, bytes):
+        payload: Any = data
+    else:  # google_crc32c reads only read-only buffers: a read-only numpy view, not a copy of a bytearray's bytes
+        import numpy as np
+
+        payload = np.frombuffer(data, dtype=np.uint8)
+        payload.setflags(write=False)
+    return f"{google_crc32c.extend(google_crc32c.value(bytes(data[-4:])), payload):08x}"
+
+
+class Crc32cCheck:
+    """``crc32c_bytes`` of a file read in pieces, in order, holding one piece at a time: made from the file's last four
+    bytes (read first), then ``update``d with every byte of the file; ``hexdigest()`` then equals
+    ``crc32c_bytes(file bytes)``. Its methods mirror ``hashlib``'s, so a sha256 can stand in for it."""
+
+    def __init__(self, last_four: bytes) -> None:
+        import google_crc32c
+
+        self._extend = google_crc32c.extend
+        self._value = google_crc32c.value(bytes(last_four))
+
+    def update(self, data: bytes) -> None:
+        self._value = self._extend(self._value, data)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
 
 
 def is_crc32c(value: Any) -> bool:

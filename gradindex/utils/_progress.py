@@ -57,3 +57,4 @@ def track(
         for item in items:
             yield item
             bar.update(size(item))
+            del item  # not held while the next one is made (a budget counts a block once)

@@ -123,8 +123,9 @@ def test_select_keeps_the_highest_summed_influence_exactly(exact_store, mlp_chec
     np.testing.assert_array_equal(np.sort(kept), np.sort(np.argsort(-expected, kind="stable")[:30]))
     meta = summary(table)
     assert meta["mode"] == "select" and meta["kept"] == 30 and meta["n_queries"] == 4 and meta["split"] == "test"
-    # streamed through shards under a tiny memory budget: the same scores
-    streamed = gradindex.curate(exact_store, select=30, samples=targets, memory_budget=1, progress=False)
+    # streamed under the least memory budget its search can hold (blocks of one row): the same scores
+    tiny = gradindex.search.least_memory_budget(exact_store, len(targets), exact_store.n_samples)
+    streamed = gradindex.curate(exact_store, select=30, samples=targets, memory_budget=tiny, progress=False)
     np.testing.assert_allclose(
         streamed.column("score").to_numpy(), table.column("score").to_numpy(), rtol=1e-4, atol=1e-5
     )

@@ -120,3 +120,35 @@ def test_index_list_in_json_and_its_mistakes(built):
     assert both.exit_code == 2 and "not both" in both.output
     neither = runner.invoke(cli, ["index", built])
     assert neither.exit_code == 2 and "--factory" in neither.output and "--list" in neither.output
+
+
+def test_asking_a_server_loads_neither(built):
+    """A client of ``gradindex serve`` (the CLI with --server, and gradindex.connect) loads neither torch nor faiss,
+    and gets the rows the direct command prints."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from gradindex.cli import main; main()", "serve", built, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = server.stdout.readline().strip()
+        assert url.startswith("grpc://127.0.0.1:"), url or server.stderr.read()
+        asked = ["query", "--server", url, "--samples", "0-2", "-k", "4", "--format", "jsonl"]
+        result = _run([asked, ["self-influence", "--server", url, "--top", "3", "--format", "jsonl"]])
+        assert result["exits"] == [0, 0] and result["loaded"] == []
+        direct = CliRunner().invoke(cli, ["query", built, "--samples", "0-2", "-k", "4", "--format", "jsonl"])
+        assert result["output"].startswith(direct.output) and len(direct.output.splitlines()) == 12
+        probe = (
+            "import sys, json, gradindex; table = gradindex.connect(sys.argv[1]).query([0, 1], k=3); "
+            "print(json.dumps({'rows': table.num_rows, 'loaded': [m for m in json.loads(sys.argv[2]) "
+            "if m in sys.modules]}))"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", probe, url, json.dumps(HEAVY)], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout) == {"rows": 6, "loaded": []}
+    finally:
+        server.terminate()
+        assert server.wait(30) == 0

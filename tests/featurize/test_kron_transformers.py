@@ -301,3 +301,24 @@ def test_a_tied_gpt2_store_tracks_exact_tracin_and_info_lists_every_path(tmp_pat
     output = CliRunner().invoke(cli, ["info", str(tmp_path / "g.gradindex")]).output
     assert "kron        transformer.wte.weight: factored, tied (transformer.wte embedding + lm_head linear)" in output
     assert "kron        transformer.h.1.ln_2.bias: norm, rest" in output
+
+
+def test_calibration_counts_positions_not_only_samples(monkeypatch, tmp_path):
+    """Side moments gather one vector per position: a task of long sequences is calibrated on fewer samples (enough
+    for CALIBRATION_POSITIONS tokens, never under CALIBRATION_MIN_SAMPLES), one of single vectors on them all."""
+    monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_SAMPLES", 40)
+    monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_MIN_SAMPLES", 8)
+    monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_POSITIONS", 160)
+
+    def featurizer(task):
+        torch.save(task.model().state_dict(), tmp_path / f"{task.name}.pt")
+        loaded = load_checkpoints(task, parse_checkpoints([str(tmp_path / f"{task.name}.pt")]), torch.device("cpu"))
+        return TracInFeaturizer(task, loaded, projection=ProjectionSpec(kind="kron", dim=256))
+
+    task = hf_models.task("gpt2", n_train=48, n_test=2, length=16)  # 16 positions a sample: 160 / 16 = 10 samples
+    sequences = featurizer(task)
+    assert sequences.kron.positions_per_sample(task.train.tensors, sequences._states[0][0]) == 16
+    assert sequences._calibration_rows() == list(range(10))
+    monkeypatch.setattr("gradindex.methods._tracin.CALIBRATION_MIN_SAMPLES", 30)
+    assert featurizer(task)._calibration_rows() == list(range(30))
+    assert featurizer(kron_models.task("mlp"))._calibration_rows() == list(range(40))  # one position a sample

@@ -15,7 +15,7 @@ from tiny_tasks import TINY
 
 import gradindex
 from gradindex import CheckpointError, IncompatibleStoreError, IncompleteStoreError, StoreExistsError
-from gradindex.search import brute_force_topk
+from gradindex.search import brute_force_topk, least_memory_budget
 
 MLP = f"{TINY}:mlp_task"
 
@@ -70,10 +70,12 @@ def test_faiss_topk_equals_numpy_on_the_store(tmp_path, mlp_checkpoints):
 def test_streamed_search_equals_in_memory(tmp_path, mlp_checkpoints):
     store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=64, rows_per_shard=16)
     in_memory = gradindex.query(store, samples="0-9", k=12)
-    streamed = gradindex.query(store, samples="0-9", k=12, memory_budget=1)
+    streamed = gradindex.query(store, samples="0-9", k=12, memory_budget=least_memory_budget(store, 10, 12))
     assert streamed.equals(in_memory)
     opponents_memory = gradindex.query(store, samples="0-9", k=12, opponents=True)
-    opponents_streamed = gradindex.query(store, samples="0-9", k=12, opponents=True, memory_budget=1)
+    opponents_streamed = gradindex.query(
+        store, samples="0-9", k=12, opponents=True, memory_budget=least_memory_budget(store, 10, 12)
+    )
     assert opponents_streamed.equals(opponents_memory)
 
 

@@ -132,7 +132,8 @@ def observe(store: Any, queries: np.ndarray) -> tuple:
 
     opened = gradindex.open_store(store) if not isinstance(store, gradindex.GradientStore) else store
     scores, rows = gradindex.search_store(opened, queries, K)
-    _, opponents = gradindex.search_store(opened, queries, K, opponents=True, memory_budget=1)
+    streaming = gradindex.search.least_memory_budget(opened, len(queries), K)  # streamed, in pieces of one row
+    _, opponents = gradindex.search_store(opened, queries, K, opponents=True, memory_budget=streaming)
     self_rows, self_scores = opened.self_influence()
     ids = opened.samples().column("sample_id").to_pylist()
     return (

@@ -691,7 +691,12 @@ def observe(path: Path, queries: np.ndarray, k: int, *, complete: bool, index_na
         lambda: tuple(
             np.round(part, 3).tolist()
             for part in gradindex.search_store(
-                path, queries, k, opponents=True, memory_budget=1, allow_incomplete=allow
+                path,
+                queries,
+                k,
+                opponents=True,
+                memory_budget=gradindex.search.least_memory_budget(path, len(queries), k),  # streamed, row by row
+                allow_incomplete=allow,
             )
         ),
     )

@@ -12,7 +12,7 @@ from reliability import harness, rel_tasks
 
 import gradindex
 from gradindex.cli import cli
-from gradindex.search import brute_force_topk
+from gradindex.search import brute_force_topk, least_memory_budget
 
 NAN = f"{harness.TASKS}:nan_task"
 K = 650  # more than the store holds: every row's place is checked
@@ -38,7 +38,8 @@ def test_nonfinite_rows_are_recorded_and_searched_as_documented(env, tmp_path, p
     assert not vectors[bad].any()  # stored as zero vectors
     queries = _queries(store.dim)
     scores, rows = gradindex.search_store(store, queries, K)
-    _streamed_scores, streamed_rows = gradindex.search_store(store, queries, K, memory_budget=1)
+    streaming = least_memory_budget(store, len(queries), K)
+    _streamed_scores, streamed_rows = gradindex.search_store(store, queries, K, memory_budget=streaming)
     np.testing.assert_array_equal(rows, streamed_rows)
     keep = np.setdiff1d(np.arange(store.n_samples), bad) if policy == "skip" else np.arange(store.n_samples)
     expected_scores, expected_positions = brute_force_topk(vectors[keep], queries, K)

@@ -24,7 +24,7 @@ from reliability import harness
 
 import gradindex
 from gradindex import CorruptStoreError, IncompleteStoreError, ShardOwnershipError
-from gradindex.search import brute_force_topk
+from gradindex.search import brute_force_topk, least_memory_budget
 from gradindex.store import StoreLayout, create_store, open_store
 
 N_ROWS, DIM, ROWS_PER_SHARD = 37, 3, 8
@@ -188,7 +188,7 @@ class StoreMachine(RuleBasedStateMachine):
             else np.zeros(0, int)
         )
         for k in (5, N_ROWS):
-            for memory_budget in (None, 1):
+            for memory_budget in (None, least_memory_budget(store, len(QUERIES), k)):  # in memory, streamed
                 scores, found = gradindex.search_store(
                     store, QUERIES, k, allow_incomplete=True, memory_budget=memory_budget
                 )

@@ -34,8 +34,8 @@ def _calibration_within_the_first_rows(monkeypatch):
 def test_append_equals_a_whole_build_and_updates_indexes(tmp_path, mlp_checkpoints):
     store = gradindex.build(f"{GROW}:first_70", mlp_checkpoints, tmp_path / "s.gradindex", **OPTIONS)
     assert store.complete and store.n_samples == 70 and store.n_shards == 3  # the last shard is partial
-    gradindex.build_index(store, "IVF2,Flat", name="ivf", recall_queries=10)
-    gradindex.build_index(store, "IVF2,Flat", name="disk", on_disk=True, recall_queries=10)
+    gradindex.build_index(store, "IVF1,Flat", name="ivf", recall_queries=10)
+    gradindex.build_index(store, "IVF1,Flat", name="disk", on_disk=True, recall_queries=10)
     old_shard = (store.path / "features" / "c" / "0" / "0").read_bytes()
 
     grown = gradindex.build(f"{GROW}:first_120", mlp_checkpoints, store.path, append=True, **OPTIONS)

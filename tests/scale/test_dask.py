@@ -93,8 +93,16 @@ def test_query_and_cli_with_a_scheduler_address(client, tmp_path, mlp_checkpoint
     assert [json.loads(line)["row"] for line in result.output.splitlines()] == exact.column("row").to_pylist()
     bad = CliRunner().invoke(cli, ["query", str(store.path), "--samples", "0", "--dask", "local:0"])
     assert bad.exit_code == 1 and "must be local:N with N a positive number of worker processes" in bad.output
-    both = CliRunner().invoke(cli, ["query", str(store.path), "--samples", "0", "--dask", address, "--index", "x"])
-    assert both.exit_code == 1 and "--index NAME and --dask ADDRESS exclude each other" in both.output
+    # an index and Dask together: the IVF lists spread over the workers, the same answer as the index alone
+    built = CliRunner().invoke(
+        cli, ["index", str(store.path), "--factory", "IVF,Flat", "--name", "ivf", "--dask", address]
+    )
+    assert built.exit_code == 0 and "opponents" in built.output, built.output
+    alone = gradindex.query(store, samples="0-5", k=6, index="ivf", opponents=True)
+    options = ["--samples", "0-5", "-k", "6", "--format", "jsonl", "--opponents", "--dask", address, "--index", "ivf"]
+    both = CliRunner().invoke(cli, ["query", str(store.path), *options])
+    assert both.exit_code == 0, both.output
+    assert [json.loads(line)["row"] for line in both.output.splitlines()] == alone.column("row").to_pylist()
 
 
 def test_merge_topk_orders_ties_by_row():

@@ -185,13 +185,18 @@ def test_without_a_gpu_indexes_fall_back_to_cpu(store):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(gpu_count() == 0, reason="faiss sees no GPU")
 def test_ivf_on_all_gpus_equals_cpu(store):  # pragma: no cover - runs on GPU machines only
     queries = clustered(4, 20, 24)
     meta = gradindex.build_index(store, "IVF16,Flat", use_gpu=True, name="gpu")
-    assert meta["gpu"] is True or meta["gpu"] is False  # trained with GPU k-means; searched below
+    assert meta["gpu"] is True  # trained and filled on the GPUs
     gpu_scores, gpu_rows = gradindex.search_store(store, queries, 10, index="gpu", nprobe=16, use_gpu=True)
-    cpu_scores, cpu_rows = gradindex.search_store(store, queries, 10)
+    ivf_scores, ivf_rows = gradindex.search_store(store, queries, 10, index="gpu", nprobe=16, use_gpu=False)
+    cpu_scores, cpu_rows = gradindex.search_store(store, queries, 10, use_gpu=False)  # exact, on the CPU
+    # every list probed (nprobe = nlist): the IVF search is exhaustive, so GPU, CPU-IVF and exact CPU agree
+    np.testing.assert_array_equal(gpu_rows, ivf_rows)
     np.testing.assert_array_equal(gpu_rows, cpu_rows)
+    np.testing.assert_allclose(gpu_scores, ivf_scores, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(gpu_scores, cpu_scores, rtol=1e-3, atol=1e-3)
 
 
