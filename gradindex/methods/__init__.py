@@ -153,7 +153,6 @@ def make_featurizer(
             tracin.
     """
     if method == "tracin":
-        from gradindex.methods._ekfac import Preconditioned
         from gradindex.methods._tracin import TracInFeaturizer
 
         resolved = resolve_options("tracin", options)  # says which method the options belong to
@@ -179,7 +178,11 @@ def make_featurizer(
             adam_normalize=resolved["adam_normalize"],
             **(runtime or {}),
         )
-        return featurizer if resolved["precondition"] == "none" else Preconditioned(featurizer, resolved)
+        if resolved["precondition"] == "none":
+            return featurizer
+        from gradindex.methods._ekfac import Preconditioned  # here: plain TracIn does not load the curvature code
+
+        return Preconditioned(featurizer, resolved)
     if method in _FEATURIZERS:
         return __getattr__(_FEATURIZERS[method])(
             task, checkpoints, projection=projection, layers=layers, normalize=normalize, device=device, options=options

@@ -49,7 +49,6 @@ from gradindex.pipeline._fingerprint import (
     mismatch_message,
 )
 from gradindex.projection import ProjectionSpec
-from gradindex.search import update_indexes
 from gradindex.store import (
     GradientStore,
     StoreLayout,
@@ -381,6 +380,8 @@ def build(
 
 
 def _update_indexes(store: GradientStore, appended_from: int, progress: bool | None) -> None:
+    from gradindex.search import update_indexes  # here: a build without indexes does not load the search room
+
     for name, outcome in update_indexes(store, appended_from, progress=progress).items():
         log.info("index %s of %s: %s", name, store.path, outcome)
 
