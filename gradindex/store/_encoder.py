@@ -10,6 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from gradindex.store._pieces import chunk_entries
+from gradindex.utils import Crc32cCheck, crc32c_bytes, sha256_bytes
+
 __all__ = ["FLOAT16_MAX", "ShardEncoder", "cast_into", "cast_vectors"]
 
 FLOAT16_MAX = 65504.0
@@ -90,9 +93,8 @@ class ShardEncoder:
         n_chunks = -(-n_rows // rows_per_chunk)
         itemsize = np.dtype(numpy_dtype).itemsize
         chunk_bytes = rows_per_chunk * dim * itemsize
-        index = np.full(2 * chunks_per_shard, np.iinfo(np.uint64).max, dtype="<u8")
-        index[0 : 2 * n_chunks : 2] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
-        index[1 : 2 * n_chunks : 2] = chunk_bytes
+        index = np.full(2 * chunks_per_shard, np.iinfo(np.uint64).max, dtype="<u8")  # all ones: no chunk there
+        index[: 2 * n_chunks] = chunk_entries(n_chunks, chunk_bytes)
         import google_crc32c  # zarr's own dependency (its crc32c codec: the checksum as a little-endian uint32)
 
         index_bytes = index.tobytes()
@@ -102,8 +104,7 @@ class ShardEncoder:
         self._row_bytes = dim * itemsize
         self.stored = np.frombuffer(self._data, dtype=numpy_dtype, count=n_rows * dim).reshape(n_rows, dim)
         self._sha256 = hashlib.sha256()
-        self._crc32c = google_crc32c.value(bytes(self._data[-4:]))  # crc32c_bytes leads with the file's last 4 bytes
-        self._crc_extend = google_crc32c.extend
+        self._crc32c = Crc32cCheck(bytes(self._data[-4:]))  # crc32c_bytes's check, which leads with the last 4 bytes
 
     def add(self, rows: Any) -> None:
         """The next ``[b, dim]`` rows (float numpy array or CPU tensor): cast into place, checked, hashed."""
@@ -136,7 +137,7 @@ class ShardEncoder:
         piece = np.frombuffer(self._data, dtype=np.uint8, count=end - begin, offset=begin)
         piece.setflags(write=False)  # google_crc32c reads only read-only buffers
         self._sha256.update(piece)
-        self._crc32c = self._crc_extend(self._crc32c, piece)
+        self._crc32c.update(piece)
 
     def finish(self) -> tuple[Any, str, str]:
         """``(file bytes, sha256 hex, crc32c check)`` once every row was added."""
@@ -144,11 +145,9 @@ class ShardEncoder:
             if self.filled != self.n_rows:
                 raise ValueError(f"a shard of {self.n_rows} rows was given only {self.filled}")
             if self._data is None:
-                from gradindex.utils import crc32c_bytes, sha256_bytes
-
                 data = self._encode(cast_vectors(self.stored, self.dtype))
                 self._finished = (data, sha256_bytes(data), crc32c_bytes(data))
             else:
                 self._hash(self.n_rows * self._row_bytes, len(self._data))
-                self._finished = (self._data, self._sha256.hexdigest(), f"{self._crc32c:08x}")
+                self._finished = (self._data, self._sha256.hexdigest(), self._crc32c.hexdigest())
         return self._finished

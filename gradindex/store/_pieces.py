@@ -1,5 +1,6 @@
 """Reading a shard file of the plain layout in pieces of rows (for reads within a memory budget smaller than a shard):
-the check that its chunks lie back to back from the file's start, and exact reads."""
+the check that its chunks lie back to back from the file's start (and the index entries that say so), and exact
+reads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plain_index", "read_exactly", "read_into"]
+__all__ = ["chunk_entries", "plain_index", "read_exactly", "read_into"]
+
+
+def chunk_entries(n_chunks: int, chunk_bytes: int) -> np.ndarray:
+    """The first ``2 * n_chunks`` entries of a plain-layout shard index as gradindex writes it: each chunk's
+    (offset, nbytes) as little-endian uint64, the chunks back to back from the file's start."""
+    entries = np.empty(2 * n_chunks, dtype="<u8")
+    entries[0::2] = np.arange(n_chunks, dtype=np.uint64) * chunk_bytes
+    entries[1::2] = chunk_bytes
+    return entries
 
 
 def plain_index(index: bytes, n_rows: int, rows_per_chunk: int, row_bytes: int) -> bool:
@@ -17,10 +27,7 @@ def plain_index(index: bytes, n_rows: int, rows_per_chunk: int, row_bytes: int) 
     if len(index) < 16 * n_chunks + 4:
         return False
     offsets = np.frombuffer(index, dtype="<u8", count=2 * n_chunks)
-    chunk_bytes = rows_per_chunk * row_bytes
-    expected = np.arange(2 * n_chunks, dtype=np.uint64) // 2 * chunk_bytes
-    expected[1::2] = chunk_bytes
-    return bool(np.array_equal(offsets, expected))
+    return bool(np.array_equal(offsets, chunk_entries(n_chunks, rows_per_chunk * row_bytes)))
 
 
 def read_exactly(handle: Any, size: int) -> bytes:

@@ -292,11 +292,9 @@ def _plain_decode(name: str, metadata: bytes, data: bytes, n_rows: int, dim: int
         n_chunks = -(-n_rows // rows_per_chunk)
         if len(data) < index_bytes or n_chunks > chunks_per_shard:
             return None
-        index = np.frombuffer(data, dtype="<u8", count=2 * n_chunks, offset=len(data) - index_bytes)
-        chunk_bytes = rows_per_chunk * row_bytes
-        expected = np.arange(2 * n_chunks, dtype=np.uint64) // 2 * chunk_bytes
-        expected[1::2] = chunk_bytes
-        if not np.array_equal(index, expected) or n_chunks * chunk_bytes > len(data) - index_bytes:
+        body = len(data) - index_bytes  # the chunks' bytes, before the index
+        chunks_fit = n_chunks * rows_per_chunk * row_bytes <= body
+        if not (chunks_fit and plain_index(data[body:], n_rows, rows_per_chunk, row_bytes)):
             return None
     values = np.frombuffer(data, dtype=dtype, count=n_rows * width).copy()  # writable, as zarr's arrays are
     return values.reshape(n_rows, dim) if name == "features" else values
@@ -703,10 +701,8 @@ class GradientStore:
         return fresh if grown else None
 
     def _decode(self, name: str, key: str, data: bytes, start: int, stop: int) -> np.ndarray:
-        """Rows ``start:stop`` of array ``name`` from one verified shard file, decoded in memory."""
-        from zarr.core.buffer import default_buffer_prototype
-
-        prototype = default_buffer_prototype().buffer
+        """Rows ``start:stop`` of array ``name`` from one verified shard file, decoded in memory (by numpy for the
+        plain layout gradindex writes, by zarr for any other)."""
         metadata = self._array_metadata(name)
         # shard files are written uncompressed, every chunk present: fewer bytes than the rows need is damage (or a
         # crafted layout), refused before zarr allocates what the layout declares
@@ -719,6 +715,9 @@ class GradientStore:
         plain = _plain_decode(name, metadata, data, stop - start, self.dim)
         if plain is not None:
             return plain
+        from zarr.core.buffer import default_buffer_prototype
+
+        prototype = default_buffer_prototype().buffer
         try:
             with (
                 self._decode_lock

@@ -47,7 +47,8 @@ def test_a_typed_string_column_and_a_sliced_one():
 
 
 def test_a_build_imports_neither_pandas_nor_zarr(tmp_path):
-    """The first build of a process pays for what it imports (and, without bytecode caches, compiles): pandas
+    """The first build of a process (and the verified read of its store) pays for what it imports (and, without
+    bytecode caches, compiles): pandas
     (through pyarrow's shim), zarr (whose encoders a plain store does not need), the search room (a store without
     indexes has none to update) and the curvature code (plain TracIn) stay out of it."""
     script = textwrap.dedent(
@@ -63,7 +64,7 @@ def test_a_build_imports_neither_pandas_nor_zarr(tmp_path):
         torch.save(task.model().state_dict(), {str(tmp_path / "c.pt")!r})
         store = gradindex.build(task, [{str(tmp_path / "c.pt")!r}], {str(tmp_path / "s.gradindex")!r}, proj_dim=8,
                                 progress=False)
-        assert store.complete
+        assert store.complete and gradindex.open_store(store.path).read_features().shape == (40, store.dim)
         unused = ("pandas", "zarr", "gradindex.search._persisted", "gradindex.methods._ekfac")
         print(sorted(name for name in unused if name in sys.modules))
         """

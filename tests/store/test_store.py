@@ -327,3 +327,17 @@ def test_array_metadata_is_what_zarr_writes(tmp_path):
         )
         for name in _ARRAY_NAMES:
             assert (store.path / name / "zarr.json").read_bytes() == files[f"{name}/zarr.json"].to_bytes()
+
+
+def test_a_shard_encoder_refuses_rows_it_cannot_hold(tmp_path):
+    layout = StoreLayout(n_samples=10, dim=3, dtype="float16", rows_per_shard=8, rows_per_chunk=4)
+    store = create_store(tmp_path / "s.gradindex", layout, {})
+    encoder = store.shard_encoder(0)
+    encoder.add(np.zeros((6, 3), np.float32))
+    with pytest.raises(ValueError, match=r"a shard of 8 rows of 3 values has 6 rows; it cannot take \[3, 3\] more"):
+        encoder.add(np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="a shard of 8 rows was given only 6"):
+        encoder.finish()
+    store.claim_shard(1, owner="t")
+    with pytest.raises(ValueError, match=r"shard 1 needs an encoder of \(2, 3\) rows, got \(8, 3\)"):
+        store.write_shard(1, encoder, np.zeros(2, np.float32), _samples(8, 10))
