@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,7 @@ from gradindex.pipeline._fingerprint import (
 from gradindex.projection import ProjectionSpec
 from gradindex.store import (
     GradientStore,
+    ShardEncoder,
     StoreLayout,
     arrow_of,
     as_store,
@@ -601,15 +602,44 @@ def _compute_shard(
     expected_content: str | None,
     writer: _ShardWriter | None = None,
 ) -> None:
-    start, stop = store.layout.shard_rows(index)
-    # the shard's file is made as its rows come: each featurized batch is cast into it, checked and hashed on the
-    # background thread while the next batch is featurized (two batch buffers, in turn, for featurizers that write in
-    # place; their self-influence is each vector's squared norm: finite exactly when the whole vector is)
+    # the shard's file is made as its rows come: each featurized batch is cast into it, checked, hashed and written to
+    # its temporary name on the background thread while the next batch is featurized
     encoder = store.shard_encoder(index)
+    encoding: list[Future | None] = [None, None]
+    try:
+        shard = _featurize_shard(
+            store, index, task, featurizer, sample_ids, config, bar, expected_content, encoder, encoding
+        )
+        if writer is None:
+            store.write_shard(index, **shard)
+        else:
+            writer.submit(index, shard)  # written while the next shard is computed
+    except BaseException:
+        wait([future for future in encoding if future is not None])  # the encoding under way ends first
+        encoder.discard()  # no temporary file left behind (a no-op once the shard's file is in place)
+        raise
+
+
+def _featurize_shard(
+    store: GradientStore,
+    index: int,
+    task: Task,
+    featurizer: MethodFeaturizer,
+    sample_ids: list,
+    config: BuildConfig,
+    bar,
+    expected_content: str | None,
+    encoder: ShardEncoder,
+    encoding: list[Future | None],
+) -> dict:
+    """The shard's rows featurized and handed to ``encoder`` (on the background thread, ``encoding`` holding the two
+    encodings in flight), checked; ``write_shard``'s arguments."""
+    start, stop = store.layout.shard_rows(index)
+    # two batch buffers, in turn, for featurizers that write in place (their self-influence is each vector's squared
+    # norm: finite exactly when the whole vector is)
     self_scores = np.empty(stop - start, dtype=np.float32)
     into = featurizer.writes_into
     buffers: list[torch.Tensor | None] = [None, None]
-    encoding: list[Future | None] = [None, None]
     bad_rows: list[np.ndarray] = []
     featurizer.begin_shard(index)
     labels: list[np.ndarray] = []
@@ -696,17 +726,13 @@ def _compute_shard(
             " ..." if len(rows) > 10 else "",
         )
     featurizer.end_shard(store, index)  # its share of any transform is durable before the shard's record
-    shard = {
+    return {
         "features": encoder,
         "self_influence": self_scores,
         "samples": _samples_table(start, stop, sample_ids, labels),
         "content_sha256": content.hexdigest(),
         "nonfinite": nonfinite,
     }
-    if writer is None:
-        store.write_shard(index, **shard)
-    else:
-        writer.submit(index, shard)  # written while the next shard is computed
 
 
 class _ShardWriter:

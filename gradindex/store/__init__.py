@@ -30,6 +30,7 @@ __all__ = [
     "STORE_DTYPES",
     "GradientStore",
     "RemotePath",
+    "ShardEncoder",
     "StorageError",
     "StoreLayout",
     "StoreWriteError",
@@ -56,6 +57,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # loaded on first use (lazy_exports)
     from gradindex.store._arrow import arrow_of, numpy_of
+    from gradindex.store._encoder import ShardEncoder
     from gradindex.store._store import (
         GradientStore,
         StoreLayout,

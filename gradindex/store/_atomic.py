@@ -30,6 +30,7 @@ from gradindex.utils import HOST_TAG, pid_alive
 
 __all__ = [
     "TMP_MARK",
+    "AtomicFile",
     "create_exclusive",
     "forget",
     "fsync_dir",
@@ -158,33 +159,113 @@ def _write_durable(tmp: Path, data: bytes | memoryview) -> None:
 def write_bytes_atomic(path: Path, data: bytes | memoryview, *, crash_site: str | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one.
 
-    Temporary name, write, fsync, rename, fsync the directory. On an OSError the temporary file is
-    removed and StoreWriteError raised; ``path`` is untouched. At a remote path one PUT (atomic by itself).
+    Temporary name, write, fsync, rename, fsync the directory (``AtomicFile`` in one call). On an OSError the
+    temporary file is removed and StoreWriteError raised; ``path`` is untouched. At a remote path one PUT (atomic by
+    itself).
     """
     if is_remote(path):
         return _remote.put(path, data, crash_site=crash_site)
-    path = Path(path)
+    file = AtomicFile(path)
+    file.write(data)
+    file.commit(crash_site=crash_site)
+
+
+class AtomicFile:
+    """A local file written in pieces under a temporary name, then put at ``path`` whole (``commit``): the steps of
+    ``write_bytes_atomic`` spread over the time its bytes take to arrive, so a large file is on its way to the disk
+    while it is still being made.
+
+    The temporary file is a sibling of ``path``, or of ``near`` (a name in an existing folder of the same file system,
+    where nothing new need be made: ``path``'s folder is then created only by ``commit``). Every failure is a
+    StoreWriteError with the temporary file removed and ``path`` untouched; ``discard`` drops an unfinished file (a
+    no-op once committed). One thread at a time.
+    """
+
+    def __init__(self, path: Path, near: Path | None = None):
+        self.path = Path(path)
+        self._folder_made = near is None
+        if near is None:
+            _make_folder_of(self.path)
+        self.tmp = tmp_path(self.path if near is None else Path(near))
+        self._handle = None
+        self._done = False
+        try:
+            step("open", self.tmp)
+            self._handle = open(self.tmp, "wb")  # noqa: SIM115 (kept open across writes; closed by commit or discard)
+        except OSError as error:
+            self.discard()
+            raise write_failure("writing", self.path, error) from error
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data`` to the file."""
+        if self._done or self._handle is None:
+            raise ValueError(f"{self.path} is already committed or discarded; it takes no more bytes")
+        try:
+            step("write", self.tmp)
+            self._handle.write(data)
+        except OSError as error:
+            self.discard()
+            raise write_failure("writing", self.path, error) from error
+
+    def read(self, offset: int, size: int) -> bytes:
+        """``size`` bytes written so far, from ``offset``."""
+        if self._done or self._handle is None:
+            raise ValueError(f"{self.path} is already committed or discarded")
+        self._handle.flush()
+        with open(self.tmp, "rb") as handle:
+            handle.seek(offset)
+            return handle.read(size)
+
+    def commit(self, *, crash_site: str | None = None) -> None:
+        """fsync the file, rename it to ``path`` (after ``crash_point(crash_site)``), fsync the folder."""
+        if self._done or self._handle is None:
+            raise ValueError(f"{self.path} is already committed or discarded")
+        try:
+            handle, self._handle = self._handle, None
+            with handle:
+                handle.flush()
+                step("fsync", self.tmp)
+                os.fsync(handle.fileno())
+            if crash_site:
+                crash_point(crash_site)
+            if not self._folder_made:
+                _make_folder_of(self.path)
+            step("rename", self.path)
+            os.replace(self.tmp, self.path)
+        except (OSError, StoreWriteError) as error:
+            self.discard()
+            if isinstance(error, StoreWriteError):
+                raise
+            raise write_failure("writing", self.path, error) from error
+        finally:
+            forget(self.tmp)
+        self._done = True
+        try:
+            fsync_dir(self.path.parent)
+        except OSError as error:
+            raise write_failure("flushing the folder entry of", self.path, error) from error
+
+    def discard(self) -> None:
+        """Drop the unfinished file (nothing to do once committed or discarded)."""
+        if self._done:
+            return
+        self._done = True
+        if self._handle is not None:
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            except OSError:
+                pass
+        _discard(self.tmp)
+        forget(self.tmp)
+
+
+def _make_folder_of(path: Path) -> None:
     try:
         step("mkdir", path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise write_failure("creating the folder of", path, error) from error
-    tmp = tmp_path(path)
-    try:
-        _write_durable(tmp, data)
-        if crash_site:
-            crash_point(crash_site)
-        step("rename", path)
-        os.replace(tmp, path)
-    except OSError as error:
-        _discard(tmp)
-        raise write_failure("writing", path, error) from error
-    finally:
-        forget(tmp)
-    try:
-        fsync_dir(path.parent)
-    except OSError as error:
-        raise write_failure("flushing the folder entry of", path, error) from error
 
 
 def _discard(path: Path) -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gradindex.store._atomic import AtomicFile, write_bytes_atomic
 from gradindex.store._pieces import chunk_entries
+from gradindex.store._remote import is_remote
 from gradindex.utils import Crc32cCheck, crc32c_bytes, sha256_bytes
 
 __all__ = ["FLOAT16_MAX", "ShardEncoder", "cast_into", "cast_vectors"]
@@ -60,15 +63,18 @@ def plainly_in_range(values: np.ndarray) -> bool:
 
 class ShardEncoder:
     """The features file of one shard, ``n_rows`` rows of ``dim`` values, encoded as ``add`` hands it its rows in
-    order; ``finish`` then gives the file's bytes, sha256 and crc32c check (``crc32c_bytes``'s).
+    order; ``finish`` then gives its sha256 and crc32c check (``crc32c_bytes``'s), and ``save`` puts it in place.
 
     ``layout`` is ``(numpy dtype, rows per chunk, chunks per shard file)`` of the plain layout gradindex writes (chunks
     back to back, the last zero-padded, then the chunk index and its crc32c): the rows are cast straight into the
-    file's bytes. With ``layout`` None (a store whose arrays zarr must encode), the rows are kept as float32 and
-    ``encode(values) -> bytes`` makes the file at ``finish``.
+    file's bytes. Given a local ``path`` too, those bytes go to the file's temporary name (beside ``near``, if given)
+    as they are made (an ``AtomicFile``), so that when the last rows arrive only their own write and the fsync are
+    left; without one (a remote store) they are kept in memory for one PUT. With ``layout`` None (a store whose arrays
+    zarr must encode), the rows are kept as float32 and ``encode(values) -> bytes`` makes the file at ``finish``.
 
     What the store refuses is found on the way, on the rows as given: ``nonfinite_rows`` (offsets in the shard) and
-    ``peak``, the largest magnitude when the cast values touched float16's limit (else 0). One thread at a time.
+    ``peak``, the largest magnitude when the cast values touched float16's limit (else 0). One thread at a time; an
+    encoder that is not saved must be discarded (``discard``), which removes its temporary file.
     """
 
     def __init__(
@@ -78,36 +84,49 @@ class ShardEncoder:
         dtype: str,
         layout: tuple[str, int, int] | None,
         encode: Callable[[np.ndarray], bytes] | None = None,
+        path: Path | None = None,
+        near: Path | None = None,
     ) -> None:
         self.n_rows, self.dim, self.dtype = n_rows, dim, dtype
         self.filled = 0
         self.nonfinite_rows: list[int] = []
         self.peak = 0.0
         self._encode = encode
-        self._finished: tuple[Any, str, str] | None = None
+        self._finished: tuple[str, str] | None = None
+        self._bytes: Any = None  # the whole file, when it is made in memory
+        self._file: AtomicFile | None = None
+        self._path, self._near = path, near
+        self._streamed = False
         if layout is None:
-            self._data = None
-            self.stored = np.zeros((n_rows, dim), dtype=np.float32)
+            self._numpy_dtype = None
+            self._stored = np.zeros((n_rows, dim), dtype=np.float32)
             return
-        numpy_dtype, rows_per_chunk, chunks_per_shard = layout
+        self._numpy_dtype, rows_per_chunk, chunks_per_shard = layout
         n_chunks = -(-n_rows // rows_per_chunk)
-        itemsize = np.dtype(numpy_dtype).itemsize
-        chunk_bytes = rows_per_chunk * dim * itemsize
+        self._row_bytes = dim * np.dtype(self._numpy_dtype).itemsize
+        self._rows_end = n_rows * self._row_bytes
         index = np.full(2 * chunks_per_shard, np.iinfo(np.uint64).max, dtype="<u8")  # all ones: no chunk there
-        index[: 2 * n_chunks] = chunk_entries(n_chunks, chunk_bytes)
+        index[: 2 * n_chunks] = chunk_entries(n_chunks, rows_per_chunk * self._row_bytes)
         import google_crc32c  # zarr's own dependency (its crc32c codec: the checksum as a little-endian uint32)
 
         index_bytes = index.tobytes()
         index_bytes += google_crc32c.value(index_bytes).to_bytes(4, "little")
-        self._data = bytearray(n_chunks * chunk_bytes + len(index_bytes))  # zeros: the last chunk's padding
-        self._data[-len(index_bytes) :] = index_bytes
-        self._row_bytes = dim * itemsize
-        self.stored = np.frombuffer(self._data, dtype=numpy_dtype, count=n_rows * dim).reshape(n_rows, dim)
+        # after the rows: the last chunk's zero padding, then the index
+        self._tail = bytes(n_chunks * rows_per_chunk * self._row_bytes - self._rows_end) + index_bytes
         self._sha256 = hashlib.sha256()
-        self._crc32c = Crc32cCheck(bytes(self._data[-4:]))  # crc32c_bytes's check, which leads with the last 4 bytes
+        self._crc32c = Crc32cCheck(index_bytes[-4:])  # crc32c_bytes's check, which leads with the last 4 bytes
+        if path is not None and not is_remote(path):
+            self._streamed = True
+            self._stored = None
+            self._block = np.empty((0, dim), dtype=self._numpy_dtype)  # each add's rows, cast (reused)
+        else:
+            self._bytes = bytearray(self._rows_end + len(self._tail))
+            self._bytes[self._rows_end :] = self._tail
+            self._stored = np.frombuffer(self._bytes, dtype=self._numpy_dtype, count=n_rows * dim).reshape(n_rows, dim)
 
     def add(self, rows: Any) -> None:
-        """The next ``[b, dim]`` rows (float numpy array or CPU tensor): cast into place, checked, hashed."""
+        """The next ``[b, dim]`` rows (float numpy array or CPU tensor): cast into place, checked, hashed (and, for a
+        local file, written)."""
         count = len(rows)
         if count == 0:
             return
@@ -117,12 +136,21 @@ class ShardEncoder:
                 f"{list(rows.shape)} more"
             )
         start = self.filled
-        destination = self.stored[start : start + count]
+        if self._stored is not None:
+            destination = self._stored[start : start + count]
+        else:
+            if len(self._block) < count:
+                self._block = np.empty((count, self.dim), dtype=self._numpy_dtype)
+            destination = self._block[:count]
         cast_into(destination, rows)
-        if self._data is None or not plainly_in_range(destination):  # zarr's case: no cast yet to check cheaply
+        if self._numpy_dtype is None or not plainly_in_range(destination):  # zarr's case: no cast yet to check cheaply
             self._check_exactly(rows, start)
-        if self._data is not None:
-            self._hash(start * self._row_bytes, (start + count) * self._row_bytes)
+        if self._numpy_dtype is not None:
+            self._hash(destination.reshape(-1).view(np.uint8))
+            if self._streamed:
+                if self._file is None:
+                    self._file = AtomicFile(self._path, self._near)
+                self._file.write(memoryview(destination.reshape(-1).view(np.uint8)))
         self.filled += count
 
     def _check_exactly(self, rows: Any, start: int) -> None:
@@ -133,21 +161,55 @@ class ShardEncoder:
         if self.dtype == "float16" and finite.any():
             self.peak = max(self.peak, float(np.abs(values[finite]).max()))
 
-    def _hash(self, begin: int, end: int) -> None:
-        piece = np.frombuffer(self._data, dtype=np.uint8, count=end - begin, offset=begin)
+    def _hash(self, piece: Any) -> None:
+        piece = np.frombuffer(piece, dtype=np.uint8)
         piece.setflags(write=False)  # google_crc32c reads only read-only buffers
         self._sha256.update(piece)
         self._crc32c.update(piece)
 
-    def finish(self) -> tuple[Any, str, str]:
-        """``(file bytes, sha256 hex, crc32c check)`` once every row was added."""
+    def finish(self) -> tuple[str, str]:
+        """``(sha256 hex, crc32c check)`` of the file, once every row was added."""
         if self._finished is None:
             if self.filled != self.n_rows:
                 raise ValueError(f"a shard of {self.n_rows} rows was given only {self.filled}")
-            if self._data is None:
-                data = self._encode(cast_vectors(self.stored, self.dtype))
-                self._finished = (data, sha256_bytes(data), crc32c_bytes(data))
+            if self._numpy_dtype is None:
+                self._bytes = self._encode(cast_vectors(self._stored, self.dtype))
+                self._finished = (sha256_bytes(self._bytes), crc32c_bytes(self._bytes))
             else:
-                self._hash(self.n_rows * self._row_bytes, len(self._data))
-                self._finished = (self._data, self._sha256.hexdigest(), self._crc32c.hexdigest())
+                self._hash(self._tail)
+                if self._streamed:
+                    if self._file is None:
+                        self._file = AtomicFile(self._path, self._near)
+                    self._file.write(self._tail)
+                self._finished = (self._sha256.hexdigest(), self._crc32c.hexdigest())
         return self._finished
+
+    def rows(self, offsets: Any) -> np.ndarray:
+        """The stored values of rows ``offsets`` (offsets in the shard), as the file holds them."""
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1)
+        if self._stored is not None:
+            return self._stored[offsets]
+        if self._file is None:
+            return np.zeros((len(offsets), self.dim), dtype=self._numpy_dtype)
+        return np.stack(
+            [
+                np.frombuffer(self._file.read(int(offset) * self._row_bytes, self._row_bytes), self._numpy_dtype)
+                for offset in offsets
+            ]
+        ).reshape(len(offsets), self.dim)
+
+    def save(self, path: Path, *, crash_site: str | None = None) -> None:
+        """Put the finished file at ``path`` atomically (``write_bytes_atomic``'s steps; the file streamed to its
+        temporary name is fsynced and renamed)."""
+        self.finish()
+        if not self._streamed:
+            write_bytes_atomic(path, self._bytes, crash_site=crash_site)
+            return
+        if Path(path) != Path(self._path):
+            raise ValueError(f"this encoder writes {self._path}, not {path}")
+        self._file.commit(crash_site=crash_site)
+
+    def discard(self) -> None:
+        """Drop an unsaved file's temporary name (nothing to do once saved)."""
+        if self._file is not None:
+            self._file.discard()

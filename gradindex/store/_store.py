@@ -1080,9 +1080,10 @@ class GradientStore:
         forget(self._claim_path(shard))
         remove_file(self._claim_path(shard))
 
-    def shard_encoder(self, shard: int) -> ShardEncoder:
+    def shard_encoder(self, shard: int, *, stream: bool = True) -> ShardEncoder:
         """An encoder of shard ``shard``'s features file, to hand its rows as they are computed (``add``) and then to
-        ``write_shard`` in place of the features."""
+        ``write_shard`` in place of the features. With ``stream`` (and a local store) the file is written to its
+        temporary name as the rows come; else it is made in memory and written whole."""
         start, stop = self.layout.shard_rows(shard)
         return ShardEncoder(
             stop - start,
@@ -1090,6 +1091,9 @@ class GradientStore:
             self.dtype,
             _plain_layout("features", self._array_metadata("features")),
             lambda values: self._zarr_encode("features", start, values)[1],
+            self._location(self._keys(shard)[0]) if stream else None,
+            # its temporary name in the build folder, beside the shard's claim: a refused shard leaves no new folder
+            self._at(f"{self._build_dir()}/{shard:06d}.features"),
         )
 
     def _zarr_encode(self, name: str, start: int, values: np.ndarray) -> tuple[str, bytes]:
@@ -1125,84 +1129,89 @@ class GradientStore:
         nonfinite: dict[str, Sequence[int]] | None = None,
     ) -> dict:
         """Write one shard durably and record it. ``features`` is ``[n_rows, D]`` float (cast here), or this shard's
-        ``shard_encoder()`` given every row.
+        ``shard_encoder()`` given every row (this call then owns it: saved, or discarded on any failure).
 
-        Everything is checked before a byte is written: shapes, dtypes, the sample table's rows,
-        finiteness, float16 range. ``nonfinite`` lists rows (store rows) whose vectors were not finite
-        and have been replaced by zeros: ``{"skipped": [...]}`` (left out of search) or ``{"zeroed": [...]}``.
-        ``content_sha256`` is a hash of the shard's training samples, kept in its record.
+        Everything is checked before a byte reaches a final name (given arrays: before a byte is written): shapes,
+        dtypes, the sample table's rows, finiteness, float16 range. ``nonfinite`` lists rows (store rows) whose vectors
+        were not finite and have been replaced by zeros: ``{"skipped": [...]}`` (left out of search) or
+        ``{"zeroed": [...]}``. ``content_sha256`` is a hash of the shard's training samples, kept in its record.
         """
         start, stop = self.layout.shard_rows(shard)
         n_rows = stop - start
-        if isinstance(features, ShardEncoder):
-            encoder = features
-            if (encoder.n_rows, encoder.dim) != (n_rows, self.dim):
+        encoder = features if isinstance(features, ShardEncoder) else None
+        try:
+            if encoder is not None:
+                if (encoder.n_rows, encoder.dim) != (n_rows, self.dim):
+                    raise ValueError(
+                        f"shard {shard} needs an encoder of ({n_rows}, {self.dim}) rows, got ({encoder.n_rows}, "
+                        f"{encoder.dim})"
+                    )
+            else:
+                features = np.asarray(features)
+                if features.shape != (n_rows, self.dim):
+                    raise ValueError(
+                        f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}"
+                    )
+                if not np.issubdtype(features.dtype, np.floating):
+                    raise ValueError(f"shard {shard} needs floating-point features, got dtype {features.dtype}")
+                encoder = self.shard_encoder(shard, stream=False)  # every row is here: checked before a byte is written
+                encoder.add(features)
+            self_influence = np.asarray(self_influence)
+            if self_influence.shape != (n_rows,):
                 raise ValueError(
-                    f"shard {shard} needs an encoder of ({n_rows}, {self.dim}) rows, got ({encoder.n_rows}, "
-                    f"{encoder.dim})"
+                    f"shard {shard} needs {n_rows} self-influence values, got shape {tuple(self_influence.shape)}"
                 )
-        else:
-            features = np.asarray(features)
-            if features.shape != (n_rows, self.dim):
+            if not np.issubdtype(self_influence.dtype, np.floating):
                 raise ValueError(
-                    f"shard {shard} needs features of shape ({n_rows}, {self.dim}), got {tuple(features.shape)}"
+                    f"shard {shard} needs floating-point self-influence values, got dtype {self_influence.dtype}"
                 )
-            if not np.issubdtype(features.dtype, np.floating):
-                raise ValueError(f"shard {shard} needs floating-point features, got dtype {features.dtype}")
-            encoder = self.shard_encoder(shard)
-            encoder.add(features)
-        self_influence = np.asarray(self_influence)
-        if self_influence.shape != (n_rows,):
-            raise ValueError(
-                f"shard {shard} needs {n_rows} self-influence values, got shape {tuple(self_influence.shape)}"
-            )
-        if not np.issubdtype(self_influence.dtype, np.floating):
-            raise ValueError(
-                f"shard {shard} needs floating-point self-influence values, got dtype {self_influence.dtype}"
-            )
-        if samples.num_rows != n_rows:
-            raise ValueError(f"shard {shard} needs {n_rows} sample rows, got {samples.num_rows}")
-        if "row" not in samples.column_names or not np.array_equal(
-            numpy_of(samples.column("row")), np.arange(start, stop)
-        ):
-            raise ValueError(
-                f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with "
-                "exactly those rows"
-            )
-        if "sample_id" not in samples.column_names:
-            raise ValueError(f"shard {shard}'s sample table must have a 'sample_id' column")
-        if content_sha256 is not None and not _is_sha(content_sha256):
-            raise ValueError(f"content_sha256 must be a sha256 hex digest, got {content_sha256!r}")
-        listed = {kind: sorted(int(row) for row in rows) for kind, rows in (nonfinite or {}).items() if len(rows)}
-        if set(listed) - {"skipped", "zeroed"}:
-            raise ValueError(f"nonfinite rows are 'skipped' or 'zeroed', got {sorted(listed)}")
-        for kind, rows in listed.items():
-            if any(not start <= row < stop for row in rows):
-                raise ValueError(f"{kind} rows {rows[:5]} are not all rows of shard {shard} ({start}..{stop - 1})")
-            if np.any(encoder.stored[np.asarray(rows) - start]):
-                raise ValueError(f"{kind} rows of shard {shard} must hold zero vectors")
-        feature_bytes, feature_sha256, feature_crc32c = encoder.finish()  # cast, checked and hashed on the way
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(self_influence.astype(np.float32, copy=False))
-        finite[encoder.nonfinite_rows] = False
-        if not finite.all():
-            bad = np.flatnonzero(~finite) + start
-            raise NonFiniteError(
-                f"rows {bad[:10].tolist()} have non-finite features; nothing was written for shard {shard}"
-            )
-        if self.dtype == "float16" and encoder.peak > FLOAT16_MAX:
-            raise NonFiniteError(
-                f"feature values reach {encoder.peak:.3g}, past float16's maximum 65504; build with dtype=float32 "
-                f"(nothing was written for shard {shard})"
-            )
-        feature_key, influence_key = self._keys(shard)
-        influence_bytes = _plain_self_influence(self._array_metadata("self_influence"), self_influence)
-        if influence_bytes is None:
-            influence_bytes = self._zarr_encode("self_influence", start, self_influence.astype(np.float32, copy=False))[
-                1
-            ]
-        samples_bytes = _parquet_bytes(samples)
-        write_bytes_atomic(self._location(feature_key), feature_bytes, crash_site="shard-before-rename")
+            if samples.num_rows != n_rows:
+                raise ValueError(f"shard {shard} needs {n_rows} sample rows, got {samples.num_rows}")
+            if "row" not in samples.column_names or not np.array_equal(
+                numpy_of(samples.column("row")), np.arange(start, stop)
+            ):
+                raise ValueError(
+                    f"shard {shard} holds rows {start}..{stop - 1}; its sample table must have a 'row' column with "
+                    "exactly those rows"
+                )
+            if "sample_id" not in samples.column_names:
+                raise ValueError(f"shard {shard}'s sample table must have a 'sample_id' column")
+            if content_sha256 is not None and not _is_sha(content_sha256):
+                raise ValueError(f"content_sha256 must be a sha256 hex digest, got {content_sha256!r}")
+            listed = {kind: sorted(int(row) for row in rows) for kind, rows in (nonfinite or {}).items() if len(rows)}
+            if set(listed) - {"skipped", "zeroed"}:
+                raise ValueError(f"nonfinite rows are 'skipped' or 'zeroed', got {sorted(listed)}")
+            for kind, rows in listed.items():
+                if any(not start <= row < stop for row in rows):
+                    raise ValueError(f"{kind} rows {rows[:5]} are not all rows of shard {shard} ({start}..{stop - 1})")
+                if np.any(encoder.rows(np.asarray(rows) - start)):
+                    raise ValueError(f"{kind} rows of shard {shard} must hold zero vectors")
+            feature_sha256, feature_crc32c = encoder.finish()  # cast, checked and hashed on the way
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(self_influence.astype(np.float32, copy=False))
+            finite[encoder.nonfinite_rows] = False
+            if not finite.all():
+                bad = np.flatnonzero(~finite) + start
+                raise NonFiniteError(
+                    f"rows {bad[:10].tolist()} have non-finite features; nothing was written for shard {shard}"
+                )
+            if self.dtype == "float16" and encoder.peak > FLOAT16_MAX:
+                raise NonFiniteError(
+                    f"feature values reach {encoder.peak:.3g}, past float16's maximum 65504; build with dtype=float32 "
+                    f"(nothing was written for shard {shard})"
+                )
+            feature_key, influence_key = self._keys(shard)
+            influence_bytes = _plain_self_influence(self._array_metadata("self_influence"), self_influence)
+            if influence_bytes is None:
+                influence_bytes = self._zarr_encode(
+                    "self_influence", start, self_influence.astype(np.float32, copy=False)
+                )[1]
+            samples_bytes = _parquet_bytes(samples)
+            encoder.save(self._location(feature_key), crash_site="shard-before-rename")
+        except BaseException:
+            if encoder is not None:
+                encoder.discard()  # its temporary file: nothing of this shard is left behind
+            raise
         crash_point("shard-after-features")
         write_bytes_atomic(self._location(influence_key), influence_bytes)
         write_bytes_atomic(self._samples_part_path(shard), samples_bytes)

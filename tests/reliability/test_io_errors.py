@@ -7,6 +7,7 @@ byte-identical to an uninterrupted build with no temporary file left (guarantees
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import pytest
 from reliability import harness
@@ -83,15 +84,34 @@ def test_writes_are_temporary_name_fsync_rename_fsync_dir(env, capsys):
     log = steps.steps
     opened = [path for step, path in log if step == "open"]
     assert opened and all(".gi-tmp-" in path for path in opened)
+
+    def temporary_steps(path: str, position: int) -> list[str]:
+        """The steps on the temporary file put at ``path`` by step ``position`` (the last one written before it; the
+        steps of other files, a shard's rows streamed on the background thread, may come in between). A temporary is
+        ``path``'s sibling; a shard's features file (``features/c/S/0``) is streamed to one in the build folder,
+        beside the shard's claim (``_shards/S.features``, S in 6 digits)."""
+        names = [path + ".gi-tmp-"]
+        parts = Path(path).parts
+        if parts[-4:-2] == ("features", "c"):
+            names.append(str(Path(*parts[:-4], "_shards", f"{int(parts[-2]):06d}.features.gi-tmp-")))
+        steps: dict[str, list[tuple[int, str]]] = {}
+        for number, (step, name) in enumerate(log[:position]):
+            if name.startswith(tuple(names)):
+                steps.setdefault(name, []).append((number, step))
+        latest = max(steps.values(), key=lambda entries: entries[-1][0])
+        return [step for _, step in latest]
+
     renames = 0
     for position, (step, path) in enumerate(log):
         if step == "rename" and ".gi-tmp-" not in path and not path.endswith(".gradindex"):
             renames += 1
-            before = [entry[0] for entry in log[max(0, position - 3) : position]]
-            assert before == ["open", "write", "fsync"], (path, before)
-            assert log[position + 1][0] == "fsync-dir", path
+            before = temporary_steps(path, position)
+            # opened, written (a shard's features file: a write per block of rows as they come), fsynced
+            assert before[0] == "open" and set(before[1:-1]) == {"write"} and before[-1] == "fsync", (path, before)
+            folder = str(Path(path).parent)
+            assert next(step for step, name in log[position + 1 :] if name == folder) == "fsync-dir", path
         if step == "link":  # claims: written whole, then linked (fails if taken)
-            assert [entry[0] for entry in log[position - 3 : position]] == ["open", "write", "fsync"]
+            assert temporary_steps(path, position) == ["open", "write", "fsync"]
     assert renames >= 3 * 4  # features, self-influence, samples part and record of each shard
     links = sum(step == "link" for step, _ in log)
     harness.report(

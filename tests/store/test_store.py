@@ -18,7 +18,7 @@ from gradindex import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from gradindex.store import StoreLayout, create_store, fingerprint_differences, open_store
+from gradindex.store import ShardEncoder, StoreLayout, create_store, fingerprint_differences, open_store, store_path
 from gradindex.utils import crc32c_bytes, sha256_bytes
 
 
@@ -277,14 +277,26 @@ def test_encoding_by_numpy_is_zarrs_byte_for_byte(tmp_path, n_samples, dim, rows
     for shard in range(store.n_shards):
         start, stop = store.layout.shard_rows(shard)
         values = rng.standard_normal((stop - start, dim)).astype(np.float32)
-        encoder = store.shard_encoder(shard)
-        for block in range(0, len(values), 5):  # rows handed over in blocks, as a build does
-            encoder.add(values[block : block + 5])
-        data, sha256, crc32c = encoder.finish()
         expected = store._zarr_encode("features", start, values.astype(dtype))
-        assert (store._keys(shard)[0], bytes(data)) == expected
-        assert (sha256, crc32c) == (sha256_bytes(expected[1]), crc32c_bytes(expected[1]))
-        np.testing.assert_array_equal(encoder.stored, values.astype(dtype))
+        for remote in (False, True):  # streamed to the file's temporary name, or made in memory for one PUT
+            encoder = ShardEncoder(
+                stop - start,
+                dim,
+                dtype,
+                ({"float16": "<f2", "float32": "<f4"}[dtype], rows_per_chunk, rows_per_shard // rows_per_chunk),
+                path=store_path("memory://encoded/f") if remote else tmp_path / "encoded" / "f",
+            )
+            for block in range(0, len(values), 5):  # rows handed over in blocks, as a build does
+                encoder.add(values[block : block + 5])
+            sha256, crc32c = encoder.finish()
+            assert (sha256, crc32c) == (sha256_bytes(expected[1]), crc32c_bytes(expected[1]))
+            offsets = np.arange(stop - start)[::-3]
+            np.testing.assert_array_equal(encoder.rows(offsets), values[offsets].astype(dtype))
+            if not remote:
+                assert [path.name for path in (tmp_path / "encoded").iterdir()] != ["f"]  # not in place before save
+                encoder.save(tmp_path / "encoded" / "f")
+                assert [path.name for path in (tmp_path / "encoded").iterdir()] == ["f"]
+                assert (tmp_path / "encoded" / "f").read_bytes() == expected[1]
         store.claim_shard(shard, owner="t")
         store.write_shard(shard, values, values[:, 0].copy(), _samples(start, stop))
         for key, name, rows in zip(store._keys(shard), _ARRAY_NAMES, (values.astype(dtype), values[:, 0])):
