@@ -11,8 +11,9 @@ Layout (format ``gradindex/1``)::
       _append/             what an append stages (its manifest, records, the files it rewrites) until one swap
       transforms/          optional query-side arrays of asymmetric methods, recorded in the manifest (_transforms.py)
 
-A shard's bytes are encoded in memory with the very array metadata of the store, then written to
-a temporary name, fsynced and renamed (at an fsspec URL: one PUT, see ``_remote``); only then is the
+A shard's features file is encoded by the very array metadata of the store as its rows arrive and
+written to a temporary name meanwhile (``ShardEncoder``), then fsynced and renamed; its other files
+are encoded in memory and written the same way (at an fsspec URL: one PUT each, see ``_remote``); only then is the
 shard's record written (also atomically).
 The manifest says ``complete`` only after every record exists and ``samples.parquet`` is durable.
 
