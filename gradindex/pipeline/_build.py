@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import asdict
 from pathlib import Path
@@ -650,9 +650,8 @@ def _featurize_shard(
     with torch.inference_mode(False), torch.enable_grad():
         with running_user_code("the first training samples (sizing the featurization's chunks)"):
             loader_batch = _loader_batch_size(config, featurizer)
-        for turn, batch in enumerate(
-            iter_batches(task.train, range(start, stop), loader_batch, None if sliced else content)
-        ):
+        loaded = iter_batches(task.train, range(start, stop), loader_batch, None if sliced else content)
+        for turn, batch in enumerate(_loaded_rows(loaded, start, stop, loader_batch)):
             if sliced:
                 content.observe_columns(batch)
             rows = batch_size(batch)
@@ -786,6 +785,19 @@ class _ShardWriter:
             index, error = self._failed
             self._failed = None
             log.warning("shard %d was not written: %s", index, error)
+
+
+def _loaded_rows(batches: Iterator, first_row: int, stop_row: int, size: int) -> Iterator:
+    """``batches`` (the training rows ``first_row``.. in batches of ``size``) as they come; an error of the task's
+    dataset or collate while loading one is the one-sentence TaskSpecError naming its rows."""
+    batches, row = iter(batches), first_row
+    while True:
+        with running_user_code(f"training rows {row}..{min(stop_row, row + size) - 1} (loading them)"):
+            batch = next(batches, None)
+        if batch is None:
+            return
+        yield batch
+        row += batch_size(batch)
 
 
 def _featurize_rows(

@@ -55,7 +55,7 @@ class BuildConfig:
         minimum=1,
         integer=True,
         optional=True,
-        default_text="as many as fit the featurization memory (kron), else 256",
+        default_text="as many as fit the featurization memory (kron; on a CPU at most 32 MiB, at least 256), else 256",
     )
     device: str = setting("auto", "auto, cpu or cuda[:N]")
     rows_per_shard: int | None = setting(

@@ -20,6 +20,7 @@ import errno
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import gradindex.store._remote as _remote
@@ -207,14 +208,17 @@ class AtomicFile:
             self.discard()
             raise write_failure("writing", self.path, error) from error
 
-    def read(self, offset: int, size: int) -> bytes:
-        """``size`` bytes written so far, from ``offset``."""
+    def read(self, offsets: Sequence[int], size: int) -> bytes:
+        """The ``size`` bytes written at each of ``offsets``, one after another."""
         if self._done or self._handle is None:
             raise ValueError(f"{self.path} is already committed or discarded")
         self._handle.flush()
+        pieces = []
         with open(self.tmp, "rb") as handle:
-            handle.seek(offset)
-            return handle.read(size)
+            for offset in offsets:
+                handle.seek(offset)
+                pieces.append(handle.read(size))
+        return b"".join(pieces)
 
     def commit(self, *, crash_site: str | None = None) -> None:
         """fsync the file, rename it to ``path`` (after ``crash_point(crash_site)``), fsync the folder."""

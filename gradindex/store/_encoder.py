@@ -191,12 +191,8 @@ class ShardEncoder:
             return self._stored[offsets]
         if self._file is None:
             return np.zeros((len(offsets), self.dim), dtype=self._numpy_dtype)
-        return np.stack(
-            [
-                np.frombuffer(self._file.read(int(offset) * self._row_bytes, self._row_bytes), self._numpy_dtype)
-                for offset in offsets
-            ]
-        ).reshape(len(offsets), self.dim)
+        data = self._file.read([int(offset) * self._row_bytes for offset in offsets], self._row_bytes)
+        return np.frombuffer(data, dtype=self._numpy_dtype).reshape(len(offsets), self.dim)
 
     def save(self, path: Path, *, crash_site: str | None = None) -> None:
         """Put the finished file at ``path`` atomically (``write_bytes_atomic``'s steps; the file streamed to its
