@@ -581,10 +581,9 @@ def pca_flat_matrix(rows: Tensor, k: int) -> Tensor:
     """The ``[width, k]`` pca matrix of a flat group (a small layer's whole per-sample gradient, or the unfactored
     parameters): the top-k eigenvectors of its calibration vectors' second moment ``rowsᵀ rows`` (``rows [n, width]``;
     through the ``[n, n]`` Gram matrix when n < width), with signs fixed like ``pca_side_matrix``. Past the vectors'
-    rank (k > n, or vectors that span less) the matrix is completed with the unit vectors farthest from their span, in
-    index order: directions the calibration did not see, which held-out samples' gradients may have."""
+    rank (k > n, or vectors that span less) the matrix is completed with the unit vectors farthest from their span
+    (``_completed``): directions the calibration did not see, which held-out samples' gradients may have."""
     rows = rows.detach().double().cpu()
-    width = rows.shape[1]
     gram, small = _gram(rows)
     with torch_threads(1):
         values, vectors = torch.linalg.eigh((gram + gram.T) / 2)
@@ -597,20 +596,35 @@ def pca_flat_matrix(rows: Tensor, k: int) -> Tensor:
         peaks = basis.gather(0, basis.abs().argmax(0, keepdim=True))
         basis = basis * torch.where(peaks < 0, -1.0, 1.0)
     if basis.shape[1] < k:
-        outside = 1.0 - basis.square().sum(1)  # each unit vector's squared distance from the span
-        extra = []
-        for index in torch.argsort(-outside, stable=True).tolist():
-            vector = torch.zeros(width, dtype=torch.float64)
-            vector[index] = 1.0
-            for column in [basis[:, j] for j in range(basis.shape[1])] + extra:
-                vector -= column * (column @ vector)
-            norm = float(vector.norm())
-            if norm > 0.5:
-                extra.append(vector / norm)
-            if basis.shape[1] + len(extra) == k:
-                break
-        basis = torch.cat([basis, torch.stack(extra, dim=1)], dim=1)
+        basis = _completed(basis, k)
     return basis.float().contiguous()
+
+
+def _completed(basis: Tensor, k: int) -> Tensor:
+    """``basis`` (orthonormal float64 columns ``[width, m]``) with ``k - m`` (≤ ``width - m``) columns more: the unit
+    vectors farthest from its span, in that order (ties by index), each made orthogonal to every column before it and
+    kept unless less than half of it is left (then, if that leaves too few, less than 1e-6): Gram-Schmidt one vector
+    at a time, done a block at a time by Householder QR up to the first vector left out."""
+    width = basis.shape[0]
+    order = torch.argsort(-(1.0 - basis.square().sum(1)), stable=True)  # each unit vector's squared distance
+    for least in (0.5, 1e-6):
+        start = 0
+        while basis.shape[1] < k and start < width:
+            need = k - basis.shape[1]
+            candidates = order[start : start + need + max(8, need // 8)]
+            block = torch.zeros(width, len(candidates), dtype=torch.float64)
+            block[candidates, torch.arange(len(candidates))] = 1.0
+            for _ in range(2):  # twice: orthogonal to the span to working precision
+                block -= basis @ (basis.T @ block)
+            with torch_threads(1):
+                q, r = torch.linalg.qr(block)
+            left = torch.diagonal(r)
+            short = (left.abs() <= least).nonzero().reshape(-1)
+            run = int(short[0]) if len(short) else len(candidates)  # the columns before the first one left out
+            take = min(run, need)
+            basis = torch.cat([basis, q[:, :take] * torch.where(left[:take] < 0, -1.0, 1.0)], dim=1)
+            start += take + (1 if take == run < len(candidates) else 0)
+    return basis
 
 
 def kron_side_matrix(

@@ -85,6 +85,40 @@ def test_flat_pca_is_the_top_eigenvectors_of_the_moment_and_completes_past_its_r
     assert torch.equal(completed, pca_flat_matrix(rows.clone(), 30))
 
 
+def _completed_one_by_one(basis: torch.Tensor, k: int) -> torch.Tensor:
+    """The trusted slow completion: unit vectors farthest from the span first (ties by index), each made orthogonal to
+    every column so far by modified Gram-Schmidt, kept when over half of it is left (then, for what is still missing,
+    over 1e-6)."""
+    outside = 1.0 - basis.square().sum(1)
+    columns = [basis[:, j] for j in range(basis.shape[1])]
+    for least in (0.5, 1e-6):
+        for index in torch.argsort(-outside, stable=True).tolist():
+            if len(columns) == k:
+                break
+            vector = torch.zeros(basis.shape[0], dtype=torch.float64)
+            vector[index] = 1.0
+            for _ in range(2):
+                for column in columns:
+                    vector -= column * (column @ vector)
+            if float(vector.norm()) > least:
+                columns.append(vector / vector.norm())
+    return torch.stack(columns, dim=1)
+
+
+def test_flat_pca_completion_equals_gram_schmidt_one_vector_at_a_time():
+    """A flat group's pca matrix past its calibration vectors' rank is completed a block of unit vectors at a time
+    (QR): the same columns as orthogonalising them one by one, also when some lie in the span (left out)."""
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(40, 300, generator=generator, dtype=torch.float64)
+    rows[:, :5] = 0.0
+    rows[:5, :5] = torch.eye(5, dtype=torch.float64)  # e_0..e_4 in the span: never added again
+    for k in (41, 150, 250, 299):
+        fast = pca_flat_matrix(rows, k)
+        seen = pca_flat_matrix(rows, 40).double()
+        torch.testing.assert_close(fast.double(), _completed_one_by_one(seen, k).float().double(), atol=2e-6, rtol=0)
+        torch.testing.assert_close(fast.T @ fast, torch.eye(k), atol=2e-5, rtol=0)
+
+
 def test_spectra_of_several_checkpoints_mix_by_their_weights():
     concentrated, spread = [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]
     assert mix_spectra([concentrated, spread], [1.0, 0.0]) == pytest.approx(concentrated, abs=1e-6)
