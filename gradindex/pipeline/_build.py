@@ -579,35 +579,14 @@ def _build_shard(
     expected_content: str | None = None,
     writer: _ShardWriter | None = None,
 ) -> None:
-    store.claim_shard(index, owner=owner)
-    try:
-        _compute_shard(store, index, task, featurizer, sample_ids, config, bar, expected_content, writer)
-    except BaseException:
-        # Free the shard for the next writer (a resume): our claim would block it for as long as we live.
-        try:
-            store.release_shard(index)
-        except GradIndexError:
-            pass
-        raise
-
-
-def _compute_shard(
-    store: GradientStore,
-    index: int,
-    task: Task,
-    featurizer: MethodFeaturizer,
-    sample_ids: list,
-    config: BuildConfig,
-    bar,
-    expected_content: str | None,
-    writer: _ShardWriter | None = None,
-) -> None:
     # the shard's file is made as its rows come: each featurized batch is cast into it, checked, hashed and written to
-    # its temporary name on the background thread while the next batch is featurized
+    # its temporary name on the background thread while the next batch is featurized (nothing is written before its
+    # first rows)
     encoder = store.shard_encoder(index)
     encoding: list[Future | None] = [None, None]
+    store.claim_shard(index, owner=owner)
     try:
-        shard = _featurize_shard(
+        shard = _compute_shard(
             store, index, task, featurizer, sample_ids, config, bar, expected_content, encoder, encoding
         )
         if writer is None:
@@ -617,10 +596,15 @@ def _compute_shard(
     except BaseException:
         wait([future for future in encoding if future is not None])  # the encoding under way ends first
         encoder.discard()  # no temporary file left behind (a no-op once the shard's file is in place)
+        # Free the shard for the next writer (a resume): our claim would block it for as long as we live.
+        try:
+            store.release_shard(index)
+        except GradIndexError:
+            pass
         raise
 
 
-def _featurize_shard(
+def _compute_shard(
     store: GradientStore,
     index: int,
     task: Task,
