@@ -638,6 +638,8 @@ def mutate(path: Path, mutation: str, rng: random.Random) -> str:
 
 
 def file_kind(name: str) -> str:
+    if ".gi-tmp-" in name:  # a dead writer's unfinished file (a shard's features streamed to its temporary name)
+        return "temporary"
     if name == "zarr.json":
         return "manifest"
     if name.endswith("/zarr.json"):
