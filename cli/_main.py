@@ -295,10 +295,33 @@ def build(
     click.echo(f"{store.path}: {store.n_samples} samples x {store.dim} ({store.dtype}), {state}", err=True)
 
 
+def _session_options(command):
+    """The options of how a store is loaded for queries, shared by ``query`` and ``serve``: the task (and its
+    arguments), checkpoints that moved, device, memory budget, incomplete stores, a persisted index, Dask, and the
+    storage options of a store URL."""
+    options = [
+        click.option("--task", "task", help="Task SPEC (default: the one recorded in the store)."),
+        task_args_option,
+        click.option(
+            "--checkpoint",
+            "checkpoints",
+            multiple=True,
+            help="Checkpoint paths if they moved since the build (same files, same order).",
+        ),
+        setting_option(QueryConfig, "device"),
+        setting_option(QueryConfig, "memory_budget", callback=parse_bytes),
+        setting_option(QueryConfig, "allow_incomplete"),
+        setting_option(QueryConfig, "index"),
+        setting_option(QueryConfig, "dask"),
+        storage_options_option,
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("store", type=STORE, required=False)
-@click.option("--task", "task", help="Task SPEC (default: the one recorded in the store).")
-@task_args_option
 @setting_option(QueryConfig, "split")
 @click.option("--samples", help="Indices in the split: 0,3,10-19.")
 @click.option(
@@ -306,19 +329,8 @@ def build(
 )
 @setting_option(QueryConfig, "k", "-k")
 @setting_option(QueryConfig, "opponents")
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    multiple=True,
-    help="Checkpoint paths if they moved since the build (same files, same order).",
-)
-@setting_option(QueryConfig, "device")
-@setting_option(QueryConfig, "memory_budget", callback=parse_bytes)
-@setting_option(QueryConfig, "allow_incomplete")
-@setting_option(QueryConfig, "index")
 @setting_option(QueryConfig, "nprobe")
-@setting_option(QueryConfig, "dask")
-@storage_options_option
+@_session_options
 @method_query_options
 @server_options
 @output_options
@@ -486,19 +498,7 @@ def _require_store(store: str | None, token: str | None) -> None:
 
 @cli.command()
 @click.argument("store", type=STORE)
-@click.option("--task", "task", help="Task SPEC (default: the one recorded in the store).")
-@task_args_option
-@click.option(
-    "--checkpoint",
-    "checkpoints",
-    multiple=True,
-    help="Checkpoint paths if they moved since the build (same files, same order).",
-)
-@setting_option(QueryConfig, "device")
-@setting_option(QueryConfig, "memory_budget", callback=parse_bytes)
-@setting_option(QueryConfig, "allow_incomplete")
-@setting_option(QueryConfig, "index")
-@setting_option(QueryConfig, "dask")
+@_session_options
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -513,7 +513,6 @@ def _require_store(store: str | None, token: str | None) -> None:
     help="A secret every request must carry (clients: --token or GRADINDEX_TOKEN) [default: GRADINDEX_TOKEN]; "
     "required off loopback.",
 )
-@storage_options_option
 @handle_errors
 def serve(store, task, task_options, checkpoints, host, port, token, storage_options, **config):
     """Keep a store loaded and answer queries over Arrow Flight until stopped.

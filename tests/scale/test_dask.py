@@ -16,20 +16,11 @@ from gradindex.cli import cli
 from gradindex.search import brute_force_topk
 from gradindex.store import StoreLayout, create_store
 
-distributed = pytest.importorskip("distributed")
+pytest.importorskip("distributed")
 
-from gradindex.search import DaskSearch, merge_topk  # noqa: E402
+from gradindex.search import DaskSearch, merge_topk
 
 MLP = f"{TINY}:mlp_task"
-
-
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = distributed.Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
 
 
 def _store(path: Path, n_rows: int = 2000, dim: int = 16, rows_per_shard: int = 256, complete: bool = True):
@@ -50,10 +41,10 @@ def _store(path: Path, n_rows: int = 2000, dim: int = 16, rows_per_shard: int = 
     return gradindex.open_store(path), vectors
 
 
-def test_dask_search_equals_exact_search(client, tmp_path):
+def test_dask_search_equals_exact_search(dask_client, tmp_path):
     store, vectors = _store(tmp_path / "s.gradindex")
     queries = np.random.default_rng(1).standard_normal((13, 16)).astype(np.float32)
-    with DaskSearch(store, client) as search:
+    with DaskSearch(store, dask_client) as search:
         assert search.n_workers == 2
         parts = search.parts
         assert sorted(shard for part in parts for shard in part) == list(range(store.n_shards)) and all(parts)
@@ -67,25 +58,25 @@ def test_dask_search_equals_exact_search(client, tmp_path):
         np.testing.assert_array_equal(rows[:, :20], brute_force_topk(vectors, queries, 20)[1])
         assert rows.shape == (13, 1500) and len(set(rows[0].tolist())) == 1500
     # workers too small to hold their shards stream them instead: same answer
-    with DaskSearch(store, client, memory_budget=1) as streaming:
+    with DaskSearch(store, dask_client, memory_budget=1) as streaming:
         np.testing.assert_array_equal(streaming.search(queries, 10)[1], gradindex.search_store(store, queries, 10)[1])
 
 
-def test_dask_search_of_an_incomplete_store(client, tmp_path):
+def test_dask_search_of_an_incomplete_store(dask_client, tmp_path):
     store, _ = _store(tmp_path / "s.gradindex", complete=False)
     queries = np.random.default_rng(2).standard_normal((5, 16)).astype(np.float32)
     with pytest.raises(gradindex.IncompleteStoreError, match="allow_incomplete"):
-        DaskSearch(store, client)
+        DaskSearch(store, dask_client)
     expected = gradindex.search_store(store, queries, 7, allow_incomplete=True)
-    found = gradindex.search_store(store, queries, 7, allow_incomplete=True, dask=client)
+    found = gradindex.search_store(store, queries, 7, allow_incomplete=True, dask=dask_client)
     np.testing.assert_array_equal(found[1], expected[1])
 
 
-def test_query_and_cli_with_a_scheduler_address(client, tmp_path, mlp_checkpoints):
+def test_query_and_cli_with_a_scheduler_address(dask_client, tmp_path, mlp_checkpoints):
     store = gradindex.build(MLP, mlp_checkpoints, tmp_path / "s.gradindex", proj_dim=16, rows_per_shard=16)
     exact = gradindex.query(store, samples="0-5", k=6)
-    assert gradindex.query(store, samples="0-5", k=6, dask=client).column("row").equals(exact.column("row"))
-    address = client.scheduler.address
+    assert gradindex.query(store, samples="0-5", k=6, dask=dask_client).column("row").equals(exact.column("row"))
+    address = dask_client.scheduler.address
     result = CliRunner().invoke(
         cli, ["query", str(store.path), "--samples", "0-5", "-k", "6", "--format", "jsonl", "--dask", address]
     )

@@ -10,11 +10,12 @@ import google_crc32c
 import numpy as np
 import pyarrow as pa
 import pytest
+from written_stores import as_made_before_read_check, written_store
 
 import gradindex
 from gradindex import CorruptStoreError, ResourceLimitError
 from gradindex.search import brute_force_topk, least_memory_budget, search_store, streaming_plan
-from gradindex.store import StoreLayout, create_store, open_store, write_manifest
+from gradindex.store import create_store, open_store
 
 N_SAMPLES, DIM, ROWS_PER_SHARD, ROWS_PER_CHUNK = 100, 16, 32, 8  # 4 shards, the last one of 4 rows
 
@@ -24,38 +25,7 @@ def _features() -> np.ndarray:
 
 
 def _store(path, dtype: str = "float16", *, skipped: tuple[int, ...] = ()):
-    layout = StoreLayout(
-        n_samples=N_SAMPLES, dim=DIM, dtype=dtype, rows_per_shard=ROWS_PER_SHARD, rows_per_chunk=ROWS_PER_CHUNK
-    )
-    store = create_store(path, layout, {"method": "test"})
-    features = _features()
-    features[list(skipped)] = 0
-    for shard in range(store.n_shards):
-        start, stop = layout.shard_rows(shard)
-        store.claim_shard(shard, owner="test")
-        block = features[start:stop]
-        samples = pa.table({"row": np.arange(start, stop), "sample_id": [f"s{row}" for row in range(start, stop)]})
-        mine = [row for row in skipped if start <= row < stop]
-        store.write_shard(
-            shard,
-            block,
-            (block.astype(np.float64) ** 2).sum(1).astype(np.float32),
-            samples,
-            nonfinite={"skipped": mine} if mine else None,
-        )
-    assert store.finalize()
-    return open_store(path)
-
-
-def _as_made_before_read_check(path) -> None:
-    """What a gradindex without the read check wrote: no read_check, no crc32c or seal in the records."""
-    manifest = dict(open_store(path).manifest)
-    del manifest["read_check"]
-    manifest["shards"] = [
-        {key: value for key, value in record.items() if key not in ("crc32c", "record_sha256")}
-        for record in manifest["shards"]
-    ]
-    write_manifest(path, manifest)
+    return written_store(path, _features(), ROWS_PER_SHARD, ROWS_PER_CHUNK, dtype, skipped=skipped)
 
 
 @pytest.fixture(params=["float16-crc32c", "float32-crc32c", "float16-sha256"])
@@ -64,7 +34,7 @@ def store(request, tmp_path):
     path = tmp_path / "s.gradindex"
     _store(path, dtype)
     if check == "sha256":
-        _as_made_before_read_check(path)
+        as_made_before_read_check(path)
     return open_store(path)
 
 

@@ -62,15 +62,6 @@ def store(tmp_path, vectors):
     return synthetic_store(tmp_path / "s.gradindex", vectors, rows_per_shard=512)
 
 
-@pytest.fixture(scope="module")
-def client():
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
-    client = distributed.Client(cluster)
-    yield client
-    client.close()
-    cluster.close()
-
-
 def _brute_recall(vectors: np.ndarray, meta: dict, opponents: bool, found_rows: np.ndarray) -> float:
     """recall@k of ``found_rows`` (top-(k+1) of the held-out rows, self left out) against numpy float64 brute force."""
     rows = np.asarray(meta["recall_rows"])
@@ -128,10 +119,10 @@ def test_too_few_training_rows_are_refused_with_the_numbers(store):
     assert gradindex.list_indexes(store) == []
 
 
-def test_lists_filled_on_dask_workers_equal_the_one_process_build(store, vectors, client):
+def test_lists_filled_on_dask_workers_equal_the_one_process_build(store, vectors, dask_client):
     local = gradindex.build_index(store, "IVF,SQfp16", name="local")
-    spread = gradindex.build_index(store, "IVF,SQfp16", name="spread", dask=client)
-    on_disk = gradindex.build_index(store, "IVF,SQfp16", name="disk", dask=client, on_disk=True)
+    spread = gradindex.build_index(store, "IVF,SQfp16", name="spread", dask=dask_client)
+    on_disk = gradindex.build_index(store, "IVF,SQfp16", name="disk", dask=dask_client, on_disk=True)
     assert spread["built_on"] == "dask (2 workers)" and spread["train_rows"] == local["train_rows"]
     for key in ("recall", "nprobe", "recall_opponents", "nprobe_opponents"):
         assert [spread[key], on_disk[key]] == [local[key]] * 2, key
@@ -139,7 +130,7 @@ def test_lists_filled_on_dask_workers_equal_the_one_process_build(store, vectors
         recalls = [[(point["value"], point["recall"]) for point in meta[key]] for meta in (spread, on_disk, local)]
         assert recalls[0] == recalls[1] == recalls[2], key
     queries = vectors[::97] + 0.05
-    with DaskIndexSearch(store, client, "spread") as search:
+    with DaskIndexSearch(store, dask_client, "spread") as search:
         assert search.n_workers == 2 and all(search.parts)
         for opponents in (False, True):
             expected = search_index(store, queries, K, "local", opponents=opponents)
@@ -155,21 +146,21 @@ def test_lists_filled_on_dask_workers_equal_the_one_process_build(store, vectors
         exact = brute_force_topk(vectors, queries, K)[1]
         np.testing.assert_array_equal(search.search(queries, K, nprobe=nlist)[1][:, :3], exact[:, :3])
     # an on-disk index: each worker copies its rows' entries out of the memory-mapped lists
-    with DaskIndexSearch(store, client, "disk") as search:
+    with DaskIndexSearch(store, dask_client, "disk") as search:
         for opponents in (False, True):
             expected = search_index(store, queries, K, "local", opponents=opponents)[1]
             np.testing.assert_array_equal(search.search(queries, K, opponents=opponents)[1], expected)
     # search_store and query take index and dask together
-    found = gradindex.search_store(store, queries, K, index="spread", dask=client, opponents=True)
+    found = gradindex.search_store(store, queries, K, index="spread", dask=dask_client, opponents=True)
     np.testing.assert_array_equal(found[1], search_index(store, queries, K, "local", opponents=True)[1])
 
 
-def test_only_ivf_indexes_spread_over_dask(store, client):
+def test_only_ivf_indexes_spread_over_dask(store, dask_client):
     with pytest.raises(ArgumentError, match="only IVF lists can be filled on Dask workers"):
-        gradindex.build_index(store, "HNSW16", dask=client)
+        gradindex.build_index(store, "HNSW16", dask=dask_client)
     gradindex.build_index(store, "HNSW16", name="hnsw")
     with pytest.raises(ArgumentError, match="hnsw .* is not an IVF index: only IVF lists can be spread"):
-        DaskIndexSearch(store, client, "hnsw")
+        DaskIndexSearch(store, dask_client, "hnsw")
 
 
 def _kill_holder(client, search, position: int) -> str:

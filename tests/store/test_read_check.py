@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import zarr
+from written_stores import as_made_before_read_check, written_store
 
 import gradindex
 from gradindex import CorruptStoreError
@@ -28,31 +29,7 @@ def _features() -> np.ndarray:
 
 
 def _store(path, *, finalize: bool = True):
-    layout = StoreLayout(
-        n_samples=N_SAMPLES, dim=DIM, dtype="float16", rows_per_shard=ROWS_PER_SHARD, rows_per_chunk=ROWS_PER_CHUNK
-    )
-    store = create_store(path, layout, {"method": "test"})
-    features = _features()
-    for shard in range(store.n_shards):
-        start, stop = layout.shard_rows(shard)
-        store.claim_shard(shard, owner="test")
-        block = features[start:stop]
-        samples = pa.table({"row": np.arange(start, stop), "sample_id": [f"s{row}" for row in range(start, stop)]})
-        store.write_shard(shard, block, (block.astype(np.float64) ** 2).sum(1).astype(np.float32), samples)
-    if finalize:
-        assert store.finalize()
-    return open_store(path)
-
-
-def _as_made_before_read_check(path) -> None:
-    """What a gradindex without the read check wrote: no read_check, no crc32c or seal in the records."""
-    manifest = dict(open_store(path).manifest)
-    del manifest["read_check"]
-    manifest["shards"] = [
-        {key: value for key, value in record.items() if key not in ("crc32c", "record_sha256")}
-        for record in manifest["shards"]
-    ]
-    write_manifest(path, manifest)
+    return written_store(path, _features(), ROWS_PER_SHARD, ROWS_PER_CHUNK, finalize=finalize)
 
 
 @pytest.fixture(params=["crc32c", "sha256"])
@@ -60,7 +37,7 @@ def store(request, tmp_path):
     path = tmp_path / "s.gradindex"
     _store(path)
     if request.param == "sha256":
-        _as_made_before_read_check(path)
+        as_made_before_read_check(path)
     return open_store(path)
 
 
