@@ -353,3 +353,24 @@ def test_a_shard_encoder_refuses_rows_it_cannot_hold(tmp_path):
     store.claim_shard(1, owner="t")
     with pytest.raises(ValueError, match=r"shard 1 needs an encoder of \(2, 3\) rows, got \(8, 3\)"):
         store.write_shard(1, encoder, np.zeros(2, np.float32), _samples(8, 10))
+
+
+def test_a_streamed_shard_file_is_saved_once_or_discarded_without_a_trace(tmp_path):
+    """A shard's features file streamed to a temporary name: saved once (a second save is refused in one sentence and
+    changes nothing), or discarded, which leaves neither the temporary file nor the final folder."""
+    layout = ("<f2", 4, 2)
+    rows = np.arange(24, dtype=np.float32).reshape(8, 3)
+    saved = ShardEncoder(8, 3, "float16", layout, path=tmp_path / "c" / "0" / "0", near=tmp_path / "0.features")
+    saved.add(rows)
+    saved.save(tmp_path / "c" / "0" / "0")
+    data = (tmp_path / "c" / "0" / "0").read_bytes()
+    with pytest.raises(ValueError, match=r"0 is already committed or discarded$"):
+        saved.save(tmp_path / "c" / "0" / "0")
+    saved.discard()
+    assert (tmp_path / "c" / "0" / "0").read_bytes() == data
+    dropped = ShardEncoder(8, 3, "float16", layout, path=tmp_path / "c" / "1" / "0", near=tmp_path / "1.features")
+    dropped.add(rows[:5])
+    assert [path.name for path in tmp_path.iterdir() if ".gi-tmp-" in path.name]  # its rows on their way
+    dropped.discard()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c"]
+    assert [path.name for path in (tmp_path / "c").iterdir()] == ["0"]
